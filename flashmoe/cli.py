@@ -1,0 +1,208 @@
+"""The `flashmoe` command: a thin layer over convert() and the Engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .utils import format_bytes, parse_size
+
+app = typer.Typer(
+    help="Run Mixture-of-Experts models far larger than memory: experts stream from disk into budgeted caches.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
+
+
+def _fail(e: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors shards)."),
+    dst: Path = typer.Argument(..., help="Output directory for the packed model (must not exist)."),
+    bits: int = typer.Option(4, help="Expert weight bits: 16 (unquantized), 8, 4 or 2."),
+    group_size: int = typer.Option(64, help="Weights per quantization group (one 16-bit scale and bias each)."),
+    force: bool = typer.Option(False, help="Replace DST if it exists (only after the new one is complete)."),
+):
+    """Convert a checkpoint once into the packed format: 16-bit dense weights, one aligned record per expert."""
+    from .convert import convert as run_convert
+
+    try:
+        report = run_convert(src, dst, bits=bits, group_size=group_size, force=force, console=err)
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was written to the output directory")
+        raise typer.Exit(130)
+    except USER_ERRORS as e:
+        _fail(e)
+    err.print(
+        f"wrote {dst} in {report.seconds:.1f} s: experts {format_bytes(report.expert_bytes)}, "
+        f"dense {format_bytes(report.dense_bytes)}"
+    )
+    err.print("relative error ||w - stored|| / ||w|| by tensor kind:")
+    for kind, e in sorted(report.relative_errors().items()):
+        err.print(f"  {kind:<24} {e:.2e}")
+
+
+def _sampling_defaults(model: Path) -> dict:
+    """The model's recommended sampling (generation_config.json), or greedy."""
+    path = model / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.exists() else {}
+    if not gen.get("do_sample", False):
+        return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    return {"temperature": gen.get("temperature", 1.0), "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0)}
+
+
+def _engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int], verify: bool = True):
+    from .engine import Engine
+
+    return Engine(model, device=device, host_mem=parse_size(host_mem) if host_mem else None, top_k=k, verify=verify)
+
+
+def _stream(engine, prompt, params) -> None:
+    """Print the continuation to stdout as it is produced; the summary goes to stderr."""
+    gen = engine.generate(prompt, params)
+    try:
+        for step in gen:
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        err.print("\n[interrupted]")
+    sys.stdout.write("\n")
+    print_summary(engine, gen.stats)
+
+
+LAYER_SECTIONS = [
+    ("mixer", "mixer"),
+    ("routing", "routing"),
+    ("shared_expert", "shared expert"),
+    ("dense_mlp", "dense MLP"),
+    ("expert_io", "expert I/O"),
+    ("expert_compute", "expert compute"),
+]
+
+
+def print_summary(engine, stats) -> None:
+    """The live summary: throughput, where the time of a decoded token goes, cache behaviour, memory."""
+    err.print(
+        f"[dim]prefill[/] {stats.prompt_tokens} tok in {stats.prefill_seconds:.2f} s ({stats.prefill_tps:.1f} tok/s)"
+        f"   [dim]decode[/] {stats.decode_tokens} tok in {stats.decode_seconds:.2f} s ({stats.decode_tps:.2f} tok/s)",
+        soft_wrap=True,
+    )
+    if not stats.decode_tokens:
+        return
+    n, layers = stats.decode_tokens, engine.config.num_hidden_layers
+    s = stats.decode_sections
+    in_layers = sum(s.get(key, 0.0) for key, _ in LAYER_SECTIONS)
+    parts = [f"{label} {s[key] * 1e3 / (n * layers):.3f}" for key, label in LAYER_SECTIONS if key in s]
+    err.print(
+        f"[dim]per token[/] {stats.decode_seconds * 1e3 / n:.1f} ms = {layers} layers x {in_layers * 1e3 / (n * layers):.2f} ms"
+        f" + outside layers {(stats.decode_seconds - in_layers) * 1e3 / n:.2f} ms (embedding, lm_head, sampling)",
+        soft_wrap=True,
+    )
+    err.print("[dim]per layer (ms)[/] " + " | ".join(parts), soft_wrap=True)
+    c = stats.cache
+    err.print(
+        f"[dim]expert cache[/] {c.hit_rate:.1%} hits in decode, {format_bytes(c.bytes_read / n)} read per token, "
+        f"budget {format_bytes(engine.store.capacity * engine.store.record_size)}"
+        f"   [dim]prefill read[/] {format_bytes(stats.prefill_cache.bytes_read)}"
+        f"   [dim]peak RSS[/] {format_bytes(stats.peak_rss)}",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; '-' reads it from stdin."),
+    tokens: int = typer.Option(128, "--tokens", "-n", help="Maximum new tokens."),
+    k: Optional[int] = typer.Option(None, "--k", help="Experts per token (default: the model's own)."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn in the chat template."),
+    think: bool = typer.Option(False, "--think", help="With --chat: let the model think before answering."),
+    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    verify: bool = typer.Option(True, help="Check each expert record's CRC32 the first time it is read."),
+):
+    """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
+    from .runtime.sampling import SamplingParams
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    try:
+        engine = _engine(model, device, host_mem, k, verify)
+        defaults = _sampling_defaults(model)
+        params = SamplingParams(
+            max_tokens=tokens,
+            temperature=defaults["temperature"] if temperature is None else temperature,
+            top_p=defaults["top_p"] if top_p is None else top_p,
+            top_k=defaults["top_k"] if top_k is None else top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+        if chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=think)
+        _stream(engine, prompt, params)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Option("The expert weights stream from disk because", "--prompt", "-p"),
+    tokens: int = typer.Option(48, "--tokens", "-n"),
+    host_mem: str = typer.Option("16M", "--host-mem", help="Expert cache budget; below the model's expert bytes."),
+    workdir: Path = typer.Option(Path.home() / ".cache" / "flashmoe" / "demo", help="Where the demo model is built."),
+    rebuild: bool = typer.Option(False, help="Build and convert the demo model again."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+):
+    """Build a small random-weight Qwen3.5-MoE checkpoint, convert it, and generate with live statistics."""
+    import shutil
+
+    from .convert import convert as run_convert
+    from .demo import build_demo_checkpoint
+    from .formats.packed import Manifest
+    from .runtime.sampling import SamplingParams
+
+    packed = workdir / "packed-4bit"
+    try:
+        Manifest.load(packed)
+        ready = not rebuild
+    except (ValueError, OSError):
+        ready = False
+    if not ready:
+        shutil.rmtree(workdir, ignore_errors=True)
+        err.print(f"building the demo checkpoint (Qwen3.5-MoE architecture, random weights) in {workdir / 'hf'}")
+        build_demo_checkpoint(workdir / "hf")
+        run_convert(workdir / "hf", packed, bits=4, console=err)
+    manifest = Manifest.load(packed)
+    err.print(
+        "[bold yellow]The demo model's weights are random: expect gibberish text. It shows the machinery[/]\n"
+        f"[yellow](experts {format_bytes(manifest.total_expert_bytes)} on disk, streamed through a "
+        f"{host_mem} cache), not a trained model.[/]"
+    )
+    try:
+        engine = _engine(packed, "cpu", host_mem, None)
+        _stream(engine, prompt, SamplingParams(max_tokens=tokens, temperature=0.7, top_p=0.8, top_k=20, seed=seed))
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+def main() -> None:
+    app()

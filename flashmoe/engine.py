@@ -1,0 +1,240 @@
+"""The Engine: one loaded model (dense weights resident, experts behind the store) and the generate
+loop. The CLI, chat REPL and server are thin layers over `Engine.generate`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ModelConfig
+from .formats.packed import Manifest
+from .formats.safetensors import SafetensorsFile
+from .layers.moe import SparseMoE
+from .models import family
+from .runtime.expert_store import ExpertStore, StoreStats
+from .runtime.experts import StreamedExperts
+from .runtime.sampling import Sampler, SamplingParams
+from .runtime.state import SequenceState
+from .runtime.stats import Timer
+from .tokenizer import Tokenizer
+from .utils import available_memory_bytes, peak_rss_bytes
+
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Step:
+    """One generated token: its id, the text it completes (may be empty while a character or a
+    possible stop string is still incomplete), and why generation ended, if it did."""
+
+    token: int
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_sections: dict[str, float] = field(default_factory=dict)  # seconds per section, summed over decode
+    prefill_cache: StoreStats = field(default_factory=StoreStats)  # expert-store counters during prefill
+    cache: StoreStats = field(default_factory=StoreStats)  # ... and during decode
+    peak_rss: int = 0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Engine:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        host_mem: int | None = None,
+        top_k: int | None = None,
+        io_threads: int = 8,
+        verify: bool = True,
+        prefill_chunk: int = 2048,
+    ):
+        self.dir = Path(model_dir)
+        self.manifest = Manifest.load(self.dir)
+        self.config = cfg = ModelConfig.from_dir(self.dir)
+        self.tokenizer = Tokenizer.from_dir(self.dir)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.top_k = top_k or cfg.num_experts_per_tok
+        if not 1 <= self.top_k <= cfg.num_experts:
+            raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")
+        self.prefill_chunk = prefill_chunk
+        self.timer = Timer()
+        self.model = self._load_dense()
+        budget = host_mem if host_mem is not None else min(self.manifest.total_expert_bytes, available_memory_bytes() // 2)
+        self.store = ExpertStore(self.dir, self.manifest, budget, self.top_k, io_threads, verify)
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.top_k = self.top_k
+                layer.mlp.experts = StreamedExperts(self.store, i, self.timer)
+        self.stop_ids = set(cfg.eos_token_ids) | {
+            i for t in ("<|im_end|>", "<|endoftext|>") if (i := self.tokenizer.token_to_id(t)) is not None
+        }
+
+    def _load_dense(self) -> torch.nn.Module:
+        with torch.device("meta"):
+            model = family(self.config.model_type).Model(self.config)
+        weights = {}
+        with SafetensorsFile(self.dir / self.manifest.dense_file) as f:
+            for name in f.tensors:
+                weights[name] = f.read(name).to(self.device, self.dtype)
+        model.load_state_dict(weights, strict=True, assign=True)
+        return model.eval()
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def new_state(self) -> SequenceState:
+        return SequenceState(self.config, self.dtype, self.device)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        state: SequenceState | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> "Generation":
+        """Iterate the result for a Step per generated token; it also carries timing statistics.
+
+        `state` continues an earlier sequence (the prompt's ids then follow its tokens);
+        `logits_processor(generated_ids, logits) -> logits` sees each next-token distribution
+        (fp32, on the CPU) before sampling: the hook for grammar-constrained decoding."""
+        return Generation(self, prompt, params or SamplingParams(), state, logits_processor)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class Generation:
+    def __init__(self, engine: Engine, prompt, params: SamplingParams, state: SequenceState | None, logits_processor):
+        self.engine, self.params, self.logits_processor = engine, params, logits_processor
+        self.ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.state = state or engine.new_state()
+        if not self.ids:
+            raise ValueError("the prompt is empty")
+        limit = engine.context_length
+        used = self.state.position + len(self.ids)
+        if used >= limit:
+            raise ContextLengthError(
+                f"the prompt needs {used} tokens of context but the model's context length is {limit}; shorten it"
+            )
+        self.max_tokens = min(params.max_tokens, limit - used)
+        self.stats = GenerationStats(prompt_tokens=len(self.ids))
+
+    def __iter__(self) -> Iterator[Step]:
+        return self._run()
+
+    def _run(self) -> Iterator[Step]:
+        eng, stats = self.engine, self.stats
+        before = _copy_stats(eng.store.stats)
+        sampler = Sampler(self.params, "cpu")
+        history = torch.tensor(self.ids, dtype=torch.long)
+        text = _StopStrings(self.params.stop)
+        decoder = eng.tokenizer.stream_decoder()
+        t0 = time.perf_counter()
+        logits = self._prefill(torch.tensor(self.ids, dtype=torch.long, device=eng.device))
+        stats.prefill_seconds = time.perf_counter() - t0
+        stats.prefill_cache = _diff_stats(eng.store.stats, before)
+        before = _copy_stats(eng.store.stats)
+        eng.timer.reset()
+        t0 = time.perf_counter()
+        try:
+            for n in range(self.max_tokens):
+                row = logits[-1].cpu()
+                if self.logits_processor is not None:
+                    row = self.logits_processor(history[len(self.ids) :].tolist(), row)
+                token = sampler(row, history)
+                history = torch.cat([history, torch.tensor([token])])
+                if token in eng.stop_ids:
+                    yield Step(token, text.flush(decoder.flush()), "stop")
+                    return
+                piece, stopped = text.push(decoder.push(token))
+                if stopped:
+                    yield Step(token, piece, "stop")
+                    return
+                if n == self.max_tokens - 1:
+                    yield Step(token, piece + text.flush(decoder.flush()), "length")
+                    return
+                yield Step(token, piece)
+                logits = self._forward(torch.tensor([token], device=eng.device))
+                stats.decode_tokens += 1
+        finally:
+            stats.decode_seconds = time.perf_counter() - t0
+            stats.decode_sections = dict(eng.timer.seconds)
+            stats.cache = _diff_stats(eng.store.stats, before)
+            stats.peak_rss = peak_rss_bytes()
+
+    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt in chunks; each chunk reads every expert it needs once per layer."""
+        chunk = self.engine.prefill_chunk
+        for start in range(0, ids.shape[0], chunk):
+            logits = self._forward(ids[start : start + chunk])
+        return logits
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Inference mode per call, never across a yield: the consumer's code between steps must not
+        # run inside it.
+        return self.engine.model(ids, self.state, self.engine.timer)
+
+
+class _StopStrings:
+    """Holds back streamed text that could still turn into a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        self.pending += piece
+        for s in self.stops:
+            at = self.pending.find(s)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self, tail: str = "") -> str:
+        out, _ = self.push(tail)
+        out, self.pending = out + self.pending, ""
+        return out
+
+
+def _copy_stats(s: StoreStats) -> StoreStats:
+    return StoreStats(s.hits, s.misses, s.bytes_read, s.evictions)
+
+
+def _diff_stats(now: StoreStats, before: StoreStats) -> StoreStats:
+    return StoreStats(
+        now.hits - before.hits, now.misses - before.misses, now.bytes_read - before.bytes_read, now.evictions - before.evictions
+    )

@@ -1,0 +1,48 @@
+"""Gated full attention: per-head q/k RMSNorm, partial RoPE, GQA over a KV cache, output * sigmoid(gate)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rotary import apply_rotary
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        # q_proj yields, per head, [q_h | gate_h]: 2 * head_dim values.
+        self.q_proj = nn.Linear(hidden, heads * head_dim * 2, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+        """x [T, hidden]; cos/sin [T, rotary_dim]; cache: a KVCache holding the earlier positions."""
+        T = x.shape[0]
+        q, gate = self.q_proj(x).view(T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(T, self.kv_heads, self.head_dim)), cos, sin)
+        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        start = cache.length
+        keys, values = cache.append(k, v)  # [L, kv_heads, head_dim], L = start + T
+        out = attend(q, keys, values, start)
+        out = out.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
+        return self.o_proj(out)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal GQA attention of q [T, H, d] at positions start.. over keys/values [L, Hkv, d] -> [T, H, d]."""
+    T, H, _ = q.shape
+    L, Hkv, _ = keys.shape
+    group = H // Hkv
+    k = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, d]
+    v = values.repeat_interleave(group, dim=1).transpose(0, 1)
+    mask = None
+    if T > 1:  # query i (position start + i) sees keys 0 .. start + i
+        mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask)
+    return out.transpose(0, 1)

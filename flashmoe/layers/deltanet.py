@@ -1,0 +1,105 @@
+"""Gated DeltaNet (linear attention) with its causal conv1d, and the gated delta rule in two forms:
+a per-token recurrence for decode and a chunked form for prefill that gives the same result.
+
+Per value head, state S [dk, dv] in fp32; each token: S *= exp(g); delta = (v - S^T k) * beta;
+S += k outer delta; o = S^T q.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import GatedRMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, hidden: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, conv_kernel: int, eps: float):
+        super().__init__()
+        self.k_heads, self.v_heads, self.k_dim, self.v_dim = k_heads, v_heads, k_dim, v_dim
+        self.conv_dim = 2 * k_heads * k_dim + v_heads * v_dim
+        self.conv_kernel = conv_kernel
+        self.in_proj_qkv = nn.Linear(hidden, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(hidden, v_heads * v_dim, bias=False)
+        self.in_proj_b = nn.Linear(hidden, v_heads, bias=False)
+        self.in_proj_a = nn.Linear(hidden, v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(v_heads), requires_grad=False)
+        self.A_log = nn.Parameter(torch.zeros(v_heads), requires_grad=False)
+        self.norm = GatedRMSNorm(v_dim, eps)
+        self.out_proj = nn.Linear(v_heads * v_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, state) -> torch.Tensor:
+        """x [T, hidden]; state: a LinearState (conv window + recurrent state), updated in place."""
+        T = x.shape[0]
+        qkv = self.causal_conv(self.in_proj_qkv(x), state)
+        kd = self.k_heads * self.k_dim
+        q, k, v = qkv.split([kd, kd, self.v_heads * self.v_dim], dim=-1)
+        rep = self.v_heads // self.k_heads  # value head j reads key head j // rep
+        q = l2norm(q.view(T, self.k_heads, self.k_dim).float()).repeat_interleave(rep, dim=1) * self.k_dim**-0.5
+        k = l2norm(k.view(T, self.k_heads, self.k_dim).float()).repeat_interleave(rep, dim=1)
+        v = v.view(T, self.v_heads, self.v_dim).float()
+        beta = torch.sigmoid(self.in_proj_b(x)).float()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        heads_first = [t.transpose(0, 1) for t in (q, k, v, g, beta)]  # [H, T, ...]
+        rule = delta_rule_recurrent if T == 1 else delta_rule_chunked
+        out, state.recurrent = rule(*heads_first, state.recurrent)
+        out = out.transpose(0, 1).to(x.dtype)  # [T, H, dv]
+        z = self.in_proj_z(x).view(T, self.v_heads, self.v_dim)
+        return self.out_proj(self.norm(out, z).reshape(T, -1))
+
+    def causal_conv(self, x: torch.Tensor, state) -> torch.Tensor:
+        """Depthwise causal conv over time, continuing from the last kernel-1 inputs kept in state; then SiLU."""
+        window = torch.cat([state.conv.to(x.dtype), x], dim=0)  # [K-1+T, C]
+        state.conv = window[-(self.conv_kernel - 1) :].clone()
+        out = F.conv1d(window.t().unsqueeze(0), self.conv1d.weight, groups=self.conv_dim)  # [1, C, T]
+        return F.silu(out[0].t())
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def delta_rule_recurrent(q, k, v, g, beta, state):
+    """One token at a time. q, k [H, T, dk]; v [H, T, dv]; g, beta [H, T]; state [H, dk, dv] -> (o [H, T, dv], state)."""
+    out = torch.empty_like(v)
+    for t in range(q.shape[1]):
+        state = state * g[:, t].exp()[:, None, None]
+        kv = torch.einsum("hkv,hk->hv", state, k[:, t])
+        delta = (v[:, t] - kv) * beta[:, t, None]
+        state = state + k[:, t, :, None] * delta[:, None, :]
+        out[:, t] = torch.einsum("hkv,hk->hv", state, q[:, t])
+    return out, state
+
+
+def delta_rule_chunked(q, k, v, g, beta, state, chunk: int = 64):
+    """The same recurrence, `chunk` tokens at a time.
+
+    Inside a chunk with cumulative log-decay c_t and start state S0, the per-token updates u_t obey
+    u_t = beta_t (v_t - e^{c_t} S0^T k_t - sum_{r<t} e^{c_t - c_r} (k_t . k_r) u_r), a unit lower
+    triangular system solved in one call; then o_t = e^{c_t} S0^T q_t + sum_{s<=t} e^{c_t - c_s}
+    (q_t . k_s) u_s and the end state is e^{c_C} S0 + sum_s e^{c_C - c_s} k_s u_s^T.
+    """
+    H, T, dk = k.shape
+    pad = -T % chunk  # padded tokens have beta = 0 and g = 0: no update, no decay
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
+    n = (T + pad) // chunk
+    q, k, v = (t.reshape(H, n, chunk, -1) for t in (q, k, v))
+    c = g.reshape(H, n, chunk).cumsum(-1)
+    beta = beta.reshape(H, n, chunk, 1)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    decay = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [H, n, C, C]
+    eye = torch.eye(chunk, device=q.device)
+    system = eye + (beta * k @ k.transpose(-1, -2) * decay).tril(-1)
+    u_v = torch.linalg.solve_triangular(system, beta * v, upper=False, unitriangular=True)
+    u_s = torch.linalg.solve_triangular(system, beta * k * c[..., None].exp(), upper=False, unitriangular=True)
+    scores = q @ k.transpose(-1, -2) * decay
+    q_decayed = q * c[..., None].exp()
+    k_to_end = k * (c[..., -1:] - c)[..., None].exp()
+    out = torch.empty_like(v)
+    for i in range(n):
+        u = u_v[:, i] - u_s[:, i] @ state  # [H, C, dv]
+        out[:, i] = q_decayed[:, i] @ state + scores[:, i] @ u
+        state = state * c[:, i, -1, None, None].exp() + k_to_end[:, i].transpose(-1, -2) @ u
+    return out.reshape(H, n * chunk, -1)[:, :T], state

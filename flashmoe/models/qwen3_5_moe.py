@@ -1,0 +1,152 @@
+"""Qwen3.5-MoE (text model): 3 Gated DeltaNet layers to 1 gated-attention layer, a sparse MoE in
+every layer. Module names equal the checkpoint's tensor names, so dense weights load by name.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers.attention import GatedAttention
+from ..layers.deltanet import GatedDeltaNet
+from ..layers.moe import MLP, SparseMoE
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+class NullTimer:
+    """Stand-in for runtime timing: the model marks sections, the runtime decides what to do with them."""
+
+    def section(self, name: str):
+        return _NULL_SECTION
+
+
+class _NullSection:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL_SECTION = _NullSection()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.is_linear = cfg.layer_types[index] == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(
+                cfg.hidden_size,
+                cfg.linear_num_key_heads,
+                cfg.linear_num_value_heads,
+                cfg.linear_key_head_dim,
+                cfg.linear_value_head_dim,
+                cfg.linear_conv_kernel_dim,
+                cfg.rms_norm_eps,
+            )
+        else:
+            self.self_attn = GatedAttention(
+                cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+            )
+        if cfg.is_moe_layer(index):
+            self.mlp = SparseMoE(
+                cfg.hidden_size,
+                cfg.num_experts,
+                cfg.num_experts_per_tok,
+                cfg.shared_expert_intermediate_size,
+                cfg.norm_topk_prob,
+            )
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, timer) -> torch.Tensor:
+        with timer.section("mixer"):
+            h = self.input_layernorm(x)
+            h = self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cos, sin, cache)
+            x = x + h
+            h = self.post_attention_layernorm(x)
+        if not isinstance(self.mlp, SparseMoE):
+            with timer.section("dense_mlp"):
+                return x + self.mlp(h)
+        with timer.section("routing"):
+            weights, ids = self.mlp.route(h)
+        with timer.section("shared_expert"):
+            shared = self.mlp.shared(h)
+        return x + shared + self.mlp.experts(h, ids, weights)
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def forward(self, ids: torch.Tensor, state, timer=None, last_only: bool = True) -> torch.Tensor:
+        """ids [T] continue the sequence held in `state` (updated in place) -> logits [1 or T, vocab] (fp32)."""
+        timer = timer or NullTimer()
+        positions = torch.arange(state.position, state.position + ids.shape[0], device=ids.device)
+        cos, sin = self.rotary(positions)
+        x = self.model.embed_tokens(ids)
+        for layer, cache in zip(self.model.layers, state.layers):
+            x = layer(x, cos, sin, cache, timer)
+        state.position += ids.shape[0]
+        with timer.section("head"):
+            if last_only:
+                x = x[-1:]
+            x = self.model.norm(x)
+            head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+            return (x @ head.t()).float()
+
+
+# --- checkpoint names ----------------------------------------------------------------------------
+
+_SKIP = re.compile(r"^(model\.visual\.|visual\.|mtp\.|model\.mtp\.)")
+_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
+_FUSED_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_SPLIT_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def canonical_name(name: str) -> str | None:
+    """A checkpoint tensor name in this package's naming, or None for tensors the text model never uses
+    (the released VLM's vision tower `model.visual.*` and the multi-token-prediction head `mtp.*`)."""
+    if _SKIP.match(name):
+        return None
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return "model." + name[len(prefix) :]
+    return name
+
+
+def parse_expert_name(name: str) -> tuple[int, int | None, str] | None:
+    """(layer, expert or None for fused [E, ...] tensors, projection) for an expert tensor, else None."""
+    m = _FUSED_EXPERT.match(name)
+    if m:
+        return int(m[1]), None, m[2]
+    m = _SPLIT_EXPERT.match(name)
+    if m:
+        return int(m[1]), int(m[2]), m[3]
+    return None
+
+
+def sanitize(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Dense checkpoint tensor -> the tensors this model's modules hold (identity for Qwen3.5)."""
+    return [(name, tensor)]

@@ -1,0 +1,74 @@
+"""Affine group quantization with MLX semantics: w ~ q * scale + bias, one 16-bit (scale, bias)
+per group of `group_size` consecutive input weights, q unsigned in [0, 2^bits - 1].
+
+Codes are packed along the input dimension into little-endian uint32 words: element j of a row
+sits in word j // (32 / bits) at bit offset bits * (j % (32 / bits)). This is the plain PyTorch
+reference; the GPU kernels read the same layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUANT_BITS = (8, 4, 2)
+SCALE_DTYPE = torch.bfloat16
+
+
+def check_shape(in_features: int, bits: int, group_size: int) -> None:
+    if in_features % group_size:
+        raise ValueError(
+            f"input dimension {in_features} is not a multiple of --group-size {group_size}; pick a group size that divides it"
+        )
+    if (in_features * bits) % 32:
+        raise ValueError(f"input dimension {in_features} at {bits} bits does not fill whole 32-bit words")
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] integer codes -> [N, K * bits / 32] int32 words (the bit pattern of uint32)."""
+    per_word = 32 // bits
+    n, k = codes.shape
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (codes.to(torch.int64).view(n, k // per_word, per_word) << shifts).sum(-1)
+    return words.to(torch.uint32).view(torch.int32)
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, W] packed words -> [N, W * 32 / bits] codes (int32)."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * bits
+    codes = (words.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] weights -> (packed codes [N, K*bits/32] int32, scales [N, K/g], biases [N, K/g] in SCALE_DTYPE)."""
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
+    n, k = w.shape
+    check_shape(k, bits, group_size)
+    groups = w.float().view(n, k // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    levels = (1 << bits) - 1
+    # Round scale and bias to their stored precision first, so the codes are chosen against the
+    # values the kernels will actually use.
+    scales = ((hi - lo) / levels).clamp_min(1e-12).to(SCALE_DTYPE)
+    biases = lo.to(SCALE_DTYPE)
+    codes = ((groups - biases.float().unsqueeze(-1)) / scales.float().unsqueeze(-1)).round().clamp_(0, levels)
+    return pack(codes.view(n, k).to(torch.int32), bits), scales, biases
+
+
+def dequantize(
+    words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int, dtype=torch.float32
+) -> torch.Tensor:
+    """Inverse of `quantize`: [N, K] weights in `dtype`."""
+    codes = unpack(words, bits)
+    n, k = codes.shape
+    groups = codes.view(n, k // group_size, group_size).to(torch.float32)
+    w = groups * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)
+    return w.view(n, k).to(dtype)
+
+
+def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:
+    """||w - approx|| / ||w||: the figure the converter reports per tensor kind."""
+    w = w.float()
+    return float((w - approx.float()).norm() / w.norm().clamp_min(1e-30))

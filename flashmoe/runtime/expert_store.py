@@ -1,0 +1,172 @@
+"""Expert records on disk, read with parallel `pread`s into an in-process cache under a byte budget.
+
+One record = one expert = one read. The cache is a pool of record-sized slots with LRU eviction;
+records in use are pinned so a batch never evicts itself. A record's CRC32 is checked the first
+time it is read in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..formats.packed import Manifest
+from ..formats.safetensors import read_into
+from ..utils import format_bytes
+
+
+class ExpertStoreError(RuntimeError):
+    pass
+
+
+class CorruptExpertError(ExpertStoreError):
+    pass
+
+
+class BudgetError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class StoreStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class ExpertStore:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        manifest: Manifest,
+        budget_bytes: int,
+        min_records: int,
+        io_threads: int = 8,
+        verify: bool = True,
+    ):
+        self.dir = Path(model_dir)
+        self.layout = manifest.layout
+        self.record_size = rs = manifest.layout.record_size
+        total = sum(f.num_experts for f in manifest.expert_files)
+        self.capacity = min(budget_bytes // rs, total)
+        if self.capacity < min_records:
+            raise BudgetError(
+                f"the expert cache budget of {format_bytes(budget_bytes)} holds {budget_bytes // rs} expert records of "
+                f"{format_bytes(rs)}, but one token needs {min_records} experts of a layer resident at once: "
+                f"raise --host-mem to at least {format_bytes(min_records * rs)}"
+            )
+        self.files = {f.layer: f for f in manifest.expert_files}
+        self.fds: dict[int, int] = {}
+        for f in manifest.expert_files:
+            path = self.dir / f.file
+            if not path.exists():
+                raise ExpertStoreError(f"expert file {path} is missing; re-run flashmoe convert")
+            size, want = path.stat().st_size, f.num_experts * rs
+            if size != want:
+                raise ExpertStoreError(
+                    f"expert file {path} has {size} bytes but layer {f.layer} needs {want} "
+                    f"({f.num_experts} records of {rs}): the file is truncated or corrupt; re-run flashmoe convert"
+                )
+            self.fds[f.layer] = os.open(path, os.O_RDONLY)
+        self.pool = torch.empty(self.capacity, rs, dtype=torch.uint8)
+        self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # LRU order: oldest first
+        self.free = list(range(self.capacity - 1, -1, -1))
+        self.pins: dict[tuple[int, int], int] = {}
+        self.verify = verify
+        self.verified: set[tuple[int, int]] = set()
+        self.stats = StoreStats()
+        self.readers = ThreadPoolExecutor(io_threads, thread_name_prefix="flashmoe-io")
+
+    def load(self, layer: int, experts: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (expert, record bytes) for each expert, cached ones first and the rest as their reads
+        complete. All of them stay pinned in the cache until the iteration ends."""
+        if len(experts) > self.capacity:
+            raise BudgetError(f"asked for {len(experts)} experts at once but the cache holds {self.capacity}")
+        info = self.files[layer]
+        bad = [e for e in experts if not 0 <= e < info.num_experts]
+        if bad:
+            raise ExpertStoreError(f"layer {layer} has {info.num_experts} experts; expert {bad[0]} does not exist")
+        keys = [(layer, e) for e in experts]
+        for key in keys:
+            self.pins[key] = self.pins.get(key, 0) + 1
+        pending: dict[Future, tuple[int, int]] = {}
+        try:
+            hits = []
+            for key in keys:
+                slot = self.slot_of.get(key)
+                if slot is not None:
+                    self.slot_of.move_to_end(key)
+                    self.stats.hits += 1
+                    hits.append((key[1], self.pool[slot]))
+                else:
+                    self.stats.misses += 1
+                    pending[self.readers.submit(self._read, key, self._allocate(key))] = key
+            yield from hits
+            for fut in as_completed(pending):
+                yield pending[fut][1], self.pool[fut.result()]
+        finally:
+            # Wait for every read, even when the caller stopped early: no read may still be writing
+            # into a slot once it is unpinned. A failed read frees its slot.
+            for fut, key in pending.items():
+                try:
+                    fut.result()
+                    self.stats.bytes_read += self.record_size
+                except BaseException:
+                    self._forget(key)
+            for key in keys:
+                self.pins[key] -= 1
+                if not self.pins[key]:
+                    del self.pins[key]
+
+    def _allocate(self, key: tuple[int, int]) -> int:
+        if self.free:
+            slot = self.free.pop()
+        else:
+            victim = next((k for k in self.slot_of if k not in self.pins), None)
+            if victim is None:
+                raise BudgetError("every cached expert is in use; the cache is too small for this batch")
+            slot = self.slot_of.pop(victim)
+            self.stats.evictions += 1
+        self.slot_of[key] = slot
+        return slot
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        slot = self.slot_of.pop(key, None)
+        if slot is not None:
+            self.free.append(slot)
+
+    def _read(self, key: tuple[int, int], slot: int) -> int:
+        """Runs on a reader thread: fill the slot, check the record's CRC32 on its first read."""
+        layer, expert = key
+        info = self.files[layer]
+        buf = self.pool[slot]
+        read_into(self.fds[layer], buf, expert * self.record_size, self.dir / info.file)
+        if self.verify and key not in self.verified:
+            crc = zlib.crc32(buf.numpy())
+            if crc != info.crc32[expert]:
+                raise CorruptExpertError(
+                    f"expert record layer {layer} expert {expert} in {self.dir / info.file} failed its checksum "
+                    f"(crc32 {crc:08x}, manifest says {info.crc32[expert]:08x}): the file is corrupt; "
+                    "re-run flashmoe convert"
+                )
+            self.verified.add(key)  # set.add is atomic under the GIL
+        return slot
+
+    def close(self) -> None:
+        self.readers.shutdown(wait=True)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()

@@ -1,0 +1,50 @@
+"""Routed experts computed from records fetched through the expert store (the CPU reference path)."""
+
+from __future__ import annotations
+
+from contextlib import closing
+
+import torch
+
+from .. import quant
+from ..formats.packed import RecordLayout
+from ..layers.moe import swiglu_expert
+from .expert_store import ExpertStore
+
+
+def expert_weights(layout: RecordLayout, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One record -> (gate_up [2I, H], down [H, I]) in `dtype`, dequantized if the record is quantized."""
+    v = layout.views(record)
+    if layout.bits == 16:
+        return v["gate_up_proj.weight"].to(dtype), v["down_proj.weight"].to(dtype)
+    return tuple(
+        quant.dequantize(v[f"{p}.weight"], v[f"{p}.scales"], v[f"{p}.biases"], layout.bits, layout.group_size, dtype)
+        for p in ("gate_up_proj", "down_proj")
+    )
+
+
+class StreamedExperts:
+    """The routed experts of one layer. Each needed expert is read once per call (once per layer per
+    prefill chunk, not once per token); compute on early records overlaps the reads of later ones."""
+
+    def __init__(self, store: ExpertStore, layer: int, timer):
+        self.store, self.layer, self.timer = store, layer, timer
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        needed = torch.unique(ids).tolist()
+        cap = self.store.capacity
+        for start in range(0, len(needed), cap):
+            with closing(self.store.load(self.layer, needed[start : start + cap])) as records:
+                while True:
+                    with self.timer.section("expert_io"):
+                        item = next(records, None)
+                    if item is None:
+                        break
+                    expert, record = item
+                    with self.timer.section("expert_compute"):
+                        tokens, slot = (ids == expert).nonzero(as_tuple=True)
+                        gate_up, down = expert_weights(self.store.layout, record, x.dtype)
+                        y = swiglu_expert(x[tokens], gate_up, down)
+                        out.index_add_(0, tokens, y * weights[tokens, slot, None])
+        return out
