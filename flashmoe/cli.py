@@ -23,7 +23,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 
 def _fail(e: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {e}")
+    err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -63,10 +63,20 @@ def _sampling_defaults(model: Path) -> dict:
     return {"temperature": gen.get("temperature", 1.0), "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0)}
 
 
-def _engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int], verify: bool = True):
+DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def _engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int], verify: bool = True, dtype: str = "auto"):
+    import torch
+
     from .engine import Engine
 
-    return Engine(model, device=device, host_mem=parse_size(host_mem) if host_mem else None, top_k=k, verify=verify)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
+    return Engine(
+        model, device=device, dtype=torch_dtype, host_mem=parse_size(host_mem) if host_mem else None, top_k=k, verify=verify
+    )
 
 
 def _stream(engine, prompt, params) -> None:
@@ -137,6 +147,7 @@ def generate(
     think: bool = typer.Option(False, "--think", help="With --chat: let the model think before answering."),
     host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32), bfloat16, float16, float32."),
     verify: bool = typer.Option(True, help="Check each expert record's CRC32 the first time it is read."),
 ):
     """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
@@ -145,7 +156,7 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        engine = _engine(model, device, host_mem, k, verify)
+        engine = _engine(model, device, host_mem, k, verify, dtype)
         defaults = _sampling_defaults(model)
         params = SamplingParams(
             max_tokens=tokens,

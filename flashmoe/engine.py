@@ -21,7 +21,7 @@ from .runtime.sampling import Sampler, SamplingParams
 from .runtime.state import SequenceState
 from .runtime.stats import Timer
 from .tokenizer import Tokenizer
-from .utils import available_memory_bytes, peak_rss_bytes
+from .utils import available_memory_bytes, cpu_has_native_bf16, peak_rss_bytes
 
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -80,7 +80,10 @@ class Engine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if dtype is None:
+            native_bf16 = self.device.type == "cuda" or cpu_has_native_bf16()
+            dtype = torch.bfloat16 if native_bf16 else torch.float32
+        self.dtype = dtype
         self.top_k = top_k or cfg.num_experts_per_tok
         if not 1 <= self.top_k <= cfg.num_experts:
             raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")

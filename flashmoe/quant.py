@@ -33,7 +33,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """[N, W] packed words -> [N, W * 32 / bits] codes (int32)."""
+    """[N, W] packed words -> [N, W * 32 / bits] codes (int32, or uint8 for 8-bit)."""
+    if bits == 8:  # in a little-endian word each byte is one code, in order
+        return words.contiguous().view(torch.uint8)
     per_word = 32 // bits
     shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * bits
     codes = (words.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
@@ -64,7 +66,7 @@ def dequantize(
     codes = unpack(words, bits)
     n, k = codes.shape
     groups = codes.view(n, k // group_size, group_size).to(torch.float32)
-    w = groups * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)
+    w = torch.addcmul(biases.float().unsqueeze(-1), groups, scales.float().unsqueeze(-1))
     return w.view(n, k).to(dtype)
 
 

@@ -63,8 +63,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
 
 
-def build_hf_model(kind: str, out: Path, seed: int = 0, **overrides) -> torch.nn.Module:
+def build_hf_model(kind: str, out: Path, seed: int = 0, wide_init: bool = True, **overrides) -> torch.nn.Module:
     """Save a tiny random model of `kind` in bf16 to `out`; return it in fp32 (the bf16 values upcast).
+
+    wide_init: weights of unit gain everywhere (`randomize`), so every path shows in the logits;
+    without it, transformers' own init (std 0.02), a tamer model for measuring quantization loss.
 
     kinds: "vlm" (Qwen3_5MoeForConditionalGeneration, released layout with a vision tower),
     "text" (Qwen3_5MoeForCausalLM), "next" (Qwen3NextForCausalLM, with a dense-MLP layer)."""
@@ -82,7 +85,8 @@ def build_hf_model(kind: str, out: Path, seed: int = 0, **overrides) -> torch.nn
         model = tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(**next_cfg))
     else:
         raise ValueError(kind)
-    randomize(model, seed)
+    if wide_init:
+        randomize(model, seed)
     model = model.to(torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

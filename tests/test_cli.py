@@ -1,0 +1,53 @@
+"""The `flashmoe` command as a user runs it: a real subprocess each time."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def flashmoe(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "flashmoe", *map(str, args)], capture_output=True, text=True, input=input, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["convert", "generate", "demo"])
+def test_help(command):
+    out = flashmoe(command, "--help")
+    assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_generate_streams_only_the_continuation_to_stdout(packed16):
+    out = flashmoe("generate", "--model", packed16, "--prompt", "Hello", "--tokens", 6, "--temperature", 0, "--host-mem", "64K")
+    assert out.returncode == 0, out.stderr
+    from flashmoe.engine import Engine
+    from flashmoe.runtime.sampling import SamplingParams
+
+    expected = "".join(s.text for s in Engine(packed16).generate("Hello", SamplingParams(max_tokens=6)))
+    assert out.stdout == expected + "\n"
+    for field in ("prefill", "decode", "per layer (ms)", "mixer", "routing", "expert I/O", "expert compute", "hits in decode", "read per token", "peak RSS"):
+        assert field in out.stderr
+
+
+def test_chat_flag_and_stdin_prompt(packed16):
+    out = flashmoe("generate", "-m", packed16, "-p", "-", "-n", 3, "--chat", "--seed", 1, "--temperature", 0.7, input="Hi there")
+    assert out.returncode == 0, out.stderr
+
+
+def test_user_errors_are_one_clear_line(tmp_path, packed16):
+    out = flashmoe("generate", "--model", tmp_path, "--prompt", "x")
+    assert out.returncode == 2 and "not a flashmoe model directory" in out.stderr and "Traceback" not in out.stderr
+    out = flashmoe("generate", "--model", packed16, "--prompt", "x", "--host-mem", "1K")
+    assert out.returncode == 2 and "raise --host-mem to at least" in out.stderr
+    out = flashmoe("generate", "--model", packed16, "--prompt", "x", "--k", 99)
+    assert out.returncode == 2 and "--k must be between 1 and 8" in out.stderr
+    out = flashmoe("convert", tmp_path, tmp_path / "out")
+    assert out.returncode == 2 and "config.json" in out.stderr
+
+
+def test_demo_builds_converts_and_generates(tmp_path):
+    out = flashmoe("demo", "--workdir", tmp_path, "--tokens", 8)
+    assert out.returncode == 0, out.stderr
+    assert "weights are random" in out.stderr and "hits in decode" in out.stderr
+    assert out.stdout.strip()  # the continuation
+    again = flashmoe("demo", "--workdir", tmp_path, "--tokens", 8)  # reuses the converted model
+    assert again.returncode == 0 and "building" not in again.stderr and again.stdout == out.stdout

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from flashmoe import quant
+
+# ||w - dequant(quant(w))|| / ||w|| for Gaussian weights, groups of 64 (measured: 0.0054, 0.090, 0.45)
+ERROR_BOUNDS = {8: 0.008, 4: 0.11, 2: 0.5}
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_round_trip_error_is_bounded(bits):
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(bits))
+    codes, scales, biases = quant.quantize(w, bits, 64)
+    assert codes.shape == (256, 512 * bits // 32) and codes.dtype == torch.int32
+    assert scales.shape == biases.shape == (256, 8) and scales.dtype == torch.bfloat16
+    err = quant.relative_error(w, quant.dequantize(codes, scales, biases, bits, 64))
+    assert 0 < err < ERROR_BOUNDS[bits]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_unpack_identity(bits):
+    codes = torch.randint(0, 1 << bits, (16, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    assert torch.equal(quant.unpack(quant.pack(codes, bits), bits), codes)
+
+
+def test_packing_order_is_little_endian_within_words():
+    codes = torch.arange(8, dtype=torch.int32).view(1, 8)  # 4-bit codes 0..7 -> one word 0x76543210
+    assert quant.pack(codes, 4).item() == 0x76543210
+
+
+def test_representable_weights_survive_exactly():
+    levels = torch.arange(16, dtype=torch.float32).repeat(4, 4) * 0.5 - 1.0  # a grid 4-bit affine codes hit exactly
+    codes, scales, biases = quant.quantize(levels, 4, 64)
+    assert torch.equal(quant.dequantize(codes, scales, biases, 4, 64), levels)
+
+
+def test_constant_groups_do_not_divide_by_zero():
+    w = torch.full((2, 64), 3.0)
+    out = quant.dequantize(*quant.quantize(w, 4, 64), 4, 64)
+    assert torch.allclose(out, w)
+
+
+def test_bad_shapes_are_explained():
+    with pytest.raises(ValueError, match="group-size"):
+        quant.quantize(torch.randn(4, 96), 4, 64)
+    with pytest.raises(ValueError, match="bits"):
+        quant.quantize(torch.randn(4, 64), 3, 64)
