@@ -66,7 +66,7 @@ def _sampling_defaults(model: Path) -> dict:
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
-def _engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int], verify: bool = True, dtype: str = "auto"):
+def _engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int], verify: bool = True, dtype: str = "auto", **extra):
     import torch
 
     from .engine import Engine
@@ -75,7 +75,7 @@ def _engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int],
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
     torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
     return Engine(
-        model, device=device, dtype=torch_dtype, host_mem=parse_size(host_mem) if host_mem else None, top_k=k, verify=verify
+        model, device=device, dtype=torch_dtype, host_mem=parse_size(host_mem) if host_mem else None, top_k=k, verify=verify, **extra
     )
 
 
@@ -147,6 +147,9 @@ def generate(
     think: bool = typer.Option(False, "--think", help="With --chat: let the model think before answering."),
     host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."),
+    cache_policy: str = typer.Option("lru", "--cache-policy", help="Which experts the caches keep: lru, lfu, mix or static."),
+    profile: bool = typer.Option(False, help="With --device cuda: synchronize at each timed section so the breakdown is exact (slower)."),
     dtype: str = typer.Option("auto", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32), bfloat16, float16, float32."),
     verify: bool = typer.Option(True, help="Check each expert record's CRC32 the first time it is read."),
 ):
@@ -156,7 +159,10 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        engine = _engine(model, device, host_mem, k, verify, dtype)
+        engine = _engine(
+            model, device, host_mem, k, verify, dtype,
+            gpu_mem=parse_size(gpu_mem) if gpu_mem else None, cache_policy=cache_policy, profile=profile,
+        )
         defaults = _sampling_defaults(model)
         params = SamplingParams(
             max_tokens=tokens,
@@ -215,5 +221,85 @@ def demo(
         _fail(e)
 
 
+@app.command()
+def bench(
+    preset: str = typer.Option("qwen3.5-397b-a17b", help="Model shape: qwen3.5-397b-a17b or qwen3-next-80b-a3b."),
+    layers: int = typer.Option(8, help="Slice of the first L layers (budgets scale by L / all layers)."),
+    bits: int = typer.Option(4, help="Expert bits: 8, 4, 2 or 16."),
+    k: list[int] = typer.Option([10, 4], "--k", help="Experts per token to run (repeatable)."),
+    prompt_tokens: int = typer.Option(32, "--prompt", help="S1 prompt length."),
+    tokens: int = typer.Option(128, help="S1 decode tokens."),
+    prefill: list[int] = typer.Option([512, 2048], "--prefill", help="S2 prompt lengths (repeatable; 0 to skip)."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU expert tier for the FULL model (default: GPU memory - dense - margin)."),
+    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Host expert tier for the FULL model (default: RAM - reserve)."),
+    workdir: Path = typer.Option(Path("/tmp/flashmoe-bench"), help="Where the synthesized model is written (reused)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+):
+    """Benchmark scenarios S1 (decode) and S2 (prefill) on a synthesized model of a named shape (GPU)."""
+    import torch
+
+    from . import bench as B
+    from .engine import Engine
+    from .formats.packed import RecordLayout
+    from .utils import total_memory_bytes
+
+    if not torch.cuda.is_available():
+        _fail(RuntimeError("flashmoe bench measures the GPU path and PyTorch sees no CUDA GPU"))
+    try:
+        full = B.preset_config(preset)
+        cfg = B.preset_config(preset, layers)
+    except ValueError as e:
+        _fail(e)
+    out = workdir / f"{preset}-L{layers}-{bits}bit"
+    err.print(f"synthesizing {preset} (first {layers} of {full['num_hidden_layers']} layers, {bits}-bit experts) in {out}")
+    B.synthesize(out, cfg, bits, device="cuda", log=err.print)
+    layout = RecordLayout.build(cfg["hidden_size"], cfg["moe_intermediate_size"], bits, 64)
+    bw = B.measure_bandwidths(out, layout)
+    err.print(f"bandwidths: PCIe H2D {bw.pcie_h2d / 1e9:.1f} GB/s, HBM copy {bw.hbm_copy / 1e9:.0f} GB/s, disk {bw.disk_read / 1e9:.2f} GB/s")
+    gpu_total = torch.cuda.get_device_properties(0).total_memory
+    tiers = B.plan_tiers(full, layout, gpu_total, total_memory_bytes(),
+                         parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None)
+    err.print(f"tiers: GPU {tiers.gpu_fraction:.1%}, host {tiers.host_fraction:.1%}, disk {tiers.disk_fraction:.1%} ({tiers.notes})", soft_wrap=True)
+    rs = layout.record_size
+    moe_layers = layers  # every layer of these presets is MoE
+    k_max = max(k)
+    engine = Engine(
+        out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False,
+        host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
+    )
+    B.place_tiers(engine, tiers)
+    report = {"preset": preset, "layers": layers, "bits": bits, "device": torch.cuda.get_device_name(0),
+              "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
+    for kk in sorted(k, reverse=True):
+        engine.set_top_k(kk)
+        r = B.run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
+        report["decode"].append(r)
+        err.print(
+            f"S1 K={kk}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside layers), "
+            f"{r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits {r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; "
+            f"bytes/token " + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
+            + f"; roofline " + ", ".join(f"{t} {v:.2f} ms" for t, v in r.roofline_ms_per_token.items())
+            + f" = {r.roofline_fraction:.0%} of measured", soft_wrap=True,
+        )
+        err.print("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()), soft_wrap=True)
+    engine.set_top_k(k_max)
+    for n in prefill:
+        if n:
+            p = B.run_prefill(engine, n, full["num_hidden_layers"])
+            report["prefill"].append(p)
+            err.print(f"S2 prefill {n}: {p['tps']:.0f} tok/s, TTFT {p['ttft_s']:.2f} s; extrapolated {p['tps_extrapolated']:.0f} tok/s, TTFT {p['ttft_s_extrapolated']:.2f} s", soft_wrap=True)
+    text = B.result_json(**report)
+    if json_out:
+        json_out.write_text(text)
+    print(text)
+
+
 def main() -> None:
     app()
+
+
+from .chat import chat_command  # noqa: E402  (registered last: these modules import helpers above)
+from .server import serve_command  # noqa: E402
+
+app.command("chat")(chat_command)
+app.command("serve")(serve_command)

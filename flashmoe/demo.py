@@ -50,7 +50,7 @@ IM_END = 248046
 ENDOFTEXT = 248044
 
 
-def _tensors(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
+def hf_tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, init kind) of every tensor, in the released checkpoint's naming."""
     H, V = cfg["hidden_size"], cfg["vocab_size"]
     E, I, Is = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
@@ -97,16 +97,18 @@ def _tensors(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return out + [("model.language_model.norm.weight", (H,), "norm")]
 
 
-def _init(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Tensor:
+def random_init(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Random weights of sane scale (unit-gain linears) on the generator's device."""
+    dev = gen.device
     if kind == "linear":
-        return torch.randn(shape, generator=gen) * (1.0 / math.sqrt(shape[-1]))
+        return torch.randn(shape, generator=gen, device=dev) * (1.0 / math.sqrt(shape[-1]))
     if kind == "conv":
-        return torch.randn(shape, generator=gen) * 0.5
+        return torch.randn(shape, generator=gen, device=dev) * 0.5
     if kind == "norm":
-        return torch.randn(shape, generator=gen) * 0.1
+        return torch.randn(shape, generator=gen, device=dev) * 0.1
     if kind == "ones":
-        return torch.ones(shape)
-    return torch.empty(shape).uniform_(1, 16, generator=gen).log()  # a_log
+        return torch.ones(shape, device=dev)
+    return torch.empty(shape, device=dev).uniform_(1, 16, generator=gen).log()  # a_log
 
 
 def build_demo_checkpoint(out_dir: str | Path, seed: int = 0, shards: int = 2) -> Path:
@@ -126,7 +128,7 @@ def build_demo_checkpoint(out_dir: str | Path, seed: int = 0, shards: int = 2) -
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     write_qwen35_tokenizer(out)
     gen = torch.Generator().manual_seed(seed)
-    tensors = _tensors(cfg)
+    tensors = hf_tensor_specs(cfg)
     per_shard = math.ceil(len(tensors) / shards)
     weight_map = {}
     for s in range(shards):
@@ -134,7 +136,7 @@ def build_demo_checkpoint(out_dir: str | Path, seed: int = 0, shards: int = 2) -
         name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         writer = SafetensorsWriter(out / name, [(n, torch.bfloat16, shape) for n, shape, _ in part], {"format": "pt"})
         for n, shape, kind in part:
-            writer.write(n, _init(shape, kind, gen).to(torch.bfloat16))
+            writer.write(n, random_init(shape, kind, gen).to(torch.bfloat16))
             weight_map[n] = name
         writer.close()
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))

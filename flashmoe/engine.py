@@ -21,7 +21,7 @@ from .runtime.sampling import Sampler, SamplingParams
 from .runtime.state import SequenceState
 from .runtime.stats import Timer
 from .tokenizer import Tokenizer
-from .utils import available_memory_bytes, cpu_has_native_bf16, peak_rss_bytes
+from .utils import available_memory_bytes, cpu_has_native_bf16, format_bytes, peak_rss_bytes
 
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -72,7 +72,20 @@ class Engine:
         io_threads: int = 8,
         verify: bool = True,
         prefill_chunk: int = 2048,
+        gpu_mem: int | None = None,
+        cache_policy: str = "lru",
+        profile: bool = False,
+        direct_io: bool = False,
     ):
+        """Load a packed model: dense weights resident on `device`, experts behind the caches.
+
+        host_mem: bytes of RAM for the expert cache (default: half the free RAM).
+        gpu_mem: bytes of GPU memory for cached experts (cuda; default: what is free after the
+        dense weights, minus a margin for states and activations).
+        cache_policy: lru, lfu, mix or static (runtime/policy.py), for both tiers.
+        profile: synchronize the device at every timed section, so the per-section split is true
+        on a GPU (at some cost in speed); on the CPU timings are always true.
+        direct_io: read expert records with O_DIRECT, bypassing the OS page cache."""
         self.dir = Path(model_dir)
         self.manifest = Manifest.load(self.dir)
         self.config = cfg = ModelConfig.from_dir(self.dir)
@@ -88,17 +101,60 @@ class Engine:
         if not 1 <= self.top_k <= cfg.num_experts:
             raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")
         self.prefill_chunk = prefill_chunk
-        self.timer = Timer()
+        on_gpu = self.device.type == "cuda"
+        self.timer = Timer(sync=torch.cuda.synchronize if on_gpu and profile else None)
         self.model = self._load_dense()
         budget = host_mem if host_mem is not None else min(self.manifest.total_expert_bytes, available_memory_bytes() // 2)
-        self.store = ExpertStore(self.dir, self.manifest, budget, self.top_k, io_threads, verify)
+        self.store = ExpertStore(
+            self.dir, self.manifest, budget, self.top_k, io_threads, verify, on_gpu, direct_io, cache_policy
+        )
+        self.gpu_tier = None
         for i, layer in enumerate(self.model.layers):
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.top_k = self.top_k
                 layer.mlp.experts = StreamedExperts(self.store, i, self.timer)
+        if on_gpu:
+            self.use_gpu_experts(gpu_mem, cache_policy)
         self.stop_ids = set(cfg.eos_token_ids) | {
             i for t in ("<|im_end|>", "<|endoftext|>") if (i := self.tokenizer.token_to_id(t)) is not None
         }
+
+    def set_top_k(self, k: int) -> None:
+        """Route each token to k experts from now on (at most the k the engine was loaded with)."""
+        if not 1 <= k <= self.store.batch:
+            raise ValueError(f"k must be between 1 and {self.store.batch}")
+        self.top_k = k
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.top_k = k
+
+    def use_gpu_experts(self, gpu_mem: int | None, policy: str = "lru") -> None:
+        """Route the experts through a tier of GPU slots and the Triton kernels (Triton is only
+        imported here: the CPU path needs none of it)."""
+        from .kernels.moe_gemv import MoeGemv
+        from .runtime.gpu_experts import DECODE_MAX_TOKENS, GpuExpertTier, GpuRoutedExperts
+
+        layout, cfg = self.manifest.layout, self.config
+        staging = min(cfg.num_experts, DECODE_MAX_TOKENS * self.top_k)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+        else:  # the GPU path's logic on the CPU, for tests (kernels in Triton's interpreter)
+            free, total = available_memory_bytes(), available_memory_bytes()
+        margin = max(2 << 30, total // 12) if self.device.type == "cuda" else 0  # states, activations
+        available = free - margin - staging * layout.record_size
+        if gpu_mem is None:
+            gpu_mem = max(0, available)
+        elif gpu_mem > available:
+            raise ValueError(
+                f"--gpu-mem {format_bytes(gpu_mem)} is more than the GPU has free for experts "
+                f"({format_bytes(max(0, available))} after dense weights and a {format_bytes(margin)} margin); lower it"
+            )
+        capacity = min(gpu_mem // layout.record_size, self.manifest.total_expert_bytes // layout.record_size)
+        self.gpu_tier = GpuExpertTier(layout, capacity, staging, self.device, policy)
+        gemv = MoeGemv(layout)
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, self.timer)
 
     def _load_dense(self) -> torch.nn.Module:
         with torch.device("meta"):
@@ -157,8 +213,8 @@ class Generation:
     def _run(self) -> Iterator[Step]:
         eng, stats = self.engine, self.stats
         before = _copy_stats(eng.store.stats)
-        sampler = Sampler(self.params, "cpu")
-        history = torch.tensor(self.ids, dtype=torch.long)
+        sampler = Sampler(self.params, eng.device)
+        history = torch.tensor(self.ids, dtype=torch.long, device=eng.device)
         text = _StopStrings(self.params.stop)
         decoder = eng.tokenizer.stream_decoder()
         t0 = time.perf_counter()
@@ -170,11 +226,11 @@ class Generation:
         t0 = time.perf_counter()
         try:
             for n in range(self.max_tokens):
-                row = logits[-1].cpu()
+                row = logits[-1]
                 if self.logits_processor is not None:
-                    row = self.logits_processor(history[len(self.ids) :].tolist(), row)
-                token = sampler(row, history)
-                history = torch.cat([history, torch.tensor([token])])
+                    row = self.logits_processor(history[len(self.ids) :].tolist(), row.cpu()).to(eng.device)
+                token = sampler(row, history)  # the one host sync per token: reading the token
+                history = torch.cat([history, torch.tensor([token], device=eng.device)])
                 if token in eng.stop_ids:
                     yield Step(token, text.flush(decoder.flush()), "stop")
                     return

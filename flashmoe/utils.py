@@ -53,3 +53,12 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+def total_memory_bytes() -> int:
+    """MemTotal from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")

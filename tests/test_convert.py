@@ -10,7 +10,7 @@ import torch
 
 from flashmoe import convert as convert_module
 from flashmoe.convert import ConversionError, convert
-from flashmoe.demo import DEMO_TEXT_CONFIG, _tensors
+from flashmoe.demo import DEMO_TEXT_CONFIG, hf_tensor_specs
 from flashmoe.formats.packed import Manifest, PackedFormatError
 from flashmoe.formats.safetensors import SafetensorsWriter
 
@@ -23,7 +23,7 @@ def write_checkpoint(out, **text_overrides):
     cfg = {**DEMO_TEXT_CONFIG, "vocab_size": 512, **text_overrides}
     (out / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "text_config": cfg}))
     write_byte_tokenizer(out)
-    tensors = _tensors(cfg)
+    tensors = hf_tensor_specs(cfg)
     writer = SafetensorsWriter(out / "model.safetensors", [(n, torch.bfloat16, s) for n, s, _ in tensors])
     g = torch.Generator().manual_seed(0)
     for n, s, _ in tensors:

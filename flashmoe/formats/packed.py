@@ -90,6 +90,16 @@ class RecordLayout:
             out[s.name] = raw.view(DTYPE_BY_NAME[s.dtype]).view(s.shape)
         return out
 
+    def weights(self, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) in `dtype`, dequantized if the record is quantized."""
+        v = self.views(record)
+        if self.bits == 16:
+            return v["gate_up_proj.weight"].to(dtype), v["down_proj.weight"].to(dtype)
+        return tuple(
+            quant.dequantize(v[f"{p}.weight"], v[f"{p}.scales"], v[f"{p}.biases"], self.bits, self.group_size, dtype)
+            for p in ("gate_up_proj", "down_proj")
+        )
+
     def pack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         record = torch.zeros(self.record_size, dtype=torch.uint8)
         for s in self.segments:

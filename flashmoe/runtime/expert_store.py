@@ -1,15 +1,14 @@
 """Expert records on disk, read with parallel `pread`s into an in-process cache under a byte budget.
 
-One record = one expert = one read. The cache is a pool of record-sized slots with LRU eviction;
-records in use are pinned so a batch never evicts itself. A record's CRC32 is checked the first
-time it is read in this process.
+One record = one expert = one read. The cache is a pool of record-sized slots; a CachePolicy
+(LRU by default) picks what stays. Records in use are pinned so a batch never evicts itself. A
+record's CRC32 is checked the first time it is read in this process.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from ..formats.packed import Manifest
 from ..formats.safetensors import read_into
 from ..utils import format_bytes
+from .policy import CachePolicy
 
 
 class ExpertStoreError(RuntimeError):
@@ -56,6 +56,9 @@ class ExpertStore:
         min_records: int,
         io_threads: int = 8,
         verify: bool = True,
+        pin_memory: bool = False,
+        direct_io: bool = False,
+        policy: str = "lru",
     ):
         self.dir = Path(model_dir)
         self.layout = manifest.layout
@@ -80,10 +83,21 @@ class ExpertStore:
                     f"expert file {path} has {size} bytes but layer {f.layer} needs {want} "
                     f"({f.num_experts} records of {rs}): the file is truncated or corrupt; re-run flashmoe convert"
                 )
-            self.fds[f.layer] = os.open(path, os.O_RDONLY)
-        self.pool = torch.empty(self.capacity, rs, dtype=torch.uint8)
-        self.slot_of: OrderedDict[tuple[int, int], int] = OrderedDict()  # LRU order: oldest first
-        self.free = list(range(self.capacity - 1, -1, -1))
+            # O_DIRECT bypasses the page cache: every miss is a real disk read (honest cold numbers).
+            self.fds[f.layer] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct_io else 0))
+        # Pinned (page-locked) when a GPU copies from it: only pinned memory copies asynchronously,
+        # at full PCIe speed.
+        # Slots start on page boundaries (record_size is whole pages), as O_DIRECT requires.
+        raw = torch.empty(self.capacity * rs + 4096, dtype=torch.uint8, pin_memory=pin_memory)
+        start = -raw.data_ptr() % 4096
+        self.pool = raw[start : start + self.capacity * rs].view(self.capacity, rs)
+        # `batch` slots are kept back as staging for misses the policy does not keep, so any
+        # load() of up to `batch` experts succeeds whatever is cached and pinned.
+        self.batch = min_records
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.free = list(range(self.capacity - 1, self.batch - 1, -1))
+        self.staging = list(range(self.batch))
+        self.policy = CachePolicy(policy)
         self.pins: dict[tuple[int, int], int] = {}
         self.verify = verify
         self.verified: set[tuple[int, int]] = set()
@@ -91,10 +105,10 @@ class ExpertStore:
         self.readers = ThreadPoolExecutor(io_threads, thread_name_prefix="flashmoe-io")
 
     def load(self, layer: int, experts: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (expert, record bytes) for each expert, cached ones first and the rest as their reads
-        complete. All of them stay pinned in the cache until the iteration ends."""
-        if len(experts) > self.capacity:
-            raise BudgetError(f"asked for {len(experts)} experts at once but the cache holds {self.capacity}")
+        """Yield (expert, record bytes) for each of up to `batch` experts, cached ones first and the
+        rest as their reads complete. All of them stay pinned until the iteration ends."""
+        if len(experts) > self.batch:
+            raise BudgetError(f"asked for {len(experts)} experts at once; load at most {self.batch}")
         info = self.files[layer]
         bad = [e for e in experts if not 0 <= e < info.num_experts]
         if bad:
@@ -102,18 +116,23 @@ class ExpertStore:
         keys = [(layer, e) for e in experts]
         for key in keys:
             self.pins[key] = self.pins.get(key, 0) + 1
+        self.policy.tick()
         pending: dict[Future, tuple[int, int]] = {}
+        staged: dict[tuple[int, int], int] = {}
         try:
             hits = []
             for key in keys:
+                self.policy.touch(key)
                 slot = self.slot_of.get(key)
                 if slot is not None:
-                    self.slot_of.move_to_end(key)
                     self.stats.hits += 1
                     hits.append((key[1], self.pool[slot]))
-                else:
-                    self.stats.misses += 1
-                    pending[self.readers.submit(self._read, key, self._allocate(key))] = key
+                    continue
+                self.stats.misses += 1
+                slot = self._admit(key)
+                if slot is None:
+                    slot = staged[key] = self.staging.pop()
+                pending[self.readers.submit(self._read, key, slot)] = key
             yield from hits
             for fut in as_completed(pending):
                 yield pending[fut][1], self.pool[fut.result()]
@@ -126,26 +145,31 @@ class ExpertStore:
                     self.stats.bytes_read += self.record_size
                 except BaseException:
                     self._forget(key)
+            self.staging.extend(staged.values())
             for key in keys:
                 self.pins[key] -= 1
                 if not self.pins[key]:
                     del self.pins[key]
 
-    def _allocate(self, key: tuple[int, int]) -> int:
+    def _admit(self, key: tuple[int, int]) -> int | None:
+        """A cache slot for a miss, evicting the policy's victim if it lets the miss in; else None."""
         if self.free:
             slot = self.free.pop()
         else:
-            victim = next((k for k in self.slot_of if k not in self.pins), None)
-            if victim is None:
-                raise BudgetError("every cached expert is in use; the cache is too small for this batch")
+            victim = self.policy.victim(set(self.pins))
+            if victim is None or not self.policy.admit(key, victim):
+                return None
             slot = self.slot_of.pop(victim)
+            self.policy.remove(victim)
             self.stats.evictions += 1
         self.slot_of[key] = slot
+        self.policy.insert(key)
         return slot
 
     def _forget(self, key: tuple[int, int]) -> None:
         slot = self.slot_of.pop(key, None)
         if slot is not None:
+            self.policy.remove(key)
             self.free.append(slot)
 
     def _read(self, key: tuple[int, int], slot: int) -> int:

@@ -6,21 +6,8 @@ from contextlib import closing
 
 import torch
 
-from .. import quant
-from ..formats.packed import RecordLayout
 from ..layers.moe import swiglu_expert
 from .expert_store import ExpertStore
-
-
-def expert_weights(layout: RecordLayout, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """One record -> (gate_up [2I, H], down [H, I]) in `dtype`, dequantized if the record is quantized."""
-    v = layout.views(record)
-    if layout.bits == 16:
-        return v["gate_up_proj.weight"].to(dtype), v["down_proj.weight"].to(dtype)
-    return tuple(
-        quant.dequantize(v[f"{p}.weight"], v[f"{p}.scales"], v[f"{p}.biases"], layout.bits, layout.group_size, dtype)
-        for p in ("gate_up_proj", "down_proj")
-    )
 
 
 class StreamedExperts:
@@ -33,7 +20,7 @@ class StreamedExperts:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         needed = torch.unique(ids).tolist()  # ascending
         results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        cap = self.store.capacity
+        cap = self.store.batch
         for start in range(0, len(needed), cap):
             with closing(self.store.load(self.layer, needed[start : start + cap])) as records:
                 while True:
@@ -44,7 +31,7 @@ class StreamedExperts:
                     expert, record = item
                     with self.timer.section("expert_compute"):
                         tokens, slot = (ids == expert).nonzero(as_tuple=True)
-                        gate_up, down = expert_weights(self.store.layout, record, x.dtype)
+                        gate_up, down = self.store.layout.weights(record, x.dtype)
                         results[expert] = tokens, swiglu_expert(x[tokens], gate_up, down) * weights[tokens, slot, None]
         # Sum in ascending expert order, whatever order the reads completed in: the result is then
         # deterministic (and in the reference's order), which matters at 16-bit precision.

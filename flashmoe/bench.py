@@ -1,0 +1,323 @@
+"""`flashmoe bench`: scenarios S1 (decode) and S2 (prefill) of the benchmark spec on a model of a
+named shape, synthesized straight into the packed format with random weights (fixed seed).
+
+The lent machines' disks cannot hold a 397B model, so the model is a slice of its first L
+layers and every memory budget is the full model's scaled by L / layers. Tiers: experts
+[0, g) of each layer sit in GPU slots, [g, g + h) in the host tier, the rest on disk, read with
+O_DIRECT (no page cache). Both tiers use the static policy: random routing has no locality, so
+the placement is the cache. Reported beside each measurement: the roofline from the bytes each
+tier moved per token and bandwidths measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .demo import hf_tensor_specs, random_init
+from .formats.packed import DENSE_FILE, ExpertFile, Manifest, RecordLayout
+from .formats.safetensors import SafetensorsWriter
+from .models import family
+from .tokenizer_build import write_qwen35_tokenizer
+
+_QWEN35 = dict(
+    model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=4096, num_hidden_layers=60,
+    num_attention_heads=32, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+    linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+    num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
+    rms_norm_eps=1e-6, max_position_embeddings=262144, tie_word_embeddings=False, eos_token_id=248046,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+)
+PRESETS = {
+    "qwen3.5-397b-a17b": _QWEN35,
+    "qwen3-next-80b-a3b": {
+        **_QWEN35, "model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48,
+        "num_attention_heads": 16, "linear_num_value_heads": 32, "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 512, "intermediate_size": 5120,
+    },
+}
+GPU_MARGIN = 6 << 30  # KV/state, activations, staging slots, CUDA context (full model)
+RAM_RESERVE = 24 << 30  # OS, the process, dense weights in flight
+
+
+def preset_config(name: str, layers: int | None = None) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[name])
+    full = cfg["num_hidden_layers"]
+    cfg["layer_types"] = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(full)]
+    if layers:
+        cfg["num_hidden_layers"], cfg["layer_types"] = layers, cfg["layer_types"][:layers]
+    return cfg
+
+
+def dense_bytes(cfg: dict) -> int:
+    """bf16 bytes of every non-expert weight of a model of this shape."""
+    return sum(2 * torch.Size(shape).numel() for name, shape, _ in hf_tensor_specs(cfg) if ".experts." not in name)
+
+
+def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int = 0, device="cpu", log=print) -> Path:
+    """Write a packed model of this shape with random weights straight into `out` (skipped if it is
+    already there with the same shape and quantization)."""
+    layout = RecordLayout.build(cfg["hidden_size"], cfg["moe_intermediate_size"], bits, group_size)
+    stamp = {"bench_config": cfg, "bits": bits, "group_size": group_size, "seed": seed}
+    if (out / "bench.json").exists() and json.loads((out / "bench.json").read_text()) == stamp:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_qwen35_tokenizer(out)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.perf_counter()
+    fam = family(ModelConfig.from_dict(cfg).model_type)
+    dense = [(fam.canonical_name(n), shape, kind) for n, shape, kind in hf_tensor_specs(cfg) if ".experts." not in n]
+    writer = SafetensorsWriter(out / DENSE_FILE, [(n, torch.bfloat16, s) for n, s, _ in dense], {"format": "pt"})
+    for name, shape, kind in dense:
+        writer.write(name, random_init(shape, kind, gen).to(torch.bfloat16).cpu())
+    writer.close()
+    (out / "experts").mkdir(exist_ok=True)
+    files = []
+    crc_pool = ThreadPoolExecutor(os.cpu_count() or 4)
+    for layer in range(cfg["num_hidden_layers"]):
+        rel = f"experts/layer_{layer:03d}.bin"
+        crcs = []
+        with open(out / rel, "wb") as f:
+            for start in range(0, cfg["num_experts"], 32):
+                records = random_records(layout, min(32, cfg["num_experts"] - start), gen).cpu().numpy()
+                crcs += crc_pool.map(zlib.crc32, list(records))
+                f.write(records.data)
+        files.append(ExpertFile(layer, rel, cfg["num_experts"], tuple(crcs)))
+        log(f"  synthesized layer {layer}: {cfg['num_experts']} experts ({time.perf_counter() - t0:.0f} s)")
+    Manifest(layout, tuple(files), DENSE_FILE, "bfloat16", "flashmoe bench (random weights)").save(out)
+    (out / "bench.json").write_text(json.dumps(stamp))
+    return out
+
+
+def random_records(layout: RecordLayout, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n expert records: random codes; scales and biases that make each weight row zero-mean with
+    unit-gain variance (so activations stay finite through any number of layers)."""
+    records = torch.randint(0, 256, (n, layout.record_size), dtype=torch.uint8, generator=gen, device=gen.device)
+    if layout.bits == 16:
+        for s in layout.segments:
+            w = torch.randn(n, *s.shape, generator=gen, device=gen.device) / s.shape[1] ** 0.5
+            records[:, s.offset : s.offset + s.nbytes] = w.to(torch.bfloat16).view(n, -1).view(torch.uint8)
+        return records
+    levels = (1 << layout.bits) - 1
+    code_std = (levels * (levels + 2) / 12) ** 0.5  # std of a uniform code in [0, levels]
+    for s in layout.segments:
+        if s.name.endswith(".scales"):
+            k = layout.hidden_size if s.name.startswith("gate_up") else layout.intermediate_size
+            scale = torch.full((n, *s.shape), 1 / (code_std * k**0.5), device=gen.device)
+            bias = -scale * levels / 2
+            for t, seg_name in ((scale, s.name), (bias, s.name.replace("scales", "biases"))):
+                seg = next(x for x in layout.segments if x.name == seg_name)
+                records[:, seg.offset : seg.offset + seg.nbytes] = t.to(torch.bfloat16).view(n, -1).view(torch.uint8)
+    return records
+
+
+@dataclass
+class Tiers:
+    gpu_per_layer: int
+    host_per_layer: int
+    experts_per_layer: int
+    gpu_fraction: float
+    host_fraction: float
+    disk_fraction: float
+    notes: str
+
+
+def plan_tiers(full_cfg: dict, layout: RecordLayout, gpu_total: int, ram_total: int, gpu_mem=None, host_mem=None) -> Tiers:
+    """Tiers for the full model, as fractions of its experts, from the machine (or given budgets)."""
+    n_moe = full_cfg["num_hidden_layers"]
+    E = full_cfg["num_experts"]
+    all_experts = n_moe * E * layout.record_size
+    dense = dense_bytes(full_cfg)
+    gpu = gpu_mem if gpu_mem is not None else max(0, gpu_total - dense - GPU_MARGIN)
+    host = host_mem if host_mem is not None else max(0, ram_total - RAM_RESERVE)
+    per_layer = n_moe * layout.record_size  # bytes of one expert index across all layers
+    g = min(E, gpu // per_layer)
+    h = min(E - g, host // per_layer)
+    notes = (
+        f"full model: experts {all_experts / 2**30:.1f} GiB, dense {dense / 2**30:.1f} GiB (bf16); "
+        f"GPU tier = GPU {gpu_total / 2**30:.0f} GiB - dense - {GPU_MARGIN >> 30} GiB margin = {gpu / 2**30:.1f} GiB; "
+        f"host tier = RAM {ram_total / 2**30:.0f} GiB - {RAM_RESERVE >> 30} GiB reserve = {host / 2**30:.1f} GiB"
+    )
+    return Tiers(g, h, E, g / E, h / E, 1 - (g + h) / E, notes)
+
+
+@dataclass
+class Bandwidths:
+    pcie_h2d: float = 0.0  # bytes/s, pinned host -> device, record-sized copies
+    hbm_copy: float = 0.0  # bytes/s, read + written
+    disk_read: float = 0.0  # bytes/s, O_DIRECT parallel record reads
+
+
+def measure_bandwidths(model_dir: Path, layout: RecordLayout, threads: int = 8) -> Bandwidths:
+    bw = Bandwidths()
+    rs = layout.record_size
+    n = max(8, (1 << 30) // rs)
+    host = torch.empty(n, rs, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, rs, dtype=torch.uint8, device="cuda")
+    dev.copy_(host)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n):
+        dev[i].copy_(host[i], non_blocking=True)
+    torch.cuda.synchronize()
+    bw.pcie_h2d = n * rs / (time.perf_counter() - t0)
+    big = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(big)
+    dst.copy_(big)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(big)
+    torch.cuda.synchronize()
+    bw.hbm_copy = 5 * 2 * big.numel() / (time.perf_counter() - t0)
+    del big, dst, dev
+    # Disk: the last records of every layer file (the disk tier's), uncached thanks to O_DIRECT.
+    files = sorted((model_dir / "experts").glob("layer_*.bin"))
+    per_file = max(1, n // len(files))
+    fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
+    jobs = [(fd, (os.fstat(fd).st_size // rs - 1 - i) * rs) for fd in fds for i in range(per_file)]
+    buffers = host[: len(jobs)]
+    from .formats.safetensors import read_into
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda j: read_into(j[1][0], buffers[j[0] % len(buffers)], j[1][1]), enumerate(jobs)))
+    bw.disk_read = len(jobs) * rs / (time.perf_counter() - t0)
+    for fd in fds:
+        os.close(fd)
+    return bw
+
+
+@dataclass
+class DecodeResult:
+    k: int
+    tokens: int
+    seconds: float
+    tps: float
+    ms_per_token: float
+    ms_outside_layers: float
+    tps_extrapolated: float
+    layers_in_slice: int
+    layers_full: int
+    breakdown_ms_per_layer: dict = field(default_factory=dict)
+    gpu_hit_rate: float = 0.0
+    host_hit_rate: float = 0.0
+    bytes_per_token: dict = field(default_factory=dict)
+    roofline_ms_per_token: dict = field(default_factory=dict)
+    roofline_fraction: float = 0.0
+
+
+def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths) -> DecodeResult:
+    """Greedy decode; then the same again with per-section synchronization for the breakdown."""
+    from .runtime.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, min(150000, engine.config.vocab_size), (prompt_len,), generator=g).tolist()
+    params = SamplingParams(max_tokens=tokens, temperature=0)
+    gen = engine.generate(prompt, params)
+    for _ in gen:
+        pass
+    s = gen.stats
+    n = s.decode_tokens
+    L = engine.config.num_hidden_layers
+    # Profiled pass: synchronize at every section boundary so the split is true.
+    engine.timer.sync = torch.cuda.synchronize if engine.device.type == "cuda" else None
+    prof = engine.generate(prompt, params)
+    for _ in prof:
+        pass
+    engine.timer.sync = None
+    sec = prof.stats.decode_sections
+    pn = prof.stats.decode_tokens
+    in_layers = sum(v for k, v in sec.items() if k != "head")
+    outside = (prof.stats.decode_seconds - in_layers) / pn
+    t_token = s.decode_seconds / n
+    t60 = (t_token - outside) * layers_full / L + outside
+    rs = engine.manifest.layout.record_size
+    dec = s.cache  # host tier during decode only: every GPU miss is fetched through it
+    gpu_dec_misses = dec.hits + dec.misses
+    gpu_dec_lookups = n * len(engine.config.moe_layers) * engine.top_k  # k distinct experts per token and layer
+    hbm = _hbm_bytes_per_token(engine) + engine.top_k * rs * len(engine.config.moe_layers)
+    per_token = {
+        "hbm": hbm,
+        "pcie": gpu_dec_misses * rs / n,
+        "disk": dec.bytes_read / n,
+    }
+    roof = {
+        "hbm": per_token["hbm"] / bw.hbm_copy * 1e3,
+        "pcie": per_token["pcie"] / bw.pcie_h2d * 1e3,
+        "disk": per_token["disk"] / bw.disk_read * 1e3 if bw.disk_read else 0.0,
+    }
+    return DecodeResult(
+        k=engine.top_k,
+        tokens=n,
+        seconds=s.decode_seconds,
+        tps=n / s.decode_seconds,
+        ms_per_token=t_token * 1e3,
+        ms_outside_layers=outside * 1e3,
+        tps_extrapolated=1 / t60,
+        layers_in_slice=L,
+        layers_full=layers_full,
+        breakdown_ms_per_layer={k: v * 1e3 / (pn * L) for k, v in sorted(sec.items())},
+        gpu_hit_rate=1 - gpu_dec_misses / gpu_dec_lookups,
+        host_hit_rate=dec.hit_rate,
+        bytes_per_token=per_token,
+        roofline_ms_per_token=roof,
+        roofline_fraction=max(roof.values()) / (t_token * 1e3),
+    )
+
+
+def _hbm_bytes_per_token(engine) -> int:
+    """Dense weights a decode step reads (all but the embedding table, of which it reads one row)."""
+    total = 0
+    for name, p in engine.model.named_parameters():
+        if "embed_tokens" in name and not engine.config.tie_word_embeddings:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def run_prefill(engine, prompt_len: int, layers_full: int) -> dict:
+    from .runtime.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, min(150000, engine.config.vocab_size), (prompt_len,), generator=g).tolist()
+    gen = engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
+    for _ in gen:
+        pass
+    s = gen.stats
+    L = engine.config.num_hidden_layers
+    ttft = s.prefill_seconds
+    return {
+        "prompt_tokens": prompt_len,
+        "ttft_s": ttft,
+        "tps": prompt_len / ttft,
+        "ttft_s_extrapolated": ttft * layers_full / L,
+        "tps_extrapolated": prompt_len / (ttft * layers_full / L),
+        "host_reads_bytes": s.prefill_cache.bytes_read,
+    }
+
+
+def place_tiers(engine, tiers: Tiers) -> None:
+    """GPU slots get experts [0, g) of each layer, the host tier [g, g + h); the rest stays on disk."""
+    for layer in engine.config.moe_layers:
+        engine.gpu_tier.preload(layer, list(range(tiers.gpu_per_layer)), engine.store)
+        host = list(range(tiers.gpu_per_layer, tiers.gpu_per_layer + tiers.host_per_layer))
+        for start in range(0, len(host), engine.store.batch):
+            for _ in engine.store.load(layer, host[start : start + engine.store.batch]):
+                pass
+    engine.store.stats = type(engine.store.stats)()
+
+
+def result_json(**parts) -> str:
+    return json.dumps({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in parts.items()}, indent=1)

@@ -1,0 +1,153 @@
+"""Gathered routed experts for decode: each token's k experts, read from their cache slots by index,
+dequantized on the fly and multiplied, SwiGLU in between, weighted sum at the end. Two launches:
+
+  gate_up_swiglu: grid (tokens * k, I / BLOCK_N) -> h [tokens * k, I] = silu(gate . x) * (up . x)
+  down_sum:       grid (tokens, H / BLOCK_N)     -> y [tokens, H]    = sum_j w_j * down_j . h_j
+
+Quantized dot products use the bias-sum trick per group of G weights:
+  sum_i (q_i * s + b) x_i = s * sum_i q_i x_i + b * sum_i x_i
+so the inner loop is one multiply-add per weight. The record layout is docs/FORMAT.md's; the pool
+is one uint8 tensor [slots, record_size] viewed as int32 (codes) and bfloat16 (scales, weights).
+`moe_gemv_reference` is the plain PyTorch definition the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats.packed import RecordLayout
+
+
+@triton.jit
+def _dot_rows(
+    x_ptr, codes_ptr, halves_ptr, w_base, s_base, b_base, rows, K,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """sum_k W[rows, k] * x[k] for one expert's [N, K] projection, in fp32 -> [BLOCK_N]."""
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + cols).to(tl.float32)
+        if BITS == 16:
+            w = tl.load(halves_ptr + w_base + rows[:, None] * K + cols[None, :]).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        else:
+            PER_WORD: tl.constexpr = 32 // BITS
+            WORDS: tl.constexpr = BLOCK_K // PER_WORD
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            wcols = k0 // PER_WORD + tl.arange(0, WORDS)
+            words = tl.load(codes_ptr + w_base + rows[:, None] * (K // PER_WORD) + wcols[None, :])
+            shifts = tl.arange(0, PER_WORD) * BITS
+            q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+            q = tl.reshape(q, (BLOCK_N, BLOCK_K)).to(tl.float32)
+            qx = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, GROUPS, GROUP)), axis=2)
+            xsum = tl.sum(tl.reshape(x, (GROUPS, GROUP)), axis=1)
+            gcols = k0 // GROUP + tl.arange(0, GROUPS)
+            goff = rows[:, None] * (K // GROUP) + gcols[None, :]
+            s = tl.load(halves_ptr + s_base + goff).to(tl.float32)
+            b = tl.load(halves_ptr + b_base + goff).to(tl.float32)
+            acc += tl.sum(s * qx + b * xsum[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _gate_up_swiglu_kernel(
+    x_ptr, codes_ptr, halves_ptr, slots_ptr, h_ptr,
+    H, I, record_words, record_halves, w_off, s_off, b_off,
+    K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)  # token * K_ROUTED + j
+    token = pair // K_ROUTED
+    slot = tl.load(slots_ptr + pair).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if BITS == 16:
+        base = slot * record_halves + w_off
+    else:
+        base = slot * record_words + w_off
+    sb = slot * record_halves
+    x = x_ptr + token * H
+    gate = _dot_rows(x, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, H, BITS, GROUP, BLOCK_K, BLOCK_N)
+    up = _dot_rows(x, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows + I, H, BITS, GROUP, BLOCK_K, BLOCK_N)
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(h_ptr + pair * I + rows, h)
+
+
+@triton.jit
+def _down_sum_kernel(
+    h_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, y_ptr,
+    H, I, record_words, record_halves, w_off, s_off, b_off,
+    K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(K_ROUTED):  # experts summed in routing order inside one program: deterministic
+        pair = token * K_ROUTED + j
+        slot = tl.load(slots_ptr + pair).to(tl.int64)
+        weight = tl.load(weights_ptr + pair).to(tl.float32)
+        if BITS == 16:
+            base = slot * record_halves + w_off
+        else:
+            base = slot * record_words + w_off
+        sb = slot * record_halves
+        acc += weight * _dot_rows(
+            h_ptr + pair * I, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N
+        )
+    tl.store(y_ptr + token * H + rows, acc)
+
+
+class MoeGemv:
+    """Launch parameters for one record layout; call with a pool of expert slots."""
+
+    def __init__(self, layout: RecordLayout, block_n: int = 16, block_k: int = 256):
+        self.layout = layout
+        seg = {s.name: s for s in layout.segments}
+        H, I = layout.hidden_size, layout.intermediate_size
+        self.block_n = min(block_n, H, I)
+        self.block_k = min(block_k, H, I)
+        if H % self.block_n or I % self.block_n or H % self.block_k or I % self.block_k:
+            raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the kernel blocks")
+        if layout.bits != 16 and self.block_k % layout.group_size:
+            raise ValueError("BLOCK_K must be a multiple of the group size")
+        unit = 2 if layout.bits == 16 else 4  # weight offsets in elements of the view they are read through
+
+        def offsets(proj):
+            w = seg[f"{proj}.weight"].offset // unit
+            s = seg[f"{proj}.scales"].offset // 2 if layout.bits != 16 else 0
+            b = seg[f"{proj}.biases"].offset // 2 if layout.bits != 16 else 0
+            return w, s, b
+
+        self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
+        self.group = layout.group_size if layout.bits != 16 else 1
+
+    def __call__(self, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H] (bf16/fp32), pool [S, record_size] uint8, slots [T, k] int32, weights [T, k] -> y [T, H] fp32."""
+        L = self.layout
+        T, k = slots.shape
+        H, I = L.hidden_size, L.intermediate_size
+        assert x.shape == (T, H) and weights.shape == (T, k) and pool.shape[1] == L.record_size
+        codes, halves = pool.view(torch.int32), pool.view(torch.bfloat16)
+        rw, rh = L.record_size // 4, L.record_size // 2
+        h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+        y = torch.empty(T, H, device=x.device, dtype=torch.float32)
+        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+        _gate_up_swiglu_kernel[(T * k, I // self.block_n)](
+            x.contiguous(), codes, halves, slots.contiguous(), h, H, I, rw, rh, *self.gate_up, **meta
+        )
+        _down_sum_kernel[(T, H // self.block_n)](
+            h, codes, halves, slots.contiguous(), weights.contiguous(), y, H, I, rw, rh, *self.down, **meta
+        )
+        return y
+
+
+def moe_gemv_reference(layout, x, pool, slots, weights) -> torch.Tensor:
+    """The same function in plain PyTorch (fp32)."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(slots.shape[0]):
+        for j in range(slots.shape[1]):
+            gate_up, down = layout.weights(pool[int(slots[t, j])], torch.float32)
+            g, u = (gate_up @ x[t].float()).chunk(2)
+            y[t] += weights[t, j].float() * (down @ (torch.nn.functional.silu(g) * u))
+    return y

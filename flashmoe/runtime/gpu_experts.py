@@ -1,0 +1,150 @@
+"""The GPU path for routed experts: a tier of expert slots in GPU memory above the host tier
+(the ExpertStore's RAM cache, pinned) and the disk, and the per-layer MoE computation over it.
+
+Decode (a few tokens): one host sync for the routing decision, misses fetched (RAM or disk) and
+copied into GPU slots, then the gathered-experts Triton kernels read every expert from its slot.
+Prefill (many tokens): tokens sorted by expert once; each needed expert is fetched once per chunk
+and multiplied with all of its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.packed import RecordLayout
+from ..kernels.moe_gemv import MoeGemv
+from ..layers.moe import swiglu_expert
+from .expert_store import ExpertStore
+from .policy import CachePolicy
+
+DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the gathered gemv kernels
+
+
+@dataclass(slots=True)
+class GpuTierStats:
+    hits: int = 0
+    misses: int = 0
+    admitted: int = 0
+    bytes_copied: int = 0  # host -> GPU
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class GpuExpertTier:
+    """`capacity` cached expert slots plus `staging` slots for misses the policy does not admit."""
+
+    def __init__(self, layout: RecordLayout, capacity: int, staging: int, device, policy: str = "mix"):
+        self.layout = layout
+        self.capacity, self.staging = capacity, staging
+        self.pool = torch.empty(capacity + staging, layout.record_size, dtype=torch.uint8, device=device)
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.free = list(range(capacity - 1, -1, -1))
+        self.policy = CachePolicy(policy)
+        self.stats = GpuTierStats()
+        self.copies_done = torch.cuda.Event() if torch.device(device).type == "cuda" else None
+
+    def place(self, layer: int, experts: list[int], store: ExpertStore) -> dict[int, int]:
+        """GPU slot of each expert (at most `staging` misses per call), copying misses in from the
+        host tier. The copies are queued on the current stream, so kernels queued after them see them."""
+        if self.copies_done is not None:
+            # The host slots of the previous call's copies may be reused by this call's reads.
+            self.copies_done.synchronize()
+        self.policy.tick()
+        slots, missing = {}, []
+        for e in experts:
+            key = (layer, e)
+            self.policy.touch(key)
+            if key in self.slot_of:
+                slots[e] = self.slot_of[key]
+                self.stats.hits += 1
+            else:
+                missing.append(e)
+        self.stats.misses += len(missing)
+        if len(missing) > self.staging:
+            raise ValueError(f"{len(missing)} misses at once but only {self.staging} staging slots")
+        pinned = {(layer, e) for e in experts}
+        staging = iter(range(self.capacity, self.capacity + self.staging))
+        for e in missing:
+            slot = self._admit((layer, e), pinned)
+            slots[e] = next(staging) if slot is None else slot
+        for start in range(0, len(missing), store.batch):
+            if start and self.copies_done is not None:
+                self.copies_done.synchronize()  # the next batch of reads reuses these host slots
+            for e, record in store.load(layer, missing[start : start + store.batch]):
+                self.pool[slots[e]].copy_(record, non_blocking=True)
+            if self.copies_done is not None:
+                self.copies_done.record()
+        self.stats.bytes_copied += len(missing) * self.layout.record_size
+        return slots
+
+    def _admit(self, key, pinned) -> int | None:
+        if self.free:
+            slot = self.free.pop()
+        else:
+            victim = self.policy.victim(pinned)
+            if victim is None or not self.policy.admit(key, victim):
+                return None
+            slot = self.slot_of.pop(victim)
+            self.policy.remove(victim)
+        self.slot_of[key] = slot
+        self.policy.insert(key)
+        self.stats.admitted += 1
+        return slot
+
+    def preload(self, layer: int, experts: list[int], store: ExpertStore) -> None:
+        """Fill free slots with these experts (benchmark tier placement, warm starts)."""
+        for start in range(0, len(experts), self.staging):
+            batch = [e for e in experts[start : start + self.staging] if (layer, e) not in self.slot_of][: len(self.free)]
+            self.place(layer, batch, store)
+        self.stats = GpuTierStats()
+
+
+class GpuRoutedExperts:
+    """The routed experts of one layer on the GPU path."""
+
+    def __init__(self, tier: GpuExpertTier, store: ExpertStore, layer: int, gemv: MoeGemv, timer):
+        self.tier, self.store, self.layer, self.gemv, self.timer = tier, store, layer, gemv, timer
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        with self.timer.section("expert_io"):
+            ids_host = ids.cpu()  # the one host sync per layer: which experts this layer needs
+        if ids.shape[0] <= DECODE_MAX_TOKENS:
+            return self._decode(x, ids_host, weights)
+        return self._prefill(x, ids, ids_host, weights)
+
+    def _decode(self, x, ids_host, weights) -> torch.Tensor:
+        with self.timer.section("expert_io"):
+            slots = self.tier.place(self.layer, sorted(set(ids_host.flatten().tolist())), self.store)
+            table = torch.tensor([[slots[e] for e in row] for row in ids_host.tolist()], dtype=torch.int32)
+        with self.timer.section("expert_compute"):
+            y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float())
+            return y.to(x.dtype)
+
+    def _prefill(self, x, ids, ids_host, weights) -> torch.Tensor:
+        T, k = ids.shape
+        flat = ids_host.flatten()
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, on the host
+        counts = torch.bincount(flat)
+        needed = torch.nonzero(counts).flatten().tolist()
+        starts = torch.cumsum(counts, 0) - counts
+        per_pair = torch.empty(T * k, x.shape[1], dtype=x.dtype, device=x.device)  # each pair written once
+        order_dev = order.to(x.device)
+        flat_weights = weights.flatten()
+        for b in range(0, len(needed), self.tier.staging):
+            batch = needed[b : b + self.tier.staging]
+            with self.timer.section("expert_io"):
+                slots = self.tier.place(self.layer, batch, self.store)
+            with self.timer.section("expert_compute"):
+                for e in batch:
+                    pairs = order_dev[int(starts[e]) : int(starts[e] + counts[e])]
+                    gate_up, down = self.tier.layout.weights(self.tier.pool[slots[e]], x.dtype)
+                    y = swiglu_expert(x[pairs // k], gate_up, down)
+                    per_pair[pairs] = y * flat_weights[pairs, None].to(x.dtype)
+        # Sum each token's k contributions in routing order: deterministic, no atomics.
+        with self.timer.section("expert_compute"):
+            return per_pair.view(T, k, -1).float().sum(1).to(x.dtype)

@@ -1,0 +1,43 @@
+"""Kernel timings on the GPU: the gathered-experts decode kernels at real shapes, as achieved
+bandwidth against a device-to-device copy measured in the same run. Each timing is a CUDA graph of
+16 calls over different expert slots (so the 50 MB L2 cannot serve repeats), median of replays."""
+
+import argparse
+
+import torch
+import triton
+
+from flashmoe.bench import random_records
+from flashmoe.formats.packed import RecordLayout
+from flashmoe.kernels.moe_gemv import MoeGemv
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=1024)
+    ap.add_argument("--slots", type=int, default=256, help="pool size (rotated so reads miss the L2)")
+    args = ap.parse_args()
+    big = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
+    copy_ms = triton.testing.do_bench(lambda: big[2 << 30 :].copy_(big[: 2 << 30]), return_mode="median")
+    hbm = 2 * (2 << 30) / copy_ms / 1e6
+    del big
+    print(f"device-to-device copy: {hbm:.0f} GB/s (read + write)")
+    print("bits  k  block_n block_k   us/call   GB/s   % of copy")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for bits in (4, 2, 8):
+        layout = RecordLayout.build(args.hidden, args.intermediate, bits, 64)
+        pool = torch.cat([random_records(layout, 32, gen) for _ in range(args.slots // 32)])
+        x = torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
+        for k in (1, 4, 10):
+            for block_n, block_k in ((16, 256), (32, 256), (16, 512), (8, 512)):
+                gemv = MoeGemv(layout, block_n, block_k)
+                w = torch.softmax(torch.randn(1, k, device="cuda"), -1)
+                sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
+                us = triton.testing.do_bench_cudagraph(lambda: [gemv(x, pool, s, w) for s in sets], return_mode="median") * 1e3 / 16
+                gbs = k * layout.payload_bytes / us / 1e3
+                print(f"{bits:>4} {k:>2} {block_n:>7} {block_k:>7} {us:>9.1f} {gbs:>6.0f} {100 * gbs / hbm:>8.0f}%")
+
+
+if __name__ == "__main__":
+    main()

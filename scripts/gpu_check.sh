@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device session's worth of checks and timings: environment, GPU tests, kernel timings, S1/S2.
+# Usage (on the GPU machine, repo root): OUT=/path scripts/gpu_check.sh [bench args...]
+# Logs land in $OUT; the wheel folder .whl (if carried) supplies packages the machine lacks.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/flashmoe-out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  nproc; free -g | head -2; df -h /tmp | tail -1
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  git log -1 --oneline 2>/dev/null || true
+} 2>&1 | tee "$OUT/env.txt"
+python3 -m pytest -q -x tests/kernels tests/test_gpu.py tests/runtime/test_gpu_experts.py 2>&1 | tee "$OUT/tests.txt" | tail -5
+python3 scripts/bench_kernels.py 2>&1 | tee "$OUT/kernels.txt"
+python3 -m flashmoe bench --json "$OUT/bench.json" "$@" 2>&1 | grep -v '^[ {}\[\]"]' | tee "$OUT/bench.txt"

@@ -1,0 +1,45 @@
+"""The benchmark's own logic at a tiny shape on the CPU (the GPU path's kernels in Triton's interpreter)."""
+
+import pytest
+import torch
+
+from flashmoe import bench as B
+from flashmoe.engine import Engine
+from flashmoe.formats.packed import RecordLayout
+
+pytest.importorskip("triton")
+
+TINY = dict(
+    B.PRESETS["qwen3.5-397b-a17b"], vocab_size=1024, hidden_size=128, num_attention_heads=2,
+    head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+    num_hidden_layers=2, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
+    shared_expert_intermediate_size=64, layer_types=["linear_attention", "full_attention"],
+)
+
+
+def test_tiers_follow_the_spec_for_the_397b():
+    full = B.preset_config("qwen3.5-397b-a17b")
+    layout = RecordLayout.build(4096, 1024, 4, 64)
+    h200 = B.plan_tiers(full, layout, 139 << 30, 128 << 30)
+    assert 0.55 <= h200.gpu_fraction <= 0.6 and h200.disk_fraction == 0  # "about 55-60% GPU, rest host, no disk"
+    h100 = B.plan_tiers(full, layout, 80 << 30, 125 << 30)
+    assert 0.15 <= h100.disk_fraction <= 0.3  # "spills ~20% to disk"
+    h100_2bit = B.plan_tiers(full, RecordLayout.build(4096, 1024, 2, 64), 80 << 30, 125 << 30)
+    assert h100_2bit.disk_fraction == 0  # "fits"
+
+
+def test_synthesized_model_runs_with_placed_tiers(tmp_path):
+    out = B.synthesize(tmp_path / "m", TINY, bits=4, group_size=64)
+    assert B.synthesize(out, TINY, bits=4, group_size=64) == out  # reused, not rewritten
+    layout = RecordLayout.build(128, 64, 4, 64)
+    engine = Engine(out, dtype=torch.float32, cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size)
+    engine.use_gpu_experts(gpu_mem=2 * 5 * layout.record_size, policy="static")
+    tiers = B.Tiers(5, 6, 16, 5 / 16, 6 / 16, 5 / 16, "")
+    B.place_tiers(engine, tiers)
+    r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9))
+    assert r.tokens == 3 and r.tps > 0 and r.tps_extrapolated < r.tps  # twice the layers: slower
+    assert 0 < r.gpu_hit_rate < 1 and 0 <= r.host_hit_rate < 1
+    assert r.bytes_per_token["pcie"] > 0 and r.bytes_per_token["disk"] > 0
+    assert set(r.breakdown_ms_per_layer) >= {"mixer", "routing", "expert_io", "expert_compute"}
+    p = B.run_prefill(engine, 12, layers_full=4)
+    assert p["prompt_tokens"] == 12 and p["tps"] > 0
