@@ -76,6 +76,7 @@ class Engine:
         cache_policy: str = "lru",
         profile: bool = False,
         direct_io: bool = False,
+        cuda_graphs: bool = True,
     ):
         """Load a packed model: dense weights resident on `device`, experts behind the caches.
 
@@ -85,7 +86,8 @@ class Engine:
         cache_policy: lru, lfu, mix or static (runtime/policy.py), for both tiers.
         profile: synchronize the device at every timed section, so the per-section split is true
         on a GPU (at some cost in speed); on the CPU timings are always true.
-        direct_io: read expert records with O_DIRECT, bypassing the OS page cache."""
+        direct_io: read expert records with O_DIRECT, bypassing the OS page cache.
+        cuda_graphs: replay each layer's dense part from a CUDA graph during decode (cuda)."""
         self.dir = Path(model_dir)
         self.manifest = Manifest.load(self.dir)
         self.config = cfg = ModelConfig.from_dir(self.dir)
@@ -102,6 +104,7 @@ class Engine:
             raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")
         self.prefill_chunk = prefill_chunk
         on_gpu = self.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and on_gpu
         self.timer = Timer(sync=torch.cuda.synchronize if on_gpu and profile else None)
         self.model = self._load_dense()
         budget = host_mem if host_mem is not None else min(self.manifest.total_expert_bytes, available_memory_bytes() // 2)
@@ -223,6 +226,7 @@ class Generation:
         stats.prefill_cache = _diff_stats(eng.store.stats, before)
         before = _copy_stats(eng.store.stats)
         eng.timer.reset()
+        graphs = None
         t0 = time.perf_counter()
         try:
             for n in range(self.max_tokens):
@@ -242,9 +246,18 @@ class Generation:
                     yield Step(token, piece + text.flush(decoder.flush()), "length")
                     return
                 yield Step(token, piece)
-                logits = self._forward(torch.tensor([token], device=eng.device))
+                if graphs is None and eng.cuda_graphs:
+                    from .runtime.graphs import GraphedDecoder
+
+                    graphs = GraphedDecoder(eng, self.state, self.state.position + self.max_tokens - n)
+                if graphs is not None:
+                    logits = graphs.step(token)
+                else:
+                    logits = self._forward(torch.tensor([token], device=eng.device))
                 stats.decode_tokens += 1
         finally:
+            if graphs is not None:
+                graphs.release()
             stats.decode_seconds = time.perf_counter() - t0
             stats.decode_sections = dict(eng.timer.seconds)
             stats.cache = _diff_stats(eng.store.stats, before)

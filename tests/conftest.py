@@ -113,3 +113,17 @@ def packed16(tiny_vlm, tmp_path_factory):
     out = tmp_path_factory.mktemp("packed") / "m16"
     convert(tiny_vlm[0], out, bits=16)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_init_16(tmp_path_factory):
+    """transformers' own init: on the unit-gain model of the parity tests, a 0.5% weight error
+    already flips routing decisions and grows ~10x to the logits; a trained model is not that chaotic."""
+    d = tmp_path_factory.mktemp("default_init")
+    from flashmoe.convert import convert
+
+    build_hf_model("vlm", d / "hf", seed=4, wide_init=False)
+    convert(d / "hf", d / "q16", bits=16)
+    from flashmoe.engine import Engine
+
+    return d, Engine(d / "q16", dtype=torch.float32)

@@ -18,10 +18,13 @@ def logits(engine, ids, steps=8):
     return torch.cat(out)
 
 
-def test_bf16_gpu_logits_match_the_cpu_path(packed16):
+def test_bf16_gpu_logits_match_the_cpu_path(default_init_16):
+    """bf16 tolerance, on transformers' own init (the unit-gain parity model is chaotic enough that
+    bf16 rounding flips its routing; fp32 on the GPU is checked token for token below)."""
+    d, cpu_engine = default_init_16
     ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
-    cpu = logits(Engine(packed16, dtype=torch.float32), ids)
-    gpu = logits(Engine(packed16, device="cuda"), ids)  # bf16
+    cpu = logits(cpu_engine, ids)
+    gpu = logits(Engine(d / "q16", device="cuda"), ids)  # bf16
     assert float((gpu - cpu).norm() / cpu.norm()) < 3e-2
 
 
@@ -31,6 +34,21 @@ def test_greedy_tokens_identical_to_the_cpu_path_for_32_steps(packed16):
     cpu = [s.token for s in Engine(packed16, dtype=torch.float32).generate(prompt, params)]
     gpu = [s.token for s in Engine(packed16, device="cuda", dtype=torch.float32).generate(prompt, params)]
     assert gpu == cpu
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_graphed_decode_equals_eager_decode_and_hands_the_state_back(packed16, graphs):
+    prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(max_tokens=20, temperature=0)
+    cpu_engine = Engine(packed16, dtype=torch.float32)
+    state = cpu_engine.new_state()
+    ref = [s.token for s in cpu_engine.generate(prompt, params, state=state)]
+    ref += [s.token for s in cpu_engine.generate([7, 8], params, state=state)]  # continue the sequence
+    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs)
+    state = engine.new_state()
+    got = [s.token for s in engine.generate(prompt, params, state=state)]
+    got += [s.token for s in engine.generate([7, 8], params, state=state)]
+    assert got == ref
 
 
 def test_one_397b_shape_layer_matches_the_cpu_path(tmp_path):

@@ -25,27 +25,35 @@ def _dot_rows(
     x_ptr, codes_ptr, halves_ptr, w_base, s_base, b_base, rows, K,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """sum_k W[rows, k] * x[k] for one expert's [N, K] projection, in fp32 -> [BLOCK_N]."""
+    """sum_k W[rows, k] * x[k] for one expert's [N, K] projection, in fp32 -> [BLOCK_N].
+
+    Quantized rows are walked a block of packed words at a time, without reshapes: for each code
+    position j inside a word, the j-th codes of all words meet the x values at stride 32 / BITS.
+    A word never straddles two groups (GROUP >= 32 / BITS), so per word the bias-sum trick needs
+    the word's group scale and bias once: s * sum_j q_j x_j + b * sum_j x_j."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + cols).to(tl.float32)
-        if BITS == 16:
+    if BITS == 16:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + cols).to(tl.float32)
             w = tl.load(halves_ptr + w_base + rows[:, None] * K + cols[None, :]).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
-        else:
-            PER_WORD: tl.constexpr = 32 // BITS
-            WORDS: tl.constexpr = BLOCK_K // PER_WORD
-            GROUPS: tl.constexpr = BLOCK_K // GROUP
-            wcols = k0 // PER_WORD + tl.arange(0, WORDS)
-            words = tl.load(codes_ptr + w_base + rows[:, None] * (K // PER_WORD) + wcols[None, :])
-            shifts = tl.arange(0, PER_WORD) * BITS
-            q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-            q = tl.reshape(q, (BLOCK_N, BLOCK_K)).to(tl.float32)
-            qx = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, GROUPS, GROUP)), axis=2)
-            xsum = tl.sum(tl.reshape(x, (GROUPS, GROUP)), axis=1)
-            gcols = k0 // GROUP + tl.arange(0, GROUPS)
-            goff = rows[:, None] * (K // GROUP) + gcols[None, :]
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        words_per_row = K // PER_WORD
+        groups_per_row = K // GROUP
+        for w0 in range(0, words_per_row, WORDS):
+            wcols = w0 + tl.arange(0, WORDS)
+            words = tl.load(codes_ptr + w_base + rows[:, None] * words_per_row + wcols[None, :])
+            qx = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+            xsum = tl.zeros([WORDS], dtype=tl.float32)
+            for j in tl.static_range(PER_WORD):
+                xj = tl.load(x_ptr + wcols * PER_WORD + j).to(tl.float32)
+                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                qx += q * xj[None, :]
+                xsum += xj
+            goff = rows[:, None] * groups_per_row + (wcols // (GROUP // PER_WORD))[None, :]
             s = tl.load(halves_ptr + s_base + goff).to(tl.float32)
             b = tl.load(halves_ptr + b_base + goff).to(tl.float32)
             acc += tl.sum(s * qx + b * xsum[None, :], axis=1)
@@ -76,9 +84,10 @@ def _gate_up_swiglu_kernel(
 
 @triton.jit
 def _down_sum_kernel(
-    h_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, y_ptr,
+    h_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr,
     H, I, record_words, record_halves, w_off, s_off, b_off,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,13 +104,15 @@ def _down_sum_kernel(
         acc += weight * _dot_rows(
             h_ptr + pair * I, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N
         )
-    tl.store(y_ptr + token * H + rows, acc)
+    if HAS_RESIDUAL:  # the layer's residual add, fused: y = residual + routed sum
+        acc += tl.load(residual_ptr + token * H + rows).to(tl.float32)
+    tl.store(y_ptr + token * H + rows, acc.to(y_ptr.dtype.element_ty))
 
 
 class MoeGemv:
     """Launch parameters for one record layout; call with a pool of expert slots."""
 
-    def __init__(self, layout: RecordLayout, block_n: int = 16, block_k: int = 256):
+    def __init__(self, layout: RecordLayout, block_n: int = 16, block_k: int = 512, num_warps: int = 4):
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
@@ -121,9 +132,19 @@ class MoeGemv:
 
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
         self.group = layout.group_size if layout.bits != 16 else 1
+        self.num_warps = num_warps
 
-    def __call__(self, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H] (bf16/fp32), pool [S, record_size] uint8, slots [T, k] int32, weights [T, k] -> y [T, H] fp32."""
+    def __call__(
+        self,
+        x: torch.Tensor,
+        pool: torch.Tensor,
+        slots: torch.Tensor,
+        weights: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [T, H] (bf16/fp32), pool [S, record_size] uint8, slots [T, k] int32, weights [T, k]
+        -> y [T, H]: the weighted expert sum (fp32), plus `residual` if given, written to `out` if given."""
         L = self.layout
         T, k = slots.shape
         H, I = L.hidden_size, L.intermediate_size
@@ -131,13 +152,16 @@ class MoeGemv:
         codes, halves = pool.view(torch.int32), pool.view(torch.bfloat16)
         rw, rh = L.record_size // 4, L.record_size // 2
         h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
-        y = torch.empty(T, H, device=x.device, dtype=torch.float32)
-        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+        y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
+        meta = dict(
+            K_ROUTED=k, BITS=L.bits, GROUP=self.group, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps
+        )
         _gate_up_swiglu_kernel[(T * k, I // self.block_n)](
             x.contiguous(), codes, halves, slots.contiguous(), h, H, I, rw, rh, *self.gate_up, **meta
         )
         _down_sum_kernel[(T, H // self.block_n)](
-            h, codes, halves, slots.contiguous(), weights.contiguous(), y, H, I, rw, rh, *self.down, **meta
+            h, codes, halves, slots.contiguous(), weights.contiguous(), y if residual is None else residual, y,
+            H, I, rw, rh, *self.down, HAS_RESIDUAL=residual is not None, **meta
         )
         return y
 

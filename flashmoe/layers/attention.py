@@ -27,22 +27,16 @@ class GatedAttention(nn.Module):
         q = apply_rotary(self.q_norm(q), cos, sin)
         k = apply_rotary(self.k_norm(self.k_proj(x).view(T, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
-        start = cache.length
-        keys, values = cache.append(k, v)  # [L, kv_heads, head_dim], L = start + T
-        out = attend(q, keys, values, start)
+        keys, values, mask = cache.update(k, v)  # keys/values [L, kv_heads, head_dim], mask [T, L] or None
+        out = attend(q, keys, values, mask)
         out = out.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(out)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal GQA attention of q [T, H, d] at positions start.. over keys/values [L, Hkv, d] -> [T, H, d]."""
-    T, H, _ = q.shape
-    L, Hkv, _ = keys.shape
-    group = H // Hkv
-    k = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, d]
-    v = values.repeat_interleave(group, dim=1).transpose(0, 1)
-    mask = None
-    if T > 1:  # query i (position start + i) sees keys 0 .. start + i
-        mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """GQA attention of q [T, H, d] over keys/values [L, Hkv, d]; mask [T, L] says what each query sees."""
+    H, Hkv = q.shape[1], keys.shape[1]
+    k = keys.repeat_interleave(H // Hkv, dim=1).transpose(0, 1)  # [H, L, d]
+    v = values.repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask)
     return out.transpose(0, 1)

@@ -42,7 +42,8 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
         heads_first = [t.transpose(0, 1) for t in (q, k, v, g, beta)]  # [H, T, ...]
         rule = delta_rule_recurrent if T == 1 else delta_rule_chunked
-        out, state.recurrent = rule(*heads_first, state.recurrent)
+        out, new_state = rule(*heads_first, state.recurrent)
+        state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
         out = out.transpose(0, 1).to(x.dtype)  # [T, H, dv]
         z = self.in_proj_z(x).view(T, self.v_heads, self.v_dim)
         return self.out_proj(self.norm(out, z).reshape(T, -1))
@@ -50,7 +51,7 @@ class GatedDeltaNet(nn.Module):
     def causal_conv(self, x: torch.Tensor, state) -> torch.Tensor:
         """Depthwise causal conv over time, continuing from the last kernel-1 inputs kept in state; then SiLU."""
         window = torch.cat([state.conv.to(x.dtype), x], dim=0)  # [K-1+T, C]
-        state.conv = window[-(self.conv_kernel - 1) :].clone()
+        state.conv.copy_(window[-(self.conv_kernel - 1) :])
         out = F.conv1d(window.t().unsqueeze(0), self.conv1d.weight, groups=self.conv_dim)  # [1, C, T]
         return F.silu(out[0].t())
 

@@ -69,6 +69,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache, timer) -> torch.Tensor:
+        x, h, weights, ids = self.dense(x, cos, sin, cache, timer)
+        return x if ids is None else x + self.mlp.experts(h, ids, weights)
+
+    def dense(self, x, cos, sin, cache, timer):
+        """All of the layer but the routed experts -> (x with mixer and shared expert (or dense MLP)
+        added, the normed input of the experts, routing weights, expert ids); ids is None for a
+        dense-MLP layer. The split is where the host must look at the routing."""
         with timer.section("mixer"):
             h = self.input_layernorm(x)
             h = self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cos, sin, cache)
@@ -76,12 +83,12 @@ class DecoderLayer(nn.Module):
             h = self.post_attention_layernorm(x)
         if not isinstance(self.mlp, SparseMoE):
             with timer.section("dense_mlp"):
-                return x + self.mlp(h)
+                return x + self.mlp(h), h, None, None
         with timer.section("routing"):
             weights, ids = self.mlp.route(h)
         with timer.section("shared_expert"):
-            shared = self.mlp.shared(h)
-        return x + shared + self.mlp.experts(h, ids, weights)
+            x = x + self.mlp.shared(h)
+        return x, h, weights, ids
 
 
 class Model(nn.Module):
@@ -110,11 +117,11 @@ class Model(nn.Module):
             x = layer(x, cos, sin, cache, timer)
         state.position += ids.shape[0]
         with timer.section("head"):
-            if last_only:
-                x = x[-1:]
-            x = self.model.norm(x)
-            head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-            return (x @ head.t()).float()
+            return self.logits(x[-1:] if last_only else x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return (self.model.norm(x) @ head.t()).float()
 
 
 # --- checkpoint names ----------------------------------------------------------------------------

@@ -117,13 +117,19 @@ class GpuRoutedExperts:
             return self._decode(x, ids_host, weights)
         return self._prefill(x, ids, ids_host, weights)
 
-    def _decode(self, x, ids_host, weights) -> torch.Tensor:
+    def _decode(self, x, ids_host, weights, residual=None, out=None) -> torch.Tensor:
         with self.timer.section("expert_io"):
             slots = self.tier.place(self.layer, sorted(set(ids_host.flatten().tolist())), self.store)
             table = torch.tensor([[slots[e] for e in row] for row in ids_host.tolist()], dtype=torch.int32)
         with self.timer.section("expert_compute"):
-            y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float())
-            return y.to(x.dtype)
+            y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float(), residual, out)
+            return y if out is not None else y.to(x.dtype)
+
+    def decode_into(self, x, ids, weights, residual, out) -> None:
+        """out = residual + routed experts of x (the graphed decode step's fused form)."""
+        with self.timer.section("expert_io"):
+            ids_host = ids.cpu()
+        self._decode(x, ids_host, weights, residual, out)
 
     def _prefill(self, x, ids, ids_host, weights) -> torch.Tensor:
         T, k = ids.shape

@@ -11,26 +11,42 @@ from ..config import ModelConfig
 
 
 class KVCache:
-    """Keys and values of one attention layer; storage grows by doubling, so appends are amortised O(T)."""
+    """Keys and values of one attention layer; storage grows by doubling, so appends are amortised O(T).
+
+    Eager use appends at `length`. While a CUDA graph replays the decode step, the write position
+    is the device tensor `graph_position` instead (set by runtime/graphs.py) and attention runs
+    over the whole buffer, masked beyond that position: shapes stay fixed, as graphs need."""
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 256):
-        self.k = torch.empty(capacity, kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        self.k = torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.graph_position: torch.Tensor | None = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[0]
-        if end > self.k.shape[0]:
-            cap = max(end, 2 * self.k.shape[0])
+    def reserve(self, capacity: int) -> None:
+        if capacity > self.k.shape[0]:
             for name in ("k", "v"):
                 old = getattr(self, name)
-                new = old.new_empty(cap, *old.shape[1:])
+                new = old.new_zeros(capacity, *old.shape[1:])
                 new[: self.length] = old[: self.length]
                 setattr(self, name, new)
-        self.k[self.length : end] = k
-        self.v[self.length : end] = v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new keys/values; return (keys, values, mask) for attention over the sequence."""
+        if self.graph_position is not None:
+            self.k.index_copy_(0, self.graph_position, k)
+            self.v.index_copy_(0, self.graph_position, v)
+            mask = torch.arange(self.k.shape[0], device=k.device)[None, :] <= self.graph_position[:, None]
+            return self.k, self.v, mask
+        start, end = self.length, self.length + k.shape[0]
+        self.reserve(max(end, 2 * self.k.shape[0]) if end > self.k.shape[0] else 0)
+        self.k[start:end] = k
+        self.v[start:end] = v
         self.length = end
-        return self.k[:end], self.v[:end]
+        mask = None
+        if k.shape[0] > 1:  # query i (position start + i) sees keys 0 .. start + i
+            mask = torch.arange(end, device=k.device)[None, :] <= (start + torch.arange(k.shape[0], device=k.device))[:, None]
+        return self.k[:end], self.v[:end], mask
 
     @property
     def nbytes(self) -> int:

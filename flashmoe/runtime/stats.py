@@ -17,6 +17,8 @@ class _Section:
         return self
 
     def __exit__(self, *exc):
+        if self.timer.sync is not None:
+            self.timer.sync()
         self.timer.seconds[self.name] += time.perf_counter() - self.t0
         return False
 

@@ -38,3 +38,18 @@ def test_matches_the_reference_on_fresh_inputs(device, bits, group, tokens, k):
     y = MoeGemv(layout, block_n=16, block_k=64)(x.to(device), pool.to(device), slots.to(device), weights.to(device))
     err = float((y.cpu() - ref).norm() / ref.norm())
     assert err < 1e-4, err  # fp32 accumulation over bf16 x and exact dequantized weights
+
+
+def test_fused_residual_and_output_buffer(device):
+    layout = RecordLayout.build(128, 64, 4, 32)
+    pool = random_pool(layout, 4, 9)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(1, 128, generator=g).to(torch.bfloat16)
+    residual = torch.randn(1, 128, generator=g).to(torch.bfloat16)
+    slots = torch.tensor([[2, 0]], dtype=torch.int32)
+    weights = torch.tensor([[0.7, 0.3]])
+    out = torch.full((1, 128), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned
+    gemv = MoeGemv(layout, block_n=16, block_k=64)
+    gemv(x.to(device), pool.to(device), slots.to(device), weights.to(device), residual=residual.to(device), out=out)
+    ref = moe_gemv_reference(layout, x, pool, slots, weights) + residual.float()
+    assert float((out.cpu().float() - ref).norm() / ref.norm()) < 1e-2  # bf16 output

@@ -1,0 +1,173 @@
+"""What `flashmoe serve` costs and what it saves, measured against the Engine called directly.
+
+  1. Server overhead per token: the time between streamed tokens of one /v1/completions client
+     against the Engine's own time between tokens (same prompt, greedy, same process settings).
+  2. Throughput and per-request latency with 1, 4 and 16 concurrent chat clients.
+  3. Second-turn time to first token of a conversation with a long system prompt, with the prefix
+     cache and without it (`--prefix-cache 0`): the latency of a one-token answer.
+  4. The cost of grammar-constrained decoding: tokens of a JSON-schema answer against free text.
+
+Usage: python scripts/bench_server.py [--model ~/.cache/flashmoe/demo/packed-4bit] [--json out.json]
+The demo model (`flashmoe demo` builds it) has random weights: its text is gibberish, its timing real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from flashmoe.engine import Engine
+
+DEMO = Path.home() / ".cache" / "flashmoe" / "demo" / "packed-4bit"
+PROMPT = "The expert weights stream from disk because"
+SYSTEM = " ".join(f"Rule {i}: answer precisely, cite the rule you used, and keep the tone friendly." for i in range(120))
+
+
+class Server:
+    def __init__(self, model: Path, port: int, *args: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "flashmoe", "serve", "--model", str(model), "--port", str(port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        for _ in range(600):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("the server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def direct_run(engine, tokens: int) -> float:
+    """ms between tokens of one greedy generation, called in this process."""
+    from flashmoe.runtime.sampling import SamplingParams
+
+    stamps = [time.perf_counter() for _ in engine.generate(PROMPT, SamplingParams(max_tokens=tokens))]
+    return (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1)
+
+
+def stream(url: str, path: str, body: dict) -> dict:
+    """One streamed request: time to the first token, between tokens, in all; tokens generated."""
+    t0 = time.perf_counter()
+    first = last = None
+    usage = {}
+    with httpx.stream("POST", url + path, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                      timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            choice = (chunk.get("choices") or [{}])[0]
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                last = time.perf_counter()
+                first = first or last
+    n = usage.get("completion_tokens", 0)
+    return {"ttft": (first or t0) - t0, "total": time.perf_counter() - t0, "tokens": n,
+            "ms_per_token": (last - first) * 1e3 / (n - 1) if first and n > 1 else float("nan")}
+
+
+def overhead(engine, url: str, tokens: int, repeats: int) -> dict:
+    """Engine and server runs alternated, so that both see the same machine (others' load drifts)."""
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    direct_run(engine, 8)
+    stream(url, "/v1/completions", {**body, "max_tokens": 8})  # both warm: expert caches filled
+    pairs = [(direct_run(engine, tokens), stream(url, "/v1/completions", body)["ms_per_token"]) for _ in range(repeats)]
+    return {"engine_ms_per_token": statistics.median(d for d, _ in pairs),
+            "server_ms_per_token": statistics.median(s for _, s in pairs),
+            "overhead_ms_per_token": statistics.median(s - d for d, s in pairs)}
+
+
+def concurrency(url: str, clients: int, tokens: int) -> dict:
+    def one(i: int) -> dict:
+        body = {"messages": [{"role": "user", "content": f"Client {i}: tell me about topic {i}."}],
+                "max_tokens": tokens, "temperature": 0}
+        return stream(url, "/v1/chat/completions", body)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients)))
+    wall = time.perf_counter() - t0
+    latency = sorted(r["total"] for r in results)
+    return {"clients": clients, "tok_per_s": sum(r["tokens"] for r in results) / wall,
+            "latency_mean_s": statistics.mean(latency), "latency_max_s": latency[-1],
+            "ttft_median_s": statistics.median(r["ttft"] for r in results)}
+
+
+def second_turn_ttft(url: str, repeats: int) -> dict:
+    """Median latency of a one-token second turn (first turn answered, then a follow-up)."""
+    times, usage = [], {}
+    for i in range(repeats):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {i}: what is rule {i}?"}]
+        first = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 16, "temperature": 0},
+                           timeout=600).json()
+        messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "And the next one?"}]
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=600)
+        times.append(time.perf_counter() - t0)
+        usage = r.json()["usage"]
+    return {"seconds": statistics.median(times), "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
+
+
+def grammar_cost(url: str, tokens: int) -> dict:
+    base = {"messages": [{"role": "user", "content": "Write a long string."}], "max_tokens": tokens, "temperature": 0}
+    schema = {"type": "string", "minLength": 10 * tokens}  # cannot end early: every step is constrained
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    free = stream(url, "/v1/chat/completions", base)
+    constrained = stream(url, "/v1/chat/completions", {**base, "response_format": fmt})
+    return {"free_ms_per_token": free["ms_per_token"], "json_schema_ms_per_token": constrained["ms_per_token"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=DEMO)
+    ap.add_argument("--tokens", type=int, default=48, help="tokens per request")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--port", type=int, default=8321)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    out: dict = {"model": str(args.model)}
+    engine = Engine(args.model)
+    server = Server(args.model, args.port)
+    try:
+        out["overhead"] = o = overhead(engine, server.url, args.tokens, args.repeats)
+        engine.close()
+        print(f"per token: engine {o['engine_ms_per_token']:.1f} ms, server (streamed) {o['server_ms_per_token']:.1f} ms, "
+              f"overhead {o['overhead_ms_per_token']:+.1f} ms (median of paired runs)", flush=True)
+        out["concurrency"] = [concurrency(server.url, n, args.tokens // 2) for n in (1, 4, 16)]
+        for c in out["concurrency"]:
+            print(f"{c['clients']:>2} clients: {c['tok_per_s']:.1f} tok/s in all, latency mean {c['latency_mean_s']:.1f} s "
+                  f"max {c['latency_max_s']:.1f} s, median time to first token {c['ttft_median_s']:.2f} s", flush=True)
+        out["grammar"] = g = grammar_cost(server.url, args.tokens)
+        print(f"grammar: free text {g['free_ms_per_token']:.1f} ms/token, JSON schema {g['json_schema_ms_per_token']:.1f} ms/token",
+              flush=True)
+        out["second_turn_reuse"] = second_turn_ttft(server.url, args.repeats)
+    finally:
+        server.stop()
+    server = Server(args.model, args.port, "--prefix-cache", "0")
+    try:
+        out["second_turn_no_reuse"] = second_turn_ttft(server.url, args.repeats)
+    finally:
+        server.stop()
+    a, b = out["second_turn_reuse"], out["second_turn_no_reuse"]
+    print(f"second turn ({a['prompt_tokens']} prompt tokens), time to first token: {a['seconds']:.2f} s with prefix reuse "
+          f"({a['cached_tokens']} tokens reused), {b['seconds']:.2f} s without", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
