@@ -309,15 +309,18 @@ def run_prefill(engine, prompt_len: int, layers_full: int) -> dict:
 
 
 def place_tiers(engine, tiers: Tiers) -> None:
-    """GPU slots get experts [0, g) of each layer, the host tier [g, g + h); the rest stays on disk."""
+    """GPU slots get experts [0, g) of each layer, the host tier [g, g + h); the rest stays on disk.
+    The host tier is filled first: the GPU tier's experts pass through the host tier's staging slots
+    on their way in and must not take its places (with the static policy, a full tier admits nothing)."""
     for layer in engine.config.moe_layers:
-        engine.gpu_tier.preload(layer, list(range(tiers.gpu_per_layer)), engine.store)
         host = list(range(tiers.gpu_per_layer, tiers.gpu_per_layer + tiers.host_per_layer))
         for start in range(0, len(host), engine.store.batch):
             for _ in engine.store.load(layer, host[start : start + engine.store.batch]):
                 pass
+    for layer in engine.config.moe_layers:
+        engine.gpu_tier.preload(layer, list(range(tiers.gpu_per_layer)), engine.store)
     engine.store.stats = type(engine.store.stats)()
 
 
 def result_json(**parts) -> str:
-    return json.dumps({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in parts.items()}, indent=1)
+    return json.dumps(parts, indent=1, default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v))

@@ -12,7 +12,11 @@ from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.moe_gemv import MoeGemv
 
 
-CONFIGS = [(16, 512, 4), (8, 512, 4), (32, 512, 4), (16, 1024, 4), (16, 256, 4), (32, 256, 8), (64, 256, 8), (8, 1024, 2)]
+# (block_n, block_k, warps, unpack_3d)
+CONFIGS = [
+    (8, 1024, 2, False), (8, 1024, 2, True), (4, 1024, 1, False), (4, 2048, 2, False), (8, 2048, 4, False),
+    (16, 1024, 4, True), (8, 512, 2, True), (2, 1024, 1, False),
+]
 
 
 def main() -> None:
@@ -26,20 +30,22 @@ def main() -> None:
     hbm = 2 * (2 << 30) / copy_ms / 1e6
     del big
     print(f"device-to-device copy: {hbm:.0f} GB/s (read + write)")
-    print("bits  k  block_n block_k warps   us/call   GB/s   % of copy")
+    print("bits  k  block_n block_k warps 3d   us/call   GB/s   % of copy")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for bits in (4, 2, 8, 16):
         layout = RecordLayout.build(args.hidden, args.intermediate, bits, 64)
         pool = torch.cat([random_records(layout, 32, gen) for _ in range(args.slots // 32)])
         x = torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
         for k in (1, 10):
-            for block_n, block_k, warps in CONFIGS:
-                gemv = MoeGemv(layout, block_n, block_k, warps)
+            for block_n, block_k, warps, unpack_3d in CONFIGS:
+                if bits == 16 and unpack_3d:
+                    continue
+                gemv = MoeGemv(layout, block_n, block_k, warps, unpack_3d)
                 w = torch.softmax(torch.randn(1, k, device="cuda"), -1)
                 sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
                 us = triton.testing.do_bench_cudagraph(lambda: [gemv(x, pool, s, w) for s in sets], return_mode="median") * 1e3 / 16
                 gbs = k * layout.payload_bytes / us / 1e3
-                print(f"{bits:>4} {k:>2} {block_n:>7} {block_k:>7} {warps:>5} {us:>9.1f} {gbs:>6.0f} {100 * gbs / hbm:>8.0f}%")
+                print(f"{bits:>4} {k:>2} {block_n:>7} {block_k:>7} {warps:>5} {int(unpack_3d):>2} {us:>9.1f} {gbs:>6.0f} {100 * gbs / hbm:>8.0f}%")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from ..formats.packed import RecordLayout
 @triton.jit
 def _dot_rows(
     x_ptr, codes_ptr, halves_ptr, w_base, s_base, b_base, rows, K,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr,
 ):
     """sum_k W[rows, k] * x[k] for one expert's [N, K] projection, in fp32 -> [BLOCK_N].
 
@@ -46,13 +46,20 @@ def _dot_rows(
         for w0 in range(0, words_per_row, WORDS):
             wcols = w0 + tl.arange(0, WORDS)
             words = tl.load(codes_ptr + w_base + rows[:, None] * words_per_row + wcols[None, :])
-            qx = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-            xsum = tl.zeros([WORDS], dtype=tl.float32)
-            for j in tl.static_range(PER_WORD):
-                xj = tl.load(x_ptr + wcols * PER_WORD + j).to(tl.float32)
-                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                qx += q * xj[None, :]
-                xsum += xj
+            if UNPACK_3D:  # all codes of a word at once: [rows, words, codes per word], summed in-thread
+                lanes = tl.arange(0, PER_WORD)
+                x2 = tl.load(x_ptr + wcols[:, None] * PER_WORD + lanes[None, :]).to(tl.float32)
+                q3 = (words[:, :, None] >> (lanes * BITS)[None, None, :]) & ((1 << BITS) - 1)
+                qx = tl.sum(q3.to(tl.float32) * x2[None, :, :], axis=2)
+                xsum = tl.sum(x2, axis=1)
+            else:  # code position j of every word, meeting x at stride PER_WORD
+                qx = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+                xsum = tl.zeros([WORDS], dtype=tl.float32)
+                for j in tl.static_range(PER_WORD):
+                    xj = tl.load(x_ptr + wcols * PER_WORD + j).to(tl.float32)
+                    q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                    qx += q * xj[None, :]
+                    xsum += xj
             goff = rows[:, None] * groups_per_row + (wcols // (GROUP // PER_WORD))[None, :]
             s = tl.load(halves_ptr + s_base + goff).to(tl.float32)
             b = tl.load(halves_ptr + b_base + goff).to(tl.float32)
@@ -65,6 +72,7 @@ def _gate_up_swiglu_kernel(
     x_ptr, codes_ptr, halves_ptr, slots_ptr, h_ptr,
     H, I, record_words, record_halves, w_off, s_off, b_off,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UNPACK_3D: tl.constexpr,
 ):
     pair = tl.program_id(0)  # token * K_ROUTED + j
     token = pair // K_ROUTED
@@ -76,8 +84,8 @@ def _gate_up_swiglu_kernel(
         base = slot * record_words + w_off
     sb = slot * record_halves
     x = x_ptr + token * H
-    gate = _dot_rows(x, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, H, BITS, GROUP, BLOCK_K, BLOCK_N)
-    up = _dot_rows(x, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows + I, H, BITS, GROUP, BLOCK_K, BLOCK_N)
+    gate = _dot_rows(x, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, H, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D)
+    up = _dot_rows(x, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows + I, H, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D)
     h = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(h_ptr + pair * I + rows, h)
 
@@ -87,7 +95,7 @@ def _down_sum_kernel(
     h_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr,
     H, I, record_words, record_halves, w_off, s_off, b_off,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    UNPACK_3D: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,7 +110,7 @@ def _down_sum_kernel(
             base = slot * record_words + w_off
         sb = slot * record_halves
         acc += weight * _dot_rows(
-            h_ptr + pair * I, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N
+            h_ptr + pair * I, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D
         )
     if HAS_RESIDUAL:  # the layer's residual add, fused: y = residual + routed sum
         acc += tl.load(residual_ptr + token * H + rows).to(tl.float32)
@@ -112,7 +120,9 @@ def _down_sum_kernel(
 class MoeGemv:
     """Launch parameters for one record layout; call with a pool of expert slots."""
 
-    def __init__(self, layout: RecordLayout, block_n: int = 16, block_k: int = 512, num_warps: int = 4):
+    def __init__(
+        self, layout: RecordLayout, block_n: int = 8, block_k: int = 1024, num_warps: int = 2, unpack_3d: bool = False
+    ):
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
@@ -132,7 +142,7 @@ class MoeGemv:
 
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
         self.group = layout.group_size if layout.bits != 16 else 1
-        self.num_warps = num_warps
+        self.num_warps, self.unpack_3d = num_warps, unpack_3d
 
     def __call__(
         self,
@@ -154,7 +164,8 @@ class MoeGemv:
         h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
         y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
         meta = dict(
-            K_ROUTED=k, BITS=L.bits, GROUP=self.group, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps
+            K_ROUTED=k, BITS=L.bits, GROUP=self.group, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+            UNPACK_3D=self.unpack_3d, num_warps=self.num_warps,
         )
         _gate_up_swiglu_kernel[(T * k, I // self.block_n)](
             x.contiguous(), codes, halves, slots.contiguous(), h, H, I, rw, rh, *self.gate_up, **meta

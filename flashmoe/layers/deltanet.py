@@ -30,6 +30,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
         """x [T, hidden]; state: a LinearState (conv window + recurrent state), updated in place."""
+        if x.shape[0] == 1 and x.is_cuda:
+            return self.decode_fused(x, state)
         T = x.shape[0]
         qkv = self.causal_conv(self.in_proj_qkv(x), state)
         kd = self.k_heads * self.k_dim
@@ -47,6 +49,16 @@ class GatedDeltaNet(nn.Module):
         out = out.transpose(0, 1).to(x.dtype)  # [T, H, dv]
         z = self.in_proj_z(x).view(T, self.v_heads, self.v_dim)
         return self.out_proj(self.norm(out, z).reshape(T, -1))
+
+    def decode_fused(self, x: torch.Tensor, state) -> torch.Tensor:
+        """The one-token step with the Triton kernels: the same function as the eager path, in two
+        launches instead of a few dozen."""
+        from ..kernels.deltanet_step import conv_step, delta_step
+
+        qkv = conv_step(self.in_proj_qkv(x)[0], state.conv, self.conv1d.weight)
+        z, b, a = self.in_proj_z(x)[0], self.in_proj_b(x)[0], self.in_proj_a(x)[0]
+        out = delta_step(qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, state.recurrent, self.k_heads, self.norm.eps)
+        return self.out_proj(out[None])
 
     def causal_conv(self, x: torch.Tensor, state) -> torch.Tensor:
         """Depthwise causal conv over time, continuing from the last kernel-1 inputs kept in state; then SiLU."""

@@ -1,0 +1,86 @@
+"""Gated DeltaNet decode step for one token, in two launches per layer:
+
+  conv_step:  the depthwise causal conv over (kept window, new input) + SiLU; the window shifts in place.
+  delta_step: per value head, l2-normalise q and k, the gates beta = sigmoid(b) and
+              g = -exp(A_log) * softplus(a + dt_bias), the state update S = S*exp(g) + k (x) (v - S^T k)*beta
+              in place, o = S^T q, then the gated RMSNorm of o with z.
+
+The reference is the eager PyTorch path (layers/deltanet.py), which tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_step_kernel(x_ptr, state_ptr, w_ptr, out_ptr, C, KERNEL: tl.constexpr, BLOCK: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < C
+    x = tl.load(x_ptr + cols, mask=mask).to(tl.float32)
+    acc = x * tl.load(w_ptr + cols * KERNEL + KERNEL - 1, mask=mask).to(tl.float32)
+    for i in tl.static_range(KERNEL - 1):  # state rows 0..K-2 are the inputs K-1..1 steps ago
+        s = tl.load(state_ptr + i * C + cols, mask=mask)
+        acc += s.to(tl.float32) * tl.load(w_ptr + cols * KERNEL + i, mask=mask).to(tl.float32)
+        if i + 1 < KERNEL - 1:
+            tl.store(state_ptr + i * C + cols, tl.load(state_ptr + (i + 1) * C + cols, mask=mask), mask=mask)
+    tl.store(state_ptr + (KERNEL - 2) * C + cols, x.to(state_ptr.dtype.element_ty), mask=mask)
+    out = acc / (1.0 + tl.exp(-acc))
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [C] new input; state [K-1, C] the previous inputs (oldest first), shifted in place;
+    weight [C, 1, K] -> silu(conv) [C]."""
+    C = x.numel()
+    K = weight.shape[-1]
+    out = torch.empty_like(x)
+    BLOCK = 1024
+    _conv_step_kernel[(triton.cdiv(C, BLOCK),)](x, state, weight, out, C, KERNEL=K, BLOCK=BLOCK)
+    return out
+
+
+@triton.jit
+def _delta_step_kernel(
+    qkv_ptr, z_ptr, b_ptr, a_ptr, alog_ptr, dtb_ptr, normw_ptr, state_ptr, out_ptr,
+    eps, KEY_HEADS: tl.constexpr, VALUE_HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+):
+    j = tl.program_id(0)  # value head
+    kh = j // (VALUE_HEADS // KEY_HEADS)
+    dk = tl.arange(0, DK)
+    dv = tl.arange(0, DV)
+    q = tl.load(qkv_ptr + kh * DK + dk).to(tl.float32)
+    k = tl.load(qkv_ptr + KEY_HEADS * DK + kh * DK + dk).to(tl.float32)
+    v = tl.load(qkv_ptr + 2 * KEY_HEADS * DK + j * DV + dv).to(tl.float32)
+    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * (1.0 / tl.sqrt(DK * 1.0))
+    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+    beta = tl.sigmoid(tl.load(b_ptr + j).to(tl.float32))
+    a = tl.load(a_ptr + j).to(tl.float32) + tl.load(dtb_ptr + j).to(tl.float32)
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
+    g = -tl.exp(tl.load(alog_ptr + j).to(tl.float32)) * softplus
+    offs = j * DK * DV + dk[:, None] * DV + dv[None, :]
+    S = tl.load(state_ptr + offs) * tl.exp(g)
+    delta = (v - tl.sum(S * k[:, None], axis=0)) * beta
+    S = S + k[:, None] * delta[None, :]
+    tl.store(state_ptr + offs, S)
+    o = tl.sum(S * q[:, None], axis=0)
+    o = o.to(out_ptr.dtype.element_ty).to(tl.float32)  # the eager path rounds here (model dtype)
+    normed = o * tl.rsqrt(tl.sum(o * o, axis=0) / DV + eps)
+    normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
+    z = tl.load(z_ptr + j * DV + dv).to(tl.float32)
+    w = tl.load(normw_ptr + dv).to(tl.float32)
+    tl.store(out_ptr + j * DV + dv, (w * normed * (z / (1.0 + tl.exp(-z)))).to(out_ptr.dtype.element_ty))
+
+
+def delta_step(qkv, z, b, a, A_log, dt_bias, norm_weight, state, key_heads: int, eps: float) -> torch.Tensor:
+    """One token: qkv [2*Hk*dk + Hv*dv] (after conv), z [Hv*dv], b, a [Hv]; state [Hv, dk, dv] fp32,
+    updated in place -> gated-normed output [Hv*dv] in qkv's dtype."""
+    Hv, DK, DV = state.shape
+    out = torch.empty_like(z)
+    _delta_step_kernel[(Hv,)](
+        qkv, z, b, a, A_log, dt_bias, norm_weight, state, out, eps,
+        KEY_HEADS=key_heads, VALUE_HEADS=Hv, DK=DK, DV=DV, num_warps=8 if DK * DV >= 16384 else 4,
+    )
+    return out

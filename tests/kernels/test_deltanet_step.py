@@ -1,0 +1,45 @@
+import copy
+
+import pytest
+import torch
+
+from flashmoe.layers.deltanet import GatedDeltaNet
+
+
+class State:
+    def __init__(self, conv, recurrent):
+        self.conv, self.recurrent = conv, recurrent
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_step_matches_the_eager_step(device, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    layer = GatedDeltaNet(hidden=64, k_heads=2, v_heads=4, k_dim=16, v_dim=32, conv_kernel=4, eps=1e-6)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 1.0))
+        layer.A_log.copy_(torch.rand(4, generator=g) * 2)
+    layer = layer.to(device, dtype)
+    conv_dim = 2 * 2 * 16 + 4 * 32
+    state = State(torch.randn(3, conv_dim, generator=g).to(device, dtype), torch.randn(4, 16, 32, generator=g).to(device))
+    eager_state = copy.deepcopy(state)
+    with torch.no_grad():
+        for step in range(3):  # several steps: the conv window and the state carry over
+            x = torch.randn(1, 64, generator=g).to(device, dtype)
+            fused = layer.decode_fused(x, state)
+            eager = eager_forward(layer, x, eager_state)
+            rel = float((fused.float() - eager.float()).norm() / eager.float().norm())
+            assert rel < tol, (step, rel)
+    assert torch.allclose(state.conv.float(), eager_state.conv.float())
+    assert float((state.recurrent - eager_state.recurrent).norm() / eager_state.recurrent.norm()) < tol
+
+
+def eager_forward(layer, x, state):
+    """The eager path, on a CPU copy when on a GPU (there, one-token calls dispatch to the kernels)."""
+    if not x.is_cuda:
+        return layer(x, state)
+    cpu_state = State(state.conv.cpu(), state.recurrent.cpu())
+    out = copy.deepcopy(layer).cpu()(x.cpu(), cpu_state)
+    state.conv.copy_(cpu_state.conv)
+    state.recurrent.copy_(cpu_state.recurrent)
+    return out.to(x.device)
