@@ -225,6 +225,7 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, min(150000, engine.config.vocab_size), (prompt_len,), generator=g).tolist()
     params = SamplingParams(max_tokens=tokens, temperature=0)
+    list(engine.generate(prompt[:4], SamplingParams(max_tokens=4, temperature=0)))  # compile kernels for this k
     gen = engine.generate(prompt, params)
     for _ in gen:
         pass
@@ -292,6 +293,7 @@ def run_prefill(engine, prompt_len: int, layers_full: int) -> dict:
 
     g = torch.Generator().manual_seed(8)
     prompt = torch.randint(0, min(150000, engine.config.vocab_size), (prompt_len,), generator=g).tolist()
+    list(engine.generate(prompt[:16], SamplingParams(max_tokens=1, temperature=0)))  # warm the grouped path
     gen = engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
     for _ in gen:
         pass

@@ -134,6 +134,7 @@ class Engine:
     def use_gpu_experts(self, gpu_mem: int | None, policy: str = "lru") -> None:
         """Route the experts through a tier of GPU slots and the Triton kernels (Triton is only
         imported here: the CPU path needs none of it)."""
+        from .kernels.dequant import Dequantizer
         from .kernels.moe_gemv import MoeGemv
         from .runtime.gpu_experts import DECODE_MAX_TOKENS, GpuExpertTier, GpuRoutedExperts
 
@@ -155,9 +156,10 @@ class Engine:
         capacity = min(gpu_mem // layout.record_size, self.manifest.total_expert_bytes // layout.record_size)
         self.gpu_tier = GpuExpertTier(layout, capacity, staging, self.device, policy)
         gemv = MoeGemv(layout)
+        dequant = Dequantizer(layout, self.dtype, self.device) if layout.bits != 16 else None
         for i, layer in enumerate(self.model.layers):
             if isinstance(layer.mlp, SparseMoE):
-                layer.mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, self.timer)
+                layer.mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, dequant, self.timer)
 
     def _load_dense(self) -> torch.nn.Module:
         with torch.device("meta"):

@@ -105,10 +105,14 @@ class GpuExpertTier:
 
 
 class GpuRoutedExperts:
-    """The routed experts of one layer on the GPU path."""
+    """The routed experts of one layer on the GPU path. `dequant` (shared by all layers) turns a
+    quantized record into 16-bit matrices for prefill; None for 16-bit records."""
 
-    def __init__(self, tier: GpuExpertTier, store: ExpertStore, layer: int, gemv: MoeGemv, timer):
-        self.tier, self.store, self.layer, self.gemv, self.timer = tier, store, layer, gemv, timer
+    def __init__(self, tier: GpuExpertTier, store: ExpertStore, layer: int, gemv: MoeGemv, dequant, timer):
+        self.tier, self.store, self.layer, self.gemv, self.dequant, self.timer = tier, store, layer, gemv, dequant, timer
+        # Routing tables go to the GPU from pinned memory: a pageable source would make the copy
+        # synchronous.
+        self.table = torch.empty(DECODE_MAX_TOKENS * 64, dtype=torch.int32, pin_memory=tier.pool.is_cuda)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         with self.timer.section("expert_io"):
@@ -120,7 +124,9 @@ class GpuRoutedExperts:
     def _decode(self, x, ids_host, weights, residual=None, out=None) -> torch.Tensor:
         with self.timer.section("expert_io"):
             slots = self.tier.place(self.layer, sorted(set(ids_host.flatten().tolist())), self.store)
-            table = torch.tensor([[slots[e] for e in row] for row in ids_host.tolist()], dtype=torch.int32)
+            T, k = ids_host.shape
+            table = self.table[: T * k].view(T, k)
+            table.copy_(torch.tensor([[slots[e] for e in row] for row in ids_host.tolist()], dtype=torch.int32))
         with self.timer.section("expert_compute"):
             y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float(), residual, out)
             return y if out is not None else y.to(x.dtype)
@@ -148,7 +154,10 @@ class GpuRoutedExperts:
             with self.timer.section("expert_compute"):
                 for e in batch:
                     pairs = order_dev[int(starts[e]) : int(starts[e] + counts[e])]
-                    gate_up, down = self.tier.layout.weights(self.tier.pool[slots[e]], x.dtype)
+                    if self.dequant is not None:
+                        gate_up, down = self.dequant(self.tier.pool, slots[e])
+                    else:
+                        gate_up, down = self.tier.layout.weights(self.tier.pool[slots[e]], x.dtype)
                     y = swiglu_expert(x[pairs // k], gate_up, down)
                     per_pair[pairs] = y * flat_weights[pairs, None].to(x.dtype)
         # Sum each token's k contributions in routing order: deterministic, no atomics.

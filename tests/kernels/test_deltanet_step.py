@@ -30,7 +30,7 @@ def test_fused_step_matches_the_eager_step(device, dtype, tol):
             eager = eager_forward(layer, x, eager_state)
             rel = float((fused.float() - eager.float()).norm() / eager.float().norm())
             assert rel < tol, (step, rel)
-    assert torch.allclose(state.conv.float(), eager_state.conv.float())
+    assert float((state.conv.float() - eager_state.conv.float()).norm() / eager_state.conv.float().norm()) < tol
     assert float((state.recurrent - eager_state.recurrent).norm() / eager_state.recurrent.norm()) < tol
 
 
