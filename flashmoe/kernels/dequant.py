@@ -30,7 +30,7 @@ def _dequant_rows(codes_ptr, halves_ptr, out_ptr, w_base, s_base, b_base, row0, 
         tl.store(out_ptr + rows[:, None, None] * K + cols[None, :, :], w.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot"])  # one compiled kernel for every slot (ints equal to 1 specialize)
 def _dequant_kernel(codes_ptr, halves_ptr, slot, gate_up_ptr, down_ptr, H, I, record_words, record_halves,
                     gu_w, gu_s, gu_b, d_w, d_s, d_b,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
