@@ -24,7 +24,7 @@ import torch
 from .config import ModelConfig
 from .demo import hf_tensor_specs, random_init
 from .formats.packed import DENSE_FILE, ExpertFile, Manifest, RecordLayout
-from .formats.safetensors import SafetensorsWriter
+from .formats.safetensors import SafetensorsWriter, read_into
 from .models import family
 from .tokenizer_build import write_qwen35_tokenizer
 
@@ -182,18 +182,21 @@ def measure_bandwidths(model_dir: Path, layout: RecordLayout, threads: int = 8) 
     torch.cuda.synchronize()
     bw.hbm_copy = 5 * 2 * big.numel() / (time.perf_counter() - t0)
     del big, dst, dev
-    # Disk: the last records of every layer file (the disk tier's), uncached thanks to O_DIRECT.
+    # Disk: random records from the last quarter of every layer file (where the disk tier lives),
+    # read the way the store reads them (`threads` parallel O_DIRECT preads), about 2 GiB.
     files = sorted((model_dir / "experts").glob("layer_*.bin"))
-    per_file = max(1, n // len(files))
     fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
-    jobs = [(fd, (os.fstat(fd).st_size // rs - 1 - i) * rs) for fd in fds for i in range(per_file)]
-    buffers = host[: len(jobs)]
-    from .formats.safetensors import read_into
-
-    t0 = time.perf_counter()
+    rng = torch.Generator().manual_seed(3)
+    jobs = []
+    for _ in range(2 * n):
+        fd = fds[int(torch.randint(len(fds), (1,), generator=rng))]
+        records = os.fstat(fd).st_size // rs
+        jobs.append((fd, int(torch.randint(records * 3 // 4, records, (1,), generator=rng)) * rs))
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda j: read_into(j[1][0], buffers[j[0] % len(buffers)], j[1][1]), enumerate(jobs)))
-    bw.disk_read = len(jobs) * rs / (time.perf_counter() - t0)
+        list(pool.map(lambda i: None, range(threads)))  # threads started before the clock
+        t0 = time.perf_counter()
+        list(pool.map(lambda j: read_into(j[1][0], host[j[0] % n], j[1][1]), enumerate(jobs)))
+        bw.disk_read = len(jobs) * rs / (time.perf_counter() - t0)
     for fd in fds:
         os.close(fd)
     return bw
