@@ -22,7 +22,7 @@ err = Console(stderr=True, highlight=False)
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 
-def _fail(e: BaseException) -> None:
+def fail(e: BaseException) -> None:
     err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
     raise typer.Exit(2)
 
@@ -44,7 +44,7 @@ def convert(
         err.print("interrupted: nothing was written to the output directory")
         raise typer.Exit(130)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     err.print(
         f"wrote {dst} in {report.seconds:.1f} s: experts {format_bytes(report.expert_bytes)}, "
         f"dense {format_bytes(report.dense_bytes)}"
@@ -54,7 +54,7 @@ def convert(
         err.print(f"  {kind:<24} {e:.2e}")
 
 
-def _sampling_defaults(model: Path) -> dict:
+def sampling_defaults(model: Path) -> dict:
     """The model's recommended sampling (generation_config.json), or greedy."""
     path = model / "generation_config.json"
     gen = json.loads(path.read_text()) if path.exists() else {}
@@ -66,7 +66,7 @@ def _sampling_defaults(model: Path) -> dict:
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
-def _engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int], verify: bool = True, dtype: str = "auto", **extra):
+def open_engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int], verify: bool = True, dtype: str = "auto", **extra):
     import torch
 
     from .engine import Engine
@@ -159,11 +159,11 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        engine = _engine(
+        engine = open_engine(
             model, device, host_mem, k, verify, dtype,
             gpu_mem=parse_size(gpu_mem) if gpu_mem else None, cache_policy=cache_policy, profile=profile,
         )
-        defaults = _sampling_defaults(model)
+        defaults = sampling_defaults(model)
         params = SamplingParams(
             max_tokens=tokens,
             temperature=defaults["temperature"] if temperature is None else temperature,
@@ -177,7 +177,7 @@ def generate(
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=think)
         _stream(engine, prompt, params)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
@@ -215,10 +215,10 @@ def demo(
         f"{host_mem} cache), not a trained model.[/]"
     )
     try:
-        engine = _engine(packed, "cpu", host_mem, None)
+        engine = open_engine(packed, "cpu", host_mem, None)
         _stream(engine, prompt, SamplingParams(max_tokens=tokens, temperature=0.7, top_p=0.8, top_k=20, seed=seed))
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
@@ -244,12 +244,12 @@ def bench(
     from .utils import total_memory_bytes
 
     if not torch.cuda.is_available():
-        _fail(RuntimeError("flashmoe bench measures the GPU path and PyTorch sees no CUDA GPU"))
+        fail(RuntimeError("flashmoe bench measures the GPU path and PyTorch sees no CUDA GPU"))
     try:
         full = B.preset_config(preset)
         cfg = B.preset_config(preset, layers)
     except ValueError as e:
-        _fail(e)
+        fail(e)
     out = workdir / f"{preset}-L{layers}-{bits}bit"
     err.print(f"synthesizing {preset} (first {layers} of {full['num_hidden_layers']} layers, {bits}-bit experts) in {out}")
     B.synthesize(out, cfg, bits, device="cuda", log=err.print)

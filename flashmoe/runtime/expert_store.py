@@ -19,7 +19,7 @@ import torch
 from ..formats.packed import Manifest
 from ..formats.safetensors import read_into
 from ..utils import format_bytes
-from .policy import CachePolicy
+from .policy import SlotMap
 
 
 class ExpertStoreError(RuntimeError):
@@ -94,10 +94,8 @@ class ExpertStore:
         # `batch` slots are kept back as staging for misses the policy does not keep, so any
         # load() of up to `batch` experts succeeds whatever is cached and pinned.
         self.batch = min_records
-        self.slot_of: dict[tuple[int, int], int] = {}
-        self.free = list(range(self.capacity - 1, self.batch - 1, -1))
+        self.slots = SlotMap(range(self.batch, self.capacity), policy)
         self.staging = list(range(self.batch))
-        self.policy = CachePolicy(policy)
         self.pins: dict[tuple[int, int], int] = {}
         self.verify = verify
         self.verified: set[tuple[int, int]] = set()
@@ -116,20 +114,20 @@ class ExpertStore:
         keys = [(layer, e) for e in experts]
         for key in keys:
             self.pins[key] = self.pins.get(key, 0) + 1
-        self.policy.tick()
+        self.slots.policy.tick()
         pending: dict[Future, tuple[int, int]] = {}
         staged: dict[tuple[int, int], int] = {}
         try:
             hits = []
             for key in keys:
-                self.policy.touch(key)
-                slot = self.slot_of.get(key)
+                self.slots.policy.touch(key)
+                slot = self.slots.get(key)
                 if slot is not None:
                     self.stats.hits += 1
                     hits.append((key[1], self.pool[slot]))
                     continue
                 self.stats.misses += 1
-                slot = self._admit(key)
+                slot = self.slots.admit(key, self.pins)
                 if slot is None:
                     slot = staged[key] = self.staging.pop()
                 pending[self.readers.submit(self._read, key, slot)] = key
@@ -144,33 +142,13 @@ class ExpertStore:
                     fut.result()
                     self.stats.bytes_read += self.record_size
                 except BaseException:
-                    self._forget(key)
+                    self.slots.forget(key)
+            self.stats.evictions = self.slots.evictions
             self.staging.extend(staged.values())
             for key in keys:
                 self.pins[key] -= 1
                 if not self.pins[key]:
                     del self.pins[key]
-
-    def _admit(self, key: tuple[int, int]) -> int | None:
-        """A cache slot for a miss, evicting the policy's victim if it lets the miss in; else None."""
-        if self.free:
-            slot = self.free.pop()
-        else:
-            victim = self.policy.victim(set(self.pins))
-            if victim is None or not self.policy.admit(key, victim):
-                return None
-            slot = self.slot_of.pop(victim)
-            self.policy.remove(victim)
-            self.stats.evictions += 1
-        self.slot_of[key] = slot
-        self.policy.insert(key)
-        return slot
-
-    def _forget(self, key: tuple[int, int]) -> None:
-        slot = self.slot_of.pop(key, None)
-        if slot is not None:
-            self.policy.remove(key)
-            self.free.append(slot)
 
     def _read(self, key: tuple[int, int], slot: int) -> int:
         """Runs on a reader thread: fill the slot, check the record's CRC32 on its first read."""

@@ -17,7 +17,7 @@ from ..formats.packed import RecordLayout
 from ..kernels.moe_gemv import MoeGemv
 from ..layers.moe import swiglu_expert
 from .expert_store import ExpertStore
-from .policy import CachePolicy
+from .policy import SlotMap
 
 DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the gathered gemv kernels
 
@@ -42,9 +42,7 @@ class GpuExpertTier:
         self.layout = layout
         self.capacity, self.staging = capacity, staging
         self.pool = torch.empty(capacity + staging, layout.record_size, dtype=torch.uint8, device=device)
-        self.slot_of: dict[tuple[int, int], int] = {}
-        self.free = list(range(capacity - 1, -1, -1))
-        self.policy = CachePolicy(policy)
+        self.slots = SlotMap(range(capacity), policy)
         self.stats = GpuTierStats()
         self.copies_done = torch.cuda.Event() if torch.device(device).type == "cuda" else None
 
@@ -54,13 +52,13 @@ class GpuExpertTier:
         if self.copies_done is not None:
             # The host slots of the previous call's copies may be reused by this call's reads.
             self.copies_done.synchronize()
-        self.policy.tick()
+        self.slots.policy.tick()
         slots, missing = {}, []
         for e in experts:
             key = (layer, e)
-            self.policy.touch(key)
-            if key in self.slot_of:
-                slots[e] = self.slot_of[key]
+            self.slots.policy.touch(key)
+            if key in self.slots:
+                slots[e] = self.slots.get(key)
                 self.stats.hits += 1
             else:
                 missing.append(e)
@@ -70,7 +68,9 @@ class GpuExpertTier:
         pinned = {(layer, e) for e in experts}
         staging = iter(range(self.capacity, self.capacity + self.staging))
         for e in missing:
-            slot = self._admit((layer, e), pinned)
+            slot = self.slots.admit((layer, e), pinned)
+            if slot is not None:
+                self.stats.admitted += 1
             slots[e] = next(staging) if slot is None else slot
         for start in range(0, len(missing), store.batch):
             if start and self.copies_done is not None:
@@ -82,24 +82,11 @@ class GpuExpertTier:
         self.stats.bytes_copied += len(missing) * self.layout.record_size
         return slots
 
-    def _admit(self, key, pinned) -> int | None:
-        if self.free:
-            slot = self.free.pop()
-        else:
-            victim = self.policy.victim(pinned)
-            if victim is None or not self.policy.admit(key, victim):
-                return None
-            slot = self.slot_of.pop(victim)
-            self.policy.remove(victim)
-        self.slot_of[key] = slot
-        self.policy.insert(key)
-        self.stats.admitted += 1
-        return slot
-
     def preload(self, layer: int, experts: list[int], store: ExpertStore) -> None:
         """Fill free slots with these experts (benchmark tier placement, warm starts)."""
         for start in range(0, len(experts), self.staging):
-            batch = [e for e in experts[start : start + self.staging] if (layer, e) not in self.slot_of][: len(self.free)]
+            batch = [e for e in experts[start : start + self.staging] if (layer, e) not in self.slots]
+            batch = batch[: len(self.slots.free)]
             self.place(layer, batch, store)
         self.stats = GpuTierStats()
 

@@ -77,3 +77,44 @@ class CachePolicy:
         if self.kind == "static":
             return False
         return self.kind == "lru" or self.score(key) >= self.score(victim)
+
+
+class SlotMap:
+    """Which key sits in which slot of a tier's pool, with a CachePolicy deciding what stays."""
+
+    def __init__(self, slots: range, policy: str):
+        self.slot_of: dict[Key, int] = {}
+        self.free = list(reversed(slots))
+        self.policy = CachePolicy(policy)
+        self.evictions = 0
+
+    def get(self, key: Key) -> int | None:
+        return self.slot_of.get(key)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def admit(self, key: Key, pinned) -> int | None:
+        """A slot for a missed key, evicting the policy's victim if the policy lets the key in;
+        None if it stays out (the caller then uses a staging slot)."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            victim = self.policy.victim(pinned)
+            if victim is None or not self.policy.admit(key, victim):
+                return None
+            slot = self.slot_of.pop(victim)
+            self.policy.remove(victim)
+            self.evictions += 1
+        self.slot_of[key] = slot
+        self.policy.insert(key)
+        return slot
+
+    def forget(self, key: Key) -> None:
+        slot = self.slot_of.pop(key, None)
+        if slot is not None:
+            self.policy.remove(key)
+            self.free.append(slot)

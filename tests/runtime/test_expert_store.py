@@ -78,7 +78,7 @@ def test_flipped_byte_names_layer_expert_and_file(packed16, tmp_path):
     assert [e for e, _ in store.load(2, [4])] == [4]  # a good record in the same file reads fine
     with pytest.raises(CorruptExpertError, match=r"layer 2 expert 5 in .*layer_002\.bin"):
         list(store.load(2, [5]))
-    assert (2, 5) not in store.slot_of  # the bad record is not left in the cache
+    assert (2, 5) not in store.slots  # the bad record is not left in the cache
     unchecked = ExpertStore(d, manifest, budget_bytes=8 * manifest.layout.record_size, min_records=2, verify=False)
     assert [e for e, _ in unchecked.load(2, [5])] == [5]  # --no-verify skips the check
 

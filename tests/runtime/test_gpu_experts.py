@@ -41,8 +41,8 @@ def test_preload_places_experts_and_counts_start_fresh(packed16):
     engine.use_gpu_experts(gpu_mem=10 * record, policy="static")
     engine.gpu_tier.preload(0, [0, 1, 2, 3, 4, 5, 6, 7], engine.store)
     engine.gpu_tier.preload(1, [0, 1], engine.store)
-    assert len(engine.gpu_tier.slot_of) == 10 and engine.gpu_tier.stats.hits == 0
-    for (layer, e), slot in engine.gpu_tier.slot_of.items():  # each slot holds exactly its record
+    assert len(engine.gpu_tier.slots.slot_of) == 10 and engine.gpu_tier.stats.hits == 0
+    for (layer, e), slot in engine.gpu_tier.slots.slot_of.items():  # each slot holds exactly its record
         f = engine.manifest.expert_file(layer)
         on_disk = (packed16 / f.file).read_bytes()[e * record : (e + 1) * record]
         assert engine.gpu_tier.pool[slot].cpu().numpy().tobytes() == on_disk

@@ -1,0 +1,52 @@
+"""`flashmoe serve`: load one model and serve it over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve_command(
+    model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback exposes the model: set --api-key."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="FLASHMOE_API_KEY",
+        help="Require this key on /v1/ routes (Authorization: Bearer KEY, or x-api-key). Prefer the environment variable "
+        "FLASHMOE_API_KEY: a command-line key is visible to other local users.",
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id reported by /v1/models (default: the directory name)."),
+    parallel: int = typer.Option(4, help="Generations in progress at once, taking turns token slice by token slice."),
+    max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting beyond --parallel; past it the answer is 503."),
+    prefix_cache: str = typer.Option("2G", "--prefix-cache", help="Memory for states of conversation prefixes reused by the next turn (0 = off)."),
+    max_body: str = typer.Option("8M", "--max-body", help="Largest request body accepted (413 past it)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Experts per token (default: the model's own)."),
+    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."),
+    cache_policy: str = typer.Option("lru", "--cache-policy", help="Which experts the caches keep: lru, lfu, mix or static."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto, bfloat16, float16 or float32."),
+    verify: bool = typer.Option(True, help="Check each expert record's CRC32 the first time it is read."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and Anthropic's Messages API."""
+    import uvicorn
+
+    from ..cli import USER_ERRORS, err, fail, open_engine, sampling_defaults
+    from ..utils import parse_size
+    from .app import create_app
+    from .service import ModelService
+
+    try:
+        engine = open_engine(model, device, host_mem, k, verify, dtype, cache_policy=cache_policy,
+                         gpu_mem=parse_size(gpu_mem) if gpu_mem else None)
+        service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
+                               parse_size(prefix_cache), parallel, max_queue)
+        app = create_app(service, api_key, parse_size(max_body))
+    except USER_ERRORS as e:
+        fail(e)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[bold yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use the model")
+    err.print(f"serving {service.name} on http://{host}:{port}/v1 (context {engine.context_length} tokens)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

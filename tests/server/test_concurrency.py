@@ -1,0 +1,116 @@
+"""Many clients at once: nobody sees another's tokens, disconnects cancel, a full queue says 503."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from .conftest import API_KEY, Server
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+PROMPTS = [[SYSTEM, {"role": "user", "content": f"Client {i}: describe topic number {i}."}] for i in range(4)]
+# A grammar that forbids ending before 3000 characters: a request that is surely still running.
+LONG = {"max_tokens": 3000, "response_format": {"type": "json_schema", "json_schema": {
+    "name": "long", "schema": {"type": "string", "minLength": 3000}}}}
+
+
+def _stream(url: str, body: dict, disconnect_after: int | None = None) -> dict | None:
+    """A streamed chat completion read as raw SSE; None if this client hung up on purpose."""
+    out = {"ids": set(), "text": "", "finish": None, "done": False}
+    with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True},
+                                                  headers=AUTH) as r:
+        assert r.status_code == 200
+        events = 0
+        for line in r.iter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: ") and not out["done"], line
+            if line == "data: [DONE]":
+                out["done"] = True
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            out["ids"].add(chunk["id"])
+            (choice,) = chunk["choices"]
+            out["text"] += choice["delta"].get("content") or ""
+            out["finish"] = choice["finish_reason"] or out["finish"]
+            events += 1
+            if disconnect_after is not None and events >= disconnect_after:
+                return None  # leaving the with-blocks closes the connection mid-stream
+    return out
+
+
+def _wait_idle(server: Server) -> dict:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        queue = server.health()["queue"]
+        if queue["active"] == 0 and queue["waiting"] == 0:
+            return queue
+        time.sleep(0.1)
+    raise AssertionError(f"the server is still busy: {queue}")
+
+
+def test_sixteen_clients_some_disconnecting(server, http):
+    greedy = {"max_tokens": 24, "temperature": 0}
+    # One at a time first: each prompt's answer (greedy, so each concurrent client must get exactly it).
+    expected = [http.post("/v1/chat/completions", json={"messages": p, **greedy}).json()["choices"][0]["message"]["content"]
+                for p in PROMPTS]
+    before = _wait_idle(server)
+
+    def client(i: int) -> dict | None:
+        if i % 4 == 3:
+            return _stream(server.url, {"messages": PROMPTS[i % 4], **LONG}, disconnect_after=3)
+        return _stream(server.url, {"messages": PROMPTS[i % 4], **greedy})
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(client, range(16)))
+
+    completed = [(i, r) for i, r in enumerate(results) if r is not None]
+    assert len(completed) == 12
+    ids = [next(iter(r["ids"])) for _, r in completed]
+    assert all(len(r["ids"]) == 1 for _, r in completed) and len(set(ids)) == 12
+    for i, r in completed:
+        assert r["done"] and r["finish"] in ("stop", "length")
+        assert r["text"] == expected[i % 4], f"client {i} got another answer"
+    after = _wait_idle(server)
+    assert after["cancelled"] - before["cancelled"] == 4 and after["failed"] == before["failed"]
+    assert http.post("/v1/chat/completions", json={"messages": PROMPTS[0], **greedy}).json()["choices"][0]["message"][
+        "content"] == expected[0]
+
+
+def test_disconnect_while_waiting_for_a_plain_response(server):
+    before = _wait_idle(server)["cancelled"]
+    body = json.dumps({"messages": PROMPTS[1], **LONG}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(head + body)
+        time.sleep(0.5)  # generating now; hang up without reading
+    assert _wait_idle(server)["cancelled"] == before + 1
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model):
+    s = Server(tiny_model, "--parallel", "1", "--max-queue", "1")
+    yield s
+    s.stop()
+
+
+def test_full_queue_is_503(small_server):
+    body = {"messages": PROMPTS[0], "stream": True, **LONG}
+    with httpx.Client(timeout=60, headers=AUTH) as c:
+        with c.stream("POST", small_server.url + "/v1/chat/completions", json=body) as running, \
+             c.stream("POST", small_server.url + "/v1/chat/completions", json=body) as queued:
+            assert running.status_code == queued.status_code == 200
+            next(running.iter_lines())
+            r = c.post(small_server.url + "/v1/chat/completions", json=body)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["type"] == "server_overloaded" and "busy" in r.json()["error"]["message"]
+    queue = _wait_idle(small_server)
+    assert (queue["rejected"], queue["cancelled"], queue["failed"]) == (1, 2, 0)
