@@ -19,6 +19,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .cli_common import (
+    CACHE_POLICY_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    GPU_MEM_OPTION,
+    HOST_MEM_OPTION,
+    K_OPTION,
+    SEED_OPTION,
+    TEMPERATURE_OPTION,
+    TOP_K_OPTION,
+    TOP_P_OPTION,
+)
 from .tool_calls import Content, Event, OutputParser, ParsedOutput, Reasoning, ToolCall
 
 if TYPE_CHECKING:
@@ -99,7 +111,7 @@ def load_user_tools(path: Path) -> list[Tool]:
 
 def load_engine(model: Path, options: dict[str, Any]) -> Engine:
     """The engine to chat with (a seam the REPL tests use to script the model's output)."""
-    from .cli import open_engine
+    from .cli_common import open_engine
 
     return open_engine(model, **options)
 
@@ -292,36 +304,28 @@ def chat_command(
     builtin_tools: bool = typer.Option(True, "--builtin-tools/--no-builtin-tools",
                                        help="Offer the shell tool (asks y/n before each command) and the read_file tool."),
     max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Most tokens per answer."),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
+    seed: Optional[int] = SEED_OPTION,
     prefix_cache: str = typer.Option("1G", "--prefix-cache", help="Memory for the conversation's cached prefix states (0 = off)."),
-    k: Optional[int] = typer.Option(None, "--k", help="Experts per token (default: the model's own)."),
-    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."),
-    cache_policy: str = typer.Option("lru", "--cache-policy", help="Which experts the caches keep: lru, lfu, mix or static."),
-    dtype: str = typer.Option("auto", help="Compute dtype: auto, bfloat16, float16 or float32."),
+    k: Optional[int] = K_OPTION,
+    host_mem: Optional[str] = HOST_MEM_OPTION,
+    device: str = DEVICE_OPTION,
+    gpu_mem: Optional[str] = GPU_MEM_OPTION,
+    cache_policy: str = CACHE_POLICY_OPTION,
+    dtype: str = DTYPE_OPTION,
 ):
     """Chat with the model in the terminal: streamed answers, history, tool calls (type /help inside)."""
-    from .cli import USER_ERRORS, fail, sampling_defaults
-    from .runtime.sampling import SamplingParams
+    from .cli_common import USER_ERRORS, fail, sampling_params
     from .utils import parse_size
 
     console = Console(highlight=False)
     try:
         tools = (BUILTIN_TOOLS if builtin_tools else []) + (load_user_tools(tools_file) if tools_file else [])
-        d = sampling_defaults(model)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=d["temperature"] if temperature is None else temperature,
-            top_p=d["top_p"] if top_p is None else top_p,
-            top_k=d["top_k"] if top_k is None else top_k,
-            seed=seed,
-        )
+        params = sampling_params(model, temperature, top_p, top_k, max_tokens=max_tokens, seed=seed)
         engine = load_engine(model, dict(device=device, host_mem=host_mem, k=k, dtype=dtype, cache_policy=cache_policy,
-                                         gpu_mem=parse_size(gpu_mem) if gpu_mem else None))
+                                         gpu_mem=gpu_mem))
         session = ChatSession(engine, params, tools, system, think or show_think, show_think, console, parse_size(prefix_cache))
     except USER_ERRORS as e:
         fail(e)

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from .utils import format_bytes, parse_size
+from .chat import chat_command
+from .cli_common import (
+    CACHE_POLICY_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    GPU_MEM_OPTION,
+    HOST_MEM_OPTION,
+    K_OPTION,
+    SEED_OPTION,
+    TEMPERATURE_OPTION,
+    TOP_K_OPTION,
+    TOP_P_OPTION,
+    USER_ERRORS,
+    VERIFY_OPTION,
+    err,
+    fail,
+    open_engine,
+    parse_size,
+    sampling_params,
+)
+from .server import serve_command
+from .utils import format_bytes
 
 app = typer.Typer(
     help="Run Mixture-of-Experts models far larger than memory: experts stream from disk into budgeted caches.",
@@ -18,15 +37,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False)
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
-
-
-def fail(e: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-    raise typer.Exit(2)
-
-
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors shards)."),
@@ -52,31 +62,6 @@ def convert(
     err.print("relative error ||w - stored|| / ||w|| by tensor kind:")
     for kind, e in sorted(report.relative_errors().items()):
         err.print(f"  {kind:<24} {e:.2e}")
-
-
-def sampling_defaults(model: Path) -> dict:
-    """The model's recommended sampling (generation_config.json), or greedy."""
-    path = model / "generation_config.json"
-    gen = json.loads(path.read_text()) if path.exists() else {}
-    if not gen.get("do_sample", False):
-        return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
-    return {"temperature": gen.get("temperature", 1.0), "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0)}
-
-
-DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-
-
-def open_engine(model: Path, device: str, host_mem: Optional[str], k: Optional[int], verify: bool = True, dtype: str = "auto", **extra):
-    import torch
-
-    from .engine import Engine
-
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-    torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
-    return Engine(
-        model, device=device, dtype=torch_dtype, host_mem=parse_size(host_mem) if host_mem else None, top_k=k, verify=verify, **extra
-    )
 
 
 def _stream(engine, prompt, params) -> None:
@@ -136,42 +121,30 @@ def generate(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; '-' reads it from stdin."),
     tokens: int = typer.Option(128, "--tokens", "-n", help="Maximum new tokens."),
-    k: Optional[int] = typer.Option(None, "--k", help="Experts per token (default: the model's own)."),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
+    k: Optional[int] = K_OPTION,
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    seed: Optional[int] = SEED_OPTION,
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn in the chat template."),
     think: bool = typer.Option(False, "--think", help="With --chat: let the model think before answering."),
-    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."),
-    cache_policy: str = typer.Option("lru", "--cache-policy", help="Which experts the caches keep: lru, lfu, mix or static."),
+    host_mem: Optional[str] = HOST_MEM_OPTION,
+    device: str = DEVICE_OPTION,
+    gpu_mem: Optional[str] = GPU_MEM_OPTION,
+    cache_policy: str = CACHE_POLICY_OPTION,
     profile: bool = typer.Option(False, help="With --device cuda: synchronize at each timed section so the breakdown is exact (slower)."),
-    dtype: str = typer.Option("auto", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32), bfloat16, float16, float32."),
-    verify: bool = typer.Option(True, help="Check each expert record's CRC32 the first time it is read."),
+    dtype: str = DTYPE_OPTION,
+    verify: bool = VERIFY_OPTION,
 ):
     """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
-    from .runtime.sampling import SamplingParams
-
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        engine = open_engine(
-            model, device, host_mem, k, verify, dtype,
-            gpu_mem=parse_size(gpu_mem) if gpu_mem else None, cache_policy=cache_policy, profile=profile,
-        )
-        defaults = sampling_defaults(model)
-        params = SamplingParams(
-            max_tokens=tokens,
-            temperature=defaults["temperature"] if temperature is None else temperature,
-            top_p=defaults["top_p"] if top_p is None else top_p,
-            top_k=defaults["top_k"] if top_k is None else top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
+        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, profile=profile)
+        params = sampling_params(
+            model, temperature, top_p, top_k, max_tokens=tokens, repetition_penalty=repetition_penalty, seed=seed, stop=stop
         )
         if chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=think)
@@ -278,7 +251,7 @@ def bench(
             f"S1 K={kk}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside layers), "
             f"{r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits {r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; "
             f"bytes/token " + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
-            + f"; roofline " + ", ".join(f"{t} {v:.2f} ms" for t, v in r.roofline_ms_per_token.items())
+            + "; roofline " + ", ".join(f"{t} {v:.2f} ms" for t, v in r.roofline_ms_per_token.items())
             + f" = {r.roofline_fraction:.0%} of measured", soft_wrap=True,
         )
         err.print("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()), soft_wrap=True)
@@ -294,12 +267,9 @@ def bench(
     print(text)
 
 
-def main() -> None:
-    app()
-
-
-from .chat import chat_command  # noqa: E402  (registered last: these modules import helpers above)
-from .server import serve_command  # noqa: E402
-
 app.command("chat")(chat_command)
 app.command("serve")(serve_command)
+
+
+def main() -> None:
+    app()

@@ -31,6 +31,10 @@ class ContextLengthError(ValueError):
     pass
 
 
+class GpuMemoryError(RuntimeError):
+    """The GPU ran out of memory; the message names the budget to lower."""
+
+
 @dataclass(slots=True)
 class Step:
     """One generated token: its id, the text it completes (may be empty while a character or a
@@ -73,7 +77,7 @@ class Engine:
         verify: bool = True,
         prefill_chunk: int = 2048,
         gpu_mem: int | None = None,
-        cache_policy: str = "lru",
+        cache_policy: str = "mix",
         profile: bool = False,
         direct_io: bool = False,
         cuda_graphs: bool = True,
@@ -131,7 +135,7 @@ class Engine:
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.top_k = k
 
-    def use_gpu_experts(self, gpu_mem: int | None, policy: str = "lru") -> None:
+    def use_gpu_experts(self, gpu_mem: int | None, policy: str = "mix") -> None:
         """Route the experts through a tier of GPU slots and the Triton kernels (Triton is only
         imported here: the CPU path needs none of it)."""
         from .kernels.dequant import Dequantizer
@@ -154,7 +158,13 @@ class Engine:
                 f"({format_bytes(max(0, available))} after dense weights and a {format_bytes(margin)} margin); lower it"
             )
         capacity = min(gpu_mem // layout.record_size, self.manifest.total_expert_bytes // layout.record_size)
-        self.gpu_tier = GpuExpertTier(layout, capacity, staging, self.device, policy)
+        try:
+            self.gpu_tier = GpuExpertTier(layout, capacity, staging, self.device, policy)
+        except torch.cuda.OutOfMemoryError:
+            raise GpuMemoryError(
+                f"the GPU ran out of memory allocating {capacity + staging} expert slots "
+                f"({format_bytes((capacity + staging) * layout.record_size)}): lower --gpu-mem"
+            ) from None
         gemv = MoeGemv(layout)
         dequant = Dequantizer(layout, self.dtype, self.device) if layout.bits != 16 else None
         for i, layer in enumerate(self.model.layers):
@@ -177,6 +187,29 @@ class Engine:
 
     def new_state(self) -> SequenceState:
         return SequenceState(self.config, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int] | torch.Tensor, state: SequenceState) -> torch.Tensor:
+        """Feed ids into state (updated in place), in chunks of `prefill_chunk` tokens, each reading
+        every expert it needs once per layer -> logits of the last position [1, vocab].
+        Inference mode per call, never across a generator's yield."""
+        ids = torch.as_tensor(ids, dtype=torch.long).to(self.device)
+        if state.position + ids.shape[0] > self.context_length:
+            raise ContextLengthError(
+                f"{state.position + ids.shape[0]} tokens exceed the model's context length of {self.context_length}"
+            )
+        try:
+            for start in range(0, ids.shape[0], self.prefill_chunk):
+                logits = self.model(ids[start : start + self.prefill_chunk], state, self.timer)
+        except torch.cuda.OutOfMemoryError:
+            # Cached experts stay valid (a slot is filled before it is used); this sequence's state
+            # is incomplete and must not be continued.
+            tier = f"{format_bytes(self.gpu_tier.pool.numel())} of GPU expert slots" if self.gpu_tier else "no GPU tier"
+            raise GpuMemoryError(
+                f"the GPU ran out of memory running {ids.shape[0]} tokens ({tier}): lower --gpu-mem, or send a shorter "
+                f"prompt (prefill works in chunks of {self.prefill_chunk} tokens)"
+            ) from None
+        return logits
 
     def generate(
         self,
@@ -223,7 +256,7 @@ class Generation:
         text = _StopStrings(self.params.stop)
         decoder = eng.tokenizer.stream_decoder()
         t0 = time.perf_counter()
-        logits = self._prefill(torch.tensor(self.ids, dtype=torch.long, device=eng.device))
+        logits = eng.forward(self.ids, self.state)
         stats.prefill_seconds = time.perf_counter() - t0
         stats.prefill_cache = _diff_stats(eng.store.stats, before)
         before = _copy_stats(eng.store.stats)
@@ -252,10 +285,7 @@ class Generation:
                     from .runtime.graphs import GraphedDecoder
 
                     graphs = GraphedDecoder(eng, self.state, self.state.position + self.max_tokens - n)
-                if graphs is not None:
-                    logits = graphs.step(token)
-                else:
-                    logits = self._forward(torch.tensor([token], device=eng.device))
+                logits = graphs.step(token) if graphs is not None else eng.forward([token], self.state)
                 stats.decode_tokens += 1
         finally:
             if graphs is not None:
@@ -264,19 +294,6 @@ class Generation:
             stats.decode_sections = dict(eng.timer.seconds)
             stats.cache = _diff_stats(eng.store.stats, before)
             stats.peak_rss = peak_rss_bytes()
-
-    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt in chunks; each chunk reads every expert it needs once per layer."""
-        chunk = self.engine.prefill_chunk
-        for start in range(0, ids.shape[0], chunk):
-            logits = self._forward(ids[start : start + chunk])
-        return logits
-
-    @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # Inference mode per call, never across a yield: the consumer's code between steps must not
-        # run inside it.
-        return self.engine.model(ids, self.state, self.engine.timer)
 
 
 class _StopStrings:

@@ -3,7 +3,6 @@ Usage: python3 scripts/profile_decode.py MODEL_DIR [--graphs]"""
 
 import argparse
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from flashmoe.engine import Engine

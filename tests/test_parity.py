@@ -1,6 +1,5 @@
 """At 16-bit our logits match transformers' (the reference) on tiny random models."""
 
-import pytest
 import torch
 
 from flashmoe.convert import convert

@@ -58,7 +58,7 @@ class ExpertStore:
         verify: bool = True,
         pin_memory: bool = False,
         direct_io: bool = False,
-        policy: str = "lru",
+        policy: str = "mix",
     ):
         self.dir = Path(model_dir)
         self.layout = manifest.layout

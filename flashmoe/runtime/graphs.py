@@ -19,7 +19,7 @@ from .state import KVCache, LinearState, SequenceState
 class GraphedDecoder:
     def __init__(self, engine, state: SequenceState, capacity: int):
         self.engine, self.state, self.capacity = engine, state, capacity
-        model, dev = engine.model, engine.device
+        dev = engine.device
         self.caches = [c for c in state.layers if isinstance(c, KVCache)]
         for c in self.caches:
             c.reserve(capacity)

@@ -103,12 +103,6 @@ class PrefixCache:
             return PrefixCacheStats(len(self._entries), self._bytes, self.budget, self._hits, self._misses, self._tokens_reused)
 
 
-def prefill(engine: Engine, state: SequenceState, ids: Sequence[int]) -> None:
-    """Feeds `ids` into `state`: a one-token generation, whose sampled token is never fed back."""
-    for _ in engine.generate(list(ids), SamplingParams(max_tokens=1), state=state):
-        pass
-
-
 def cached_generate(
     engine: Engine,
     cache: PrefixCache | None,
@@ -126,7 +120,7 @@ def cached_generate(
     done = reused
     for point in sorted(set(checkpoints)):
         if cache is not None and done < point < len(ids):
-            prefill(engine, state, ids[done:point])
+            engine.forward(list(ids[done:point]), state)
             cache.store(ids[:point], state.clone())
             done = point
     return engine.generate(list(ids[done:]), params, state, logits_processor), reused

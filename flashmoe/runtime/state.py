@@ -52,6 +52,13 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.length * self.k[0].numel() * self.k.element_size()
 
+    def clone(self) -> "KVCache":
+        """A copy holding just the used positions (the doubling headroom is not copied)."""
+        new = copy.copy(self)
+        new.k, new.v = self.k[: max(self.length, 1)].clone(), self.v[: max(self.length, 1)].clone()
+        new.graph_position = None
+        return new
+
 
 class LinearState:
     """Gated DeltaNet state: the last kernel-1 conv inputs and the fp32 recurrent state [Hv, dk, dv]."""
@@ -67,6 +74,11 @@ class LinearState:
     def nbytes(self) -> int:
         return self.conv.numel() * self.conv.element_size() + self.recurrent.numel() * 4
 
+    def clone(self) -> "LinearState":
+        new = copy.copy(self)
+        new.conv, new.recurrent = self.conv.clone(), self.recurrent.clone()
+        return new
+
 
 class SequenceState:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
@@ -77,7 +89,9 @@ class SequenceState:
         ]
 
     def clone(self) -> "SequenceState":
-        return copy.deepcopy(self)
+        new = copy.copy(self)
+        new.layers = [layer.clone() for layer in self.layers]
+        return new
 
     @property
     def nbytes(self) -> int:

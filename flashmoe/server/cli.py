@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ..cli_common import CACHE_POLICY_OPTION, DEVICE_OPTION, DTYPE_OPTION, GPU_MEM_OPTION, HOST_MEM_OPTION, K_OPTION, VERIFY_OPTION
+
 
 def serve_command(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
@@ -22,25 +24,24 @@ def serve_command(
     max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting beyond --parallel; past it the answer is 503."),
     prefix_cache: str = typer.Option("2G", "--prefix-cache", help="Memory for states of conversation prefixes reused by the next turn (0 = off)."),
     max_body: str = typer.Option("8M", "--max-body", help="Largest request body accepted (413 past it)."),
-    k: Optional[int] = typer.Option(None, "--k", help="Experts per token (default: the model's own)."),
-    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."),
-    cache_policy: str = typer.Option("lru", "--cache-policy", help="Which experts the caches keep: lru, lfu, mix or static."),
-    dtype: str = typer.Option("auto", help="Compute dtype: auto, bfloat16, float16 or float32."),
-    verify: bool = typer.Option(True, help="Check each expert record's CRC32 the first time it is read."),
+    k: Optional[int] = K_OPTION,
+    host_mem: Optional[str] = HOST_MEM_OPTION,
+    device: str = DEVICE_OPTION,
+    gpu_mem: Optional[str] = GPU_MEM_OPTION,
+    cache_policy: str = CACHE_POLICY_OPTION,
+    dtype: str = DTYPE_OPTION,
+    verify: bool = VERIFY_OPTION,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and Anthropic's Messages API."""
     import uvicorn
 
-    from ..cli import USER_ERRORS, err, fail, open_engine, sampling_defaults
+    from ..cli_common import USER_ERRORS, err, fail, open_engine, sampling_defaults
     from ..utils import parse_size
     from .app import create_app
     from .service import ModelService
 
     try:
-        engine = open_engine(model, device, host_mem, k, verify, dtype, cache_policy=cache_policy,
-                         gpu_mem=parse_size(gpu_mem) if gpu_mem else None)
+        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy)
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
                                parse_size(prefix_cache), parallel, max_queue)
         app = create_app(service, api_key, parse_size(max_body))

@@ -46,3 +46,21 @@ def test_preload_places_experts_and_counts_start_fresh(packed16):
         f = engine.manifest.expert_file(layer)
         on_disk = (packed16 / f.file).read_bytes()[e * record : (e + 1) * record]
         assert engine.gpu_tier.pool[slot].cpu().numpy().tobytes() == on_disk
+
+
+def test_gpu_out_of_memory_names_the_budget_to_lower(packed16, monkeypatch):
+    from flashmoe.engine import GpuMemoryError
+    from flashmoe.runtime import gpu_experts
+
+    engine = Engine(packed16, device=DEVICE, dtype=torch.float32)
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_experts.torch, "empty", no_memory)
+    with pytest.raises(GpuMemoryError, match="lower --gpu-mem"):
+        engine.use_gpu_experts(gpu_mem=4 << 20)
+    monkeypatch.undo()
+    monkeypatch.setattr(engine.model, "forward", no_memory)
+    with pytest.raises(GpuMemoryError, match="lower --gpu-mem.*chunks of 2048"):
+        list(engine.generate([1, 2, 3]))

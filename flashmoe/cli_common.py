@@ -1,0 +1,97 @@
+"""What the commands that load a model share: their options, error reporting, opening the Engine,
+and sampling parameters with the model's own defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .utils import parse_size
+
+err = Console(stderr=True, highlight=False)
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
+
+
+def fail(e: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+# Options shared by every command that loads a model (one definition, one help text).
+K_OPTION = typer.Option(None, "--k", help="Experts per token (default: the model's own).")
+HOST_MEM_OPTION = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM).")
+DEVICE_OPTION = typer.Option("cpu", help="cpu or cuda.")
+GPU_MEM_OPTION = typer.Option(
+    None, "--gpu-mem", help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."
+)
+CACHE_POLICY_OPTION = typer.Option(
+    "mix", "--cache-policy", help="Which experts the caches keep: mix (count x 10 + recency), lru, lfu or static."
+)
+DTYPE_OPTION = typer.Option(
+    "auto", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32), bfloat16, float16, float32."
+)
+VERIFY_OPTION = typer.Option(True, help="Check each expert record's CRC32 the first time it is read.")
+TEMPERATURE_OPTION = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.")
+TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus sampling mass.")
+TOP_K_OPTION = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off).")
+SEED_OPTION = typer.Option(None, help="Random seed for sampling.")
+
+
+def sampling_params(model: Path, temperature=None, top_p=None, top_k=None, **fields):
+    """SamplingParams with the model's recommended sampling where the user set none."""
+    from .runtime.sampling import SamplingParams
+
+    d = sampling_defaults(model)
+    return SamplingParams(
+        temperature=d["temperature"] if temperature is None else temperature,
+        top_p=d["top_p"] if top_p is None else top_p,
+        top_k=d["top_k"] if top_k is None else top_k,
+        **fields,
+    )
+
+
+def sampling_defaults(model: Path) -> dict:
+    """The model's recommended sampling (generation_config.json), or greedy."""
+    path = model / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.exists() else {}
+    if not gen.get("do_sample", False):
+        return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    return {"temperature": gen.get("temperature", 1.0), "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0)}
+
+
+DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def open_engine(
+    model: Path,
+    device: str = "cpu",
+    host_mem: Optional[str] = None,
+    k: Optional[int] = None,
+    verify: bool = True,
+    dtype: str = "auto",
+    gpu_mem: Optional[str] = None,
+    **extra,
+):
+    """The Engine from command-line values (sizes as text, dtype by name)."""
+    import torch
+
+    from .engine import Engine
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    return Engine(
+        model,
+        device=device,
+        dtype=getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None,
+        host_mem=parse_size(host_mem) if host_mem else None,
+        gpu_mem=parse_size(gpu_mem) if gpu_mem else None,
+        top_k=k,
+        verify=verify,
+        **extra,
+    )
+
+
