@@ -138,8 +138,8 @@ class Engine:
     def use_gpu_experts(self, gpu_mem: int | None, policy: str = "mix") -> None:
         """Route the experts through a tier of GPU slots and the Triton kernels (Triton is only
         imported here: the CPU path needs none of it)."""
-        from .kernels.dequant import Dequantizer
         from .kernels.moe_gemv import MoeGemv
+        from .kernels.moe_grouped import MoeGrouped
         from .runtime.gpu_experts import DECODE_MAX_TOKENS, GpuExpertTier, GpuRoutedExperts
 
         layout, cfg = self.manifest.layout, self.config
@@ -165,11 +165,10 @@ class Engine:
                 f"the GPU ran out of memory allocating {capacity + staging} expert slots "
                 f"({format_bytes((capacity + staging) * layout.record_size)}): lower --gpu-mem"
             ) from None
-        gemv = MoeGemv(layout)
-        dequant = Dequantizer(layout, self.dtype, self.device) if layout.bits != 16 else None
+        gemv, grouped = MoeGemv(layout), MoeGrouped(layout)
         for i, layer in enumerate(self.model.layers):
             if isinstance(layer.mlp, SparseMoE):
-                layer.mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, dequant, self.timer)
+                layer.mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, grouped, self.timer)
 
     def _load_dense(self) -> torch.nn.Module:
         with torch.device("meta"):

@@ -10,6 +10,7 @@ import triton
 from flashmoe.bench import random_records
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.moe_gemv import MoeGemv
+from flashmoe.kernels.moe_grouped import MoeGrouped
 
 
 # (block_n, block_k, warps, unpack_3d)
@@ -24,12 +25,36 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=1024)
     ap.add_argument("--slots", type=int, default=256, help="pool size (rotated so reads miss the L2)")
+    ap.add_argument("--only", choices=["gemv", "grouped"], help="time one kernel family")
     args = ap.parse_args()
     big = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
     copy_ms = triton.testing.do_bench(lambda: big[2 << 30 :].copy_(big[: 2 << 30]), return_mode="median")
     hbm = 2 * (2 << 30) / copy_ms / 1e6
     del big
     print(f"device-to-device copy: {hbm:.0f} GB/s (read + write)")
+    if args.only != "grouped":
+        gemv_sweep(args, hbm)
+    if args.only != "gemv":
+        grouped_sweep(args)
+
+
+def grouped_sweep(args) -> None:
+    """Prefill shape: 80 experts with 40 tokens each (2048 tokens x 10 / 512 experts)."""
+    print("grouped prefill kernels, 80 experts x 40 tokens: bits  block_m block_n block_k warps stages   ms   TFLOP/s")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for bits in (4, 16):
+        layout = RecordLayout.build(args.hidden, args.intermediate, bits, 64)
+        pool = torch.cat([random_records(layout, 32, gen) for _ in range(3)])
+        slots, counts = [i % 96 for i in range(80)], [40] * 80
+        x = torch.randn(sum(counts), args.hidden, device="cuda", dtype=torch.bfloat16)
+        flops = 2 * sum(counts) * 3 * args.hidden * args.intermediate
+        for bm, bn, bk, warps, stages in ((32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 8, 3), (16, 64, 128, 4, 2)):
+            grouped = MoeGrouped(layout, bm, bn, bk, warps, stages)
+            ms = triton.testing.do_bench(lambda: grouped(x, pool, slots, counts), return_mode="median")
+            print(f"{bits:>4} {bm:>8} {bn:>7} {bk:>7} {warps:>5} {stages:>6} {ms:>6.2f} {flops / ms / 1e9:>8.0f}")
+
+
+def gemv_sweep(args, hbm: float) -> None:
     print("bits  k  block_n block_k warps 3d   us/call   GB/s   % of copy")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for bits in (4, 2, 8, 16):

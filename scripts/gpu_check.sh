@@ -16,7 +16,7 @@ fi
   git log -1 --oneline 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
 [ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x tests/kernels tests/test_gpu.py tests/runtime/test_gpu_experts.py 2>&1 | tee "$OUT/tests.txt" | tail -5
-[ -n "${SKIP_KERNELS:-}" ] || python3 scripts/bench_kernels.py 2>&1 | tee "$OUT/kernels.txt"
+[ -n "${SKIP_KERNELS:-}" ] || python3 scripts/bench_kernels.py ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernels.txt"
 python3 -m flashmoe bench --json "$OUT/bench.json" "$@" 2>&1 | grep -v '^[ {}\[\]"]' | tee "$OUT/bench.txt"
 MODEL=$(ls -d /tmp/flashmoe-bench/*/ 2>/dev/null | head -1)
 if [ -n "$MODEL" ] && [ -z "${SKIP_PROFILE:-}" ]; then

@@ -4,7 +4,7 @@
 Decode (a few tokens): one host sync for the routing decision, misses fetched (RAM or disk) and
 copied into GPU slots, then the gathered-experts Triton kernels read every expert from its slot.
 Prefill (many tokens): tokens sorted by expert once; each needed expert is fetched once per chunk
-and multiplied with all of its tokens.
+and multiplied with all of its tokens by the grouped kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from ..formats.packed import RecordLayout
 from ..kernels.moe_gemv import MoeGemv
-from ..layers.moe import swiglu_expert
+from ..kernels.moe_grouped import MoeGrouped
 from .expert_store import ExpertStore
 from .policy import SlotMap
 
@@ -92,11 +92,11 @@ class GpuExpertTier:
 
 
 class GpuRoutedExperts:
-    """The routed experts of one layer on the GPU path. `dequant` (shared by all layers) turns a
-    quantized record into 16-bit matrices for prefill; None for 16-bit records."""
+    """The routed experts of one layer on the GPU path: the gathered gemv kernels for decode, the
+    grouped kernels (all of a batch's experts in two launches) for prefill."""
 
-    def __init__(self, tier: GpuExpertTier, store: ExpertStore, layer: int, gemv: MoeGemv, dequant, timer):
-        self.tier, self.store, self.layer, self.gemv, self.dequant, self.timer = tier, store, layer, gemv, dequant, timer
+    def __init__(self, tier: GpuExpertTier, store: ExpertStore, layer: int, gemv: MoeGemv, grouped: MoeGrouped, timer):
+        self.tier, self.store, self.layer, self.gemv, self.grouped, self.timer = tier, store, layer, gemv, grouped, timer
         # Routing tables go to the GPU from pinned memory: a pageable source would make the copy
         # synchronous.
         self.table = torch.empty(DECODE_MAX_TOKENS * 64, dtype=torch.int32, pin_memory=tier.pool.is_cuda)
@@ -139,14 +139,10 @@ class GpuRoutedExperts:
             with self.timer.section("expert_io"):
                 slots = self.tier.place(self.layer, batch, self.store)
             with self.timer.section("expert_compute"):
-                for e in batch:
-                    pairs = order_dev[int(starts[e]) : int(starts[e] + counts[e])]
-                    if self.dequant is not None:
-                        gate_up, down = self.dequant(self.tier.pool, slots[e])
-                    else:
-                        gate_up, down = self.tier.layout.weights(self.tier.pool[slots[e]], x.dtype)
-                    y = swiglu_expert(x[pairs // k], gate_up, down)
-                    per_pair[pairs] = y * flat_weights[pairs, None].to(x.dtype)
+                # the batch's pairs are contiguous in `order`: its experts are consecutive ids
+                pairs = order_dev[int(starts[batch[0]]) : int(starts[batch[-1]] + counts[batch[-1]])]
+                y = self.grouped(x[pairs // k], self.tier.pool, [slots[e] for e in batch], counts[batch].tolist())
+                per_pair[pairs] = (y * flat_weights[pairs, None].float()).to(x.dtype)
         # Sum each token's k contributions in routing order: deterministic, no atomics.
         with self.timer.section("expert_compute"):
             return per_pair.view(T, k, -1).float().sum(1).to(x.dtype)
