@@ -85,7 +85,7 @@ def _grouped_kernel(
 class MoeGrouped:
     """Launch parameters for one record layout."""
 
-    def __init__(self, layout: RecordLayout, block_m: int = 32, block_n: int = 64, block_k: int = 64,
+    def __init__(self, layout: RecordLayout, block_m: int = 64, block_n: int = 64, block_k: int = 64,
                  num_warps: int = 4, num_stages: int = 3):
         self.layout = layout
         H, I = layout.hidden_size, layout.intermediate_size
