@@ -21,6 +21,17 @@ from ..formats.packed import RecordLayout
 
 
 @triton.jit
+def record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS: tl.constexpr):
+    """Element offsets of a slot's weights (int32 codes, or bf16 weights at 16 bits), scales and
+    biases, in the pool's int32 / bf16 views."""
+    if BITS == 16:
+        w = slot * record_halves + w_off
+    else:
+        w = slot * record_words + w_off
+    return w, slot * record_halves + s_off, slot * record_halves + b_off
+
+
+@triton.jit
 def _dot_rows(
     x_ptr, codes_ptr, halves_ptr, w_base, s_base, b_base, rows, K,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr,
@@ -78,14 +89,10 @@ def _gate_up_swiglu_kernel(
     token = pair // K_ROUTED
     slot = tl.load(slots_ptr + pair).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if BITS == 16:
-        base = slot * record_halves + w_off
-    else:
-        base = slot * record_words + w_off
-    sb = slot * record_halves
+    w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
     x = x_ptr + token * H
-    gate = _dot_rows(x, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, H, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D)
-    up = _dot_rows(x, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows + I, H, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D)
+    gate = _dot_rows(x, codes_ptr, halves_ptr, w, sc, bi, rows, H, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D)
+    up = _dot_rows(x, codes_ptr, halves_ptr, w, sc, bi, rows + I, H, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D)
     h = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(h_ptr + pair * I + rows, h)
 
@@ -104,13 +111,9 @@ def _down_sum_kernel(
         pair = token * K_ROUTED + j
         slot = tl.load(slots_ptr + pair).to(tl.int64)
         weight = tl.load(weights_ptr + pair).to(tl.float32)
-        if BITS == 16:
-            base = slot * record_halves + w_off
-        else:
-            base = slot * record_words + w_off
-        sb = slot * record_halves
+        w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
         acc += weight * _dot_rows(
-            h_ptr + pair * I, codes_ptr, halves_ptr, base, sb + s_off, sb + b_off, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D
+            h_ptr + pair * I, codes_ptr, halves_ptr, w, sc, bi, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D
         )
     if HAS_RESIDUAL:  # the layer's residual add, fused: y = residual + routed sum
         acc += tl.load(residual_ptr + token * H + rows).to(tl.float32)

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ..formats.packed import RecordLayout
 from ..layers.moe import swiglu_expert
+from .moe_gemv import record_bases
 
 
 @triton.jit
@@ -60,21 +61,17 @@ def _grouped_kernel(
     rows_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = rows_m < end
     rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if BITS == 16:
-        w_base = slot * record_halves + w_off
-    else:
-        w_base = slot * record_words + w_off
-    hb = slot * record_halves
+    w_base, s_base, b_base = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + rows_m[:, None] * K + cols[None, :], mask=mask_m[:, None], other=0.0).to(DTYPE)
-        w = _weight_tile(codes_ptr, halves_ptr, w_base, hb + s_off, hb + b_off, rows_n, k0, K,
+        w = _weight_tile(codes_ptr, halves_ptr, w_base, s_base, b_base, rows_n, k0, K,
                          BITS, GROUP, BLOCK_N, BLOCK_K, DTYPE)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
         if SWIGLU:  # the up rows sit I rows below the gate rows of gate_up_proj
-            w_up = _weight_tile(codes_ptr, halves_ptr, w_base, hb + s_off, hb + b_off, rows_n + up_rows, k0, K,
+            w_up = _weight_tile(codes_ptr, halves_ptr, w_base, s_base, b_base, rows_n + up_rows, k0, K,
                                 BITS, GROUP, BLOCK_N, BLOCK_K, DTYPE)
             acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision=PRECISION)
     if SWIGLU:
