@@ -159,6 +159,19 @@ class Bandwidths:
     disk_read: float = 0.0  # bytes/s, O_DIRECT parallel record reads
 
 
+def hbm_copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 5) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return repeats * 2 * nbytes / (time.perf_counter() - t0)
+
+
 def measure_bandwidths(model_dir: Path, layout: RecordLayout, threads: int = 8) -> Bandwidths:
     bw = Bandwidths()
     rs = layout.record_size
@@ -172,16 +185,8 @@ def measure_bandwidths(model_dir: Path, layout: RecordLayout, threads: int = 8) 
         dev[i].copy_(host[i], non_blocking=True)
     torch.cuda.synchronize()
     bw.pcie_h2d = n * rs / (time.perf_counter() - t0)
-    big = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(big)
-    dst.copy_(big)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(big)
-    torch.cuda.synchronize()
-    bw.hbm_copy = 5 * 2 * big.numel() / (time.perf_counter() - t0)
-    del big, dst, dev
+    del dev
+    bw.hbm_copy = hbm_copy_bandwidth()
     # Disk: random records from the last quarter of every layer file (where the disk tier lives),
     # read the way the store reads them (`threads` parallel O_DIRECT preads), about 2 GiB.
     files = sorted((model_dir / "experts").glob("layer_*.bin"))
@@ -329,3 +334,50 @@ def place_tiers(engine, tiers: Tiers) -> None:
 
 def result_json(**parts) -> str:
     return json.dumps(parts, indent=1, default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v))
+
+
+def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
+        workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, log=print) -> dict:
+    """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
+    tiers, then S1 for each k and S2 for each prompt length. Returns the report."""
+    from .engine import Engine
+    from .utils import total_memory_bytes
+
+    full, cfg = preset_config(preset), preset_config(preset, layers)
+    out = workdir / f"{preset}-L{layers}-{bits}bit"
+    log(f"synthesizing {preset} (first {layers} of {full['num_hidden_layers']} layers, {bits}-bit experts) in {out}")
+    synthesize(out, cfg, bits, device="cuda", log=log)
+    layout = RecordLayout.build(cfg["hidden_size"], cfg["moe_intermediate_size"], bits, 64)
+    bw = measure_bandwidths(out, layout)
+    log(f"bandwidths: PCIe H2D {bw.pcie_h2d / 1e9:.1f} GB/s, HBM copy {bw.hbm_copy / 1e9:.0f} GB/s, disk {bw.disk_read / 1e9:.2f} GB/s")
+    gpu_total = torch.cuda.get_device_properties(0).total_memory
+    tiers = plan_tiers(full, layout, gpu_total, total_memory_bytes(), gpu_mem, host_mem)
+    log(f"tiers: GPU {tiers.gpu_fraction:.1%}, host {tiers.host_fraction:.1%}, disk {tiers.disk_fraction:.1%} ({tiers.notes})")
+    rs, moe_layers, k_max = layout.record_size, len(ModelConfig.from_dict(cfg).moe_layers), max(ks)
+    engine = Engine(
+        out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False,
+        host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
+    )
+    place_tiers(engine, tiers)
+    report = {"preset": preset, "layers": layers, "bits": bits, "device": torch.cuda.get_device_name(0),
+              "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
+    for k in sorted(ks, reverse=True):
+        engine.set_top_k(k)
+        r = run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
+        report["decode"].append(r)
+        log(
+            f"S1 K={k}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
+            f"layers), {r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits "
+            f"{r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; bytes/token "
+            + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
+            + "; roofline " + ", ".join(f"{t} {v:.2f} ms" for t, v in r.roofline_ms_per_token.items())
+            + f" = {r.roofline_fraction:.0%} of measured"
+        )
+        log("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()))
+    engine.set_top_k(k_max)
+    for n in prefills:
+        p = run_prefill(engine, n, full["num_hidden_layers"])
+        report["prefill"].append(p)
+        log(f"S2 prefill {n}: {p['tps']:.0f} tok/s, TTFT {p['ttft_s']:.2f} s; extrapolated "
+            f"{p['tps_extrapolated']:.0f} tok/s, TTFT {p['ttft_s_extrapolated']:.2f} s")
+    return report

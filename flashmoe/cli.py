@@ -211,57 +211,19 @@ def bench(
     """Benchmark scenarios S1 (decode) and S2 (prefill) on a synthesized model of a named shape (GPU)."""
     import torch
 
-    from . import bench as B
-    from .engine import Engine
-    from .formats.packed import RecordLayout
-    from .utils import total_memory_bytes
+    from .bench import result_json, run
 
     if not torch.cuda.is_available():
         fail(RuntimeError("flashmoe bench measures the GPU path and PyTorch sees no CUDA GPU"))
     try:
-        full = B.preset_config(preset)
-        cfg = B.preset_config(preset, layers)
-    except ValueError as e:
-        fail(e)
-    out = workdir / f"{preset}-L{layers}-{bits}bit"
-    err.print(f"synthesizing {preset} (first {layers} of {full['num_hidden_layers']} layers, {bits}-bit experts) in {out}")
-    B.synthesize(out, cfg, bits, device="cuda", log=err.print)
-    layout = RecordLayout.build(cfg["hidden_size"], cfg["moe_intermediate_size"], bits, 64)
-    bw = B.measure_bandwidths(out, layout)
-    err.print(f"bandwidths: PCIe H2D {bw.pcie_h2d / 1e9:.1f} GB/s, HBM copy {bw.hbm_copy / 1e9:.0f} GB/s, disk {bw.disk_read / 1e9:.2f} GB/s")
-    gpu_total = torch.cuda.get_device_properties(0).total_memory
-    tiers = B.plan_tiers(full, layout, gpu_total, total_memory_bytes(),
-                         parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None)
-    err.print(f"tiers: GPU {tiers.gpu_fraction:.1%}, host {tiers.host_fraction:.1%}, disk {tiers.disk_fraction:.1%} ({tiers.notes})", soft_wrap=True)
-    rs = layout.record_size
-    moe_layers = layers  # every layer of these presets is MoE
-    k_max = max(k)
-    engine = Engine(
-        out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False,
-        host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
-    )
-    B.place_tiers(engine, tiers)
-    report = {"preset": preset, "layers": layers, "bits": bits, "device": torch.cuda.get_device_name(0),
-              "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
-    for kk in sorted(k, reverse=True):
-        engine.set_top_k(kk)
-        r = B.run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
-        report["decode"].append(r)
-        err.print(
-            f"S1 K={kk}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside layers), "
-            f"{r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits {r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; "
-            f"bytes/token " + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
-            + "; roofline " + ", ".join(f"{t} {v:.2f} ms" for t, v in r.roofline_ms_per_token.items())
-            + f" = {r.roofline_fraction:.0%} of measured", soft_wrap=True,
+        report = run(
+            preset, layers, bits, k, prompt_tokens, tokens, [n for n in prefill if n], workdir,
+            parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None,
+            log=lambda line: err.print(line, soft_wrap=True),
         )
-        err.print("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()), soft_wrap=True)
-    engine.set_top_k(k_max)
-    for n in prefill:
-        if n:
-            p = B.run_prefill(engine, n, full["num_hidden_layers"])
-            report["prefill"].append(p)
-            err.print(f"S2 prefill {n}: {p['tps']:.0f} tok/s, TTFT {p['ttft_s']:.2f} s; extrapolated {p['tps_extrapolated']:.0f} tok/s, TTFT {p['ttft_s_extrapolated']:.2f} s", soft_wrap=True)
-    text = B.result_json(**report)
+    except USER_ERRORS as e:
+        fail(e)
+    text = result_json(**report)
     if json_out:
         json_out.write_text(text)
     print(text)

@@ -4,7 +4,8 @@ loop. The CLI, chat REPL and server are thin layers over `Engine.generate`."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -221,7 +222,8 @@ class Engine:
 
         `state` continues an earlier sequence (the prompt's ids then follow its tokens);
         `logits_processor(generated_ids, logits) -> logits` sees each next-token distribution
-        (fp32, on the CPU) before sampling: the hook for grammar-constrained decoding."""
+        (fp32, on the CPU) before sampling: the hook for grammar-constrained decoding. It gets the
+        same list every step, grown by one token: read it, do not keep or change it."""
         return Generation(self, prompt, params or SamplingParams(), state, logits_processor)
 
     def close(self) -> None:
@@ -248,51 +250,66 @@ class Generation:
         return self._run()
 
     def _run(self) -> Iterator[Step]:
-        eng, stats = self.engine, self.stats
-        before = _copy_stats(eng.store.stats)
-        sampler = Sampler(self.params, eng.device)
-        history = torch.tensor(self.ids, dtype=torch.long, device=eng.device)
+        eng = self.engine
+        sampler = Sampler(self.params, self.engine.config.vocab_size, eng.device, seen=self.ids)
+        generated: list[int] = []
         text = _StopStrings(self.params.stop)
         decoder = eng.tokenizer.stream_decoder()
-        t0 = time.perf_counter()
-        logits = eng.forward(self.ids, self.state)
-        stats.prefill_seconds = time.perf_counter() - t0
-        stats.prefill_cache = _diff_stats(eng.store.stats, before)
-        before = _copy_stats(eng.store.stats)
-        eng.timer.reset()
         graphs = None
-        t0 = time.perf_counter()
+        with self._measured(prefill=True):
+            logits = eng.forward(self.ids, self.state)
         try:
             for n in range(self.max_tokens):
-                row = logits[-1]
-                if self.logits_processor is not None:
-                    row = self.logits_processor(history[len(self.ids) :].tolist(), row.cpu()).to(eng.device)
-                token = sampler(row, history)  # the one host sync per token: reading the token
-                history = torch.cat([history, torch.tensor([token], device=eng.device)])
-                if token in eng.stop_ids:
-                    yield Step(token, text.flush(decoder.flush()), "stop")
+                with self._measured(prefill=False):
+                    row = logits[-1]
+                    if self.logits_processor is not None:
+                        row = self.logits_processor(generated, row.cpu()).to(eng.device)
+                    token = sampler(row)  # the one host sync per token: reading the token
+                    generated.append(token)
+                    if token in eng.stop_ids:
+                        step = Step(token, text.flush(decoder.flush()), "stop")
+                    else:
+                        piece, stopped = text.push(decoder.push(token))
+                        if stopped:
+                            step = Step(token, piece, "stop")
+                        elif n == self.max_tokens - 1:
+                            step = Step(token, piece + text.flush(decoder.flush()), "length")
+                        else:
+                            step = Step(token, piece)
+                yield step  # outside the measured block: the consumer's time is not ours
+                if step.finish_reason:
                     return
-                piece, stopped = text.push(decoder.push(token))
-                if stopped:
-                    yield Step(token, piece, "stop")
-                    return
-                if n == self.max_tokens - 1:
-                    yield Step(token, piece + text.flush(decoder.flush()), "length")
-                    return
-                yield Step(token, piece)
-                if graphs is None and eng.cuda_graphs:
-                    from .runtime.graphs import GraphedDecoder
+                with self._measured(prefill=False):
+                    if graphs is None and eng.cuda_graphs:
+                        from .runtime.graphs import GraphedDecoder
 
-                    graphs = GraphedDecoder(eng, self.state, self.state.position + self.max_tokens - n)
-                logits = graphs.step(token) if graphs is not None else eng.forward([token], self.state)
-                stats.decode_tokens += 1
+                        graphs = GraphedDecoder(eng, self.state, self.state.position + self.max_tokens - n)
+                    logits = graphs.step(token) if graphs is not None else eng.forward([token], self.state)
+                    self.stats.decode_tokens += 1
         finally:
             if graphs is not None:
                 graphs.release()
-            stats.decode_seconds = time.perf_counter() - t0
-            stats.decode_sections = dict(eng.timer.seconds)
-            stats.cache = _diff_stats(eng.store.stats, before)
-            stats.peak_rss = peak_rss_bytes()
+            self.stats.peak_rss = peak_rss_bytes()
+
+    @contextmanager
+    def _measured(self, prefill: bool):
+        """Add the enclosed work's wall time, timed sections and expert-store counters to this
+        generation's statistics. Only the work itself is counted: a server interleaves several
+        generations, and time spent suspended at a yield belongs to others."""
+        eng, stats = self.engine, self.stats
+        t0, sections, cache = time.perf_counter(), dict(eng.timer.seconds), replace(eng.store.stats)
+        try:
+            yield
+        finally:
+            seconds, moved = time.perf_counter() - t0, eng.store.stats - cache
+            if prefill:
+                stats.prefill_seconds += seconds
+                stats.prefill_cache += moved
+            else:
+                stats.decode_seconds += seconds
+                stats.cache += moved
+                for name, total in eng.timer.seconds.items():
+                    stats.decode_sections[name] = stats.decode_sections.get(name, 0.0) + total - sections.get(name, 0.0)
 
 
 class _StopStrings:
@@ -318,13 +335,3 @@ class _StopStrings:
         out, _ = self.push(tail)
         out, self.pending = out + self.pending, ""
         return out
-
-
-def _copy_stats(s: StoreStats) -> StoreStats:
-    return StoreStats(s.hits, s.misses, s.bytes_read, s.evictions)
-
-
-def _diff_stats(now: StoreStats, before: StoreStats) -> StoreStats:
-    return StoreStats(
-        now.hits - before.hits, now.misses - before.misses, now.bytes_read - before.bytes_read, now.evictions - before.evictions
-    )

@@ -34,7 +34,7 @@ def record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS: t
 @triton.jit
 def _dot_rows(
     x_ptr, codes_ptr, halves_ptr, w_base, s_base, b_base, rows, K,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """sum_k W[rows, k] * x[k] for one expert's [N, K] projection, in fp32 -> [BLOCK_N].
 
@@ -57,20 +57,13 @@ def _dot_rows(
         for w0 in range(0, words_per_row, WORDS):
             wcols = w0 + tl.arange(0, WORDS)
             words = tl.load(codes_ptr + w_base + rows[:, None] * words_per_row + wcols[None, :])
-            if UNPACK_3D:  # all codes of a word at once: [rows, words, codes per word], summed in-thread
-                lanes = tl.arange(0, PER_WORD)
-                x2 = tl.load(x_ptr + wcols[:, None] * PER_WORD + lanes[None, :]).to(tl.float32)
-                q3 = (words[:, :, None] >> (lanes * BITS)[None, None, :]) & ((1 << BITS) - 1)
-                qx = tl.sum(q3.to(tl.float32) * x2[None, :, :], axis=2)
-                xsum = tl.sum(x2, axis=1)
-            else:  # code position j of every word, meeting x at stride PER_WORD
-                qx = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-                xsum = tl.zeros([WORDS], dtype=tl.float32)
-                for j in tl.static_range(PER_WORD):
-                    xj = tl.load(x_ptr + wcols * PER_WORD + j).to(tl.float32)
-                    q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                    qx += q * xj[None, :]
-                    xsum += xj
+            qx = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+            xsum = tl.zeros([WORDS], dtype=tl.float32)
+            for j in tl.static_range(PER_WORD):
+                xj = tl.load(x_ptr + wcols * PER_WORD + j).to(tl.float32)
+                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                qx += q * xj[None, :]
+                xsum += xj
             goff = rows[:, None] * groups_per_row + (wcols // (GROUP // PER_WORD))[None, :]
             s = tl.load(halves_ptr + s_base + goff).to(tl.float32)
             b = tl.load(halves_ptr + b_base + goff).to(tl.float32)
@@ -83,7 +76,6 @@ def _gate_up_swiglu_kernel(
     x_ptr, codes_ptr, halves_ptr, slots_ptr, h_ptr,
     H, I, record_words, record_halves, w_off, s_off, b_off,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UNPACK_3D: tl.constexpr,
 ):
     pair = tl.program_id(0)  # token * K_ROUTED + j
     token = pair // K_ROUTED
@@ -91,8 +83,8 @@ def _gate_up_swiglu_kernel(
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
     x = x_ptr + token * H
-    gate = _dot_rows(x, codes_ptr, halves_ptr, w, sc, bi, rows, H, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D)
-    up = _dot_rows(x, codes_ptr, halves_ptr, w, sc, bi, rows + I, H, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D)
+    gate = _dot_rows(x, codes_ptr, halves_ptr, w, sc, bi, rows, H, BITS, GROUP, BLOCK_K, BLOCK_N)
+    up = _dot_rows(x, codes_ptr, halves_ptr, w, sc, bi, rows + I, H, BITS, GROUP, BLOCK_K, BLOCK_N)
     h = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(h_ptr + pair * I + rows, h)
 
@@ -102,7 +94,7 @@ def _down_sum_kernel(
     h_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr,
     H, I, record_words, record_halves, w_off, s_off, b_off,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UNPACK_3D: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,7 +105,7 @@ def _down_sum_kernel(
         weight = tl.load(weights_ptr + pair).to(tl.float32)
         w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
         acc += weight * _dot_rows(
-            h_ptr + pair * I, codes_ptr, halves_ptr, w, sc, bi, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N, UNPACK_3D
+            h_ptr + pair * I, codes_ptr, halves_ptr, w, sc, bi, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N
         )
     if HAS_RESIDUAL:  # the layer's residual add, fused: y = residual + routed sum
         acc += tl.load(residual_ptr + token * H + rows).to(tl.float32)
@@ -123,9 +115,7 @@ def _down_sum_kernel(
 class MoeGemv:
     """Launch parameters for one record layout; call with a pool of expert slots."""
 
-    def __init__(
-        self, layout: RecordLayout, block_n: int = 8, block_k: int = 1024, num_warps: int = 2, unpack_3d: bool = False
-    ):
+    def __init__(self, layout: RecordLayout, block_n: int = 8, block_k: int = 1024, num_warps: int = 2):
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
@@ -145,7 +135,7 @@ class MoeGemv:
 
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
         self.group = layout.group_size if layout.bits != 16 else 1
-        self.num_warps, self.unpack_3d = num_warps, unpack_3d
+        self.num_warps = num_warps
 
     def __call__(
         self,
@@ -168,7 +158,7 @@ class MoeGemv:
         y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
         meta = dict(
             K_ROUTED=k, BITS=L.bits, GROUP=self.group, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            UNPACK_3D=self.unpack_3d, num_warps=self.num_warps,
+            num_warps=self.num_warps,
         )
         _gate_up_swiglu_kernel[(T * k, I // self.block_n)](
             x.contiguous(), codes, halves, slots.contiguous(), h, H, I, rw, rh, *self.gate_up, **meta

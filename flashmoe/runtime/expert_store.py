@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -45,6 +45,12 @@ class StoreStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+    def __add__(self, other: "StoreStats") -> "StoreStats":
+        return StoreStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def __sub__(self, other: "StoreStats") -> "StoreStats":
+        return StoreStats(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
 
 class ExpertStore:

@@ -98,7 +98,8 @@ class GpuRoutedExperts:
     def __init__(self, tier: GpuExpertTier, store: ExpertStore, layer: int, gemv: MoeGemv, grouped: MoeGrouped, timer):
         self.tier, self.store, self.layer, self.gemv, self.grouped, self.timer = tier, store, layer, gemv, grouped, timer
         # Routing tables go to the GPU from pinned memory: a pageable source would make the copy
-        # synchronous.
+        # synchronous. One buffer per layer is safe to refill next token: a later layer's routing
+        # sync has waited for its copy by then.
         self.table = torch.empty(DECODE_MAX_TOKENS * 64, dtype=torch.int32, pin_memory=tier.pool.is_cuda)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,7 @@ class GpuRoutedExperts:
             slots = self.tier.place(self.layer, sorted(set(ids_host.flatten().tolist())), self.store)
             T, k = ids_host.shape
             table = self.table[: T * k].view(T, k)
-            table.copy_(torch.tensor([[slots[e] for e in row] for row in ids_host.tolist()], dtype=torch.int32))
+            table.numpy()[:] = [[slots[e] for e in row] for row in ids_host.tolist()]
         with self.timer.section("expert_compute"):
             y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float(), residual, out)
             return y if out is not None else y.to(x.dtype)

@@ -31,21 +31,36 @@ class SamplingParams:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, device="cpu"):
+    """Draws the next token on the logits' device; the only host sync is reading the token.
+
+    With a repetition penalty it keeps a device mask of the ids seen so far (the prompt's, then
+    each token it draws), so no growing history crosses to the device per step."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device="cpu", seen: list[int] | None = None):
         self.params = params
         self.generator = torch.Generator(device=device)
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
+        self.seen = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if seen:
+                self.seen[torch.tensor(seen, device=device)] = True
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
-        """logits [vocab] (fp32); history: the ids so far (prompt and output), for the repetition penalty."""
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits [vocab] (fp32) -> the drawn token, also recorded as seen."""
+        token = self._draw(logits)
+        if self.seen is not None:
+            self.seen[token] = True
+        return token
+
+    def _draw(self, logits: torch.Tensor) -> int:
         p = self.params
-        if p.repetition_penalty != 1.0 and history.numel():
-            seen = logits[history]
-            logits = logits.clone()
-            logits[history] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if self.seen is not None:  # HF's rule: divide positive logits, multiply negative ones
+            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(self.seen, penalized, logits)
         if p.temperature == 0:
             return int(logits.argmax())
         # Work on the candidates only: top-k first (a cheap partial sort), then top-p over those.

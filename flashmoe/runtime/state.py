@@ -39,7 +39,8 @@ class KVCache:
             mask = torch.arange(self.k.shape[0], device=k.device)[None, :] <= self.graph_position[:, None]
             return self.k, self.v, mask
         start, end = self.length, self.length + k.shape[0]
-        self.reserve(max(end, 2 * self.k.shape[0]) if end > self.k.shape[0] else 0)
+        if end > self.k.shape[0]:
+            self.reserve(max(end, 2 * self.k.shape[0]))
         self.k[start:end] = k
         self.v[start:end] = v
         self.length = end

@@ -35,6 +35,3 @@ class Timer:
         if self.sync is not None:
             self.sync()
         return _Section(self, name)
-
-    def reset(self) -> None:
-        self.seconds.clear()

@@ -4,35 +4,37 @@ import torch
 from flashmoe.runtime.sampling import Sampler, SamplingParams
 
 LOGITS = torch.tensor([1.0, 3.0, 2.9, -1.0, 0.5])
-NONE = torch.tensor([], dtype=torch.long)
+
+
+def sampler(**params) -> Sampler:
+    return Sampler(SamplingParams(**params), vocab_size=5)
 
 
 def test_greedy_and_degenerate_filters_pick_the_argmax():
-    assert Sampler(SamplingParams(temperature=0))(LOGITS, NONE) == 1
-    assert Sampler(SamplingParams(temperature=1.0, top_k=1, seed=0))(LOGITS, NONE) == 1
-    assert Sampler(SamplingParams(temperature=1.0, top_p=1e-6, seed=0))(LOGITS, NONE) == 1
+    assert sampler(temperature=0)(LOGITS) == 1
+    assert sampler(temperature=1.0, top_k=1, seed=0)(LOGITS) == 1
+    assert sampler(temperature=1.0, top_p=1e-6, seed=0)(LOGITS) == 1
 
 
 def test_seed_reproduces_and_top_k_restricts():
-    draw = lambda seed: [Sampler(SamplingParams(temperature=5.0, seed=seed))(LOGITS, NONE) for _ in range(1)]
-    a = [Sampler(SamplingParams(temperature=5.0, seed=7)) for _ in range(2)]
-    assert [a[0](LOGITS, NONE) for _ in range(20)] == [a[1](LOGITS, NONE) for _ in range(20)]
-    s = Sampler(SamplingParams(temperature=5.0, top_k=2, seed=1))
-    assert {s(LOGITS, NONE) for _ in range(200)} == {1, 2}
-    assert draw(1) is not None
+    a = [sampler(temperature=5.0, seed=7) for _ in range(2)]
+    assert [a[0](LOGITS) for _ in range(20)] == [a[1](LOGITS) for _ in range(20)]
+    s = sampler(temperature=5.0, top_k=2, seed=1)
+    assert {s(LOGITS) for _ in range(200)} == {1, 2}
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    s = Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=0))
-    assert {s(probs, NONE) for _ in range(300)} == {0, 1}  # 0.5 < 0.75, 0.5 + 0.3 >= 0.75
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]).log()
+    s = sampler(temperature=1.0, top_p=0.75, seed=0)
+    assert {s(probs) for _ in range(300)} == {0, 1}  # 0.5 < 0.75, 0.5 + 0.3 >= 0.75
 
 
-def test_repetition_penalty_follows_the_hf_rule():
-    s = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0))
-    assert s(LOGITS, torch.tensor([1])) == 2  # 3.0 / 2 = 1.5 < 2.9
-    neg = torch.tensor([-1.0, -1.2])
-    assert Sampler(SamplingParams(temperature=0, repetition_penalty=2.0))(neg, torch.tensor([0])) == 1  # -1 * 2 < -1.2
+def test_repetition_penalty_follows_the_hf_rule_and_remembers_what_it_drew():
+    s = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), vocab_size=5, seen=[1])
+    assert s(LOGITS) == 2  # 3.0 / 2 = 1.5 < 2.9
+    assert s(LOGITS) == 1  # 2 was drawn, so it is penalized too: 1.5 now beats 2.9 / 2 = 1.45
+    neg = torch.tensor([-1.0, -1.2, -5.0, -5.0, -5.0])
+    assert Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), vocab_size=5, seen=[0])(neg) == 1
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(repetition_penalty=0)])
