@@ -309,7 +309,8 @@ class Generation:
                 stats.decode_seconds += seconds
                 stats.cache += moved
                 for name, total in eng.timer.seconds.items():
-                    stats.decode_sections[name] = stats.decode_sections.get(name, 0.0) + total - sections.get(name, 0.0)
+                    if total != sections.get(name, 0.0):
+                        stats.decode_sections[name] = stats.decode_sections.get(name, 0.0) + total - sections.get(name, 0.0)
 
 
 class _StopStrings:
