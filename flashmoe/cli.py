@@ -229,6 +229,84 @@ def bench(
     print(text)
 
 
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Option(..., "--model", "-m", help="Packed model directory to evaluate."),
+    data: Path = typer.Option(..., "--data", help="Held-out UTF-8 text for perplexity (and the comparison)."),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="Packed model to compare with, e.g. the same at 16 bits: KL and top-1 agreement."
+    ),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help='JSONL prompt set, {"messages": [...], "tools": [...]} a line: structured-output validity.'
+    ),
+    window: int = typer.Option(512, help="Tokens per scoring window (each window's first token is context only)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens (default: the whole text)."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens generated per prompt (greedy)."),
+    k: Optional[int] = K_OPTION,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON here."),
+    host_mem: Optional[str] = HOST_MEM_OPTION,
+    device: str = DEVICE_OPTION,
+    gpu_mem: Optional[str] = GPU_MEM_OPTION,
+    dtype: str = DTYPE_OPTION,
+    verify: bool = VERIFY_OPTION,
+):
+    """Measure what quantization and a smaller K cost: perplexity, KL and top-1 against a reference, structured-output validity.
+
+    --k applies to --model only; the reference keeps its own."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import evaluate
+
+    try:
+        text = evaluate.read_text(data)
+        prompt_set = evaluate.load_prompts(prompts) if prompts else []  # bad input fails before any model loads
+        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem)
+        ref = open_engine(reference, device, host_mem, None, verify, dtype, gpu_mem) if reference else None
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+
+            def track(description: str) -> evaluate.ProgressCallback:
+                task = bar.add_task(description, total=None)
+                return lambda done, total: bar.update(task, completed=done, total=total)
+
+            report = evaluate.run(engine, ref, text, prompt_set, window, max_tokens, gen_tokens, track)
+    except USER_ERRORS as e:
+        fail(e)
+    Console().print(_eval_table(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+def _eval_table(r: dict):
+    """The report as a two-column table: what was measured, and the number."""
+    from rich.table import Table
+
+    def describe(m: dict) -> str:
+        return f"{m['model']} ({m['bits']}-bit, K={m['k']})"
+
+    def share(valid: int, total: int) -> str:
+        return f"{valid}/{total} ({valid / total:.0%})" if total else "-"
+
+    table = Table("measure", "value", title="flashmoe eval", title_justify="left")
+    table.add_row("model", describe(r))
+    table.add_row("tokens scored", f"{r['tokens']:,} in {r['windows']} windows of up to {r['window']}")
+    table.add_row("perplexity", f"{r['ppl']:.4g} (NLL {r['nll']:.4f} nats/token)")
+    if "reference" in r:
+        table.add_row("reference", f"{describe(r['reference'])}, perplexity {r['reference']['ppl']:.4g}")
+        table.add_row("KL(reference || model)", f"{r['kl']:.3g} nats/token")
+        table.add_row("top-1 agreement", f"{r['top1']:.2%}")
+    for key, label in (("tool", "tool calls valid"), ("json", "JSON answers valid")):
+        if any(v[f"{key}_total"] for v in r["validity"].values()):
+            table.add_row(label, ", ".join(
+                f"{mode} {share(v[f'{key}_valid'], v[f'{key}_total'])}" for mode, v in r["validity"].items()
+            ))
+    table.add_row("seconds", ", ".join(f"{name.replace('_', ' ')} {s:.1f}" for name, s in r["seconds"].items()))
+    return table
+
+
 app.command("chat")(chat_command)
 app.command("serve")(serve_command)
 

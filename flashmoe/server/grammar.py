@@ -15,13 +15,17 @@ const, minLength and maxLength are enforced there, pattern and format are not (t
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
 
 import llguidance
 import torch
 
 from ..tokenizer import Tokenizer
 from ..tool_calls import THINK_CLOSE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_schemas
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 
 class GrammarError(ValueError):
@@ -52,6 +56,12 @@ class Grammars:
         self._lltok = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(stop_ids))
         self._special = tokenizer.special_tokens
         self.call_format = "xml" if "<function=" in (tokenizer.chat_template or "") else "json"
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> Grammars:
+        """Grammars for the engine's model: its tokenizer.json, logits width and stop tokens."""
+        tokenizer_json = (Path(engine.dir) / "tokenizer.json").read_text(encoding="utf-8")
+        return cls(engine.tokenizer, tokenizer_json, engine.config.vocab_size, engine.stop_ids)
 
     def processor(self, lark: str) -> GrammarProcessor:
         """A fresh processor for one generation; GrammarError if the grammar does not compile."""

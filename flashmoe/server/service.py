@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 from jinja2 import TemplateError
@@ -72,8 +71,7 @@ class ModelService:
         self.engine, self.tokenizer, self.name = engine, engine.tokenizer, name
         self.defaults = sampling_defaults
         self.created = int(time.time())
-        tokenizer_json = (Path(engine.dir) / "tokenizer.json").read_text(encoding="utf-8")
-        self.grammars = Grammars(engine.tokenizer, tokenizer_json, engine.config.vocab_size, engine.stop_ids)
+        self.grammars = Grammars.for_engine(engine)
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.scheduler = Scheduler(parallel, max_queue)
 
