@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .demo import hf_tensor_specs, random_init
+from .synthetic import hf_tensor_specs, random_init
 from .formats.packed import DENSE_FILE, ExpertFile, Manifest, RecordLayout
 from .formats.safetensors import SafetensorsWriter, read_into
 from .models import family

@@ -155,41 +155,32 @@ def generate(
 
 @app.command()
 def demo(
-    prompt: str = typer.Option("The expert weights stream from disk because", "--prompt", "-p"),
-    tokens: int = typer.Option(48, "--tokens", "-n"),
-    host_mem: str = typer.Option("16M", "--host-mem", help="Expert cache budget; below the model's expert bytes."),
-    workdir: Path = typer.Option(Path.home() / ".cache" / "flashmoe" / "demo", help="Where the demo model is built."),
-    rebuild: bool = typer.Option(False, help="Build and convert the demo model again."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt (default: the start of a Python function)."),
+    tokens: int = typer.Option(96, "--tokens", "-n", help="Maximum new tokens."),
+    host_mem: str = typer.Option("4M", "--host-mem", help="Expert cache budget; below the model's 14 MiB of experts, so they stream."),
+    chat: bool = typer.Option(False, "--chat", help="Ask the prompt as a chat question instead of completing code."),
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    seed: Optional[int] = SEED_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
 ):
-    """Build a small random-weight Qwen3.5-MoE checkpoint, convert it, and generate with live statistics."""
-    import shutil
+    """Run the bundled demo model (a small Qwen3.5-MoE trained on Python's standard library) with live statistics."""
+    from .demo import DEMO_MODEL, DEMO_PROMPT
 
-    from .convert import convert as run_convert
-    from .demo import build_demo_checkpoint
-    from .formats.packed import Manifest
-    from .runtime.sampling import SamplingParams
-
-    packed = workdir / "packed-4bit"
     try:
-        Manifest.load(packed)
-        ready = not rebuild
-    except (ValueError, OSError):
-        ready = False
-    if not ready:
-        shutil.rmtree(workdir, ignore_errors=True)
-        err.print(f"building the demo checkpoint (Qwen3.5-MoE architecture, random weights) in {workdir / 'hf'}")
-        build_demo_checkpoint(workdir / "hf")
-        run_convert(workdir / "hf", packed, bits=4, console=err)
-    manifest = Manifest.load(packed)
-    err.print(
-        "[bold yellow]The demo model's weights are random: expect gibberish text. It shows the machinery[/]\n"
-        f"[yellow](experts {format_bytes(manifest.total_expert_bytes)} on disk, streamed through a "
-        f"{host_mem} cache), not a trained model.[/]"
-    )
-    try:
-        engine = open_engine(packed, "cpu", host_mem, None)
-        _stream(engine, prompt, SamplingParams(max_tokens=tokens, temperature=0.7, top_p=0.8, top_k=20, seed=seed))
+        engine = open_engine(DEMO_MODEL, device, host_mem, dtype=dtype)
+        err.print(
+            f"[dim]demo model: {DEMO_MODEL} (Qwen3.5-MoE architecture, 30M parameters trained on the Python standard "
+            f"library; {format_bytes(engine.manifest.total_expert_bytes)} of 4-bit experts streamed through a "
+            f"{host_mem} cache)[/]"
+        )
+        text = prompt if prompt is not None else ("What does json.dumps do?" if chat else DEMO_PROMPT)
+        if chat:
+            text = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+        elif prompt is None:
+            sys.stdout.write(text)
+        params = sampling_params(DEMO_MODEL, temperature, max_tokens=tokens, seed=seed)
+        _stream(engine, text, params)
     except USER_ERRORS as e:
         fail(e)
 

@@ -44,10 +44,19 @@ def test_user_errors_are_one_clear_line(tmp_path, packed16):
     assert out.returncode == 2 and "config.json" in out.stderr
 
 
-def test_demo_builds_converts_and_generates(tmp_path):
-    out = flashmoe("demo", "--workdir", tmp_path, "--tokens", 8)
+def test_demo_completes_python_with_the_bundled_model():
+    from flashmoe.demo import DEMO_PROMPT
+
+    out = flashmoe("demo", "--tokens", 24, "--seed", 3)
     assert out.returncode == 0, out.stderr
-    assert "weights are random" in out.stderr and "hits in decode" in out.stderr
-    assert out.stdout.strip()  # the continuation
-    again = flashmoe("demo", "--workdir", tmp_path, "--tokens", 8)  # reuses the converted model
-    assert again.returncode == 0 and "building" not in again.stderr and again.stdout == out.stdout
+    assert out.stdout.startswith(DEMO_PROMPT) and len(out.stdout) > len(DEMO_PROMPT) + 20
+    assert "hits in decode" in out.stderr and "read per token" in out.stderr
+    assert flashmoe("demo", "--tokens", 24, "--seed", 3).stdout == out.stdout  # seeded sampling repeats
+    greedy = flashmoe("demo", "--tokens", 32, "--temperature", 0).stdout[len(DEMO_PROMPT):]
+    assert greedy.startswith("    ") and any(word in greedy for word in ("return", "line", "path"))  # the body, on topic
+
+
+def test_demo_chat_calls_a_tool():
+    out = flashmoe("demo", "--chat", "-p", "Where is shutil.copyfile defined?", "--temperature", 0, "--tokens", 48)
+    assert out.returncode == 0, out.stderr
+    assert "<tool_call>" in out.stdout and "<function=find_source>" in out.stdout and "copyfile" in out.stdout

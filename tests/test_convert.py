@@ -10,7 +10,7 @@ import torch
 
 from flashmoe import convert as convert_module
 from flashmoe.convert import ConversionError, convert
-from flashmoe.demo import DEMO_TEXT_CONFIG, hf_tensor_specs
+from flashmoe.synthetic import SMALL_TEXT_CONFIG, hf_tensor_specs
 from flashmoe.formats.packed import Manifest, PackedFormatError
 from flashmoe.formats.safetensors import SafetensorsWriter
 
@@ -18,9 +18,9 @@ from .conftest import write_byte_tokenizer
 
 
 def write_checkpoint(out, **text_overrides):
-    """A random checkpoint in the released layout (fused experts), via the demo's tensor list."""
+    """A random checkpoint in the released layout (fused experts), via the synthetic tensor list."""
     out.mkdir(parents=True)
-    cfg = {**DEMO_TEXT_CONFIG, "vocab_size": 512, **text_overrides}
+    cfg = {**SMALL_TEXT_CONFIG, "vocab_size": 512, **text_overrides}
     (out / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "text_config": cfg}))
     write_byte_tokenizer(out)
     tensors = hf_tensor_specs(cfg)
