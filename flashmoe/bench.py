@@ -26,6 +26,9 @@ from .synthetic import hf_tensor_specs, random_init
 from .formats.packed import DENSE_FILE, ExpertFile, Manifest, RecordLayout
 from .formats.safetensors import SafetensorsWriter, read_into
 from .models import family
+from .runtime.locality import WINDOWS, StreamGenerator, fit_replay, load_entropy, rank_shares, reuse_profile
+from .runtime.locality import sorted_shares
+from .runtime.routing_trace import ReplayExperts, RoutingTrace, wrapped_experts
 from .tokenizer_build import write_qwen35_tokenizer
 
 _QWEN35 = dict(
@@ -210,6 +213,7 @@ def measure_bandwidths(model_dir: Path, layout: RecordLayout, threads: int = 8) 
 @dataclass
 class DecodeResult:
     k: int
+    routing: str  # "uniform" (the random model's own) or "trace replay" (bench --trace)
     tokens: int
     seconds: float
     tps: float
@@ -226,7 +230,7 @@ class DecodeResult:
     roofline_fraction: float = 0.0
 
 
-def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths) -> DecodeResult:
+def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths, routing: str = "uniform") -> DecodeResult:
     """Greedy decode; then the same again with per-section synchronization for the breakdown."""
     from .runtime.sampling import SamplingParams
 
@@ -269,6 +273,7 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
     }
     return DecodeResult(
         k=engine.top_k,
+        routing=routing,
         tokens=n,
         seconds=s.decode_seconds,
         tps=n / s.decode_seconds,
@@ -332,18 +337,72 @@ def place_tiers(engine, tiers: Tiers) -> None:
     engine.store.stats = type(engine.store.stats)()
 
 
+def fit_trace_replays(trace: RoutingTrace, num_experts: int, ks: list[int], log=print) -> tuple[dict, dict]:
+    """A stream generator per k with the trace's locality at this shape (runtime/locality.py), and
+    the statistics for the report: the trace's, and those of a stream of each k."""
+    stats = {
+        "model": trace.model, "source": trace.source, "tokens": trace.tokens, "num_experts": trace.num_experts,
+        "k": trace.k, "windows": list(WINDOWS), "reuse": reuse_profile(trace.ids).mean(0).tolist(),
+        "load_entropy": float(load_entropy(sorted_shares(trace.ids, trace.num_experts)).mean()), "replay": {},
+    }
+    generators = {}
+    for k in ks:
+        generators[k] = gen = fit_replay(trace.ids, trace.num_experts, num_experts, k)
+        sample = gen.generate(1000)
+        shares = rank_shares(sample, num_experts)  # experts are ranks: top x% = the GPU tier of a static placement
+        replay = stats["replay"][k] = {
+            "reuse": reuse_profile(sample).mean(0).tolist(),
+            "load_entropy": float(load_entropy(shares).mean()),
+            "top_share": {f"{q:.0%}": float(shares[:, : int(q * num_experts)].sum(1).mean()) for q in (0.1, 0.25, 0.5)},
+        }
+        log(
+            f"trace replay K={k}: reuse " + ", ".join(f"w={w} {u:.1%}" for w, u in zip(WINDOWS, replay["reuse"]))
+            + " (trace: " + ", ".join(f"{u:.1%}" for u in stats["reuse"]) + f"), load entropy {replay['load_entropy']:.3f} "
+            f"(trace: {stats['load_entropy']:.3f})"
+        )
+    return generators, stats
+
+
+def run_replayed_decode(engine, gen: StreamGenerator, prompt_len: int, tokens: int, layers_full: int,
+                        bw: Bandwidths) -> DecodeResult:
+    """run_decode with every MoE layer's expert ids replaced by a generated stream (router weights
+    kept). Stream ids are popularity ranks, so with the bench's static placement the GPU tier holds
+    each layer's most used experts: the placement a deployment would choose from a known profile."""
+    moe_layers = len(engine.config.moe_layers)
+    stream = torch.from_numpy(gen.generate(8 + 2 * (prompt_len + tokens), moe_layers).astype("int64"))  # no wrap
+    with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer)):
+        return run_decode(engine, prompt_len, tokens, layers_full, bw, routing="trace replay")
+
+
+def log_decode(r: DecodeResult, log=print) -> None:
+    log(
+        f"S1 K={r.k} {r.routing}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
+        f"layers), {r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits "
+        f"{r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; bytes/token "
+        + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
+        + "; roofline " + ", ".join(f"{t} {v:.2f} ms" for t, v in r.roofline_ms_per_token.items())
+        + f" = {r.roofline_fraction:.0%} of measured"
+    )
+    log("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()))
+
+
 def result_json(**parts) -> str:
     return json.dumps(parts, indent=1, default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v))
 
 
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
-        workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, log=print) -> dict:
+        workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
+        log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
-    tiers, then S1 for each k and S2 for each prompt length. Returns the report."""
+    tiers, then S1 for each k (uniform routing, then replayed from `trace` if given) and S2 for
+    each prompt length. Returns the report."""
     from .engine import Engine
     from .utils import total_memory_bytes
 
     full, cfg = preset_config(preset), preset_config(preset, layers)
+    replays, trace_stats = ({}, None)
+    if trace is not None:  # before the slow parts: a bad trace fails at once
+        replays, trace_stats = fit_trace_replays(RoutingTrace.load(trace), cfg["num_experts"], ks, log)
     out = workdir / f"{preset}-L{layers}-{bits}bit"
     log(f"synthesizing {preset} (first {layers} of {full['num_hidden_layers']} layers, {bits}-bit experts) in {out}")
     synthesize(out, cfg, bits, device="cuda", log=log)
@@ -358,22 +417,20 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
         out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False,
         host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
     )
-    place_tiers(engine, tiers)
     report = {"preset": preset, "layers": layers, "bits": bits, "device": torch.cuda.get_device_name(0),
               "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
+    if trace_stats:
+        report["trace"] = trace_stats
     for k in sorted(ks, reverse=True):
         engine.set_top_k(k)
-        r = run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
-        report["decode"].append(r)
-        log(
-            f"S1 K={k}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
-            f"layers), {r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits "
-            f"{r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; bytes/token "
-            + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
-            + "; roofline " + ", ".join(f"{t} {v:.2f} ms" for t, v in r.roofline_ms_per_token.items())
-            + f" = {r.roofline_fraction:.0%} of measured"
-        )
-        log("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()))
+        for routing in ("uniform", "trace replay") if replays else ("uniform",):
+            place_tiers(engine, tiers)  # static tiers: the same residents for every run, counters reset
+            if routing == "uniform":
+                r = run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
+            else:
+                r = run_replayed_decode(engine, replays[k], prompt_tokens, tokens, full["num_hidden_layers"], bw)
+            report["decode"].append(r)
+            log_decode(r, log)
     engine.set_top_k(k_max)
     for n in prefills:
         p = run_prefill(engine, n, full["num_hidden_layers"])

@@ -186,6 +186,44 @@ def demo(
 
 
 @app.command()
+def trace(
+    model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
+    data: Path = typer.Option(..., "--data", help="Text file whose tokens are fed through the model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Trace file to write (.npz)."),
+    tokens: int = typer.Option(8192, "--tokens", "-n", help="Record the first N tokens of the text."),
+    k: Optional[int] = K_OPTION,
+    host_mem: Optional[str] = HOST_MEM_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+):
+    """Record which experts each token of a text uses at every MoE layer (teacher-forced), for bench --trace."""
+    from .runtime.locality import WINDOWS, load_entropy, reuse_profile, sorted_shares
+    from .runtime.routing_trace import record
+
+    try:
+        if not data.is_file():
+            raise FileNotFoundError(f"--data {data} is not a file")
+        engine = open_engine(model, device, host_mem, k, dtype=dtype)
+        ids = engine.tokenizer.encode(data.read_text(encoding="utf-8", errors="replace"))[:tokens]
+        if len(ids) <= max(WINDOWS):
+            raise ValueError(f"--data {data} has {len(ids)} tokens; a trace needs more than {max(WINDOWS)}")
+        result = record(engine, ids, data.name, progress=lambda done: err.print(f"  {done} / {len(ids)} tokens"))
+        result.save(out)
+    except USER_ERRORS as e:
+        fail(e)
+    entropy, reuse = load_entropy(sorted_shares(result.ids, result.num_experts)), reuse_profile(result.ids)
+    err.print(f"wrote {out}: {result.tokens} tokens x {result.layers} MoE layers x k={result.k} of {result.num_experts} experts")
+    err.print("layer  load entropy / log E  " + "  ".join(f"reuse w={w:<3}" for w in WINDOWS))
+    for i, (h, row) in enumerate(zip(entropy, reuse)):
+        err.print(f"{i:>5}  {h:>20.3f}  " + "  ".join(f"{u:>11.1%}" for u in row))
+    err.print(
+        f" mean  {entropy.mean():>20.3f}  " + "  ".join(f"{u:>11.1%}" for u in reuse.mean(0))
+        + f"   (uniform routing: entropy 1, reuse w=1 {result.k / result.num_experts:.1%})",
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def bench(
     preset: str = typer.Option("qwen3.5-397b-a17b", help="Model shape: qwen3.5-397b-a17b or qwen3-next-80b-a3b."),
     layers: int = typer.Option(8, help="Slice of the first L layers (budgets scale by L / all layers)."),
@@ -198,6 +236,9 @@ def bench(
     host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Host expert tier for the FULL model (default: RAM - reserve)."),
     workdir: Path = typer.Option(Path("/tmp/flashmoe-bench"), help="Where the synthesized model is written (reused)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    trace_file: Optional[Path] = typer.Option(
+        None, "--trace", help="Routing trace (flashmoe trace): also run S1 with its locality replayed, beside uniform routing."
+    ),
 ):
     """Benchmark scenarios S1 (decode) and S2 (prefill) on a synthesized model of a named shape (GPU)."""
     import torch
@@ -209,7 +250,7 @@ def bench(
     try:
         report = run(
             preset, layers, bits, k, prompt_tokens, tokens, [n for n in prefill if n], workdir,
-            parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None,
+            parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None, trace_file,
             log=lambda line: err.print(line, soft_wrap=True),
         )
     except USER_ERRORS as e:

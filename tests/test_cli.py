@@ -60,3 +60,16 @@ def test_demo_chat_calls_a_tool():
     out = flashmoe("demo", "--chat", "-p", "Where is shutil.copyfile defined?", "--temperature", 0, "--tokens", 48)
     assert out.returncode == 0, out.stderr
     assert "<tool_call>" in out.stdout and "<function=find_source>" in out.stdout and "copyfile" in out.stdout
+
+
+def test_trace_records_a_text_and_summarizes_its_locality(tmp_path, packed16):
+    from flashmoe.runtime.routing_trace import RoutingTrace
+
+    (tmp_path / "code.py").write_text("def f(x):\n    return x + 1\n" * 8)
+    out = flashmoe("trace", "--model", packed16, "--data", tmp_path / "code.py", "--out", tmp_path / "t.npz", "--tokens", 100)
+    assert out.returncode == 0, out.stderr
+    trace = RoutingTrace.load(tmp_path / "t.npz")  # the byte tokenizer: one token per character
+    assert trace.ids.shape == (100, 4, 2) and trace.num_experts == 8 and trace.source == "code.py"
+    assert "reuse w=1" in out.stderr and "load entropy" in out.stderr and "uniform routing" in out.stderr
+    out = flashmoe("trace", "--model", packed16, "--data", tmp_path / "missing.py", "--out", tmp_path / "u.npz")
+    assert out.returncode == 2 and "is not a file" in out.stderr and "Traceback" not in out.stderr

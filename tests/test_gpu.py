@@ -60,3 +60,20 @@ def test_one_397b_shape_layer_matches_the_cpu_path(tmp_path):
     cpu = logits(Engine(out, dtype=torch.float32, host_mem=8 << 30), ids, steps=3)
     gpu = logits(Engine(out, device="cuda", host_mem=1 << 30, gpu_mem=2 << 30), ids, steps=3)
     assert float((gpu - cpu).norm() / cpu.norm()) < 3e-2
+
+
+def test_replayed_routing_reaches_the_gpu_tier_through_the_graphed_decode(packed16):
+    """The ids a replay substitutes are the ones GpuRoutedExperts fetches and counts, graphs or not."""
+    from flashmoe.runtime.routing_trace import ReplayExperts, wrapped_experts
+
+    stream = torch.tensor([[0, 1], [1, 2], [0, 2]])  # layer i gets stream + 2i, cycled
+    runs = []
+    for graphs in (True, False):
+        engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs)
+        with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream + 2 * i, engine.timer)):
+            runs.append([s.token for s in engine.generate([1, 2, 3], SamplingParams(max_tokens=6, temperature=0))])
+        assert set(engine.gpu_tier.slots.slot_of) == {(i, e) for i in range(4) for e in range(2 * i, 2 * i + 3)}
+        tier = engine.gpu_tier.stats
+        # per layer: the 3-token prompt looks up its 3 distinct experts (all misses), then 5 decode steps 2 each
+        assert (tier.misses, tier.hits) == (4 * 3, 4 * 5 * 2)
+    assert runs[0] == runs[1]

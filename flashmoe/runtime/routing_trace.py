@@ -1,0 +1,157 @@
+"""Routing traces: which experts each token used at each MoE layer, recorded from a real model, and
+the two hooks on a layer's routed-experts callable that record and replay them.
+
+Recording is teacher-forced over a text: a position's routing depends only on the tokens up to
+it, so feeding the text in prefill chunks yields the ids that decoding the same text token by
+token would (up to rounding of near-tied router scores between the batched and the one-token
+kernels). What a cache sees is this sequence of consecutive tokens' choices.
+
+File (`.npz`, numpy's zip of arrays, no pickles): `ids` [tokens, moe_layers, k] int16 and `meta`,
+a JSON string: {"num_experts", "k", "model" (the model directory's name), "tokens", "source"}.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..layers.moe import RoutedExperts, SparseMoE
+
+
+class TraceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    ids: np.ndarray  # [T, L, k] int16: T tokens, L MoE layers, k experts per token (distinct)
+    num_experts: int
+    model: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        ids = self.ids
+        if ids.ndim != 3 or ids.dtype != np.int16:
+            raise TraceError(f"trace ids must be an int16 array [tokens, layers, k], not {ids.dtype} {list(ids.shape)}")
+        T, L, k = ids.shape
+        if T < 2 or L < 1 or not 1 <= k <= self.num_experts:
+            raise TraceError(f"trace of shape {list(ids.shape)} for {self.num_experts} experts: need >= 2 tokens, k <= experts")
+        if ids.min() < 0 or ids.max() >= self.num_experts:
+            raise TraceError(f"trace ids must lie in [0, {self.num_experts}); found {ids.min()}..{ids.max()}")
+        rows = np.sort(ids, axis=-1)
+        if (rows[..., 1:] == rows[..., :-1]).any():
+            raise TraceError("a token lists the same expert twice in one layer: not a top-k routing trace")
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def layers(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[2]
+
+    def save(self, path: str | Path) -> None:
+        meta = {"num_experts": self.num_experts, "k": self.k, "model": self.model, "tokens": self.tokens, "source": self.source}
+        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez_compressed(f, ids=self.ids, meta=np.array(json.dumps(meta)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RoutingTrace":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"routing trace {path} does not exist (record one with flashmoe trace)")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                ids, meta = f["ids"], json.loads(str(f["meta"]))
+            num_experts, k = int(meta["num_experts"]), int(meta["k"])
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
+            raise TraceError(f"{path} is not a flashmoe routing trace ({type(e).__name__}: {e})") from None
+        if ids.ndim == 3 and ids.shape[2] != k:
+            raise TraceError(f"{path}: its metadata says k={k} but its ids hold {ids.shape[2]} experts per token")
+        return cls(ids, num_experts, str(meta.get("model", "")), str(meta.get("source", "")))
+
+    def require(self, num_experts: int, k: int) -> None:
+        """Refuse to replay these ids verbatim on a model of another shape (a generated stream,
+        runtime/locality.py, carries the statistics to any shape instead)."""
+        if (num_experts, k) != (self.num_experts, self.k):
+            raise TraceError(
+                f"the trace was recorded with {self.num_experts} experts, k={self.k} ({self.model or 'unknown model'}); "
+                f"this needs {num_experts} experts, k={k}: replay it through a generated stream instead"
+            )
+
+
+class RecordingExperts:
+    """Passes every call through to the layer's experts and keeps the ids the router chose."""
+
+    def __init__(self, inner: RoutedExperts):
+        self.inner = inner
+        self.ids: list[torch.Tensor] = []  # [T, k] per call, in call order
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.ids.append(ids.cpu())
+        return self.inner(x, ids, weights)
+
+
+class ReplayExperts:
+    """The layer's experts run on ids from a stream instead of the router's; the router's weights
+    are kept. Each call takes the stream's next T rows (cyclically). The router's ids are still
+    read back to the host, as the real path does, so the replay waits where a real run waits."""
+
+    def __init__(self, inner, stream: torch.Tensor, timer):
+        self.inner, self.stream, self.timer = inner, stream.to(torch.long), timer  # stream [N, k]
+        self.position = 0
+
+    def _next(self, ids: torch.Tensor) -> torch.Tensor:
+        T, k = ids.shape
+        if k != self.stream.shape[1]:
+            raise TraceError(f"the replayed stream has {self.stream.shape[1]} experts per token; the router chose {k}")
+        with self.timer.section("expert_io"):
+            ids.cpu()  # the host sync a real run spends on reading the routing
+        rows = torch.arange(self.position, self.position + T) % self.stream.shape[0]
+        self.position += T
+        return self.stream[rows]  # host ids: the inner callable's own ids.cpu() is then free
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, self._next(ids), weights)
+
+    def decode_into(self, x, ids, weights, residual, out) -> None:
+        """The graphed decode step's entry point (runtime/graphs.py)."""
+        self.inner.decode_into(x, self._next(ids), weights, residual, out)
+
+
+@contextmanager
+def wrapped_experts(layers, wrap: Callable[[int, RoutedExperts], RoutedExperts]) -> Iterator[list]:
+    """Replace the experts callable of every MoE layer by wrap(moe_index, callable) for the block;
+    yields the wrappers in layer order and puts the originals back afterwards."""
+    moe = [layer.mlp for layer in layers if isinstance(layer.mlp, SparseMoE)]
+    originals = [m.experts for m in moe]
+    try:
+        for i, m in enumerate(moe):
+            m.experts = wrap(i, m.experts)
+        yield [m.experts for m in moe]
+    finally:
+        for m, experts in zip(moe, originals):
+            m.experts = experts
+
+
+def record(engine, ids: list[int], source: str = "", progress: Callable[[int], None] = lambda done: None) -> RoutingTrace:
+    """Teacher-force `ids` through the engine (windows of at most its context length, each from a
+    fresh state) and return the routing of every token."""
+    window = engine.context_length
+    with wrapped_experts(engine.model.layers, lambda i, inner: RecordingExperts(inner)) as recorders:
+        for start in range(0, len(ids), window):
+            engine.forward(ids[start : start + window], engine.new_state())
+            progress(min(start + window, len(ids)))
+    routed = np.stack([torch.cat(r.ids).numpy() for r in recorders], axis=1).astype(np.int16)
+    return RoutingTrace(routed, engine.config.num_experts, engine.dir.name, source)
