@@ -11,6 +11,7 @@ tier moved per token and bandwidths measured in the same run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -25,6 +26,7 @@ from .config import ModelConfig
 from .synthetic import hf_tensor_specs, random_init
 from .formats.packed import DENSE_FILE, ExpertFile, Manifest, RecordLayout
 from .formats.safetensors import SafetensorsWriter, read_into
+from .layers.int8_linear import is_int8_linear
 from .models import family
 from .runtime.locality import WINDOWS, StreamGenerator, fit_replay, load_entropy, rank_shares, reuse_profile
 from .runtime.locality import sorted_shares
@@ -62,9 +64,19 @@ def preset_config(name: str, layers: int | None = None) -> dict:
     return cfg
 
 
-def dense_bytes(cfg: dict) -> int:
-    """bf16 bytes of every non-expert weight of a model of this shape."""
-    return sum(2 * torch.Size(shape).numel() for name, shape, _ in hf_tensor_specs(cfg) if ".experts." not in name)
+def dense_bytes(cfg: dict, dense_bits: int = 16) -> int:
+    """Resident bytes of every non-expert weight of a model of this shape: bf16, or with
+    dense_bits 8 the int8 projections at one byte per weight plus an fp32 scale per row."""
+    total = 0
+    for name, shape, _ in hf_tensor_specs(cfg):
+        if ".experts." in name:
+            continue
+        module, _, kind = name.rpartition(".")
+        if dense_bits == 8 and kind == "weight" and is_int8_linear(module):
+            total += torch.Size(shape).numel() + 4 * shape[0]
+        else:
+            total += 2 * torch.Size(shape).numel()
+    return total
 
 
 def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int = 0, device="cpu", log=print) -> Path:
@@ -136,19 +148,20 @@ class Tiers:
     notes: str
 
 
-def plan_tiers(full_cfg: dict, layout: RecordLayout, gpu_total: int, ram_total: int, gpu_mem=None, host_mem=None) -> Tiers:
+def plan_tiers(full_cfg: dict, layout: RecordLayout, gpu_total: int, ram_total: int, gpu_mem=None, host_mem=None,
+               dense_bits: int = 16) -> Tiers:
     """Tiers for the full model, as fractions of its experts, from the machine (or given budgets)."""
     n_moe = full_cfg["num_hidden_layers"]
     E = full_cfg["num_experts"]
     all_experts = n_moe * E * layout.record_size
-    dense = dense_bytes(full_cfg)
+    dense = dense_bytes(full_cfg, dense_bits)
     gpu = gpu_mem if gpu_mem is not None else max(0, gpu_total - dense - GPU_MARGIN)
     host = host_mem if host_mem is not None else max(0, ram_total - RAM_RESERVE)
     per_layer = n_moe * layout.record_size  # bytes of one expert index across all layers
     g = min(E, gpu // per_layer)
     h = min(E - g, host // per_layer)
     notes = (
-        f"full model: experts {all_experts / 2**30:.1f} GiB, dense {dense / 2**30:.1f} GiB (bf16); "
+        f"full model: experts {all_experts / 2**30:.1f} GiB, dense {dense / 2**30:.1f} GiB ({dense_bits}-bit); "
         f"GPU tier = GPU {gpu_total / 2**30:.0f} GiB - dense - {GPU_MARGIN >> 30} GiB margin = {gpu / 2**30:.1f} GiB; "
         f"host tier = RAM {ram_total / 2**30:.0f} GiB - {RAM_RESERVE >> 30} GiB reserve = {host / 2**30:.1f} GiB"
     )
@@ -292,12 +305,13 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
 
 
 def _hbm_bytes_per_token(engine) -> int:
-    """Dense weights a decode step reads (all but the embedding table, of which it reads one row)."""
+    """Dense weights a decode step reads (all but the embedding table, of which it reads one row),
+    at their resident size: Int8Linear codes and scales are buffers, the rest parameters."""
     total = 0
-    for name, p in engine.model.named_parameters():
+    for name, t in itertools.chain(engine.model.named_parameters(), engine.model.named_buffers()):
         if "embed_tokens" in name and not engine.config.tie_word_embeddings:
             continue
-        total += p.numel() * p.element_size()
+        total += t.numel() * t.element_size()
     return total
 
 
@@ -392,7 +406,7 @@ def result_json(**parts) -> str:
 
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
         workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
-        log=print) -> dict:
+        dense_bits: int = 16, log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
     tiers, then S1 for each k (uniform routing, then replayed from `trace` if given) and S2 for
     each prompt length. Returns the report."""
@@ -410,14 +424,15 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     bw = measure_bandwidths(out, layout)
     log(f"bandwidths: PCIe H2D {bw.pcie_h2d / 1e9:.1f} GB/s, HBM copy {bw.hbm_copy / 1e9:.0f} GB/s, disk {bw.disk_read / 1e9:.2f} GB/s")
     gpu_total = torch.cuda.get_device_properties(0).total_memory
-    tiers = plan_tiers(full, layout, gpu_total, total_memory_bytes(), gpu_mem, host_mem)
+    tiers = plan_tiers(full, layout, gpu_total, total_memory_bytes(), gpu_mem, host_mem, dense_bits)
     log(f"tiers: GPU {tiers.gpu_fraction:.1%}, host {tiers.host_fraction:.1%}, disk {tiers.disk_fraction:.1%} ({tiers.notes})")
     rs, moe_layers, k_max = layout.record_size, len(ModelConfig.from_dict(cfg).moe_layers), max(ks)
     engine = Engine(
         out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False,
         host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
+        dense_bits=dense_bits,
     )
-    report = {"preset": preset, "layers": layers, "bits": bits, "device": torch.cuda.get_device_name(0),
+    report = {"preset": preset, "layers": layers, "bits": bits, "dense_bits": dense_bits, "device": torch.cuda.get_device_name(0),
               "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
     if trace_stats:
         report["trace"] = trace_stats

@@ -21,6 +21,7 @@ from rich.markup import escape
 
 from .cli_common import (
     CACHE_POLICY_OPTION,
+    DENSE_BITS_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     GPU_MEM_OPTION,
@@ -315,6 +316,7 @@ def chat_command(
     gpu_mem: Optional[str] = GPU_MEM_OPTION,
     cache_policy: str = CACHE_POLICY_OPTION,
     dtype: str = DTYPE_OPTION,
+    dense_bits: int = DENSE_BITS_OPTION,
 ):
     """Chat with the model in the terminal: streamed answers, history, tool calls (type /help inside)."""
     from .cli_common import USER_ERRORS, fail, sampling_params
@@ -325,7 +327,7 @@ def chat_command(
         tools = (BUILTIN_TOOLS if builtin_tools else []) + (load_user_tools(tools_file) if tools_file else [])
         params = sampling_params(model, temperature, top_p, top_k, max_tokens=max_tokens, seed=seed)
         engine = load_engine(model, dict(device=device, host_mem=host_mem, k=k, dtype=dtype, cache_policy=cache_policy,
-                                         gpu_mem=gpu_mem))
+                                         gpu_mem=gpu_mem, dense_bits=dense_bits))
         session = ChatSession(engine, params, tools, system, think or show_think, show_think, console, parse_size(prefix_cache))
     except USER_ERRORS as e:
         fail(e)

@@ -11,6 +11,7 @@ import typer
 from .chat import chat_command
 from .cli_common import (
     CACHE_POLICY_OPTION,
+    DENSE_BITS_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     GPU_MEM_OPTION,
@@ -136,13 +137,15 @@ def generate(
     cache_policy: str = CACHE_POLICY_OPTION,
     profile: bool = typer.Option(False, help="With --device cuda: synchronize at each timed section so the breakdown is exact (slower)."),
     dtype: str = DTYPE_OPTION,
+    dense_bits: int = DENSE_BITS_OPTION,
     verify: bool = VERIFY_OPTION,
 ):
     """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, profile=profile)
+        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, profile=profile,
+                             dense_bits=dense_bits)
         params = sampling_params(
             model, temperature, top_p, top_k, max_tokens=tokens, repetition_penalty=repetition_penalty, seed=seed, stop=stop
         )
@@ -234,6 +237,7 @@ def bench(
     prefill: list[int] = typer.Option([512, 2048], "--prefill", help="S2 prompt lengths (repeatable; 0 to skip)."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU expert tier for the FULL model (default: GPU memory - dense - margin)."),
     host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Host expert tier for the FULL model (default: RAM - reserve)."),
+    dense_bits: int = DENSE_BITS_OPTION,
     workdir: Path = typer.Option(Path("/tmp/flashmoe-bench"), help="Where the synthesized model is written (reused)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
     trace_file: Optional[Path] = typer.Option(
@@ -250,7 +254,7 @@ def bench(
     try:
         report = run(
             preset, layers, bits, k, prompt_tokens, tokens, [n for n in prefill if n], workdir,
-            parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None, trace_file,
+            parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None, trace_file, dense_bits,
             log=lambda line: err.print(line, soft_wrap=True),
         )
     except USER_ERRORS as e:

@@ -34,6 +34,11 @@ CACHE_POLICY_OPTION = typer.Option(
 DTYPE_OPTION = typer.Option(
     "auto", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32), bfloat16, float16, float32."
 )
+DENSE_BITS_OPTION = typer.Option(
+    16, "--dense-bits",
+    help="Resident dense weights: 16, or 8 (attention/DeltaNet projections, shared experts and lm_head as int8 "
+    "quantized at load: half the memory, half the bytes per decoded token; on the CPU slower than 16).",
+)
 VERIFY_OPTION = typer.Option(True, help="Check each expert record's CRC32 the first time it is read.")
 TEMPERATURE_OPTION = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.")
 TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus sampling mass.")

@@ -14,8 +14,10 @@ import torch
 from .config import ModelConfig
 from .formats.packed import Manifest
 from .formats.safetensors import SafetensorsFile
+from .layers.int8_linear import use_int8_linears
 from .layers.moe import SparseMoE
 from .models import family
+from .quant import quantize_int8_rows
 from .runtime.expert_store import ExpertStore, StoreStats
 from .runtime.experts import StreamedExperts
 from .runtime.sampling import Sampler, SamplingParams
@@ -82,6 +84,7 @@ class Engine:
         profile: bool = False,
         direct_io: bool = False,
         cuda_graphs: bool = True,
+        dense_bits: int = 16,
     ):
         """Load a packed model: dense weights resident on `device`, experts behind the caches.
 
@@ -92,7 +95,9 @@ class Engine:
         profile: synchronize the device at every timed section, so the per-section split is true
         on a GPU (at some cost in speed); on the CPU timings are always true.
         direct_io: read expert records with O_DIRECT, bypassing the OS page cache.
-        cuda_graphs: replay each layer's dense part from a CUDA graph during decode (cuda)."""
+        cuda_graphs: replay each layer's dense part from a CUDA graph during decode (cuda).
+        dense_bits: 16, or 8 to keep the large dense projections and lm_head as int8 (quantized
+        here from the 16-bit dense file; layers/int8_linear.py says which)."""
         self.dir = Path(model_dir)
         self.manifest = Manifest.load(self.dir)
         self.config = cfg = ModelConfig.from_dir(self.dir)
@@ -104,6 +109,9 @@ class Engine:
             native_bf16 = self.device.type == "cuda" or cpu_has_native_bf16()
             dtype = torch.bfloat16 if native_bf16 else torch.float32
         self.dtype = dtype
+        if dense_bits not in (16, 8):
+            raise ValueError(f"--dense-bits must be 16 or 8, got {dense_bits}")
+        self.dense_bits = dense_bits
         self.top_k = top_k or cfg.num_experts_per_tok
         if not 1 <= self.top_k <= cfg.num_experts:
             raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")
@@ -174,10 +182,15 @@ class Engine:
     def _load_dense(self) -> torch.nn.Module:
         with torch.device("meta"):
             model = family(self.config.model_type).Model(self.config)
+        int8 = set(use_int8_linears(model)) if self.dense_bits == 8 else set()
         weights = {}
         with SafetensorsFile(self.dir / self.manifest.dense_file) as f:
             for name in f.tensors:
-                weights[name] = f.read(name).to(self.device, self.dtype)
+                module, _, kind = name.rpartition(".")
+                if module in int8 and kind == "weight":  # quantized from the stored 16-bit values, on the device
+                    weights[name], weights[f"{module}.scale"] = quantize_int8_rows(f.read(name).to(self.device))
+                else:
+                    weights[name] = f.read(name).to(self.device, self.dtype)
         model.load_state_dict(weights, strict=True, assign=True)
         return model.eval()
 

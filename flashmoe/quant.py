@@ -1,5 +1,7 @@
 """Affine group quantization with MLX semantics: w ~ q * scale + bias, one 16-bit (scale, bias)
-per group of `group_size` consecutive input weights, q unsigned in [0, 2^bits - 1].
+per group of `group_size` consecutive input weights, q unsigned in [0, 2^bits - 1] (the experts);
+and symmetric int8 with one fp32 scale per output channel (the resident dense weights with
+`--dense-bits 8`, quantized at load time; docs/EXPERIMENTS.md says why this scheme).
 
 Codes are packed along the input dimension into little-endian uint32 words: element j of a row
 sits in word j // (32 / bits) at bit offset bits * (j % (32 / bits)). This is the plain PyTorch
@@ -68,6 +70,24 @@ def dequantize(
     groups = codes.view(n, k // group_size, group_size).to(torch.float32)
     w = torch.addcmul(biases.float().unsqueeze(-1), groups, scales.float().unsqueeze(-1))
     return w.view(n, k).to(dtype)
+
+
+def quantize_int8_rows(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] weights -> (codes int8 [N, K] in [-127, 127], scales fp32 [N]), w ~ codes * scales[:, None].
+    Works `chunk` rows at a time on w's device, so the fp32 temporaries of a 248k-row lm_head stay small."""
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], chunk):
+        rows = w[start : start + chunk].float()
+        s = rows.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # an all-zero row gets codes 0
+        scales[start : start + chunk] = s
+        codes[start : start + chunk] = (rows / s[:, None]).round_().clamp_(-127, 127)
+    return codes, scales
+
+
+def dequantize_int8_rows(codes: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_int8_rows`: [N, K] weights in `dtype`."""
+    return (codes.float() * scales[:, None]).to(dtype)
 
 
 def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:

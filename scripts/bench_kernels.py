@@ -1,6 +1,7 @@
-"""Kernel timings on the GPU: the gathered-experts decode kernels at real shapes, as achieved
-bandwidth against a device-to-device copy measured in the same run. Each timing is a CUDA graph of
-16 calls over different expert slots (so the 50 MB L2 cannot serve repeats), median of replays."""
+"""Kernel timings on the GPU: the gathered-experts decode kernels and the int8 dense GEMV
+(`--dense-bits 8`) at real shapes, as achieved bandwidth against a device-to-device copy measured in
+the same run. Each decode timing is a CUDA graph of calls over different expert slots or weight
+copies (so the 50 MB L2 cannot serve repeats), median of replays."""
 
 import argparse
 
@@ -11,6 +12,7 @@ from flashmoe.bench import hbm_copy_bandwidth, random_records
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.moe_gemv import MoeGemv
 from flashmoe.kernels.moe_grouped import MoeGrouped
+from flashmoe.layers.int8_linear import Int8Linear
 
 
 # (block_n, block_k, warps); the sweep of 2026-11-23 (docs/bench) also timed a 3D-unpack variant, since removed
@@ -22,14 +24,16 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=1024)
     ap.add_argument("--slots", type=int, default=256, help="pool size (rotated so reads miss the L2)")
-    ap.add_argument("--only", choices=["gemv", "grouped"], help="time one kernel family")
+    ap.add_argument("--only", choices=["gemv", "grouped", "dense8"], help="time one kernel family")
     args = ap.parse_args()
     hbm = hbm_copy_bandwidth() / 1e9
     print(f"device-to-device copy: {hbm:.0f} GB/s (read + write)")
-    if args.only != "grouped":
+    if args.only in (None, "gemv"):
         gemv_sweep(args, hbm)
-    if args.only != "gemv":
+    if args.only in (None, "grouped"):
         grouped_sweep(args)
+    if args.only in (None, "dense8"):
+        dense8(hbm)
 
 
 def grouped_sweep(args) -> None:
@@ -63,6 +67,50 @@ def gemv_sweep(args, hbm: float) -> None:
                 us = triton.testing.do_bench_cudagraph(lambda: [gemv(x, pool, s, w) for s in sets], return_mode="median") * 1e3 / 16
                 gbs = k * layout.payload_bytes / us / 1e3
                 print(f"{bits:>4} {k:>2} {block_n:>7} {block_k:>7} {warps:>5} {us:>9.1f} {gbs:>6.0f} {100 * gbs / hbm:>8.0f}%")
+
+
+
+# (N, K) of the 397B's dense projections: shared expert gate/up and down, in_proj_qkv, o_proj / out_proj,
+# q_proj, lm_head. The int8 GEMV's configurations: (block_n, block_k, warps); the first is the default.
+DENSE_SHAPES = [(1024, 4096), (4096, 1024), (12288, 4096), (4096, 8192), (16384, 4096), (248320, 4096)]
+DENSE8_CONFIGS = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2), (8, 2048, 4), (16, 512, 4), (2, 1024, 1)]
+
+
+def dense8(hbm: float) -> None:
+    """int8 GEMV (one token, and 16 rows) against bf16 torch.nn.functional.linear, then prefill
+    (2048 rows: codes converted for the library matmul) against bf16."""
+    from flashmoe.kernels.int8_gemv import int8_gemv
+
+    print("dense int8 GEMV vs bf16 F.linear, weight bytes read per call: N K M block_n block_k warps"
+          "  int8 us  GB/s  % of copy | bf16 us  GB/s  % of copy | speedup")
+    for N, K in DENSE_SHAPES:
+        copies = max(1, min(32, (512 << 20) // (N * K)))  # >= 512 MiB of int8 weights per replay: no L2 reuse
+        q = [torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda") for _ in range(copies)]
+        scale = torch.rand(N, device="cuda") / 127
+        w16 = [c.to(torch.bfloat16) for c in q]
+        for M in (1, 16):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            us16 = per_call_us(lambda: [torch.nn.functional.linear(x, w) for w in w16], copies)
+            for block_n, block_k, warps in DENSE8_CONFIGS if M == 1 else DENSE8_CONFIGS[:1]:
+                us8 = per_call_us(lambda: [int8_gemv(x, c, scale, block_n, block_k, warps) for c in q], copies)
+                gb8, gb16 = N * K / us8 / 1e3, 2 * N * K / us16 / 1e3
+                print(f"{N:>6} {K:>5} {M:>2} {block_n:>7} {block_k:>7} {warps:>5}  {us8:>7.1f} {gb8:>5.0f} {100 * gb8 / hbm:>9.0f}%"
+                      f" | {us16:>7.1f} {gb16:>5.0f} {100 * gb16 / hbm:>9.0f}% | {us16 / us8:>5.2f}x")
+        del q, w16
+    print("prefill, 2048 rows: N K  int8 (converted + cuBLAS) ms  bf16 ms  int8 / bf16")
+    for N, K in DENSE_SHAPES[:-1]:
+        layer = Int8Linear(K, N).cuda()
+        layer.weight.copy_(torch.randint(-127, 128, (N, K), dtype=torch.int8))
+        layer.scale.copy_(torch.rand(N) / 127)
+        w = layer.weight.to(torch.bfloat16)
+        x = torch.randn(2048, K, device="cuda", dtype=torch.bfloat16)
+        ms8 = triton.testing.do_bench(lambda: layer(x), return_mode="median")
+        ms16 = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
+        print(f"{N:>6} {K:>5} {ms8:>10.3f} {ms16:>8.3f} {ms8 / ms16:>8.2f}")
+
+
+def per_call_us(calls, n: int) -> float:
+    return triton.testing.do_bench_cudagraph(calls, return_mode="median") * 1e3 / n
 
 
 if __name__ == "__main__":

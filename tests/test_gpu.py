@@ -77,3 +77,21 @@ def test_replayed_routing_reaches_the_gpu_tier_through_the_graphed_decode(packed
         # per layer: the 3-token prompt looks up its 3 distinct experts (all misses), then 5 decode steps 2 each
         assert (tier.misses, tier.hits) == (4 * 3, 4 * 5 * 2)
     assert runs[0] == runs[1]
+
+
+def test_8_bit_dense_gpu_logits_match_the_cpu_path(default_init_16):
+    """The Triton GEMV (decode) and converted-codes matmul (prefill) against the CPU's 8-bit path."""
+    d, _ = default_init_16
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(5))
+    cpu = logits(Engine(d / "q16", dtype=torch.float32, dense_bits=8), ids)
+    gpu = logits(Engine(d / "q16", device="cuda", dense_bits=8), ids)  # bf16
+    assert float((gpu - cpu).norm() / cpu.norm()) < 3e-2
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_8_bit_dense_decode_in_cuda_graphs_equals_the_cpu_path(packed16, graphs):
+    prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(6)).tolist()
+    params = SamplingParams(max_tokens=20, temperature=0)
+    ref = [s.token for s in Engine(packed16, dtype=torch.float32, dense_bits=8).generate(prompt, params)]
+    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, dense_bits=8)
+    assert [s.token for s in engine.generate(prompt, params)] == ref

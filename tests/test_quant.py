@@ -45,3 +45,18 @@ def test_bad_shapes_are_explained():
         quant.quantize(torch.randn(4, 96), 4, 64)
     with pytest.raises(ValueError, match="bits"):
         quant.quantize(torch.randn(4, 64), 3, 64)
+
+
+def test_int8_rows_error_is_bounded_and_scales_fill_the_range():
+    w = torch.randn(256, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    codes, scales = quant.quantize_int8_rows(w, chunk=100)  # chunks that do not divide the rows
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (256,)
+    assert int(codes.abs().amax(1).min()) == 127  # each row's largest weight maps to +-127
+    err = quant.relative_error(w, quant.dequantize_int8_rows(codes, scales))
+    assert 0 < err < 0.011  # measured 0.0087 (Gaussian rows of 4096; scripts/dense8_scheme.py)
+
+
+def test_int8_rows_keep_representable_weights_and_zero_rows_exactly():
+    w = torch.tensor([[-127.0, 0.0, 3.0, 127.0], [0.0, 0.0, 0.0, 0.0]]) * 0.5
+    codes, scales = quant.quantize_int8_rows(w)
+    assert torch.equal(quant.dequantize_int8_rows(codes, scales), w)

@@ -120,8 +120,10 @@ class Model(nn.Module):
             return self.logits(x[-1:] if last_only else x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return (self.model.norm(x) @ head.t()).float()
+        x = self.model.norm(x)
+        if self.cfg.tie_word_embeddings:  # the embedding table, kept 16-bit even with --dense-bits 8
+            return (x @ self.model.embed_tokens.weight.t()).float()
+        return self.lm_head(x).float()  # an nn.Linear, or an Int8Linear with --dense-bits 8
 
 
 # --- checkpoint names ----------------------------------------------------------------------------

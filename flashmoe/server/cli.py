@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from ..cli_common import CACHE_POLICY_OPTION, DEVICE_OPTION, DTYPE_OPTION, GPU_MEM_OPTION, HOST_MEM_OPTION, K_OPTION, VERIFY_OPTION
+from ..cli_common import (
+    CACHE_POLICY_OPTION, DENSE_BITS_OPTION, DEVICE_OPTION, DTYPE_OPTION, GPU_MEM_OPTION, HOST_MEM_OPTION, K_OPTION, VERIFY_OPTION,
+)
 
 
 def serve_command(
@@ -30,6 +32,7 @@ def serve_command(
     gpu_mem: Optional[str] = GPU_MEM_OPTION,
     cache_policy: str = CACHE_POLICY_OPTION,
     dtype: str = DTYPE_OPTION,
+    dense_bits: int = DENSE_BITS_OPTION,
     verify: bool = VERIFY_OPTION,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and Anthropic's Messages API."""
@@ -41,7 +44,7 @@ def serve_command(
     from .service import ModelService
 
     try:
-        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy)
+        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, dense_bits=dense_bits)
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
                                parse_size(prefix_cache), parallel, max_queue)
         app = create_app(service, api_key, parse_size(max_body))

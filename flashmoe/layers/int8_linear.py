@@ -1,0 +1,72 @@
+"""8-bit resident dense weights (`--dense-bits 8`): `Int8Linear` replaces a bias-free nn.Linear by
+int8 codes with one fp32 scale per output channel (flashmoe.quant.quantize_int8_rows).
+
+Only the large projections are quantized. Kept 16-bit: the router (`mlp.gate`: a flipped routing
+decision costs far more than its bytes save), `shared_expert_gate` (one row), the DeltaNet gates
+`in_proj_a` / `in_proj_b` (64 rows each, driving the state's decay), norms, conv1d, A_log / dt_bias,
+and the embedding table (a lookup: one row per token is read).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Module names (last component) of the nn.Linear layers that become Int8Linear.
+INT8_LINEARS = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "up_proj",
+     "down_proj", "lm_head"}
+)
+
+DEQUANT_ROWS = 16384  # weight rows per converted block in Int8Linear.dequantized_matmul (128 MiB of bf16 at K=4096)
+
+
+def is_int8_linear(module_name: str) -> bool:
+    """Whether the nn.Linear of this (dotted) module name is stored as int8 with --dense-bits 8."""
+    return module_name.rpartition(".")[2] in INT8_LINEARS
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ weight^T) * scale: weight int8 [out, in], scale fp32 [out]. On a GPU, up to
+    MAX_ROWS rows (decode) go through the Triton GEMV, which reads each weight byte once and needs no
+    host sync or allocation beyond its output (safe inside CUDA graphs). More rows (prefill), and
+    the CPU, take `dequantized_matmul`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if x.is_cuda:
+            from ..kernels.int8_gemv import MAX_ROWS, int8_gemv  # Triton: the CPU path imports none of it
+
+            if rows.shape[0] <= MAX_ROWS:
+                return int8_gemv(rows, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
+        return self.dequantized_matmul(rows).view(*x.shape[:-1], self.out_features)
+
+    def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """Codes converted to the activations' dtype (exact: |code| <= 127) for the library matmul,
+        which is compute-bound here; the scales then multiply its output columns. Converted
+        DEQUANT_ROWS weight rows at a time, so the temporary stays small even for the lm_head."""
+        out = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype, device=rows.device)
+        for start in range(0, self.out_features, DEQUANT_ROWS):
+            block = slice(start, start + DEQUANT_ROWS)
+            out[:, block] = F.linear(rows, self.weight[block].to(rows.dtype)) * self.scale[block]
+        return out
+
+
+def use_int8_linears(model: nn.Module) -> list[str]:
+    """Swap the model's quantizable nn.Linear layers for (empty) Int8Linear ones, in place, on the
+    device the model was built on (meta, before loading) -> the swapped modules' names."""
+    swapped = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_int8_linear(name)]
+    for name in swapped:
+        parent, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        if linear.bias is not None:
+            raise ValueError(f"{name} has a bias; Int8Linear has none")
+        setattr(model.get_submodule(parent), child, Int8Linear(linear.in_features, linear.out_features))
+    return swapped
