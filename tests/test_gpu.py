@@ -66,13 +66,13 @@ def test_replayed_routing_reaches_the_gpu_tier_through_the_graphed_decode(packed
     """The ids a replay substitutes are the ones GpuRoutedExperts fetches and counts, graphs or not."""
     from flashmoe.runtime.routing_trace import ReplayExperts, wrapped_experts
 
-    stream = torch.tensor([[0, 1], [1, 2], [0, 2]])  # layer i gets stream + 2i, cycled
+    stream = torch.tensor([[0, 1], [1, 2], [0, 2]])  # layer i gets stream + i, cycled
     runs = []
     for graphs in (True, False):
         engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs)
-        with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream + 2 * i, engine.timer)):
+        with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream + i, engine.timer)):
             runs.append([s.token for s in engine.generate([1, 2, 3], SamplingParams(max_tokens=6, temperature=0))])
-        assert set(engine.gpu_tier.slots.slot_of) == {(i, e) for i in range(4) for e in range(2 * i, 2 * i + 3)}
+        assert set(engine.gpu_tier.slots.slot_of) == {(i, e) for i in range(4) for e in range(i, i + 3)}
         tier = engine.gpu_tier.stats
         # per layer: the 3-token prompt looks up its 3 distinct experts (all misses), then 5 decode steps 2 each
         assert (tier.misses, tier.hits) == (4 * 3, 4 * 5 * 2)

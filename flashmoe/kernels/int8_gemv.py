@@ -48,7 +48,7 @@ def _int8_gemv_kernel(
 
 
 def int8_gemv(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int = 8, block_k: int = 1024, num_warps: int = 2
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int = 2, block_k: int = 1024, num_warps: int = 1
 ) -> torch.Tensor:
     """x [M, K] (M <= 16; bf16, fp16 or fp32), q int8 [N, K] contiguous, scale fp32 [N]
     -> (x @ q^T) * scale as [M, N] in x.dtype, accumulated in fp32. Any N and K."""
