@@ -241,6 +241,10 @@ class DecodeResult:
     bytes_per_token: dict = field(default_factory=dict)
     roofline_ms_per_token: dict = field(default_factory=dict)
     roofline_fraction: float = 0.0
+    prefetch: bool = False  # next layer's experts guessed and copied ahead (Engine prefetch)
+    prefetch_accuracy: float = 0.0  # share of a guessed layer's real experts that the guess named
+    prefetch_hits_per_token: float = 0.0  # experts copied ahead that the routing used (misses saved)
+    prefetch_wasted_bytes_per_token: float = 0.0  # experts copied ahead that it did not use
 
 
 def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths, routing: str = "uniform") -> DecodeResult:
@@ -270,13 +274,13 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
     t_token = s.decode_seconds / n
     t60 = (t_token - outside) * layers_full / L + outside
     rs = engine.manifest.layout.record_size
-    dec = s.cache  # host tier during decode only: every GPU miss is fetched through it
-    gpu_dec_misses = dec.hits + dec.misses
-    gpu_dec_lookups = n * len(engine.config.moe_layers) * engine.top_k  # k distinct experts per token and layer
+    dec = s.cache  # host tier during decode only: every copy to the GPU (prefetches too) is fetched through it
+    host_loads = dec.hits + dec.misses
+    gpu = s.gpu_cache
     hbm = _hbm_bytes_per_token(engine) + engine.top_k * rs * len(engine.config.moe_layers)
     per_token = {
         "hbm": hbm,
-        "pcie": gpu_dec_misses * rs / n,
+        "pcie": host_loads * rs / n,
         "disk": dec.bytes_read / n,
     }
     roof = {
@@ -296,11 +300,15 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
         layers_in_slice=L,
         layers_full=layers_full,
         breakdown_ms_per_layer={k: v * 1e3 / (pn * L) for k, v in sorted(sec.items())},
-        gpu_hit_rate=1 - gpu_dec_misses / gpu_dec_lookups,
+        gpu_hit_rate=gpu.hit_rate,  # prefetched experts count as hits: they need no copy when routed
         host_hit_rate=dec.hit_rate,
         bytes_per_token=per_token,
         roofline_ms_per_token=roof,
         roofline_fraction=max(roof.values()) / (t_token * 1e3),
+        prefetch=any(layer.predict_next is not None for layer in engine.model.layers),
+        prefetch_accuracy=gpu.prediction_accuracy,
+        prefetch_hits_per_token=gpu.prefetch_hits / n,
+        prefetch_wasted_bytes_per_token=(gpu.prefetched - gpu.prefetch_hits) * rs / n,
     )
 
 
@@ -390,12 +398,14 @@ def run_replayed_decode(engine, gen: StreamGenerator, prompt_len: int, tokens: i
 
 def log_decode(r: DecodeResult, log=print) -> None:
     log(
-        f"S1 K={r.k} {r.routing}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
+        f"S1 K={r.k} {r.routing}{' prefetch' if r.prefetch else ''}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
         f"layers), {r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits "
         f"{r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; bytes/token "
         + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
         + "; roofline " + ", ".join(f"{t} {v:.2f} ms" for t, v in r.roofline_ms_per_token.items())
         + f" = {r.roofline_fraction:.0%} of measured"
+        + (f"; prefetch: guessed {r.prefetch_accuracy:.1%} of experts, {r.prefetch_hits_per_token:.1f} copies/token "
+           f"ahead of need, {r.prefetch_wasted_bytes_per_token / 2**20:.0f} MiB/token wasted" if r.prefetch else "")
     )
     log("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()))
 
@@ -406,10 +416,11 @@ def result_json(**parts) -> str:
 
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
         workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
-        dense_bits: int = 16, log=print) -> dict:
+        dense_bits: int = 16, prefetch: bool = False, log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
-    tiers, then S1 for each k (uniform routing, then replayed from `trace` if given) and S2 for
-    each prompt length. Returns the report."""
+    tiers, then S1 for each k (uniform routing; with `prefetch` again with next-layer prefetch; then
+    replayed from `trace` if given) and S2 for each prompt length. Returns the report. Replayed
+    routing runs without prefetch: its ids come from a stream the router's guess cannot know."""
     from .engine import Engine
     from .utils import total_memory_bytes
 
@@ -430,7 +441,7 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     engine = Engine(
         out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False,
         host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
-        dense_bits=dense_bits,
+        dense_bits=dense_bits, prefetch=prefetch,
     )
     report = {"preset": preset, "layers": layers, "bits": bits, "dense_bits": dense_bits, "device": torch.cuda.get_device_name(0),
               "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
@@ -438,7 +449,9 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
         report["trace"] = trace_stats
     for k in sorted(ks, reverse=True):
         engine.set_top_k(k)
-        for routing in ("uniform", "trace replay") if replays else ("uniform",):
+        rows = [("uniform", False)] + [("uniform", True)] * prefetch + [("trace replay", False)] * bool(replays)
+        for routing, ahead in rows:
+            engine.set_prefetch(ahead)
             place_tiers(engine, tiers)  # static tiers: the same residents for every run, counters reset
             if routing == "uniform":
                 r = run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
@@ -447,6 +460,7 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
             report["decode"].append(r)
             log_decode(r, log)
     engine.set_top_k(k_max)
+    engine.set_prefetch(False)
     for n in prefills:
         p = run_prefill(engine, n, full["num_hidden_layers"])
         report["prefill"].append(p)

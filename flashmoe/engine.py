@@ -22,7 +22,7 @@ from .runtime.expert_store import ExpertStore, StoreStats
 from .runtime.experts import StreamedExperts
 from .runtime.sampling import Sampler, SamplingParams
 from .runtime.state import SequenceState
-from .runtime.stats import Timer
+from .runtime.stats import GpuTierStats, Timer
 from .tokenizer import Tokenizer
 from .utils import available_memory_bytes, cpu_has_native_bf16, format_bytes, peak_rss_bytes
 
@@ -57,6 +57,7 @@ class GenerationStats:
     decode_sections: dict[str, float] = field(default_factory=dict)  # seconds per section, summed over decode
     prefill_cache: StoreStats = field(default_factory=StoreStats)  # expert-store counters during prefill
     cache: StoreStats = field(default_factory=StoreStats)  # ... and during decode
+    gpu_cache: GpuTierStats = field(default_factory=GpuTierStats)  # GPU tier counters during decode (GPU path)
     peak_rss: int = 0
 
     @property
@@ -85,6 +86,7 @@ class Engine:
         direct_io: bool = False,
         cuda_graphs: bool = True,
         dense_bits: int = 16,
+        prefetch: bool = False,
     ):
         """Load a packed model: dense weights resident on `device`, experts behind the caches.
 
@@ -97,7 +99,9 @@ class Engine:
         direct_io: read expert records with O_DIRECT, bypassing the OS page cache.
         cuda_graphs: replay each layer's dense part from a CUDA graph during decode (cuda).
         dense_bits: 16, or 8 to keep the large dense projections and lm_head as int8 (quantized
-        here from the 16-bit dense file; layers/int8_linear.py says which)."""
+        here from the 16-bit dense file; layers/int8_linear.py says which).
+        prefetch: during decode, guess each MoE layer's experts one layer ahead and start copying
+        them early (GPU path; runtime/gpu_experts.py). Changes timing only, never results."""
         self.dir = Path(model_dir)
         self.manifest = Manifest.load(self.dir)
         self.config = cfg = ModelConfig.from_dir(self.dir)
@@ -116,6 +120,7 @@ class Engine:
         if not 1 <= self.top_k <= cfg.num_experts:
             raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")
         self.prefill_chunk = prefill_chunk
+        self.prefetch = prefetch
         on_gpu = self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs and on_gpu
         self.timer = Timer(sync=torch.cuda.synchronize if on_gpu and profile else None)
@@ -153,12 +158,13 @@ class Engine:
 
         layout, cfg = self.manifest.layout, self.config
         staging = min(cfg.num_experts, DECODE_MAX_TOKENS * self.top_k)
+        prefetch = self.top_k if self.prefetch else 0  # slots per region (two regions)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
         else:  # the GPU path's logic on the CPU, for tests (kernels in Triton's interpreter)
             free, total = available_memory_bytes(), available_memory_bytes()
         margin = max(2 << 30, total // 12) if self.device.type == "cuda" else 0  # states, activations
-        available = free - margin - staging * layout.record_size
+        available = free - margin - (staging + 2 * prefetch) * layout.record_size
         if gpu_mem is None:
             gpu_mem = max(0, available)
         elif gpu_mem > available:
@@ -168,16 +174,34 @@ class Engine:
             )
         capacity = min(gpu_mem // layout.record_size, self.manifest.total_expert_bytes // layout.record_size)
         try:
-            self.gpu_tier = GpuExpertTier(layout, capacity, staging, self.device, policy)
+            self.gpu_tier = GpuExpertTier(layout, capacity, staging, self.device, policy, prefetch)
         except torch.cuda.OutOfMemoryError:
+            slots = capacity + staging + 2 * prefetch
             raise GpuMemoryError(
-                f"the GPU ran out of memory allocating {capacity + staging} expert slots "
-                f"({format_bytes((capacity + staging) * layout.record_size)}): lower --gpu-mem"
+                f"the GPU ran out of memory allocating {slots} expert slots "
+                f"({format_bytes(slots * layout.record_size)}): lower --gpu-mem"
             ) from None
         gemv, grouped = MoeGemv(layout), MoeGrouped(layout)
-        for i, layer in enumerate(self.model.layers):
-            if isinstance(layer.mlp, SparseMoE):
-                layer.mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, grouped, self.timer)
+        moe = self._moe_layers()
+        for i, nxt in zip(moe, moe[1:] + [None]):
+            self.model.layers[i].mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, grouped, self.timer, nxt)
+        self.set_prefetch(self.prefetch)
+
+    def set_prefetch(self, on: bool) -> None:
+        """Guess each MoE layer's experts one layer ahead during decode (or stop). The guess runs in
+        the previous MoE layer's dense part (captured in its CUDA graph), so one host sync per layer
+        still reads the routing; needs the GPU path loaded with prefetch=True (its prefetch slots)."""
+        from .runtime.gpu_experts import NextLayerGuess
+
+        if on and not (self.gpu_tier is not None and self.gpu_tier.prefetch_slots):
+            raise ValueError("prefetch needs the GPU expert path, loaded with prefetch=True")
+        moe = self._moe_layers()
+        for i, nxt in zip(moe, moe[1:] + [None]):
+            layers = self.model.layers
+            layers[i].predict_next = NextLayerGuess(layers[nxt]) if on and nxt is not None else None
+
+    def _moe_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoE)]
 
     def _load_dense(self) -> torch.nn.Module:
         with torch.device("meta"):
@@ -311,6 +335,7 @@ class Generation:
         generations, and time spent suspended at a yield belongs to others."""
         eng, stats = self.engine, self.stats
         t0, sections, cache = time.perf_counter(), dict(eng.timer.seconds), replace(eng.store.stats)
+        gpu = replace(eng.gpu_tier.stats) if eng.gpu_tier is not None else None
         try:
             yield
         finally:
@@ -321,6 +346,8 @@ class Generation:
             else:
                 stats.decode_seconds += seconds
                 stats.cache += moved
+                if gpu is not None:
+                    stats.gpu_cache += eng.gpu_tier.stats - gpu
                 for name, total in eng.timer.seconds.items():
                     if total != sections.get(name, 0.0):
                         stats.decode_sections[name] = stats.decode_sections.get(name, 0.0) + total - sections.get(name, 0.0)

@@ -32,8 +32,9 @@ def test_synthesized_model_runs_with_placed_tiers(tmp_path):
     out = B.synthesize(tmp_path / "m", TINY, bits=4, group_size=64)
     assert B.synthesize(out, TINY, bits=4, group_size=64) == out  # reused, not rewritten
     layout = RecordLayout.build(128, 64, 4, 64)
-    engine = Engine(out, dtype=torch.float32, cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size)
+    engine = Engine(out, dtype=torch.float32, cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size, prefetch=True)
     engine.use_gpu_experts(gpu_mem=2 * 5 * layout.record_size, policy="static")
+    engine.set_prefetch(False)  # the plain row first, as bench --prefetch runs them
     tiers = B.Tiers(5, 6, 16, 5 / 16, 6 / 16, 5 / 16, "")
     B.place_tiers(engine, tiers)
     r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9))
@@ -41,5 +42,10 @@ def test_synthesized_model_runs_with_placed_tiers(tmp_path):
     assert 0 < r.gpu_hit_rate < 1 and 0 <= r.host_hit_rate < 1
     assert r.bytes_per_token["pcie"] > 0 and r.bytes_per_token["disk"] > 0
     assert set(r.breakdown_ms_per_layer) >= {"mixer", "routing", "expert_io", "expert_compute"}
+    engine.set_prefetch(True)
+    B.place_tiers(engine, tiers)
+    f = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9))
+    assert f.prefetch and not r.prefetch and 0 < f.prefetch_accuracy <= 1 and f.prefetch_wasted_bytes_per_token >= 0
+    engine.set_prefetch(False)
     p = B.run_prefill(engine, 12, layers_full=4)
     assert p["prompt_tokens"] == 12 and p["tps"] > 0

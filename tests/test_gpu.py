@@ -95,3 +95,22 @@ def test_8_bit_dense_decode_in_cuda_graphs_equals_the_cpu_path(packed16, graphs)
     ref = [s.token for s in Engine(packed16, dtype=torch.float32, dense_bits=8).generate(prompt, params)]
     engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, dense_bits=8)
     assert [s.token for s in engine.generate(prompt, params)] == ref
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_prefetch_decode_equals_the_cpu_path_under_cache_pressure(packed16, graphs):
+    """Copies on the side stream, guesses captured in the graphs, evictions in a 3-expert LRU tier:
+    the tokens stay those of the CPU path, and the guesses are counted."""
+    from flashmoe.formats.packed import Manifest
+
+    record = Manifest.load(packed16).layout.record_size
+    prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(8)).tolist()
+    params = SamplingParams(max_tokens=24, temperature=0)
+    ref = [s.token for s in Engine(packed16, dtype=torch.float32).generate(prompt, params)]
+    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, prefetch=True,
+                    host_mem=4 * record, gpu_mem=3 * record, cache_policy="lru")
+    gen = engine.generate(prompt, params)
+    assert [s.token for s in gen] == ref
+    tier = gen.stats.gpu_cache
+    assert tier.predicted == 3 * 2 * gen.stats.decode_tokens and tier.prefetched > 0
+    assert tier.prefetch_hits <= min(tier.prefetched, tier.predicted_right)

@@ -5,6 +5,7 @@ every layer. Module names equal the checkpoint's tensor names, so dense weights 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 from torch import nn
@@ -67,6 +68,9 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Set by the runtime to prefetch: residual [T, H] -> the next MoE layer's guessed ids [T, k]
+        # (or None). Not a module: it only borrows the next layer's norm and router.
+        self.predict_next: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x, cos, sin, cache, timer) -> torch.Tensor:
         x, h, weights, ids = self.dense(x, cos, sin, cache, timer)
@@ -75,7 +79,9 @@ class DecoderLayer(nn.Module):
     def dense(self, x, cos, sin, cache, timer):
         """All of the layer but the routed experts -> (x with mixer and shared expert (or dense MLP)
         added, the normed input of the experts, routing weights, expert ids); ids is None for a
-        dense-MLP layer. The split is where the host must look at the routing."""
+        dense-MLP layer. The split is where the host must look at the routing. With a
+        `predict_next`, ids [T, 2k] also carry the next MoE layer's guessed ids, so the one read of
+        this layer's routing brings both."""
         with timer.section("mixer"):
             h = self.input_layernorm(x)
             h = self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cos, sin, cache)
@@ -88,6 +94,9 @@ class DecoderLayer(nn.Module):
             weights, ids = self.mlp.route(h)
         with timer.section("shared_expert"):
             x = x + self.mlp.shared(h)
+        if self.predict_next is not None and (guess := self.predict_next(x)) is not None:
+            with timer.section("routing"):
+                ids = torch.cat([ids, guess], dim=-1)
         return x, h, weights, ids
 
 

@@ -5,11 +5,17 @@ Decode (a few tokens): one host sync for the routing decision, misses fetched (R
 copied into GPU slots, then the gathered-experts Triton kernels read every expert from its slot.
 Prefill (many tokens): tokens sorted by expert once; each needed expert is fetched once per chunk
 and multiplied with all of its tokens by the grouped kernels.
+
+Prefetch (opt-in, decode): each MoE layer's dense part also applies the next MoE layer's router to
+its residual (NextLayerGuess), so the layer's one host sync brings back its own ids and a guess at
+the next layer's. After queueing this layer's kernels the tier starts copying the guessed misses
+on a copy stream; they cross PCIe during this layer's experts and the next layer's dense part.
+Guesses change only where a record lies and when it is copied, never which experts are computed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
 
 import torch
 
@@ -18,69 +24,129 @@ from ..kernels.moe_gemv import MoeGemv
 from ..kernels.moe_grouped import MoeGrouped
 from .expert_store import ExpertStore
 from .policy import SlotMap
+from .stats import GpuTierStats
 
 DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the gathered gemv kernels
 
 
-@dataclass(slots=True)
-class GpuTierStats:
-    hits: int = 0
-    misses: int = 0
-    admitted: int = 0
-    bytes_copied: int = 0  # host -> GPU
+class NextLayerGuess:
+    """The next MoE layer's top-k predicted from this layer's residual after its dense part: that
+    layer's router on its post-attention norm of the residual as it stands, i.e. without the
+    current layer's routed experts and the next layer's mixer (neither is computed yet). The
+    post-attention norm is the one the router was trained behind; scripts/prefetch_accuracy.py
+    compares the alternatives on a trained model. Decode only: prefill fetches every expert anyway."""
 
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+    def __init__(self, next_layer: torch.nn.Module):
+        self.norm, self.moe = next_layer.post_attention_layernorm, next_layer.mlp
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [T, H] -> predicted ids [T, k] in descending router score, or None for a prefill."""
+        if x.shape[0] > DECODE_MAX_TOKENS:
+            return None
+        return torch.topk(self.moe.gate(self.norm(x)), self.moe.top_k, dim=-1).indices
 
 
 class GpuExpertTier:
-    """`capacity` cached expert slots plus `staging` slots for misses the policy does not admit."""
+    """`capacity` cached expert slots, `staging` slots for misses the policy does not admit, and
+    with prefetch two regions of `prefetch` slots for guessed experts it does not admit (the next
+    layer's guesses fill one region while the current layer's kernels read the other).
 
-    def __init__(self, layout: RecordLayout, capacity: int, staging: int, device, policy: str = "mix"):
+    Ordering with prefetch (all copies on `copy_stream`, in issue order, so a layer's own misses
+    never share PCIe with guesses issued after them):
+    - place() makes the copy stream wait for all compute queued so far before copying: a slot it
+      or a later prefetch overwrites may be read by queued kernels (evicted residents, reused
+      staging / prefetch slots); the current layer's experts are pinned, so only earlier reads
+      matter, and prefetch() relies on this wait, which it follows.
+    - place() then makes the compute stream wait for every copy queued so far (this layer's misses
+      and the prefetches of its experts) before the caller launches kernels.
+    - The host waits on `copies_done` before any read into the host tier: its pinned slots may be
+      the source of copies still in flight."""
+
+    def __init__(self, layout: RecordLayout, capacity: int, staging: int, device, policy: str = "mix", prefetch: int = 0):
         self.layout = layout
-        self.capacity, self.staging = capacity, staging
-        self.pool = torch.empty(capacity + staging, layout.record_size, dtype=torch.uint8, device=device)
+        self.capacity, self.staging, self.prefetch_slots = capacity, staging, prefetch
+        self.pool = torch.empty(capacity + staging + 2 * prefetch, layout.record_size, dtype=torch.uint8, device=device)
         self.slots = SlotMap(range(capacity), policy)
         self.stats = GpuTierStats()
-        self.copies_done = torch.cuda.Event() if torch.device(device).type == "cuda" else None
+        on_gpu = torch.device(device).type == "cuda"
+        self.copies_done = torch.cuda.Event() if on_gpu else None
+        self.copy_stream = torch.cuda.Stream(device) if on_gpu and prefetch else None
+        self.in_use: set[tuple[int, int]] = set()  # the last place()'s experts: their kernels may be in flight
+        self.guess: tuple[int, set[int]] = (-1, set())  # (layer, experts predicted for it)
+        self.ahead: dict[int, int] = {}  # expert -> slot, copied for the guessed layer
+        self.region = 0
 
     def place(self, layer: int, experts: list[int], store: ExpertStore) -> dict[int, int]:
         """GPU slot of each expert (at most `staging` misses per call), copying misses in from the
-        host tier. The copies are queued on the current stream, so kernels queued after them see them."""
-        if self.copies_done is not None:
-            # The host slots of the previous call's copies may be reused by this call's reads.
-            self.copies_done.synchronize()
+        host tier. Kernels queued on the current stream after this call see every copy."""
         self.slots.policy.tick()
+        guessed, guess = self.guess
+        ahead = self.ahead if guessed == layer else {}
+        if guessed == layer:
+            self.stats.predicted += len(experts)
+            self.stats.predicted_right += len(guess.intersection(experts))
+        self.guess, self.ahead = (-1, set()), {}
         slots, missing = {}, []
         for e in experts:
             key = (layer, e)
             self.slots.policy.touch(key)
-            if key in self.slots:
-                slots[e] = self.slots.get(key)
-                self.stats.hits += 1
-            else:
+            slot = self.slots.get(key)
+            if slot is None:
+                slot = ahead.get(e)
+            if slot is None:
                 missing.append(e)
+            else:
+                slots[e] = slot
+                self.stats.hits += 1
+                self.stats.prefetch_hits += e in ahead
         self.stats.misses += len(missing)
         if len(missing) > self.staging:
             raise ValueError(f"{len(missing)} misses at once but only {self.staging} staging slots")
-        pinned = {(layer, e) for e in experts}
+        self.in_use = pinned = {(layer, e) for e in experts}
         staging = iter(range(self.capacity, self.capacity + self.staging))
         for e in missing:
             slot = self.slots.admit((layer, e), pinned)
             if slot is not None:
                 self.stats.admitted += 1
             slots[e] = next(staging) if slot is None else slot
-        for start in range(0, len(missing), store.batch):
-            if start and self.copies_done is not None:
-                self.copies_done.synchronize()  # the next batch of reads reuses these host slots
-            for e, record in store.load(layer, missing[start : start + store.batch]):
-                self.pool[slots[e]].copy_(record, non_blocking=True)
-            if self.copies_done is not None:
-                self.copies_done.record()
-        self.stats.bytes_copied += len(missing) * self.layout.record_size
+        if self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream())
+        self._copy_in(layer, missing, slots, store)
+        if self.copy_stream is not None:
+            torch.cuda.current_stream().wait_stream(self.copy_stream)
         return slots
+
+    def prefetch(self, layer: int, experts: list[int], store: ExpertStore) -> None:
+        """Start copying the guessed experts of `layer` that are not on the GPU, most likely first,
+        up to one region of prefetch slots beyond what the policy admits. Call it after place() of
+        the layer being computed; the next place(layer) uses what arrived and counts the guess."""
+        self.guess = (layer, set(experts))
+        self.ahead = {}
+        self.region ^= 1
+        base = self.capacity + self.staging + self.region * self.prefetch_slots
+        free = iter(range(base, base + self.prefetch_slots))
+        pinned = self.in_use | {(layer, e) for e in experts}  # never evict what is computed now or guessed
+        for e in experts:
+            if (layer, e) in self.slots:
+                continue
+            slot = self.slots.admit((layer, e), pinned)
+            if slot is None and (slot := next(free, None)) is None:
+                break  # region full: drop the least likely guesses
+            self.ahead[e] = slot
+        self.stats.prefetched += len(self.ahead)
+        self._copy_in(layer, list(self.ahead), self.ahead, store)
+
+    def _copy_in(self, layer: int, experts: list[int], slots: dict[int, int], store: ExpertStore) -> None:
+        """Queue the copies of these experts' records from the host tier into their slots."""
+        with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
+            for start in range(0, len(experts), store.batch):
+                if self.copies_done is not None:
+                    self.copies_done.synchronize()  # these reads may reuse host slots that queued copies read
+                for e, record in store.load(layer, experts[start : start + store.batch]):
+                    self.pool[slots[e]].copy_(record, non_blocking=True)
+                if self.copies_done is not None:
+                    self.copies_done.record()
+        self.stats.bytes_copied += len(experts) * self.layout.record_size
 
     def preload(self, layer: int, experts: list[int], store: ExpertStore) -> None:
         """Fill free slots with these experts (benchmark tier placement, warm starts)."""
@@ -95,29 +161,37 @@ class GpuRoutedExperts:
     """The routed experts of one layer on the GPU path: the gathered gemv kernels for decode, the
     grouped kernels (all of a batch's experts in two launches) for prefill."""
 
-    def __init__(self, tier: GpuExpertTier, store: ExpertStore, layer: int, gemv: MoeGemv, grouped: MoeGrouped, timer):
+    def __init__(self, tier: GpuExpertTier, store: ExpertStore, layer: int, gemv: MoeGemv, grouped: MoeGrouped, timer,
+                 next_layer: int | None = None):
         self.tier, self.store, self.layer, self.gemv, self.grouped, self.timer = tier, store, layer, gemv, grouped, timer
+        self.next_layer = next_layer  # the next MoE layer: where guessed ids (if any) point
         # Routing tables go to the GPU from pinned memory: a pageable source would make the copy
         # synchronous. One buffer per layer is safe to refill next token: a later layer's routing
         # sync has waited for its copy by then.
         self.table = torch.empty(DECODE_MAX_TOKENS * 64, dtype=torch.int32, pin_memory=tier.pool.is_cuda)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """ids [T, k], or [T, 2k] with the next layer's guessed ids after the layer's own (prefetch)."""
         with self.timer.section("expert_io"):
-            ids_host = ids.cpu()  # the one host sync per layer: which experts this layer needs
+            ids_host = ids.cpu()  # the one host sync per layer: which experts this layer needs (and the guess)
         if ids.shape[0] <= DECODE_MAX_TOKENS:
             return self._decode(x, ids_host, weights)
         return self._prefill(x, ids, ids_host, weights)
 
     def _decode(self, x, ids_host, weights, residual=None, out=None) -> torch.Tensor:
+        T, k = weights.shape
+        ids_host, guess = ids_host[:, :k], ids_host[:, k:]
         with self.timer.section("expert_io"):
             slots = self.tier.place(self.layer, sorted(set(ids_host.flatten().tolist())), self.store)
-            T, k = ids_host.shape
             table = self.table[: T * k].view(T, k)
             table.numpy()[:] = [[slots[e] for e in row] for row in ids_host.tolist()]
         with self.timer.section("expert_compute"):
             y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float(), residual, out)
-            return y if out is not None else y.to(x.dtype)
+        if guess.numel() and self.next_layer is not None:
+            with self.timer.section("prefetch"):  # after the kernels are queued: the copies overlap them
+                likely_first = list(dict.fromkeys(guess.t().flatten().tolist()))  # each token's best guesses first
+                self.tier.prefetch(self.next_layer, likely_first, self.store)
+        return y if out is not None else y.to(x.dtype)
 
     def decode_into(self, x, ids, weights, residual, out) -> None:
         """out = residual + routed experts of x (the graphed decode step's fused form)."""

@@ -31,7 +31,8 @@ class GraphedDecoder:
         self.h = torch.zeros_like(self.x)
         k = engine.top_k
         self.weights = torch.zeros(1, k, dtype=engine.dtype, device=dev)
-        self.ids = torch.zeros(1, k, dtype=torch.long, device=dev)
+        self.ids = torch.zeros(1, 2 * k, dtype=torch.long, device=dev)  # room for the next layer's guess (prefetch)
+        self.id_width: dict[int, int] = {}  # columns of `ids` layer i's graph writes
         self.cos = self.sin = None
         self.logits = None
         self.pool = torch.cuda.graph_pool_handle()
@@ -56,7 +57,8 @@ class GraphedDecoder:
             self.x_mid.copy_(x)
             self.h.copy_(h)
             self.weights.copy_(weights)
-            self.ids.copy_(ids)
+            self.ids[:, : ids.shape[1]].copy_(ids)
+            self.id_width[i] = ids.shape[1]
 
     def _epilogue(self) -> None:
         logits = self.engine.model.logits(self.x)
@@ -105,7 +107,8 @@ class GraphedDecoder:
                 self.graphs[i + 1].replay()
             experts = getattr(layer.mlp, "experts", None)
             if experts is not None:
-                experts.decode_into(self.h, self.ids, self.weights, residual=self.x_mid, out=self.x)
+                ids = self.ids[:, : self.id_width[i]]  # own ids, then (prefetch) the next layer's guess
+                experts.decode_into(self.h, ids, self.weights, residual=self.x_mid, out=self.x)
         with timer.section("head"):
             self.graphs[-1].replay()
         self.state.position += 1

@@ -1,9 +1,39 @@
-"""Wall-clock accounting by section (mixer, routing, expert I/O, ...), for the live summary."""
+"""Wall-clock accounting by section (mixer, routing, expert I/O, ...), for the live summary, and the
+GPU expert tier's counters (here rather than beside the tier: the engine reads them without
+importing the Triton kernels)."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import astuple, dataclass
+
+
+@dataclass(slots=True)
+class GpuTierStats:
+    hits: int = 0  # lookups served from a GPU slot, prefetched ones included
+    misses: int = 0  # lookups copied in when the layer's routing was known
+    admitted: int = 0
+    bytes_copied: int = 0  # host -> GPU, prefetches included
+    predicted: int = 0  # lookups of layers whose experts were predicted one layer ahead
+    predicted_right: int = 0  # ... that the prediction named
+    prefetched: int = 0  # experts copied ahead on a prediction
+    prefetch_hits: int = 0  # ... that the real routing then used
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def prediction_accuracy(self) -> float:
+        return self.predicted_right / self.predicted if self.predicted else 0.0
+
+    def __add__(self, other: "GpuTierStats") -> "GpuTierStats":
+        return GpuTierStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def __sub__(self, other: "GpuTierStats") -> "GpuTierStats":
+        return GpuTierStats(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
 
 class _Section:

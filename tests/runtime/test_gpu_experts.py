@@ -64,3 +64,51 @@ def test_gpu_out_of_memory_names_the_budget_to_lower(packed16, monkeypatch):
     monkeypatch.setattr(engine.model, "forward", no_memory)
     with pytest.raises(GpuMemoryError, match="lower --gpu-mem.*chunks of 2048"):
         list(engine.generate([1, 2, 3]))
+
+
+def decode_with_tier_stats(engine, ids, steps=4):
+    """run() (a 12-token grouped prefill, then one-token decode steps) and the tier's counters;
+    the number of expert lookups is counted from the routing each layer's experts received."""
+    lookups = []
+    for layer in engine.model.layers:
+        inner = layer.mlp.experts
+        def counting(x, ids, weights, inner=inner):
+            lookups.append(len(set(ids[:, : weights.shape[1]].flatten().tolist())))
+            return inner(x, ids, weights)
+        layer.mlp.experts = counting
+    out = run(engine, ids, steps)
+    return out, engine.gpu_tier.stats, sum(lookups)
+
+
+@pytest.mark.parametrize("policy", ["lru", "static"])
+@pytest.mark.parametrize("guess", ["router", "wrong"])
+def test_prefetch_changes_no_result_under_cache_pressure(packed16, policy, guess):
+    """Guessed experts land in cached or prefetch slots, mispredictions are copied as misses, and
+    evictions under a 3-expert tier never serve a wrong record: the logits equal prefetch off."""
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(2))
+    record = Manifest.load(packed16).layout.record_size
+    runs = {}
+    for prefetch in (False, True):
+        engine = Engine(packed16, device=DEVICE, dtype=torch.float32, host_mem=4 * record, prefetch=prefetch)
+        engine.use_gpu_experts(gpu_mem=3 * record, policy=policy)
+        if prefetch and guess == "wrong":  # always the same two experts in decode: mostly wrong, often evicted
+            for layer in engine.model.layers:
+                if layer.predict_next is not None:
+                    layer.predict_next = lambda x: None if len(x) > 8 else torch.tensor([[7, 6]] * len(x), device=x.device)
+        runs[prefetch] = decode_with_tier_stats(engine, ids, steps=6)
+    (plain, off, lookups), (got, on, lookups_on) = runs[False], runs[True]
+    assert torch.equal(got, plain)
+    assert lookups_on == lookups == off.hits + off.misses == on.hits + on.misses
+    assert on.bytes_copied == (on.misses + on.prefetched) * record
+    assert on.predicted == 3 * 6 * 2  # layers 1-3 guessed in each decode step, 2 experts each
+    assert 0 < on.prefetched and on.prefetch_hits <= min(on.prefetched, on.predicted_right)
+    if policy == "static":  # same residents with and without prefetch: each used prefetch saves one miss
+        assert on.misses == off.misses - on.prefetch_hits
+    assert off.prefetched == off.predicted == 0
+
+
+def test_prefetch_is_refused_without_its_slots(packed16):
+    engine = Engine(packed16, device=DEVICE, dtype=torch.float32)
+    engine.use_gpu_experts(gpu_mem=None)
+    with pytest.raises(ValueError, match="prefetch=True"):
+        engine.set_prefetch(True)
