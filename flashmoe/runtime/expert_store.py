@@ -12,7 +12,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -108,9 +108,12 @@ class ExpertStore:
         self.stats = StoreStats()
         self.readers = ThreadPoolExecutor(io_threads, thread_name_prefix="flashmoe-io")
 
-    def load(self, layer: int, experts: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    def load(self, layer: int, experts: list[int], before_read: Callable[[], None] | None = None
+             ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (expert, record bytes) for each of up to `batch` experts, cached ones first and the
-        rest as their reads complete. All of them stay pinned until the iteration ends."""
+        rest as their reads complete. All of them stay pinned until the iteration ends.
+        `before_read()` runs once before the first read overwrites a slot, and not at all when every
+        expert is cached: the GPU tier waits there for copies that may still be reading slots."""
         if len(experts) > self.batch:
             raise BudgetError(f"asked for {len(experts)} experts at once; load at most {self.batch}")
         info = self.files[layer]
@@ -133,6 +136,8 @@ class ExpertStore:
                     hits.append((key[1], self.pool[slot]))
                     continue
                 self.stats.misses += 1
+                if before_read is not None and not pending:
+                    before_read()
                 slot = self.slots.admit(key, self.pins)
                 if slot is None:
                     slot = staged[key] = self.staging.pop()

@@ -59,8 +59,8 @@ class GpuExpertTier:
       matter, and prefetch() relies on this wait, which it follows.
     - place() then makes the compute stream wait for every copy queued so far (this layer's misses
       and the prefetches of its experts) before the caller launches kernels.
-    - The host waits on `copies_done` before any read into the host tier: its pinned slots may be
-      the source of copies still in flight."""
+    - The host waits on `copies_done` before a read into the host tier overwrites a slot (not when
+      every record is already there): its pinned slots may be the source of copies in flight."""
 
     def __init__(self, layout: RecordLayout, capacity: int, staging: int, device, policy: str = "mix", prefetch: int = 0):
         self.layout = layout
@@ -139,10 +139,11 @@ class GpuExpertTier:
     def _copy_in(self, layer: int, experts: list[int], slots: dict[int, int], store: ExpertStore) -> None:
         """Queue the copies of these experts' records from the host tier into their slots."""
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
+            # A read into the host tier may overwrite a slot that a queued copy still reads: wait for
+            # the copies then, and only then (records already in the host tier need no wait).
+            wait = self.copies_done.synchronize if self.copies_done is not None else None
             for start in range(0, len(experts), store.batch):
-                if self.copies_done is not None:
-                    self.copies_done.synchronize()  # these reads may reuse host slots that queued copies read
-                for e, record in store.load(layer, experts[start : start + store.batch]):
+                for e, record in store.load(layer, experts[start : start + store.batch], before_read=wait):
                     self.pool[slots[e]].copy_(record, non_blocking=True)
                 if self.copies_done is not None:
                     self.copies_done.record()

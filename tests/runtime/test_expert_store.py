@@ -54,6 +54,20 @@ def test_eviction_under_pressure_never_serves_a_wrong_record(packed16):
     store.close()
 
 
+def test_before_read_runs_once_before_a_read_and_never_for_cached_records(packed16):
+    """The GPU tier waits for in-flight copies in this hook: only reads can overwrite their sources."""
+    manifest = Manifest.load(packed16)
+    store = ExpertStore(packed16, manifest, budget_bytes=8 * manifest.layout.record_size, min_records=4)
+    calls = []
+    for experts, expected in (([0, 1, 2], 1), ([0, 1, 2], 0), ([1, 3], 1)):
+        before = store.stats.misses
+        list(store.load(0, experts, before_read=lambda: calls.append(store.stats.misses)))
+        assert len(calls) == expected
+        if expected:
+            assert calls.pop() == before + 1  # called at the first miss, before its read
+    store.close()
+
+
 def copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst
