@@ -181,8 +181,8 @@ def demo(
         text = prompt if prompt is not None else ("What does json.dumps do?" if chat else DEMO_PROMPT)
         if chat:
             text = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-        elif prompt is None:
-            sys.stdout.write(text)
+        else:
+            sys.stdout.write(text)  # a completion reads as code only with the text it completes
         params = sampling_params(DEMO_MODEL, temperature, max_tokens=tokens, seed=seed)
         _stream(engine, text, params)
     except USER_ERRORS as e:
