@@ -216,6 +216,10 @@ class Engine:
                 else:
                     weights[name] = f.read(name).to(self.device, self.dtype)
         model.load_state_dict(weights, strict=True, assign=True)
+        del weights  # the model's references are the only ones now: fusing frees each weight it copies
+        model.fuse_projections()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the copies fusing freed: the GPU tier is sized by what the driver reports free
         return model.eval()
 
     @property

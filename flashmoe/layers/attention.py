@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import Projections
 from .norm import RMSNorm
 from .rotary import apply_rotary
 
@@ -16,6 +17,7 @@ class GatedAttention(nn.Module):
         self.q_proj = nn.Linear(hidden, heads * head_dim * 2, bias=False)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.in_proj = Projections(self, "q_proj", "k_proj", "v_proj")
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
@@ -23,10 +25,11 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         """x [T, hidden]; cos/sin [T, rotary_dim]; cache: a KVCache holding the earlier positions."""
         T = x.shape[0]
-        q, gate = self.q_proj(x).view(T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q, k, v = self.in_proj(x)
+        q, gate = q.view(T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = apply_rotary(self.q_norm(q), cos, sin)
-        k = apply_rotary(self.k_norm(self.k_proj(x).view(T, self.kv_heads, self.head_dim)), cos, sin)
-        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        k = apply_rotary(self.k_norm(k.view(T, self.kv_heads, self.head_dim)), cos, sin)
+        v = v.view(T, self.kv_heads, self.head_dim)
         keys, values, mask = cache.update(k, v)  # keys/values [L, kv_heads, head_dim], mask [T, L] or None
         out = attend(q, keys, values, mask)
         out = out.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))

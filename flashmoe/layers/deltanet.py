@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import Projections
 from .norm import GatedRMSNorm
 
 
@@ -22,6 +23,7 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = nn.Linear(hidden, v_heads * v_dim, bias=False)
         self.in_proj_b = nn.Linear(hidden, v_heads, bias=False)
         self.in_proj_a = nn.Linear(hidden, v_heads, bias=False)
+        self.in_proj = Projections(self, "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(v_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(v_heads), requires_grad=False)
@@ -33,30 +35,30 @@ class GatedDeltaNet(nn.Module):
         if x.shape[0] == 1 and x.is_cuda:
             return self.decode_fused(x, state)
         T = x.shape[0]
-        qkv = self.causal_conv(self.in_proj_qkv(x), state)
+        qkv, z, b, a = self.in_proj(x)
+        qkv = self.causal_conv(qkv, state)
         kd = self.k_heads * self.k_dim
         q, k, v = qkv.split([kd, kd, self.v_heads * self.v_dim], dim=-1)
         rep = self.v_heads // self.k_heads  # value head j reads key head j // rep
         q = l2norm(q.view(T, self.k_heads, self.k_dim).float()).repeat_interleave(rep, dim=1) * self.k_dim**-0.5
         k = l2norm(k.view(T, self.k_heads, self.k_dim).float()).repeat_interleave(rep, dim=1)
         v = v.view(T, self.v_heads, self.v_dim).float()
-        beta = torch.sigmoid(self.in_proj_b(x)).float()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(b).float()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         heads_first = [t.transpose(0, 1) for t in (q, k, v, g, beta)]  # [H, T, ...]
         rule = delta_rule_recurrent if T == 1 else delta_rule_chunked
         out, new_state = rule(*heads_first, state.recurrent)
         state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
         out = out.transpose(0, 1).to(x.dtype)  # [T, H, dv]
-        z = self.in_proj_z(x).view(T, self.v_heads, self.v_dim)
-        return self.out_proj(self.norm(out, z).reshape(T, -1))
+        return self.out_proj(self.norm(out, z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
 
     def decode_fused(self, x: torch.Tensor, state) -> torch.Tensor:
         """The one-token step with the Triton kernels: the same function as the eager path, in two
         launches instead of a few dozen."""
         from ..kernels.deltanet_step import conv_step, delta_step
 
-        qkv = conv_step(self.in_proj_qkv(x)[0], state.conv, self.conv1d.weight)
-        z, b, a = self.in_proj_z(x)[0], self.in_proj_b(x)[0], self.in_proj_a(x)[0]
+        qkv, z, b, a = (y[0] for y in self.in_proj(x))
+        qkv = conv_step(qkv, state.conv, self.conv1d.weight)
         out = delta_step(qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, state.recurrent, self.k_heads, self.norm.eps)
         return self.out_proj(out[None])
 

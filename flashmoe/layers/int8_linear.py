@@ -5,6 +5,9 @@ Only the large projections are quantized. Kept 16-bit: the router (`mlp.gate`: a
 decision costs far more than its bytes save), `shared_expert_gate` (one row), the DeltaNet gates
 `in_proj_a` / `in_proj_b` (64 rows each, driving the state's decay), norms, conv1d, A_log / dt_bias,
 and the embedding table (a lookup: one row per token is read).
+
+The swap comes before loading, and fusing the projections of one input (layers/fused.py) after it:
+int8 layers are fused with int8 ones only.
 """
 
 from __future__ import annotations

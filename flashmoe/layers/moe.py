@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import Projections
+
 RoutedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -18,9 +20,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.in_proj = Projections(self, "gate_proj", "up_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down(*self.in_proj(x))
+
+    def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The rest of the MLP, from the gate and up projections of its input."""
+        return self.down_proj(F.silu(gate) * up)
 
 
 def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -35,18 +42,21 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.shared_expert = MLP(hidden, shared_intermediate)
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+        # Everything that reads the MoE's input before the routed experts, the shared expert's gate
+        # and up included (so its own in_proj goes unused): one matmul once fused.
+        self.in_proj = Projections(self, "gate", "shared_expert_gate", "shared_expert.gate_proj", "shared_expert.up_proj")
         self.top_k = top_k
         self.norm_topk = norm_topk
         self.experts: RoutedExperts | None = None  # attached by the runtime
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] in x.dtype, expert ids [T, k])."""
-        logits = self.gate(x)
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] (in the model dtype) -> (weights [T, k] in that dtype, expert ids [T, k])."""
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         return weights.to(logits.dtype), ids
 
-    def shared(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+    def shared(self, shared_gate: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The gated shared expert, from the in_proj outputs after the router's."""
+        return torch.sigmoid(shared_gate) * self.shared_expert.down(gate, up)

@@ -90,10 +90,11 @@ class DecoderLayer(nn.Module):
         if not isinstance(self.mlp, SparseMoE):
             with timer.section("dense_mlp"):
                 return x + self.mlp(h), h, None, None
-        with timer.section("routing"):
-            weights, ids = self.mlp.route(h)
+        with timer.section("routing"):  # the router's matmul also computes the shared expert's inputs
+            logits, *shared_inputs = self.mlp.in_proj(h)
+            weights, ids = self.mlp.route(logits)
         with timer.section("shared_expert"):
-            x = x + self.mlp.shared(h)
+            x = x + self.mlp.shared(*shared_inputs)
         if self.predict_next is not None and (guess := self.predict_next(x)) is not None:
             with timer.section("routing"):
                 ids = torch.cat([ids, guess], dim=-1)
@@ -111,6 +112,14 @@ class Model(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+
+    def fuse_projections(self) -> None:
+        """Run the projections that read one input as one matmul (layers/fused.py). Once, after the
+        weights are loaded onto their device (and after any Int8Linear swap)."""
+        for layer in self.layers:
+            mixer = layer.linear_attn if layer.is_linear else layer.self_attn
+            for module in (mixer, layer.mlp):
+                module.in_proj.fuse()
 
     @property
     def layers(self) -> nn.ModuleList:

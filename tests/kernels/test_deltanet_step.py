@@ -11,9 +11,7 @@ class State:
         self.conv, self.recurrent = conv, recurrent
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_fused_step_matches_the_eager_step(device, dtype, tol):
-    g = torch.Generator().manual_seed(0)
+def random_layer_and_state(device, dtype, g: torch.Generator) -> tuple[GatedDeltaNet, State]:
     layer = GatedDeltaNet(hidden=64, k_heads=2, v_heads=4, k_dim=16, v_dim=32, conv_kernel=4, eps=1e-6)
     with torch.no_grad():
         for name, p in layer.named_parameters():
@@ -21,7 +19,13 @@ def test_fused_step_matches_the_eager_step(device, dtype, tol):
         layer.A_log.copy_(torch.rand(4, generator=g) * 2)
     layer = layer.to(device, dtype)
     conv_dim = 2 * 2 * 16 + 4 * 32
-    state = State(torch.randn(3, conv_dim, generator=g).to(device, dtype), torch.randn(4, 16, 32, generator=g).to(device))
+    return layer, State(torch.randn(3, conv_dim, generator=g).to(device, dtype), torch.randn(4, 16, 32, generator=g).to(device))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_step_matches_the_eager_step(device, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    layer, state = random_layer_and_state(device, dtype, g)
     eager_state = copy.deepcopy(state)
     with torch.no_grad():
         for step in range(3):  # several steps: the conv window and the state carry over
@@ -32,6 +36,19 @@ def test_fused_step_matches_the_eager_step(device, dtype, tol):
             assert rel < tol, (step, rel)
     assert float((state.conv.float() - eager_state.conv.float()).norm() / eager_state.conv.float().norm()) < tol
     assert float((state.recurrent - eager_state.recurrent).norm() / eager_state.recurrent.norm()) < tol
+
+
+def test_the_step_reads_the_fused_projections(device):
+    """With the four input projections fused into one matmul, the kernels get the same inputs."""
+    g = torch.Generator().manual_seed(1)
+    layer, state = random_layer_and_state(device, torch.float32, g)
+    fused, fused_state = copy.deepcopy(layer), copy.deepcopy(state)
+    fused.in_proj.fuse()
+    with torch.no_grad():
+        for step in range(3):
+            x = torch.randn(1, 64, generator=g).to(device)
+            assert torch.allclose(fused.decode_fused(x, fused_state), layer.decode_fused(x, state), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(fused_state.recurrent, state.recurrent, rtol=1e-5, atol=1e-6)
 
 
 def eager_forward(layer, x, state):

@@ -1,0 +1,65 @@
+"""Projections that read the same input, computed as one matmul.
+
+A decode step is latency-bound: each small projection is a launch of its own that finishes long
+before its weights could saturate HBM. So each layer names the Linear layers that read its input
+(`Projections`), and `fuse()`, called once after the weights are loaded, concatenates their
+weights into one tensor and makes each layer's own weight a row view of it: checkpoint names,
+resident memory and every layer called alone (the router for the prefetch guess) stay as they were.
+
+With --dense-bits 8 the Int8Linear swap comes first (on the meta model, before loading; fusing then
+quantizing would also quantize the 16-bit gates): int8 rows and their per-row scales concatenate
+exactly, but an int8 layer and a 16-bit one cannot share a matmul, so each run of same-kind layers
+becomes one matmul.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from .int8_linear import Int8Linear
+
+Group = tuple[nn.Module, list[int]]  # (a layer computing several outputs side by side, their widths)
+
+
+class Projections:
+    """The Linear / Int8Linear layers `owner.<name>` of one input, in order. Calling it
+    returns their outputs: one matmul per layer until `fuse()`, then one per run of same-kind layers.
+    Layers are looked up by name until then, because --dense-bits 8 swaps them after construction."""
+
+    def __init__(self, owner: nn.Module, *names: str):
+        self.owner, self.names = owner, names
+        self.fused: list[Group] | None = None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        groups = self.fused or [(m, [m.out_features]) for m in self.layers()]
+        return [y for layer, widths in groups for y in layer(x).split(widths, dim=-1)]
+
+    def layers(self) -> list[nn.Module]:
+        return [self.owner.get_submodule(name) for name in self.names]
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Once, with the weights on their final device: moving the model afterwards would copy
+        each view into a tensor of its own and leave the fused weights behind."""
+        runs = [list(run) for _, run in itertools.groupby(self.layers(), key=type)]
+        self.fused = [(run[0] if len(run) == 1 else concatenated(run), [m.out_features for m in run]) for run in runs]
+
+
+def concatenated(layers: list[nn.Module]) -> nn.Module:
+    """One layer of their kind with all their output rows; their weights (and Int8Linear scales)
+    become row views of its own."""
+    first, out = layers[0], sum(m.out_features for m in layers)
+    with torch.device("meta"):  # shapes only: the tensors are assigned below
+        if isinstance(first, Int8Linear):
+            fused = Int8Linear(first.in_features, out)
+        else:
+            fused = nn.Linear(first.in_features, out, bias=False)
+    for name, _ in [*first.named_parameters(recurse=False), *first.named_buffers(recurse=False)]:
+        whole = torch.cat([getattr(m, name) for m in layers])
+        for m, rows in zip([fused, *layers], [whole, *whole.split([m.out_features for m in layers])]):
+            # a parameter must be replaced by a parameter (Int8Linear's tensors are buffers)
+            setattr(m, name, nn.Parameter(rows, requires_grad=False) if isinstance(getattr(m, name), nn.Parameter) else rows)
+    return fused
