@@ -1,0 +1,251 @@
+"""Routed experts on the CPU, read straight from packed records: one decode token through a few
+experts of a layer (gate_up, SwiGLU, down, weighted sum), for the host-resident misses the CPU
+computes while PCIe copies the others to the GPU (docs/EXPERIMENTS.md entry 22).
+
+A numba kernel reads each record where it lies, with no dequantized copy:
+  - code bytes at unit stride: byte b of a group holds the codes of inputs per_byte * b + p
+    (p = 0 .. per_byte - 1, at bit offset bits * p; per_byte = 8 / bits), so the input is permuted
+    once per token into per_byte planes that line up with the bytes (`_permute`);
+  - the bias term per group as bias * (sum of the group's inputs):
+    sum_i (q_i s + b) x_i = s * sum_i q_i x_i + b * sum_i x_i;
+  - bf16 scales and biases turned into fp32 by a shift (bf16 is the high half of an fp32);
+  - parallel over (expert, block of rows), so several experts fill the threads.
+Its definition, which the tests hold it to: `layout.weights` + `swiglu_expert` in fp32.
+
+numba is optional (pip install 'flashmoe[cpu-experts]'); this module imports without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..formats.packed import RecordLayout
+
+try:
+    import numba
+    from numba import prange
+except ImportError:
+    numba = None
+
+ROWS_PER_BLOCK = 32  # rows one parallel task computes: enough to amortize the scale conversion
+SUPPORTED_BITS = (8, 4, 2)
+
+
+def cpu_experts_available() -> bool:
+    """Whether numba is installed, which CpuExperts needs."""
+    return numba is not None
+
+
+def _jit(**options):
+    """numba.njit for these kernels. cache=True compiles once per machine, into __pycache__ or,
+    where the package is read-only, numba's user cache directory; where neither is writable, once
+    per process. Without numba the functions stay plain Python (CpuExperts refuses to start)."""
+
+    def decorate(f):
+        if numba is None:
+            return f
+        try:
+            return numba.njit(fastmath=True, nogil=True, cache=True, **options)(f)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return numba.njit(fastmath=True, nogil=True, **options)(f)
+
+    return decorate
+
+
+@_jit()
+def _permute(v, bits, group, vp, vs):
+    """v [K] -> vp [K]: each group of v as the planes of its code bytes (element i of a group is
+    in byte i // per_byte at bit offset bits * (i % per_byte)); vs [K / group] += group sums."""
+    per_byte = 8 // bits
+    group_bytes = group // per_byte
+    for c in range(v.shape[0]):
+        g, i = c // group, c % group
+        vp[g * group + (i % per_byte) * group_bytes + i // per_byte] = v[c]
+        vs[g] += v[c]
+
+
+@_jit(inline="always")
+def _rows(rec8, rec16, offs, k, bits, group, block, xp, xs, out):
+    """out[r] = sum_j w[r, j] x[j] for one block of rows of one projection of one record, read as
+    bytes (rec8) and as halfwords (rec16). offs: the codes' byte offset, the scales' and biases'
+    halfword offsets. xp, xs: the input as `_permute` lays it out. Rows go in pairs: 2I is even
+    and H a multiple of 4 (rows of whole 32-bit words)."""
+    per_byte = 8 // bits
+    group_bytes = group // per_byte
+    mask = (1 << bits) - 1
+    row_bytes, groups = k // per_byte, k // group
+    r0 = block * ROWS_PER_BLOCK
+    r1 = min(r0 + ROWS_PER_BLOCK, out.shape[0])
+    n = (r1 - r0) * groups
+    # bf16 -> fp32: the bits shifted into the high half of a uint32 viewed as float32 (numba cannot
+    # bit-cast a scalar, so the block's scales and biases go through a buffer at once).
+    scales = rec16[offs[1] + r0 * groups : offs[1] + r1 * groups]  # sliced for the reason given below
+    biases = rec16[offs[2] + r0 * groups : offs[2] + r1 * groups]
+    sbuf = np.empty(2 * n, np.uint32)
+    for t in range(n):
+        sbuf[t] = np.uint32(scales[t]) << 16
+        sbuf[n + t] = np.uint32(biases[t]) << 16
+    sb = sbuf.view(np.float32)
+    # Rows go two per pass (r and r + 1) for groups under 64 inputs: the loop over a group's bytes
+    # is then long enough for LLVM to vectorize it, where it would otherwise unroll it and
+    # vectorize the loop over groups instead, with gathers (5-15x slower). Larger groups go one row
+    # per pass (two cost ~15% there): r1st = r is the same row, and LLVM merges the two identical
+    # computations.
+    step = 2 if group < 64 else 1
+    for r in range(r0, r1, step):
+        r1st = r + step - 1
+        # Slice the rows first: indexing them with loop counters lets LLVM see non-negative,
+        # contiguous indices (an offset it cannot prove >= 0 makes numba's wraparound turn the
+        # loads into per-element gathers, 6x slower).
+        row0 = rec8[offs[0] + r * row_bytes : offs[0] + (r + 1) * row_bytes]
+        row1 = rec8[offs[0] + r1st * row_bytes : offs[0] + (r1st + 1) * row_bytes]
+        acc0 = acc1 = np.float32(0.0)
+        for g in range(groups):
+            dot0 = dot1 = np.float32(0.0)
+            for b in range(group_bytes):
+                v0, v1 = row0[g * group_bytes + b], row1[g * group_bytes + b]
+                for p in range(per_byte):
+                    xv = xp[g * group + p * group_bytes + b]
+                    # numba widens integer ops to int64; the int32 casts let LLVM keep 16 lanes of
+                    # int32 per AVX-512 vector (without them: 8 lanes of int64, 3-4x slower).
+                    dot0 += np.float32(np.int32((v0 >> (bits * p)) & mask)) * xv
+                    dot1 += np.float32(np.int32((v1 >> (bits * p)) & mask)) * xv
+            t, t1 = (r - r0) * groups + g, (r1st - r0) * groups + g
+            acc0 += sb[t] * dot0 + sb[n + t] * xs[g]
+            acc1 += sb[t1] * dot1 + sb[n + t1] * xs[g]
+        out[r], out[r1st] = acc0, acc1
+
+
+@functools.cache
+def _kernel(bits: int, group: int):
+    """`experts` for one record format, compiled on first use. bits and group are constants of its
+    closure and `_rows` is inlined into it (numba IR), so LLVM sees constant shifts and byte-loop
+    trip counts: given as arguments, the kernel is ~1.5x slower."""
+
+    @_jit(parallel=True)
+    def experts(p8, p16, slots, weights, offs, inter, x, out):
+        """out [H] = sum_j weights[j] * expert(record slots[j], x); p8 and p16: the pool as bytes
+        and as halfwords; offs: `_offsets(layout)`."""
+        hidden, ne = x.shape[0], slots.shape[0]
+        # Projection inputs as `_permute` lays them out: x for gate_up (one row, shared by all
+        # experts), each expert's SwiGLU activation for down.
+        xp, xs = np.empty((1, hidden), np.float32), np.zeros((1, hidden // group), np.float32)
+        _permute(x, bits, group, xp[0], xs[0])
+        ap, asum = np.empty((ne, inter), np.float32), np.zeros((ne, inter // group), np.float32)
+        h, y = np.empty((ne, 2 * inter), np.float32), np.empty((ne, hidden), np.float32)
+        act = np.empty(inter, np.float32)
+        for proj in range(2):  # gate_up, then down, through one parallel loop: compiled once
+            if proj == 1:
+                for j in range(ne):
+                    for c in range(inter):
+                        gate = h[j, c]
+                        act[c] = gate / (np.float32(1.0) + np.exp(-gate)) * h[j, inter + c]
+                    _permute(act, bits, group, ap[j], asum[j])
+            src, src_sums, dst, k = (xp, xs, h, hidden) if proj == 0 else (ap, asum, y, inter)
+            blocks = (dst.shape[1] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+            for task in prange(ne * blocks):
+                j = task // blocks
+                i, rec = j * proj, slots[j]  # input row i: 0 for gate_up, the expert's own for down
+                offs_p = offs[3 * proj : 3 * proj + 3]
+                _rows(p8[rec], p16[rec], offs_p, k, bits, group, task % blocks, src[i], src_sums[i], dst[j])
+        for r in range(hidden):
+            acc = np.float32(0.0)
+            for j in range(ne):
+                acc += weights[j] * y[j, r]
+            out[r] = acc
+
+    return experts
+
+
+def _offsets(layout: RecordLayout) -> np.ndarray:
+    """gate_up's codes (bytes), scales, biases (halfwords), then down's, from the record start."""
+    seg = {s.name: s for s in layout.segments}
+    offs = []
+    for proj in ("gate_up_proj", "down_proj"):
+        offs.append(seg[f"{proj}.weight"].offset)
+        offs += [seg[f"{proj}.{t}"].offset // 2 for t in ("scales", "biases")]
+    return np.array(offs, np.int64)
+
+
+class CpuExperts:
+    """Routed experts of one record layout, computed on the CPU by a worker thread of its own.
+
+    experts(pool, slots, weights, x) -> [H] fp32 = sum_j weights[j] * expert(pool[slots[j]], x),
+    for one token; `submit` returns a Future of it. Both run on the worker thread, whose numba
+    thread count is `threads` (numba keeps that count per calling thread), and the kernel releases
+    the GIL. The pool's rows must not change until the result is ready. One instance per model:
+    numba's fallback threading layer (workqueue, without OpenMP or TBB) aborts on parallel loops
+    launched from two threads at once."""
+
+    @staticmethod
+    def supports(layout: RecordLayout) -> bool:
+        """Quantized records whose groups start on a byte (16-bit records are not handled)."""
+        return layout.bits in SUPPORTED_BITS and layout.group_size * layout.bits % 8 == 0
+
+    def __init__(self, layout: RecordLayout, threads: int | None = None):
+        if numba is None:
+            raise RuntimeError("CpuExperts needs numba: pip install 'flashmoe[cpu-experts]'")
+        if not self.supports(layout):
+            raise ValueError(
+                f"CpuExperts computes {'/'.join(map(str, SUPPORTED_BITS))}-bit records with byte-aligned "
+                f"groups, not bits={layout.bits} with group size {layout.group_size}"
+            )
+        self.layout = layout
+        default = max(1, (os.cpu_count() or 1) - 1)  # a core left for the thread that drives the GPU
+        self.threads = max(1, min(threads or default, numba.config.NUMBA_NUM_THREADS))
+        self._offsets = _offsets(layout)
+        self._kernel = _kernel(layout.bits, layout.group_size)
+        self._worker = ThreadPoolExecutor(1, "cpu-experts", initializer=numba.set_num_threads, initargs=(self.threads,))
+
+    def __call__(
+        self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        return self.submit(pool, slots, weights, x).result()
+
+    def submit(
+        self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
+    ) -> Future:
+        """Queue the call on the worker thread; the Future's result is the [H] fp32 tensor."""
+        return self._worker.submit(self._run, *self._arguments(pool, slots, weights, x))
+
+    def warmup(self) -> None:
+        """Compile the kernel (seconds; cached on disk after the first time) and start the worker's
+        threads, on one zero record."""
+        pool = torch.zeros(1, self.layout.record_size, dtype=torch.uint8)
+        self(pool, [0], [1.0], torch.zeros(self.layout.hidden_size))
+
+    def close(self) -> None:
+        self._worker.shutdown()
+
+    def _arguments(self, pool, slots, weights, x) -> tuple:
+        """Checked numpy arrays of the arguments: a view of the pool, copies of the small ones (the
+        caller may reuse its buffers once submit returns)."""
+        lay = self.layout
+        if pool.device.type != "cpu" or pool.dtype != torch.uint8 or pool.dim() != 2 or not pool.is_contiguous():
+            raise ValueError(
+                f"pool must be a contiguous CPU uint8 tensor [slots, record_size], got {pool.dtype} "
+                f"{list(pool.shape)} on {pool.device}"
+            )
+        if pool.shape[1] != lay.record_size:
+            raise ValueError(f"pool rows are {pool.shape[1]} bytes, records of this layout {lay.record_size}")
+        slots = np.array(slots, np.int64).reshape(-1)
+        weights = torch.as_tensor(weights).to("cpu", torch.float32, copy=True).reshape(-1).numpy()
+        if slots.shape != weights.shape:
+            raise ValueError(f"{slots.size} slots but {weights.size} weights")
+        if slots.size and not (slots.min() >= 0 and slots.max() < pool.shape[0]):
+            raise IndexError(f"slots {slots.tolist()} outside the pool's {pool.shape[0]} rows")
+        if tuple(x.shape) != (lay.hidden_size,):
+            raise ValueError(f"x must be [{lay.hidden_size}], got {list(x.shape)}")
+        p8 = pool.numpy()
+        return p8, p8.view(np.uint16), slots, weights, x.detach().to("cpu", torch.float32, copy=True).numpy()
+
+    def _run(self, p8, p16, slots, weights, x) -> torch.Tensor:
+        out = np.empty(self.layout.hidden_size, np.float32)
+        self._kernel(p8, p16, slots, weights, self._offsets, self.layout.intermediate_size, x, out)
+        return torch.from_numpy(out)

@@ -1,0 +1,126 @@
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from flashmoe.formats.packed import RecordLayout
+from flashmoe.kernels import cpu_experts
+from flashmoe.kernels.cpu_experts import CpuExperts
+from flashmoe.layers.moe import swiglu_expert
+
+
+def random_pool(layout: RecordLayout, slots: int, seed: int) -> torch.Tensor:
+    """Random codes, and scales and biases that differ from group to group (reading another
+    group's fails), sized so that outputs are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randint(0, 256, (slots, layout.record_size), dtype=torch.uint8, generator=g)
+    levels = (1 << layout.bits) - 1
+    for s in layout.segments:
+        if s.name.endswith((".scales", ".biases")):
+            k = s.shape[1] * layout.group_size  # the projection's input size
+            v = torch.rand(slots, *s.shape, generator=g)
+            v = (0.5 + v) / levels if s.name.endswith(".scales") else v - 0.5
+            pool[:, s.offset : s.offset + s.nbytes] = (v / k**0.5).to(torch.bfloat16).view(slots, -1).view(torch.uint8)
+    return pool
+
+
+def reference(layout: RecordLayout, pool: torch.Tensor, slots: list[int], weights: list[float], x: torch.Tensor):
+    x = x.float()[None]
+    return sum(w * swiglu_expert(x, *layout.weights(pool[s], torch.float32))[0] for s, w in zip(slots, weights))
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module")
+def experts():
+    """CpuExperts(layout, threads), one per pair for the whole module (each owns a worker thread)."""
+    made = {}
+
+    def get(layout: RecordLayout, threads: int = 2) -> CpuExperts:
+        key = (layout, threads)
+        if key not in made:
+            made[key] = CpuExperts(layout, threads)
+        return made[key]
+
+    yield get
+    for e in made.values():
+        e.close()
+
+
+# Each bit width; groups of 64, 32 and 16 (under 64: two rows per pass); H = 112: a last block of
+# 16 rows.
+@pytest.mark.parametrize(
+    "hidden,inter,bits,group",
+    [(128, 64, 4, 64), (256, 128, 4, 64), (256, 96, 4, 32), (112, 48, 8, 16), (256, 64, 2, 64)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_the_reference_on_fresh_records(experts, hidden, inter, bits, group, dtype):
+    layout = RecordLayout.build(hidden, inter, bits, group)
+    pool = random_pool(layout, 6, seed=hidden + inter + bits + group)
+    x = torch.randn(hidden, generator=torch.Generator().manual_seed(bits)).to(dtype)
+    slots, weights = [4, 0, 5, 2], [0.45, 0.3, -0.15, 0.1]  # distinct weights, one negative
+    y = experts(layout)(pool, slots, weights, x)
+    assert y.shape == (hidden,) and y.dtype == torch.float32
+    assert rel(y, reference(layout, pool, slots, weights, x)) < 1e-5  # measured 1e-7 .. 5e-7 (fp32 sums)
+
+
+def test_submit_queues_calls_on_the_worker(experts):
+    layout = RecordLayout.build(128, 64, 4, 64)
+    pool = random_pool(layout, 4, seed=1)
+    xs = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    ex = experts(layout)
+    futures = [ex.submit(pool, [i, 3], torch.tensor([0.6, 0.4]), x) for i, x in enumerate(xs)]
+    for i, (f, x) in enumerate(zip(futures, xs)):
+        assert torch.equal(f.result(), ex(pool, [i, 3], [0.6, 0.4], x))
+        assert rel(f.result(), reference(layout, pool, [i, 3], [0.6, 0.4], x)) < 1e-5
+    assert torch.equal(ex(pool, [], [], xs[0]), torch.zeros(128))  # no experts: a zero vector
+
+
+def test_releases_the_gil(experts):
+    """While the worker computes, the main thread keeps running Python: the longest pause it sees
+    is a small part of the call (a kernel holding the GIL would stall it for the whole call).
+    numba's parallel loops release the GIL by themselves; that the serial parts between them do
+    too (nogil) stalls a thread for a few ms at most, too little to tell from scheduling noise
+    here, hence the flag check."""
+    layout = RecordLayout.build(1024, 512, 4, 64)
+    pool = random_pool(layout, 1, seed=3)
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(4))
+    ex = experts(layout, threads=1)
+    assert ex._kernel.targetoptions["nogil"]
+    t0 = time.perf_counter()
+    ex(pool, [0] * 20, [1.0] * 20, x)
+    n = max(20, int(20 * 0.2 / (time.perf_counter() - t0)))  # experts in ~0.2 s
+    future = ex.submit(pool, [0] * n, [1.0] * n, x)
+    stamps = [time.perf_counter()]
+    while not future.done():
+        stamps.append(time.perf_counter())
+    future.result()
+    duration = stamps[-1] - stamps[0]
+    longest = max(b - a for a, b in zip(stamps, stamps[1:]))
+    assert duration > 0.05, duration  # long enough to tell
+    assert longest < duration / 4, (longest, duration)  # measured: 0.1-3 ms of ~200 ms
+
+
+def test_refuses_what_it_does_not_compute(experts, monkeypatch):
+    layout16 = RecordLayout.build(128, 64, 16, 64)
+    assert not CpuExperts.supports(layout16)
+    with pytest.raises(ValueError, match="bits=16"):
+        CpuExperts(layout16)
+    layout = RecordLayout.build(128, 64, 4, 64)
+    ex = experts(layout)
+    pool = torch.zeros(2, layout.record_size, dtype=torch.uint8)
+    x = torch.zeros(128)
+    with pytest.raises(ValueError, match="records of this layout"):
+        ex(pool[:, :-1].contiguous(), [0], [1.0], x)
+    with pytest.raises(IndexError, match="outside"):
+        ex(pool, [2], [1.0], x)
+    with pytest.raises(ValueError, match="weights"):
+        ex(pool, [0, 1], [1.0], x)
+    monkeypatch.setattr(cpu_experts, "numba", None)
+    assert not cpu_experts.cpu_experts_available()
+    with pytest.raises(RuntimeError, match=r"flashmoe\[cpu-experts\]"):
+        CpuExperts(layout)
