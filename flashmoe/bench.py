@@ -245,6 +245,8 @@ class DecodeResult:
     prefetch_accuracy: float = 0.0  # share of a guessed layer's real experts that the guess named
     prefetch_hits_per_token: float = 0.0  # experts copied ahead that the routing used (misses saved)
     prefetch_wasted_bytes_per_token: float = 0.0  # experts copied ahead that it did not use
+    cpu_experts: int = 0  # up to this many host-resident misses per layer computed on the CPU
+    cpu_experts_per_token: float = 0.0  # ... how many were, per token
 
 
 def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths, routing: str = "uniform") -> DecodeResult:
@@ -280,8 +282,9 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
     hbm = _hbm_bytes_per_token(engine) + engine.top_k * rs * len(engine.config.moe_layers)
     per_token = {
         "hbm": hbm,
-        "pcie": host_loads * rs / n,
+        "pcie": host_loads * rs / n,  # the CPU's share is not loaded through the host tier: not counted
         "disk": dec.bytes_read / n,
+        "cpu": gpu.cpu_computed * rs / n,  # records the CPU read from RAM instead (no roofline term)
     }
     roof = {
         "hbm": per_token["hbm"] / bw.hbm_copy * 1e3,
@@ -309,6 +312,8 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
         prefetch_accuracy=gpu.prediction_accuracy,
         prefetch_hits_per_token=gpu.prefetch_hits / n,
         prefetch_wasted_bytes_per_token=(gpu.prefetched - gpu.prefetch_hits) * rs / n,
+        cpu_experts=engine.cpu_experts,
+        cpu_experts_per_token=gpu.cpu_computed / n,
     )
 
 
@@ -398,7 +403,7 @@ def run_replayed_decode(engine, gen: StreamGenerator, prompt_len: int, tokens: i
 
 def log_decode(r: DecodeResult, log=print) -> None:
     log(
-        f"S1 K={r.k} {r.routing}{' prefetch' if r.prefetch else ''}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
+        f"S1 K={r.k} {r.routing}{' prefetch' if r.prefetch else ''}{f' cpu-experts {r.cpu_experts}' if r.cpu_experts else ''}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
         f"layers), {r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits "
         f"{r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; bytes/token "
         + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
@@ -416,11 +421,12 @@ def result_json(**parts) -> str:
 
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
         workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
-        dense_bits: int = 16, prefetch: bool = False, log=print) -> dict:
+        dense_bits: int = 16, prefetch: bool = False, cpu_experts: list[int] = (), log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
-    tiers, then S1 for each k (uniform routing; with `prefetch` again with next-layer prefetch; then
-    replayed from `trace` if given) and S2 for each prompt length. Returns the report. Replayed
-    routing runs without prefetch: its ids come from a stream the router's guess cannot know."""
+    tiers, then S1 for each k (uniform routing; with `prefetch` again with next-layer prefetch; with
+    each of `cpu_experts` again with that many misses per layer on the CPU, and with prefetch; then replayed
+    from `trace` if given) and S2 for each prompt length. Returns the report. Replayed routing runs
+    without prefetch: its ids come from a stream the router's guess cannot know."""
     from .engine import Engine
     from .utils import total_memory_bytes
 
@@ -449,9 +455,11 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
         report["trace"] = trace_stats
     for k in sorted(ks, reverse=True):
         engine.set_top_k(k)
-        rows = [("uniform", False)] + [("uniform", True)] * prefetch + [("trace replay", False)] * bool(replays)
-        for routing, ahead in rows:
+        rows = [("uniform", ahead, cpu) for cpu in {0, *cpu_experts} for ahead in {False, prefetch}]
+        rows += [("trace replay", False, 0)] * bool(replays)
+        for routing, ahead, cpu in sorted(rows, key=lambda r: (r[0] != "uniform", r[2], r[1])):
             engine.set_prefetch(ahead)
+            engine.set_cpu_experts(cpu)
             place_tiers(engine, tiers)  # static tiers: the same residents for every run, counters reset
             if routing == "uniform":
                 r = run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
@@ -461,6 +469,7 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
             log_decode(r, log)
     engine.set_top_k(k_max)
     engine.set_prefetch(False)
+    engine.set_cpu_experts(0)
     for n in prefills:
         p = run_prefill(engine, n, full["num_hidden_layers"])
         report["prefill"].append(p)

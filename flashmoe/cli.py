@@ -140,13 +140,14 @@ def generate(
     dense_bits: int = DENSE_BITS_OPTION,
     verify: bool = VERIFY_OPTION,
     prefetch: bool = typer.Option(False, "--prefetch", help="With --device cuda: copy each layer's guessed experts one layer ahead."),
+    cpu_experts: int = typer.Option(0, "--cpu-experts", help="With --device cuda: compute up to N of each layer's RAM-resident misses on the CPU while the rest are copied (needs numba)."),
 ):
     """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
         engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, profile=profile,
-                             dense_bits=dense_bits, prefetch=prefetch)
+                             dense_bits=dense_bits, prefetch=prefetch, cpu_experts=cpu_experts)
         params = sampling_params(
             model, temperature, top_p, top_k, max_tokens=tokens, repetition_penalty=repetition_penalty, seed=seed, stop=stop
         )
@@ -245,6 +246,7 @@ def bench(
         None, "--trace", help="Routing trace (flashmoe trace): also run S1 with its locality replayed, beside uniform routing."
     ),
     prefetch: bool = typer.Option(False, "--prefetch", help="Also run S1 with next-layer prefetch, beside the plain rows."),
+    cpu_experts: list[int] = typer.Option([], "--cpu-experts", help="Also run S1 with up to N host-resident misses per layer computed on the CPU (repeatable; needs numba)."),
 ):
     """Benchmark scenarios S1 (decode) and S2 (prefill) on a synthesized model of a named shape (GPU)."""
     import torch
@@ -257,7 +259,7 @@ def bench(
         report = run(
             preset, layers, bits, k, prompt_tokens, tokens, [n for n in prefill if n], workdir,
             parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None, trace_file, dense_bits, prefetch,
-            log=lambda line: err.print(line, soft_wrap=True),
+            cpu_experts, log=lambda line: err.print(line, soft_wrap=True),
         )
     except USER_ERRORS as e:
         fail(e)

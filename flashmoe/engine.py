@@ -87,6 +87,7 @@ class Engine:
         cuda_graphs: bool = True,
         dense_bits: int = 16,
         prefetch: bool = False,
+        cpu_experts: int = 0,
     ):
         """Load a packed model: dense weights resident on `device`, experts behind the caches.
 
@@ -101,7 +102,9 @@ class Engine:
         dense_bits: 16, or 8 to keep the large dense projections and lm_head as int8 (quantized
         here from the 16-bit dense file; layers/int8_linear.py says which).
         prefetch: during decode, guess each MoE layer's experts one layer ahead and start copying
-        them early (GPU path; runtime/gpu_experts.py). Changes timing only, never results."""
+        them early (GPU path; runtime/gpu_experts.py). Changes timing only, never results.
+        cpu_experts: during decode, compute up to this many of each layer's misses that sit in the
+        host tier on the CPU while the others are copied to the GPU (GPU path; needs numba)."""
         self.dir = Path(model_dir)
         self.manifest = Manifest.load(self.dir)
         self.config = cfg = ModelConfig.from_dir(self.dir)
@@ -121,6 +124,8 @@ class Engine:
             raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")
         self.prefill_chunk = prefill_chunk
         self.prefetch = prefetch
+        self.cpu_experts = cpu_experts
+        self._host_compute = None
         on_gpu = self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs and on_gpu
         self.timer = Timer(sync=torch.cuda.synchronize if on_gpu and profile else None)
@@ -186,6 +191,7 @@ class Engine:
         for i, nxt in zip(moe, moe[1:] + [None]):
             self.model.layers[i].mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, grouped, self.timer, nxt)
         self.set_prefetch(self.prefetch)
+        self.set_cpu_experts(self.cpu_experts)
 
     def set_prefetch(self, on: bool) -> None:
         """Guess each MoE layer's experts one layer ahead during decode (or stop). The guess runs in
@@ -199,6 +205,23 @@ class Engine:
         for i, nxt in zip(moe, moe[1:] + [None]):
             layers = self.model.layers
             layers[i].predict_next = NextLayerGuess(layers[nxt]) if on and nxt is not None else None
+
+    def set_cpu_experts(self, per_layer: int) -> None:
+        """Compute up to `per_layer` host-resident misses of each decode layer on the CPU (0: none).
+        The kernel is compiled on first use (seconds)."""
+        from .runtime.gpu_experts import HostCompute
+
+        if per_layer < 0:
+            raise ValueError(f"--cpu-experts must be >= 0, got {per_layer}")
+        if per_layer and self.gpu_tier is None:
+            raise ValueError("--cpu-experts needs the GPU expert path (--device cuda): on the CPU path every expert is computed there")
+        if per_layer and self._host_compute is None:
+            self._host_compute = HostCompute(self.manifest.layout, self.top_k, self.dtype, self.device, per_layer)
+        if self._host_compute is not None:
+            self._host_compute.per_layer = per_layer
+        if self.gpu_tier is not None:
+            self.gpu_tier.host_compute = self._host_compute if per_layer else None
+        self.cpu_experts = per_layer
 
     def _moe_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoE)]

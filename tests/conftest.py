@@ -116,6 +116,15 @@ def packed16(tiny_vlm, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def packed4(tiny_vlm, tmp_path_factory):
+    from flashmoe.convert import convert
+
+    out = tmp_path_factory.mktemp("packed") / "m4"
+    convert(tiny_vlm[0], out, bits=4, group_size=32)  # the tiny experts have 32 inputs
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_init_16(tmp_path_factory):
     """transformers' own init: on the unit-gain model of the parity tests, a 0.5% weight error
     already flips routing decisions and grows ~10x to the logits; a trained model is not that chaotic."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -156,6 +157,28 @@ class ExpertStore:
                     self.slots.forget(key)
             self.stats.evictions = self.slots.evictions
             self.staging.extend(staged.values())
+            for key in keys:
+                self.pins[key] -= 1
+                if not self.pins[key]:
+                    del self.pins[key]
+
+    @contextmanager
+    def resident(self, layer: int, experts: list[int], limit: int) -> Iterator[dict[int, int]]:
+        """Up to `limit` of these experts that are already in RAM -> their slots in `pool`, pinned
+        (never evicted) until the block ends. Nothing is read: the caller computes them where they lie."""
+        found: dict[int, int] = {}
+        for e in experts:
+            if len(found) == limit:
+                break
+            if (slot := self.slots.get((layer, e))) is not None:
+                found[e] = slot
+        keys = [(layer, e) for e in found]
+        for key in keys:
+            self.slots.policy.touch(key)
+            self.pins[key] = self.pins.get(key, 0) + 1
+        try:
+            yield found
+        finally:
             for key in keys:
                 self.pins[key] -= 1
                 if not self.pins[key]:

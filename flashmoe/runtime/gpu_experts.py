@@ -11,6 +11,12 @@ its residual (NextLayerGuess), so the layer's one host sync brings back its own 
 the next layer's. After queueing this layer's kernels the tier starts copying the guessed misses
 on a copy stream; they cross PCIe during this layer's experts and the next layer's dense part.
 Guesses change only where a record lies and when it is copied, never which experts are computed.
+
+CPU compute (opt-in, decode, one token): up to `per_layer` of a layer's misses that sit in the host
+tier are computed where they lie by the CPU (HostCompute) while PCIe copies the others: the host
+reads RAM at tens of GB/s beside the link's ~54. The experts' input and routing weights come back
+with the layer's routing sync; the CPU's weighted sum is added to the layer's output after the
+GPU's experts, which do not wait for it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,34 @@ class NextLayerGuess:
         return torch.topk(self.moe.gate(self.norm(x)), self.moe.top_k, dim=-1).indices
 
 
+class HostCompute:
+    """The CPU's share of each decode layer's misses: the CpuExperts kernel on its worker thread
+    (numba, GIL released), pinned buffers for its input and result. Compiled once here (seconds)."""
+
+    def __init__(self, layout: RecordLayout, top_k: int, dtype: torch.dtype, device, per_layer: int):
+        from ..kernels.cpu_experts import CpuExperts, cpu_experts_available
+
+        if not cpu_experts_available():
+            raise RuntimeError("--cpu-experts needs numba: pip install 'flashmoe[cpu-experts]'")
+        if not CpuExperts.supports(layout):
+            raise ValueError(f"--cpu-experts computes quantized experts only, not {layout.bits}-bit records")
+        self.kernel = CpuExperts(layout)
+        self.kernel.warmup()
+        self.per_layer = per_layer
+        H, pin = layout.hidden_size, torch.device(device).type == "cuda"  # pinned: the copies are asynchronous
+        self.x = torch.empty(H, dtype=dtype, pin_memory=pin)  # the layer's expert input, from its routing sync
+        self.weights = torch.empty(top_k, dtype=dtype, pin_memory=pin)  # its routing weights, likewise
+        self.gpu_weights = torch.empty(top_k, dtype=torch.float32, pin_memory=pin)  # those of the GPU's share
+        self.sum_host = torch.empty(H, dtype=torch.float32, pin_memory=pin)
+        self.sum = torch.empty(1, H, dtype=torch.float32, device=device)
+
+    def fetch_inputs(self, x: torch.Tensor, weights: torch.Tensor) -> None:
+        """Queue the copies of x [1, H] and weights [1, k] to the host; the routing sync that
+        follows on the same stream waits for them."""
+        self.x.copy_(x[0], non_blocking=True)
+        self.weights[: weights.shape[1]].copy_(weights[0], non_blocking=True)
+
+
 class GpuExpertTier:
     """`capacity` cached expert slots, `staging` slots for misses the policy does not admit, and
     with prefetch two regions of `prefetch` slots for guessed experts it does not admit (the next
@@ -75,6 +109,12 @@ class GpuExpertTier:
         self.guess: tuple[int, set[int]] = (-1, set())  # (layer, experts predicted for it)
         self.ahead: dict[int, int] = {}  # expert -> slot, copied for the guessed layer
         self.region = 0
+        self.host_compute: HostCompute | None = None  # set by the engine (--cpu-experts)
+
+    def absent(self, layer: int, experts: list[int]) -> list[int]:
+        """Those of the experts that place() would have to copy in (neither cached nor copied ahead)."""
+        ahead = self.ahead if self.guess[0] == layer else {}
+        return [e for e in experts if (layer, e) not in self.slots and e not in ahead]
 
     def place(self, layer: int, experts: list[int], store: ExpertStore) -> dict[int, int]:
         """GPU slot of each expert (at most `staging` misses per call), copying misses in from the
@@ -174,30 +214,60 @@ class GpuRoutedExperts:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids [T, k], or [T, 2k] with the next layer's guessed ids after the layer's own (prefetch)."""
         with self.timer.section("expert_io"):
-            ids_host = ids.cpu()  # the one host sync per layer: which experts this layer needs (and the guess)
+            ids_host = self._routing_sync(x, ids, weights)
         if ids.shape[0] <= DECODE_MAX_TOKENS:
             return self._decode(x, ids_host, weights)
         return self._prefill(x, ids, ids_host, weights)
 
+    def _routing_sync(self, x, ids, weights) -> torch.Tensor:
+        """The one host sync per layer: which experts this layer needs (and the guess); with CPU
+        compute of one token, its input and routing weights come back with it."""
+        if self.tier.host_compute is not None and x.shape[0] == 1:
+            self.tier.host_compute.fetch_inputs(x, weights)
+        return ids.cpu()
+
     def _decode(self, x, ids_host, weights, residual=None, out=None) -> torch.Tensor:
         T, k = weights.shape
         ids_host, guess = ids_host[:, :k], ids_host[:, k:]
-        with self.timer.section("expert_io"):
-            slots = self.tier.place(self.layer, sorted(set(ids_host.flatten().tolist())), self.store)
-            table = self.table[: T * k].view(T, k)
-            table.numpy()[:] = [[slots[e] for e in row] for row in ids_host.tolist()]
-        with self.timer.section("expert_compute"):
-            y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float(), residual, out)
-        if guess.numel() and self.next_layer is not None:
-            with self.timer.section("prefetch"):  # after the kernels are queued: the copies overlap them
-                likely_first = list(dict.fromkeys(guess.t().flatten().tolist()))  # each token's best guesses first
-                self.tier.prefetch(self.next_layer, likely_first, self.store)
+        experts = sorted(set(ids_host.flatten().tolist()))
+        host = self.tier.host_compute if T == 1 else None
+        candidates = self.tier.absent(self.layer, experts) if host is not None else []
+        with self.store.resident(self.layer, candidates, host.per_layer if host else 0) as on_cpu:
+            if on_cpu:  # started first: the CPU computes while the host queues copies and kernels
+                with self.timer.section("expert_io"):
+                    row = ids_host[0].tolist()
+                    cpu_sum = host.kernel.submit(self.store.pool, list(on_cpu.values()),
+                                                 host.weights[[row.index(e) for e in on_cpu]], host.x)
+                    self.tier.stats.cpu_computed += len(on_cpu)
+                    keep = [j for j, e in enumerate(row) if e not in on_cpu]  # the GPU's share, in routing order
+                    ids_host = ids_host[:, keep]
+                    host.gpu_weights[: len(keep)] = host.weights[keep].float()
+                    weights = host.gpu_weights[None, : len(keep)].to(x.device, non_blocking=True)
+            with self.timer.section("expert_io"):
+                slots = self.tier.place(self.layer, [e for e in experts if e not in on_cpu], self.store)
+                n = ids_host.shape[1]
+                table = self.table[: T * n].view(T, n)
+                table.numpy()[:] = [[slots[e] for e in r] for r in ids_host.tolist()]
+            with self.timer.section("expert_compute"):
+                if n:
+                    y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float(), residual, out)
+                else:  # every expert on the CPU
+                    y = out.copy_(residual) if out is not None else torch.zeros(T, x.shape[1], device=x.device)
+            if guess.numel() and self.next_layer is not None:
+                with self.timer.section("prefetch"):  # after the kernels are queued: the copies overlap them
+                    likely_first = list(dict.fromkeys(guess.t().flatten().tolist()))  # each token's best guesses first
+                    self.tier.prefetch(self.next_layer, likely_first, self.store)
+            if on_cpu:
+                with self.timer.section("cpu_experts"):  # waits for the CPU only now, the GPU's share queued
+                    host.sum_host.copy_(cpu_sum.result())
+                    host.sum.copy_(host.sum_host[None], non_blocking=True)
+                    y.add_(host.sum)  # out (bf16) = residual + GPU experts, then + CPU experts
         return y if out is not None else y.to(x.dtype)
 
     def decode_into(self, x, ids, weights, residual, out) -> None:
         """out = residual + routed experts of x (the graphed decode step's fused form)."""
         with self.timer.section("expert_io"):
-            ids_host = ids.cpu()
+            ids_host = self._routing_sync(x, ids, weights)
         self._decode(x, ids_host, weights, residual, out)
 
     def _prefill(self, x, ids, ids_host, weights) -> torch.Tensor:

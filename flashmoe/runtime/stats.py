@@ -19,6 +19,7 @@ class GpuTierStats:
     predicted_right: int = 0  # ... that the prediction named
     prefetched: int = 0  # experts copied ahead on a prediction
     prefetch_hits: int = 0  # ... that the real routing then used
+    cpu_computed: int = 0  # host-resident misses computed on the CPU instead of copied (HostCompute)
 
     @property
     def hit_rate(self) -> float:

@@ -113,3 +113,33 @@ def test_prefetch_is_refused_without_its_slots(packed16):
     engine.use_gpu_experts(gpu_mem=None)
     with pytest.raises(ValueError, match="prefetch=True"):
         engine.set_prefetch(True)
+
+
+def test_cpu_experts_change_no_result_and_take_misses_off_the_copies(packed4):
+    """Host-resident misses computed by the CPU kernel instead of copied: the logits equal the
+    plain GPU path's, and under a static 3-expert tier each CPU-computed expert is one copy fewer."""
+    pytest.importorskip("numba")
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3))
+    record = Manifest.load(packed4).layout.record_size
+    runs = {}
+    for per_layer in (0, 2):
+        engine = Engine(packed4, device=DEVICE, dtype=torch.float32, cpu_experts=per_layer)
+        engine.use_gpu_experts(gpu_mem=3 * record, policy="static")
+        runs[per_layer] = decode_with_tier_stats(engine, ids, steps=4)
+    (plain, off, lookups), (got, on, lookups_on) = runs[0], runs[2]
+    assert float((got - plain).norm() / plain.norm()) < 1e-5
+    assert lookups == lookups_on
+    assert on.cpu_computed > 0 and off.cpu_computed == 0
+    assert on.misses == off.misses - on.cpu_computed  # same residents: each CPU expert saved a copy
+    assert on.bytes_copied == on.misses * record
+    assert on.cpu_computed <= 2 * 4 * 4  # at most 2 per layer, 4 layers, 4 one-token steps (none in prefill)
+
+
+def test_cpu_experts_refuse_what_they_cannot_do(packed16, packed4):
+    pytest.importorskip("numba")
+    with pytest.raises(ValueError, match="GPU expert path"):
+        Engine(packed4, dtype=torch.float32).set_cpu_experts(1)
+    engine = Engine(packed16, device=DEVICE, dtype=torch.float32)
+    engine.use_gpu_experts(gpu_mem=None)
+    with pytest.raises(ValueError, match="quantized experts only"):
+        engine.set_cpu_experts(1)
