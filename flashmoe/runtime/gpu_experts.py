@@ -21,6 +21,7 @@ GPU's experts, which do not wait for it.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import nullcontext
 
 import torch
@@ -78,6 +79,20 @@ class HostCompute:
         follows on the same stream waits for them."""
         self.x.copy_(x[0], non_blocking=True)
         self.weights[: weights.shape[1]].copy_(weights[0], non_blocking=True)
+
+    def start(self, store: ExpertStore, on_cpu: dict[int, int], row: list[int], device) -> tuple[Future, list[int], torch.Tensor]:
+        """Submit the experts `on_cpu` (expert -> host slot) of the routing `row`; return the Future
+        of their weighted sum, the routing columns left to the GPU and those columns' weights on `device`."""
+        cpu_sum = self.kernel.submit(store.pool, list(on_cpu.values()), self.weights[[row.index(e) for e in on_cpu]], self.x)
+        keep = [j for j, e in enumerate(row) if e not in on_cpu]  # in routing order
+        self.gpu_weights[: len(keep)] = self.weights[keep].float()
+        return cpu_sum, keep, self.gpu_weights[None, : len(keep)].to(device, non_blocking=True)
+
+    def add_to(self, y: torch.Tensor, cpu_sum: Future) -> None:
+        """y [1, H] += the CPU's sum, once it is ready (y in bf16 is rounded twice: GPU share, then this)."""
+        self.sum_host.copy_(cpu_sum.result())
+        self.sum.copy_(self.sum_host[None], non_blocking=True)
+        y.add_(self.sum)
 
 
 class GpuExpertTier:
@@ -235,14 +250,9 @@ class GpuRoutedExperts:
         with self.store.resident(self.layer, candidates, host.per_layer if host else 0) as on_cpu:
             if on_cpu:  # started first: the CPU computes while the host queues copies and kernels
                 with self.timer.section("expert_io"):
-                    row = ids_host[0].tolist()
-                    cpu_sum = host.kernel.submit(self.store.pool, list(on_cpu.values()),
-                                                 host.weights[[row.index(e) for e in on_cpu]], host.x)
-                    self.tier.stats.cpu_computed += len(on_cpu)
-                    keep = [j for j, e in enumerate(row) if e not in on_cpu]  # the GPU's share, in routing order
+                    cpu_sum, keep, weights = host.start(self.store, on_cpu, ids_host[0].tolist(), x.device)
                     ids_host = ids_host[:, keep]
-                    host.gpu_weights[: len(keep)] = host.weights[keep].float()
-                    weights = host.gpu_weights[None, : len(keep)].to(x.device, non_blocking=True)
+                    self.tier.stats.cpu_computed += len(on_cpu)
             with self.timer.section("expert_io"):
                 slots = self.tier.place(self.layer, [e for e in experts if e not in on_cpu], self.store)
                 n = ids_host.shape[1]
@@ -259,9 +269,7 @@ class GpuRoutedExperts:
                     self.tier.prefetch(self.next_layer, likely_first, self.store)
             if on_cpu:
                 with self.timer.section("cpu_experts"):  # waits for the CPU only now, the GPU's share queued
-                    host.sum_host.copy_(cpu_sum.result())
-                    host.sum.copy_(host.sum_host[None], non_blocking=True)
-                    y.add_(host.sum)  # out (bf16) = residual + GPU experts, then + CPU experts
+                    host.add_to(y, cpu_sum)
         return y if out is not None else y.to(x.dtype)
 
     def decode_into(self, x, ids, weights, residual, out) -> None:
