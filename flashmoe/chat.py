@@ -21,12 +21,14 @@ from rich.markup import escape
 
 from .cli_common import (
     CACHE_POLICY_OPTION,
+    CPU_EXPERTS_OPTION,
     DENSE_BITS_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     GPU_MEM_OPTION,
     HOST_MEM_OPTION,
     K_OPTION,
+    PREFETCH_OPTION,
     SEED_OPTION,
     TEMPERATURE_OPTION,
     TOP_K_OPTION,
@@ -317,6 +319,8 @@ def chat_command(
     cache_policy: str = CACHE_POLICY_OPTION,
     dtype: str = DTYPE_OPTION,
     dense_bits: int = DENSE_BITS_OPTION,
+    prefetch: bool = PREFETCH_OPTION,
+    cpu_experts: int = CPU_EXPERTS_OPTION,
 ):
     """Chat with the model in the terminal: streamed answers, history, tool calls (type /help inside)."""
     from .cli_common import USER_ERRORS, fail, sampling_params
@@ -327,7 +331,8 @@ def chat_command(
         tools = (BUILTIN_TOOLS if builtin_tools else []) + (load_user_tools(tools_file) if tools_file else [])
         params = sampling_params(model, temperature, top_p, top_k, max_tokens=max_tokens, seed=seed)
         engine = load_engine(model, dict(device=device, host_mem=host_mem, k=k, dtype=dtype, cache_policy=cache_policy,
-                                         gpu_mem=gpu_mem, dense_bits=dense_bits))
+                                         gpu_mem=gpu_mem, dense_bits=dense_bits, prefetch=prefetch,
+                                         cpu_experts=cpu_experts))
         session = ChatSession(engine, params, tools, system, think or show_think, show_think, console, parse_size(prefix_cache))
     except USER_ERRORS as e:
         fail(e)

@@ -11,12 +11,14 @@ import typer
 from .chat import chat_command
 from .cli_common import (
     CACHE_POLICY_OPTION,
+    CPU_EXPERTS_OPTION,
     DENSE_BITS_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     GPU_MEM_OPTION,
     HOST_MEM_OPTION,
     K_OPTION,
+    PREFETCH_OPTION,
     SEED_OPTION,
     TEMPERATURE_OPTION,
     TOP_K_OPTION,
@@ -139,8 +141,8 @@ def generate(
     dtype: str = DTYPE_OPTION,
     dense_bits: int = DENSE_BITS_OPTION,
     verify: bool = VERIFY_OPTION,
-    prefetch: bool = typer.Option(False, "--prefetch", help="With --device cuda: copy each layer's guessed experts one layer ahead."),
-    cpu_experts: int = typer.Option(0, "--cpu-experts", help="With --device cuda: compute up to N of each layer's RAM-resident misses on the CPU while the rest are copied (needs numba)."),
+    prefetch: bool = PREFETCH_OPTION,
+    cpu_experts: int = CPU_EXPERTS_OPTION,
 ):
     """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
     if prompt == "-":

@@ -40,6 +40,14 @@ DENSE_BITS_OPTION = typer.Option(
     "quantized at load: half the memory, half the bytes per decoded token; on the CPU slower than 16).",
 )
 VERIFY_OPTION = typer.Option(True, help="Check each expert record's CRC32 the first time it is read.")
+PREFETCH_OPTION = typer.Option(
+    False, "--prefetch", help="With --device cuda: guess each layer's experts one layer ahead and start copying them early."
+)
+CPU_EXPERTS_OPTION = typer.Option(
+    0, "--cpu-experts",
+    help="With --device cuda: compute up to N of each layer's RAM-resident misses on the CPU while the rest are copied "
+    "(needs numba; measured slower on an H200, docs/EXPERIMENTS.md entry 26).",
+)
 TEMPERATURE_OPTION = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.")
 TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus sampling mass.")
 TOP_K_OPTION = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off).")
@@ -88,6 +96,12 @@ def open_engine(
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    gpu_only = [flag for flag, on in (("--prefetch", extra.get("prefetch")), ("--cpu-experts", extra.get("cpu_experts"))) if on]
+    if device != "cuda" and gpu_only:
+        raise ValueError(
+            f"{gpu_only[0]} is for the GPU path (--device cuda): it overlaps host-to-GPU copies. On the CPU every "
+            "expert is computed from RAM already (with numba installed, straight from the packed records); drop it"
+        )
     return Engine(
         model,
         device=device,

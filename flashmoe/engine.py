@@ -135,15 +135,27 @@ class Engine:
             self.dir, self.manifest, budget, self.top_k, io_threads, verify, on_gpu, direct_io, cache_policy
         )
         self.gpu_tier = None
+        self.cpu_kernel = None if on_gpu else self._cpu_kernel()
         for i, layer in enumerate(self.model.layers):
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.top_k = self.top_k
-                layer.mlp.experts = StreamedExperts(self.store, i, self.timer)
+                layer.mlp.experts = StreamedExperts(self.store, i, self.timer, self.cpu_kernel)
         if on_gpu:
             self.use_gpu_experts(gpu_mem, cache_policy)
         self.stop_ids = set(cfg.eos_token_ids) | {
             i for t in ("<|im_end|>", "<|endoftext|>") if (i := self.tokenizer.token_to_id(t)) is not None
         }
+
+    def _cpu_kernel(self):
+        """The numba kernel for decode tokens on the CPU path (kernels/cpu_experts.py), where numba
+        is installed and the records are quantized; None means PyTorch dequantizes each record."""
+        from .kernels.cpu_experts import CpuExperts, cpu_experts_available
+
+        if not (cpu_experts_available() and CpuExperts.supports(self.manifest.layout)):
+            return None
+        kernel = CpuExperts(self.manifest.layout, threads=torch.get_num_threads())
+        kernel.warmup()  # compiles on first use (seconds), cached on disk after
+        return kernel
 
     def set_top_k(self, k: int) -> None:
         """Route each token to k experts from now on (at most the k the engine was loaded with)."""

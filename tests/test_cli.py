@@ -42,6 +42,9 @@ def test_user_errors_are_one_clear_line(tmp_path, packed16):
     assert out.returncode == 2 and "--k must be between 1 and 8" in out.stderr
     out = flashmoe("convert", tmp_path, tmp_path / "out")
     assert out.returncode == 2 and "config.json" in out.stderr
+    for flag in (["--prefetch"], ["--cpu-experts", 1]):  # GPU-path options refused on the CPU, not ignored
+        out = flashmoe("generate", "--model", packed16, "--prompt", "x", *flag)
+        assert out.returncode == 2 and f"{flag[0]} is for the GPU path" in out.stderr
 
 
 def test_demo_completes_python_with_the_bundled_model():
@@ -76,9 +79,9 @@ def test_trace_records_a_text_and_summarizes_its_locality(tmp_path, packed16):
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench"])
-def test_dense_bits_is_offered_by_every_command_that_loads_a_model(command):
+def test_gpu_options_are_offered_by_every_command_that_loads_a_model(command):
     out = flashmoe(command, "--help")
-    assert out.returncode == 0 and "--dense-bits" in out.stdout
+    assert out.returncode == 0 and all(f in out.stdout for f in ("--dense-bits", "--prefetch", "--cpu-experts"))
 
 
 def test_generate_with_8_bit_dense_weights(packed16):

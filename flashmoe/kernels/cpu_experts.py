@@ -173,15 +173,23 @@ def _offsets(layout: RecordLayout) -> np.ndarray:
     return np.array(offs, np.int64)
 
 
+@functools.cache
+def _worker() -> ThreadPoolExecutor:
+    """The one thread every CpuExperts call runs on. numba's workqueue threading layer, chosen here
+    because its threads sleep between calls where OpenMP's spin (on a 2-core CPU the spinning took
+    PyTorch's cores: EXPERIMENTS entry 28), aborts on parallel loops launched from two threads at
+    once; one thread for all instances rules that out."""
+    numba.config.THREADING_LAYER = "workqueue"
+    return ThreadPoolExecutor(1, "cpu-experts")
+
+
 class CpuExperts:
-    """Routed experts of one record layout, computed on the CPU by a worker thread of its own.
+    """Routed experts of one record layout, computed on the CPU on the module's worker thread.
 
     experts(pool, slots, weights, x) -> [H] fp32 = sum_j weights[j] * expert(pool[slots[j]], x),
-    for one token; `submit` returns a Future of it. Both run on the worker thread, whose numba
-    thread count is `threads` (numba keeps that count per calling thread), and the kernel releases
-    the GIL. The pool's rows must not change until the result is ready. One instance per model:
-    numba's fallback threading layer (workqueue, without OpenMP or TBB) aborts on parallel loops
-    launched from two threads at once."""
+    for one token; `submit` returns a Future of it. Both run on the worker thread with `threads`
+    numba threads, and the kernel releases the GIL. The pool's rows must not change until the
+    result is ready."""
 
     @staticmethod
     def supports(layout: RecordLayout) -> bool:
@@ -201,7 +209,6 @@ class CpuExperts:
         self.threads = max(1, min(threads or default, numba.config.NUMBA_NUM_THREADS))
         self._offsets = _offsets(layout)
         self._kernel = _kernel(layout.bits, layout.group_size)
-        self._worker = ThreadPoolExecutor(1, "cpu-experts", initializer=numba.set_num_threads, initargs=(self.threads,))
 
     def __call__(
         self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
@@ -212,16 +219,13 @@ class CpuExperts:
         self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
     ) -> Future:
         """Queue the call on the worker thread; the Future's result is the [H] fp32 tensor."""
-        return self._worker.submit(self._run, *self._arguments(pool, slots, weights, x))
+        return _worker().submit(self._run, *self._arguments(pool, slots, weights, x))
 
     def warmup(self) -> None:
         """Compile the kernel (seconds; cached on disk after the first time) and start the worker's
         threads, on one zero record."""
         pool = torch.zeros(1, self.layout.record_size, dtype=torch.uint8)
         self(pool, [0], [1.0], torch.zeros(self.layout.hidden_size))
-
-    def close(self) -> None:
-        self._worker.shutdown()
 
     def _arguments(self, pool, slots, weights, x) -> tuple:
         """Checked numpy arrays of the arguments: a view of the pool, copies of the small ones (the
@@ -246,6 +250,7 @@ class CpuExperts:
         return p8, p8.view(np.uint16), slots, weights, x.detach().to("cpu", torch.float32, copy=True).numpy()
 
     def _run(self, p8, p16, slots, weights, x) -> torch.Tensor:
+        numba.set_num_threads(self.threads)  # numba keeps the count per calling thread: ours, shared
         out = np.empty(self.layout.hidden_size, np.float32)
         self._kernel(p8, p16, slots, weights, self._offsets, self.layout.intermediate_size, x, out)
         return torch.from_numpy(out)

@@ -162,6 +162,10 @@ class ExpertStore:
                 if not self.pins[key]:
                     del self.pins[key]
 
+    def slot_of(self, record: torch.Tensor) -> int:
+        """The pool slot of a record that load() yielded."""
+        return (record.data_ptr() - self.pool.data_ptr()) // self.record_size
+
     @contextmanager
     def resident(self, layer: int, experts: list[int], limit: int) -> Iterator[dict[int, int]]:
         """Up to `limit` of these experts that are already in RAM -> their slots in `pool`, pinned

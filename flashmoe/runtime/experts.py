@@ -1,7 +1,8 @@
-"""Routed experts computed from records fetched through the expert store (the CPU reference path)."""
+"""Routed experts computed from records fetched through the expert store (the CPU path)."""
 
 from __future__ import annotations
 
+import itertools
 from contextlib import closing
 
 import torch
@@ -12,12 +13,16 @@ from .expert_store import ExpertStore
 
 class StreamedExperts:
     """The routed experts of one layer. Each needed expert is read once per call (once per layer per
-    prefill chunk, not once per token); compute on early records overlaps the reads of later ones."""
+    prefill chunk, not once per token). A decode token goes through `kernel` (CpuExperts: numba,
+    straight from the records in the host cache) when one is given; otherwise, and for prefill,
+    each record is dequantized and multiplied by PyTorch, overlapping the reads of later ones."""
 
-    def __init__(self, store: ExpertStore, layer: int, timer):
-        self.store, self.layer, self.timer = store, layer, timer
+    def __init__(self, store: ExpertStore, layer: int, timer, kernel=None):
+        self.store, self.layer, self.timer, self.kernel = store, layer, timer, kernel
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.shape[0] == 1:
+            return self._decode(x, ids, weights)
         needed = torch.unique(ids).tolist()  # ascending
         results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         cap = self.store.batch
@@ -40,3 +45,19 @@ class StreamedExperts:
             for expert in needed:
                 out.index_add_(0, *results[expert])
         return out
+
+    def _decode(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token: the kernel reads each expert where it lies in the store's pool, while the load
+        keeps it pinned there. Experts are summed in routing order (fp32), chunk after chunk."""
+        row = ids[0].tolist()
+        needed = sorted(set(row))
+        out = torch.zeros(x.shape[1], dtype=torch.float32)
+        for start in range(0, len(needed), self.store.batch):
+            chunk = needed[start : start + self.store.batch]
+            with closing(self.store.load(self.layer, chunk)) as records:
+                with self.timer.section("expert_io"):
+                    slots = {e: self.store.slot_of(record) for e, record in itertools.islice(records, len(chunk))}
+                with self.timer.section("expert_compute"):
+                    cols = [j for j, e in enumerate(row) if e in slots]
+                    out += self.kernel(self.store.pool, [slots[row[j]] for j in cols], weights[0, cols], x[0])
+        return out[None].to(x.dtype)

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..cli_common import (
-    CACHE_POLICY_OPTION, DENSE_BITS_OPTION, DEVICE_OPTION, DTYPE_OPTION, GPU_MEM_OPTION, HOST_MEM_OPTION, K_OPTION, VERIFY_OPTION,
+    CACHE_POLICY_OPTION, CPU_EXPERTS_OPTION, DENSE_BITS_OPTION, DEVICE_OPTION, DTYPE_OPTION, GPU_MEM_OPTION, HOST_MEM_OPTION,
+    K_OPTION, PREFETCH_OPTION, VERIFY_OPTION,
 )
 
 
@@ -34,6 +35,8 @@ def serve_command(
     dtype: str = DTYPE_OPTION,
     dense_bits: int = DENSE_BITS_OPTION,
     verify: bool = VERIFY_OPTION,
+    prefetch: bool = PREFETCH_OPTION,
+    cpu_experts: int = CPU_EXPERTS_OPTION,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and Anthropic's Messages API."""
     import uvicorn
@@ -44,7 +47,8 @@ def serve_command(
     from .service import ModelService
 
     try:
-        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, dense_bits=dense_bits)
+        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, dense_bits=dense_bits,
+                             prefetch=prefetch, cpu_experts=cpu_experts)
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
                                parse_size(prefix_cache), parallel, max_queue)
         app = create_app(service, api_key, parse_size(max_body))
