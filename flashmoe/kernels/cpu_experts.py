@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -173,13 +174,15 @@ def _offsets(layout: RecordLayout) -> np.ndarray:
     return np.array(offs, np.int64)
 
 
+# numba's workqueue threading layer, chosen because its threads sleep between calls where
+# OpenMP's spin (on a 2-core CPU the spinning took PyTorch's cores: EXPERIMENTS entry 27), aborts
+# on parallel loops launched from two threads at once: every call holds this lock.
+_RUNNING = threading.Lock()
+
+
 @functools.cache
 def _worker() -> ThreadPoolExecutor:
-    """The one thread every CpuExperts call runs on. numba's workqueue threading layer, chosen here
-    because its threads sleep between calls where OpenMP's spin (on a 2-core CPU the spinning took
-    PyTorch's cores: EXPERIMENTS entry 28), aborts on parallel loops launched from two threads at
-    once; one thread for all instances rules that out."""
-    numba.config.THREADING_LAYER = "workqueue"
+    """The thread `submit` runs calls on."""
     return ThreadPoolExecutor(1, "cpu-experts")
 
 
@@ -187,7 +190,8 @@ class CpuExperts:
     """Routed experts of one record layout, computed on the CPU on the module's worker thread.
 
     experts(pool, slots, weights, x) -> [H] fp32 = sum_j weights[j] * expert(pool[slots[j]], x),
-    for one token; `submit` returns a Future of it. Both run on the worker thread with `threads`
+    for one token, on the calling thread (a hand-off to another thread costs more than a small
+    model's experts); `submit` runs it on a worker thread and returns a Future. Both use `threads`
     numba threads, and the kernel releases the GIL. The pool's rows must not change until the
     result is ready."""
 
@@ -213,7 +217,7 @@ class CpuExperts:
     def __call__(
         self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor:
-        return self.submit(pool, slots, weights, x).result()
+        return self._run(*self._arguments(pool, slots, weights, x))
 
     def submit(
         self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
@@ -222,7 +226,7 @@ class CpuExperts:
         return _worker().submit(self._run, *self._arguments(pool, slots, weights, x))
 
     def warmup(self) -> None:
-        """Compile the kernel (seconds; cached on disk after the first time) and start the worker's
+        """Compile the kernel (seconds; cached on disk after the first time) and start numba's
         threads, on one zero record."""
         pool = torch.zeros(1, self.layout.record_size, dtype=torch.uint8)
         self(pool, [0], [1.0], torch.zeros(self.layout.hidden_size))
@@ -250,7 +254,9 @@ class CpuExperts:
         return p8, p8.view(np.uint16), slots, weights, x.detach().to("cpu", torch.float32, copy=True).numpy()
 
     def _run(self, p8, p16, slots, weights, x) -> torch.Tensor:
-        numba.set_num_threads(self.threads)  # numba keeps the count per calling thread: ours, shared
         out = np.empty(self.layout.hidden_size, np.float32)
-        self._kernel(p8, p16, slots, weights, self._offsets, self.layout.intermediate_size, x, out)
+        with _RUNNING:
+            numba.config.THREADING_LAYER = "workqueue"  # read once, at the first parallel launch
+            numba.set_num_threads(self.threads)  # numba keeps the count per calling thread
+            self._kernel(p8, p16, slots, weights, self._offsets, self.layout.intermediate_size, x, out)
         return torch.from_numpy(out)
