@@ -135,7 +135,8 @@ class Engine:
             self.dir, self.manifest, budget, self.top_k, io_threads, verify, on_gpu, direct_io, cache_policy
         )
         self.gpu_tier = None
-        self.cpu_kernel = None if on_gpu else self._cpu_kernel()
+        # CPU path: decode tokens' experts through the kernel, on PyTorch's cores. GPU path: built by set_cpu_experts.
+        self.cpu_kernel = None if on_gpu else self._cpu_kernel(torch.get_num_threads())
         for i, layer in enumerate(self.model.layers):
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.top_k = self.top_k
@@ -146,15 +147,22 @@ class Engine:
             i for t in ("<|im_end|>", "<|endoftext|>") if (i := self.tokenizer.token_to_id(t)) is not None
         }
 
-    def _cpu_kernel(self):
-        """The numba kernel for decode tokens on the CPU path (kernels/cpu_experts.py), where numba
-        is installed and the records are quantized; None means PyTorch dequantizes each record."""
+    def _cpu_kernel(self, threads: int | None = None, required: bool = False):
+        """The numba kernel that computes routed experts from their packed records on the CPU
+        (kernels/cpu_experts.py), compiled on first use (seconds, cached on disk after). Where numba
+        is missing or the records are 16-bit: None, or with `required` an error saying why."""
         from .kernels.cpu_experts import CpuExperts, cpu_experts_available
 
-        if not (cpu_experts_available() and CpuExperts.supports(self.manifest.layout)):
+        if not cpu_experts_available():
+            if required:
+                raise RuntimeError("--cpu-experts needs numba: pip install 'flashmoe[cpu-experts]'")
             return None
-        kernel = CpuExperts(self.manifest.layout, threads=torch.get_num_threads())
-        kernel.warmup()  # compiles on first use (seconds), cached on disk after
+        if not CpuExperts.supports(self.manifest.layout):
+            if required:
+                raise ValueError(f"--cpu-experts computes quantized experts only, not {self.manifest.layout.bits}-bit records")
+            return None
+        kernel = CpuExperts(self.manifest.layout, threads)
+        kernel.warmup()
         return kernel
 
     def set_top_k(self, k: int) -> None:
@@ -228,7 +236,8 @@ class Engine:
         if per_layer and self.gpu_tier is None:
             raise ValueError("--cpu-experts needs the GPU expert path (--device cuda): on the CPU path every expert is computed there")
         if per_layer and self._host_compute is None:
-            self._host_compute = HostCompute(self.manifest.layout, self.top_k, self.dtype, self.device, per_layer)
+            self.cpu_kernel = self.cpu_kernel or self._cpu_kernel(required=True)  # default threads: all cores but one
+            self._host_compute = HostCompute(self.cpu_kernel, self.top_k, self.dtype, self.device, per_layer)
         if self._host_compute is not None:
             self._host_compute.per_layer = per_layer
         if self.gpu_tier is not None:

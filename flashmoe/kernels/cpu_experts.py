@@ -31,6 +31,11 @@ from ..formats.packed import RecordLayout
 try:
     import numba
     from numba import prange
+
+    # The workqueue threading layer: its threads sleep between calls where OpenMP's spin (on a
+    # 2-core CPU the spinning took PyTorch's cores: EXPERIMENTS entry 27). Read once, at the first
+    # parallel launch.
+    numba.config.THREADING_LAYER = "workqueue"
 except ImportError:
     numba = None
 
@@ -174,9 +179,8 @@ def _offsets(layout: RecordLayout) -> np.ndarray:
     return np.array(offs, np.int64)
 
 
-# numba's workqueue threading layer, chosen because its threads sleep between calls where
-# OpenMP's spin (on a 2-core CPU the spinning took PyTorch's cores: EXPERIMENTS entry 27), aborts
-# on parallel loops launched from two threads at once: every call holds this lock.
+# numba's workqueue layer aborts on parallel loops launched from two threads at once: every call
+# holds this lock.
 _RUNNING = threading.Lock()
 
 
@@ -256,7 +260,6 @@ class CpuExperts:
     def _run(self, p8, p16, slots, weights, x) -> torch.Tensor:
         out = np.empty(self.layout.hidden_size, np.float32)
         with _RUNNING:
-            numba.config.THREADING_LAYER = "workqueue"  # read once, at the first parallel launch
             numba.set_num_threads(self.threads)  # numba keeps the count per calling thread
             self._kernel(p8, p16, slots, weights, self._offsets, self.layout.intermediate_size, x, out)
         return torch.from_numpy(out)

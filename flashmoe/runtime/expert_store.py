@@ -122,8 +122,7 @@ class ExpertStore:
         if bad:
             raise ExpertStoreError(f"layer {layer} has {info.num_experts} experts; expert {bad[0]} does not exist")
         keys = [(layer, e) for e in experts]
-        for key in keys:
-            self.pins[key] = self.pins.get(key, 0) + 1
+        self._pin(keys)
         self.slots.policy.tick()
         pending: dict[Future, tuple[int, int]] = {}
         staged: dict[tuple[int, int], int] = {}
@@ -157,10 +156,7 @@ class ExpertStore:
                     self.slots.forget(key)
             self.stats.evictions = self.slots.evictions
             self.staging.extend(staged.values())
-            for key in keys:
-                self.pins[key] -= 1
-                if not self.pins[key]:
-                    del self.pins[key]
+            self._unpin(keys)
 
     def slot_of(self, record: torch.Tensor) -> int:
         """The pool slot of a record that load() yielded."""
@@ -179,14 +175,23 @@ class ExpertStore:
         keys = [(layer, e) for e in found]
         for key in keys:
             self.slots.policy.touch(key)
-            self.pins[key] = self.pins.get(key, 0) + 1
+        self._pin(keys)
         try:
             yield found
         finally:
-            for key in keys:
-                self.pins[key] -= 1
-                if not self.pins[key]:
-                    del self.pins[key]
+            self._unpin(keys)
+
+    def _pin(self, keys: list[tuple[int, int]]) -> None:
+        """Keep these records where they are (the policy never evicts a pinned key); counted, so
+        overlapping users nest."""
+        for key in keys:
+            self.pins[key] = self.pins.get(key, 0) + 1
+
+    def _unpin(self, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
+            self.pins[key] -= 1
+            if not self.pins[key]:
+                del self.pins[key]
 
     def _read(self, key: tuple[int, int], slot: int) -> int:
         """Runs on a reader thread: fill the slot, check the record's CRC32 on its first read."""

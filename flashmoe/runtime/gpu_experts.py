@@ -27,6 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from ..formats.packed import RecordLayout
+from ..kernels.cpu_experts import CpuExperts
 from ..kernels.moe_gemv import MoeGemv
 from ..kernels.moe_grouped import MoeGrouped
 from .expert_store import ExpertStore
@@ -55,19 +56,12 @@ class NextLayerGuess:
 
 class HostCompute:
     """The CPU's share of each decode layer's misses: the CpuExperts kernel on its worker thread
-    (numba, GIL released), pinned buffers for its input and result. Compiled once here (seconds)."""
+    (numba, GIL released), pinned buffers for its input and result."""
 
-    def __init__(self, layout: RecordLayout, top_k: int, dtype: torch.dtype, device, per_layer: int):
-        from ..kernels.cpu_experts import CpuExperts, cpu_experts_available
-
-        if not cpu_experts_available():
-            raise RuntimeError("--cpu-experts needs numba: pip install 'flashmoe[cpu-experts]'")
-        if not CpuExperts.supports(layout):
-            raise ValueError(f"--cpu-experts computes quantized experts only, not {layout.bits}-bit records")
-        self.kernel = CpuExperts(layout)
-        self.kernel.warmup()
+    def __init__(self, kernel: CpuExperts, top_k: int, dtype: torch.dtype, device, per_layer: int):
+        self.kernel = kernel
         self.per_layer = per_layer
-        H, pin = layout.hidden_size, torch.device(device).type == "cuda"  # pinned: the copies are asynchronous
+        H, pin = kernel.layout.hidden_size, torch.device(device).type == "cuda"  # pinned: the copies are asynchronous
         self.x = torch.empty(H, dtype=dtype, pin_memory=pin)  # the layer's expert input, from its routing sync
         self.weights = torch.empty(top_k, dtype=dtype, pin_memory=pin)  # its routing weights, likewise
         self.gpu_weights = torch.empty(top_k, dtype=torch.float32, pin_memory=pin)  # those of the GPU's share
