@@ -247,6 +247,7 @@ class DecodeResult:
     prefetch_wasted_bytes_per_token: float = 0.0  # experts copied ahead that it did not use
     cpu_experts: int = 0  # up to this many host-resident misses per layer computed on the CPU
     cpu_experts_per_token: float = 0.0  # ... how many were, per token
+    resident: bool = False  # every expert read where it lies, host-resident ones in place over PCIe (preload)
 
 
 def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths, routing: str = "uniform") -> DecodeResult:
@@ -277,8 +278,8 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
     t60 = (t_token - outside) * layers_full / L + outside
     rs = engine.manifest.layout.record_size
     dec = s.cache  # host tier during decode only: every copy to the GPU (prefetches too) is fetched through it
-    host_loads = dec.hits + dec.misses
     gpu = s.gpu_cache
+    host_loads = dec.hits + dec.misses + gpu.host_reads  # copies, and records the kernels read in place
     hbm = _hbm_bytes_per_token(engine) + engine.top_k * rs * len(engine.config.moe_layers)
     per_token = {
         "hbm": hbm,
@@ -304,16 +305,17 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
         layers_full=layers_full,
         breakdown_ms_per_layer={k: v * 1e3 / (pn * L) for k, v in sorted(sec.items())},
         gpu_hit_rate=gpu.hit_rate,  # prefetched experts count as hits: they need no copy when routed
-        host_hit_rate=dec.hit_rate,
+        host_hit_rate=(dec.hits + gpu.host_reads) / host_loads if host_loads else 0.0,
         bytes_per_token=per_token,
         roofline_ms_per_token=roof,
         roofline_fraction=max(roof.values()) / (t_token * 1e3),
-        prefetch=any(layer.predict_next is not None for layer in engine.model.layers),
+        prefetch=engine.prefetch_on,
         prefetch_accuracy=gpu.prediction_accuracy,
         prefetch_hits_per_token=gpu.prefetch_hits / n,
         prefetch_wasted_bytes_per_token=(gpu.prefetched - gpu.prefetch_hits) * rs / n,
         cpu_experts=engine.cpu_experts,
         cpu_experts_per_token=gpu.cpu_computed / n,
+        resident=engine.resident,
     )
 
 
@@ -347,21 +349,16 @@ def run_prefill(engine, prompt_len: int, layers_full: int) -> dict:
         "ttft_s_extrapolated": ttft * layers_full / L,
         "tps_extrapolated": prompt_len / (ttft * layers_full / L),
         "host_reads_bytes": s.prefill_cache.bytes_read,
+        "resident": engine.resident,
     }
 
 
-def place_tiers(engine, tiers: Tiers) -> None:
-    """GPU slots get experts [0, g) of each layer, the host tier [g, g + h); the rest stays on disk.
-    The host tier is filled first: the GPU tier's experts pass through the host tier's staging slots
-    on their way in and must not take its places (with the static policy, a full tier admits nothing)."""
-    for layer in engine.config.moe_layers:
-        host = list(range(tiers.gpu_per_layer, tiers.gpu_per_layer + tiers.host_per_layer))
-        for start in range(0, len(host), engine.store.batch):
-            for _ in engine.store.load(layer, host[start : start + engine.store.batch]):
-                pass
-    for layer in engine.config.moe_layers:
-        engine.gpu_tier.preload(layer, list(range(tiers.gpu_per_layer)), engine.store)
-    engine.store.stats = type(engine.store.stats)()
+def place_tiers(engine, tiers: Tiers, resident: bool = False) -> None:
+    """GPU slots get experts [0, g) of each layer, the host tier [g, g + h); the rest stays on disk
+    (Engine.place_experts). Resident: read every expert where it lies (needs no disk tier)."""
+    engine.set_resident(False)
+    engine.place_experts(tiers.gpu_per_layer, tiers.host_per_layer)
+    engine.set_resident(resident)
 
 
 def fit_trace_replays(trace: RoutingTrace, num_experts: int, ks: list[int], log=print) -> tuple[dict, dict]:
@@ -397,13 +394,15 @@ def run_replayed_decode(engine, gen: StreamGenerator, prompt_len: int, tokens: i
     each layer's most used experts: the placement a deployment would choose from a known profile."""
     moe_layers = len(engine.config.moe_layers)
     stream = torch.from_numpy(gen.generate(8 + 2 * (prompt_len + tokens), moe_layers).astype("int64"))  # no wrap
-    with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer)):
+    sync = not engine.resident  # the host reads the routing only where the real path does
+    with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer, sync)):
         return run_decode(engine, prompt_len, tokens, layers_full, bw, routing="trace replay")
 
 
 def log_decode(r: DecodeResult, log=print) -> None:
     log(
-        f"S1 K={r.k} {r.routing}{' prefetch' if r.prefetch else ''}{f' cpu-experts {r.cpu_experts}' if r.cpu_experts else ''}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
+        f"S1 K={r.k} {r.routing}{' resident' if r.resident else ''}{' prefetch' if r.prefetch else ''}"
+        f"{f' cpu-experts {r.cpu_experts}' if r.cpu_experts else ''}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
         f"layers), {r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits "
         f"{r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; bytes/token "
         + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())
@@ -421,12 +420,14 @@ def result_json(**parts) -> str:
 
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
         workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
-        dense_bits: int = 16, prefetch: bool = False, cpu_experts: list[int] = (), log=print) -> dict:
+        dense_bits: int = 16, prefetch: bool = False, cpu_experts: list[int] = (), resident: bool = False,
+        log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
     tiers, then S1 for each k (uniform routing; with `prefetch` again with next-layer prefetch; with
-    each of `cpu_experts` again with that many misses per layer on the CPU, and with prefetch; then replayed
-    from `trace` if given) and S2 for each prompt length. Returns the report. Replayed routing runs
-    without prefetch: its ids come from a stream the router's guess cannot know."""
+    each of `cpu_experts` again with that many misses per layer on the CPU, and with prefetch; with
+    `resident` again with every expert read where it lies; then replayed from `trace` if given, also
+    resident) and S2 for each prompt length (also resident). Returns the report. Replayed routing
+    runs without prefetch: its ids come from a stream the router's guess cannot know."""
     from .engine import Engine
     from .utils import total_memory_bytes
 
@@ -453,14 +454,20 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
               "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
     if trace_stats:
         report["trace"] = trace_stats
+    if resident and tiers.disk_fraction > 0:
+        log("resident rows skipped: they need every expert in GPU or host memory, and this placement has a disk tier")
+        resident = False
+    residency = sorted({False, resident})
     for k in sorted(ks, reverse=True):
         engine.set_top_k(k)
-        rows = [("uniform", ahead, cpu) for cpu in {0, *cpu_experts} for ahead in {False, prefetch}]
-        rows += [("trace replay", False, 0)] * bool(replays)
-        for routing, ahead, cpu in sorted(rows, key=lambda r: (r[0] != "uniform", r[2], r[1])):
+        rows = [("uniform", ahead, cpu, False) for cpu in {0, *cpu_experts} for ahead in {False, prefetch}]
+        rows += [("uniform", False, 0, True)] * resident
+        rows += [("trace replay", False, 0, held) for held in residency] * bool(replays)
+        for routing, ahead, cpu, held in sorted(rows, key=lambda r: (r[0] != "uniform", r[3], r[2], r[1])):
+            engine.set_resident(False)
             engine.set_prefetch(ahead)
             engine.set_cpu_experts(cpu)
-            place_tiers(engine, tiers)  # static tiers: the same residents for every run, counters reset
+            place_tiers(engine, tiers, held)  # static tiers: the same residents for every run, counters reset
             if routing == "uniform":
                 r = run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
             else:
@@ -470,9 +477,11 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     engine.set_top_k(k_max)
     engine.set_prefetch(False)
     engine.set_cpu_experts(0)
-    for n in prefills:
-        p = run_prefill(engine, n, full["num_hidden_layers"])
-        report["prefill"].append(p)
-        log(f"S2 prefill {n}: {p['tps']:.0f} tok/s, TTFT {p['ttft_s']:.2f} s; extrapolated "
-            f"{p['tps_extrapolated']:.0f} tok/s, TTFT {p['ttft_s_extrapolated']:.2f} s")
+    for held in residency:
+        place_tiers(engine, tiers, held)
+        for n in prefills:
+            p = run_prefill(engine, n, full["num_hidden_layers"])
+            report["prefill"].append(p)
+            log(f"S2 prefill {n}{' resident' if held else ''}: {p['tps']:.0f} tok/s, TTFT {p['ttft_s']:.2f} s; "
+                f"extrapolated {p['tps_extrapolated']:.0f} tok/s, TTFT {p['ttft_s_extrapolated']:.2f} s")
     return report

@@ -29,6 +29,7 @@ from .cli_common import (
     HOST_MEM_OPTION,
     K_OPTION,
     PREFETCH_OPTION,
+    PRELOAD_OPTION,
     SEED_OPTION,
     TEMPERATURE_OPTION,
     TOP_K_OPTION,
@@ -321,6 +322,7 @@ def chat_command(
     dense_bits: int = DENSE_BITS_OPTION,
     prefetch: bool = PREFETCH_OPTION,
     cpu_experts: int = CPU_EXPERTS_OPTION,
+    preload: bool = PRELOAD_OPTION,
 ):
     """Chat with the model in the terminal: streamed answers, history, tool calls (type /help inside)."""
     from .cli_common import USER_ERRORS, fail, sampling_params
@@ -332,7 +334,7 @@ def chat_command(
         params = sampling_params(model, temperature, top_p, top_k, max_tokens=max_tokens, seed=seed)
         engine = load_engine(model, dict(device=device, host_mem=host_mem, k=k, dtype=dtype, cache_policy=cache_policy,
                                          gpu_mem=gpu_mem, dense_bits=dense_bits, prefetch=prefetch,
-                                         cpu_experts=cpu_experts))
+                                         cpu_experts=cpu_experts, preload=preload))
         session = ChatSession(engine, params, tools, system, think or show_think, show_think, console, parse_size(prefix_cache))
     except USER_ERRORS as e:
         fail(e)

@@ -19,6 +19,7 @@ from .cli_common import (
     HOST_MEM_OPTION,
     K_OPTION,
     PREFETCH_OPTION,
+    PRELOAD_OPTION,
     SEED_OPTION,
     TEMPERATURE_OPTION,
     TOP_K_OPTION,
@@ -143,13 +144,14 @@ def generate(
     verify: bool = VERIFY_OPTION,
     prefetch: bool = PREFETCH_OPTION,
     cpu_experts: int = CPU_EXPERTS_OPTION,
+    preload: bool = PRELOAD_OPTION,
 ):
     """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
         engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, profile=profile,
-                             dense_bits=dense_bits, prefetch=prefetch, cpu_experts=cpu_experts)
+                             dense_bits=dense_bits, prefetch=prefetch, cpu_experts=cpu_experts, preload=preload)
         params = sampling_params(
             model, temperature, top_p, top_k, max_tokens=tokens, repetition_penalty=repetition_penalty, seed=seed, stop=stop
         )
@@ -249,6 +251,7 @@ def bench(
     ),
     prefetch: bool = typer.Option(False, "--prefetch", help="Also run S1 with next-layer prefetch, beside the plain rows."),
     cpu_experts: list[int] = typer.Option([], "--cpu-experts", help="Also run S1 with up to N host-resident misses per layer computed on the CPU (repeatable; needs numba)."),
+    preload: bool = typer.Option(False, "--preload", help="Also run S1/S2 with every expert read where it lies (no disk tier only), beside the plain rows."),
 ):
     """Benchmark scenarios S1 (decode) and S2 (prefill) on a synthesized model of a named shape (GPU)."""
     import torch
@@ -261,7 +264,7 @@ def bench(
         report = run(
             preset, layers, bits, k, prompt_tokens, tokens, [n for n in prefill if n], workdir,
             parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None, trace_file, dense_bits, prefetch,
-            cpu_experts, log=lambda line: err.print(line, soft_wrap=True),
+            cpu_experts, preload, log=lambda line: err.print(line, soft_wrap=True),
         )
     except USER_ERRORS as e:
         fail(e)

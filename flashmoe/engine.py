@@ -18,7 +18,7 @@ from .layers.int8_linear import use_int8_linears
 from .layers.moe import SparseMoE
 from .models import family
 from .quant import quantize_int8_rows
-from .runtime.expert_store import ExpertStore, StoreStats
+from .runtime.expert_store import BudgetError, ExpertStore, StoreStats
 from .runtime.experts import StreamedExperts
 from .runtime.sampling import Sampler, SamplingParams
 from .runtime.state import SequenceState
@@ -88,6 +88,7 @@ class Engine:
         dense_bits: int = 16,
         prefetch: bool = False,
         cpu_experts: int = 0,
+        preload: bool = False,
     ):
         """Load a packed model: dense weights resident on `device`, experts behind the caches.
 
@@ -104,7 +105,9 @@ class Engine:
         prefetch: during decode, guess each MoE layer's experts one layer ahead and start copying
         them early (GPU path; runtime/gpu_experts.py). Changes timing only, never results.
         cpu_experts: during decode, compute up to this many of each layer's misses that sit in the
-        host tier on the CPU while the others are copied to the GPU (GPU path; needs numba)."""
+        host tier on the CPU while the others are copied to the GPU (GPU path; needs numba).
+        preload: read every expert into the GPU tier or the host tier now (they must hold them all),
+        then read each where it lies: no copies and no host sync per layer (GPU path; `preload`)."""
         self.dir = Path(model_dir)
         self.manifest = Manifest.load(self.dir)
         self.config = cfg = ModelConfig.from_dir(self.dir)
@@ -143,6 +146,8 @@ class Engine:
                 layer.mlp.experts = StreamedExperts(self.store, i, self.timer, self.cpu_kernel)
         if on_gpu:
             self.use_gpu_experts(gpu_mem, cache_policy)
+            if preload:
+                self.preload()
         self.stop_ids = set(cfg.eos_token_ids) | {
             i for t in ("<|im_end|>", "<|endoftext|>") if (i := self.tokenizer.token_to_id(t)) is not None
         }
@@ -199,7 +204,7 @@ class Engine:
             )
         capacity = min(gpu_mem // layout.record_size, self.manifest.total_expert_bytes // layout.record_size)
         try:
-            self.gpu_tier = GpuExpertTier(layout, capacity, staging, self.device, policy, prefetch)
+            self.gpu_tier = GpuExpertTier(layout, capacity, staging, self.device, policy, prefetch, self.store.pool)
         except torch.cuda.OutOfMemoryError:
             slots = capacity + staging + 2 * prefetch
             raise GpuMemoryError(
@@ -221,6 +226,8 @@ class Engine:
 
         if on and not (self.gpu_tier is not None and self.gpu_tier.prefetch_slots):
             raise ValueError("prefetch needs the GPU expert path, loaded with prefetch=True")
+        if on and self.resident:
+            raise ValueError("--prefetch and --preload exclude each other: preloaded experts are read in place, never copied")
         moe = self._moe_layers()
         for i, nxt in zip(moe, moe[1:] + [None]):
             layers = self.model.layers
@@ -235,6 +242,8 @@ class Engine:
             raise ValueError(f"--cpu-experts must be >= 0, got {per_layer}")
         if per_layer and self.gpu_tier is None:
             raise ValueError("--cpu-experts needs the GPU expert path (--device cuda): on the CPU path every expert is computed there")
+        if per_layer and self.resident:
+            raise ValueError("--cpu-experts and --preload exclude each other: preloaded decode never hands experts to the host")
         if per_layer and self._host_compute is None:
             self.cpu_kernel = self.cpu_kernel or self._cpu_kernel(required=True)  # default threads: all cores but one
             self._host_compute = HostCompute(self.cpu_kernel, self.top_k, self.dtype, self.device, per_layer)
@@ -246,6 +255,65 @@ class Engine:
 
     def _moe_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoE)]
+
+    @property
+    def resident(self) -> bool:
+        """Whether every expert is read where it lies in the GPU or host tier (preload)."""
+        return self.gpu_tier is not None and self.gpu_tier.table is not None
+
+    def place_experts(self, gpu_per_layer: int, host_per_layer: int, progress: Callable[[int], None] | None = None) -> None:
+        """Read experts [0, g) of each MoE layer into GPU slots and [g, g + h) into the host tier
+        (`progress(bytes)` after each batch of reads)."""
+        E, rs, batch = self.config.num_experts, self.manifest.layout.record_size, self.store.batch
+        for layer in self._moe_layers():
+            host = list(range(gpu_per_layer, min(E, gpu_per_layer + host_per_layer)))
+            for start in range(0, len(host), batch):
+                for _ in self.store.load(layer, host[start : start + batch]):
+                    pass
+                if progress:
+                    progress(len(host[start : start + batch]) * rs)
+        for layer in self._moe_layers():
+            experts = list(range(min(E, gpu_per_layer)))
+            self.gpu_tier.preload(layer, experts, self.store)
+            if progress:
+                progress(len(experts) * rs)
+        self.store.stats = StoreStats()
+
+    def preload(self, gpu_per_layer: int | None = None, progress: Callable[[int], None] | None = None) -> None:
+        """Every expert into the GPU tier (the first `gpu_per_layer` of each MoE layer: default, an
+        equal share of its slots) or the host tier (the rest); then decode and prefill read each
+        where it lies (set_resident). Raises if the two tiers cannot hold the model."""
+        if self.gpu_tier is None:
+            raise ValueError("--preload needs the GPU expert path (--device cuda)")
+        moe, E, rs = self._moe_layers(), self.config.num_experts, self.manifest.layout.record_size
+        g = min(E, self.gpu_tier.capacity // len(moe)) if gpu_per_layer is None else gpu_per_layer
+        host_needed = len(moe) * (E - g)
+        if host_needed > self.store.capacity - self.store.batch:
+            gpu = format_bytes(len(moe) * g * rs)
+            raise BudgetError(
+                f"--preload needs every expert in GPU or host memory: {format_bytes(self.manifest.total_expert_bytes)} of "
+                f"experts, {gpu} in GPU slots, so the host tier must hold {format_bytes(host_needed * rs)}; raise --host-mem "
+                f"to at least {format_bytes((host_needed + self.store.batch) * rs)} (or --gpu-mem), or drop --preload"
+            )
+        self.place_experts(g, E - g, progress)
+        self.set_resident(True)
+
+    def set_resident(self, on: bool) -> None:
+        """Read every expert where it lies (on) or go back to copying misses into GPU slots (off).
+        On needs every expert in one of the two tiers (place_experts) and no --prefetch / --cpu-experts."""
+        if not on:
+            if self.gpu_tier is not None:
+                self.gpu_tier.drop_resident()
+            return
+        if self.gpu_tier is None:
+            raise ValueError("resident experts need the GPU expert path (--device cuda)")
+        if self.prefetch_on or self.cpu_experts:
+            raise ValueError("--preload excludes --prefetch and --cpu-experts: preloaded experts are read in place, never copied")
+        self.gpu_tier.make_resident(self.store, self._moe_layers(), self.config.num_experts)
+
+    @property
+    def prefetch_on(self) -> bool:
+        return any(layer.predict_next is not None for layer in self.model.layers)
 
     def _load_dense(self) -> torch.nn.Module:
         with torch.device("meta"):
@@ -383,10 +451,14 @@ class Generation:
         generations, and time spent suspended at a yield belongs to others."""
         eng, stats = self.engine, self.stats
         t0, sections, cache = time.perf_counter(), dict(eng.timer.seconds), replace(eng.store.stats)
+        if eng.gpu_tier is not None:
+            eng.gpu_tier.collect_stats()  # resident lookups counted on the device so far belong to earlier work
         gpu = replace(eng.gpu_tier.stats) if eng.gpu_tier is not None else None
         try:
             yield
         finally:
+            if eng.gpu_tier is not None:
+                eng.gpu_tier.collect_stats()
             seconds, moved = time.perf_counter() - t0, eng.store.stats - cache
             if prefill:
                 stats.prefill_seconds += seconds

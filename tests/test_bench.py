@@ -28,8 +28,13 @@ def test_tiers_follow_the_spec_for_the_397b():
     assert h100_2bit.disk_fraction == 0  # "fits"
 
 
-def test_synthesized_model_runs_with_placed_tiers(tmp_path):
-    out = B.synthesize(tmp_path / "m", TINY, bits=4, group_size=64)
+@pytest.fixture(scope="module")
+def tiny_bench_model(tmp_path_factory):
+    return B.synthesize(tmp_path_factory.mktemp("bench") / "m", TINY, bits=4, group_size=64)
+
+
+def test_synthesized_model_runs_with_placed_tiers(tiny_bench_model):
+    out = tiny_bench_model
     assert B.synthesize(out, TINY, bits=4, group_size=64) == out  # reused, not rewritten
     layout = RecordLayout.build(128, 64, 4, 64)
     engine = Engine(out, dtype=torch.float32, cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size, prefetch=True)
@@ -49,3 +54,18 @@ def test_synthesized_model_runs_with_placed_tiers(tmp_path):
     engine.set_prefetch(False)
     p = B.run_prefill(engine, 12, layers_full=4)
     assert p["prompt_tokens"] == 12 and p["tps"] > 0
+
+
+def test_resident_rows_read_host_experts_in_place(tiny_bench_model):
+    """With no disk tier the bench can run every expert where it lies: no copies, the host tier's
+    share counted as PCIe reads, the same placement as the copying rows."""
+    rs = RecordLayout.build(128, 64, 4, 64).record_size
+    engine = Engine(tiny_bench_model, dtype=torch.float32, cache_policy="static", host_mem=(2 * 11 + 2) * rs)
+    engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
+    tiers = B.Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
+    B.place_tiers(engine, tiers, resident=True)
+    r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9))
+    assert r.resident and r.tokens == 3 and r.host_hit_rate == 1.0 and 0 < r.gpu_hit_rate < 1
+    assert r.bytes_per_token["disk"] == 0 and r.bytes_per_token["pcie"] == (1 - r.gpu_hit_rate) * 2 * 2 * rs
+    B.place_tiers(engine, tiers)  # and back to copying
+    assert not engine.resident and engine.gpu_tier.table is None

@@ -135,3 +135,67 @@ def test_cpu_experts_decode_equals_the_plain_gpu_path(packed4, graphs):
         tokens[per_layer] = [s.token for s in gen]
     assert tokens[2] == tokens[0]
     assert gen.stats.gpu_cache.cpu_computed > 0
+
+
+@pytest.mark.parametrize("graphs, profile", [(True, False), (True, True), (False, False)])
+def test_resident_decode_equals_the_cpu_path(packed16, graphs, profile):
+    """Preloaded experts read in place (3 of 32 on the GPU, the rest from pinned host memory): the
+    whole step as one graph, the per-piece graphs of a profile, and eager decode all give the CPU
+    path's tokens, across a continued sequence; every lookup is counted."""
+    from flashmoe.formats.packed import Manifest
+
+    record = Manifest.load(packed16).layout.record_size
+    prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(11)).tolist()
+    params = SamplingParams(max_tokens=20, temperature=0)
+    cpu_engine = Engine(packed16, dtype=torch.float32)
+    state = cpu_engine.new_state()
+    ref = [s.token for s in cpu_engine.generate(prompt, params, state=state)]
+    ref += [s.token for s in cpu_engine.generate([7, 8], params, state=state)]
+    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, profile=profile,
+                    gpu_mem=4 * record, host_mem=40 * record, preload=True)
+    assert engine.resident
+    state = engine.new_state()
+    gen = engine.generate(prompt, params, state=state)
+    got = [s.token for s in gen]
+    got += [s.token for s in engine.generate([7, 8], params, state=state)]
+    assert got == ref
+    tier = gen.stats.gpu_cache
+    assert tier.hits > 0 and tier.host_reads > 0 and tier.misses == tier.bytes_copied == 0
+    assert tier.hits + tier.host_reads == 4 * 2 * gen.stats.decode_tokens  # 4 MoE layers, k = 2
+
+
+def test_resident_experts_need_no_host_sync(packed16):
+    """The resident call runs with CUDA's sync debugging set to error; the copying path's routing
+    read trips it (so the check can fail)."""
+    from flashmoe.formats.packed import Manifest
+
+    record = Manifest.load(packed16).layout.record_size
+    engine = Engine(packed16, device="cuda", dtype=torch.float32, gpu_mem=4 * record, host_mem=40 * record, preload=True)
+    experts = engine.model.layers[0].mlp.experts
+    x = torch.randn(1, engine.config.hidden_size, device="cuda")
+    ids, weights = torch.tensor([[1, 6]], device="cuda"), torch.tensor([[0.5, 0.5]], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = experts(x, ids, weights)
+        engine.set_resident(False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            experts(x, ids, weights)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(y).all()
+
+
+def test_one_397b_shape_layer_resident_matches_the_copying_path(tmp_path):
+    """Real shapes: a layer of 512 4-bit experts, some 280 of them read in place from pinned host memory."""
+    from flashmoe import bench as B
+
+    cfg = B.preset_config("qwen3.5-397b-a17b", layers=1)
+    out = B.synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
+    ids = torch.randint(0, 150000, (12,), generator=torch.Generator().manual_seed(3))
+    copying = Engine(out, device="cuda", host_mem=4 << 30, gpu_mem=2 << 30)
+    copying.place_experts(2 * 1024**3 // copying.manifest.layout.record_size, 512)
+    ref = logits(copying, ids, steps=3)
+    resident = Engine(out, device="cuda", host_mem=4 << 30, gpu_mem=2 << 30, preload=True)
+    assert resident.resident and resident.gpu_tier.capacity < 512
+    assert torch.equal(logits(resident, ids, steps=3), ref)

@@ -108,7 +108,9 @@ class MoeGrouped:
                 tile_row.append(row)
                 tile_end.append(start + count)
             start += count
-        return tuple(torch.tensor(t, dtype=torch.int32).to(device, non_blocking=True) for t in (tile_slot, tile_row, tile_end))
+        # Slots are int64: a resident tier's slot numbers also address pinned host records (runtime/gpu_experts.py).
+        return tuple(torch.tensor(t, dtype=d).to(device, non_blocking=True)
+                     for t, d in ((tile_slot, torch.int64), (tile_row, torch.int32), (tile_end, torch.int32)))
 
     def __call__(self, x_sorted: torch.Tensor, pool: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """x_sorted [M, H] (rows grouped by expert, in the order of `slots`), pool [S, record_size] uint8,

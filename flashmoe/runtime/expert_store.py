@@ -109,12 +109,13 @@ class ExpertStore:
         self.stats = StoreStats()
         self.readers = ThreadPoolExecutor(io_threads, thread_name_prefix="flashmoe-io")
 
-    def load(self, layer: int, experts: list[int], before_read: Callable[[], None] | None = None
+    def load(self, layer: int, experts: list[int], before_read: Callable[[], None] | None = None, cache: bool = True
              ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (expert, record bytes) for each of up to `batch` experts, cached ones first and the
         rest as their reads complete. All of them stay pinned until the iteration ends.
         `before_read()` runs once before the first read overwrites a slot, and not at all when every
-        expert is cached: the GPU tier waits there for copies that may still be reading slots."""
+        expert is cached: the GPU tier waits there for copies that may still be reading slots.
+        cache=False reads misses into staging slots only (records bound for another tier)."""
         if len(experts) > self.batch:
             raise BudgetError(f"asked for {len(experts)} experts at once; load at most {self.batch}")
         info = self.files[layer]
@@ -138,7 +139,7 @@ class ExpertStore:
                 self.stats.misses += 1
                 if before_read is not None and not pending:
                     before_read()
-                slot = self.slots.admit(key, self.pins)
+                slot = self.slots.admit(key, self.pins) if cache else None
                 if slot is None:
                     slot = staged[key] = self.staging.pop()
                 pending[self.readers.submit(self._read, key, slot)] = key

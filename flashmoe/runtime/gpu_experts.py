@@ -12,6 +12,13 @@ the next layer's. After queueing this layer's kernels the tier starts copying th
 on a copy stream; they cross PCIe during this layer's experts and the next layer's dense part.
 Guesses change only where a record lies and when it is copied, never which experts are computed.
 
+Resident (Engine.preload): every expert sits in a GPU slot or a pinned host-tier slot, and stays.
+Pinned memory is mapped into the GPU's address space and the slot pool is placed a whole number of
+records away from the host tier's pool, so one slot number addresses either; a device table maps
+(layer, expert) to it and the kernels read host-resident records in place over PCIe (as fast as
+the copy engines: docs/EXPERIMENTS.md entry 30). Nothing is copied and the host never looks at the
+routing: a decode step needs no host sync per layer and runs as one CUDA graph.
+
 CPU compute (opt-in, decode, one token): up to `per_layer` of a layer's misses that sit in the host
 tier are computed where they lie by the CPU (HostCompute) while PCIe copies the others: the host
 reads RAM at tens of GB/s beside the link's ~54. The experts' input and routing weights come back
@@ -24,6 +31,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from ..formats.packed import RecordLayout
@@ -105,10 +113,11 @@ class GpuExpertTier:
     - The host waits on `copies_done` before a read into the host tier overwrites a slot (not when
       every record is already there): its pinned slots may be the source of copies in flight."""
 
-    def __init__(self, layout: RecordLayout, capacity: int, staging: int, device, policy: str = "mix", prefetch: int = 0):
+    def __init__(self, layout: RecordLayout, capacity: int, staging: int, device, policy: str = "mix", prefetch: int = 0,
+                 host_pool: torch.Tensor | None = None):
         self.layout = layout
         self.capacity, self.staging, self.prefetch_slots = capacity, staging, prefetch
-        self.pool = torch.empty(capacity + staging + 2 * prefetch, layout.record_size, dtype=torch.uint8, device=device)
+        self.pool, self.host_slot0 = slot_pool(capacity + staging + 2 * prefetch, layout.record_size, device, host_pool)
         self.slots = SlotMap(range(capacity), policy)
         self.stats = GpuTierStats()
         on_gpu = torch.device(device).type == "cuda"
@@ -119,15 +128,24 @@ class GpuExpertTier:
         self.ahead: dict[int, int] = {}  # expert -> slot, copied for the guessed layer
         self.region = 0
         self.host_compute: HostCompute | None = None  # set by the engine (--cpu-experts)
+        # Resident (make_resident): the slot of every (layer, expert), the lookups per (layer, expert)
+        # counted on the device, and the host's view of both for the counters.
+        self.table: torch.Tensor | None = None
+        self.table_host: np.ndarray | None = None
+        self.uses: torch.Tensor | None = None
+        self._on_gpu: np.ndarray | None = None
+        self._uses_seen: np.ndarray | None = None
+        self._ones: torch.Tensor | None = None
 
     def absent(self, layer: int, experts: list[int]) -> list[int]:
         """Those of the experts that place() would have to copy in (neither cached nor copied ahead)."""
         ahead = self.ahead if self.guess[0] == layer else {}
         return [e for e in experts if (layer, e) not in self.slots and e not in ahead]
 
-    def place(self, layer: int, experts: list[int], store: ExpertStore) -> dict[int, int]:
+    def place(self, layer: int, experts: list[int], store: ExpertStore, cache_reads: bool = True) -> dict[int, int]:
         """GPU slot of each expert (at most `staging` misses per call), copying misses in from the
-        host tier. Kernels queued on the current stream after this call see every copy."""
+        host tier (which keeps what it reads from disk unless not `cache_reads`). Kernels queued on
+        the current stream after this call see every copy."""
         self.slots.policy.tick()
         guessed, guess = self.guess
         ahead = self.ahead if guessed == layer else {}
@@ -160,7 +178,7 @@ class GpuExpertTier:
             slots[e] = next(staging) if slot is None else slot
         if self.copy_stream is not None:
             self.copy_stream.wait_stream(torch.cuda.current_stream())
-        self._copy_in(layer, missing, slots, store)
+        self._copy_in(layer, missing, slots, store, cache_reads)
         if self.copy_stream is not None:
             torch.cuda.current_stream().wait_stream(self.copy_stream)
         return slots
@@ -185,26 +203,100 @@ class GpuExpertTier:
         self.stats.prefetched += len(self.ahead)
         self._copy_in(layer, list(self.ahead), self.ahead, store)
 
-    def _copy_in(self, layer: int, experts: list[int], slots: dict[int, int], store: ExpertStore) -> None:
+    def _copy_in(self, layer: int, experts: list[int], slots: dict[int, int], store: ExpertStore,
+                 cache_reads: bool = True) -> None:
         """Queue the copies of these experts' records from the host tier into their slots."""
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
             # A read into the host tier may overwrite a slot that a queued copy still reads: wait for
             # the copies then, and only then (records already in the host tier need no wait).
             wait = self.copies_done.synchronize if self.copies_done is not None else None
             for start in range(0, len(experts), store.batch):
-                for e, record in store.load(layer, experts[start : start + store.batch], before_read=wait):
+                for e, record in store.load(layer, experts[start : start + store.batch], before_read=wait, cache=cache_reads):
                     self.pool[slots[e]].copy_(record, non_blocking=True)
                 if self.copies_done is not None:
                     self.copies_done.record()
         self.stats.bytes_copied += len(experts) * self.layout.record_size
 
     def preload(self, layer: int, experts: list[int], store: ExpertStore) -> None:
-        """Fill free slots with these experts (benchmark tier placement, warm starts)."""
+        """Fill free slots with these experts (tier placement, warm starts); records read from disk
+        on the way pass through the host tier's staging slots and take none of its places."""
         for start in range(0, len(experts), self.staging):
             batch = [e for e in experts[start : start + self.staging] if (layer, e) not in self.slots]
             batch = batch[: len(self.slots.free)]
-            self.place(layer, batch, store)
+            self.place(layer, batch, store, cache_reads=False)
         self.stats = GpuTierStats()
+
+    def make_resident(self, store: ExpertStore, layers: list[int], num_experts: int) -> None:
+        """From now on read every expert of these layers where it lies: in its GPU slot, or in place
+        in its host-tier slot. Each must be in one of the two; neither tier changes afterwards (the
+        caller stops loading through them)."""
+        if self.host_slot0 is None:
+            raise ValueError("resident experts need the GPU slots placed beside the host tier (host_pool)")
+        table = np.full((max(layers) + 1, num_experts), -1, dtype=np.int64)
+        missing = []
+        for layer in layers:
+            for e in range(num_experts):
+                slot = self.slots.get((layer, e))
+                if slot is None and (host := store.slots.get((layer, e))) is not None:
+                    slot = self.host_slot0 + host
+                if slot is None:
+                    missing.append((layer, e))
+                else:
+                    table[layer, e] = slot
+        if missing:
+            layer, e = missing[0]
+            raise ValueError(f"{len(missing)} experts are in neither the GPU nor the host tier (layer {layer} expert {e}, ...)")
+        self.table_host, self._on_gpu = table, (table >= 0) & (table < self.capacity)
+        self.table = torch.from_numpy(table).to(self.pool.device)
+        self.uses = torch.zeros_like(self.table)
+        self._uses_seen = np.zeros_like(table)
+        self._ones = torch.ones(DECODE_MAX_TOKENS * 64, dtype=torch.int64, device=self.pool.device)
+
+    def drop_resident(self) -> None:
+        self.collect_stats()
+        self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = self._ones = None
+
+    def count(self, layer: int, ids: torch.Tensor) -> None:
+        """Count resident lookups of ids [T, k] on the device (no host sync; collect_stats reads them)."""
+        flat = ids.flatten()
+        ones = self._ones[: flat.numel()] if flat.numel() <= self._ones.numel() else torch.ones_like(flat)
+        self.uses[layer].index_add_(0, flat, ones)
+
+    def resident_slots(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Slots of ids [T, k], on the device, counted."""
+        self.count(layer, ids)
+        return self.table[layer][ids]
+
+    def forget_uncollected(self) -> None:
+        """Drop the lookups counted since the last collect_stats (a graph's warm-up run)."""
+        if self.uses is not None:
+            self._uses_seen = self._read_uses()
+
+    def collect_stats(self) -> None:
+        """Add the resident lookups counted on the device since the last call to `stats` (reads the
+        device counters: waits for the queued work)."""
+        if self.uses is None:
+            return
+        uses = self._read_uses()
+        new, self._uses_seen = uses - self._uses_seen, uses
+        self.stats.hits += int(new[self._on_gpu].sum())
+        self.stats.host_reads += int(new[~self._on_gpu].sum())
+
+
+    def _read_uses(self) -> np.ndarray:
+        return self.uses.cpu().numpy().copy()  # on a CPU device .cpu() would share the live counters
+
+
+def slot_pool(slots: int, record_size: int, device, host_pool: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
+    """The GPU tier's pool [slots, record_size]; given the host tier's pool, placed a whole number of
+    records away from it, so that pool-relative slot host_slot0 + j addresses host record j (pinned
+    memory is mapped at the same address in the GPU's space) -> (pool, host_slot0 or None)."""
+    if host_pool is None:
+        return torch.empty(slots, record_size, dtype=torch.uint8, device=device), None
+    raw = torch.empty((slots + 1) * record_size, dtype=torch.uint8, device=device)
+    start = (host_pool.data_ptr() - raw.data_ptr()) % record_size
+    pool = raw[start : start + slots * record_size].view(slots, record_size)
+    return pool, (host_pool.data_ptr() - pool.data_ptr()) // record_size
 
 
 class GpuRoutedExperts:
@@ -222,6 +314,9 @@ class GpuRoutedExperts:
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids [T, k], or [T, 2k] with the next layer's guessed ids after the layer's own (prefetch)."""
+        if self.tier.table is not None and ids.shape[0] <= DECODE_MAX_TOKENS:
+            with self.timer.section("expert_compute"):
+                return self._resident_decode(x, ids, weights).to(x.dtype)
         with self.timer.section("expert_io"):
             ids_host = self._routing_sync(x, ids, weights)
         if ids.shape[0] <= DECODE_MAX_TOKENS:
@@ -266,8 +361,17 @@ class GpuRoutedExperts:
                     host.add_to(y, cpu_sum)
         return y if out is not None else y.to(x.dtype)
 
+    def _resident_decode(self, x, ids, weights, residual=None, out=None) -> torch.Tensor:
+        """Every expert read where it lies (make_resident): no copy, no host sync, no timer section
+        (a profile's sync would break a graph capture): capturable."""
+        slots = self.tier.resident_slots(self.layer, ids[:, : weights.shape[1]])
+        return self.gemv(x, self.tier.pool, slots, weights.float(), residual, out)
+
     def decode_into(self, x, ids, weights, residual, out) -> None:
         """out = residual + routed experts of x (the graphed decode step's fused form)."""
+        if self.tier.table is not None:
+            self._resident_decode(x, ids, weights, residual, out)
+            return
         with self.timer.section("expert_io"):
             ids_host = self._routing_sync(x, ids, weights)
         self._decode(x, ids_host, weights, residual, out)
@@ -282,10 +386,17 @@ class GpuRoutedExperts:
         per_pair = torch.empty(T * k, x.shape[1], dtype=x.dtype, device=x.device)  # each pair written once
         order_dev = order.to(x.device)
         flat_weights = weights.flatten()
-        for b in range(0, len(needed), self.tier.staging):
-            batch = needed[b : b + self.tier.staging]
+        resident = self.tier.table is not None  # every expert read where it lies: one batch, no copies
+        if resident:
+            self.tier.count(self.layer, ids)
+        step = len(needed) if resident else self.tier.staging
+        for b in range(0, len(needed), step):
+            batch = needed[b : b + step]
             with self.timer.section("expert_io"):
-                slots = self.tier.place(self.layer, batch, self.store)
+                if resident:
+                    slots = {e: int(self.tier.table_host[self.layer, e]) for e in batch}
+                else:
+                    slots = self.tier.place(self.layer, batch, self.store)
             with self.timer.section("expert_compute"):
                 # the batch's pairs are contiguous in `order`: its experts are consecutive ids
                 pairs = order_dev[int(starts[batch[0]]) : int(starts[batch[-1]] + counts[batch[-1]])]

@@ -1,19 +1,34 @@
-"""Decode steps with each layer's dense part replayed from a CUDA graph.
+"""Decode steps replayed from CUDA graphs.
 
 A decode step launches a few hundred small kernels; from Python each launch costs ~10 us, which
 for 60 layers would be most of a token's budget. So everything up to the routing decision of each
 layer (norms, mixer, router, shared expert) is captured once into a graph over static buffers and
 replayed; the routed experts stay outside, because the host must see the routing to fetch them.
+With resident experts (Engine.preload) the host never needs the routing, so the routed experts are
+captured too and the whole step is one graph: one launch per token. (When the timer synchronizes
+for a profile, each layer's dense part and routed experts are graphs of their own, timed apart.)
 Graphs bind addresses: the KV caches are reserved to the generation's length up front and write at
 a device-side position, and the DeltaNet states update in place.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Callable, NamedTuple
+
 import torch
 
 from ..models.qwen3_5_moe import NullTimer
 from .state import KVCache, LinearState, SequenceState
+
+
+class Body(NamedTuple):
+    """One piece of the step: its timer section, the function, and whether it is replayed from a
+    graph (the host-driven routed experts are not: they read the routing)."""
+
+    section: str | None
+    run: Callable[[], None]
+    captured: bool
 
 
 class GraphedDecoder:
@@ -36,7 +51,9 @@ class GraphedDecoder:
         self.cos = self.sin = None
         self.logits = None
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.bodies = self._bodies(resident=engine.resident)
+        self.whole: torch.cuda.CUDAGraph | None = None  # the whole step: every body captured, no profile
+        self.graphs: list[torch.cuda.CUDAGraph] = []  # else one per captured body, in order
         self._capture()
 
     def _prologue(self) -> None:
@@ -60,6 +77,11 @@ class GraphedDecoder:
             self.ids[:, : ids.shape[1]].copy_(ids)
             self.id_width[i] = ids.shape[1]
 
+    def _experts(self, i: int) -> None:
+        """Layer i's routed experts from the buffers its dense part wrote: x = x_mid + experts(h)."""
+        ids = self.ids[:, : self.id_width[i]]  # own ids, then (prefetch) the next layer's guess
+        self.engine.model.layers[i].mlp.experts.decode_into(self.h, ids, self.weights, residual=self.x_mid, out=self.x)
+
     def _epilogue(self) -> None:
         logits = self.engine.model.logits(self.x)
         if self.logits is None:
@@ -67,50 +89,68 @@ class GraphedDecoder:
         else:
             self.logits.copy_(logits)
 
+    def _bodies(self, resident: bool) -> list[Body]:
+        bodies = [Body(None, self._prologue, True)]
+        for i, layer in enumerate(self.engine.model.layers):
+            bodies.append(Body("dense (graph)", lambda i=i: self._layer(i), True))  # mixer, router, shared expert
+            if getattr(layer.mlp, "experts", None) is not None:
+                # host-driven experts time their own sections (expert_io, expert_compute)
+                bodies.append(Body("experts (graph)" if resident else None, lambda i=i: self._experts(i), resident))
+        bodies.append(Body("head", self._epilogue, True))
+        return bodies
+
     def _capture(self) -> None:
-        bodies = [self._prologue] + [lambda i=i: self._layer(i) for i in range(len(self.engine.model.layers))]
-        bodies.append(self._epilogue)
+        captured = [b.run for b in self.bodies if b.captured]
         for c in self.caches:
             c.graph_position = self.position
         self.position.fill_(self.state.position)
-        # Warm up once eagerly on a side stream (kernel selection, workspaces), then restore the
-        # states it advanced: the KV write lands where the real step writes the same values later.
+        # Warm up once eagerly on a side stream (kernel selection, Triton compiles, workspaces), then
+        # restore the states it advanced: the KV write lands where the real step writes the same
+        # values later. Host-driven experts are left out (they would copy and count).
         saved = [(s.conv.clone(), s.recurrent.clone()) for s in self.state.layers if isinstance(s, LinearState)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(side):
-            for body in bodies:
-                body()
+            for run in captured:
+                run()
         torch.cuda.current_stream().wait_stream(side)
         linear = [s for s in self.state.layers if isinstance(s, LinearState)]
         for s, (conv, rec) in zip(linear, saved):
             s.conv.copy_(conv)
             s.recurrent.copy_(rec)
+        if self.engine.gpu_tier is not None:
+            self.engine.gpu_tier.forget_uncollected()  # the warm-up's expert lookups are no token's
         with torch.inference_mode():
-            for body in bodies:
+            if all(b.captured for b in self.bodies) and self.engine.timer.sync is None:
+                self.whole = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.whole, pool=self.pool):
+                    for run in captured:
+                        run()
+                return
+            for run in captured:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool):
-                    body()
+                    run()
                 self.graphs.append(g)
 
     def step(self, token: int) -> torch.Tensor:
         """Feed one token; return logits [1, vocab] (a static buffer, overwritten by the next step)."""
         if self.state.position >= self.capacity:
             raise ValueError("the decode graphs were captured for a shorter sequence")
-        eng = self.engine
-        timer = eng.timer
+        timer = self.engine.timer
         self.token.fill_(token)
         self.position.fill_(self.state.position)
-        self.graphs[0].replay()
-        for i, layer in enumerate(eng.model.layers):
-            with timer.section("dense (graph)"):  # mixer, router, shared expert
-                self.graphs[i + 1].replay()
-            experts = getattr(layer.mlp, "experts", None)
-            if experts is not None:
-                ids = self.ids[:, : self.id_width[i]]  # own ids, then (prefetch) the next layer's guess
-                experts.decode_into(self.h, ids, self.weights, residual=self.x_mid, out=self.x)
-        with timer.section("head"):
-            self.graphs[-1].replay()
+        if self.whole is not None:
+            with timer.section("step (graph)"):
+                self.whole.replay()
+        else:
+            graphs = iter(self.graphs)
+            for body in self.bodies:
+                if not body.captured:
+                    body.run()
+                    continue
+                with timer.section(body.section) if body.section else nullcontext():
+                    next(graphs).replay()
         self.state.position += 1
         for c in self.caches:
             c.length += 1

@@ -105,17 +105,28 @@ class RecordingExperts:
 
 class ReplayExperts:
     """The layer's experts run on ids from a stream instead of the router's; the router's weights
-    are kept. Each call takes the stream's next T rows (cyclically). The router's ids are still
-    read back to the host, as the real path does, so the replay waits where a real run waits."""
+    are kept. Each call takes the stream's next T rows (cyclically). With `host_sync` the router's
+    ids are still read back to the host, as the real path does, so the replay waits where a real
+    run waits; without (resident experts, whose real path never reads them) the stream is read on
+    the device at a device-side position, so a captured decode graph replays it too."""
 
-    def __init__(self, inner, stream: torch.Tensor, timer):
+    def __init__(self, inner, stream: torch.Tensor, timer, host_sync: bool = True):
         self.inner, self.stream, self.timer = inner, stream.to(torch.long), timer  # stream [N, k]
+        self.host_sync = host_sync
         self.position = 0
+        self.device_stream = self.device_position = None
 
     def _next(self, ids: torch.Tensor) -> torch.Tensor:
         T, k = ids.shape
         if k != self.stream.shape[1]:
             raise TraceError(f"the replayed stream has {self.stream.shape[1]} experts per token; the router chose {k}")
+        if not self.host_sync:
+            if self.device_stream is None:
+                self.device_stream = self.stream.to(ids.device)
+                self.device_position = torch.zeros(1, dtype=torch.long, device=ids.device)
+            rows = (self.device_position + torch.arange(T, device=ids.device)) % self.stream.shape[0]
+            self.device_position += T
+            return self.device_stream[rows]
         with self.timer.section("expert_io"):
             ids.cpu()  # the host sync a real run spends on reading the routing
         rows = torch.arange(self.position, self.position + T) % self.stream.shape[0]

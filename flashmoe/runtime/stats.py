@@ -20,10 +20,11 @@ class GpuTierStats:
     prefetched: int = 0  # experts copied ahead on a prediction
     prefetch_hits: int = 0  # ... that the real routing then used
     cpu_computed: int = 0  # host-resident misses computed on the CPU instead of copied (HostCompute)
+    host_reads: int = 0  # lookups the kernels read in place from pinned host memory (resident decode)
 
     @property
     def hit_rate(self) -> float:
-        total = self.hits + self.misses
+        total = self.hits + self.misses + self.host_reads
         return self.hits / total if total else 0.0
 
     @property

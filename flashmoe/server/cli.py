@@ -9,7 +9,7 @@ import typer
 
 from ..cli_common import (
     CACHE_POLICY_OPTION, CPU_EXPERTS_OPTION, DENSE_BITS_OPTION, DEVICE_OPTION, DTYPE_OPTION, GPU_MEM_OPTION, HOST_MEM_OPTION,
-    K_OPTION, PREFETCH_OPTION, VERIFY_OPTION,
+    K_OPTION, PREFETCH_OPTION, PRELOAD_OPTION, VERIFY_OPTION,
 )
 
 
@@ -37,6 +37,7 @@ def serve_command(
     verify: bool = VERIFY_OPTION,
     prefetch: bool = PREFETCH_OPTION,
     cpu_experts: int = CPU_EXPERTS_OPTION,
+    preload: bool = PRELOAD_OPTION,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and Anthropic's Messages API."""
     import uvicorn
@@ -48,7 +49,7 @@ def serve_command(
 
     try:
         engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, dense_bits=dense_bits,
-                             prefetch=prefetch, cpu_experts=cpu_experts)
+                             prefetch=prefetch, cpu_experts=cpu_experts, preload=preload)
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
                                parse_size(prefix_cache), parallel, max_queue)
         app = create_app(service, api_key, parse_size(max_body))

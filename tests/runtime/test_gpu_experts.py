@@ -143,3 +143,63 @@ def test_cpu_experts_refuse_what_they_cannot_do(packed16, packed4):
     engine.use_gpu_experts(gpu_mem=None)
     with pytest.raises(ValueError, match="quantized experts only"):
         engine.set_cpu_experts(1)
+
+
+def test_resident_experts_read_in_place_match_the_copying_path(packed4):
+    """Preloaded, every expert is read where it lies: its GPU slot, or in place in the host tier
+    through a slot number relative to the GPU pool (past its end or negative). Prefill and decode
+    logits equal the copying path's bit for bit; nothing is copied or read; every lookup is counted."""
+    from flashmoe.runtime.expert_store import StoreStats
+
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(5))
+    record = Manifest.load(packed4).layout.record_size
+    runs = {}
+    for resident in (False, True):
+        engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
+        engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
+        engine.preload() if resident else engine.place_experts(2, 6)  # the same placement: 2 of 8 per layer on the GPU
+        assert engine.resident == resident
+        got = run(engine, ids, steps=3)
+        engine.gpu_tier.collect_stats()
+        runs[resident] = got, engine.gpu_tier.stats, engine.store.stats
+    (ref, off, _), (got, on, store) = runs[False], runs[True]
+    assert torch.equal(got, ref)
+    assert off.misses > 0 and on.misses == on.bytes_copied == 0 and store == StoreStats()
+    assert on.hits > 0 and on.host_reads > 0
+    assert on.hits + on.host_reads == 4 * (12 + 3) * 2  # 4 layers, (prompt + decode tokens) x k lookups
+    assert on.hit_rate == on.hits / (on.hits + on.host_reads)
+
+
+def test_resident_table_points_every_expert_at_its_record(packed4):
+    record = Manifest.load(packed4).layout.record_size
+    engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
+    engine.use_gpu_experts(gpu_mem=9 * record, policy="static")  # 9 // 4 layers: 2 each on the GPU
+    engine.preload()
+    tier, store = engine.gpu_tier, engine.store
+    for layer in range(4):
+        on_disk = (packed4 / engine.manifest.expert_file(layer).file).read_bytes()
+        for e in range(8):
+            slot = int(tier.table_host[layer, e])
+            held = tier.pool[slot] if 0 <= slot < tier.capacity else store.pool[slot - tier.host_slot0]
+            assert (0 <= slot < tier.capacity) == (e < 2)
+            assert held.cpu().numpy().tobytes() == on_disk[e * record : (e + 1) * record]
+
+
+def test_preload_refuses_what_it_cannot_do(packed16):
+    from flashmoe.runtime.expert_store import BudgetError
+
+    record = Manifest.load(packed16).layout.record_size
+    engine = Engine(packed16, device=DEVICE, dtype=torch.float32, host_mem=10 * record)
+    engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
+    with pytest.raises(BudgetError, match=r"host tier must hold .*raise --host-mem to at least"):
+        engine.preload()  # 4 layers x 6 experts do not fit 10 host slots
+    engine = Engine(packed16, device=DEVICE, dtype=torch.float32, prefetch=True)
+    engine.use_gpu_experts(gpu_mem=None)
+    with pytest.raises(ValueError, match="excludes --prefetch"):
+        engine.preload()
+    engine.set_prefetch(False)
+    engine.preload()
+    with pytest.raises(ValueError, match="exclude each other"):
+        engine.set_prefetch(True)
+    with pytest.raises(ValueError, match="GPU expert path"):
+        Engine(packed16, dtype=torch.float32).preload()

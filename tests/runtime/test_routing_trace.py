@@ -112,6 +112,19 @@ def test_replay_hands_the_substituted_ids_to_the_experts_and_the_store(packed16)
         ReplayExperts(lambda *a: None, torch.zeros(4, 3), engine.timer)(None, torch.zeros(1, 2), None)
 
 
+def test_replay_without_host_sync_reads_the_same_stream_on_the_device():
+    """Resident experts never read the routing on the host: the replay then indexes the stream at
+    a device-side position (capturable in a graph) and must hand out the same rows."""
+    from flashmoe.models.qwen3_5_moe import NullTimer
+
+    stream = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    seen = {}
+    for host_sync in (True, False):
+        replay = ReplayExperts(lambda x, ids, w: ids, stream, NullTimer(), host_sync)
+        seen[host_sync] = [replay(None, torch.zeros(t, 2, dtype=torch.long), None).tolist() for t in (1, 2, 1, 1)]
+    assert seen[False] == seen[True] == [[[0, 1]], [[2, 3], [4, 5]], [[0, 1]], [[2, 3]]]
+
+
 def test_bench_replay_runs_the_decode_on_the_stream(packed16):
     from flashmoe import bench as B
     from flashmoe.engine import Engine
