@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .fused import Projections
 from .norm import RMSNorm
 from .rotary import apply_rotary
@@ -27,10 +28,25 @@ class GatedAttention(nn.Module):
         T = x.shape[0]
         q, k, v = self.in_proj(x)
         q, gate = q.view(T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
-        q = apply_rotary(self.q_norm(q), cos, sin)
-        k = apply_rotary(self.k_norm(k.view(T, self.kv_heads, self.head_dim)), cos, sin)
+        k = k.view(T, self.kv_heads, self.head_dim)
         v = v.view(T, self.kv_heads, self.head_dim)
+        fused = kernels.use_kernels(x)
+        if fused:
+            from ..kernels.rope import norm_rope
+
+            q = norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
+            k = norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)
+        else:
+            q = apply_rotary(self.q_norm(q), cos, sin)
+            k = apply_rotary(self.k_norm(k), cos, sin)
         keys, values, mask = cache.update(k, v)  # keys/values [L, kv_heads, head_dim], mask [T, L] or None
+        if fused and T == 1:
+            from ..kernels.attention_decode import attention_decode
+
+            # No mask needed: inside a graph the kernel reads the last position on the device (and
+            # skips the reserved blocks past it); eagerly the cache holds exactly the sequence.
+            last = cache.graph_position if cache.graph_position is not None else keys.shape[0] - 1
+            return self.o_proj(attention_decode(q[0], gate[0], keys, values, last))
         out = attend(q, keys, values, mask)
         out = out.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(out)

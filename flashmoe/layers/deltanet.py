@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .fused import Projections
 from .norm import GatedRMSNorm
 
@@ -32,7 +33,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state) -> torch.Tensor:
         """x [T, hidden]; state: a LinearState (conv window + recurrent state), updated in place."""
-        if x.shape[0] == 1 and x.is_cuda:
+        if x.shape[0] == 1 and kernels.use_kernels(x):
             return self.decode_fused(x, state)
         T = x.shape[0]
         qkv, z, b, a = self.in_proj(x)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .fused import Projections
 
 RoutedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,6 +52,10 @@ class SparseMoE(nn.Module):
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits [T, E] (in the model dtype) -> (weights [T, k] in that dtype, expert ids [T, k])."""
+        if kernels.use_kernels(logits):
+            from ..kernels.router import route
+
+            return route(logits, self.top_k, self.norm_topk)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:

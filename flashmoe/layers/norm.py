@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w); the weight is stored as w (init 0)."""
@@ -14,9 +16,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_kernels(x):
+            from ..kernels.norms import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * (1.0 + self.weight.float())).to(x.dtype)
+
+    def add(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add before the norm: (x + r, norm(x + r)), one launch with the kernels."""
+        if kernels.use_kernels(x):
+            from ..kernels.norms import add_rms_norm
+
+            return add_rms_norm(x, r, self.weight, self.eps)
+        x = x + r
+        return x, self(x)
 
 
 class GatedRMSNorm(nn.Module):

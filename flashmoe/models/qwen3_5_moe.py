@@ -85,8 +85,7 @@ class DecoderLayer(nn.Module):
         with timer.section("mixer"):
             h = self.input_layernorm(x)
             h = self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cos, sin, cache)
-            x = x + h
-            h = self.post_attention_layernorm(x)
+            x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
         if not isinstance(self.mlp, SparseMoE):
             with timer.section("dense_mlp"):
                 return x + self.mlp(h), h, None, None

@@ -1,0 +1,153 @@
+"""Gated GQA attention of one query token over a KV cache read in place (flash-decoding), in two
+launches:
+
+  split:   program (kv head j, split s) takes the G = heads / kv_heads query heads of KV head j
+           (they share its keys) over positions [s * len, (s + 1) * len) of 0..n-1, in blocks of
+           BLOCK_N, and writes its running max, sum and unnormalised output (fp32);
+  combine: program (query head i) rescales the live splits to their common max, normalises, and
+           applies the output gate: out = softmax(q k^T / sqrt(d)) v * sigmoid(gate).
+
+Reference: `attend` then `out * sigmoid(gate)` of GatedAttention.forward (layers/attention.py),
+with the model dtype's roundings where the eager code rounds (the attention output, the sigmoid).
+
+n is either a Python int (eager: the cache holds exactly n positions) or n = last + 1 read on the
+device from `last` (KVCache.graph_position inside a CUDA graph, where the buffer is the reserved
+capacity): the split length is derived from n in the kernel, so splits stay balanced whatever n
+is, and blocks past n are never loaded. The grid is fixed (MAX_SPLITS programs per KV head, the
+splits past n idle) and n is not a specialisation key, so a captured graph stays valid as n grows
+and eager steps never recompile.
+
+Eagerly every KV head is copied G = 16 times per step (repeat_interleave) and, in the graph, the
+whole reserved buffer is attended under a mask: 8 launches (2 copies, scaled_dot_product_attention,
+a reshape copy, sigmoid and product; 2 more build the mask) plus 2 x 16 x n x d x 2 bytes of
+copies. Here 2 launches read the n used positions once. For the 397B (2 KV heads, d = 256) up to
+64 splits make 128 programs, about one per H200 SM (one fits an SM at 255 registers a thread), each
+a [16, 256] x [256, 64] tensor-core product per block.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SPLITS = 64
+# Triton 3.6's interpreter computes bf16 dot products wrongly: there, 16-bit inputs are multiplied in fp32.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _bounds(last_ptr, n_arg, SPLITS, BLOCK_N: tl.constexpr, N_ON_DEVICE: tl.constexpr):
+    """(n, split length): the positions to attend and how many each split takes (whole blocks)."""
+    if N_ON_DEVICE:
+        n = tl.load(last_ptr).to(tl.int32) + 1
+    else:
+        n = n_arg
+    return n, tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit(do_not_specialize=["n_arg"])
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, n_arg, pos_stride, head_stride, G, qk_scale, SPLITS,
+    N_ON_DEVICE: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+):
+    kv = tl.program_id(0)
+    split = tl.program_id(1)
+    n, split_len = _bounds(last_ptr, n_arg, SPLITS, BLOCK_N, N_ON_DEVICE)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, n)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    heads = kv * G + g  # query head i reads KV head i // G, as repeat_interleave pairs them
+    q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=g[:, None] < G, other=0.0)
+    if FP32_DOT:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < hi
+        offs = pos[:, None].to(tl.int64) * pos_stride + kv * head_stride + d[None, :]
+        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+        if FP32_DOT:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units: exp2 below
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    mine = (g < G) & (lo < n)  # a split past n writes nothing; the combine reads live splits only
+    part = heads * SPLITS + split
+    tl.store(m_ptr + part, m, mask=mine)
+    tl.store(l_ptr + part, l, mask=mine)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=mine[:, None])
+
+
+@triton.jit(do_not_specialize=["n_arg"])
+def _combine_kernel(
+    m_ptr, l_ptr, acc_ptr, gate_ptr, out_ptr, last_ptr, n_arg, gate_stride, SPLITS,
+    N_ON_DEVICE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+):
+    h = tl.program_id(0)
+    dt = out_ptr.dtype.element_ty
+    n, split_len = _bounds(last_ptr, n_arg, SPLITS, BLOCK_N, N_ON_DEVICE)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    live = s < tl.cdiv(n, split_len)
+    m = tl.load(m_ptr + h * SPLITS + s, mask=live, other=float("-inf"))
+    w = tl.exp2(m - tl.max(m, axis=0))  # 0 for the splits that are not live
+    l = tl.sum(w * tl.load(l_ptr + h * SPLITS + s, mask=live, other=0.0), axis=0)
+    acc = tl.load(acc_ptr + (h * SPLITS + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+    o = (tl.sum(w[:, None] * acc, axis=0) / l).to(dt).to(tl.float32)
+    gate = tl.sigmoid(tl.load(gate_ptr + h * gate_stride + d).to(tl.float32)).to(dt).to(tl.float32)
+    tl.store(out_ptr + h * D + d, (o * gate).to(dt))
+
+
+def attention_decode(
+    q: torch.Tensor, gate: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: int | torch.Tensor,
+    block_n: int | None = None, splits: int = MAX_SPLITS,
+) -> torch.Tensor:
+    """q [heads, d] contiguous, gate [heads, d] (unit stride along d), keys / values [L, kv_heads, d]
+    (same strides, unit along d; d a power of two >= 16); last: the last position to attend, as
+    an int, or a 1-element int64 device tensor (then L is the reserved capacity) -> softmax(q k^T /
+    sqrt(d)) v * sigmoid(gate) over positions 0..last, as [1, heads * d] in q's dtype. `splits`
+    programs per KV head share the positions (the grid, fixed whatever n is), `block_n` at a time."""
+    heads, D = q.shape
+    L, kv_heads, _ = keys.shape
+    G = heads // kv_heads
+    if (
+        not q.is_contiguous() or keys.stride() != values.stride() or keys.stride(-1) != 1 or gate.stride(-1) != 1
+        or D < 16 or D != triton.next_power_of_2(D) or heads != G * kv_heads
+    ):
+        raise ValueError(f"attention_decode: unsupported shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}")
+    on_device = isinstance(last, torch.Tensor)
+    n = 1 if on_device else last + 1  # unused by the kernels when on the device
+    m = torch.empty(heads, splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(heads, splits, D, dtype=torch.float32, device=q.device)
+    out = torch.empty(1, heads * D, dtype=q.dtype, device=q.device)
+    last_ptr = last if on_device else m  # a pointer the kernels never read when n is given
+    fp32 = q.dtype == torch.float32 or _INTERPRET
+    # Compiled for sm_90 at d = 256 and 8 warps: 16-bit blocks of 64 take 255 registers, no spills,
+    # 43 KB of shared memory; fp32 blocks of 64 would need 280 KB (more than an SM has), 32 take 150.
+    block_n = block_n or (32 if q.dtype == torch.float32 else 64)
+    _split_kernel[(kv_heads, splits)](
+        q, keys, values, last_ptr, m, l, acc, n, keys.stride(0), keys.stride(1), G, _LOG2E / D**0.5,
+        splits, N_ON_DEVICE=on_device, FP32_DOT=fp32, PRECISION="ieee" if fp32 else "tf32",
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=D, num_warps=8 if D >= 128 else 4,
+    )
+    _combine_kernel[(heads,)](
+        m, l, acc, gate, out, last_ptr, n, gate.stride(0), splits,
+        N_ON_DEVICE=on_device, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), D=D,
+        num_warps=8 if splits * D >= 8192 else 4,
+    )
+    return out

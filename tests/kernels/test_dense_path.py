@@ -1,0 +1,84 @@
+"""The model with its dense part on the kernels (forced onto CPU tensors, in Triton's interpreter)
+against the PyTorch path it replaces on CUDA: the wiring, not only each kernel alone."""
+
+import collections
+
+import pytest
+import torch
+
+from flashmoe import kernels
+from flashmoe.engine import Engine
+from flashmoe.kernels import attention_decode, deltanet_step, norms, rope, router
+from flashmoe.layers.attention import GatedAttention
+from flashmoe.layers.rotary import RotaryEmbedding
+from flashmoe.runtime.state import KVCache
+
+from ..test_parity import our_run, rel_err
+
+# Kernels on CPU tensors need the interpreter, which tests/conftest.py sets only without a GPU;
+# there, tests/test_gpu.py runs them in the real model (graphed and eager) against the CPU path.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels in Triton's interpreter (no GPU)")
+
+KERNELS = {
+    norms: ["rms_norm", "add_rms_norm"],
+    rope: ["norm_rope"],
+    router: ["route"],
+    attention_decode: ["attention_decode"],
+    deltanet_step: ["conv_step", "delta_step"],
+}
+
+
+@pytest.fixture
+def counted(monkeypatch) -> collections.Counter:
+    """Calls of each kernel function (the layers import them at call time, so the wrappers are seen)."""
+    calls = collections.Counter()
+    for module, names in KERNELS.items():
+        for name in names:
+            def wrapper(*args, _f=getattr(module, name), _name=name, **kwargs):
+                calls[_name] += 1
+                return _f(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_kernels_give_the_logits_of_the_pytorch_path(packed16, monkeypatch, counted):
+    engine = Engine(packed16, dtype=torch.float32)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(6))
+    ref_prompt, ref_steps, ref_tokens = our_run(engine, prompt, 6)
+    assert not counted
+    monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
+    got_prompt, got_steps, got_tokens = our_run(engine, prompt, 6)
+    assert set(counted) == {name for names in KERNELS.values() for name in names}
+    assert rel_err(got_prompt, ref_prompt) <= 1e-5  # fp32 sums in another order
+    assert rel_err(got_steps, ref_steps) <= 1e-5
+    assert got_tokens == ref_tokens
+
+
+def test_attention_in_a_graph_reads_the_position_on_the_device(monkeypatch):
+    """The graphed decode's protocol (runtime/graphs.py): a reserved cache written at the device
+    position `graph_position`, `length` advanced by the host after each step. The kernel path
+    attends over that position's prefix; the PyTorch path (eager cache) is the reference."""
+    g = torch.Generator().manual_seed(8)
+    layer = GatedAttention(hidden=64, heads=4, kv_heads=2, head_dim=16, eps=1e-6)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 5.0))
+    rotary = RotaryEmbedding(4, 10000.0)
+    eager, graphed = KVCache(2, 16, torch.float32, "cpu"), KVCache(2, 16, torch.float32, "cpu")
+    x = torch.randn(9, 64, generator=g)
+    with torch.no_grad():
+        cos, sin = rotary(torch.arange(5))
+        layer(x[:5], cos, sin, eager)
+        layer(x[:5], cos, sin, graphed)
+        graphed.reserve(40)
+        graphed.graph_position = position = torch.zeros(1, dtype=torch.long)
+        for t in range(5, 9):
+            cos, sin = rotary(torch.tensor([t]))
+            ref = layer(x[t : t + 1], cos, sin, eager)
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "use_kernels", lambda x: True)
+                position.fill_(t)
+                got = layer(x[t : t + 1], cos, sin, graphed)
+                graphed.length += 1
+            assert float((got - ref).norm() / ref.norm()) < 1e-5, t

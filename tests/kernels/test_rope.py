@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from flashmoe.kernels.rope import norm_rope
+from flashmoe.layers.norm import RMSNorm
+from flashmoe.layers.rotary import RotaryEmbedding, apply_rotary
+
+from .conftest import rel
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def case(T: int, heads: int, d: int, rot: int, dtype, seed: int):
+    """(q as a strided view inside a q_proj-like output [T, heads * 2d], cos, sin, norm): q_h is
+    the first half of each head's 2d values, as in GatedAttention."""
+    g = torch.Generator().manual_seed(seed)
+    proj = (torch.randn(T, heads * 2 * d, generator=g) * 2).to(dtype)
+    q = proj.view(T, heads, 2 * d)[..., :d]
+    cos, sin = RotaryEmbedding(rot, 10000.0)(torch.arange(5, 5 + T) * 7)
+    norm = RMSNorm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g) * 0.3)
+    return q, cos, sin, norm.to(dtype)
+
+
+def run(q, cos, sin, norm, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, eager reference on the CPU)."""
+    out = norm_rope(q.to(device), norm.weight.to(device), cos.to(device), sin.to(device), norm.eps)
+    return out, apply_rotary(norm(q), cos, sin)
+
+
+# rot = d / 4 is the model's partial rotary; rot = d rotates the whole head.
+@pytest.mark.parametrize("T,heads,d,rot", [(1, 4, 16, 4), (3, 4, 64, 16), (2, 2, 32, 32), (1, 32, 256, 64)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_norm_rope_matches_norm_then_rotary(device, poison, T, heads, d, rot, dtype, tol):
+    q, cos, sin, norm = case(T, heads, d, rot, dtype, seed=T * 100 + d + rot)
+    out, ref = run(q, cos, sin, norm, device)
+    assert out.shape == (T, heads, d) and out.dtype == dtype and out.is_contiguous()
+    assert rel(out, ref) < tol
+
+
+def test_contiguous_input(device):
+    """k arrives as a plain [T, kv_heads, d] view (no gate interleaved)."""
+    q, cos, sin, norm = case(2, 2, 32, 8, torch.float32, seed=3)
+    k = q.contiguous()
+    out, ref = run(k, cos, sin, norm, device)
+    assert rel(out, ref) < 1e-6
+
+
+@cuda
+def test_bf16_rounds_where_the_eager_path_rounds():
+    """At 16 bits the kernel rounds after the norm, each product and the sum like the eager code,
+    so its values are the eager ones except where fp32 rsqrt and sum order tip a rounding."""
+    q, cos, sin, norm = case(4, 32, 256, 64, torch.bfloat16, seed=9)
+    out, ref = run(q, cos, sin, norm, "cuda")
+    assert float((out.cpu() == ref).float().mean()) > 0.99
