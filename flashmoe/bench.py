@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from contextlib import contextmanager
 import os
 import time
 import zlib
@@ -231,8 +232,8 @@ class DecodeResult:
     seconds: float
     tps: float
     ms_per_token: float
-    ms_outside_layers: float
-    tps_extrapolated: float
+    ms_outside_layers: float  # t_token - L x ms_per_layer
+    tps_extrapolated: float  # 1 / (ms_outside_layers + layers_full x ms_per_layer)
     layers_in_slice: int
     layers_full: int
     breakdown_ms_per_layer: dict = field(default_factory=dict)
@@ -248,22 +249,55 @@ class DecodeResult:
     cpu_experts: int = 0  # up to this many host-resident misses per layer computed on the CPU
     cpu_experts_per_token: float = 0.0  # ... how many were, per token
     resident: bool = False  # every expert read where it lies, host-resident ones in place over PCIe (preload)
+    ms_per_layer: float = 0.0  # (t_token - t_token over the first L/2 layers) / (L - L/2)
+    ms_outside_layers_profiled: float = 0.0  # the earlier estimate: what the profiled pass's sections leave
+    tps_extrapolated_profiled: float = 0.0  # t60 with that estimate (the rows of earlier sessions)
+
+
+def steady_seconds_per_token(engine, prompt: list[int], params) -> tuple[float, "Generation"]:
+    """Wall seconds per decoded token from the second decode step on (the first captures the
+    decode graphs), and the generation (its stats count every step)."""
+    if params.max_tokens < 4:
+        raise ValueError("S1 needs at least 4 tokens: the first decode step captures graphs and is not timed")
+    gen = engine.generate(prompt, params)
+    stamps = [time.perf_counter() for _ in gen]  # after each token is sampled
+    return (stamps[-1] - stamps[1]) / (len(stamps) - 2), gen
+
+
+@contextmanager
+def first_layers(engine, n: int):
+    """Run only the model's first n layers for the block (the last kept one guesses no further)."""
+    layers = engine.model.model.layers
+    kept = list(layers)[:n]
+    guess, kept[-1].predict_next = kept[-1].predict_next, None
+    engine.model.model.layers = torch.nn.ModuleList(kept)
+    try:
+        yield
+    finally:
+        engine.model.model.layers = layers
+        kept[-1].predict_next = guess
 
 
 def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths, routing: str = "uniform") -> DecodeResult:
-    """Greedy decode; then the same again with per-section synchronization for the breakdown."""
+    """Greedy decode, timed from its second step (the first captures the decode graphs); the same
+    over the first half of the layers, whose difference gives the time per layer and, by
+    subtraction, the time outside the layers; then again with per-section synchronization for the
+    breakdown (whose own remainder, `outside_profiled`, over-counts: every section's sync adds to it)."""
     from .runtime.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, min(150000, engine.config.vocab_size), (prompt_len,), generator=g).tolist()
     params = SamplingParams(max_tokens=tokens, temperature=0)
     list(engine.generate(prompt[:4], SamplingParams(max_tokens=4, temperature=0)))  # compile kernels for this k
-    gen = engine.generate(prompt, params)
-    for _ in gen:
-        pass
+    t_token, gen = steady_seconds_per_token(engine, prompt, params)
     s = gen.stats
     n = s.decode_tokens
     L = engine.config.num_hidden_layers
+    with first_layers(engine, L // 2):
+        t_half, _ = steady_seconds_per_token(engine, prompt, params)
+    per_layer = (t_token - t_half) / (L - L // 2)
+    outside = t_token - L * per_layer
+    t60 = outside + layers_full * per_layer
     # Profiled pass: synchronize at every section boundary so the split is true.
     engine.timer.sync = torch.cuda.synchronize if engine.device.type == "cuda" else None
     prof = engine.generate(prompt, params)
@@ -273,9 +307,7 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
     sec = prof.stats.decode_sections
     pn = prof.stats.decode_tokens
     in_layers = sum(v for k, v in sec.items() if k != "head")
-    outside = (prof.stats.decode_seconds - in_layers) / pn
-    t_token = s.decode_seconds / n
-    t60 = (t_token - outside) * layers_full / L + outside
+    outside_profiled = (prof.stats.decode_seconds - in_layers) / pn
     rs = engine.manifest.layout.record_size
     dec = s.cache  # host tier during decode only: every copy to the GPU (prefetches too) is fetched through it
     gpu = s.gpu_cache
@@ -297,10 +329,13 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
         routing=routing,
         tokens=n,
         seconds=s.decode_seconds,
-        tps=n / s.decode_seconds,
+        tps=1 / t_token,
         ms_per_token=t_token * 1e3,
         ms_outside_layers=outside * 1e3,
         tps_extrapolated=1 / t60,
+        ms_per_layer=per_layer * 1e3,
+        ms_outside_layers_profiled=outside_profiled * 1e3,
+        tps_extrapolated_profiled=1 / ((t_token - outside_profiled) * layers_full / L + outside_profiled),
         layers_in_slice=L,
         layers_full=layers_full,
         breakdown_ms_per_layer={k: v * 1e3 / (pn * L) for k, v in sorted(sec.items())},

@@ -174,15 +174,18 @@ def test_resident_experts_need_no_host_sync(packed16):
     experts = engine.model.layers[0].mlp.experts
     x = torch.randn(1, engine.config.hidden_size, device="cuda")
     ids, weights = torch.tensor([[1, 6]], device="cuda"), torch.tensor([[0.5, 0.5]], device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        y = experts(x, ids, weights)
-        engine.set_resident(False)
-        with pytest.raises(RuntimeError, match="synchroniz"):
-            experts(x, ids, weights)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    def call_without_syncs():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return experts(x, ids, weights)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    y = call_without_syncs()
+    engine.set_resident(False)
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        call_without_syncs()
     assert torch.isfinite(y).all()
 
 

@@ -15,9 +15,10 @@ Guesses change only where a record lies and when it is copied, never which exper
 Resident (Engine.preload): every expert sits in a GPU slot or a pinned host-tier slot, and stays.
 Pinned memory is mapped into the GPU's address space and the slot pool is placed a whole number of
 records away from the host tier's pool, so one slot number addresses either; a device table maps
-(layer, expert) to it and the kernels read host-resident records in place over PCIe (as fast as
-the copy engines: docs/EXPERIMENTS.md entry 30). Nothing is copied and the host never looks at the
-routing: a decode step needs no host sync per layer and runs as one CUDA graph.
+(layer, expert) to it and the decode kernels read host-resident records in place over PCIe (as fast
+as the copy engines: docs/EXPERIMENTS.md entry 30). Nothing is copied and the host never looks at
+the routing: a decode step needs no host sync per layer and runs as one CUDA graph. Prefill still
+copies (into staging slots only).
 
 CPU compute (opt-in, decode, one token): up to `per_layer` of a layer's misses that sit in the host
 tier are computed where they lie by the CPU (HostCompute) while PCIe copies the others: the host
@@ -172,7 +173,8 @@ class GpuExpertTier:
         self.in_use = pinned = {(layer, e) for e in experts}
         staging = iter(range(self.capacity, self.capacity + self.staging))
         for e in missing:
-            slot = self.slots.admit((layer, e), pinned)
+            # Resident (prefill): the slots hold what the device table says, so misses only visit staging.
+            slot = self.slots.admit((layer, e), pinned) if self.table is None else None
             if slot is not None:
                 self.stats.admitted += 1
             slots[e] = next(staging) if slot is None else slot
@@ -227,9 +229,12 @@ class GpuExpertTier:
         self.stats = GpuTierStats()
 
     def make_resident(self, store: ExpertStore, layers: list[int], num_experts: int) -> None:
-        """From now on read every expert of these layers where it lies: in its GPU slot, or in place
-        in its host-tier slot. Each must be in one of the two; neither tier changes afterwards (the
-        caller stops loading through them)."""
+        """From now on decode reads every expert of these layers where it lies: in its GPU slot, or
+        in place in its host-tier slot. Each must be in one of the two, and neither tier changes
+        afterwards: prefill (where copies beat reads in place: the grouped kernel reads each weight
+        tile once, too few bytes in flight for PCIe) still copies host-resident experts, into
+        staging slots only (place() admits nothing), and every record it asks the host tier for is
+        a hit there."""
         if self.host_slot0 is None:
             raise ValueError("resident experts need the GPU slots placed beside the host tier (host_pool)")
         table = np.full((max(layers) + 1, num_experts), -1, dtype=np.int64)
@@ -256,15 +261,10 @@ class GpuExpertTier:
         self.collect_stats()
         self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = self._ones = None
 
-    def count(self, layer: int, ids: torch.Tensor) -> None:
-        """Count resident lookups of ids [T, k] on the device (no host sync; collect_stats reads them)."""
-        flat = ids.flatten()
-        ones = self._ones[: flat.numel()] if flat.numel() <= self._ones.numel() else torch.ones_like(flat)
-        self.uses[layer].index_add_(0, flat, ones)
-
     def resident_slots(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
-        """Slots of ids [T, k], on the device, counted."""
-        self.count(layer, ids)
+        """Slots of decode ids [T, k], looked up on the device and counted there (collect_stats
+        reads the counts): no host sync."""
+        self.uses[layer].index_add_(0, ids.flatten(), self._ones[: ids.numel()])
         return self.table[layer][ids]
 
     def forget_uncollected(self) -> None:
@@ -386,17 +386,10 @@ class GpuRoutedExperts:
         per_pair = torch.empty(T * k, x.shape[1], dtype=x.dtype, device=x.device)  # each pair written once
         order_dev = order.to(x.device)
         flat_weights = weights.flatten()
-        resident = self.tier.table is not None  # every expert read where it lies: one batch, no copies
-        if resident:
-            self.tier.count(self.layer, ids)
-        step = len(needed) if resident else self.tier.staging
-        for b in range(0, len(needed), step):
-            batch = needed[b : b + step]
+        for b in range(0, len(needed), self.tier.staging):
+            batch = needed[b : b + self.tier.staging]
             with self.timer.section("expert_io"):
-                if resident:
-                    slots = {e: int(self.tier.table_host[self.layer, e]) for e in batch}
-                else:
-                    slots = self.tier.place(self.layer, batch, self.store)
+                slots = self.tier.place(self.layer, batch, self.store)
             with self.timer.section("expert_compute"):
                 # the batch's pairs are contiguous in `order`: its experts are consecutive ids
                 pairs = order_dev[int(starts[batch[0]]) : int(starts[batch[-1]] + counts[batch[-1]])]

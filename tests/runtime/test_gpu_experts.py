@@ -146,28 +146,36 @@ def test_cpu_experts_refuse_what_they_cannot_do(packed16, packed4):
 
 
 def test_resident_experts_read_in_place_match_the_copying_path(packed4):
-    """Preloaded, every expert is read where it lies: its GPU slot, or in place in the host tier
-    through a slot number relative to the GPU pool (past its end or negative). Prefill and decode
-    logits equal the copying path's bit for bit; nothing is copied or read; every lookup is counted."""
-    from flashmoe.runtime.expert_store import StoreStats
+    """Preloaded, decode reads every expert where it lies: its GPU slot, or in place in the host
+    tier through a slot number relative to the GPU pool (past its end or negative); prefill copies
+    host-resident experts into staging slots only. Logits equal the copying path's bit for bit,
+    nothing is read from disk or admitted, and every decode lookup is counted."""
+    from dataclasses import replace
 
     ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(5))
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for resident in (False, True):
         engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
-        engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
+        engine.use_gpu_experts(gpu_mem=8 * record, policy="lru")  # lru would admit every miss, if allowed
         engine.preload() if resident else engine.place_experts(2, 6)  # the same placement: 2 of 8 per layer on the GPU
         assert engine.resident == resident
-        got = run(engine, ids, steps=3)
-        engine.gpu_tier.collect_stats()
-        runs[resident] = got, engine.gpu_tier.stats, engine.store.stats
-    (ref, off, _), (got, on, store) = runs[False], runs[True]
+        placed = dict(engine.gpu_tier.slots.slot_of)
+        state, tier = engine.new_state(), engine.gpu_tier
+        with torch.inference_mode():
+            out = [engine.model(ids.to(engine.device), state, last_only=False).cpu()]
+            tier.collect_stats()
+            after_prefill = replace(tier.stats)
+            for t in range(3):
+                out.append(engine.model(torch.tensor([t + 3], device=engine.device), state).cpu())
+        tier.collect_stats()
+        runs[resident] = torch.cat(out), tier.stats - after_prefill, engine.store.stats, placed == tier.slots.slot_of
+    (ref, off, _, _), (got, on, store, unchanged) = runs[False], runs[True]
     assert torch.equal(got, ref)
-    assert off.misses > 0 and on.misses == on.bytes_copied == 0 and store == StoreStats()
-    assert on.hits > 0 and on.host_reads > 0
-    assert on.hits + on.host_reads == 4 * (12 + 3) * 2  # 4 layers, (prompt + decode tokens) x k lookups
+    assert off.misses > 0 and on.misses == on.bytes_copied == 0 and on.hits > 0 and on.host_reads > 0
+    assert on.hits + on.host_reads == 4 * 3 * 2  # 4 layers, 3 decode steps, k = 2
     assert on.hit_rate == on.hits / (on.hits + on.host_reads)
+    assert unchanged and store.misses == store.bytes_read == 0  # prefill's records were all host-tier hits
 
 
 def test_resident_table_points_every_expert_at_its_record(packed4):
