@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 from contextlib import contextmanager
 import os
 import time
@@ -278,23 +279,28 @@ def first_layers(engine, n: int):
         kept[-1].predict_next = guess
 
 
-def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths, routing: str = "uniform") -> DecodeResult:
-    """Greedy decode, timed from its second step (the first captures the decode graphs); the same
-    over the first half of the layers, whose difference gives the time per layer and, by
-    subtraction, the time outside the layers; then again with per-section synchronization for the
-    breakdown (whose own remainder, `outside_profiled`, over-counts: every section's sync adds to it)."""
+def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths, routing: str = "uniform",
+               repeats: int = 3) -> DecodeResult:
+    """Greedy decode, timed from its second step (the first captures the decode graphs), and the
+    same over the first half of the layers, alternating, `repeats` times each: the difference of
+    the medians gives the time per layer and, by subtraction, the time outside the layers. Then
+    once more with per-section synchronization for the breakdown (whose own remainder,
+    `outside_profiled`, over-counts: every section's sync adds to it)."""
     from .runtime.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, min(150000, engine.config.vocab_size), (prompt_len,), generator=g).tolist()
-    params = SamplingParams(max_tokens=tokens, temperature=0)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     list(engine.generate(prompt[:4], SamplingParams(max_tokens=4, temperature=0)))  # compile kernels for this k
-    t_token, gen = steady_seconds_per_token(engine, prompt, params)
-    s = gen.stats
-    n = s.decode_tokens
     L = engine.config.num_hidden_layers
-    with first_layers(engine, L // 2):
-        t_half, _ = steady_seconds_per_token(engine, prompt, params)
+    full, half = [], []
+    for _ in range(repeats):
+        full.append(steady_seconds_per_token(engine, prompt, params))
+        with first_layers(engine, L // 2):
+            half.append(steady_seconds_per_token(engine, prompt, params)[0])
+    t_token, t_half = statistics.median(t for t, _ in full), statistics.median(half)
+    s = full[0][1].stats
+    n = s.decode_tokens
     per_layer = (t_token - t_half) / (L - L // 2)
     outside = t_token - L * per_layer
     t60 = outside + layers_full * per_layer
@@ -423,15 +429,15 @@ def fit_trace_replays(trace: RoutingTrace, num_experts: int, ks: list[int], log=
 
 
 def run_replayed_decode(engine, gen: StreamGenerator, prompt_len: int, tokens: int, layers_full: int,
-                        bw: Bandwidths) -> DecodeResult:
+                        bw: Bandwidths, repeats: int = 3) -> DecodeResult:
     """run_decode with every MoE layer's expert ids replaced by a generated stream (router weights
     kept). Stream ids are popularity ranks, so with the bench's static placement the GPU tier holds
     each layer's most used experts: the placement a deployment would choose from a known profile."""
     moe_layers = len(engine.config.moe_layers)
-    stream = torch.from_numpy(gen.generate(8 + 2 * (prompt_len + tokens), moe_layers).astype("int64"))  # no wrap
+    stream = torch.from_numpy(gen.generate(8 + (2 * repeats + 1) * (prompt_len + tokens), moe_layers).astype("int64"))  # no wrap
     sync = not engine.resident  # the host reads the routing only where the real path does
     with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer, sync)):
-        return run_decode(engine, prompt_len, tokens, layers_full, bw, routing="trace replay")
+        return run_decode(engine, prompt_len, tokens, layers_full, bw, routing="trace replay", repeats=repeats)
 
 
 def log_decode(r: DecodeResult, log=print) -> None:

@@ -419,7 +419,7 @@ class Generation:
                         row = self.logits_processor(generated, row.cpu()).to(eng.device)
                     token = sampler(row)  # the one host sync per token: reading the token
                     generated.append(token)
-                    if token in eng.stop_ids:
+                    if token in eng.stop_ids and not self.params.ignore_eos:
                         step = Step(token, text.flush(decoder.flush()), "stop")
                     else:
                         piece, stopped = text.push(decoder.push(token))

@@ -43,14 +43,14 @@ def test_synthesized_model_runs_with_placed_tiers(tiny_bench_model):
     engine.set_prefetch(False)  # the plain row first, as bench --prefetch runs them
     tiers = B.Tiers(5, 6, 16, 5 / 16, 6 / 16, 5 / 16, "")
     B.place_tiers(engine, tiers)
-    r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9))
+    r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9), repeats=1)
     assert r.tokens == 3 and r.tps > 0 and r.tps_extrapolated < r.tps  # twice the layers: slower
     assert 0 < r.gpu_hit_rate < 1 and 0 <= r.host_hit_rate < 1
     assert r.bytes_per_token["pcie"] > 0 and r.bytes_per_token["disk"] > 0
     assert set(r.breakdown_ms_per_layer) >= {"mixer", "routing", "expert_io", "expert_compute"}
     engine.set_prefetch(True)
     B.place_tiers(engine, tiers)
-    f = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9))
+    f = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9), repeats=1)
     assert f.prefetch and not r.prefetch and 0 < f.prefetch_accuracy <= 1 and f.prefetch_wasted_bytes_per_token >= 0
     engine.set_prefetch(False)
     p = B.run_prefill(engine, 12, layers_full=4)
@@ -65,7 +65,7 @@ def test_resident_rows_read_host_experts_in_place(tiny_bench_model):
     engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
     tiers = B.Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
     B.place_tiers(engine, tiers, resident=True)
-    r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9))
+    r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9), repeats=1)
     assert r.resident and r.tokens == 3 and r.host_hit_rate == 1.0 and 0 < r.gpu_hit_rate < 1
     assert r.bytes_per_token["disk"] == 0 and r.bytes_per_token["pcie"] == pytest.approx((1 - r.gpu_hit_rate) * 2 * 2 * rs)
     B.place_tiers(engine, tiers)  # and back to copying

@@ -41,6 +41,13 @@ def test_stop_string_ends_generation_without_emitting_it(engine):
     assert "".join(s.text for s in steps) == free[: free.index(stop)]
 
 
+def test_ignore_eos_runs_to_max_tokens(engine, monkeypatch):
+    monkeypatch.setattr(engine, "stop_ids", set(range(engine.config.vocab_size)))  # every token ends a sequence
+    assert len(list(engine.generate([1, 2, 3], SamplingParams(max_tokens=5)))) == 1
+    steps = list(engine.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True)))
+    assert len(steps) == 5 and steps[-1].finish_reason == "length"
+
+
 def test_prompt_past_the_context_is_a_clear_error(engine):
     with pytest.raises(ContextLengthError, match="context length is 512"):
         engine.generate([1] * 600)

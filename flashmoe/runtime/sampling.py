@@ -16,6 +16,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # run to max_tokens through end-of-sequence tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

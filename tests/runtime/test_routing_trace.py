@@ -133,8 +133,8 @@ def test_bench_replay_runs_the_decode_on_the_stream(packed16):
     trace = RoutingTrace(topic_trace(400, 2, 8, 2), 8)
     generators, stats = B.fit_trace_replays(trace, 8, [2], log=lambda *_: None)
     assert stats["replay"][2]["load_entropy"] < 1 and len(stats["reuse"]) == len(L.WINDOWS)
-    r = B.run_replayed_decode(engine, generators[2], 6, 3, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9))
-    assert r.routing == "trace replay" and r.tokens == 2
+    r = B.run_replayed_decode(engine, generators[2], 6, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9), repeats=1)
+    assert r.routing == "trace replay" and r.tokens == 3
     assert engine.model.layers[0].mlp.experts.__class__.__name__ == "StreamedExperts"
 
 
