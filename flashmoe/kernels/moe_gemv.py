@@ -112,19 +112,172 @@ def _down_sum_kernel(
     tl.store(y_ptr + token * H + rows, acc.to(y_ptr.dtype.element_ty))
 
 
-class MoeGemv:
-    """Launch parameters for one record layout; call with a pool of expert slots."""
 
-    def __init__(self, layout: RecordLayout, block_n: int = 8, block_k: int = 1024, num_warps: int = 2):
+# ---- v3 ----
+@triton.jit
+def _code_term(words, x_ptr, xoff, x_row: tl.constexpr, p: tl.constexpr, BITS: tl.constexpr):
+    """q_p * x'_p for the p-th code of every word: q_p as the fp32 whose bit pattern is the word
+    masked to that code (q * 2^(b - 149), exact, denormal below bit 23), x'_p the laid-out input."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS * (p + 1) <= 24:
+        q = (words & (MASK << (BITS * p))).to(tl.float32, bitcast=True)
+    else:  # codes above bit 24 would reach the exponent: read them 8 bits lower
+        q = ((words >> 8) & (MASK << (BITS * p - 8))).to(tl.float32, bitcast=True)
+    return q * tl.load(x_ptr + p * x_row + xoff)[:, None, :]
+
+
+@triton.jit
+def _position_scale(p, BITS: tl.constexpr):
+    """2^(149 - 64 - b) for code position p read at bit b (see _code_term), exactly."""
+    b = tl.where(BITS * (p + 1) <= 24, BITS * p, BITS * p - 8)
+    return ((149 - 64 - b + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_block(codes_ptr, halves_ptr, slots_ptr, pair, rows, g0, record_words, record_halves, w_off, s_off, b_off,
+                K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
+    """One expert's codes [NGB, rows, WPG] and scales, biases [NGB, rows] for groups g0 .. g0 + NGB."""
+    PW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GROUP // PW
+    slot = tl.load(slots_ptr + pair).to(tl.int64)
+    w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
+    g = g0 + tl.arange(0, NGB)
+    xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
+    words = tl.load(codes_ptr + w + rows[None, :, None] * (K // PW) + xoff[:, None, :])
+    goff = rows[None, :] * (K // GROUP) + g[:, None]
+    return words, tl.load(halves_ptr + sc + goff), tl.load(halves_ptr + bi + goff)
+
+
+@triton.jit
+def _accumulate(acc, accb, block, weight, x_ptr, xsum_ptr, g0,
+                K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr, PARTS: tl.constexpr):
+    """acc += weight * s * sum_p q_p x'_p per word, accb += weight * b * (group sum of x)."""
+    PW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GROUP // PW
+    words, s, b = block
+    g = g0 + tl.arange(0, NGB)
+    xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
+    qx = _code_term(words, x_ptr, xoff, K // PW, 0, BITS)
+    for p in tl.static_range(1, PW):
+        qx += _code_term(words, x_ptr, xoff, K // PW, p, BITS)
+    xs = tl.sum(tl.load(xsum_ptr + g[:, None] * PARTS + tl.arange(0, PARTS)[None, :]), axis=1)
+    acc += (s.to(tl.float32) * weight)[:, :, None] * qx
+    accb += b.to(tl.float32) * weight * xs[:, None]
+    return acc, accb
+
+
+@triton.jit
+def _row_sums(acc, accb):
+    """Per-row totals of the accumulators: the products' 2^-64 undone."""
+    return tl.sum(tl.sum(acc, axis=2), axis=0) * 18446744073709551616.0 + tl.sum(accb, axis=0)
+
+
+@triton.jit
+def _layout_x_kernel(x_ptr, xp_ptr, xsum_ptr, H: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """xp[t, p, w] = x[t, w * 32 / BITS + p] * 2^(85 - b(p)) and xsum[t, g] = sum of x over group g."""
+    token = tl.program_id(0)
+    PW: tl.constexpr = 32 // BITS
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + token * H + i).to(tl.float32)
+    p = i % PW
+    tl.store(xp_ptr + token * H + p * (H // PW) + i // PW, x * _position_scale(p, BITS))
+    xs = tl.sum(tl.reshape(x, (BLOCK // GROUP, GROUP)), axis=1)
+    tl.store(xsum_ptr + token * (H // GROUP) + tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP), xs)
+
+
+@triton.jit
+def _gate_up_v3_kernel(
+    xp_ptr, xsum_ptr, codes_ptr, halves_ptr, slots_ptr, hp_ptr, hsum_ptr,
+    record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
+    K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    token = pair // K_ROUTED
+    PW: tl.constexpr = 32 // BITS
+    NGB: tl.constexpr = BLOCK_K // GROUP
+    STEPS: tl.constexpr = H // BLOCK_K
+    rr = tl.arange(0, 2 * BLOCK_N)
+    r0 = tl.program_id(1) * BLOCK_N
+    rows = r0 + rr // 2 + (rr % 2) * I  # gate and up rows interleaved: one tile, one pass over x
+    where = (codes_ptr, halves_ptr, slots_ptr, pair, rows)
+    rec = (record_words, record_halves, w_off, s_off, b_off)
+    acc = tl.zeros([NGB, 2 * BLOCK_N, GROUP // PW], dtype=tl.float32)
+    accb = tl.zeros([NGB, 2 * BLOCK_N], dtype=tl.float32)
+    nxt = _load_block(*where, 0, *rec, H, BITS, GROUP, NGB)
+    for st in tl.static_range(STEPS):
+        block = nxt
+        if st + 1 < STEPS:  # the next block's loads go out before this one's arithmetic
+            nxt = _load_block(*where, (st + 1) * NGB, *rec, H, BITS, GROUP, NGB)
+        acc, accb = _accumulate(acc, accb, block, 1.0, xp_ptr + token * H, xsum_ptr + token * (H // GROUP), st * NGB,
+                                H, BITS, GROUP, NGB, 1)
+    gate, up = tl.split(tl.reshape(_row_sums(acc, accb), (BLOCK_N, 2)))
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    i = r0 + tl.arange(0, BLOCK_N)
+    p = i % PW
+    tl.store(hp_ptr + pair * I + p * (I // PW) + i // PW, h * _position_scale(p, BITS))  # down's input, laid out
+    tl.store(hsum_ptr + pair * (I // BLOCK_N) + tl.program_id(1), tl.sum(h, axis=0))
+
+
+@triton.jit
+def _down_v3_kernel(
+    hp_ptr, hsum_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr,
+    record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
+    K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HSUM_PARTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    token = tl.program_id(0)
+    PW: tl.constexpr = 32 // BITS
+    NGB: tl.constexpr = BLOCK_K // GROUP
+    STEPS: tl.constexpr = I // BLOCK_K
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rec = (record_words, record_halves, w_off, s_off, b_off)
+    acc = tl.zeros([NGB, BLOCK_N, GROUP // PW], dtype=tl.float32)
+    accb = tl.zeros([NGB, BLOCK_N], dtype=tl.float32)
+    first = token * K_ROUTED
+    nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, first, rows, 0, *rec, I, BITS, GROUP, NGB)
+    # experts summed in routing order inside one program: deterministic
+    for it in tl.static_range(K_ROUTED * STEPS):
+        pair = first + it // STEPS
+        block = nxt
+        if it + 1 < K_ROUTED * STEPS:  # the next block's loads go out before this one's arithmetic
+            nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, first + (it + 1) // STEPS, rows,
+                              (it + 1) % STEPS * NGB, *rec, I, BITS, GROUP, NGB)
+        acc, accb = _accumulate(acc, accb, block, tl.load(weights_ptr + pair).to(tl.float32), hp_ptr + pair * I,
+                                hsum_ptr + pair * (I // GROUP * HSUM_PARTS), it % STEPS * NGB, I, BITS, GROUP,
+                                NGB, HSUM_PARTS)
+    y = _row_sums(acc, accb)
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + token * H + rows).to(tl.float32)
+    tl.store(y_ptr + token * H + rows, y.to(y_ptr.dtype.element_ty))
+
+
+class MoeGemv:
+    """Launch parameters for one record layout; call with a pool of expert slots.
+
+    variant: "v3" (the default; 16-bit records always take v2's kernels) or "v2", kept for one
+    A/B timing on the GPU. v2 reads `block_n` rows per program in `block_k` steps with `num_warps`.
+    v3 reads `block_n` rows of gate and of up per gate_up program with `num_warps` warps, and
+    `down_block_n` rows (default block_n) per down program; its K steps follow from the warps
+    (`v3_blocks`)."""
+
+    def __init__(self, layout: RecordLayout, block_n: int | None = None, block_k: int = 1024, num_warps: int = 2,
+                 variant: str = "v3", down_block_n: int | None = None):
+        if variant not in ("v2", "v3"):
+            raise ValueError(f"variant must be v2 or v3, not {variant!r}")
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
-        self.block_n = min(block_n, H, I)
+        self.v3 = variant == "v3" and layout.bits != 16  # 16-bit records keep v2's kernels (93% of copy)
+        self.block_n = min(block_n or (4 if self.v3 else 8), H, I)
+        self.down_block_n = min(down_block_n or self.block_n, H) if self.v3 else self.block_n
         self.block_k = min(block_k, H, I)
-        if H % self.block_n or I % self.block_n or H % self.block_k or I % self.block_k:
+        if H % self.block_n or I % self.block_n or H % self.down_block_n or H % self.block_k or I % self.block_k:
             raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the kernel blocks")
         if layout.bits != 16 and self.block_k % layout.group_size:
             raise ValueError("BLOCK_K must be a multiple of the group size")
+        if self.v3 and layout.group_size % self.block_n:
+            raise ValueError("v3: block_n must divide the group size (down adds h's group sums from gate_up's blocks)")
         unit = 2 if layout.bits == 16 else 4  # weight offsets in elements of the view they are read through
 
         def offsets(proj):
@@ -136,6 +289,19 @@ class MoeGemv:
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
         self.group = layout.group_size if layout.bits != 16 else 1
         self.num_warps = num_warps
+
+    def v3_blocks(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(BLOCK_K, warps) of the v3 gate_up and down kernels. Each warp reads 128 consecutive words
+        of every row of its block (32 lanes x one 16-byte load) and keeps all the block's rows in
+        registers: then the laid-out x and the scales it needs load straight into the lanes that use
+        them, without a shared-memory layout conversion, and each x value serves every row."""
+        L = self.layout
+        per_warp = 128 * (32 // L.bits)
+        blocks = []
+        for K in (L.hidden_size, L.intermediate_size):
+            warps = max(1, min(self.num_warps, K // per_warp))
+            blocks.append((min(K, per_warp * warps), warps))
+        return tuple(blocks)
 
     def __call__(
         self,
@@ -153,19 +319,37 @@ class MoeGemv:
         H, I = L.hidden_size, L.intermediate_size
         assert x.shape == (T, H) and weights.shape == (T, k) and pool.shape[1] == L.record_size
         codes, halves = pool.view(torch.int32), pool.view(torch.bfloat16)
-        rw, rh = L.record_size // 4, L.record_size // 2
-        h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+        x, slots, weights = x.contiguous(), slots.contiguous(), weights.contiguous()
         y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
-        meta = dict(
-            K_ROUTED=k, BITS=L.bits, GROUP=self.group, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            num_warps=self.num_warps,
+        record = dict(record_words=L.record_size // 4, record_halves=L.record_size // 2)
+        gate_up = dict(zip(("w_off", "s_off", "b_off"), self.gate_up), **record)
+        down = dict(zip(("w_off", "s_off", "b_off"), self.down), **record)
+        down.update(residual_ptr=y if residual is None else residual, HAS_RESIDUAL=residual is not None)
+        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group)
+        if not self.v3:
+            meta.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
+            h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+            _gate_up_swiglu_kernel[(T * k, I // self.block_n)](x, codes, halves, slots, h, H=H, I=I, **gate_up, **meta)
+            _down_sum_kernel[(T, H // self.block_n)](
+                h, codes, halves, slots, weights, y_ptr=y, H=H, I=I, **down, **meta
+            )
+            return y
+        G = self.group
+        xp = torch.empty(T, H, device=x.device, dtype=torch.float32)
+        xsum = torch.empty(T, H // G, device=x.device, dtype=torch.float32)
+        hp = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+        hsum = torch.empty(T * k, I // self.block_n, device=x.device, dtype=torch.float32)
+        layout_block = min(H, 1024)
+        _layout_x_kernel[(T, H // layout_block)](x, xp, xsum, H, L.bits, G, layout_block, num_warps=4)
+        (gu_k, gu_warps), (d_k, d_warps) = self.v3_blocks()
+        meta.update(H=H, I=I)
+        _gate_up_v3_kernel[(T * k, I // self.block_n)](
+            xp, xsum, codes, halves, slots, hp, hsum, **gate_up, **meta, BLOCK_N=self.block_n, BLOCK_K=gu_k,
+            num_warps=gu_warps,
         )
-        _gate_up_swiglu_kernel[(T * k, I // self.block_n)](
-            x.contiguous(), codes, halves, slots.contiguous(), h, H, I, rw, rh, *self.gate_up, **meta
-        )
-        _down_sum_kernel[(T, H // self.block_n)](
-            h, codes, halves, slots.contiguous(), weights.contiguous(), y if residual is None else residual, y,
-            H, I, rw, rh, *self.down, HAS_RESIDUAL=residual is not None, **meta
+        _down_v3_kernel[(T, H // self.down_block_n)](
+            hp, hsum, codes, halves, slots, weights, y_ptr=y, **down, **meta, BLOCK_N=self.down_block_n,
+            BLOCK_K=d_k, HSUM_PARTS=G // self.block_n, num_warps=d_warps,
         )
         return y
 
