@@ -158,10 +158,10 @@ def kernels(gemv: m.MoeGemv, k: int):
     H, I, bn = L.hidden_size, L.intermediate_size, gemv.block_n
     meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=gemv.group, BLOCK_N=bn)
     if gemv.v3:  # K loops unrolled: straight-line code
-        (gu_k, gu_w), (d_k, d_w) = gemv.v3_blocks()
+        (gu_k, gu_w), (d_k, d_w, d_e) = gemv.v3_blocks(k)
         meta.update(H=H, I=I)
         dn = gemv.down_block_n
-        down = dict(meta, BLOCK_N=dn, BLOCK_K=d_k, HSUM_PARTS=gemv.group // bn, HAS_RESIDUAL=False)
+        down = dict(meta, BLOCK_N=dn, BLOCK_K=d_k, EXPERTS=d_e, HAS_RESIDUAL=False)
         return [("gate_up", m._gate_up_v3_kernel, dict(meta, BLOCK_K=gu_k), gu_w, 2 * bn * H, []),
                 ("down", m._down_v3_kernel, down, d_w, k * dn * I, [])]
     meta.update(BLOCK_K=gemv.block_k)

@@ -1,14 +1,50 @@
 """Gathered routed experts for decode: each token's k experts, read from their cache slots by index,
-dequantized on the fly and multiplied, SwiGLU in between, weighted sum at the end. Two launches:
-
-  gate_up_swiglu: grid (tokens * k, I / BLOCK_N) -> h [tokens * k, I] = silu(gate . x) * (up . x)
-  down_sum:       grid (tokens, H / BLOCK_N)     -> y [tokens, H]    = sum_j w_j * down_j . h_j
+dequantized on the fly and multiplied, SwiGLU in between, weighted sum at the end.
 
 Quantized dot products use the bias-sum trick per group of G weights:
   sum_i (q_i * s + b) x_i = s * sum_i q_i x_i + b * sum_i x_i
-so the inner loop is one multiply-add per weight. The record layout is docs/FORMAT.md's; the pool
-is one uint8 tensor [slots, record_size] viewed as int32 (codes) and bfloat16 (scales, weights).
+The record layout is docs/FORMAT.md's; the pool is one uint8 tensor [slots, record_size] viewed as
+int32 (codes) and bfloat16 (scales, weights). A slot v addresses pool.data_ptr() + v * record_size
+in 64-bit arithmetic, unchecked: it may be negative or past the pool (mapped host memory).
 `moe_gemv_reference` is the plain PyTorch definition the kernels are tested against.
+
+v3 (the default for 2-, 4- and 8-bit records), three launches:
+
+  layout_x: grid (tokens, H / 1024)       -> xp [tokens, H]: x[w * 32/bits + p] at [p, w], fp32, scaled
+  gate_up:  grid (tokens * k, I / BLOCK_N) -> hp [tokens * k, I] = w_j * silu(gate . x) * (up . x), laid out
+  down:     grid (tokens, H / BLOCK_N)     -> y [tokens, H] = sum_j down_j . hp_j (+ residual)
+
+- Codes to fp32 with one AND each: the word masked to code p (at bit b = bits * p, or from the word
+  >> 8 for the codes above bit 24) has the bit pattern of the fp32 q * 2^(b - 149), exactly
+  (denormal below bit 23). Multiplied by x * 2^(85 - b), laid out so beforehand, the FFMA's product
+  is q * x * 2^-64 exactly: the same fp32 products and sums as the reference's, no int-to-float
+  conversion (quarter rate on Hopper), no shift per code. The range this leaves: inputs (x, and
+  h = silu(gate) * up) below 2^43 in magnitude (beyond, inf), exact down to 2^-39.
+- The input laid out once per call (layout_x), and by gate_up for down: for each code position p
+  the inputs of consecutive words are contiguous, so they are vector loads, where v2 re-read x at
+  stride 32 / bits in every program (entry 24 of docs/EXPERIMENTS.md: ~25 us of every call).
+- Tiles [groups, rows, words of a group]: each warp reads 128 consecutive words of every row of
+  its block (one 16-byte load per lane and row) and holds all the block's rows in registers, so
+  each input value serves every row, and the inputs land in the lanes that use them without a
+  shared-memory layout conversion (`MoeGemv.v3_blocks`). Scales: one per lane, group and row; the
+  bias term's group sum of x is summed from the inputs the lane loaded anyway.
+- K loops unrolled with the next block's loads issued before the current block's arithmetic;
+  down runs two experts at a time (one per warp) where its rows fit one warp. Each lane
+  accumulates its experts in routing order and the lanes are reduced once at the end: a fixed
+  order, deterministic, no atomics.
+
+Predicted on the H200 (4-bit, 10 experts, 70.8 MB; 132 SMs x 4 schedulers at 1.98 GHz, 4.27 TB/s):
+gate_up moves 47.2 MB (11.1 us at the copy rate) and issues 3.2 instructions per weight, 1.4 of
+them integer ALU at half rate (scripts/sass_count.py): 8.3 M warp instructions = 7.9 us of issue,
+so it is bound by memory, ~13 us with the tail of its 3.2 waves. down moves 23.6 MB (5.5 us) with
+4.1 us of issue, in one wave of 15.5 warps per SM, each warp 5 dependent expert steps: bound by
+latency, ~7 us. layout_x ~2 us. Total ~22-23 us, ~72% of the copy rate (v2: 61.7 us, 27%).
+8-bit ~38 us (80%; v2 73 us), 2-bit ~15 us (compute-bound; v2 56 us).
+
+v2 (16-bit records always; quantized ones with variant="v2", kept for one A/B timing), two launches:
+
+  gate_up_swiglu: grid (tokens * k, I / BLOCK_N) -> h [tokens * k, I] = silu(gate . x) * (up . x)
+  down_sum:       grid (tokens, H / BLOCK_N)     -> y [tokens, H]    = sum_j w_j * down_j . h_j
 """
 
 from __future__ import annotations
@@ -49,7 +85,7 @@ def _dot_rows(
             x = tl.load(x_ptr + cols).to(tl.float32)
             w = tl.load(halves_ptr + w_base + rows[:, None] * K + cols[None, :]).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
-    else:
+    else:  # v2's quantized path: kept for the A/B timing against v3 only
         PER_WORD: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER_WORD
         words_per_row = K // PER_WORD
@@ -113,19 +149,7 @@ def _down_sum_kernel(
 
 
 
-# ---- v3 ----
-@triton.jit
-def _code_term(words, x_ptr, xoff, x_row: tl.constexpr, p: tl.constexpr, BITS: tl.constexpr):
-    """q_p * x'_p for the p-th code of every word: q_p as the fp32 whose bit pattern is the word
-    masked to that code (q * 2^(b - 149), exact, denormal below bit 23), x'_p the laid-out input."""
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if BITS * (p + 1) <= 24:
-        q = (words & (MASK << (BITS * p))).to(tl.float32, bitcast=True)
-    else:  # codes above bit 24 would reach the exponent: read them 8 bits lower
-        q = ((words >> 8) & (MASK << (BITS * p - 8))).to(tl.float32, bitcast=True)
-    return q * tl.load(x_ptr + p * x_row + xoff)[:, None, :]
-
-
+# v3 (see the module docstring). Tiles: E experts at a time, R rows, NGB groups of WPG words.
 @triton.jit
 def _position_scale(p, BITS: tl.constexpr):
     """2^(149 - 64 - b) for code position p read at bit b (see _code_term), exactly."""
@@ -134,118 +158,139 @@ def _position_scale(p, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_block(codes_ptr, halves_ptr, slots_ptr, pair, rows, g0, record_words, record_halves, w_off, s_off, b_off,
-                K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
-    """One expert's codes [NGB, rows, WPG] and scales, biases [NGB, rows] for groups g0 .. g0 + NGB."""
-    PW: tl.constexpr = 32 // BITS
-    WPG: tl.constexpr = GROUP // PW
-    slot = tl.load(slots_ptr + pair).to(tl.int64)
-    w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
-    g = g0 + tl.arange(0, NGB)
-    xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
-    words = tl.load(codes_ptr + w + rows[None, :, None] * (K // PW) + xoff[:, None, :])
-    goff = rows[None, :] * (K // GROUP) + g[:, None]
-    return words, tl.load(halves_ptr + sc + goff), tl.load(halves_ptr + bi + goff)
+def _code_term(words, x, p: tl.constexpr, BITS: tl.constexpr):
+    """q_p * x'_p for the p-th code of every word: q_p as the fp32 whose bit pattern is the word
+    masked to that code, q * 2^(b - 149) exactly (denormal below bit 23); x'_p the laid-out input."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS * (p + 1) <= 24:
+        q = (words & (MASK << (BITS * p))).to(tl.float32, bitcast=True)
+    else:  # codes above bit 24 would reach the exponent: read them 8 bits lower
+        q = ((words >> 8) & (MASK << (BITS * p - 8))).to(tl.float32, bitcast=True)
+    return q * x[:, :, None, :]
 
 
 @triton.jit
-def _accumulate(acc, accb, block, weight, x_ptr, xsum_ptr, g0,
-                K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr, PARTS: tl.constexpr):
-    """acc += weight * s * sum_p q_p x'_p per word, accb += weight * b * (group sum of x)."""
+def _load_block(codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off,
+                g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
+    """Codes [NGB, E, R, WPG] and scales, biases [NGB, E, R] of groups g0 .. g0 + NGB of the rows of
+    the experts `pairs` [E] (the ones not `live` read as zeros)."""
+    PW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GROUP // PW
+    slot = tl.load(slots_ptr + pairs, mask=live, other=0).to(tl.int64)
+    w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
+    g = g0 + tl.arange(0, NGB)
+    xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
+    words = tl.load(codes_ptr + w[None, :, None, None] + (rows * (K // PW))[None, None, :, None] + xoff[:, None, None, :],
+                    mask=live[None, :, None, None], other=0)
+    goff = (rows * (K // GROUP))[None, None, :] + g[:, None, None]
+    m = live[None, :, None]
+    return (words, tl.load(halves_ptr + sc[None, :, None] + goff, mask=m, other=0),
+            tl.load(halves_ptr + bi[None, :, None] + goff, mask=m, other=0))
+
+
+@triton.jit
+def _accumulate(acc, accb, block, x_ptrs, live, g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                NGB: tl.constexpr):
+    """acc += s * sum_p q_p x'_p per word; accb += b * (this lane's part of the group sum of x),
+    from the x values the lane loads anyway: the lanes sharing a group hold the same b, so their
+    parts add up to b * sum(x) in the final reduction. x_ptrs [E]: each expert's laid-out input."""
     PW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GROUP // PW
     words, s, b = block
-    g = g0 + tl.arange(0, NGB)
-    xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
-    qx = _code_term(words, x_ptr, xoff, K // PW, 0, BITS)
-    for p in tl.static_range(1, PW):
-        qx += _code_term(words, x_ptr, xoff, K // PW, p, BITS)
-    xs = tl.sum(tl.load(xsum_ptr + g[:, None] * PARTS + tl.arange(0, PARTS)[None, :]), axis=1)
-    acc += (s.to(tl.float32) * weight)[:, :, None] * qx
-    accb += b.to(tl.float32) * weight * xs[:, None]
+    xoff = ((g0 + tl.arange(0, NGB)) * WPG)[:, None] + tl.arange(0, WPG)[None, :]
+    xs = tl.zeros([NGB, x_ptrs.shape[0], WPG], dtype=tl.float32)
+    for p in tl.static_range(PW):
+        x = tl.load(x_ptrs[None, :, None] + p * (K // PW) + xoff[:, None, :], mask=live[None, :, None], other=0.0)
+        if p == 0:
+            qx = _code_term(words, x, p, BITS)
+        else:
+            qx += _code_term(words, x, p, BITS)
+        xs += x * (1.0 / _position_scale(p, BITS))
+    acc += s.to(tl.float32)[:, :, :, None] * qx
+    accb += b.to(tl.float32) * tl.sum(xs, axis=2)[:, :, None]
     return acc, accb
 
 
 @triton.jit
 def _row_sums(acc, accb):
-    """Per-row totals of the accumulators: the products' 2^-64 undone."""
-    return tl.sum(tl.sum(acc, axis=2), axis=0) * 18446744073709551616.0 + tl.sum(accb, axis=0)
+    """Per-row totals of the accumulators, the products' 2^-64 undone."""
+    return tl.sum(tl.sum(tl.sum(acc, axis=3) * 18446744073709551616.0 + accb, axis=1), axis=0)
 
 
 @triton.jit
-def _layout_x_kernel(x_ptr, xp_ptr, xsum_ptr, H: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """xp[t, p, w] = x[t, w * 32 / BITS + p] * 2^(85 - b(p)) and xsum[t, g] = sum of x over group g."""
+def _layout_x_kernel(x_ptr, xp_ptr, H: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """xp[t, p, w] = x[t, w * 32 / BITS + p] * 2^(85 - b(p)): the p-th inputs of consecutive words
+    contiguous, in fp32, scaled for _code_term."""
     token = tl.program_id(0)
     PW: tl.constexpr = 32 // BITS
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + token * H + i).to(tl.float32)
     p = i % PW
     tl.store(xp_ptr + token * H + p * (H // PW) + i // PW, x * _position_scale(p, BITS))
-    xs = tl.sum(tl.reshape(x, (BLOCK // GROUP, GROUP)), axis=1)
-    tl.store(xsum_ptr + token * (H // GROUP) + tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP), xs)
 
 
 @triton.jit
 def _gate_up_v3_kernel(
-    xp_ptr, xsum_ptr, codes_ptr, halves_ptr, slots_ptr, hp_ptr, hsum_ptr,
+    xp_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, hp_ptr,
     record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pair = tl.program_id(0)
-    token = pair // K_ROUTED
     PW: tl.constexpr = 32 // BITS
     NGB: tl.constexpr = BLOCK_K // GROUP
     STEPS: tl.constexpr = H // BLOCK_K
     rr = tl.arange(0, 2 * BLOCK_N)
     r0 = tl.program_id(1) * BLOCK_N
     rows = r0 + rr // 2 + (rr % 2) * I  # gate and up rows interleaved: one tile, one pass over x
-    where = (codes_ptr, halves_ptr, slots_ptr, pair, rows)
-    rec = (record_words, record_halves, w_off, s_off, b_off)
-    acc = tl.zeros([NGB, 2 * BLOCK_N, GROUP // PW], dtype=tl.float32)
-    accb = tl.zeros([NGB, 2 * BLOCK_N], dtype=tl.float32)
-    nxt = _load_block(*where, 0, *rec, H, BITS, GROUP, NGB)
+    pairs = pair + tl.zeros([1], dtype=tl.int32)
+    live = tl.full([1], True, tl.int1)
+    where = (codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off)
+    x_ptrs = xp_ptr + pairs // K_ROUTED * H
+    acc = tl.zeros([NGB, 1, 2 * BLOCK_N, GROUP // PW], dtype=tl.float32)
+    accb = tl.zeros([NGB, 1, 2 * BLOCK_N], dtype=tl.float32)
+    nxt = _load_block(*where, 0, H, BITS, GROUP, NGB)
     for st in tl.static_range(STEPS):
         block = nxt
         if st + 1 < STEPS:  # the next block's loads go out before this one's arithmetic
-            nxt = _load_block(*where, (st + 1) * NGB, *rec, H, BITS, GROUP, NGB)
-        acc, accb = _accumulate(acc, accb, block, 1.0, xp_ptr + token * H, xsum_ptr + token * (H // GROUP), st * NGB,
-                                H, BITS, GROUP, NGB, 1)
+            nxt = _load_block(*where, (st + 1) * NGB, H, BITS, GROUP, NGB)
+        acc, accb = _accumulate(acc, accb, block, x_ptrs, live, st * NGB, H, BITS, GROUP, NGB)
     gate, up = tl.split(tl.reshape(_row_sums(acc, accb), (BLOCK_N, 2)))
-    h = gate / (1.0 + tl.exp(-gate)) * up
+    # h, times the expert's routing weight (down then sums its experts unweighted), laid out for down
+    h = gate / (1.0 + tl.exp(-gate)) * up * tl.load(weights_ptr + pair).to(tl.float32)
     i = r0 + tl.arange(0, BLOCK_N)
     p = i % PW
-    tl.store(hp_ptr + pair * I + p * (I // PW) + i // PW, h * _position_scale(p, BITS))  # down's input, laid out
-    tl.store(hsum_ptr + pair * (I // BLOCK_N) + tl.program_id(1), tl.sum(h, axis=0))
+    tl.store(hp_ptr + pair * I + p * (I // PW) + i // PW, h * _position_scale(p, BITS))
 
 
 @triton.jit
 def _down_v3_kernel(
-    hp_ptr, hsum_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr,
+    hp_ptr, codes_ptr, halves_ptr, slots_ptr, residual_ptr, y_ptr,
     record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HSUM_PARTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
+    """EXPERTS experts at a time (one per warp when the row fits one warp), each in routing order."""
     token = tl.program_id(0)
     PW: tl.constexpr = 32 // BITS
     NGB: tl.constexpr = BLOCK_K // GROUP
     STEPS: tl.constexpr = I // BLOCK_K
+    BLOCKS: tl.constexpr = (K_ROUTED + EXPERTS - 1) // EXPERTS * STEPS
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rec = (record_words, record_halves, w_off, s_off, b_off)
-    acc = tl.zeros([NGB, BLOCK_N, GROUP // PW], dtype=tl.float32)
-    accb = tl.zeros([NGB, BLOCK_N], dtype=tl.float32)
-    first = token * K_ROUTED
-    nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, first, rows, 0, *rec, I, BITS, GROUP, NGB)
-    # experts summed in routing order inside one program: deterministic
-    for it in tl.static_range(K_ROUTED * STEPS):
-        pair = first + it // STEPS
+    lane = tl.arange(0, EXPERTS)
+    acc = tl.zeros([NGB, EXPERTS, BLOCK_N, GROUP // PW], dtype=tl.float32)
+    accb = tl.zeros([NGB, EXPERTS, BLOCK_N], dtype=tl.float32)
+    nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, token * K_ROUTED + lane, lane < K_ROUTED, rows, *rec, 0,
+                      I, BITS, GROUP, NGB)
+    for it in tl.static_range(BLOCKS):  # deterministic: a fixed order given by the routing order
+        j = it // STEPS * EXPERTS + lane
         block = nxt
-        if it + 1 < K_ROUTED * STEPS:  # the next block's loads go out before this one's arithmetic
-            nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, first + (it + 1) // STEPS, rows,
-                              (it + 1) % STEPS * NGB, *rec, I, BITS, GROUP, NGB)
-        acc, accb = _accumulate(acc, accb, block, tl.load(weights_ptr + pair).to(tl.float32), hp_ptr + pair * I,
-                                hsum_ptr + pair * (I // GROUP * HSUM_PARTS), it % STEPS * NGB, I, BITS, GROUP,
-                                NGB, HSUM_PARTS)
+        if it + 1 < BLOCKS:  # the next block's loads go out before this one's arithmetic
+            j1 = (it + 1) // STEPS * EXPERTS + lane
+            nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, token * K_ROUTED + j1, j1 < K_ROUTED, rows, *rec,
+                              (it + 1) % STEPS * NGB, I, BITS, GROUP, NGB)
+        acc, accb = _accumulate(acc, accb, block, hp_ptr + (token * K_ROUTED + j) * I, j < K_ROUTED,
+                                it % STEPS * NGB, I, BITS, GROUP, NGB)
     y = _row_sums(acc, accb)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + token * H + rows).to(tl.float32)
@@ -276,8 +321,6 @@ class MoeGemv:
             raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the kernel blocks")
         if layout.bits != 16 and self.block_k % layout.group_size:
             raise ValueError("BLOCK_K must be a multiple of the group size")
-        if self.v3 and layout.group_size % self.block_n:
-            raise ValueError("v3: block_n must divide the group size (down adds h's group sums from gate_up's blocks)")
         unit = 2 if layout.bits == 16 else 4  # weight offsets in elements of the view they are read through
 
         def offsets(proj):
@@ -290,18 +333,21 @@ class MoeGemv:
         self.group = layout.group_size if layout.bits != 16 else 1
         self.num_warps = num_warps
 
-    def v3_blocks(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(BLOCK_K, warps) of the v3 gate_up and down kernels. Each warp reads 128 consecutive words
-        of every row of its block (32 lanes x one 16-byte load) and keeps all the block's rows in
-        registers: then the laid-out x and the scales it needs load straight into the lanes that use
-        them, without a shared-memory layout conversion, and each x value serves every row."""
+    def v3_blocks(self, k: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """(BLOCK_K, warps) of the v3 gate_up kernel and (BLOCK_K, warps, experts at a time) of its
+        down kernel for k experts per token. Each warp reads 128 consecutive words of every row of
+        its block (32 lanes x one 16-byte load) and keeps all the block's rows in registers: then
+        the laid-out input and the scales load straight into the lanes that use them (no
+        shared-memory layout conversion) and each input value serves every row. Where a row is
+        shorter than the warps (down: 1024 inputs are 128 words at 4 bits), the spare warps take
+        other experts."""
         L = self.layout
         per_warp = 128 * (32 // L.bits)
-        blocks = []
-        for K in (L.hidden_size, L.intermediate_size):
-            warps = max(1, min(self.num_warps, K // per_warp))
-            blocks.append((min(K, per_warp * warps), warps))
-        return tuple(blocks)
+        H, I = L.hidden_size, L.intermediate_size
+        gu_warps = max(1, min(self.num_warps, H // per_warp))
+        d_warps = max(1, min(self.num_warps, I // per_warp))
+        experts = min(self.num_warps // d_warps, triton.next_power_of_2(k)) if self.num_warps > d_warps else 1
+        return (min(H, per_warp * gu_warps), gu_warps), (min(I, per_warp * d_warps), d_warps * experts, experts)
 
     def __call__(
         self,
@@ -334,22 +380,19 @@ class MoeGemv:
                 h, codes, halves, slots, weights, y_ptr=y, H=H, I=I, **down, **meta
             )
             return y
-        G = self.group
         xp = torch.empty(T, H, device=x.device, dtype=torch.float32)
-        xsum = torch.empty(T, H // G, device=x.device, dtype=torch.float32)
         hp = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
-        hsum = torch.empty(T * k, I // self.block_n, device=x.device, dtype=torch.float32)
         layout_block = min(H, 1024)
-        _layout_x_kernel[(T, H // layout_block)](x, xp, xsum, H, L.bits, G, layout_block, num_warps=4)
-        (gu_k, gu_warps), (d_k, d_warps) = self.v3_blocks()
+        _layout_x_kernel[(T, H // layout_block)](x, xp, H, L.bits, layout_block, num_warps=4)
+        (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.v3_blocks(k)
         meta.update(H=H, I=I)
         _gate_up_v3_kernel[(T * k, I // self.block_n)](
-            xp, xsum, codes, halves, slots, hp, hsum, **gate_up, **meta, BLOCK_N=self.block_n, BLOCK_K=gu_k,
+            xp, codes, halves, slots, weights, hp, **gate_up, **meta, BLOCK_N=self.block_n, BLOCK_K=gu_k,
             num_warps=gu_warps,
         )
         _down_v3_kernel[(T, H // self.down_block_n)](
-            hp, hsum, codes, halves, slots, weights, y_ptr=y, **down, **meta, BLOCK_N=self.down_block_n,
-            BLOCK_K=d_k, HSUM_PARTS=G // self.block_n, num_warps=d_warps,
+            hp, codes, halves, slots, y_ptr=y, **down, **meta, BLOCK_N=self.down_block_n, BLOCK_K=d_k,
+            EXPERTS=d_experts, num_warps=d_warps,
         )
         return y
 
