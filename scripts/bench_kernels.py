@@ -16,10 +16,11 @@ from flashmoe.layers.int8_linear import Int8Linear
 
 
 # The gathered-experts kernels' A/B: v2 (block_n, block_k, warps), the best three of the 2026-11-23
-# sweep (docs/bench), and v3 (block_n, warps, down_block_n or None = block_n), the first its default.
-# 16-bit records always take v2's kernels.
+# sweep (docs/bench), and v3 (block_n, warps, down_block_n or None = block_n, programmatic dependent
+# launch), the first its default. 16-bit records always take v2's kernels.
 V2_CONFIGS = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
-V3_CONFIGS = [(4, 2, None), (4, 1, None), (8, 2, None), (4, 2, 8), (2, 2, None), (4, 4, None), (8, 2, 4)]
+V3_CONFIGS = [(4, 2, None, True), (4, 2, None, False), (4, 1, None, True), (8, 2, None, True), (4, 2, 8, True),
+              (2, 2, None, True), (4, 4, None, True), (8, 2, 4, True)]
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=1024)
     ap.add_argument("--slots", type=int, default=256, help="pool size (rotated so reads miss the L2)")
     ap.add_argument("--only", choices=["gemv", "grouped", "dense8"], help="time one kernel family")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8, 16], help="gemv: record widths to time")
     args = ap.parse_args()
     hbm = hbm_copy_bandwidth() / 1e9
     print(f"device-to-device copy: {hbm:.0f} GB/s (read + write)")
@@ -56,13 +58,13 @@ def grouped_sweep(args) -> None:
 
 
 def gemv_variants(layout: RecordLayout):
-    """(variant, config label, MoeGemv) of the A/B sweep for one layout."""
+    """(variant, config label, MoeGemv's arguments) of the A/B sweep for one layout."""
     for bn, bk, warps in V2_CONFIGS:
-        yield "v2", f"bn{bn} bk{bk} w{warps}", MoeGemv(layout, bn, bk, warps, variant="v2")
+        yield "v2", f"bn{bn} bk{bk} w{warps}", dict(block_n=bn, block_k=bk, num_warps=warps, variant="v2")
     if layout.bits != 16:
-        for bn, warps, down_bn in V3_CONFIGS:
-            label = f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "")
-            yield "v3", label, MoeGemv(layout, bn, num_warps=warps, variant="v3", down_block_n=down_bn)
+        for bn, warps, down_bn, pdl in V3_CONFIGS:
+            label = f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "") + ("" if pdl else " no-pdl")
+            yield "v3", label, dict(block_n=bn, num_warps=warps, variant="v3", down_block_n=down_bn, pdl=pdl)
 
 
 def gemv_sweep(args, hbm: float) -> None:
@@ -71,7 +73,7 @@ def gemv_sweep(args, hbm: float) -> None:
     spends its time, kernel by kernel (profiler, eager calls)."""
     print("variant bits  k  config            us/call   GB/s  % of copy   rel.err")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for bits in (4, 2, 8, 16):
+    for bits in args.bits:
         layout = RecordLayout.build(args.hidden, args.intermediate, bits, 64)
         pool = torch.cat([random_records(layout, 32, gen) for _ in range(args.slots // 32)])
         x = torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
@@ -80,15 +82,19 @@ def gemv_sweep(args, hbm: float) -> None:
         w2 = torch.softmax(torch.randn(2, 10, device="cuda"), -1)
         ref = moe_gemv_reference(layout, x2, pool, slots2, w2)
         defaults = {}
-        for variant, label, gemv in gemv_variants(layout):
-            err = float((gemv(x2, pool, slots2, w2) - ref).norm() / ref.norm())
-            defaults.setdefault(variant, gemv)
-            for k in (1, 10):
-                w = torch.softmax(torch.randn(1, k, device="cuda"), -1)
-                sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
-                us = per_call_us(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
-                gbs = k * layout.payload_bytes / us / 1e3
-                print(f"{variant:>7} {bits:>4} {k:>2}  {label:<16} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>9.1e}")
+        for variant, label, config in gemv_variants(layout):
+            try:  # one failing configuration (say, a launch mode the driver refuses in a graph) skips only itself
+                gemv = MoeGemv(layout, **config)
+                err = float((gemv(x2, pool, slots2, w2) - ref).norm() / ref.norm())
+                for k in (1, 10):
+                    w = torch.softmax(torch.randn(1, k, device="cuda"), -1)
+                    sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
+                    us = per_call_us(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
+                    gbs = k * layout.payload_bytes / us / 1e3
+                    print(f"{variant:>7} {bits:>4} {k:>2}  {label:<16} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>9.1e}")
+                defaults.setdefault(variant, gemv)
+            except Exception as e:
+                print(f"{variant:>7} {bits:>4}     {label:<16} failed: {type(e).__name__}: {e}"[:300])
         for variant, gemv in defaults.items():
             sets = [torch.randperm(args.slots, device="cuda")[:10].view(1, 10).to(torch.int32) for _ in range(16)]
             w = torch.softmax(torch.randn(1, 10, device="cuda"), -1)

@@ -3,7 +3,7 @@ Triton ships ptxas and cuobjdump. For each kernel: registers and spills, then pe
 the straight-line rest) the SASS instructions by kind, the global loads by vector width, shared
 memory traffic and barriers, and instructions per weight at the 397B shape.
 
-    python scripts/sass_count.py [--bits 4] [--variant v2 v3] [--block-n 8 --block-k 1024 --warps 2] [--dump DIR]
+    python scripts/sass_count.py [--bits 4 2 8] [--variant v2 v3] [--block-n N --warps W ...] [--dump DIR]
 """
 
 from __future__ import annotations
@@ -108,8 +108,9 @@ COLUMNS = ("total", "ffma", "fp", "alu", "imad", "cvt", "mov", "ldg128", "ldg64"
 def report(name: str, asm: dict, weights_per_thread: float, trips: list[int], tmp: Path) -> None:
     """Counts per loop body and for the straight-line rest; per weight: executed instructions per
     weight a thread computes, with the loops (outermost first, as `trips` lists them) run that often."""
-    lines = sass_lines(asm["cubin"], tmp / f"{name}.cubin")
-    print(f"\n{name}: {ptxas_usage(asm['ptx'], tmp / f'{name}.ptx')}, {len(lines)} instructions")
+    stem = re.sub(r"\W+", "-", name)
+    lines = sass_lines(asm["cubin"], tmp / f"{stem}.cubin")
+    print(f"\n{name}: {ptxas_usage(asm['ptx'], tmp / f'{stem}.ptx')}, {len(lines)} instructions")
     print("  " + " ".join(f"{c:>9}" for c in ("part",) + COLUMNS))
     body = sorted(b for b in loops(lines) if b[1] > b[0])  # not the trailing branch-to-self
     parts = [(f"loop@{lo:x}", count(lines, lo, hi)) for lo, hi in body]
@@ -133,23 +134,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, nargs="+", default=[4])
     ap.add_argument("--variant", nargs="+", default=["v2", "v3"])
-    ap.add_argument("--block-n", type=int, default=8)
-    ap.add_argument("--block-k", type=int, default=1024)
+    ap.add_argument("--block-n", type=int, help="default: each variant's")
+    ap.add_argument("--block-k", type=int, default=1024, help="v2 only")
     ap.add_argument("--warps", type=int, default=2)
+    ap.add_argument("--down-block-n", type=int, help="v3 only")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--dump", type=Path, default=Path("/tmp/sass_count"))
     args = ap.parse_args()
     args.dump.mkdir(parents=True, exist_ok=True)
-    H, I = 4096, 1024
     for bits in args.bits:
-        layout = RecordLayout.build(H, I, bits, 64)
+        layout = RecordLayout.build(4096, 1024, bits, 64)
         for variant in args.variant:
-            gemv = m.MoeGemv(layout, args.block_n, args.block_k, args.warps, variant=variant)
+            gemv = m.MoeGemv(layout, args.block_n, args.block_k, args.warps, variant=variant,
+                             down_block_n=args.down_block_n)
             for name, fn, consts, warps, weights, trips in kernels(gemv, args.k):
                 asm = compile_kernel(fn, consts, warps)
                 for suffix in ("ptx", "ttgir"):
                     (args.dump / f"{variant}-{bits}-{name}.{suffix}").write_text(asm[suffix])
-                report(f"{variant} {bits}-bit {name} ({warps} warps)", asm, weights / (32 * warps), trips, args.dump)
+                label = f"{variant} {bits}-bit {name}: block_n {consts['BLOCK_N']}, BLOCK_K {consts['BLOCK_K']}, {warps} warps"
+                report(label, asm, weights / (32 * warps), trips, args.dump)
 
 
 def kernels(gemv: m.MoeGemv, k: int):
@@ -159,7 +162,7 @@ def kernels(gemv: m.MoeGemv, k: int):
     meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=gemv.group, BLOCK_N=bn)
     if gemv.v3:  # K loops unrolled: straight-line code
         (gu_k, gu_w), (d_k, d_w, d_e) = gemv.v3_blocks(k)
-        meta.update(H=H, I=I)
+        meta.update(H=H, I=I, PDL=gemv.pdl)
         dn = gemv.down_block_n
         down = dict(meta, BLOCK_N=dn, BLOCK_K=d_k, EXPERTS=d_e, HAS_RESIDUAL=False)
         return [("gate_up", m._gate_up_v3_kernel, dict(meta, BLOCK_K=gu_k), gu_w, 2 * bn * H, []),

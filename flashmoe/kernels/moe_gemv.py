@@ -212,15 +212,27 @@ def _accumulate(acc, accb, block, x_ptrs, live, g0, K: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """With programmatic dependent launch this program may start while the previous kernel runs
+    (it has issued its own first loads by now): wait for that kernel's writes here. And let the
+    next kernel's programs launch (they wait the same way) as this kernel's last ones start."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _row_sums(acc, accb):
     """Per-row totals of the accumulators, the products' 2^-64 undone."""
     return tl.sum(tl.sum(tl.sum(acc, axis=3) * 18446744073709551616.0 + accb, axis=1), axis=0)
 
 
 @triton.jit
-def _layout_x_kernel(x_ptr, xp_ptr, H: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+def _layout_x_kernel(x_ptr, xp_ptr, H: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """xp[t, p, w] = x[t, w * 32 / BITS + p] * 2^(85 - b(p)): the p-th inputs of consecutive words
     contiguous, in fp32, scaled for _code_term."""
+    if PDL:  # gate_up may launch now: it reads its codes while this runs
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0)
     PW: tl.constexpr = 32 // BITS
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -234,6 +246,7 @@ def _gate_up_v3_kernel(
     xp_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, hp_ptr,
     record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pair = tl.program_id(0)
     PW: tl.constexpr = 32 // BITS
@@ -253,6 +266,8 @@ def _gate_up_v3_kernel(
         block = nxt
         if st + 1 < STEPS:  # the next block's loads go out before this one's arithmetic
             nxt = _load_block(*where, (st + 1) * NGB, H, BITS, GROUP, NGB)
+        if st == 0:
+            _after_previous_kernel(PDL)  # xp
         acc, accb = _accumulate(acc, accb, block, x_ptrs, live, st * NGB, H, BITS, GROUP, NGB)
     gate, up = tl.split(tl.reshape(_row_sums(acc, accb), (BLOCK_N, 2)))
     # h, times the expert's routing weight (down then sums its experts unweighted), laid out for down
@@ -267,7 +282,7 @@ def _down_v3_kernel(
     hp_ptr, codes_ptr, halves_ptr, slots_ptr, residual_ptr, y_ptr,
     record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     """EXPERTS experts at a time (one per warp when the row fits one warp), each in routing order."""
     token = tl.program_id(0)
@@ -289,6 +304,8 @@ def _down_v3_kernel(
             j1 = (it + 1) // STEPS * EXPERTS + lane
             nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, token * K_ROUTED + j1, j1 < K_ROUTED, rows, *rec,
                               (it + 1) % STEPS * NGB, I, BITS, GROUP, NGB)
+        if it == 0:
+            _after_previous_kernel(PDL)  # hp
         acc, accb = _accumulate(acc, accb, block, hp_ptr + (token * K_ROUTED + j) * I, j < K_ROUTED,
                                 it % STEPS * NGB, I, BITS, GROUP, NGB)
     y = _row_sums(acc, accb)
@@ -307,7 +324,7 @@ class MoeGemv:
     (`v3_blocks`)."""
 
     def __init__(self, layout: RecordLayout, block_n: int | None = None, block_k: int = 1024, num_warps: int = 2,
-                 variant: str = "v3", down_block_n: int | None = None):
+                 variant: str = "v3", down_block_n: int | None = None, pdl: bool = True):
         if variant not in ("v2", "v3"):
             raise ValueError(f"variant must be v2 or v3, not {variant!r}")
         self.layout = layout
@@ -332,22 +349,25 @@ class MoeGemv:
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
         self.group = layout.group_size if layout.bits != 16 else 1
         self.num_warps = num_warps
+        self.pdl = pdl
 
     def v3_blocks(self, k: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
         """(BLOCK_K, warps) of the v3 gate_up kernel and (BLOCK_K, warps, experts at a time) of its
         down kernel for k experts per token. Each warp reads 128 consecutive words of every row of
         its block (32 lanes x one 16-byte load) and keeps all the block's rows in registers: then
         the laid-out input and the scales load straight into the lanes that use them (no
-        shared-memory layout conversion) and each input value serves every row. Where a row is
-        shorter than the warps (down: 1024 inputs are 128 words at 4 bits), the spare warps take
-        other experts."""
+        shared-memory layout conversion) and each input value serves every row. down's rows are
+        short (1024 inputs: 128 words at 4 bits, 64 at 2): the warps, or the lanes past a row's
+        end, take other experts."""
         L = self.layout
-        per_warp = 128 * (32 // L.bits)
+        per_warp = 128 * (32 // L.bits)  # inputs one warp covers
         H, I = L.hidden_size, L.intermediate_size
         gu_warps = max(1, min(self.num_warps, H // per_warp))
-        d_warps = max(1, min(self.num_warps, I // per_warp))
-        experts = min(self.num_warps // d_warps, triton.next_power_of_2(k)) if self.num_warps > d_warps else 1
-        return (min(H, per_warp * gu_warps), gu_warps), (min(I, per_warp * d_warps), d_warps * experts, experts)
+        d_warps = max(1, min(self.num_warps, I // per_warp))  # along one row
+        in_warp = max(1, per_warp // I)  # experts side by side in one warp
+        experts = min(triton.next_power_of_2(k), self.num_warps // d_warps * in_warp)
+        d_warps = max(1, d_warps * experts // in_warp)
+        return (min(H, per_warp * gu_warps), gu_warps), (min(I, per_warp * d_warps), d_warps, experts)
 
     def __call__(
         self,
@@ -382,10 +402,13 @@ class MoeGemv:
             return y
         xp = torch.empty(T, H, device=x.device, dtype=torch.float32)
         hp = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+        # Programmatic dependent launch (Hopper on): each kernel's programs start, and read their
+        # codes, while the previous kernel finishes; they wait for its output where they need it.
+        pdl = dict(PDL=self.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
         layout_block = min(H, 1024)
-        _layout_x_kernel[(T, H // layout_block)](x, xp, H, L.bits, layout_block, num_warps=4)
+        _layout_x_kernel[(T, H // layout_block)](x, xp, H, L.bits, layout_block, num_warps=4, **pdl)
         (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.v3_blocks(k)
-        meta.update(H=H, I=I)
+        meta.update(H=H, I=I, **pdl, launch_pdl=pdl["PDL"])
         _gate_up_v3_kernel[(T * k, I // self.block_n)](
             xp, codes, halves, slots, weights, hp, **gate_up, **meta, BLOCK_N=self.block_n, BLOCK_K=gu_k,
             num_warps=gu_warps,
