@@ -31,15 +31,19 @@ v3 (the default for 2-, 4- and 8-bit records), three launches:
 - K loops unrolled with the next block's loads issued before the current block's arithmetic;
   down runs two experts at a time (one per warp) where its rows fit one warp. Each lane
   accumulates its experts in routing order and the lanes are reduced once at the end: a fixed
-  order, deterministic, no atomics.
+  order, deterministic, no atomics. The routing weight is applied to h by gate_up.
+- Programmatic dependent launch on Hopper (`pdl`): gate_up's and down's programs start while the
+  previous kernel finishes, issue their first codes loads, and wait for its output only then.
 
 Predicted on the H200 (4-bit, 10 experts, 70.8 MB; 132 SMs x 4 schedulers at 1.98 GHz, 4.27 TB/s):
 gate_up moves 47.2 MB (11.1 us at the copy rate) and issues 3.2 instructions per weight, 1.4 of
-them integer ALU at half rate (scripts/sass_count.py): 8.3 M warp instructions = 7.9 us of issue,
-so it is bound by memory, ~13 us with the tail of its 3.2 waves. down moves 23.6 MB (5.5 us) with
-4.1 us of issue, in one wave of 15.5 warps per SM, each warp 5 dependent expert steps: bound by
-latency, ~7 us. layout_x ~2 us. Total ~22-23 us, ~72% of the copy rate (v2: 61.7 us, 27%).
-8-bit ~38 us (80%; v2 73 us), 2-bit ~15 us (compute-bound; v2 56 us).
+them integer ALU at half rate (scripts/sass_count.py): 8.3 M warp instructions = 7.9 us of issue.
+Its 2560 programs run ~6 per SM (168 registers), each loading all its 18 KB up front: ~36 KB in
+flight per SM on average against the ~48 KB the copy rate needs at ~1.5 us latency, so ~13-14 us.
+down moves 23.6 MB (5.5 us) with 4.1 us of issue, one wave of 15.5 warps per SM with two expert
+steps in flight each (~60 KB per SM): ~6-7 us, its start overlapping gate_up's tail. layout_x ~1
+us that gate_up's codes loads hide. Total ~21-23 us, ~70% of the copy rate (v2: 61.7 us, 27%).
+8-bit ~36 us (134 MB, ~85%; v2 73 us); 2-bit ~15 us (39 MB, issue-bound, ~60%; v2 56 us).
 
 v2 (16-bit records always; quantized ones with variant="v2", kept for one A/B timing), two launches:
 
@@ -350,6 +354,8 @@ class MoeGemv:
         self.group = layout.group_size if layout.bits != 16 else 1
         self.num_warps = num_warps
         self.pdl = pdl
+        if self.v3 and any(K % block for K, (block, *_) in zip((H, I), self.v3_blocks(1))):
+            raise ValueError(f"v3: hidden {H} and intermediate {I} must be multiples of the warps' K blocks")
 
     def v3_blocks(self, k: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
         """(BLOCK_K, warps) of the v3 gate_up kernel and (BLOCK_K, warps, experts at a time) of its
