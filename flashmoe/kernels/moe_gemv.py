@@ -23,10 +23,10 @@ v3 (the default for 2-, 4- and 8-bit records), three launches:
 - The input laid out once per call (layout_x), and by gate_up for down: for each code position p
   the inputs of consecutive words are contiguous, so they are vector loads, where v2 re-read x at
   stride 32 / bits in every program (entry 24 of docs/EXPERIMENTS.md: ~25 us of every call).
-- Tiles [groups, rows, words of a group]: each warp reads 128 consecutive words of every row of
+- Tiles [groups, experts, rows, words of a group]: each warp reads 128 consecutive words of every row of
   its block (one 16-byte load per lane and row) and holds all the block's rows in registers, so
   each input value serves every row, and the inputs land in the lanes that use them without a
-  shared-memory layout conversion (`MoeGemv.v3_blocks`). Scales: one per lane, group and row; the
+  shared-memory layout conversion (`MoeGemv.v3_blocks`). One accumulator per row and lane; the
   bias term's group sum of x is summed from the inputs the lane loaded anyway.
 - K loops unrolled with the next block's loads issued before the current block's arithmetic;
   down runs two experts at a time (one per warp) where its rows fit one warp. Each lane
@@ -36,13 +36,13 @@ v3 (the default for 2-, 4- and 8-bit records), three launches:
   previous kernel finishes, issue their first codes loads, and wait for its output only then.
 
 Predicted on the H200 (4-bit, 10 experts, 70.8 MB; 132 SMs x 4 schedulers at 1.98 GHz, 4.27 TB/s):
-gate_up moves 47.2 MB (11.1 us at the copy rate) and issues 3.2 instructions per weight, 1.4 of
-them integer ALU at half rate (scripts/sass_count.py): 8.3 M warp instructions = 7.9 us of issue.
-Its 2560 programs run ~6 per SM (168 registers), each loading all its 18 KB up front: ~36 KB in
-flight per SM on average against the ~48 KB the copy rate needs at ~1.5 us latency, so ~13-14 us.
-down moves 23.6 MB (5.5 us) with 4.1 us of issue, one wave of 15.5 warps per SM with two expert
+gate_up moves 47.2 MB (11.1 us at the copy rate) and issues 3.1 instructions per weight, 1.35 of
+them integer ALU at half rate (scripts/sass_count.py): 8.1 M warp instructions = 7.7 us of issue.
+Its 2560 programs run 8 per SM (128 registers), each loading all its 18 KB up front: ~45 KB in
+flight per SM on average, about what the copy rate needs at ~1.5 us latency, so ~12-13 us.
+down moves 23.6 MB (5.5 us) with 4.2 us of issue, one wave of 15.5 warps per SM with two expert
 steps in flight each (~60 KB per SM): ~6-7 us, its start overlapping gate_up's tail. layout_x ~1
-us that gate_up's codes loads hide. Total ~21-23 us, ~70% of the copy rate (v2: 61.7 us, 27%).
+us that gate_up's codes loads hide. Total ~20-22 us, ~75% of the copy rate (v2: 61.7 us, 27%).
 8-bit ~36 us (134 MB, ~85%; v2 73 us); 2-bit ~15 us (39 MB, issue-bound, ~60%; v2 56 us).
 
 v2 (16-bit records always; quantized ones with variant="v2", kept for one A/B timing), two launches:
@@ -153,7 +153,7 @@ def _down_sum_kernel(
 
 
 
-# v3 (see the module docstring). Tiles: E experts at a time, R rows, NGB groups of WPG words.
+# v3 (see the module docstring). Tiles [NGB groups, E experts, R rows, WPG words of a group].
 @triton.jit
 def _position_scale(p, BITS: tl.constexpr):
     """2^(149 - 64 - b) for code position p read at bit b (see _code_term), exactly."""
@@ -193,11 +193,12 @@ def _load_block(codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_word
 
 
 @triton.jit
-def _accumulate(acc, accb, block, x_ptrs, live, g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+def _accumulate(acc, block, x_ptrs, live, g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                 NGB: tl.constexpr):
-    """acc += s * sum_p q_p x'_p per word; accb += b * (this lane's part of the group sum of x),
-    from the x values the lane loads anyway: the lanes sharing a group hold the same b, so their
-    parts add up to b * sum(x) in the final reduction. x_ptrs [E]: each expert's laid-out input."""
+    """acc [NGB, E, R] += s * sum_p q_p x'_p + b * (this lane's part of the group sum of x), at the
+    products' scale 2^-64. The group sum comes from the x values the lane loads anyway: the lanes
+    sharing a group hold the same b, so their parts add up to b * sum(x) in the final reduction.
+    x_ptrs [E]: each expert's laid-out input."""
     PW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GROUP // PW
     words, s, b = block
@@ -209,10 +210,10 @@ def _accumulate(acc, accb, block, x_ptrs, live, g0, K: tl.constexpr, BITS: tl.co
             qx = _code_term(words, x, p, BITS)
         else:
             qx += _code_term(words, x, p, BITS)
-        xs += x * (1.0 / _position_scale(p, BITS))
-    acc += s.to(tl.float32)[:, :, :, None] * qx
-    accb += b.to(tl.float32) * tl.sum(xs, axis=2)[:, :, None]
-    return acc, accb
+        xs += x * (5.421010862427522e-20 / _position_scale(p, BITS))  # x * 2^-64
+    # the sums over a group's words run across the lanes holding it (a shuffle per row), so that
+    # one accumulator per row is held instead of one per word
+    return acc + s.to(tl.float32) * tl.sum(qx, axis=3) + b.to(tl.float32) * tl.sum(xs, axis=2)[:, :, None]
 
 
 @triton.jit
@@ -226,9 +227,9 @@ def _after_previous_kernel(PDL: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(acc, accb):
-    """Per-row totals of the accumulators, the products' 2^-64 undone."""
-    return tl.sum(tl.sum(tl.sum(acc, axis=3) * 18446744073709551616.0 + accb, axis=1), axis=0)
+def _row_sums(acc):
+    """Per-row totals of the accumulator, the products' 2^-64 undone."""
+    return tl.sum(tl.sum(acc, axis=1), axis=0) * 18446744073709551616.0
 
 
 @triton.jit
@@ -263,8 +264,7 @@ def _gate_up_v3_kernel(
     live = tl.full([1], True, tl.int1)
     where = (codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off)
     x_ptrs = xp_ptr + pairs // K_ROUTED * H
-    acc = tl.zeros([NGB, 1, 2 * BLOCK_N, GROUP // PW], dtype=tl.float32)
-    accb = tl.zeros([NGB, 1, 2 * BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([NGB, 1, 2 * BLOCK_N], dtype=tl.float32)
     nxt = _load_block(*where, 0, H, BITS, GROUP, NGB)
     for st in tl.static_range(STEPS):
         block = nxt
@@ -272,8 +272,8 @@ def _gate_up_v3_kernel(
             nxt = _load_block(*where, (st + 1) * NGB, H, BITS, GROUP, NGB)
         if st == 0:
             _after_previous_kernel(PDL)  # xp
-        acc, accb = _accumulate(acc, accb, block, x_ptrs, live, st * NGB, H, BITS, GROUP, NGB)
-    gate, up = tl.split(tl.reshape(_row_sums(acc, accb), (BLOCK_N, 2)))
+        acc = _accumulate(acc, block, x_ptrs, live, st * NGB, H, BITS, GROUP, NGB)
+    gate, up = tl.split(tl.reshape(_row_sums(acc), (BLOCK_N, 2)))
     # h, times the expert's routing weight (down then sums its experts unweighted), laid out for down
     h = gate / (1.0 + tl.exp(-gate)) * up * tl.load(weights_ptr + pair).to(tl.float32)
     i = r0 + tl.arange(0, BLOCK_N)
@@ -297,8 +297,7 @@ def _down_v3_kernel(
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rec = (record_words, record_halves, w_off, s_off, b_off)
     lane = tl.arange(0, EXPERTS)
-    acc = tl.zeros([NGB, EXPERTS, BLOCK_N, GROUP // PW], dtype=tl.float32)
-    accb = tl.zeros([NGB, EXPERTS, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([NGB, EXPERTS, BLOCK_N], dtype=tl.float32)
     nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, token * K_ROUTED + lane, lane < K_ROUTED, rows, *rec, 0,
                       I, BITS, GROUP, NGB)
     for it in tl.static_range(BLOCKS):  # deterministic: a fixed order given by the routing order
@@ -310,9 +309,9 @@ def _down_v3_kernel(
                               (it + 1) % STEPS * NGB, I, BITS, GROUP, NGB)
         if it == 0:
             _after_previous_kernel(PDL)  # hp
-        acc, accb = _accumulate(acc, accb, block, hp_ptr + (token * K_ROUTED + j) * I, j < K_ROUTED,
-                                it % STEPS * NGB, I, BITS, GROUP, NGB)
-    y = _row_sums(acc, accb)
+        acc = _accumulate(acc, block, hp_ptr + (token * K_ROUTED + j) * I, j < K_ROUTED, it % STEPS * NGB,
+                          I, BITS, GROUP, NGB)
+    y = _row_sums(acc)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + token * H + rows).to(tl.float32)
     tl.store(y_ptr + token * H + rows, y.to(y_ptr.dtype.element_ty))
