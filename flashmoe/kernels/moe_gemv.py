@@ -184,8 +184,8 @@ def _load_block(codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_word
     w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
     g = g0 + tl.arange(0, NGB)
     xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
-    words = tl.load(codes_ptr + w[None, :, None, None] + (rows * (K // PW))[None, None, :, None] + xoff[:, None, None, :],
-                    mask=live[None, :, None, None], other=0)
+    row_words = (rows * (K // PW))[None, None, :, None] + xoff[:, None, None, :]
+    words = tl.load(codes_ptr + w[None, :, None, None] + row_words, mask=live[None, :, None, None], other=0)
     goff = (rows * (K // GROUP))[None, None, :] + g[:, None, None]
     m = live[None, :, None]
     return (words, tl.load(halves_ptr + sc[None, :, None] + goff, mask=m, other=0),

@@ -64,7 +64,8 @@ def test_slots_are_offsets_from_the_pool_pointer_and_may_be_negative(device, var
     slots = torch.tensor([[-5, 1, -1], [2, -4, 0]], dtype=torch.int32)  # 2 lies past the view's end
     x, _, weights = routed(2, 3, 8, 128, 4)
     ref = moe_gemv_reference(layout, x, backing.cpu(), slots + 5, weights)
-    y = MoeGemv(layout, block_n=16, block_k=64, variant=variant)(x.to(device), pool, slots.to(device), weights.to(device))
+    gemv = MoeGemv(layout, block_n=16, block_k=64, variant=variant)
+    y = gemv(x.to(device), pool, slots.to(device), weights.to(device))
     assert rel_err(y, ref) < TOLERANCE
 
 
