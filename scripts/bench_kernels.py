@@ -10,13 +10,17 @@ import triton
 
 from flashmoe.bench import hbm_copy_bandwidth, random_records
 from flashmoe.formats.packed import RecordLayout
-from flashmoe.kernels.moe_gemv import MoeGemv
+from flashmoe.kernels.moe_gemv import MoeGemv, moe_gemv_reference
 from flashmoe.kernels.moe_grouped import MoeGrouped
 from flashmoe.layers.int8_linear import Int8Linear
 
 
-# (block_n, block_k, warps); the sweep of 2026-11-23 (docs/bench) also timed a 3D-unpack variant, since removed
-CONFIGS = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2), (8, 2048, 4), (2, 1024, 1)]
+# The gathered-experts kernels' A/B: v2 (block_n, block_k, warps), the best three of the 2026-11-23
+# sweep (docs/bench), and v3 (block_n, warps, down_block_n or None = block_n, programmatic dependent
+# launch), the first its default. 16-bit records always take v2's kernels.
+V2_CONFIGS = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
+V3_CONFIGS = [(4, 2, None, True), (4, 2, None, False), (4, 1, None, True), (8, 2, None, True), (4, 2, 8, True),
+              (2, 2, None, True), (4, 4, None, True), (8, 2, 4, True)]
 
 
 def main() -> None:
@@ -25,6 +29,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=1024)
     ap.add_argument("--slots", type=int, default=256, help="pool size (rotated so reads miss the L2)")
     ap.add_argument("--only", choices=["gemv", "grouped", "dense8"], help="time one kernel family")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8, 16], help="gemv: record widths to time")
     args = ap.parse_args()
     hbm = hbm_copy_bandwidth() / 1e9
     print(f"device-to-device copy: {hbm:.0f} GB/s (read + write)")
@@ -52,22 +57,68 @@ def grouped_sweep(args) -> None:
             print(f"{bits:>4} {bm:>8} {bn:>7} {bk:>7} {warps:>5} {stages:>6} {ms:>6.2f} {flops / ms / 1e9:>8.0f}")
 
 
+def gemv_variants(layout: RecordLayout):
+    """(variant, config label, MoeGemv's arguments) of the A/B sweep for one layout."""
+    for bn, bk, warps in V2_CONFIGS:
+        yield "v2", f"bn{bn} bk{bk} w{warps}", dict(block_n=bn, block_k=bk, num_warps=warps, variant="v2")
+    if layout.bits != 16:
+        for bn, warps, down_bn, pdl in V3_CONFIGS:
+            label = f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "") + ("" if pdl else " no-pdl")
+            yield "v3", label, dict(block_n=bn, num_warps=warps, variant="v3", down_block_n=down_bn, pdl=pdl)
+
+
 def gemv_sweep(args, hbm: float) -> None:
-    print("bits  k  block_n block_k warps   us/call   GB/s   % of copy")
+    """Each variant and configuration: relative error against moe_gemv_reference on the GPU (2 tokens,
+    10 experts), then us per call for k = 1 and 10 (one token); then where each variant's default
+    spends its time, kernel by kernel (profiler, eager calls)."""
+    print("variant bits  k  config            us/call   GB/s  % of copy   rel.err")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for bits in (4, 2, 8, 16):
+    for bits in args.bits:
         layout = RecordLayout.build(args.hidden, args.intermediate, bits, 64)
         pool = torch.cat([random_records(layout, 32, gen) for _ in range(args.slots // 32)])
         x = torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
-        for k in (1, 10):
-            for block_n, block_k, warps in CONFIGS:
-                gemv = MoeGemv(layout, block_n, block_k, warps)
-                w = torch.softmax(torch.randn(1, k, device="cuda"), -1)
-                sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
-                us = triton.testing.do_bench_cudagraph(lambda: [gemv(x, pool, s, w) for s in sets], return_mode="median") * 1e3 / 16
-                gbs = k * layout.payload_bytes / us / 1e3
-                print(f"{bits:>4} {k:>2} {block_n:>7} {block_k:>7} {warps:>5} {us:>9.1f} {gbs:>6.0f} {100 * gbs / hbm:>8.0f}%")
+        x2 = torch.randn(2, args.hidden, device="cuda", dtype=torch.bfloat16)
+        slots2 = torch.stack([torch.randperm(args.slots, device="cuda")[:10] for _ in range(2)]).to(torch.int32)
+        w2 = torch.softmax(torch.randn(2, 10, device="cuda"), -1)
+        ref = moe_gemv_reference(layout, x2, pool, slots2, w2)
+        defaults = {}
+        for variant, label, config in gemv_variants(layout):
+            try:  # one failing configuration (say, a launch mode the driver refuses in a graph) skips only itself
+                gemv = MoeGemv(layout, **config)
+                err = float((gemv(x2, pool, slots2, w2) - ref).norm() / ref.norm())
+                for k in (1, 10):
+                    w = torch.softmax(torch.randn(1, k, device="cuda"), -1)
+                    sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
+                    us = per_call_us(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
+                    gbs = k * layout.payload_bytes / us / 1e3
+                    print(f"{variant:>7} {bits:>4} {k:>2}  {label:<16} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>9.1e}")
+                defaults.setdefault(variant, gemv)
+            except Exception as e:
+                print(f"{variant:>7} {bits:>4}     {label:<16} failed: {type(e).__name__}: {e}"[:300])
+        for variant, gemv in defaults.items():
+            sets = [torch.randperm(args.slots, device="cuda")[:10].view(1, 10).to(torch.int32) for _ in range(16)]
+            w = torch.softmax(torch.randn(1, 10, device="cuda"), -1)
+            times = kernel_times(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
+            print(f"  {variant} {bits}-bit k=10 default, us per call by kernel: "
+                  + ", ".join(f"{name} {t:.1f}" for name, t in times.items()))
 
+
+def kernel_times(calls, n: int, repeats: int = 5) -> dict[str, float]:
+    """Device time per call of each kernel `calls` launches (n calls per invocation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    calls()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            calls()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if total and "kernel" in e.key:
+            out[e.key] = total / (repeats * n)
+    return out
 
 
 # (N, K) of the 397B's dense projections: shared expert gate/up and down, in_proj_qkv, o_proj / out_proj,

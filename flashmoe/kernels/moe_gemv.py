@@ -1,14 +1,54 @@
 """Gathered routed experts for decode: each token's k experts, read from their cache slots by index,
-dequantized on the fly and multiplied, SwiGLU in between, weighted sum at the end. Two launches:
-
-  gate_up_swiglu: grid (tokens * k, I / BLOCK_N) -> h [tokens * k, I] = silu(gate . x) * (up . x)
-  down_sum:       grid (tokens, H / BLOCK_N)     -> y [tokens, H]    = sum_j w_j * down_j . h_j
+dequantized on the fly and multiplied, SwiGLU in between, weighted sum at the end.
 
 Quantized dot products use the bias-sum trick per group of G weights:
   sum_i (q_i * s + b) x_i = s * sum_i q_i x_i + b * sum_i x_i
-so the inner loop is one multiply-add per weight. The record layout is docs/FORMAT.md's; the pool
-is one uint8 tensor [slots, record_size] viewed as int32 (codes) and bfloat16 (scales, weights).
+The record layout is docs/FORMAT.md's; the pool is one uint8 tensor [slots, record_size] viewed as
+int32 (codes) and bfloat16 (scales, weights). A slot v addresses pool.data_ptr() + v * record_size
+in 64-bit arithmetic, unchecked: it may be negative or past the pool (mapped host memory).
 `moe_gemv_reference` is the plain PyTorch definition the kernels are tested against.
+
+v3 (the default for 2-, 4- and 8-bit records), three launches:
+
+  layout_x: grid (tokens, H / 1024)       -> xp [tokens, H]: x[w * 32/bits + p] at [p, w], fp32, scaled
+  gate_up:  grid (tokens * k, I / BLOCK_N) -> hp [tokens * k, I] = w_j * silu(gate . x) * (up . x), laid out
+  down:     grid (tokens, H / BLOCK_N)     -> y [tokens, H] = sum_j down_j . hp_j (+ residual)
+
+- Codes to fp32 with one AND each: the word masked to code p (at bit b = bits * p, or from the word
+  >> 8 for the codes above bit 24) has the bit pattern of the fp32 q * 2^(b - 149), exactly
+  (denormal below bit 23). Multiplied by x * 2^(85 - b), laid out so beforehand, the FFMA's product
+  is q * x * 2^-64 exactly: the same fp32 products and sums as the reference's, no int-to-float
+  conversion (quarter rate on Hopper), no shift per code. The range this leaves: inputs (x, and
+  h = silu(gate) * up) below 2^43 in magnitude (beyond, inf), exact down to 2^-39.
+- The input laid out once per call (layout_x), and by gate_up for down: for each code position p
+  the inputs of consecutive words are contiguous, so they are vector loads, where v2 re-read x at
+  stride 32 / bits in every program (entry 24 of docs/EXPERIMENTS.md: ~25 us of every call).
+- Tiles [groups, experts, rows, words of a group]: each warp reads 128 consecutive words of every row of
+  its block (one 16-byte load per lane and row) and holds all the block's rows in registers, so
+  each input value serves every row, and the inputs land in the lanes that use them without a
+  shared-memory layout conversion (`MoeGemv.v3_blocks`). One accumulator per row and lane; the
+  bias term's group sum of x is summed from the inputs the lane loaded anyway.
+- K loops unrolled with the next block's loads issued before the current block's arithmetic;
+  down runs two experts at a time (one per warp) where its rows fit one warp. Each lane
+  accumulates its experts in routing order and the lanes are reduced once at the end: a fixed
+  order, deterministic, no atomics. The routing weight is applied to h by gate_up.
+- Programmatic dependent launch on Hopper (`pdl`): gate_up's and down's programs start while the
+  previous kernel finishes, issue their first codes loads, and wait for its output only then.
+
+Predicted on the H200 (4-bit, 10 experts, 70.8 MB; 132 SMs x 4 schedulers at 1.98 GHz, 4.27 TB/s):
+gate_up moves 47.2 MB (11.1 us at the copy rate) and issues 3.1 instructions per weight, 1.35 of
+them integer ALU at half rate (scripts/sass_count.py): 8.1 M warp instructions = 7.7 us of issue.
+Its 2560 programs run 8 per SM (128 registers), each loading all its 18 KB up front: ~45 KB in
+flight per SM on average, about what the copy rate needs at ~1.5 us latency, so ~12-13 us.
+down moves 23.6 MB (5.5 us) with 4.2 us of issue, one wave of 15.5 warps per SM with two expert
+steps in flight each (~60 KB per SM): ~6-7 us, its start overlapping gate_up's tail. layout_x ~1
+us that gate_up's codes loads hide. Total ~20-22 us, ~75% of the copy rate (v2: 61.7 us, 27%).
+8-bit ~36 us (134 MB, ~85%; v2 73 us); 2-bit ~15 us (39 MB, issue-bound, ~60%; v2 56 us).
+
+v2 (16-bit records always; quantized ones with variant="v2", kept for one A/B timing), two launches:
+
+  gate_up_swiglu: grid (tokens * k, I / BLOCK_N) -> h [tokens * k, I] = silu(gate . x) * (up . x)
+  down_sum:       grid (tokens, H / BLOCK_N)     -> y [tokens, H]    = sum_j w_j * down_j . h_j
 """
 
 from __future__ import annotations
@@ -49,7 +89,7 @@ def _dot_rows(
             x = tl.load(x_ptr + cols).to(tl.float32)
             w = tl.load(halves_ptr + w_base + rows[:, None] * K + cols[None, :]).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
-    else:
+    else:  # v2's quantized path: kept for the A/B timing against v3 only
         PER_WORD: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER_WORD
         words_per_row = K // PER_WORD
@@ -112,16 +152,192 @@ def _down_sum_kernel(
     tl.store(y_ptr + token * H + rows, acc.to(y_ptr.dtype.element_ty))
 
 
-class MoeGemv:
-    """Launch parameters for one record layout; call with a pool of expert slots."""
 
-    def __init__(self, layout: RecordLayout, block_n: int = 8, block_k: int = 1024, num_warps: int = 2):
+# v3 (see the module docstring). Tiles [NGB groups, E experts, R rows, WPG words of a group].
+@triton.jit
+def _position_scale(p, BITS: tl.constexpr):
+    """2^(149 - 64 - b) for code position p read at bit b (see _code_term), exactly."""
+    b = tl.where(BITS * (p + 1) <= 24, BITS * p, BITS * p - 8)
+    return ((149 - 64 - b + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _code_term(words, x, p: tl.constexpr, BITS: tl.constexpr):
+    """q_p * x'_p for the p-th code of every word: q_p as the fp32 whose bit pattern is the word
+    masked to that code, q * 2^(b - 149) exactly (denormal below bit 23); x'_p the laid-out input."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS * (p + 1) <= 24:
+        q = (words & (MASK << (BITS * p))).to(tl.float32, bitcast=True)
+    else:  # codes above bit 24 would reach the exponent: read them 8 bits lower
+        q = ((words >> 8) & (MASK << (BITS * p - 8))).to(tl.float32, bitcast=True)
+    return q * x[:, :, None, :]
+
+
+@triton.jit
+def _load_block(codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off,
+                g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
+    """Codes [NGB, E, R, WPG] and scales, biases [NGB, E, R] of groups g0 .. g0 + NGB of the rows of
+    the experts `pairs` [E] (the ones not `live` read as zeros)."""
+    PW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GROUP // PW
+    slot = tl.load(slots_ptr + pairs, mask=live, other=0).to(tl.int64)
+    w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
+    g = g0 + tl.arange(0, NGB)
+    xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
+    row_words = (rows * (K // PW))[None, None, :, None] + xoff[:, None, None, :]
+    words = tl.load(codes_ptr + w[None, :, None, None] + row_words, mask=live[None, :, None, None], other=0)
+    goff = (rows * (K // GROUP))[None, None, :] + g[:, None, None]
+    m = live[None, :, None]
+    return (words, tl.load(halves_ptr + sc[None, :, None] + goff, mask=m, other=0),
+            tl.load(halves_ptr + bi[None, :, None] + goff, mask=m, other=0))
+
+
+@triton.jit
+def _accumulate(acc, block, x_ptrs, live, g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                NGB: tl.constexpr):
+    """acc [NGB, E, R] += s * sum_p q_p x'_p + b * (this lane's part of the group sum of x), at the
+    products' scale 2^-64. The group sum comes from the x values the lane loads anyway: the lanes
+    sharing a group hold the same b, so their parts add up to b * sum(x) in the final reduction.
+    x_ptrs [E]: each expert's laid-out input."""
+    PW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GROUP // PW
+    words, s, b = block
+    xoff = ((g0 + tl.arange(0, NGB)) * WPG)[:, None] + tl.arange(0, WPG)[None, :]
+    xs = tl.zeros([NGB, x_ptrs.shape[0], WPG], dtype=tl.float32)
+    for p in tl.static_range(PW):
+        x = tl.load(x_ptrs[None, :, None] + p * (K // PW) + xoff[:, None, :], mask=live[None, :, None], other=0.0)
+        if p == 0:
+            qx = _code_term(words, x, p, BITS)
+        else:
+            qx += _code_term(words, x, p, BITS)
+        xs += x * (5.421010862427522e-20 / _position_scale(p, BITS))  # x * 2^-64
+    # the sums over a group's words run across the lanes holding it (a shuffle per row), so that
+    # one accumulator per row is held instead of one per word
+    return acc + s.to(tl.float32) * tl.sum(qx, axis=3) + b.to(tl.float32) * tl.sum(xs, axis=2)[:, :, None]
+
+
+@triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """With programmatic dependent launch this program may start while the previous kernel runs
+    (it has issued its own first loads by now): wait for that kernel's writes here. And let the
+    next kernel's programs launch (they wait the same way) as this kernel's last ones start."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _row_sums(acc):
+    """Per-row totals of the accumulator, the products' 2^-64 undone."""
+    return tl.sum(tl.sum(acc, axis=1), axis=0) * 18446744073709551616.0
+
+
+@triton.jit
+def _layout_x_kernel(x_ptr, xp_ptr, H: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """xp[t, p, w] = x[t, w * 32 / BITS + p] * 2^(85 - b(p)): the p-th inputs of consecutive words
+    contiguous, in fp32, scaled for _code_term."""
+    if PDL:  # gate_up may launch now: it reads its codes while this runs
+        tl.extra.cuda.gdc_launch_dependents()
+    token = tl.program_id(0)
+    PW: tl.constexpr = 32 // BITS
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + token * H + i).to(tl.float32)
+    p = i % PW
+    tl.store(xp_ptr + token * H + p * (H // PW) + i // PW, x * _position_scale(p, BITS))
+
+
+@triton.jit
+def _gate_up_v3_kernel(
+    xp_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, hp_ptr,
+    record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
+    K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    PW: tl.constexpr = 32 // BITS
+    NGB: tl.constexpr = BLOCK_K // GROUP
+    STEPS: tl.constexpr = H // BLOCK_K
+    rr = tl.arange(0, 2 * BLOCK_N)
+    r0 = tl.program_id(1) * BLOCK_N
+    rows = r0 + rr // 2 + (rr % 2) * I  # gate and up rows interleaved: one tile, one pass over x
+    pairs = pair + tl.zeros([1], dtype=tl.int32)
+    live = tl.full([1], True, tl.int1)
+    where = (codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off)
+    x_ptrs = xp_ptr + pairs // K_ROUTED * H
+    acc = tl.zeros([NGB, 1, 2 * BLOCK_N], dtype=tl.float32)
+    nxt = _load_block(*where, 0, H, BITS, GROUP, NGB)
+    for st in tl.static_range(STEPS):
+        block = nxt
+        if st + 1 < STEPS:  # the next block's loads go out before this one's arithmetic
+            nxt = _load_block(*where, (st + 1) * NGB, H, BITS, GROUP, NGB)
+        if st == 0:
+            _after_previous_kernel(PDL)  # xp
+        acc = _accumulate(acc, block, x_ptrs, live, st * NGB, H, BITS, GROUP, NGB)
+    gate, up = tl.split(tl.reshape(_row_sums(acc), (BLOCK_N, 2)))
+    # h, times the expert's routing weight (down then sums its experts unweighted), laid out for down
+    h = gate / (1.0 + tl.exp(-gate)) * up * tl.load(weights_ptr + pair).to(tl.float32)
+    i = r0 + tl.arange(0, BLOCK_N)
+    p = i % PW
+    tl.store(hp_ptr + pair * I + p * (I // PW) + i // PW, h * _position_scale(p, BITS))
+
+
+@triton.jit
+def _down_v3_kernel(
+    hp_ptr, codes_ptr, halves_ptr, slots_ptr, residual_ptr, y_ptr,
+    record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
+    K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+):
+    """EXPERTS experts at a time (one per warp when the row fits one warp), each in routing order."""
+    token = tl.program_id(0)
+    PW: tl.constexpr = 32 // BITS
+    NGB: tl.constexpr = BLOCK_K // GROUP
+    STEPS: tl.constexpr = I // BLOCK_K
+    BLOCKS: tl.constexpr = (K_ROUTED + EXPERTS - 1) // EXPERTS * STEPS
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rec = (record_words, record_halves, w_off, s_off, b_off)
+    lane = tl.arange(0, EXPERTS)
+    acc = tl.zeros([NGB, EXPERTS, BLOCK_N], dtype=tl.float32)
+    nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, token * K_ROUTED + lane, lane < K_ROUTED, rows, *rec, 0,
+                      I, BITS, GROUP, NGB)
+    for it in tl.static_range(BLOCKS):  # deterministic: a fixed order given by the routing order
+        j = it // STEPS * EXPERTS + lane
+        block = nxt
+        if it + 1 < BLOCKS:  # the next block's loads go out before this one's arithmetic
+            j1 = (it + 1) // STEPS * EXPERTS + lane
+            nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, token * K_ROUTED + j1, j1 < K_ROUTED, rows, *rec,
+                              (it + 1) % STEPS * NGB, I, BITS, GROUP, NGB)
+        if it == 0:
+            _after_previous_kernel(PDL)  # hp
+        acc = _accumulate(acc, block, hp_ptr + (token * K_ROUTED + j) * I, j < K_ROUTED, it % STEPS * NGB,
+                          I, BITS, GROUP, NGB)
+    y = _row_sums(acc)
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + token * H + rows).to(tl.float32)
+    tl.store(y_ptr + token * H + rows, y.to(y_ptr.dtype.element_ty))
+
+
+class MoeGemv:
+    """Launch parameters for one record layout; call with a pool of expert slots.
+
+    variant: "v3" (the default; 16-bit records always take v2's kernels) or "v2", kept for one
+    A/B timing on the GPU. v2 reads `block_n` rows per program in `block_k` steps with `num_warps`.
+    v3 reads `block_n` rows of gate and of up per gate_up program with `num_warps` warps, and
+    `down_block_n` rows (default block_n) per down program; its K steps follow from the warps
+    (`v3_blocks`)."""
+
+    def __init__(self, layout: RecordLayout, block_n: int | None = None, block_k: int = 1024, num_warps: int = 2,
+                 variant: str = "v3", down_block_n: int | None = None, pdl: bool = True):
+        if variant not in ("v2", "v3"):
+            raise ValueError(f"variant must be v2 or v3, not {variant!r}")
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
-        self.block_n = min(block_n, H, I)
+        self.v3 = variant == "v3" and layout.bits != 16  # 16-bit records keep v2's kernels (93% of copy)
+        self.block_n = min(block_n or (4 if self.v3 else 8), H, I)
+        self.down_block_n = min(down_block_n or self.block_n, H) if self.v3 else self.block_n
         self.block_k = min(block_k, H, I)
-        if H % self.block_n or I % self.block_n or H % self.block_k or I % self.block_k:
+        if H % self.block_n or I % self.block_n or H % self.down_block_n or H % self.block_k or I % self.block_k:
             raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the kernel blocks")
         if layout.bits != 16 and self.block_k % layout.group_size:
             raise ValueError("BLOCK_K must be a multiple of the group size")
@@ -136,6 +352,27 @@ class MoeGemv:
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
         self.group = layout.group_size if layout.bits != 16 else 1
         self.num_warps = num_warps
+        self.pdl = pdl
+        if self.v3 and any(K % block for K, (block, *_) in zip((H, I), self.v3_blocks(1))):
+            raise ValueError(f"v3: hidden {H} and intermediate {I} must be multiples of the warps' K blocks")
+
+    def v3_blocks(self, k: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """(BLOCK_K, warps) of the v3 gate_up kernel and (BLOCK_K, warps, experts at a time) of its
+        down kernel for k experts per token. Each warp reads 128 consecutive words of every row of
+        its block (32 lanes x one 16-byte load) and keeps all the block's rows in registers: then
+        the laid-out input and the scales load straight into the lanes that use them (no
+        shared-memory layout conversion) and each input value serves every row. down's rows are
+        short (1024 inputs: 128 words at 4 bits, 64 at 2): the warps, or the lanes past a row's
+        end, take other experts."""
+        L = self.layout
+        per_warp = 128 * (32 // L.bits)  # inputs one warp covers
+        H, I = L.hidden_size, L.intermediate_size
+        gu_warps = max(1, min(self.num_warps, H // per_warp))
+        d_warps = max(1, min(self.num_warps, I // per_warp))  # along one row
+        in_warp = max(1, per_warp // I)  # experts side by side in one warp
+        experts = min(triton.next_power_of_2(k), self.num_warps // d_warps * in_warp)
+        d_warps = max(1, d_warps * experts // in_warp)
+        return (min(H, per_warp * gu_warps), gu_warps), (min(I, per_warp * d_warps), d_warps, experts)
 
     def __call__(
         self,
@@ -153,19 +390,37 @@ class MoeGemv:
         H, I = L.hidden_size, L.intermediate_size
         assert x.shape == (T, H) and weights.shape == (T, k) and pool.shape[1] == L.record_size
         codes, halves = pool.view(torch.int32), pool.view(torch.bfloat16)
-        rw, rh = L.record_size // 4, L.record_size // 2
-        h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+        x, slots, weights = x.contiguous(), slots.contiguous(), weights.contiguous()
         y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
-        meta = dict(
-            K_ROUTED=k, BITS=L.bits, GROUP=self.group, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            num_warps=self.num_warps,
+        record = dict(record_words=L.record_size // 4, record_halves=L.record_size // 2)
+        gate_up = dict(zip(("w_off", "s_off", "b_off"), self.gate_up), **record)
+        down = dict(zip(("w_off", "s_off", "b_off"), self.down), **record)
+        down.update(residual_ptr=y if residual is None else residual, HAS_RESIDUAL=residual is not None)
+        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group)
+        if not self.v3:
+            meta.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
+            h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+            _gate_up_swiglu_kernel[(T * k, I // self.block_n)](x, codes, halves, slots, h, H=H, I=I, **gate_up, **meta)
+            _down_sum_kernel[(T, H // self.block_n)](
+                h, codes, halves, slots, weights, y_ptr=y, H=H, I=I, **down, **meta
+            )
+            return y
+        xp = torch.empty(T, H, device=x.device, dtype=torch.float32)
+        hp = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+        # Programmatic dependent launch (Hopper on): each kernel's programs start, and read their
+        # codes, while the previous kernel finishes; they wait for its output where they need it.
+        pdl = dict(PDL=self.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+        layout_block = min(H, 1024)
+        _layout_x_kernel[(T, H // layout_block)](x, xp, H, L.bits, layout_block, num_warps=4, **pdl)
+        (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.v3_blocks(k)
+        meta.update(H=H, I=I, **pdl, launch_pdl=pdl["PDL"])
+        _gate_up_v3_kernel[(T * k, I // self.block_n)](
+            xp, codes, halves, slots, weights, hp, **gate_up, **meta, BLOCK_N=self.block_n, BLOCK_K=gu_k,
+            num_warps=gu_warps,
         )
-        _gate_up_swiglu_kernel[(T * k, I // self.block_n)](
-            x.contiguous(), codes, halves, slots.contiguous(), h, H, I, rw, rh, *self.gate_up, **meta
-        )
-        _down_sum_kernel[(T, H // self.block_n)](
-            h, codes, halves, slots.contiguous(), weights.contiguous(), y if residual is None else residual, y,
-            H, I, rw, rh, *self.down, HAS_RESIDUAL=residual is not None, **meta
+        _down_v3_kernel[(T, H // self.down_block_n)](
+            hp, codes, halves, slots, y_ptr=y, **down, **meta, BLOCK_N=self.down_block_n, BLOCK_K=d_k,
+            EXPERTS=d_experts, num_warps=d_warps,
         )
         return y
 

@@ -1,0 +1,177 @@
+"""Instruction counts of the gathered-experts kernels, compiled for Hopper (sm_90) without a GPU:
+Triton ships ptxas and cuobjdump. For each kernel: registers and spills, then per loop body (and
+the straight-line rest) the SASS instructions by kind, the global loads by vector width, shared
+memory traffic and barriers, and instructions per weight at the 397B shape.
+
+    python scripts/sass_count.py [--bits 4 2 8] [--variant v2 v3] [--block-n N --warps W ...] [--dump DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashmoe.formats.packed import RecordLayout
+from flashmoe.kernels import moe_gemv as m
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+POINTERS = {  # element type of each pointer argument, by name
+    "x_ptr": "*bf16", "codes_ptr": "*i32", "halves_ptr": "*bf16", "slots_ptr": "*i32", "h_ptr": "*fp32",
+    "weights_ptr": "*fp32", "residual_ptr": "*bf16", "y_ptr": "*fp32", "xp_ptr": "*fp32", "xsum_ptr": "*fp32",
+    "hp_ptr": "*fp32", "hsum_ptr": "*fp32",
+}
+KINDS = {  # opcode -> kind; the rest count as "other"
+    "FFMA": "ffma", "FMUL": "fp", "FADD": "fp", "FMNMX": "fp", "FSEL": "fp",
+    "LOP3": "alu", "SHF": "alu", "PRMT": "alu", "IADD3": "alu", "LEA": "alu", "SEL": "alu", "ISETP": "alu",
+    "IMAD": "imad", "I2F": "cvt", "F2F": "cvt", "F2I": "cvt", "I2FP": "cvt", "F2FP": "cvt",
+    "LDG": "ldg", "STG": "stg", "LDS": "lds", "STS": "sts", "BAR": "bar", "SHFL": "shfl", "MOV": "mov",
+}
+
+
+def compile_kernel(fn, constexprs: dict, num_warps: int) -> dict:
+    """The kernel compiled for sm_90 as the runtime would (16-byte aligned pointers, ints divisible by 16)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = POINTERS.get(name, "i32")
+        attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps))
+    return k.asm
+
+
+def sass_lines(cubin: bytes, tmp: Path) -> list[tuple[int, str]]:
+    tmp.write_bytes(cubin)
+    out = subprocess.run([BIN / "cuobjdump", "-sass", tmp], capture_output=True, text=True, check=True).stdout
+    lines = []
+    for line in out.splitlines():
+        mt = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if mt:
+            lines.append((int(mt.group(1), 16), mt.group(2).strip()))
+    return lines
+
+
+def opcode(instr: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0]
+
+
+def kind(op: str) -> str:
+    base = op.split(".")[0]
+    if base == "LDG":
+        width = next((w for w in ("128", "64") if f".{w}" in op), "32")
+        return f"ldg{width}"
+    return KINDS.get(base, "other")
+
+
+def loops(lines) -> list[tuple[int, int]]:
+    """(start, end) addresses of loop bodies: a branch back to an earlier address."""
+    out = []
+    for addr, instr in lines:
+        mt = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", instr)
+        if mt and int(mt.group(1), 16) <= addr:
+            out.append((int(mt.group(1), 16), addr))
+    return out
+
+
+def count(lines, lo: int, hi: int, exclude=()) -> Counter:
+    c = Counter()
+    for addr, instr in lines:
+        if lo <= addr <= hi and not any(a <= addr <= b for a, b in exclude):
+            op = opcode(instr)
+            if op in ("NOP",):
+                continue
+            c[kind(op)] += 1
+            c["total"] += 1
+    return c
+
+
+def ptxas_usage(ptx: str, tmp: Path) -> str:
+    tmp.write_text(ptx)
+    res = subprocess.run([BIN / "ptxas", "-arch=sm_90a", "-v", tmp, "-o", "/dev/null"], capture_output=True, text=True)
+    used = re.search(r"Used (\d+) registers", res.stderr)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+    return f"{used.group(1) if used else '?'} registers, spills {spill.group(1)}/{spill.group(2)} B" if spill else res.stderr
+
+
+COLUMNS = ("total", "ffma", "fp", "alu", "imad", "cvt", "mov", "ldg128", "ldg64", "ldg32", "lds", "sts", "bar", "shfl", "other")
+
+
+def report(name: str, asm: dict, weights_per_thread: float, trips: list[int], tmp: Path) -> None:
+    """Counts per loop body and for the straight-line rest; per weight: executed instructions per
+    weight a thread computes, with the loops (outermost first, as `trips` lists them) run that often."""
+    stem = re.sub(r"\W+", "-", name)
+    lines = sass_lines(asm["cubin"], tmp / f"{stem}.cubin")
+    print(f"\n{name}: {ptxas_usage(asm['ptx'], tmp / f'{stem}.ptx')}, {len(lines)} instructions")
+    print("  " + " ".join(f"{c:>9}" for c in ("part",) + COLUMNS))
+    body = sorted(b for b in loops(lines) if b[1] > b[0])  # not the trailing branch-to-self
+    parts = [(f"loop@{lo:x}", count(lines, lo, hi)) for lo, hi in body]
+    parts.append(("rest", count(lines, 0, 1 << 40, exclude=body)))
+    executed = Counter(parts[-1][1])
+    for i, (lo, hi) in enumerate(body):  # nested loops: a body's count includes the inner loop's once
+        times = 1
+        for j, (lo2, hi2) in enumerate(body):
+            if lo2 <= lo and hi <= hi2:
+                times *= trips[j]
+        inner = [b for b in body if lo < b[0] and b[1] <= hi]
+        own = count(lines, lo, hi, exclude=inner)
+        for key, v in own.items():
+            executed[key] += v * times
+    for label, c in parts:
+        print("  " + " ".join(f"{v:>9}" for v in [label] + [c[k] for k in COLUMNS]))
+    print("  " + " ".join(f"{v:>9}" for v in ["/weight"] + [f"{executed[k] / weights_per_thread:.3f}" for k in COLUMNS]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=int, nargs="+", default=[4])
+    ap.add_argument("--variant", nargs="+", default=["v2", "v3"])
+    ap.add_argument("--block-n", type=int, help="default: each variant's")
+    ap.add_argument("--block-k", type=int, default=1024, help="v2 only")
+    ap.add_argument("--warps", type=int, default=2)
+    ap.add_argument("--down-block-n", type=int, help="v3 only")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--dump", type=Path, default=Path("/tmp/sass_count"))
+    args = ap.parse_args()
+    args.dump.mkdir(parents=True, exist_ok=True)
+    for bits in args.bits:
+        layout = RecordLayout.build(4096, 1024, bits, 64)
+        for variant in args.variant:
+            gemv = m.MoeGemv(layout, args.block_n, args.block_k, args.warps, variant=variant,
+                             down_block_n=args.down_block_n)
+            for name, fn, consts, warps, weights, trips in kernels(gemv, args.k):
+                asm = compile_kernel(fn, consts, warps)
+                for suffix in ("ptx", "ttgir"):
+                    (args.dump / f"{variant}-{bits}-{name}.{suffix}").write_text(asm[suffix])
+                label = f"{variant} {bits}-bit {name}: block_n {consts['BLOCK_N']}, BLOCK_K {consts['BLOCK_K']}, {warps} warps"
+                report(label, asm, weights / (32 * warps), trips, args.dump)
+
+
+def kernels(gemv: m.MoeGemv, k: int):
+    """(name, kernel, constexprs, warps, weights per program, trip counts of its loops) as MoeGemv launches them."""
+    L = gemv.layout
+    H, I, bn = L.hidden_size, L.intermediate_size, gemv.block_n
+    meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=gemv.group, BLOCK_N=bn)
+    if gemv.v3:  # K loops unrolled: straight-line code
+        (gu_k, gu_w), (d_k, d_w, d_e) = gemv.v3_blocks(k)
+        meta.update(H=H, I=I, PDL=gemv.pdl)
+        dn = gemv.down_block_n
+        down = dict(meta, BLOCK_N=dn, BLOCK_K=d_k, EXPERTS=d_e, HAS_RESIDUAL=False)
+        return [("gate_up", m._gate_up_v3_kernel, dict(meta, BLOCK_K=gu_k), gu_w, 2 * bn * H, []),
+                ("down", m._down_v3_kernel, down, d_w, k * dn * I, [])]
+    meta.update(BLOCK_K=gemv.block_k)
+    w = gemv.num_warps
+    return [("gate_up", m._gate_up_swiglu_kernel, meta, w, 2 * bn * H, [H // gemv.block_k] * 2),
+            ("down", m._down_sum_kernel, dict(meta, HAS_RESIDUAL=False), w, k * bn * I, [k, I // gemv.block_k])]
+
+
+if __name__ == "__main__":
+    main()
