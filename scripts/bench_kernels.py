@@ -15,11 +15,12 @@ from flashmoe.kernels.moe_grouped import MoeGrouped
 from flashmoe.layers.int8_linear import Int8Linear
 
 
-# The gathered-experts kernels' A/B: v2 (block_n, block_k, warps), the best three of the 2026-11-23
-# sweep (docs/bench), and v3 (block_n, warps, down_block_n or None = block_n, programmatic dependent
-# launch), the first its default. 16-bit records always take v2's kernels.
-V2_CONFIGS = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
-V3_CONFIGS = [(4, 2, None, True), (4, 2, None, False), (4, 1, None, True), (8, 2, None, True), (4, 2, 8, True),
+# The gathered-experts kernels' launch configurations, the first each default: 16-bit records
+# (block_n, block_k, warps), quantized ones (block_n, warps, down_block_n or None = block_n,
+# programmatic dependent launch). The v2 kernel quantized records took until 2026-12-02 measured
+# 61.8 us at 4 bits, k=10, against v3's 27.4 (docs/bench/2026-12-02/kernels-gemv-v3-h200.txt).
+CONFIGS_16 = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
+CONFIGS = [(4, 2, None, True), (4, 2, None, False), (4, 1, None, True), (8, 2, None, True), (4, 2, 8, True),
               (2, 2, None, True), (4, 4, None, True), (8, 2, 4, True)]
 
 
@@ -57,21 +58,22 @@ def grouped_sweep(args) -> None:
             print(f"{bits:>4} {bm:>8} {bn:>7} {bk:>7} {warps:>5} {stages:>6} {ms:>6.2f} {flops / ms / 1e9:>8.0f}")
 
 
-def gemv_variants(layout: RecordLayout):
-    """(variant, config label, MoeGemv's arguments) of the A/B sweep for one layout."""
-    for bn, bk, warps in V2_CONFIGS:
-        yield "v2", f"bn{bn} bk{bk} w{warps}", dict(block_n=bn, block_k=bk, num_warps=warps, variant="v2")
-    if layout.bits != 16:
-        for bn, warps, down_bn, pdl in V3_CONFIGS:
-            label = f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "") + ("" if pdl else " no-pdl")
-            yield "v3", label, dict(block_n=bn, num_warps=warps, variant="v3", down_block_n=down_bn, pdl=pdl)
+def gemv_configs(layout: RecordLayout):
+    """(kernel family, config label, MoeGemv's arguments) of the sweep for one layout."""
+    if layout.bits == 16:
+        for bn, bk, warps in CONFIGS_16:
+            yield "16-bit", f"bn{bn} bk{bk} w{warps}", dict(block_n=bn, block_k=bk, num_warps=warps)
+        return
+    for bn, warps, down_bn, pdl in CONFIGS:
+        label = f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "") + ("" if pdl else " no-pdl")
+        yield "v3", label, dict(block_n=bn, num_warps=warps, down_block_n=down_bn, pdl=pdl)
 
 
 def gemv_sweep(args, hbm: float) -> None:
-    """Each variant and configuration: relative error against moe_gemv_reference on the GPU (2 tokens,
-    10 experts), then us per call for k = 1 and 10 (one token); then where each variant's default
+    """Each configuration: relative error against moe_gemv_reference on the GPU (2 tokens,
+    10 experts), then us per call for k = 1 and 10 (one token); then where the default
     spends its time, kernel by kernel (profiler, eager calls)."""
-    print("variant bits  k  config            us/call   GB/s  % of copy   rel.err")
+    print(" kernel bits  k  config            us/call   GB/s  % of copy   rel.err")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for bits in args.bits:
         layout = RecordLayout.build(args.hidden, args.intermediate, bits, 64)
@@ -82,7 +84,7 @@ def gemv_sweep(args, hbm: float) -> None:
         w2 = torch.softmax(torch.randn(2, 10, device="cuda"), -1)
         ref = moe_gemv_reference(layout, x2, pool, slots2, w2)
         defaults = {}
-        for variant, label, config in gemv_variants(layout):
+        for family, label, config in gemv_configs(layout):
             try:  # one failing configuration (say, a launch mode the driver refuses in a graph) skips only itself
                 gemv = MoeGemv(layout, **config)
                 err = float((gemv(x2, pool, slots2, w2) - ref).norm() / ref.norm())
@@ -91,15 +93,15 @@ def gemv_sweep(args, hbm: float) -> None:
                     sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
                     us = per_call_us(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
                     gbs = k * layout.payload_bytes / us / 1e3
-                    print(f"{variant:>7} {bits:>4} {k:>2}  {label:<16} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>9.1e}")
-                defaults.setdefault(variant, gemv)
+                    print(f"{family:>7} {bits:>4} {k:>2}  {label:<16} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>9.1e}")
+                defaults.setdefault(family, gemv)
             except Exception as e:
-                print(f"{variant:>7} {bits:>4}     {label:<16} failed: {type(e).__name__}: {e}"[:300])
-        for variant, gemv in defaults.items():
+                print(f"{family:>7} {bits:>4}     {label:<16} failed: {type(e).__name__}: {e}"[:300])
+        for family, gemv in defaults.items():
             sets = [torch.randperm(args.slots, device="cuda")[:10].view(1, 10).to(torch.int32) for _ in range(16)]
             w = torch.softmax(torch.randn(1, 10, device="cuda"), -1)
             times = kernel_times(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
-            print(f"  {variant} {bits}-bit k=10 default, us per call by kernel: "
+            print(f"  {family} {bits}-bit k=10 default, us per call by kernel: "
                   + ", ".join(f"{name} {t:.1f}" for name, t in times.items()))
 
 

@@ -3,7 +3,7 @@ Triton ships ptxas and cuobjdump. For each kernel: registers and spills, then pe
 the straight-line rest) the SASS instructions by kind, the global loads by vector width, shared
 memory traffic and barriers, and instructions per weight at the 397B shape.
 
-    python scripts/sass_count.py [--bits 4 2 8] [--variant v2 v3] [--block-n N --warps W ...] [--dump DIR]
+    python scripts/sass_count.py [--bits 4 2 8 16] [--block-n N --warps W ...] [--dump DIR]
 """
 
 from __future__ import annotations
@@ -133,41 +133,38 @@ def report(name: str, asm: dict, weights_per_thread: float, trips: list[int], tm
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, nargs="+", default=[4])
-    ap.add_argument("--variant", nargs="+", default=["v2", "v3"])
-    ap.add_argument("--block-n", type=int, help="default: each variant's")
-    ap.add_argument("--block-k", type=int, default=1024, help="v2 only")
+    ap.add_argument("--block-n", type=int, help="default: MoeGemv's")
+    ap.add_argument("--block-k", type=int, default=1024, help="16-bit records only")
     ap.add_argument("--warps", type=int, default=2)
-    ap.add_argument("--down-block-n", type=int, help="v3 only")
+    ap.add_argument("--down-block-n", type=int, help="quantized records only")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--dump", type=Path, default=Path("/tmp/sass_count"))
     args = ap.parse_args()
     args.dump.mkdir(parents=True, exist_ok=True)
     for bits in args.bits:
         layout = RecordLayout.build(4096, 1024, bits, 64)
-        for variant in args.variant:
-            gemv = m.MoeGemv(layout, args.block_n, args.block_k, args.warps, variant=variant,
-                             down_block_n=args.down_block_n)
-            for name, fn, consts, warps, weights, trips in kernels(gemv, args.k):
-                asm = compile_kernel(fn, consts, warps)
-                for suffix in ("ptx", "ttgir"):
-                    (args.dump / f"{variant}-{bits}-{name}.{suffix}").write_text(asm[suffix])
-                label = f"{variant} {bits}-bit {name}: block_n {consts['BLOCK_N']}, BLOCK_K {consts['BLOCK_K']}, {warps} warps"
-                report(label, asm, weights / (32 * warps), trips, args.dump)
+        gemv = m.MoeGemv(layout, args.block_n, args.block_k, args.warps, down_block_n=args.down_block_n)
+        for name, fn, consts, warps, weights, trips in kernels(gemv, args.k):
+            asm = compile_kernel(fn, consts, warps)
+            for suffix in ("ptx", "ttgir"):
+                (args.dump / f"{bits}-{name}.{suffix}").write_text(asm[suffix])
+            label = f"{bits}-bit {name}: block_n {consts['BLOCK_N']}, BLOCK_K {consts['BLOCK_K']}, {warps} warps"
+            report(label, asm, weights / (32 * warps), trips, args.dump)
 
 
 def kernels(gemv: m.MoeGemv, k: int):
     """(name, kernel, constexprs, warps, weights per program, trip counts of its loops) as MoeGemv launches them."""
     L = gemv.layout
     H, I, bn = L.hidden_size, L.intermediate_size, gemv.block_n
-    meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=gemv.group, BLOCK_N=bn)
     if gemv.v3:  # K loops unrolled: straight-line code
+        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=gemv.group, BLOCK_N=bn)
         (gu_k, gu_w), (d_k, d_w, d_e) = gemv.v3_blocks(k)
         meta.update(H=H, I=I, PDL=gemv.pdl)
         dn = gemv.down_block_n
         down = dict(meta, BLOCK_N=dn, BLOCK_K=d_k, EXPERTS=d_e, HAS_RESIDUAL=False)
         return [("gate_up", m._gate_up_v3_kernel, dict(meta, BLOCK_K=gu_k), gu_w, 2 * bn * H, []),
                 ("down", m._down_v3_kernel, down, d_w, k * dn * I, [])]
-    meta.update(BLOCK_K=gemv.block_k)
+    meta = dict(K_ROUTED=k, BLOCK_N=bn, BLOCK_K=gemv.block_k)  # 16-bit records
     w = gemv.num_warps
     return [("gate_up", m._gate_up_swiglu_kernel, meta, w, 2 * bn * H, [H // gemv.block_k] * 2),
             ("down", m._down_sum_kernel, dict(meta, HAS_RESIDUAL=False), w, k * bn * I, [k, I // gemv.block_k])]

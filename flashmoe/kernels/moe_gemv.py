@@ -8,7 +8,7 @@ int32 (codes) and bfloat16 (scales, weights). A slot v addresses pool.data_ptr()
 in 64-bit arithmetic, unchecked: it may be negative or past the pool (mapped host memory).
 `moe_gemv_reference` is the plain PyTorch definition the kernels are tested against.
 
-v3 (the default for 2-, 4- and 8-bit records), three launches:
+Quantized records (v3: 2-, 4- and 8-bit), three launches:
 
   layout_x: grid (tokens, H / 1024)       -> xp [tokens, H]: x[w * 32/bits + p] at [p, w], fp32, scaled
   gate_up:  grid (tokens * k, I / BLOCK_N) -> hp [tokens * k, I] = w_j * silu(gate . x) * (up . x), laid out
@@ -21,7 +21,7 @@ v3 (the default for 2-, 4- and 8-bit records), three launches:
   conversion (quarter rate on Hopper), no shift per code. The range this leaves: inputs (x, and
   h = silu(gate) * up) below 2^43 in magnitude (beyond, inf), exact down to 2^-39.
 - The input laid out once per call (layout_x), and by gate_up for down: for each code position p
-  the inputs of consecutive words are contiguous, so they are vector loads, where v2 re-read x at
+  the inputs of consecutive words are contiguous, so they are vector loads, where v2 (61.8 us) re-read x at
   stride 32 / bits in every program (entry 24 of docs/EXPERIMENTS.md: ~25 us of every call).
 - Tiles [groups, experts, rows, words of a group]: each warp reads 128 consecutive words of every row of
   its block (one 16-byte load per lane and row) and holds all the block's rows in registers, so
@@ -37,15 +37,12 @@ v3 (the default for 2-, 4- and 8-bit records), three launches:
 
 Predicted on the H200 (4-bit, 10 experts, 70.8 MB; 132 SMs x 4 schedulers at 1.98 GHz, 4.27 TB/s):
 gate_up moves 47.2 MB (11.1 us at the copy rate) and issues 3.1 instructions per weight, 1.35 of
-them integer ALU at half rate (scripts/sass_count.py): 8.1 M warp instructions = 7.7 us of issue.
-Its 2560 programs run 8 per SM (128 registers), each loading all its 18 KB up front: ~45 KB in
-flight per SM on average, about what the copy rate needs at ~1.5 us latency, so ~12-13 us.
-down moves 23.6 MB (5.5 us) with 4.2 us of issue, one wave of 15.5 warps per SM with two expert
-steps in flight each (~60 KB per SM): ~6-7 us, its start overlapping gate_up's tail. layout_x ~1
-us that gate_up's codes loads hide. Total ~20-22 us, ~75% of the copy rate (v2: 61.7 us, 27%).
-8-bit ~36 us (134 MB, ~85%; v2 73 us); 2-bit ~15 us (39 MB, issue-bound, ~60%; v2 56 us).
+them integer ALU at half rate (scripts/sass_count.py): 8.1 M warp instructions = 7.7 us of issue;
+down 23.6 MB (5.5 us) with 4.2 us of issue; ~20-22 us in all, ~75% of the copy rate. Measured
+(H200, docs/EXPERIMENTS.md entry 33): 27.4 us, 61% of the 4211 GB/s copy (v2, the kernel this
+replaced: 61.8 us, 27%); by kernel layout_x 1.3, gate_up 17.3, down 10.0 us (PDL overlaps them).
 
-v2 (16-bit records always; quantized ones with variant="v2", kept for one A/B timing), two launches:
+16-bit records, two launches (93% of the copy rate already):
 
   gate_up_swiglu: grid (tokens * k, I / BLOCK_N) -> h [tokens * k, I] = silu(gate . x) * (up . x)
   down_sum:       grid (tokens, H / BLOCK_N)     -> y [tokens, H]    = sum_j w_j * down_j . h_j
@@ -73,84 +70,50 @@ def record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS: t
 
 @triton.jit
 def _dot_rows(
-    x_ptr, codes_ptr, halves_ptr, w_base, s_base, b_base, rows, K,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, halves_ptr, w_base, rows, K, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """sum_k W[rows, k] * x[k] for one expert's [N, K] projection, in fp32 -> [BLOCK_N].
-
-    Quantized rows are walked a block of packed words at a time, without reshapes: for each code
-    position j inside a word, the j-th codes of all words meet the x values at stride 32 / BITS.
-    A word never straddles two groups (GROUP >= 32 / BITS), so per word the bias-sum trick needs
-    the word's group scale and bias once: s * sum_j q_j x_j + b * sum_j x_j."""
+    """sum_k W[rows, k] * x[k] for one expert's [N, K] bf16 projection, in fp32 -> [BLOCK_N]."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if BITS == 16:
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + cols).to(tl.float32)
-            w = tl.load(halves_ptr + w_base + rows[:, None] * K + cols[None, :]).to(tl.float32)
-            acc += tl.sum(w * x[None, :], axis=1)
-    else:  # v2's quantized path: kept for the A/B timing against v3 only
-        PER_WORD: tl.constexpr = 32 // BITS
-        WORDS: tl.constexpr = BLOCK_K // PER_WORD
-        words_per_row = K // PER_WORD
-        groups_per_row = K // GROUP
-        for w0 in range(0, words_per_row, WORDS):
-            wcols = w0 + tl.arange(0, WORDS)
-            words = tl.load(codes_ptr + w_base + rows[:, None] * words_per_row + wcols[None, :])
-            qx = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-            xsum = tl.zeros([WORDS], dtype=tl.float32)
-            for j in tl.static_range(PER_WORD):
-                xj = tl.load(x_ptr + wcols * PER_WORD + j).to(tl.float32)
-                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                qx += q * xj[None, :]
-                xsum += xj
-            goff = rows[:, None] * groups_per_row + (wcols // (GROUP // PER_WORD))[None, :]
-            s = tl.load(halves_ptr + s_base + goff).to(tl.float32)
-            b = tl.load(halves_ptr + b_base + goff).to(tl.float32)
-            acc += tl.sum(s * qx + b * xsum[None, :], axis=1)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + cols).to(tl.float32)
+        w = tl.load(halves_ptr + w_base + rows[:, None] * K + cols[None, :]).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
     return acc
 
 
 @triton.jit
 def _gate_up_swiglu_kernel(
-    x_ptr, codes_ptr, halves_ptr, slots_ptr, h_ptr,
-    H, I, record_words, record_halves, w_off, s_off, b_off,
-    K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, halves_ptr, slots_ptr, h_ptr, H, I, record_halves, w_off,
+    K_ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pair = tl.program_id(0)  # token * K_ROUTED + j
     token = pair // K_ROUTED
-    slot = tl.load(slots_ptr + pair).to(tl.int64)
+    w = tl.load(slots_ptr + pair).to(tl.int64) * record_halves + w_off
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
     x = x_ptr + token * H
-    gate = _dot_rows(x, codes_ptr, halves_ptr, w, sc, bi, rows, H, BITS, GROUP, BLOCK_K, BLOCK_N)
-    up = _dot_rows(x, codes_ptr, halves_ptr, w, sc, bi, rows + I, H, BITS, GROUP, BLOCK_K, BLOCK_N)
+    gate = _dot_rows(x, halves_ptr, w, rows, H, BLOCK_K, BLOCK_N)
+    up = _dot_rows(x, halves_ptr, w, rows + I, H, BLOCK_K, BLOCK_N)
     h = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(h_ptr + pair * I + rows, h)
 
 
 @triton.jit
 def _down_sum_kernel(
-    h_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr,
-    H, I, record_words, record_halves, w_off, s_off, b_off,
-    K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    h_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr, H, I, record_halves, w_off,
+    K_ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in range(K_ROUTED):  # experts summed in routing order inside one program: deterministic
         pair = token * K_ROUTED + j
-        slot = tl.load(slots_ptr + pair).to(tl.int64)
+        w = tl.load(slots_ptr + pair).to(tl.int64) * record_halves + w_off
         weight = tl.load(weights_ptr + pair).to(tl.float32)
-        w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
-        acc += weight * _dot_rows(
-            h_ptr + pair * I, codes_ptr, halves_ptr, w, sc, bi, rows, I, BITS, GROUP, BLOCK_K, BLOCK_N
-        )
+        acc += weight * _dot_rows(h_ptr + pair * I, halves_ptr, w, rows, I, BLOCK_K, BLOCK_N)
     if HAS_RESIDUAL:  # the layer's residual add, fused: y = residual + routed sum
         acc += tl.load(residual_ptr + token * H + rows).to(tl.float32)
     tl.store(y_ptr + token * H + rows, acc.to(y_ptr.dtype.element_ty))
-
 
 
 # v3 (see the module docstring). Tiles [NGB groups, E experts, R rows, WPG words of a group].
@@ -320,20 +283,16 @@ def _down_v3_kernel(
 class MoeGemv:
     """Launch parameters for one record layout; call with a pool of expert slots.
 
-    variant: "v3" (the default; 16-bit records always take v2's kernels) or "v2", kept for one
-    A/B timing on the GPU. v2 reads `block_n` rows per program in `block_k` steps with `num_warps`.
-    v3 reads `block_n` rows of gate and of up per gate_up program with `num_warps` warps, and
+    16-bit records: `block_n` rows per program in `block_k` steps with `num_warps`. Quantized (v3): `block_n` rows of gate and of up per gate_up program with `num_warps` warps, and
     `down_block_n` rows (default block_n) per down program; its K steps follow from the warps
     (`v3_blocks`)."""
 
     def __init__(self, layout: RecordLayout, block_n: int | None = None, block_k: int = 1024, num_warps: int = 2,
-                 variant: str = "v3", down_block_n: int | None = None, pdl: bool = True):
-        if variant not in ("v2", "v3"):
-            raise ValueError(f"variant must be v2 or v3, not {variant!r}")
+                 down_block_n: int | None = None, pdl: bool = True):
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
-        self.v3 = variant == "v3" and layout.bits != 16  # 16-bit records keep v2's kernels (93% of copy)
+        self.v3 = layout.bits != 16  # 16-bit records: plain tiles (93% of the copy rate)
         self.block_n = min(block_n or (4 if self.v3 else 8), H, I)
         self.down_block_n = min(down_block_n or self.block_n, H) if self.v3 else self.block_n
         self.block_k = min(block_k, H, I)
@@ -397,12 +356,14 @@ class MoeGemv:
         down = dict(zip(("w_off", "s_off", "b_off"), self.down), **record)
         down.update(residual_ptr=y if residual is None else residual, HAS_RESIDUAL=residual is not None)
         meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group)
-        if not self.v3:
-            meta.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
+        if not self.v3:  # 16-bit records
+            blocks = dict(K_ROUTED=k, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
             h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
-            _gate_up_swiglu_kernel[(T * k, I // self.block_n)](x, codes, halves, slots, h, H=H, I=I, **gate_up, **meta)
+            rh = record["record_halves"]
+            _gate_up_swiglu_kernel[(T * k, I // self.block_n)](x, halves, slots, h, H, I, rh, self.gate_up[0], **blocks)
             _down_sum_kernel[(T, H // self.block_n)](
-                h, codes, halves, slots, weights, y_ptr=y, H=H, I=I, **down, **meta
+                h, halves, slots, weights, down["residual_ptr"], y, H, I, rh, self.down[0],
+                HAS_RESIDUAL=residual is not None, **blocks,
             )
             return y
         xp = torch.empty(T, H, device=x.device, dtype=torch.float32)

@@ -34,28 +34,26 @@ def routed(tokens: int, k: int, slots: int, H: int, seed: int, x_scale: float = 
     return x, table, torch.softmax(torch.randn(tokens, k, generator=g), -1)
 
 
-# fp32 accumulation over bf16 x and exactly dequantized weights: both variants compute the
+# fp32 accumulation over bf16 x and exactly dequantized weights: the kernels compute the
 # reference's function to fp32 rounding (measured ~3e-7); v3's codes-as-denormals products are exact.
 TOLERANCE = 2e-6
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (2, 32), (16, 32), (4, 64)])
 @pytest.mark.parametrize("tokens,k", [(1, 3), (2, 2), (1, 1)])
-def test_matches_the_reference_on_fresh_inputs(device, variant, bits, group, tokens, k):
+def test_matches_the_reference_on_fresh_inputs(device, bits, group, tokens, k):
     H, I = 128, 64
     layout = RecordLayout.build(H, I, bits, group)
     seed = bits * 100 + group + tokens
     pool = random_pool(layout, 5, seed)
     x, slots, weights = routed(tokens, k, 5, H, seed + 1)
     ref = moe_gemv_reference(layout, x, pool, slots, weights)
-    gemv = MoeGemv(layout, block_n=16, block_k=64, variant=variant)
+    gemv = MoeGemv(layout, block_n=16, block_k=64)
     y = gemv(x.to(device), pool.to(device), slots.to(device), weights.to(device))
     assert rel_err(y, ref) < TOLERANCE
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
-def test_slots_are_offsets_from_the_pool_pointer_and_may_be_negative(device, variant):
+def test_slots_are_offsets_from_the_pool_pointer_and_may_be_negative(device):
     """The runtime points slots outside the pool tensor (pinned host memory mapped into the GPU's
     address space): a slot v means pool.data_ptr() + v * record_size, whatever pool.shape says."""
     layout = RecordLayout.build(128, 64, 4, 32)
@@ -64,7 +62,7 @@ def test_slots_are_offsets_from_the_pool_pointer_and_may_be_negative(device, var
     slots = torch.tensor([[-5, 1, -1], [2, -4, 0]], dtype=torch.int32)  # 2 lies past the view's end
     x, _, weights = routed(2, 3, 8, 128, 4)
     ref = moe_gemv_reference(layout, x, backing.cpu(), slots + 5, weights)
-    gemv = MoeGemv(layout, block_n=16, block_k=64, variant=variant)
+    gemv = MoeGemv(layout, block_n=16, block_k=64)
     y = gemv(x.to(device), pool, slots.to(device), weights.to(device))
     assert rel_err(y, ref) < TOLERANCE
 
@@ -78,12 +76,11 @@ def test_v3_is_exact_across_the_input_range(device, bits, x_scale):
     pool = random_pool(layout, 4, bits)
     x, slots, weights = routed(1, 3, 4, 128, 5, x_scale)
     ref = moe_gemv_reference(layout, x, pool, slots, weights)
-    y = MoeGemv(layout, block_n=8, variant="v3")(x.to(device), pool.to(device), slots.to(device), weights.to(device))
+    y = MoeGemv(layout, block_n=8)(x.to(device), pool.to(device), slots.to(device), weights.to(device))
     assert rel_err(y, ref) < TOLERANCE
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
-def test_fused_residual_and_output_buffer(device, variant):
+def test_fused_residual_and_output_buffer(device):
     layout = RecordLayout.build(128, 64, 4, 32)
     pool = random_pool(layout, 4, 9)
     g = torch.Generator().manual_seed(10)
@@ -92,7 +89,7 @@ def test_fused_residual_and_output_buffer(device, variant):
     slots = torch.tensor([[2, 0]], dtype=torch.int32)
     weights = torch.tensor([[0.7, 0.3]])
     out = torch.full((1, 128), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned
-    gemv = MoeGemv(layout, block_n=16, block_k=64, variant=variant)
+    gemv = MoeGemv(layout, block_n=16, block_k=64)
     gemv(x.to(device), pool.to(device), slots.to(device), weights.to(device), residual=residual.to(device), out=out)
     ref = moe_gemv_reference(layout, x, pool, slots, weights) + residual.float()
     assert rel_err(out, ref) < 1e-2  # bf16 output
