@@ -124,31 +124,32 @@ def kernel_times(calls, n: int, repeats: int = 5) -> dict[str, float]:
 
 
 # (N, K) of the 397B's dense projections: shared expert gate/up and down, in_proj_qkv, o_proj / out_proj,
-# q_proj, lm_head. The int8 GEMV's configurations: (block_n, block_k, warps); the first is the default.
+# q_proj, lm_head. The int8 GEMV's configurations: (block_n, warps); the first is the default. The
+# first version (int-to-float conversions) measured 14-72% of the copy on these shapes, against
+# bf16 F.linear's 29-102%: docs/bench/2026-11-23/kernels-dense8-h200.txt.
 DENSE_SHAPES = [(1024, 4096), (4096, 1024), (12288, 4096), (4096, 8192), (16384, 4096), (248320, 4096)]
-DENSE8_CONFIGS = [(2, 1024, 1), (4, 1024, 1), (1, 1024, 1), (2, 2048, 1), (2, 512, 1), (8, 1024, 2)]  # first = the default (measured best on the H200)
+DENSE8_CONFIGS = [(8, 2), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (2, 2), (16, 4)]
 
 
 def dense8(hbm: float) -> None:
-    """int8 GEMV (one token, and 16 rows) against bf16 torch.nn.functional.linear, then prefill
-    (2048 rows: codes converted for the library matmul) against bf16."""
+    """int8 GEMV (one token) against bf16 torch.nn.functional.linear, then prefill (2048 rows: codes
+    converted for the library matmul) against bf16."""
     from flashmoe.kernels.int8_gemv import int8_gemv
 
-    print("dense int8 GEMV vs bf16 F.linear, weight bytes read per call: N K M block_n block_k warps"
+    print("dense int8 GEMV vs bf16 F.linear, weight bytes read per call: N K block_n warps"
           "  int8 us  GB/s  % of copy | bf16 us  GB/s  % of copy | speedup")
     for N, K in DENSE_SHAPES:
         copies = max(1, min(32, (512 << 20) // (N * K)))  # >= 512 MiB of int8 weights per replay: no L2 reuse
         q = [torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda") for _ in range(copies)]
         scale = torch.rand(N, device="cuda") / 127
         w16 = [c.to(torch.bfloat16) for c in q]
-        for M in (1, 16):
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            us16 = per_call_us(lambda: [torch.nn.functional.linear(x, w) for w in w16], copies)
-            for block_n, block_k, warps in DENSE8_CONFIGS if M == 1 else DENSE8_CONFIGS[:1]:
-                us8 = per_call_us(lambda: [int8_gemv(x, c, scale, block_n, block_k, warps) for c in q], copies)
-                gb8, gb16 = N * K / us8 / 1e3, 2 * N * K / us16 / 1e3
-                print(f"{N:>6} {K:>5} {M:>2} {block_n:>7} {block_k:>7} {warps:>5}  {us8:>7.1f} {gb8:>5.0f} {100 * gb8 / hbm:>9.0f}%"
-                      f" | {us16:>7.1f} {gb16:>5.0f} {100 * gb16 / hbm:>9.0f}% | {us16 / us8:>5.2f}x")
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        us16 = per_call_us(lambda: [torch.nn.functional.linear(x, w) for w in w16], copies)
+        for block_n, warps in DENSE8_CONFIGS:
+            us8 = per_call_us(lambda: [int8_gemv(x, c, scale, block_n, warps) for c in q], copies)
+            gb8, gb16 = N * K / us8 / 1e3, 2 * N * K / us16 / 1e3
+            print(f"{N:>6} {K:>5} {block_n:>7} {warps:>5}  {us8:>7.1f} {gb8:>5.0f} {100 * gb8 / hbm:>9.0f}%"
+                  f" | {us16:>7.1f} {gb16:>5.0f} {100 * gb16 / hbm:>9.0f}% | {us16 / us8:>5.2f}x")
         del q, w16
     print("prefill, 2048 rows: N K  int8 (converted + cuBLAS) ms  bf16 ms  int8 / bf16")
     for N, K in DENSE_SHAPES[:-1]:

@@ -25,7 +25,7 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 POINTERS = {  # element type of each pointer argument, by name
     "x_ptr": "*bf16", "codes_ptr": "*i32", "halves_ptr": "*bf16", "slots_ptr": "*i32", "h_ptr": "*fp32",
     "weights_ptr": "*fp32", "residual_ptr": "*bf16", "y_ptr": "*fp32", "xp_ptr": "*fp32", "xsum_ptr": "*fp32",
-    "hp_ptr": "*fp32", "hsum_ptr": "*fp32",
+    "hp_ptr": "*fp32", "hsum_ptr": "*fp32", "scale_ptr": "*fp32",
 }
 KINDS = {  # opcode -> kind; the rest count as "other"
     "FFMA": "ffma", "FMUL": "fp", "FADD": "fp", "FMNMX": "fp", "FSEL": "fp",

@@ -1,12 +1,19 @@
-"""int8-weight x 16-bit-activation GEMV for decode: y [M, N] = (x [M, K] @ q [N, K]^T) * scale [N],
-for M = 1..16 rows of x (the resident dense projections with `--dense-bits 8`).
+"""int8-weight x 16-bit-activation GEMV for decode: y [1, N] = (x [1, K] @ q [N, K]^T) * scale [N],
+for one row of x (decode, with the resident dense projections with `--dense-bits 8`).
 
-One program owns BLOCK_N weight rows and walks K in BLOCK_K steps: each step loads a [BLOCK_N,
-BLOCK_K] int8 tile (rows contiguous along K: wide coalesced loads), converts it to fp32 and
-multiplies it with all M rows of x at once, so every weight byte is read from memory once whatever M
-is. The per-row scale is symmetric and per output channel, so it waits for the epilogue: the inner
-loop is one conversion and one multiply-add per weight. `int8_linear_reference` is the plain
-PyTorch definition the kernel is tested against.
+The codes are read as int32 words, 4 codes each, and become fp32 by one AND each (kernels/codes.py)
+instead of an int-to-float conversion: at a quarter of the FMA rate on Hopper, the conversions bound
+the first version of this kernel to 14-59% of the copy rate on the 397B's projections (docs/
+EXPERIMENTS.md entry 37). The mask reads unsigned codes, so each word is first flipped to
+u = q + 128 (one XOR per 4 codes) and the row's sum loses 128 * sum(x):
+  sum_k q_k x_k = sum_k u_k x_k - 128 * sum_k x_k
+with sum(x) summed from the inputs each lane loads anyway. The scale is symmetric and per output
+channel, so it waits for the epilogue.
+
+One program owns BLOCK_N rows; each warp reads 128 consecutive words of every row (one 16-byte load
+per lane and row) and holds all the block's rows, so each input value loaded serves every row, and
+each lane keeps its own accumulators until one reduction at the end. `int8_linear_reference` is the
+plain PyTorch definition the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -15,58 +22,65 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16  # beyond this the caller dequantizes on the fly and uses a library matmul (compute-bound)
+from .codes import TWO_POW_64, TWO_POW_M64, after_previous_kernel, code_value, layout_x, position_scale, use_pdl
+
+MAX_ROWS = 1  # decode; more rows (prefill) dequantize on the fly for a library matmul
+SIGN_BITS = tl.constexpr(-2139062144)  # 0x80808080: flips each code's sign bit, q -> q + 128
 
 
 @triton.jit
 def _int8_gemv_kernel(
-    x_ptr, q_ptr, scale_ptr, y_ptr, M, N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    xp_ptr, codes_ptr, scale_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    W: tl.constexpr = K // 4
+    STEPS: tl.constexpr = (W + BLOCK_W - 1) // BLOCK_W
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    # Rows past N (weights) or M (x) are clamped to the last one rather than masked, so the hot
-    # loads carry no mask; their results are never stored.
-    n_load = tl.minimum(n, N - 1).to(tl.int64)
-    m_load = tl.minimum(m, M - 1).to(tl.int64)
-    # Pointers built directly in the [M, N, K] product's layout: broadcasting needs no conversions.
-    w_rows = q_ptr + n_load[None, :, None] * K
-    x_rows = x_ptr + m_load[:, None, None] * K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)[None, None, :]
-        if EVEN_K:
-            w = tl.load(w_rows + k)
-            x = tl.load(x_rows + k)
-        else:
-            w = tl.load(w_rows + k, mask=k < K, other=0)
-            x = tl.load(x_rows + k, mask=k < K, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2)
-    scale = tl.load(scale_ptr + n_load[None, :])
-    mask = (m[:, None] < M) & (n[None, :] < N)
-    tl.store(y_ptr + m[:, None] * N + n[None, :], (acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+    # Rows past N are clamped to the last one rather than masked, so the hot loads carry no row
+    # mask; their results are never stored.
+    rows = codes_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * W
+    w = tl.arange(0, BLOCK_W)
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    xs = tl.zeros([BLOCK_W], dtype=tl.float32)
+    nxt = tl.load(rows + w[None, :], mask=w[None, :] < W, other=SIGN_BITS)  # masked words read as u = 0
+    for st in tl.static_range(STEPS):
+        words = nxt ^ SIGN_BITS
+        if st + 1 < STEPS:  # the next block's codes go out before this one's arithmetic
+            cols = (st + 1) * BLOCK_W + w
+            nxt = tl.load(rows + cols[None, :], mask=cols[None, :] < W, other=SIGN_BITS)
+        if st == 0:
+            after_previous_kernel(PDL)  # xp
+        cols = st * BLOCK_W + w
+        for p in tl.static_range(4):
+            x = tl.load(xp_ptr + p * W + cols, mask=cols < W, other=0.0)
+            acc += code_value(words, p, 8) * x[None, :]
+            xs += x * (TWO_POW_M64 / position_scale(p, 8))  # x * 2^-64
+    total = tl.sum(acc, axis=1) - 128.0 * tl.sum(xs, axis=0)
+    y = total * TWO_POW_64 * tl.load(scale_ptr + tl.minimum(n, N - 1))
+    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
-def int8_gemv(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int = 2, block_k: int = 1024, num_warps: int = 1
-) -> torch.Tensor:
-    """x [M, K] (M <= 16; bf16, fp16 or fp32), q int8 [N, K] contiguous, scale fp32 [N]
-    -> (x @ q^T) * scale as [M, N] in x.dtype, accumulated in fp32. Any N and K."""
-    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"int8_gemv takes x of shape [M, K] with 1 <= M <= {MAX_ROWS}, got {tuple(x.shape)}")
-    M, K = x.shape
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int = 8, num_warps: int = 2) -> torch.Tensor:
+    """x [1, K] (bf16, fp16 or fp32), q int8 [N, K] contiguous with K a multiple of 4,
+    scale fp32 [N] -> (x @ q^T) * scale as [1, N] in x.dtype, accumulated in fp32. Any N."""
+    if x.ndim != 2 or x.shape[0] != MAX_ROWS:
+        raise ValueError(f"int8_gemv takes x of shape [1, K], got {tuple(x.shape)}")
+    K = x.shape[1]
     N = q.shape[0]
     if q.dtype != torch.int8 or q.shape != (N, K) or not q.is_contiguous():
         raise ValueError(f"q must be a contiguous int8 [N, {K}] tensor, got {q.dtype} {tuple(q.shape)}")
+    if K % 4 or q.data_ptr() % 16:
+        raise ValueError(f"q is read as int32 words: K ({K}) must be a multiple of 4 and q 16-byte aligned")
     if scale.dtype != torch.float32 or scale.shape != (N,):
         raise ValueError(f"scale must be fp32 [{N}], got {scale.dtype} {tuple(scale.shape)}")
-    block_m = triton.next_power_of_2(M)
-    # The K step shrinks as rows grow, keeping the per-step product (registers) that of one row.
-    block_k = min(max(32, block_k // block_m), triton.next_power_of_2(K))
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    pdl = use_pdl(x)
+    xp = layout_x(x.contiguous(), 8, pdl)
+    W = K // 4
+    warps = max(1, min(num_warps, triton.next_power_of_2(W) // 128))  # each warp reads 128 words of a row
+    y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     _int8_gemv_kernel[(triton.cdiv(N, block_n),)](
-        x.contiguous(), q, scale, y, M, N, K,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=num_warps,
+        xp, q.view(torch.int32), scale, y, N, K, BLOCK_N=block_n,
+        BLOCK_W=min(128 * warps, triton.next_power_of_2(W)), PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     return y
 

@@ -14,12 +14,8 @@ Quantized records (v3: 2-, 4- and 8-bit), three launches:
   gate_up:  grid (tokens * k, I / BLOCK_N) -> hp [tokens * k, I] = w_j * silu(gate . x) * (up . x), laid out
   down:     grid (tokens, H / BLOCK_N)     -> y [tokens, H] = sum_j down_j . hp_j (+ residual)
 
-- Codes to fp32 with one AND each: the word masked to code p (at bit b = bits * p, or from the word
-  >> 8 for the codes above bit 24) has the bit pattern of the fp32 q * 2^(b - 149), exactly
-  (denormal below bit 23). Multiplied by x * 2^(85 - b), laid out so beforehand, the FFMA's product
-  is q * x * 2^-64 exactly: the same fp32 products and sums as the reference's, no int-to-float
-  conversion (quarter rate on Hopper), no shift per code. The range this leaves: inputs (x, and
-  h = silu(gate) * up) below 2^43 in magnitude (beyond, inf), exact down to 2^-39.
+- Codes to fp32 with one AND each, no int-to-float conversion (kernels/codes.py): the products
+  are the reference's fp32 products, scaled by 2^-64.
 - The input laid out once per call (layout_x), and by gate_up for down: for each code position p
   the inputs of consecutive words are contiguous, so they are vector loads, where v2 (61.8 us) re-read x at
   stride 32 / bits in every program (entry 24 of docs/EXPERIMENTS.md: ~25 us of every call).
@@ -55,6 +51,7 @@ import triton
 import triton.language as tl
 
 from ..formats.packed import RecordLayout
+from .codes import TWO_POW_64, TWO_POW_M64, after_previous_kernel, code_value, layout_x, position_scale, use_pdl
 
 
 @triton.jit
@@ -118,25 +115,6 @@ def _down_sum_kernel(
 
 # v3 (see the module docstring). Tiles [NGB groups, E experts, R rows, WPG words of a group].
 @triton.jit
-def _position_scale(p, BITS: tl.constexpr):
-    """2^(149 - 64 - b) for code position p read at bit b (see _code_term), exactly."""
-    b = tl.where(BITS * (p + 1) <= 24, BITS * p, BITS * p - 8)
-    return ((149 - 64 - b + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _code_term(words, x, p: tl.constexpr, BITS: tl.constexpr):
-    """q_p * x'_p for the p-th code of every word: q_p as the fp32 whose bit pattern is the word
-    masked to that code, q * 2^(b - 149) exactly (denormal below bit 23); x'_p the laid-out input."""
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if BITS * (p + 1) <= 24:
-        q = (words & (MASK << (BITS * p))).to(tl.float32, bitcast=True)
-    else:  # codes above bit 24 would reach the exponent: read them 8 bits lower
-        q = ((words >> 8) & (MASK << (BITS * p - 8))).to(tl.float32, bitcast=True)
-    return q * x[:, :, None, :]
-
-
-@triton.jit
 def _load_block(codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off,
                 g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
     """Codes [NGB, E, R, WPG] and scales, biases [NGB, E, R] of groups g0 .. g0 + NGB of the rows of
@@ -170,43 +148,19 @@ def _accumulate(acc, block, x_ptrs, live, g0, K: tl.constexpr, BITS: tl.constexp
     for p in tl.static_range(PW):
         x = tl.load(x_ptrs[None, :, None] + p * (K // PW) + xoff[:, None, :], mask=live[None, :, None], other=0.0)
         if p == 0:
-            qx = _code_term(words, x, p, BITS)
+            qx = code_value(words, p, BITS) * x[:, :, None, :]
         else:
-            qx += _code_term(words, x, p, BITS)
-        xs += x * (5.421010862427522e-20 / _position_scale(p, BITS))  # x * 2^-64
+            qx += code_value(words, p, BITS) * x[:, :, None, :]
+        xs += x * (TWO_POW_M64 / position_scale(p, BITS))  # x * 2^-64
     # the sums over a group's words run across the lanes holding it (a shuffle per row), so that
     # one accumulator per row is held instead of one per word
     return acc + s.to(tl.float32) * tl.sum(qx, axis=3) + b.to(tl.float32) * tl.sum(xs, axis=2)[:, :, None]
 
 
 @triton.jit
-def _after_previous_kernel(PDL: tl.constexpr):
-    """With programmatic dependent launch this program may start while the previous kernel runs
-    (it has issued its own first loads by now): wait for that kernel's writes here. And let the
-    next kernel's programs launch (they wait the same way) as this kernel's last ones start."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _row_sums(acc):
     """Per-row totals of the accumulator, the products' 2^-64 undone."""
-    return tl.sum(tl.sum(acc, axis=1), axis=0) * 18446744073709551616.0
-
-
-@triton.jit
-def _layout_x_kernel(x_ptr, xp_ptr, H: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """xp[t, p, w] = x[t, w * 32 / BITS + p] * 2^(85 - b(p)): the p-th inputs of consecutive words
-    contiguous, in fp32, scaled for _code_term."""
-    if PDL:  # gate_up may launch now: it reads its codes while this runs
-        tl.extra.cuda.gdc_launch_dependents()
-    token = tl.program_id(0)
-    PW: tl.constexpr = 32 // BITS
-    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + token * H + i).to(tl.float32)
-    p = i % PW
-    tl.store(xp_ptr + token * H + p * (H // PW) + i // PW, x * _position_scale(p, BITS))
+    return tl.sum(tl.sum(acc, axis=1), axis=0) * TWO_POW_64
 
 
 @triton.jit
@@ -234,14 +188,14 @@ def _gate_up_v3_kernel(
         if st + 1 < STEPS:  # the next block's loads go out before this one's arithmetic
             nxt = _load_block(*where, (st + 1) * NGB, H, BITS, GROUP, NGB)
         if st == 0:
-            _after_previous_kernel(PDL)  # xp
+            after_previous_kernel(PDL)  # xp
         acc = _accumulate(acc, block, x_ptrs, live, st * NGB, H, BITS, GROUP, NGB)
     gate, up = tl.split(tl.reshape(_row_sums(acc), (BLOCK_N, 2)))
     # h, times the expert's routing weight (down then sums its experts unweighted), laid out for down
     h = gate / (1.0 + tl.exp(-gate)) * up * tl.load(weights_ptr + pair).to(tl.float32)
     i = r0 + tl.arange(0, BLOCK_N)
     p = i % PW
-    tl.store(hp_ptr + pair * I + p * (I // PW) + i // PW, h * _position_scale(p, BITS))
+    tl.store(hp_ptr + pair * I + p * (I // PW) + i // PW, h * position_scale(p, BITS))
 
 
 @triton.jit
@@ -271,7 +225,7 @@ def _down_v3_kernel(
             nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, token * K_ROUTED + j1, j1 < K_ROUTED, rows, *rec,
                               (it + 1) % STEPS * NGB, I, BITS, GROUP, NGB)
         if it == 0:
-            _after_previous_kernel(PDL)  # hp
+            after_previous_kernel(PDL)  # hp
         acc = _accumulate(acc, block, hp_ptr + (token * K_ROUTED + j) * I, j < K_ROUTED, it % STEPS * NGB,
                           I, BITS, GROUP, NGB)
     y = _row_sums(acc)
@@ -366,13 +320,11 @@ class MoeGemv:
                 HAS_RESIDUAL=residual is not None, **blocks,
             )
             return y
-        xp = torch.empty(T, H, device=x.device, dtype=torch.float32)
         hp = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
         # Programmatic dependent launch (Hopper on): each kernel's programs start, and read their
         # codes, while the previous kernel finishes; they wait for its output where they need it.
-        pdl = dict(PDL=self.pdl and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
-        layout_block = min(H, 1024)
-        _layout_x_kernel[(T, H // layout_block)](x, xp, H, L.bits, layout_block, num_warps=4, **pdl)
+        pdl = dict(PDL=self.pdl and use_pdl(x))
+        xp = layout_x(x, L.bits, pdl["PDL"])
         (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.v3_blocks(k)
         meta.update(H=H, I=I, **pdl, launch_pdl=pdl["PDL"])
         _gate_up_v3_kernel[(T * k, I // self.block_n)](
