@@ -21,7 +21,7 @@ from flashmoe.layers.int8_linear import Int8Linear
 # 61.8 us at 4 bits, k=10, against v3's 27.4 (docs/bench/2026-12-02/kernels-gemv-v3-h200.txt).
 CONFIGS_16 = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
 CONFIGS = [(4, 2, None, True), (4, 2, None, False), (4, 1, None, True), (8, 2, None, True), (4, 2, 8, True),
-              (2, 2, None, True), (4, 4, None, True), (8, 2, 4, True)]
+           (2, 2, None, True), (4, 4, None, True), (8, 2, 4, True)]
 
 
 def main() -> None:

@@ -8,7 +8,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from flashmoe.config import ModelConfig
 from flashmoe.engine import Engine
+from flashmoe.formats.packed import Manifest
 from flashmoe.runtime.sampling import SamplingParams
 
 
@@ -22,10 +24,8 @@ def main() -> None:
     ap.add_argument("--gpu-share", type=float, default=0.61, help="with --preload: share of each layer's experts on the GPU")
     ap.add_argument("--tokens", type=int, default=8)
     args = ap.parse_args()
-    probe = Engine(args.model, device="cpu", verify=False, host_mem=1 << 30)
-    cfg, record = probe.config, probe.manifest.layout.record_size
+    cfg, record = ModelConfig.from_dir(args.model), Manifest.load(args.model).layout.record_size
     experts = len(cfg.moe_layers) * cfg.num_experts
-    del probe
     gpu_slots = int(experts * args.gpu_share) if args.preload else min(experts, (24 << 30) // record)
     engine = Engine(
         args.model, device="cuda", verify=False, cuda_graphs=args.graphs, dense_bits=args.dense_bits, top_k=args.top_k,

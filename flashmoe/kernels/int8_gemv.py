@@ -24,7 +24,6 @@ import triton.language as tl
 
 from .codes import TWO_POW_64, TWO_POW_M64, after_previous_kernel, code_value, layout_x, position_scale, use_pdl
 
-MAX_ROWS = 1  # decode; more rows (prefill) dequantize on the fly for a library matmul
 SIGN_BITS = tl.constexpr(-2139062144)  # 0x80808080: flips each code's sign bit, q -> q + 128
 
 
@@ -60,16 +59,22 @@ def _int8_gemv_kernel(
     tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
+def fits(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether int8_gemv takes these: one row of x (decode; prefill's rows go to a library matmul),
+    and codes readable as aligned int32 words."""
+    return x.ndim == 2 and x.shape[0] == 1 and q.ndim == 2 and q.shape[1] % 4 == 0 and q.data_ptr() % 16 == 0
+
+
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int = 8, num_warps: int = 2) -> torch.Tensor:
     """x [1, K] (bf16, fp16 or fp32), q int8 [N, K] contiguous with K a multiple of 4,
     scale fp32 [N] -> (x @ q^T) * scale as [1, N] in x.dtype, accumulated in fp32. Any N."""
-    if x.ndim != 2 or x.shape[0] != MAX_ROWS:
+    if x.ndim != 2 or x.shape[0] != 1:
         raise ValueError(f"int8_gemv takes x of shape [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
     N = q.shape[0]
     if q.dtype != torch.int8 or q.shape != (N, K) or not q.is_contiguous():
         raise ValueError(f"q must be a contiguous int8 [N, {K}] tensor, got {q.dtype} {tuple(q.shape)}")
-    if K % 4 or q.data_ptr() % 16:
+    if not fits(x, q):
         raise ValueError(f"q is read as int32 words: K ({K}) must be a multiple of 4 and q 16-byte aligned")
     if scale.dtype != torch.float32 or scale.shape != (N,):
         raise ValueError(f"scale must be fp32 [{N}], got {scale.dtype} {tuple(scale.shape)}")

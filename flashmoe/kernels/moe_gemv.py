@@ -309,7 +309,6 @@ class MoeGemv:
         gate_up = dict(zip(("w_off", "s_off", "b_off"), self.gate_up), **record)
         down = dict(zip(("w_off", "s_off", "b_off"), self.down), **record)
         down.update(residual_ptr=y if residual is None else residual, HAS_RESIDUAL=residual is not None)
-        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group)
         if not self.v3:  # 16-bit records
             blocks = dict(K_ROUTED=k, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
             h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
@@ -326,7 +325,7 @@ class MoeGemv:
         pdl = dict(PDL=self.pdl and use_pdl(x))
         xp = layout_x(x, L.bits, pdl["PDL"])
         (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.v3_blocks(k)
-        meta.update(H=H, I=I, **pdl, launch_pdl=pdl["PDL"])
+        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group, H=H, I=I, **pdl, launch_pdl=pdl["PDL"])
         _gate_up_v3_kernel[(T * k, I // self.block_n)](
             xp, codes, halves, slots, weights, hp, **gate_up, **meta, BLOCK_N=self.block_n, BLOCK_K=gu_k,
             num_warps=gu_warps,

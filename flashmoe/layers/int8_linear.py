@@ -31,8 +31,8 @@ def is_int8_linear(module_name: str) -> bool:
 
 
 class Int8Linear(nn.Module):
-    """y = (x @ weight^T) * scale: weight int8 [out, in], scale fp32 [out]. On a GPU, up to
-    MAX_ROWS rows (decode) go through the Triton GEMV, which reads each weight byte once and needs no
+    """y = (x @ weight^T) * scale: weight int8 [out, in], scale fp32 [out]. On a GPU, one row
+    (decode) goes through the Triton GEMV, which reads each weight byte once and needs no
     host sync (safe inside CUDA graphs). More rows (prefill), inputs whose width
     is not a multiple of 4 (tiny models), and the CPU, take `dequantized_matmul`."""
 
@@ -45,9 +45,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if x.is_cuda:
-            from ..kernels.int8_gemv import MAX_ROWS, int8_gemv  # Triton: the CPU path imports none of it
+            from ..kernels.int8_gemv import fits, int8_gemv  # Triton: the CPU path imports none of it
 
-            if rows.shape[0] <= MAX_ROWS and self.in_features % 4 == 0:
+            if fits(rows, self.weight):
                 return int8_gemv(rows, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
         return self.dequantized_matmul(rows).view(*x.shape[:-1], self.out_features)
 
