@@ -502,8 +502,8 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     for k in sorted(ks, reverse=True):
         engine.set_top_k(k)
         rows = [("uniform", ahead, cpu, False) for cpu in {0, *cpu_experts} for ahead in {False, prefetch}]
-        rows += [("uniform", False, 0, True)] * resident
-        rows += [("trace replay", False, 0, held) for held in residency] * bool(replays)
+        rows += [("uniform", False, cpu, True) for cpu in {0, *cpu_experts}] * resident
+        rows += [("trace replay", False, cpu, held) for held in residency for cpu in {0, *cpu_experts} if cpu == 0 or held] * bool(replays)
         for routing, ahead, cpu, held in sorted(rows, key=lambda r: (r[0] != "uniform", r[3], r[2], r[1])):
             engine.set_resident(False)
             engine.set_prefetch(ahead)

@@ -45,8 +45,9 @@ PREFETCH_OPTION = typer.Option(
 )
 CPU_EXPERTS_OPTION = typer.Option(
     0, "--cpu-experts",
-    help="With --device cuda: compute up to N of each layer's RAM-resident misses on the CPU while the rest are copied "
-    "(needs numba; measured slower on an H200, docs/EXPERIMENTS.md entry 26).",
+    help="With --device cuda: compute up to N of each decode layer's RAM-resident experts on the CPU (needs numba). "
+    "With --preload, server threads on all cores but one take a share of those the GPU would read over PCIe "
+    "(faster on an H200: docs/EXPERIMENTS.md entry 39); without, misses the CPU computes are not copied (slower there, entry 26).",
 )
 PRELOAD_OPTION = typer.Option(
     False, "--preload",

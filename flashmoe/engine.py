@@ -104,8 +104,9 @@ class Engine:
         here from the 16-bit dense file; layers/int8_linear.py says which).
         prefetch: during decode, guess each MoE layer's experts one layer ahead and start copying
         them early (GPU path; runtime/gpu_experts.py). Changes timing only, never results.
-        cpu_experts: during decode, compute up to this many of each layer's misses that sit in the
-        host tier on the CPU while the others are copied to the GPU (GPU path; needs numba).
+        cpu_experts: during decode, compute up to this many of each layer's experts that sit in the
+        host tier on the CPU while the GPU copies (or, preloaded, reads) the others (GPU path; needs
+        numba; set_cpu_experts).
         preload: read every expert into the GPU tier or the host tier now (they must hold them all),
         then read each where it lies: no copies and no host sync per layer (GPU path; `preload`)."""
         self.dir = Path(model_dir)
@@ -234,24 +235,36 @@ class Engine:
             layers[i].predict_next = NextLayerGuess(layers[nxt]) if on and nxt is not None else None
 
     def set_cpu_experts(self, per_layer: int) -> None:
-        """Compute up to `per_layer` host-resident misses of each decode layer on the CPU (0: none).
-        The kernel is compiled on first use (seconds)."""
-        from .runtime.gpu_experts import HostCompute
-
+        """Compute up to `per_layer` host-resident experts of each decode layer on the CPU (0: none):
+        misses, which the copying path then does not copy (HostCompute), or with resident experts
+        (preload) a share of those read over PCIe (ResidentCpuShare: server threads on all cores
+        but one). The kernels are compiled on first use (seconds; cached on disk after)."""
         if per_layer < 0:
             raise ValueError(f"--cpu-experts must be >= 0, got {per_layer}")
         if per_layer and self.gpu_tier is None:
             raise ValueError("--cpu-experts needs the GPU expert path (--device cuda): on the CPU path every expert is computed there")
-        if per_layer and self.resident:
-            raise ValueError("--cpu-experts and --preload exclude each other: preloaded decode never hands experts to the host")
-        if per_layer and self._host_compute is None:
-            self.cpu_kernel = self.cpu_kernel or self._cpu_kernel(required=True)  # default threads: all cores but one
-            self._host_compute = HostCompute(self.cpu_kernel, self.top_k, self.dtype, self.device, per_layer)
-        if self._host_compute is not None:
-            self._host_compute.per_layer = per_layer
-        if self.gpu_tier is not None:
-            self.gpu_tier.host_compute = self._host_compute if per_layer else None
         self.cpu_experts = per_layer
+        self._attach_cpu_share()
+
+    def _attach_cpu_share(self) -> None:
+        """Give the GPU tier the CPU's share that --cpu-experts and the placement call for."""
+        from .runtime.gpu_experts import HostCompute, ResidentCpuShare
+
+        tier, n = self.gpu_tier, self.cpu_experts
+        if tier is None:
+            return
+        tier.host_compute = None
+        if self.resident:
+            if n and tier.cpu_share is not None and tier.cpu_share.handoff.max_cpu == n:
+                return
+            tier.set_cpu_share(ResidentCpuShare(tier, self.store, n) if n else None)
+            return
+        if n:
+            if self._host_compute is None:
+                self.cpu_kernel = self.cpu_kernel or self._cpu_kernel(required=True)  # default threads: all cores but one
+                self._host_compute = HostCompute(self.cpu_kernel, self.top_k, self.dtype, self.device, n)
+            self._host_compute.per_layer = n
+            tier.host_compute = self._host_compute
 
     def _moe_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoE)]
@@ -300,16 +313,18 @@ class Engine:
 
     def set_resident(self, on: bool) -> None:
         """Read every expert where it lies (on) or go back to copying misses into GPU slots (off).
-        On needs every expert in one of the two tiers (place_experts) and no --prefetch / --cpu-experts."""
+        On needs every expert in one of the two tiers (place_experts) and no --prefetch."""
         if not on:
             if self.gpu_tier is not None:
                 self.gpu_tier.drop_resident()
+                self._attach_cpu_share()
             return
         if self.gpu_tier is None:
             raise ValueError("resident experts need the GPU expert path (--device cuda)")
-        if self.prefetch_on or self.cpu_experts:
-            raise ValueError("--preload excludes --prefetch and --cpu-experts: preloaded experts are read in place, never copied")
+        if self.prefetch_on:
+            raise ValueError("--preload excludes --prefetch: preloaded experts are read in place, never copied")
         self.gpu_tier.make_resident(self.store, self._moe_layers(), self.config.num_experts)
+        self._attach_cpu_share()
 
     @property
     def prefetch_on(self) -> bool:
@@ -380,6 +395,8 @@ class Engine:
         return Generation(self, prompt, params or SamplingParams(), state, logits_processor)
 
     def close(self) -> None:
+        if self.gpu_tier is not None:
+            self.gpu_tier.set_cpu_share(None)
         self.store.close()
 
 

@@ -77,17 +77,15 @@ def _permute(v, bits, group, vp, vs):
 
 
 @_jit(inline="always")
-def _rows(rec8, rec16, offs, k, bits, group, block, xp, xs, out):
-    """out[r] = sum_j w[r, j] x[j] for one block of rows of one projection of one record, read as
-    bytes (rec8) and as halfwords (rec16). offs: the codes' byte offset, the scales' and biases'
-    halfword offsets. xp, xs: the input as `_permute` lays it out. Rows go in pairs: 2I is even
-    and H a multiple of 4 (rows of whole 32-bit words)."""
+def _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out):
+    """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 (an even count, up to ROWS_PER_BLOCK) of one
+    projection of one record, read as bytes (rec8) and as halfwords (rec16). offs: the codes' byte
+    offset, the scales' and biases' halfword offsets. xp, xs: the input as `_permute` lays it out.
+    Rows go in pairs: 2I is even and H a multiple of 4 (rows of whole 32-bit words)."""
     per_byte = 8 // bits
     group_bytes = group // per_byte
     mask = (1 << bits) - 1
     row_bytes, groups = k // per_byte, k // group
-    r0 = block * ROWS_PER_BLOCK
-    r1 = min(r0 + ROWS_PER_BLOCK, out.shape[0])
     n = (r1 - r0) * groups
     # bf16 -> fp32: the bits shifted into the high half of a uint32 viewed as float32 (numba cannot
     # bit-cast a scalar, so the block's scales and biases go through a buffer at once).
@@ -159,7 +157,9 @@ def _kernel(bits: int, group: int):
                 j = task // blocks
                 i, rec = j * proj, slots[j]  # input row i: 0 for gate_up, the expert's own for down
                 offs_p = offs[3 * proj : 3 * proj + 3]
-                _rows(p8[rec], p16[rec], offs_p, k, bits, group, task % blocks, src[i], src_sums[i], dst[j])
+                r0 = task % blocks * ROWS_PER_BLOCK
+                r1 = min(r0 + ROWS_PER_BLOCK, dst.shape[1])
+                _rows(p8[rec], p16[rec], offs_p, k, bits, group, r0, r1, src[i], src_sums[i], dst[j])
         for r in range(hidden):
             acc = np.float32(0.0)
             for j in range(ne):

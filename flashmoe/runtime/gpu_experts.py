@@ -24,7 +24,9 @@ CPU compute (opt-in, decode, one token): up to `per_layer` of a layer's misses t
 tier are computed where they lie by the CPU (HostCompute) while PCIe copies the others: the host
 reads RAM at tens of GB/s beside the link's ~54. The experts' input and routing weights come back
 with the layer's routing sync; the CPU's weighted sum is added to the layer's output after the
-GPU's experts, which do not wait for it.
+GPU's experts, which do not wait for it. With resident experts there is no routing sync: the
+layer's graph asks an ExpertServer through a mailbox in pinned memory instead (ResidentCpuShare;
+kernels/cpu_expert_server.py and host_handoff.py), and the GPU reads the others over PCIe meanwhile.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ import numpy as np
 import torch
 
 from ..formats.packed import RecordLayout
+from ..kernels.cpu_expert_server import ExpertServer
 from ..kernels.cpu_experts import CpuExperts
+from ..kernels.host_handoff import DEFAULT_SHARE, HostHandoff
 from ..kernels.moe_gemv import MoeGemv
 from ..kernels.moe_grouped import MoeGrouped
 from .expert_store import ExpertStore
@@ -98,6 +102,34 @@ class HostCompute:
         y.add_(self.sum)
 
 
+class ResidentCpuShare:
+    """The CPU's share of resident decode: server threads over the host tier's records, asked by
+    each layer's publish and waited for by its join, both inside the step's graph (no host sync).
+    Up to `per_layer` of a layer's host-resident experts, `share` of them (host_handoff.py)."""
+
+    def __init__(self, tier: "GpuExpertTier", store: ExpertStore, per_layer: int, threads: int | None = None,
+                 share: float = DEFAULT_SHARE):
+        self.server = ExpertServer(tier.layout, store.pool, threads)
+        # slot 0 stands in for the CPU's experts in the GPU's list: any GPU-resident record will do
+        self.handoff = HostHandoff(self.server.mail, tier.capacity, tier.host_slot0, 0, per_layer, share, tier.pool.device)
+        self._computed_seen = 0
+        self.server.start()
+
+    def check(self) -> None:
+        """Raise if a layer's join gave up waiting for the CPU (its output then lacks the CPU's experts)."""
+        if seq := self.handoff.failed():
+            raise RuntimeError(f"the CPU expert server did not answer request {seq}; run without --cpu-experts")
+
+    def computed_since_last_call(self) -> int:
+        """Experts handed to the CPU since the last call (reads a device counter: waits for the GPU)."""
+        total = int(self.handoff.computed)
+        new, self._computed_seen = total - self._computed_seen, total
+        return new
+
+    def close(self) -> None:
+        self.server.stop()
+
+
 class GpuExpertTier:
     """`capacity` cached expert slots, `staging` slots for misses the policy does not admit, and
     with prefetch two regions of `prefetch` slots for guessed experts it does not admit (the next
@@ -129,6 +161,7 @@ class GpuExpertTier:
         self.ahead: dict[int, int] = {}  # expert -> slot, copied for the guessed layer
         self.region = 0
         self.host_compute: HostCompute | None = None  # set by the engine (--cpu-experts)
+        self.cpu_share: ResidentCpuShare | None = None  # likewise, with resident experts
         # Resident (make_resident): the slot of every (layer, expert), the lookups per (layer, expert)
         # counted on the device, and the host's view of both for the counters.
         self.table: torch.Tensor | None = None
@@ -259,7 +292,15 @@ class GpuExpertTier:
 
     def drop_resident(self) -> None:
         self.collect_stats()
+        self.set_cpu_share(None)
         self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = self._ones = None
+
+    def set_cpu_share(self, share: ResidentCpuShare | None) -> None:
+        """Hand resident decode's host-resident experts partly to the CPU (or stop: the server's threads end)."""
+        if self.cpu_share is not None:
+            self.collect_stats()
+            self.cpu_share.close()
+        self.cpu_share = share
 
     def resident_slots(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Slots of decode ids [T, k], looked up on the device and counted there (collect_stats
@@ -271,6 +312,8 @@ class GpuExpertTier:
         """Drop the lookups counted since the last collect_stats (a graph's warm-up run)."""
         if self.uses is not None:
             self._uses_seen = self._read_uses()
+        if self.cpu_share is not None:
+            self.cpu_share.computed_since_last_call()
 
     def collect_stats(self) -> None:
         """Add the resident lookups counted on the device since the last call to `stats` (reads the
@@ -279,9 +322,10 @@ class GpuExpertTier:
             return
         uses = self._read_uses()
         new, self._uses_seen = uses - self._uses_seen, uses
+        on_cpu = self.cpu_share.computed_since_last_call() if self.cpu_share is not None else 0
         self.stats.hits += int(new[self._on_gpu].sum())
-        self.stats.host_reads += int(new[~self._on_gpu].sum())
-
+        self.stats.host_reads += int(new[~self._on_gpu].sum()) - on_cpu  # host-resident, read over PCIe
+        self.stats.cpu_computed += on_cpu
 
     def _read_uses(self) -> np.ndarray:
         return self.uses.cpu().numpy().copy()  # on a CPU device .cpu() would share the live counters
@@ -362,9 +406,17 @@ class GpuRoutedExperts:
         return y if out is not None else y.to(x.dtype)
 
     def _resident_decode(self, x, ids, weights, residual=None, out=None) -> torch.Tensor:
-        """Every expert read where it lies (make_resident): no copy, no host sync, no timer section
-        (a profile's sync would break a graph capture): capturable."""
-        slots = self.tier.resident_slots(self.layer, ids[:, : weights.shape[1]])
+        """Every expert read where it lies (make_resident), or for one token partly computed by the
+        CPU (cpu_share): no copy, no host sync, no timer section (a profile's sync would break a
+        graph capture): capturable."""
+        ids, share = ids[:, : weights.shape[1]], self.tier.cpu_share
+        if share is not None and x.shape[0] == 1:
+            tier = self.tier
+            slots, gpu_weights = share.handoff.publish(tier.table[self.layer], tier.uses[self.layer], ids, weights, x)
+            y = self.gemv(x, tier.pool, slots, gpu_weights, residual, out)
+            share.handoff.join(y)
+            return y
+        slots = self.tier.resident_slots(self.layer, ids)
         return self.gemv(x, self.tier.pool, slots, weights.float(), residual, out)
 
     def decode_into(self, x, ids, weights, residual, out) -> None:

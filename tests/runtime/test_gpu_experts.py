@@ -178,6 +178,41 @@ def test_resident_experts_read_in_place_match_the_copying_path(packed4):
     assert unchanged and store.misses == store.bytes_read == 0  # prefill's records were all host-tier hits
 
 
+def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
+    """Preloaded, with --cpu-experts 1: each decode layer hands some of its host-resident experts to
+    the CPU's server through the mailbox (no host sync). Logits match resident decode without it
+    (the CPU's sum is rounded apart), every lookup is counted once, as a GPU hit, a read over PCIe
+    or a CPU expert, and turning the share off stops the server's threads."""
+    pytest.importorskip("numba")
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(6))
+    record = Manifest.load(packed4).layout.record_size
+    runs = {}
+    for per_layer in (0, 1):
+        engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record, cpu_experts=per_layer)
+        engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
+        engine.preload()  # 2 of 8 experts per layer on the GPU: most routed experts lie in the host tier
+        tier = engine.gpu_tier
+        assert (tier.cpu_share is not None) == bool(per_layer)
+        state = engine.new_state()
+        with torch.inference_mode():
+            out = [engine.model(ids.to(engine.device), state, last_only=False).cpu()]  # prefill: copies, no CPU share
+            tier.collect_stats()
+            tier.stats = type(tier.stats)()
+            for t in range(3):
+                out.append(engine.model(torch.tensor([t + 3], device=engine.device), state).cpu())
+        tier.collect_stats()
+        runs[per_layer] = torch.cat(out), tier.stats
+        if per_layer:
+            threads = tier.cpu_share.server._running
+            engine.set_cpu_experts(0)
+            assert tier.cpu_share is None and not any(t.is_alive() for t in threads)
+    (plain, off), (got, on) = runs[0], runs[1]
+    assert float((got - plain).norm() / plain.norm()) < 1e-5
+    assert off.cpu_computed == 0 and 0 < on.cpu_computed <= 4 * 3  # at most 1 per layer, 4 layers, 3 steps
+    assert on.hits + on.host_reads + on.cpu_computed == off.hits + off.host_reads == 4 * 3 * 2
+    assert on.host_reads == off.host_reads - on.cpu_computed
+
+
 def test_resident_table_points_every_expert_at_its_record(packed4):
     record = Manifest.load(packed4).layout.record_size
     engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)

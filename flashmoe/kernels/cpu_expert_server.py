@@ -1,0 +1,261 @@
+"""Routed experts computed by the CPU for a GPU that never waits on the host: resident decode runs
+each token as one CUDA graph (runtime/graphs.py), so the CPU's share of a layer's host-resident
+experts cannot go through a host sync and a worker hand-off (docs/EXPERIMENTS.md entry 26: the
+Python hand-off alone cost more than the expert). Instead the two sides meet in a mailbox of
+pinned host memory, which the GPU reads and writes in place (it is mapped into its address space):
+
+  GPU (kernels/host_handoff.py `publish`)     CPU (ExpertServer's threads, spinning)
+  x, the CPU's experts and weights -> mail
+  mail[REQUEST] = seq (release)          ->   see seq; gate_up + SwiGLU, a share of rows each
+  the GPU's experts (host-resident ones       barrier; down + weighted sum, a share of rows each
+  read over PCIe meanwhile)                   the last thread out: mail[DONE] = seq (release)
+  `join`: spin until mail[DONE] == seq   <-
+  out += mail[RESULT]
+
+The threads are persistent numba functions (GIL released) that split every request statically
+into equal row ranges and meet at counters that only grow (a request's barrier is reached at
+threads x requests served): no thread pool, no allocation, no Python between the GPU's signal and
+the CPU's answer. They spin while requests come, which takes their cores (all but one by default),
+and after IDLE_CYCLES without one go back to Python and sleep, polling every IDLE_POLL_S: the
+first request after a pause waits that long, the next ones not at all.
+
+The arithmetic is kernels/cpu_experts.py's (`_rows`, `_permute`), so the definition it is tested
+against is the same: `layout.weights` + `swiglu_expert` in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+
+from ..formats.packed import RecordLayout
+from .cpu_experts import ROWS_PER_BLOCK, SUPPORTED_BITS, _jit, _offsets, _permute, _rows, numba
+
+# Mailbox words (int32; fp32 where noted). The flags the two sides spin on sit on lines of their own.
+REQUEST = 0  # seq of the newest request, written by the GPU after the fields below
+DONE = 16  # seq of the newest answered request, written by the CPU after RESULT
+STOP = 32  # nonzero: the threads return
+ERROR = 48  # seq of a request the GPU stopped waiting for (join's bound on spinning)
+COUNT = 64  # experts in the request
+SLOTS = 80  # their host-tier slots
+WEIGHTS = 96  # their routing weights (fp32)
+MAX_EXPERTS = 16
+X = 128  # the experts' input, fp32 [H]; RESULT follows it: fp32 [H]
+IDLE_CYCLES = 1 << 27  # time-stamp counter ticks (~50 ms) of spinning without a request before sleeping
+IDLE_POLL_S = 2e-4
+
+
+def mailbox_words(hidden: int) -> int:
+    return X + 2 * hidden
+
+
+if numba is not None:
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    def _element_pointer(context, builder, aryty, ary, idx):
+        return cgutils.get_item_pointer(context, builder, aryty, context.make_array(aryty)(context, builder, ary), [idx])
+
+    # numba has no atomics on the CPU; these emit LLVM's. Plain loads would not do for spinning:
+    # LLVM may hoist a load the loop never writes out of the loop.
+    @intrinsic
+    def atomic_load(typingctx, arr, idx):
+        """arr[idx], an acquire load."""
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+            return builder.load_atomic(ptr, "acquire", sig.args[0].dtype.bitwidth // 8)
+
+        return arr.dtype(arr, types.intp), codegen
+
+    @intrinsic
+    def atomic_store(typingctx, arr, idx, value):
+        """arr[idx] = value, a release store."""
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+            builder.store_atomic(args[2], ptr, "release", sig.args[0].dtype.bitwidth // 8)
+            return context.get_dummy_value()
+
+        return types.void(arr, types.intp, arr.dtype), codegen
+
+    @intrinsic
+    def atomic_add(typingctx, arr, idx, value):
+        """arr[idx] += value atomically -> the old value."""
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+            return builder.atomic_rmw("add", ptr, args[2], "acq_rel")
+
+        return arr.dtype(arr, types.intp, arr.dtype), codegen
+
+    @intrinsic
+    def cycles(typingctx):
+        """The time-stamp counter (llvm.readcyclecounter)."""
+
+        def codegen(context, builder, sig, args):
+            fnty = ir.FunctionType(ir.IntType(64), [])
+            return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter"), [])
+
+        return types.int64(), codegen
+
+
+@_jit(inline="always")
+def _share(total, part, parts):
+    """Rows [lo, hi) of `total` (even) for thread `part` of `parts`: equal shares of even size."""
+    return total * part // parts // 2 * 2, total * (part + 1) // parts // 2 * 2
+
+
+@_jit(inline="always")
+def _wait_for(counts, idx, target):
+    """Arrive at the barrier counts[idx] and spin until every thread has (it counts arrivals over
+    all requests, so it needs no reset)."""
+    atomic_add(counts, idx, np.int64(1))
+    while atomic_load(counts, idx) < target:
+        pass
+
+
+@functools.cache
+def _server(bits: int, group: int):
+    """The threads' loop for one record format (constants of the closure, as in cpu_experts._kernel)."""
+    per_byte = 8 // bits
+    group_bytes = group // per_byte
+
+    @_jit()
+    def serve(part, parts, served, last, mail, mailf, counts, p8, p16, offs, hidden, inter, act):
+        """Thread `part` of `parts`, which has answered `served` requests, the last one `last`:
+        answer the ones that follow until STOP or IDLE_CYCLES without one -> (served, last). act
+        [MAX_EXPERTS, inter] is shared: each expert's SwiGLU activation, laid out for down by `_permute`."""
+        xp, xs = np.empty(hidden, np.float32), np.zeros(hidden // group, np.float32)
+        h, y = np.empty(2 * inter, np.float32), np.empty(hidden, np.float32)
+        act_sums = np.zeros((MAX_EXPERTS, inter // group), np.float32)
+        since = cycles()
+        while True:
+            seq = atomic_load(mail, REQUEST)
+            if seq == last:
+                if atomic_load(mail, STOP) != 0 or cycles() - since > IDLE_CYCLES:
+                    return served, last
+                continue
+            last, served = seq, served + 1
+            n = mail[COUNT]
+            xs[:] = 0
+            _permute(mailf[X : X + hidden], bits, group, xp, xs)
+            # gate_up and SwiGLU: this thread's share of the n x inter activations
+            lo, hi = _share(n * inter, part, parts)
+            for j in range(lo // inter, (hi + inter - 1) // inter):
+                rec = mail[SLOTS + j]
+                i0, i1 = max(lo - j * inter, 0), min(hi - j * inter, inter)
+                for r0 in range(i0, i1, ROWS_PER_BLOCK):
+                    r1 = min(r0 + ROWS_PER_BLOCK, i1)
+                    _rows(p8[rec], p16[rec], offs[0:3], hidden, bits, group, r0, r1, xp, xs, h)  # gate
+                    _rows(p8[rec], p16[rec], offs[0:3], hidden, bits, group, inter + r0, inter + r1, xp, xs, h)  # up
+                for i in range(i0, i1):
+                    gate = h[i]
+                    g, t = i // group, i % group
+                    a = gate / (np.float32(1.0) + np.exp(-gate)) * h[inter + i]
+                    act[j, g * group + (t % per_byte) * group_bytes + t // per_byte] = a
+            _wait_for(counts, 0, parts * served)
+            # down and the weighted sum: this thread's share of the output rows, experts in order
+            for j in range(n):
+                for g in range(inter // group):
+                    act_sums[j, g] = act[j, g * group : (g + 1) * group].sum()
+            lo, hi = _share(hidden, part, parts)
+            result = mailf[X + hidden : X + 2 * hidden]
+            for j in range(n):
+                rec, w = mail[SLOTS + j], mailf[WEIGHTS + j]
+                for r0 in range(lo, hi, ROWS_PER_BLOCK):
+                    r1 = min(r0 + ROWS_PER_BLOCK, hi)
+                    _rows(p8[rec], p16[rec], offs[3:6], inter, bits, group, r0, r1, act[j], act_sums[j], y)
+                    for r in range(r0, r1):
+                        result[r] = w * y[r] if j == 0 else result[r] + w * y[r]
+            if atomic_add(counts, 8, np.int64(1)) == parts * served - 1:  # the last thread out answers
+                atomic_store(mail, DONE, seq)
+            since = cycles()
+
+    return serve
+
+
+class ExpertServer:
+    """Threads that compute the experts a mailbox asks for, from the host tier's records in place.
+
+    `mail` is the pinned int32 mailbox (module docstring) the GPU kernels address; `request` asks
+    from the host instead (tests, timing the CPU alone). The pool's records must not change while
+    the server runs."""
+
+    def __init__(self, layout: RecordLayout, pool: torch.Tensor, threads: int | None = None):
+        if numba is None:
+            raise RuntimeError("the CPU's share of resident experts needs numba: pip install 'flashmoe[cpu-experts]'")
+        if layout.bits not in SUPPORTED_BITS or layout.group_size * layout.bits % 8:
+            raise ValueError(f"the CPU computes {'/'.join(map(str, SUPPORTED_BITS))}-bit records, not {layout.bits}-bit")
+        if pool.device.type != "cpu" or pool.dtype != torch.uint8 or pool.dim() != 2 or pool.shape[1] != layout.record_size:
+            raise ValueError(f"pool must be the host tier's uint8 [slots, {layout.record_size}] tensor")
+        self.layout, self.pool = layout, pool
+        self.threads = max(1, threads or (os.cpu_count() or 2) - 1)  # a core left for the thread that drives the GPU
+        H, I = layout.hidden_size, layout.intermediate_size
+        self.mail = torch.zeros(mailbox_words(H), dtype=torch.int32, pin_memory=torch.cuda.is_available())
+        mail = self.mail.numpy()
+        p8 = pool.numpy()
+        self._args = (mail, mail.view(np.float32), np.zeros(16, np.int64), p8, p8.view(np.uint16), _offsets(layout),
+                      H, I, np.zeros((MAX_EXPERTS, I), np.float32))
+        self._serve = _server(layout.bits, layout.group_size)
+        self._running: list[threading.Thread] = []
+        self._seq = 0
+
+    @property
+    def mail_np(self) -> np.ndarray:
+        return self._args[0]
+
+    def start(self) -> None:
+        """Compile the loop (once per machine: cached on disk) and start the threads."""
+        mail = self.mail_np
+        mail[STOP] = 1
+        last = int(mail[REQUEST])  # the threads answer what comes after, however late they start
+        self._serve(0, 1, 0, last, *self._args)  # returns at once: compiles
+        mail[STOP] = 0
+        self._args[2][:] = 0  # the barriers count from zero again (each thread's `served` does)
+        self._running = [threading.Thread(target=self._run, args=(p, last), daemon=True, name=f"cpu-expert-server-{p}")
+                         for p in range(self.threads)]
+        for t in self._running:
+            t.start()
+
+    def _run(self, part: int, last: int) -> None:
+        mail, served = self.mail_np, 0
+        while not mail[STOP]:
+            served, last = self._serve(part, self.threads, served, last, *self._args)  # spins, GIL released
+            while mail[REQUEST] == last and not mail[STOP]:
+                time.sleep(IDLE_POLL_S)
+
+    def stop(self) -> None:
+        self.mail_np[STOP] = 1
+        for t in self._running:
+            t.join()
+        self._running = []
+
+    @property
+    def running(self) -> bool:
+        return bool(self._running)
+
+    def request(self, slots: list[int], weights: list[float], x: torch.Tensor) -> torch.Tensor:
+        """Ask from the host, as the GPU's `publish` would, and wait -> [H] fp32 weighted sum."""
+        if not self.running:
+            raise RuntimeError("the server is not running: start() it first")
+        if not 0 < len(slots) <= MAX_EXPERTS or len(weights) != len(slots):
+            raise ValueError(f"1 to {MAX_EXPERTS} experts with one weight each, got {len(slots)} and {len(weights)}")
+        H, mail = self.layout.hidden_size, self.mail_np
+        mailf = mail.view(np.float32)
+        mail[COUNT] = len(slots)
+        mail[SLOTS : SLOTS + len(slots)] = slots
+        mailf[WEIGHTS : WEIGHTS + len(slots)] = weights
+        mailf[X : X + H] = x.float().numpy()
+        self._seq = int(mail[REQUEST]) + 1
+        mail[REQUEST] = self._seq  # a numpy store; x86 keeps it after the stores above
+        while mail[DONE] != self._seq:  # numpy re-reads memory on every access
+            pass
+        return torch.from_numpy(mailf[X + H : X + 2 * H].copy())
