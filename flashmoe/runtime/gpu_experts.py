@@ -39,6 +39,7 @@ from ..formats.packed import RecordLayout
 from ..kernels.cpu_experts import CpuExperts
 from ..kernels.moe_gemv import MoeGemv
 from ..kernels.moe_grouped import MoeGrouped
+from ..kernels.slot_lookup import lookup_slots
 from .expert_store import ExpertStore
 from .policy import SlotMap
 from .stats import GpuTierStats
@@ -136,7 +137,6 @@ class GpuExpertTier:
         self.uses: torch.Tensor | None = None
         self._on_gpu: np.ndarray | None = None
         self._uses_seen: np.ndarray | None = None
-        self._ones: torch.Tensor | None = None
 
     def absent(self, layer: int, experts: list[int]) -> list[int]:
         """Those of the experts that place() would have to copy in (neither cached nor copied ahead)."""
@@ -255,17 +255,15 @@ class GpuExpertTier:
         self.table = torch.from_numpy(table).to(self.pool.device)
         self.uses = torch.zeros_like(self.table)
         self._uses_seen = np.zeros_like(table)
-        self._ones = torch.ones(DECODE_MAX_TOKENS * 64, dtype=torch.int64, device=self.pool.device)
 
     def drop_resident(self) -> None:
         self.collect_stats()
-        self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = self._ones = None
+        self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = None
 
     def resident_slots(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Slots of decode ids [T, k], looked up on the device and counted there (collect_stats
-        reads the counts): no host sync."""
-        self.uses[layer].index_add_(0, ids.flatten(), self._ones[: ids.numel()])
-        return self.table[layer][ids]
+        reads the counts): no host sync, one launch."""
+        return lookup_slots(self.table[layer], self.uses[layer], ids)
 
     def forget_uncollected(self) -> None:
         """Drop the lookups counted since the last collect_stats (a graph's warm-up run)."""
@@ -349,7 +347,7 @@ class GpuRoutedExperts:
                 table.numpy()[:] = [[slots[e] for e in r] for r in ids_host.tolist()]
             with self.timer.section("expert_compute"):
                 if n:
-                    y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float(), residual, out)
+                    y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights, residual, out)
                 else:  # every expert on the CPU
                     y = out.copy_(residual) if out is not None else torch.zeros(T, x.shape[1], device=x.device)
             if guess.numel() and self.next_layer is not None:
@@ -365,7 +363,7 @@ class GpuRoutedExperts:
         """Every expert read where it lies (make_resident): no copy, no host sync, no timer section
         (a profile's sync would break a graph capture): capturable."""
         slots = self.tier.resident_slots(self.layer, ids[:, : weights.shape[1]])
-        return self.gemv(x, self.tier.pool, slots, weights.float(), residual, out)
+        return self.gemv(x, self.tier.pool, slots, weights, residual, out)
 
     def decode_into(self, x, ids, weights, residual, out) -> None:
         """out = residual + routed experts of x (the graphed decode step's fused form)."""
