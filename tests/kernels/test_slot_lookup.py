@@ -46,3 +46,25 @@ def test_lookup_refuses_what_it_does_not_support(device):
         lookup_slots(table, torch.zeros(8, dtype=torch.int32, device=device), torch.zeros(1, 2, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="unit column stride"):
         lookup_slots(table, torch.zeros(8, dtype=torch.int64, device=device), torch.zeros(2, 4, dtype=torch.long, device=device)[:, ::2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lookup_replays_from_a_cuda_graph():
+    """As resident decode runs it: captured once, replayed with new ids in the captured buffer;
+    the counts accumulate over replays."""
+    table = random_table(2, 512, seed=1).cuda()
+    uses = torch.zeros(2, 512, dtype=torch.int64, device="cuda")
+    ids = torch.zeros(1, 10, dtype=torch.int64, device="cuda")
+    lookup_slots(table[1], uses[1], ids)  # compile outside the capture
+    uses.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        slots = lookup_slots(table[1], uses[1], ids)
+    ref_uses = torch.zeros(2, 512, dtype=torch.int64)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        step = torch.randperm(512, generator=g)[:10][None]
+        ids.copy_(step)
+        graph.replay()
+        assert torch.equal(slots.cpu(), lookup_slots_reference(table[1].cpu(), ref_uses[1], step))
+    assert torch.equal(uses.cpu(), ref_uses)
