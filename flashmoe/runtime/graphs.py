@@ -2,8 +2,8 @@
 
 A decode step launches a few hundred small kernels; from Python each launch costs ~10 us, which
 for 60 layers would be most of a token's budget. So everything up to the routing decision of each
-layer (norms, mixer, router, shared expert) is captured once into a graph over static buffers and
-replayed; the routed experts stay outside, because the host must see the routing to fetch them.
+layer (norms, mixer, router, shared expert) is captured once into a graph and replayed; the
+routed experts stay outside, because the host must see the routing to fetch them.
 With resident experts (Engine.preload) the host never needs the routing, so the routed experts are
 captured too and the whole step is one graph: one launch per token. (When the timer synchronizes
 for a profile, each layer's dense part and routed experts are graphs of their own, timed apart.)
