@@ -1,9 +1,13 @@
 """Instruction counts of the gathered-experts kernels, compiled for Hopper (sm_90) without a GPU:
 Triton ships ptxas and cuobjdump. For each kernel: registers and spills, then per loop body (and
 the straight-line rest) the SASS instructions by kind, the global loads by vector width, shared
-memory traffic and barriers, and instructions per weight at the 397B shape.
+memory traffic and barriers, and instructions per weight at the 397B shape. With --dense, the
+dense part's kernels instead (int8 GEMV plain and with the shared expert's fused epilogue, the
+SwiGLU input layout, the shared expert's elementwise kernels, the resident slot lookup; per
+weight for the GEMV, per value for the rest): that they compile for the GPU, and their size.
 
     python scripts/sass_count.py [--bits 4 2 8 16] [--block-n N --warps W ...] [--dump DIR]
+    python scripts/sass_count.py --dense
 """
 
 from __future__ import annotations
@@ -35,14 +39,16 @@ KINDS = {  # opcode -> kind; the rest count as "other"
 }
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int) -> dict:
-    """The kernel compiled for sm_90 as the runtime would (16-byte aligned pointers, ints divisible by 16)."""
+def compile_kernel(fn, constexprs: dict, num_warps: int, pointers: dict | None = None) -> dict:
+    """The kernel compiled for sm_90 as the runtime would (16-byte aligned pointers, ints divisible
+    by 16); `pointers` overrides POINTERS' element types by argument name."""
+    types = {**POINTERS, **(pointers or {})}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        sig[name] = POINTERS.get(name, "i32")
+        sig[name] = types.get(name, "i32")
         attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=num_warps))
@@ -139,8 +145,13 @@ def main() -> None:
     ap.add_argument("--down-block-n", type=int, help="quantized records only")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--dump", type=Path, default=Path("/tmp/sass_count"))
+    ap.add_argument("--dense", action="store_true", help="the dense part's kernels instead")
     args = ap.parse_args()
     args.dump.mkdir(parents=True, exist_ok=True)
+    if args.dense:
+        for name, fn, consts, warps, values, pointers in dense_kernels():
+            report(name, compile_kernel(fn, consts, warps, pointers), values / (32 * warps), [], args.dump)
+        return
     for bits in args.bits:
         layout = RecordLayout.build(4096, 1024, bits, 64)
         gemv = m.MoeGemv(layout, args.block_n, args.block_k, args.warps, down_block_n=args.down_block_n)
@@ -168,6 +179,29 @@ def kernels(gemv: m.MoeGemv, k: int):
     w = gemv.num_warps
     return [("gate_up", m._gate_up_swiglu_kernel, meta, w, 2 * bn * H, [H // gemv.block_k] * 2),
             ("down", m._down_sum_kernel, dict(meta, HAS_RESIDUAL=False), w, k * bn * I, [k, I // gemv.block_k])]
+
+
+def dense_kernels():
+    """(name, kernel, constexprs, warps, weights or values per program, pointer types) of the
+    dense part's kernels as decode launches them at the 397B's shapes (hidden 4096, shared expert
+    1024, k 10; bf16 activations)."""
+    from flashmoe.kernels import codes, int8_gemv, shared_expert, slot_lookup
+
+    bf = "*bf16"
+    gemv = dict(xp_ptr="*fp32", codes_ptr="*i32", scale_ptr="*fp32", shared_gate_ptr=bf, residual_ptr=bf, y_ptr=bf)
+    i64 = dict(ids_ptr="*i64", table_ptr="*i64", uses_ptr="*i64", slots_ptr="*i64")
+    return [
+        ("int8_gemv K=4096", int8_gemv._int8_gemv_kernel, dict(K=4096, BLOCK_N=8, BLOCK_W=256, GATED=False, PDL=True),
+         2, 8 * 4096, gemv),
+        ("int8_gemv K=1024, gated residual", int8_gemv._int8_gemv_kernel,
+         dict(K=1024, BLOCK_N=8, BLOCK_W=256, GATED=True, PDL=True), 2, 8 * 1024, gemv),
+        ("layout_x 8-bit, SwiGLU", codes._layout_x_kernel, dict(H=1024, BITS=8, BLOCK=1024, SWIGLU=True, PDL=True), 4,
+         1024, dict(x_ptr=bf, up_ptr=bf, xp_ptr="*fp32")),
+        ("swiglu", shared_expert._swiglu_kernel, dict(BLOCK=1024), 4, 1024, dict(gate_ptr=bf, up_ptr=bf, h_ptr=bf)),
+        ("gated_residual", shared_expert._gated_residual_kernel, dict(BLOCK=1024), 4, 1024,
+         dict(x_ptr=bf, gate_ptr=bf, y_ptr=bf, out_ptr=bf)),
+        ("slot_lookup k=10", slot_lookup._lookup_kernel, dict(BLOCK=16), 1, 16, i64),
+    ]
 
 
 if __name__ == "__main__":

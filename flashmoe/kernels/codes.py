@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .shared_expert import silu_mul
+
 TWO_POW_64 = tl.constexpr(18446744073709551616.0)
 TWO_POW_M64 = tl.constexpr(5.421010862427522e-20)
 
@@ -55,7 +57,8 @@ def after_previous_kernel(PDL: tl.constexpr):
 
 
 @triton.jit
-def _layout_x_kernel(x_ptr, xp_ptr, H: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _layout_x_kernel(x_ptr, up_ptr, xp_ptr, H: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                     SWIGLU: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # the kernel that reads xp may launch now: it reads its codes while this runs
         tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0)
@@ -63,6 +66,9 @@ def _layout_x_kernel(x_ptr, xp_ptr, H: tl.constexpr, BITS: tl.constexpr, BLOCK: 
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = i < H
     x = tl.load(x_ptr + token * H + i, mask=live).to(tl.float32)
+    if SWIGLU:  # x is a gate: the input is silu(x) * up
+        up = tl.load(up_ptr + token * H + i, mask=live).to(tl.float32)
+        x = silu_mul(x, up, x_ptr.dtype.element_ty)
     p = i % PW
     tl.store(xp_ptr + token * H + p * (H // PW) + i // PW, x * position_scale(p, BITS), mask=live)
 
@@ -72,11 +78,15 @@ def use_pdl(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def layout_x(x: torch.Tensor, bits: int, pdl: bool) -> torch.Tensor:
+def layout_x(x: torch.Tensor, bits: int, pdl: bool, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H] (H a multiple of 32 / bits) -> xp [T, H] fp32: x[t, w * 32 / bits + p] * 2^(85 - b(p))
-    at [t, p * H * bits / 32 + w]."""
+    at [t, p * H * bits / 32 + w]. Given `up` (x's shape and dtype), silu(x) * up is laid out instead
+    (kernels/shared_expert.py's SwiGLU, fused: one launch fewer before a down projection)."""
     T, H = x.shape
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
+        raise ValueError(f"up must match x ({tuple(x.shape)} {x.dtype}), got {tuple(up.shape)} {up.dtype}")
     xp = torch.empty(T, H, device=x.device, dtype=torch.float32)
     block = min(1024, triton.next_power_of_2(H))
-    _layout_x_kernel[(T, triton.cdiv(H, block))](x, xp, H, bits, block, pdl, num_warps=4)
+    _layout_x_kernel[(T, triton.cdiv(H, block))](x, x if up is None else up, xp, H, bits, block, up is not None, pdl,
+                                                 num_warps=4)
     return xp

@@ -45,7 +45,7 @@ def _publish_kernel(
     ids = tl.load(ids_ptr + j, mask=live, other=0)
     slot = tl.load(table_ptr + ids, mask=live, other=0)
     w = tl.load(weights_ptr + j, mask=live, other=0.0).to(tl.float32)
-    tl.atomic_add(uses_ptr + ids, 1, mask=live)
+    tl.atomic_add(uses_ptr + ids, 1, mask=live, sem="relaxed")  # counters only: no ordering needed
     host = live & ((slot < 0) | (slot >= capacity))
     n_host = tl.sum(host.to(tl.int32), axis=0)
     c = tl.minimum(tl.floor(n_host * share + 0.5).to(tl.int32), max_cpu)

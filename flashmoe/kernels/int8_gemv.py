@@ -14,6 +14,9 @@ One program owns BLOCK_N rows; each warp reads 128 consecutive words of every ro
 per lane and row) and holds all the block's rows, so each input value loaded serves every row, and
 each lane keeps its own accumulators until one reduction at the end. `int8_linear_reference` is the
 plain PyTorch definition the kernel is tested against.
+
+For the shared expert's down projection it also takes the SwiGLU before it (in the input's layout)
+and the gated residual add after it (in the epilogue): five elementwise launches fewer per layer.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import triton
 import triton.language as tl
 
 from .codes import TWO_POW_64, TWO_POW_M64, after_previous_kernel, code_value, layout_x, position_scale, use_pdl
+from .shared_expert import gated_add
 
 SIGN_BITS = tl.constexpr(-2139062144)  # 0x80808080: flips each code's sign bit, q -> q + 128
 
 
 @triton.jit
 def _int8_gemv_kernel(
-    xp_ptr, codes_ptr, scale_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    PDL: tl.constexpr,
+    xp_ptr, codes_ptr, scale_ptr, shared_gate_ptr, residual_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):
     W: tl.constexpr = K // 4
     STEPS: tl.constexpr = (W + BLOCK_W - 1) // BLOCK_W
@@ -55,8 +59,13 @@ def _int8_gemv_kernel(
             acc += code_value(words, p, 8) * x[None, :]
             xs += x * (TWO_POW_M64 / position_scale(p, 8))  # x * 2^-64
     total = tl.sum(acc, axis=1) - 128.0 * tl.sum(xs, axis=0)
+    dt = y_ptr.dtype.element_ty
     y = total * TWO_POW_64 * tl.load(scale_ptr + tl.minimum(n, N - 1))
-    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+    if GATED:  # the shared expert's gated residual add (kernels/shared_expert.py), on y as rounded eagerly;
+        # its inputs come from kernels before the previous one: ready after the wait above
+        residual = tl.load(residual_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+        y = gated_add(residual, tl.load(shared_gate_ptr).to(tl.float32), y.to(dt).to(tl.float32), dt)
+    tl.store(y_ptr + n, y.to(dt), mask=n < N)
 
 
 def fits(x: torch.Tensor, q: torch.Tensor) -> bool:
@@ -65,9 +74,15 @@ def fits(x: torch.Tensor, q: torch.Tensor) -> bool:
     return x.ndim == 2 and x.shape[0] == 1 and q.ndim == 2 and q.shape[1] % 4 == 0 and q.data_ptr() % 16 == 0
 
 
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int = 8, num_warps: int = 2) -> torch.Tensor:
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int = 8, num_warps: int = 2, *,
+              up: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (bf16, fp16 or fp32), q int8 [N, K] contiguous with K a multiple of 4,
-    scale fp32 [N] -> (x @ q^T) * scale as [1, N] in x.dtype, accumulated in fp32. Any N."""
+    scale fp32 [N] -> y = (x @ q^T) * scale as [1, N] in x.dtype, accumulated in fp32. Any N.
+
+    The shared expert's down projection fused (kernels/shared_expert.py): given `up` [1, K], the
+    input is silu(x) * up; given `shared_gate` [1, 1] and `residual` [1, N] (both or neither), the
+    result is residual + sigmoid(shared_gate) * y. All in x.dtype."""
     if x.ndim != 2 or x.shape[0] != 1:
         raise ValueError(f"int8_gemv takes x of shape [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -78,14 +93,23 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: in
         raise ValueError(f"q is read as int32 words: K ({K}) must be a multiple of 4 and q 16-byte aligned")
     if scale.dtype != torch.float32 or scale.shape != (N,):
         raise ValueError(f"scale must be fp32 [{N}], got {scale.dtype} {tuple(scale.shape)}")
+    gated = shared_gate is not None
+    if gated != (residual is not None):
+        raise ValueError("the gated residual add takes both shared_gate and residual")
+    if gated and (shared_gate.shape != (1, 1) or residual.shape != (1, N) or shared_gate.dtype != x.dtype
+                  or residual.dtype != x.dtype):
+        raise ValueError(f"shared_gate must be [1, 1] and residual [1, {N}], in {x.dtype}, got "
+                         f"{tuple(shared_gate.shape)} {shared_gate.dtype}, {tuple(residual.shape)} {residual.dtype}")
     pdl = use_pdl(x)
-    xp = layout_x(x.contiguous(), 8, pdl)
+    xp = layout_x(x.contiguous(), 8, pdl, up=None if up is None else up.contiguous())
     W = K // 4
     warps = max(1, min(num_warps, triton.next_power_of_2(W) // 128))  # each warp reads 128 words of a row
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    # ungated, y stands in for the pointers the kernel never reads
     _int8_gemv_kernel[(triton.cdiv(N, block_n),)](
-        xp, q.view(torch.int32), scale, y, N, K, BLOCK_N=block_n,
-        BLOCK_W=min(128 * warps, triton.next_power_of_2(W)), PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        xp, q.view(torch.int32), scale, shared_gate if gated else y, residual.contiguous() if gated else y, y, N, K,
+        BLOCK_N=block_n, BLOCK_W=min(128 * warps, triton.next_power_of_2(W)), GATED=gated, PDL=pdl,
+        num_warps=warps, launch_pdl=pdl,
     )
     return y
 

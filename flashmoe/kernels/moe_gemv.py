@@ -296,7 +296,8 @@ class MoeGemv:
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [T, H] (bf16/fp32), pool [S, record_size] uint8, slots [T, k] int32, weights [T, k]
+        """x [T, H] (bf16/fp32), pool [S, record_size] uint8, slots [T, k] int32 or int64, weights
+        [T, k] in any float dtype (the kernels read them as fp32: the router's bf16 needs no cast launch)
         -> y [T, H]: the weighted expert sum (fp32), plus `residual` if given, written to `out` if given."""
         L = self.layout
         T, k = slots.shape

@@ -44,12 +44,19 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if x.is_cuda:
-            from ..kernels.int8_gemv import fits, int8_gemv  # Triton: the CPU path imports none of it
+        if self.takes_gemv(rows):
+            from ..kernels.int8_gemv import int8_gemv
 
-            if fits(rows, self.weight):
-                return int8_gemv(rows, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
+            return int8_gemv(rows, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
         return self.dequantized_matmul(rows).view(*x.shape[:-1], self.out_features)
+
+    def takes_gemv(self, rows: torch.Tensor) -> bool:
+        """Whether rows [M, in_features] go through the Triton GEMV (a GPU, one row)."""
+        if not rows.is_cuda:
+            return False
+        from ..kernels.int8_gemv import fits  # Triton: the CPU path imports none of it
+
+        return fits(rows, self.weight)
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """Codes converted to the activations' dtype (exact: |code| <= 127) for the library matmul,

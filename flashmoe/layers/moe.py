@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import kernels
 from .fused import Projections
+from .int8_linear import Int8Linear
 
 RoutedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -28,6 +29,10 @@ class MLP(nn.Module):
 
     def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The rest of the MLP, from the gate and up projections of its input."""
+        if kernels.use_kernels(gate):
+            from ..kernels.shared_expert import swiglu
+
+            return self.down_proj(swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -62,6 +67,17 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return weights.to(logits.dtype), ids
 
-    def shared(self, shared_gate: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """The gated shared expert, from the in_proj outputs after the router's."""
-        return torch.sigmoid(shared_gate) * self.shared_expert.down(gate, up)
+    def add_shared(self, x: torch.Tensor, shared_gate: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """x + the gated shared expert, from the in_proj outputs after the router's:
+        x + sigmoid(shared_gate) * down_proj(silu(gate) * up). With the kernels, the elementwise
+        steps take two launches, or none beside the int8 GEMV's (kernels/shared_expert.py)."""
+        if not kernels.use_kernels(x):
+            return x + torch.sigmoid(shared_gate) * self.shared_expert.down(gate, up)
+        down_proj = self.shared_expert.down_proj
+        if isinstance(down_proj, Int8Linear) and down_proj.takes_gemv(gate):
+            from ..kernels.int8_gemv import int8_gemv
+
+            return int8_gemv(gate, down_proj.weight, down_proj.scale, up=up, shared_gate=shared_gate, residual=x)
+        from ..kernels.shared_expert import gated_residual
+
+        return gated_residual(x, shared_gate, self.shared_expert.down(gate, up))

@@ -93,7 +93,7 @@ class DecoderLayer(nn.Module):
             logits, *shared_inputs = self.mlp.in_proj(h)
             weights, ids = self.mlp.route(logits)
         with timer.section("shared_expert"):
-            x = x + self.mlp.shared(*shared_inputs)
+            x = self.mlp.add_shared(x, *shared_inputs)
         if self.predict_next is not None and (guess := self.predict_next(x)) is not None:
             with timer.section("routing"):
                 ids = torch.cat([ids, guess], dim=-1)

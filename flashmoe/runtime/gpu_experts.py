@@ -43,6 +43,7 @@ from ..kernels.cpu_experts import CpuExperts
 from ..kernels.host_handoff import DEFAULT_SHARE, HostHandoff
 from ..kernels.moe_gemv import MoeGemv
 from ..kernels.moe_grouped import MoeGrouped
+from ..kernels.slot_lookup import lookup_slots
 from .expert_store import ExpertStore
 from .policy import SlotMap
 from .stats import GpuTierStats
@@ -169,7 +170,6 @@ class GpuExpertTier:
         self.uses: torch.Tensor | None = None
         self._on_gpu: np.ndarray | None = None
         self._uses_seen: np.ndarray | None = None
-        self._ones: torch.Tensor | None = None
 
     def absent(self, layer: int, experts: list[int]) -> list[int]:
         """Those of the experts that place() would have to copy in (neither cached nor copied ahead)."""
@@ -288,12 +288,11 @@ class GpuExpertTier:
         self.table = torch.from_numpy(table).to(self.pool.device)
         self.uses = torch.zeros_like(self.table)
         self._uses_seen = np.zeros_like(table)
-        self._ones = torch.ones(DECODE_MAX_TOKENS * 64, dtype=torch.int64, device=self.pool.device)
 
     def drop_resident(self) -> None:
         self.collect_stats()
         self.set_cpu_share(None)
-        self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = self._ones = None
+        self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = None
 
     def set_cpu_share(self, share: ResidentCpuShare | None) -> None:
         """Hand resident decode's host-resident experts partly to the CPU (or stop: the server's threads end)."""
@@ -304,9 +303,8 @@ class GpuExpertTier:
 
     def resident_slots(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Slots of decode ids [T, k], looked up on the device and counted there (collect_stats
-        reads the counts): no host sync."""
-        self.uses[layer].index_add_(0, ids.flatten(), self._ones[: ids.numel()])
-        return self.table[layer][ids]
+        reads the counts): no host sync, one launch."""
+        return lookup_slots(self.table[layer], self.uses[layer], ids)
 
     def forget_uncollected(self) -> None:
         """Drop the lookups counted since the last collect_stats (a graph's warm-up run)."""
@@ -393,7 +391,7 @@ class GpuRoutedExperts:
                 table.numpy()[:] = [[slots[e] for e in r] for r in ids_host.tolist()]
             with self.timer.section("expert_compute"):
                 if n:
-                    y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights.float(), residual, out)
+                    y = self.gemv(x, self.tier.pool, table.to(x.device, non_blocking=True), weights, residual, out)
                 else:  # every expert on the CPU
                     y = out.copy_(residual) if out is not None else torch.zeros(T, x.shape[1], device=x.device)
             if guess.numel() and self.next_layer is not None:
@@ -417,7 +415,7 @@ class GpuRoutedExperts:
             share.handoff.join(y)
             return y
         slots = self.tier.resident_slots(self.layer, ids)
-        return self.gemv(x, self.tier.pool, slots, weights.float(), residual, out)
+        return self.gemv(x, self.tier.pool, slots, weights, residual, out)
 
     def decode_into(self, x, ids, weights, residual, out) -> None:
         """out = residual + routed experts of x (the graphed decode step's fused form)."""

@@ -2,13 +2,17 @@
 
 A decode step launches a few hundred small kernels; from Python each launch costs ~10 us, which
 for 60 layers would be most of a token's budget. So everything up to the routing decision of each
-layer (norms, mixer, router, shared expert) is captured once into a graph over static buffers and
-replayed; the routed experts stay outside, because the host must see the routing to fetch them.
+layer (norms, mixer, router, shared expert) is captured once into a graph and replayed; the
+routed experts stay outside, because the host must see the routing to fetch them.
 With resident experts (Engine.preload) the host never needs the routing, so the routed experts are
 captured too and the whole step is one graph: one launch per token. (When the timer synchronizes
 for a profile, each layer's dense part and routed experts are graphs of their own, timed apart.)
 Graphs bind addresses: the KV caches are reserved to the generation's length up front and write at
-a device-side position, and the DeltaNet states update in place.
+a device-side position, and the DeltaNet states update in place. What one piece hands the next
+(a layer's dense outputs to its routed experts, cos and sin, the logits) is the tensor it returned
+while captured, kept referenced: its memory in the graphs' shared pool stays its own, so every
+replay writes it at the same address and no copy into a static buffer is needed. Only the residual
+stream `x` is a buffer of its own, which the routed experts (captured or not) write in place.
 """
 
 from __future__ import annotations
@@ -41,15 +45,10 @@ class GraphedDecoder:
         H = engine.config.hidden_size
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.position = torch.zeros(1, dtype=torch.long, device=dev)
-        self.x = torch.zeros(1, H, dtype=engine.dtype, device=dev)
-        self.x_mid = torch.zeros_like(self.x)
-        self.h = torch.zeros_like(self.x)
-        k = engine.top_k
-        self.weights = torch.zeros(1, k, dtype=engine.dtype, device=dev)
-        self.ids = torch.zeros(1, 2 * k, dtype=torch.long, device=dev)  # room for the next layer's guess (prefetch)
-        self.id_width: dict[int, int] = {}  # columns of `ids` layer i's graph writes
-        self.cos = self.sin = None
-        self.logits = None
+        self.x = torch.zeros(1, H, dtype=engine.dtype, device=dev)  # the residual stream between layers
+        # layer i's dense outputs (x_mid, h, weights, ids) for its routed experts, as captured
+        self.routing: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.cos = self.sin = self.logits = None
         self.pool = torch.cuda.graph_pool_handle()
         self.bodies = self._bodies(resident=engine.resident)
         self.whole: torch.cuda.CUDAGraph | None = None  # the whole step: every body captured, no profile
@@ -57,12 +56,7 @@ class GraphedDecoder:
         self._capture()
 
     def _prologue(self) -> None:
-        cos, sin = self.engine.model.rotary(self.position)
-        if self.cos is None:
-            self.cos, self.sin = cos, sin
-        else:
-            self.cos.copy_(cos)
-            self.sin.copy_(sin)
+        self.cos, self.sin = self.engine.model.rotary(self.position)
         self.x.copy_(self.engine.model.model.embed_tokens(self.token))
 
     def _layer(self, i: int) -> None:
@@ -71,23 +65,15 @@ class GraphedDecoder:
         if ids is None:
             self.x.copy_(x)
         else:
-            self.x_mid.copy_(x)
-            self.h.copy_(h)
-            self.weights.copy_(weights)
-            self.ids[:, : ids.shape[1]].copy_(ids)
-            self.id_width[i] = ids.shape[1]
+            self.routing[i] = x, h, weights, ids  # ids: own, then (prefetch) the next layer's guess
 
     def _experts(self, i: int) -> None:
-        """Layer i's routed experts from the buffers its dense part wrote: x = x_mid + experts(h)."""
-        ids = self.ids[:, : self.id_width[i]]  # own ids, then (prefetch) the next layer's guess
-        self.engine.model.layers[i].mlp.experts.decode_into(self.h, ids, self.weights, residual=self.x_mid, out=self.x)
+        """Layer i's routed experts from what its dense part returned: x = x_mid + experts(h)."""
+        x_mid, h, weights, ids = self.routing[i]
+        self.engine.model.layers[i].mlp.experts.decode_into(h, ids, weights, residual=x_mid, out=self.x)
 
     def _epilogue(self) -> None:
-        logits = self.engine.model.logits(self.x)
-        if self.logits is None:
-            self.logits = logits
-        else:
-            self.logits.copy_(logits)
+        self.logits = self.engine.model.logits(self.x)
 
     def _bodies(self, resident: bool) -> list[Body]:
         bodies = [Body(None, self._prologue, True)]

@@ -8,7 +8,7 @@ import torch
 
 from flashmoe import kernels
 from flashmoe.engine import Engine
-from flashmoe.kernels import attention_decode, deltanet_step, norms, rope, router
+from flashmoe.kernels import attention_decode, deltanet_step, norms, rope, router, shared_expert
 from flashmoe.layers.attention import GatedAttention
 from flashmoe.layers.rotary import RotaryEmbedding
 from flashmoe.runtime.state import KVCache
@@ -25,6 +25,7 @@ KERNELS = {
     router: ["route"],
     attention_decode: ["attention_decode"],
     deltanet_step: ["conv_step", "delta_step"],
+    shared_expert: ["swiglu", "gated_residual"],
 }
 
 

@@ -93,3 +93,15 @@ def test_fused_residual_and_output_buffer(device):
     gemv(x.to(device), pool.to(device), slots.to(device), weights.to(device), residual=residual.to(device), out=out)
     ref = moe_gemv_reference(layout, x, pool, slots, weights) + residual.float()
     assert rel_err(out, ref) < 1e-2  # bf16 output
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_router_dtypes_need_no_casts(device, bits):
+    """Decode passes the router's weights in the model dtype and resident decode int64 slots: the
+    kernels read them as they are, with the result of fp32 weights and int32 slots, bit for bit."""
+    layout = RecordLayout.build(128, 64, bits, 32)
+    pool = random_pool(layout, 5, 11).to(device)
+    x, slots, weights = routed(2, 3, 5, 128, 12)
+    x, slots, weights = x.to(device), slots.to(device), weights.to(torch.bfloat16).to(device)
+    gemv = MoeGemv(layout, block_n=16, block_k=64)
+    assert torch.equal(gemv(x, pool, slots.long(), weights), gemv(x, pool, slots, weights.float()))
