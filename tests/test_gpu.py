@@ -219,7 +219,7 @@ def test_resident_cpu_share_decode_equals_resident_decode(packed4, graphs, profi
     tokens, stats = {}, {}
     for per_layer in (0, 2):
         engine = Engine(packed4, device="cuda", dtype=torch.float32, cuda_graphs=graphs, profile=profile,
-                        gpu_mem=2 * record, host_mem=40 * record, preload=True, cpu_experts=per_layer)
+                        gpu_mem=4 * record, host_mem=40 * record, preload=True, cpu_experts=per_layer)
         gen = engine.generate(prompt, params)
         tokens[per_layer], stats[per_layer] = [s.token for s in gen], gen.stats.gpu_cache
     assert tokens[2] == tokens[0]

@@ -126,7 +126,7 @@ class HostHandoff:
         _join_kernel[(1,)](self.state, self.mail, self.mailf, out, H=H, HP=triton.next_power_of_2(H), SPINS=JOIN_SPINS)
 
     def failed(self) -> int:
-        """The seq of a request the GPU gave up waiting for, or 0."""
+        """The seq of a request the GPU gave up waiting for, or 0 (as far as the GPU has got: no sync)."""
         return int(self.mail[mailbox.ERROR])
 
 
