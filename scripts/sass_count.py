@@ -3,7 +3,8 @@ Triton ships ptxas and cuobjdump. For each kernel: registers and spills, then pe
 the straight-line rest) the SASS instructions by kind, the global loads by vector width, shared
 memory traffic and barriers, and instructions per weight at the 397B shape. With --dense, the
 dense part's kernels instead (int8 GEMV plain and with the shared expert's fused epilogue, the
-SwiGLU input layout, the shared expert's elementwise kernels, the resident slot lookup; per
+SwiGLU input layout, the shared expert's elementwise kernels, the resident slot lookup, the CPU
+share's publish and join; per
 weight for the GEMV, per value for the rest): that they compile for the GPU, and their size.
 
     python scripts/sass_count.py [--bits 4 2 8 16] [--block-n N --warps W ...] [--dump DIR]
@@ -185,7 +186,7 @@ def dense_kernels():
     """(name, kernel, constexprs, warps, weights or values per program, pointer types) of the
     dense part's kernels as decode launches them at the 397B's shapes (hidden 4096, shared expert
     1024, k 10; bf16 activations)."""
-    from flashmoe.kernels import codes, int8_gemv, shared_expert, slot_lookup
+    from flashmoe.kernels import codes, host_handoff, int8_gemv, shared_expert, slot_lookup
 
     bf = "*bf16"
     gemv = dict(xp_ptr="*fp32", codes_ptr="*i32", scale_ptr="*fp32", shared_gate_ptr=bf, residual_ptr=bf, y_ptr=bf)
@@ -201,6 +202,11 @@ def dense_kernels():
         ("gated_residual", shared_expert._gated_residual_kernel, dict(BLOCK=1024), 4, 1024,
          dict(x_ptr=bf, gate_ptr=bf, y_ptr=bf, out_ptr=bf)),
         ("slot_lookup k=10", slot_lookup._lookup_kernel, dict(BLOCK=16), 1, 16, i64),
+        ("CPU share: publish k=10", host_handoff._publish_kernel, dict(K=10, KP=16, H=4096, HP=4096), 4, 4096,
+         dict(i64, weights_ptr=bf, x_ptr=bf, gpu_weights_ptr="*fp32", state_ptr="*i32", computed_ptr="*i64",
+              mail_ptr="*i32", mailf_ptr="*fp32", share="fp32")),
+        ("CPU share: join", host_handoff._join_kernel, dict(H=4096, HP=4096, SPINS=host_handoff.JOIN_SPINS), 4, 4096,
+         dict(state_ptr="*i32", mail_ptr="*i32", mailf_ptr="*fp32", out_ptr=bf)),
     ]
 
 

@@ -200,40 +200,36 @@ class ExpertServer:
         self.threads = max(1, threads or (os.cpu_count() or 2) - 1)  # a core left for the thread that drives the GPU
         H, I = layout.hidden_size, layout.intermediate_size
         self.mail = torch.zeros(mailbox_words(H), dtype=torch.int32, pin_memory=torch.cuda.is_available())
-        mail = self.mail.numpy()
+        self._mail = self.mail.numpy()
+        self._barriers = np.zeros(16, np.int64)  # two counters, a cache line apart
         p8 = pool.numpy()
-        self._args = (mail, mail.view(np.float32), np.zeros(16, np.int64), p8, p8.view(np.uint16), _offsets(layout),
-                      H, I, np.zeros((MAX_EXPERTS, I), np.float32))
+        self._args = (self._mail, self._mail.view(np.float32), self._barriers, p8, p8.view(np.uint16),
+                      _offsets(layout), H, I, np.zeros((MAX_EXPERTS, I), np.float32))
         self._serve = _server(layout.bits, layout.group_size)
         self._running: list[threading.Thread] = []
-        self._seq = 0
-
-    @property
-    def mail_np(self) -> np.ndarray:
-        return self._args[0]
 
     def start(self) -> None:
         """Compile the loop (once per machine: cached on disk) and start the threads."""
-        mail = self.mail_np
+        mail = self._mail
         mail[STOP] = 1
         last = int(mail[REQUEST])  # the threads answer what comes after, however late they start
         self._serve(0, 1, 0, last, *self._args)  # returns at once: compiles
         mail[STOP] = 0
-        self._args[2][:] = 0  # the barriers count from zero again (each thread's `served` does)
+        self._barriers[:] = 0  # they count from zero again (each thread's `served` does)
         self._running = [threading.Thread(target=self._run, args=(p, last), daemon=True, name=f"cpu-expert-server-{p}")
                          for p in range(self.threads)]
         for t in self._running:
             t.start()
 
     def _run(self, part: int, last: int) -> None:
-        mail, served = self.mail_np, 0
+        mail, served = self._mail, 0
         while not mail[STOP]:
             served, last = self._serve(part, self.threads, served, last, *self._args)  # spins, GIL released
             while mail[REQUEST] == last and not mail[STOP]:
                 time.sleep(IDLE_POLL_S)
 
     def stop(self) -> None:
-        self.mail_np[STOP] = 1
+        self._mail[STOP] = 1
         for t in self._running:
             t.join()
         self._running = []
@@ -248,14 +244,14 @@ class ExpertServer:
             raise RuntimeError("the server is not running: start() it first")
         if not 0 < len(slots) <= MAX_EXPERTS or len(weights) != len(slots):
             raise ValueError(f"1 to {MAX_EXPERTS} experts with one weight each, got {len(slots)} and {len(weights)}")
-        H, mail = self.layout.hidden_size, self.mail_np
+        H, mail = self.layout.hidden_size, self._mail
         mailf = mail.view(np.float32)
         mail[COUNT] = len(slots)
         mail[SLOTS : SLOTS + len(slots)] = slots
         mailf[WEIGHTS : WEIGHTS + len(slots)] = weights
         mailf[X : X + H] = x.float().numpy()
-        self._seq = int(mail[REQUEST]) + 1
-        mail[REQUEST] = self._seq  # a numpy store; x86 keeps it after the stores above
-        while mail[DONE] != self._seq:  # numpy re-reads memory on every access
+        seq = int(mail[REQUEST]) + 1
+        mail[REQUEST] = seq  # a numpy store; x86 keeps it after the stores above
+        while mail[DONE] != seq:  # numpy re-reads memory on every access
             pass
         return torch.from_numpy(mailf[X + H : X + 2 * H].copy())

@@ -1,7 +1,7 @@
 """The GPU's side of the CPU's share of resident experts (kernels/cpu_expert_server.py has the
 mailbox and the CPU's side). Two one-program launches per decode layer, both capturable:
 
-  publish: the layer's slots looked up on the device (and counted, as resident_slots does); of the
+  publish: the layer's slots looked up on the device and counted (slot_lookup.lookup_counted); of the
            routed experts whose records lie in host memory, the last `share(n)` in routing order
            go to the CPU: their slots and weights, and the input x, are written to the mailbox and
            the request is released; in the GPU's own list they become a GPU-resident slot with
@@ -26,6 +26,7 @@ import triton.language as tl
 
 from . import cpu_expert_server as mailbox
 from .cpu_expert_server import MAX_EXPERTS
+from .slot_lookup import lookup_counted
 
 # the mailbox's words, as constants the kernels can read
 COUNT, DONE, ERROR, REQUEST = (tl.constexpr(v) for v in (mailbox.COUNT, mailbox.DONE, mailbox.ERROR, mailbox.REQUEST))
@@ -42,10 +43,8 @@ def _publish_kernel(
 ):
     j = tl.arange(0, KP)
     live = j < K
-    ids = tl.load(ids_ptr + j, mask=live, other=0)
-    slot = tl.load(table_ptr + ids, mask=live, other=0)
+    slot = lookup_counted(table_ptr, uses_ptr, tl.load(ids_ptr + j, mask=live, other=0), live)
     w = tl.load(weights_ptr + j, mask=live, other=0.0).to(tl.float32)
-    tl.atomic_add(uses_ptr + ids, 1, mask=live, sem="relaxed")  # counters only: no ordering needed
     host = live & ((slot < 0) | (slot >= capacity))
     n_host = tl.sum(host.to(tl.int32), axis=0)
     c = tl.minimum(tl.floor(n_host * share + 0.5).to(tl.int32), max_cpu)

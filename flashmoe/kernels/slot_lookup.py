@@ -16,12 +16,19 @@ import triton.language as tl
 
 
 @triton.jit
+def lookup_counted(table_ptr, uses_ptr, e, live):
+    """table[e] for the routed experts e where `live` (0 elsewhere), each lookup counted in uses.
+    Also the first step of the CPU share's publish (kernels/host_handoff.py)."""
+    tl.atomic_add(uses_ptr + e, 1, mask=live, sem="relaxed")  # counters only: no ordering needed
+    return tl.load(table_ptr + e, mask=live, other=0)
+
+
+@triton.jit
 def _lookup_kernel(ids_ptr, table_ptr, uses_ptr, slots_ptr, N, K, ids_stride, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     live = i < N
     e = tl.load(ids_ptr + i // K * ids_stride + i % K, mask=live, other=0)
-    tl.store(slots_ptr + i, tl.load(table_ptr + e, mask=live), mask=live)
-    tl.atomic_add(uses_ptr + e, 1, mask=live, sem="relaxed")  # counters only: no ordering needed
+    tl.store(slots_ptr + i, lookup_counted(table_ptr, uses_ptr, e, live), mask=live)
 
 
 def lookup_slots(table: torch.Tensor, uses: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -106,13 +106,14 @@ class HostCompute:
 class ResidentCpuShare:
     """The CPU's share of resident decode: server threads over the host tier's records, asked by
     each layer's publish and waited for by its join, both inside the step's graph (no host sync).
-    Up to `per_layer` of a layer's host-resident experts, `share` of them (host_handoff.py)."""
+    Up to `per_layer` of a layer's host-resident experts, DEFAULT_SHARE of them (host_handoff.py),
+    on all cores but one."""
 
-    def __init__(self, tier: "GpuExpertTier", store: ExpertStore, per_layer: int, threads: int | None = None,
-                 share: float = DEFAULT_SHARE):
-        self.server = ExpertServer(tier.layout, store.pool, threads)
+    def __init__(self, tier: "GpuExpertTier", store: ExpertStore, per_layer: int):
+        self.server = ExpertServer(tier.layout, store.pool)
         # slot 0 stands in for the CPU's experts in the GPU's list: any GPU-resident record will do
-        self.handoff = HostHandoff(self.server.mail, tier.capacity, tier.host_slot0, 0, per_layer, share, tier.pool.device)
+        self.handoff = HostHandoff(self.server.mail, tier.capacity, tier.host_slot0, 0, per_layer, DEFAULT_SHARE,
+                                   tier.pool.device)
         self._computed_seen = 0
         self.server.start()
 
@@ -320,7 +321,10 @@ class GpuExpertTier:
             return
         uses = self._read_uses()
         new, self._uses_seen = uses - self._uses_seen, uses
-        on_cpu = self.cpu_share.computed_since_last_call() if self.cpu_share is not None else 0
+        on_cpu = 0
+        if self.cpu_share is not None:
+            self.cpu_share.check()  # the read above waited for the GPU: every join so far has ended
+            on_cpu = self.cpu_share.computed_since_last_call()
         self.stats.hits += int(new[self._on_gpu].sum())
         self.stats.host_reads += int(new[~self._on_gpu].sum()) - on_cpu  # host-resident, read over PCIe
         self.stats.cpu_computed += on_cpu

@@ -129,9 +129,6 @@ class GraphedDecoder:
         if self.whole is not None:
             with timer.section("step (graph)"):
                 self.whole.replay()
-            tier = self.engine.gpu_tier
-            if tier is not None and tier.cpu_share is not None:
-                tier.cpu_share.check()  # an earlier step's layers may have given up on the CPU (no sync: a host read)
         else:
             graphs = iter(self.graphs)
             for body in self.bodies:
