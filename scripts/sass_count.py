@@ -4,8 +4,8 @@ the straight-line rest) the SASS instructions by kind, the global loads by vecto
 memory traffic and barriers, and instructions per weight at the 397B shape. With --dense, the
 dense part's kernels instead (int8 GEMV plain and with the shared expert's fused epilogue, the
 SwiGLU input layout, the shared expert's elementwise kernels, the resident slot lookup, the CPU
-share's publish and join; per
-weight for the GEMV, per value for the rest): that they compile for the GPU, and their size.
+share's publish and join; per weight for the GEMV, per value for the rest): that they compile for
+the GPU, and their size.
 
     python scripts/sass_count.py [--bits 4 2 8 16] [--block-n N --warps W ...] [--dump DIR]
     python scripts/sass_count.py --dense
