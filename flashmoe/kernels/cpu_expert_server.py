@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..formats.packed import RecordLayout
-from .cpu_experts import ROWS_PER_BLOCK, SUPPORTED_BITS, _jit, _offsets, _permute, _rows, numba
+from .cpu_experts import ROWS_PER_BLOCK, SUPPORTED_BITS, CpuExperts, _jit, _offsets, _permute, _plane, _rows, _sums, numba
 
 # Mailbox words (int32; fp32 where noted). The flags the two sides spin on sit on lines of their own.
 REQUEST = 0  # seq of the newest request, written by the GPU after the fields below
@@ -109,8 +109,8 @@ if numba is not None:
 
 @_jit(inline="always")
 def _share(total, part, parts):
-    """Rows [lo, hi) of `total` (even) for thread `part` of `parts`: equal shares of even size."""
-    return total * part // parts // 2 * 2, total * (part + 1) // parts // 2 * 2
+    """Rows [lo, hi) of `total` for thread `part` of `parts`: equal shares."""
+    return total * part // parts, total * (part + 1) // parts
 
 
 @_jit(inline="always")
@@ -125,17 +125,15 @@ def _wait_for(counts, idx, target):
 @functools.cache
 def _server(bits: int, group: int):
     """The threads' loop for one record format (constants of the closure, as in cpu_experts._kernel)."""
-    per_byte = 8 // bits
-    group_bytes = group // per_byte
 
     @_jit()
     def serve(part, parts, served, last, mail, mailf, counts, p8, p16, offs, hidden, inter, act):
         """Thread `part` of `parts`, which has answered `served` requests, the last one `last`:
         answer the ones that follow until STOP or IDLE_CYCLES without one -> (served, last). act
         [MAX_EXPERTS, inter] is shared: each expert's SwiGLU activation, laid out for down by `_permute`."""
-        xp, xs = np.empty(hidden, np.float32), np.zeros(hidden // group, np.float32)
+        xp, xs = np.empty(hidden, np.float32), np.empty(hidden // group, np.float32)
         h, y = np.empty(2 * inter, np.float32), np.empty(hidden, np.float32)
-        act_sums = np.zeros((MAX_EXPERTS, inter // group), np.float32)
+        act_sums = np.empty((MAX_EXPERTS, inter // group), np.float32)
         since = cycles()
         while True:
             seq = atomic_load(mail, REQUEST)
@@ -145,7 +143,6 @@ def _server(bits: int, group: int):
                 continue
             last, served = seq, served + 1
             n = mail[COUNT]
-            xs[:] = 0
             _permute(mailf[X : X + hidden], bits, group, xp, xs)
             # gate_up and SwiGLU: this thread's share of the n x inter activations
             lo, hi = _share(n * inter, part, parts)
@@ -158,14 +155,12 @@ def _server(bits: int, group: int):
                     _rows(p8[rec], p16[rec], offs[0:3], hidden, bits, group, inter + r0, inter + r1, xp, xs, h)  # up
                 for i in range(i0, i1):
                     gate = h[i]
-                    g, t = i // group, i % group
-                    a = gate / (np.float32(1.0) + np.exp(-gate)) * h[inter + i]
-                    act[j, g * group + (t % per_byte) * group_bytes + t // per_byte] = a
+                    c, f = _plane(i, bits, inter)
+                    act[j, c] = gate / (np.float32(1.0) + np.exp(-gate)) * h[inter + i] * f
             _wait_for(counts, 0, parts * served)
             # down and the weighted sum: this thread's share of the output rows, experts in order
             for j in range(n):
-                for g in range(inter // group):
-                    act_sums[j, g] = act[j, g * group : (g + 1) * group].sum()
+                _sums(act[j], bits, group, act_sums[j])
             lo, hi = _share(hidden, part, parts)
             result = mailf[X + hidden : X + 2 * hidden]
             for j in range(n):
@@ -192,8 +187,9 @@ class ExpertServer:
     def __init__(self, layout: RecordLayout, pool: torch.Tensor, threads: int | None = None):
         if numba is None:
             raise RuntimeError("the CPU's share of resident experts needs numba: pip install 'flashmoe[cpu-experts]'")
-        if layout.bits not in SUPPORTED_BITS or layout.group_size * layout.bits % 8:
-            raise ValueError(f"the CPU computes {'/'.join(map(str, SUPPORTED_BITS))}-bit records, not {layout.bits}-bit")
+        if not CpuExperts.supports(layout):
+            raise ValueError(f"the CPU computes {'/'.join(map(str, SUPPORTED_BITS))}-bit records with groups of whole "
+                             f"32-bit words, not {layout.bits}-bit with group size {layout.group_size}")
         if pool.device.type != "cpu" or pool.dtype != torch.uint8 or pool.dim() != 2 or pool.shape[1] != layout.record_size:
             raise ValueError(f"pool must be the host tier's uint8 [slots, {layout.record_size}] tensor")
         self.layout, self.pool = layout, pool

@@ -3,12 +3,19 @@ experts of a layer (gate_up, SwiGLU, down, weighted sum), for the host-resident 
 computes while PCIe copies the others to the GPU (docs/EXPERIMENTS.md entry 22).
 
 A numba kernel reads each record where it lies, with no dequantized copy:
-  - code bytes at unit stride: byte b of a group holds the codes of inputs per_byte * b + p
-    (p = 0 .. per_byte - 1, at bit offset bits * p; per_byte = 8 / bits), so the input is permuted
-    once per token into per_byte planes that line up with the bytes (`_permute`);
+  - codes as the record's 32-bit words, at unit stride: word w of a row holds the codes of inputs
+    per_word * w + p (p = 0 .. per_word - 1, at bit offset bits * p; per_word = 32 / bits). Each
+    code is masked in place, not shifted down: (word & mask << bits p) is the code times
+    2^(bits p), exactly, so the input is permuted once per token into per_word planes that line up
+    with the words, plane p divided by 2^(bits p) (`_permute`); a code then costs an AND, an
+    int -> float conversion and an FMA, 8 words per 256-bit vector;
+  - the scales expanded to one per word, so the loop over a row's words is one sum that LLVM
+    vectorizes, with one horizontal sum per row (not per group);
   - the bias term per group as bias * (sum of the group's inputs):
     sum_i (q_i s + b) x_i = s * sum_i q_i x_i + b * sum_i x_i;
   - bf16 scales and biases turned into fp32 by a shift (bf16 is the high half of an fp32);
+  - the codes prefetched PREFETCH_BYTES ahead (without, the hardware prefetchers leave the loop
+    waiting on DRAM: gate_up on one thread read 2.6 GB/s, against 8-9 with);
   - parallel over (expert, block of rows), so several experts fill the threads.
 Its definition, which the tests hold it to: `layout.weights` + `swiglu_expert` in fp32.
 
@@ -39,7 +46,8 @@ try:
 except ImportError:
     numba = None
 
-ROWS_PER_BLOCK = 32  # rows one parallel task computes: enough to amortize the scale conversion
+ROWS_PER_BLOCK = 32  # rows one parallel task computes
+PREFETCH_BYTES = 1024  # how far ahead of the row being read its codes are prefetched (512-2048 measured alike)
 SUPPORTED_BITS = (8, 4, 2)
 
 
@@ -64,72 +72,105 @@ def _jit(**options):
     return decorate
 
 
+if numba is not None:
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _prefetch(typingctx, arr, idx):
+        """Load the cache line of arr[idx] ahead of use (llvm.prefetch: a read, kept in every cache
+        level). idx may lie past the array's end: a prefetch never faults."""
+
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return types.void(arr, types.intp), codegen
+
+
+@_jit(inline="always")
+def _plane(c, bits, k):
+    """Where input c of k lies in `_permute`'s layout, and the factor it is stored times there."""
+    per_word = 32 // bits
+    p = c % per_word
+    return p * (k // per_word) + c // per_word, np.float32(1.0) / np.float32(1 << (bits * p))
+
+
+@_jit(inline="always")
+def _sums(vp, bits, group, vs):
+    """vs [K / group] = the group sums of the input that vp [K] holds in `_permute`'s layout."""
+    k = vp.shape[0]
+    for g in range(k // group):
+        acc = np.float32(0.0)
+        for c in range(g * group, (g + 1) * group):
+            i, f = _plane(c, bits, k)
+            acc += vp[i] / f
+        vs[g] = acc
+
+
 @_jit()
 def _permute(v, bits, group, vp, vs):
-    """v [K] -> vp [K]: each group of v as the planes of its code bytes (element i of a group is
-    in byte i // per_byte at bit offset bits * (i % per_byte)); vs [K / group] += group sums."""
-    per_byte = 8 // bits
-    group_bytes = group // per_byte
+    """v [K] -> vp [K]: v as the planes `_rows` reads (module docstring); vs [K / group]: its group sums."""
     for c in range(v.shape[0]):
-        g, i = c // group, c % group
-        vp[g * group + (i % per_byte) * group_bytes + i // per_byte] = v[c]
-        vs[g] += v[c]
+        i, f = _plane(c, bits, v.shape[0])
+        vp[i] = v[c] * f
+    _sums(vp, bits, group, vs)
 
 
 @_jit(inline="always")
 def _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out):
-    """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 (an even count, up to ROWS_PER_BLOCK) of one
-    projection of one record, read as bytes (rec8) and as halfwords (rec16). offs: the codes' byte
-    offset, the scales' and biases' halfword offsets. xp, xs: the input as `_permute` lays it out.
-    Rows go in pairs: 2I is even and H a multiple of 4 (rows of whole 32-bit words)."""
-    per_byte = 8 // bits
-    group_bytes = group // per_byte
+    """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 (up to ROWS_PER_BLOCK) of one projection of one
+    record, read as bytes (rec8) and as halfwords (rec16). offs: the codes' byte offset, the
+    scales' and biases' halfword offsets. xp, xs: the input as `_permute` lays it out."""
+    per_word = 32 // bits
     mask = (1 << bits) - 1
-    row_bytes, groups = k // per_byte, k // group
-    n = (r1 - r0) * groups
+    words, groups = k // per_word, k // group
+    group_words = group // per_word
+    codes = rec8.view(np.uint32)
+    planes = xp.reshape(per_word, words)
     # bf16 -> fp32: the bits shifted into the high half of a uint32 viewed as float32 (numba cannot
-    # bit-cast a scalar, so the block's scales and biases go through a buffer at once).
-    scales = rec16[offs[1] + r0 * groups : offs[1] + r1 * groups]  # sliced for the reason given below
-    biases = rec16[offs[2] + r0 * groups : offs[2] + r1 * groups]
-    sbuf = np.empty(2 * n, np.uint32)
-    for t in range(n):
-        sbuf[t] = np.uint32(scales[t]) << 16
-        sbuf[n + t] = np.uint32(biases[t]) << 16
-    sb = sbuf.view(np.float32)
-    # Rows go two per pass (r and r + 1) for groups under 64 inputs: the loop over a group's bytes
-    # is then long enough for LLVM to vectorize it, where it would otherwise unroll it and
-    # vectorize the loop over groups instead, with gathers (5-15x slower). Larger groups go one row
-    # per pass (two cost ~15% there): r1st = r is the same row, and LLVM merges the two identical
-    # computations.
-    step = 2 if group < 64 else 1
-    for r in range(r0, r1, step):
-        r1st = r + step - 1
+    # bit-cast a scalar, hence buffers): a row's scales, one per word, and its biases.
+    scale_bits, bias_bits = np.empty(words, np.uint32), np.empty(groups, np.uint32)
+    scale, bias = scale_bits.view(np.float32), bias_bits.view(np.float32)
+    w0 = offs[0] // 4
+    for r in range(r0, r1):
+        for c in range(0, words, 16):  # 16 words: a cache line
+            _prefetch(codes, w0 + r * words + PREFETCH_BYTES // 4 + c)
         # Slice the rows first: indexing them with loop counters lets LLVM see non-negative,
         # contiguous indices (an offset it cannot prove >= 0 makes numba's wraparound turn the
         # loads into per-element gathers, 6x slower).
-        row0 = rec8[offs[0] + r * row_bytes : offs[0] + (r + 1) * row_bytes]
-        row1 = rec8[offs[0] + r1st * row_bytes : offs[0] + (r1st + 1) * row_bytes]
-        acc0 = acc1 = np.float32(0.0)
+        row = codes[w0 + r * words : w0 + (r + 1) * words]
+        s16 = rec16[offs[1] + r * groups : offs[1] + (r + 1) * groups]
+        b16 = rec16[offs[2] + r * groups : offs[2] + (r + 1) * groups]
         for g in range(groups):
-            dot0 = dot1 = np.float32(0.0)
-            for b in range(group_bytes):
-                v0, v1 = row0[g * group_bytes + b], row1[g * group_bytes + b]
-                for p in range(per_byte):
-                    xv = xp[g * group + p * group_bytes + b]
-                    # numba widens integer ops to int64; the int32 casts let LLVM keep 16 lanes of
-                    # int32 per AVX-512 vector (without them: 8 lanes of int64, 3-4x slower).
-                    dot0 += np.float32(np.int32((v0 >> (bits * p)) & mask)) * xv
-                    dot1 += np.float32(np.int32((v1 >> (bits * p)) & mask)) * xv
-            t, t1 = (r - r0) * groups + g, (r1st - r0) * groups + g
-            acc0 += sb[t] * dot0 + sb[n + t] * xs[g]
-            acc1 += sb[t1] * dot1 + sb[n + t1] * xs[g]
-        out[r], out[r1st] = acc0, acc1
+            s32 = np.uint32(s16[g]) << 16
+            for i in range(group_words):
+                scale_bits[g * group_words + i] = s32
+            bias_bits[g] = np.uint32(b16[g]) << 16
+        acc = np.float32(0.0)
+        for g in range(groups):
+            acc += bias[g] * xs[g]
+        for w in range(words):
+            v = row[w]
+            # The uint32 casts keep 32-bit lanes (numba widens integer ops to 64 bits: without them,
+            # int64 lanes and int64 -> float conversions, 1.5x slower).
+            t = np.float32(0.0)
+            for p in range(per_word):
+                t += np.float32(np.uint32(v & np.uint32(mask << (bits * p)))) * planes[p, w]
+            acc += scale[w] * t
+        out[r] = acc
 
 
 @functools.cache
 def _kernel(bits: int, group: int):
     """`experts` for one record format, compiled on first use. bits and group are constants of its
-    closure and `_rows` is inlined into it (numba IR), so LLVM sees constant shifts and byte-loop
+    closure and `_rows` is inlined into it (numba IR), so LLVM sees constant masks and plane-loop
     trip counts: given as arguments, the kernel is ~1.5x slower."""
 
     @_jit(parallel=True)
@@ -139,9 +180,9 @@ def _kernel(bits: int, group: int):
         hidden, ne = x.shape[0], slots.shape[0]
         # Projection inputs as `_permute` lays them out: x for gate_up (one row, shared by all
         # experts), each expert's SwiGLU activation for down.
-        xp, xs = np.empty((1, hidden), np.float32), np.zeros((1, hidden // group), np.float32)
+        xp, xs = np.empty((1, hidden), np.float32), np.empty((1, hidden // group), np.float32)
         _permute(x, bits, group, xp[0], xs[0])
-        ap, asum = np.empty((ne, inter), np.float32), np.zeros((ne, inter // group), np.float32)
+        ap, asum = np.empty((ne, inter), np.float32), np.empty((ne, inter // group), np.float32)
         h, y = np.empty((ne, 2 * inter), np.float32), np.empty((ne, hidden), np.float32)
         act = np.empty(inter, np.float32)
         for proj in range(2):  # gate_up, then down, through one parallel loop: compiled once
@@ -201,16 +242,16 @@ class CpuExperts:
 
     @staticmethod
     def supports(layout: RecordLayout) -> bool:
-        """Quantized records whose groups start on a byte (16-bit records are not handled)."""
-        return layout.bits in SUPPORTED_BITS and layout.group_size * layout.bits % 8 == 0
+        """Quantized records whose groups are whole 32-bit words (16-bit records are not handled)."""
+        return layout.bits in SUPPORTED_BITS and layout.group_size * layout.bits % 32 == 0
 
     def __init__(self, layout: RecordLayout, threads: int | None = None):
         if numba is None:
             raise RuntimeError("CpuExperts needs numba: pip install 'flashmoe[cpu-experts]'")
         if not self.supports(layout):
             raise ValueError(
-                f"CpuExperts computes {'/'.join(map(str, SUPPORTED_BITS))}-bit records with byte-aligned "
-                f"groups, not bits={layout.bits} with group size {layout.group_size}"
+                f"CpuExperts computes {'/'.join(map(str, SUPPORTED_BITS))}-bit records with groups of whole "
+                f"32-bit words, not bits={layout.bits} with group size {layout.group_size}"
             )
         self.layout = layout
         default = max(1, (os.cpu_count() or 1) - 1)  # a core left for the thread that drives the GPU

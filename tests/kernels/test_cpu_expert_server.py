@@ -11,7 +11,7 @@ from flashmoe.kernels.cpu_expert_server import IDLE_CYCLES, MAX_EXPERTS, ExpertS
 from .test_cpu_experts import random_pool, reference, rel
 
 
-# Groups of 64, 32 and 16 (under 64 the rows go in pairs), each bit width; more threads than the
+# Groups of 64, 32 and 16, each bit width; odd shares of rows (3 threads), more threads than the
 # rows of some shares (empty shares) and shares that straddle two experts' rows.
 @pytest.mark.parametrize("hidden,inter,bits,group", [(128, 64, 4, 64), (256, 96, 4, 32), (112, 48, 8, 16), (256, 64, 2, 64)])
 @pytest.mark.parametrize("threads", [1, 2, 3])

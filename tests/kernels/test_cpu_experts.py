@@ -1,5 +1,6 @@
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,8 +50,7 @@ def experts():
     return get
 
 
-# Each bit width; groups of 64, 32 and 16 (under 64: two rows per pass); H = 112: a last block of
-# 16 rows.
+# Each bit width; groups of 64, 32 and 16; H = 112: a last block of 16 rows.
 @pytest.mark.parametrize(
     "hidden,inter,bits,group",
     [(128, 64, 4, 64), (256, 128, 4, 64), (256, 96, 4, 32), (112, 48, 8, 16), (256, 64, 2, 64)],
@@ -64,6 +64,29 @@ def test_matches_the_reference_on_fresh_records(experts, hidden, inter, bits, gr
     y = experts(layout)(pool, slots, weights, x)
     assert y.shape == (hidden,) and y.dtype == torch.float32
     assert rel(y, reference(layout, pool, slots, weights, x)) < 1e-5  # measured 1e-7 .. 5e-7 (fp32 sums)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (8, 16), (2, 64), (2, 16)])
+def test_rows_read_codes_in_place_on_any_range_of_rows(bits, group):
+    """`_rows` alone, on an odd range of rows (the server's shares are any size), for random codes
+    and for codes at their largest (a word's top code then holds its sign bit), against the
+    dequantized weights; `_permute`'s group sums against x's."""
+    layout = RecordLayout.build(128, 64, bits, group)
+    pool = random_pool(layout, 2, seed=bits + group)
+    codes = layout.segments[0]  # gate_up's
+    pool[1, codes.offset : codes.offset + codes.nbytes] = 255
+    x = torch.randn(128, generator=torch.Generator().manual_seed(group))
+    xp, xs = np.empty(128, np.float32), np.empty(128 // group, np.float32)
+    cpu_experts._permute(x.numpy(), bits, group, xp, xs)
+    assert np.allclose(xs, x.view(-1, group).sum(1).numpy(), rtol=1e-5, atol=1e-5)
+    offs = cpu_experts._offsets(layout)
+    for record in pool:
+        out = np.zeros(2 * 64, np.float32)
+        p8 = record.numpy()
+        cpu_experts._rows(p8, p8.view(np.uint16), offs[0:3], 128, bits, group, 3, 10, xp, xs, out)
+        want = layout.weights(record, torch.float32)[0][3:10] @ x
+        assert rel(torch.from_numpy(out[3:10]), want) < 1e-5
+        assert not out[:3].any() and not out[10:].any()  # no row outside the range written
 
 
 def test_submit_queues_calls_on_the_worker(experts):
@@ -106,6 +129,7 @@ def test_releases_the_gil(experts):
 def test_refuses_what_it_does_not_compute(experts, monkeypatch):
     layout16 = RecordLayout.build(128, 64, 16, 64)
     assert not CpuExperts.supports(layout16)
+    assert not CpuExperts.supports(RecordLayout.build(128, 64, 4, 4))  # groups of 16 bits, not words
     with pytest.raises(ValueError, match="bits=16"):
         CpuExperts(layout16)
     layout = RecordLayout.build(128, 64, 4, 64)
