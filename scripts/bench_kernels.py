@@ -31,7 +31,18 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=256, help="pool size (rotated so reads miss the L2)")
     ap.add_argument("--only", choices=["gemv", "grouped", "dense8"], help="time one kernel family")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8, 16], help="gemv: record widths to time")
+    ap.add_argument("--once", action="store_true",
+                    help="only three untimed calls of the default gathered-experts kernels (first --bits, k=10), "
+                         "for a profiler: ncu --clock-control none -k regex:v3_kernel ...")
     args = ap.parse_args()
+    if args.once:
+        layout = RecordLayout.build(args.hidden, args.intermediate, args.bits[0], 64)
+        pool = torch.cat([random_records(layout, 32, torch.Generator(device="cuda")) for _ in range(args.slots // 32)])
+        gemv, x, w = MoeGemv(layout), torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16), torch.ones(1, 10)
+        for _ in range(3):
+            gemv(x, pool, torch.randperm(args.slots, device="cuda")[:10].view(1, 10).int(), w.cuda())
+        torch.cuda.synchronize()
+        return
     hbm = hbm_copy_bandwidth() / 1e9
     print(f"device-to-device copy: {hbm:.0f} GB/s (read + write)")
     if args.only in (None, "gemv"):

@@ -179,8 +179,6 @@ def main() -> None:
         print(f"{t:>7} {n:>7} {'batched' if batched else 'one/call':>10} {ms:8.3f} {ms / n:9.3f} {gbs:7.1f} "
               f"{gbs / args.pcie_gbs:7.2f}x")
 
-    for ex in experts.values():
-        ex.close()
 
     # Plain PyTorch: dequantize the whole record to fp32, then two matmuls (what the CPU path does).
     torch.set_num_threads(max_threads)

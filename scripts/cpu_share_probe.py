@@ -20,7 +20,7 @@ import time
 import torch
 
 from flashmoe.formats.packed import RecordLayout
-from flashmoe.kernels.cpu_expert_server import ExpertServer
+from flashmoe.kernels.cpu_expert_server import PHASES, ExpertServer
 from flashmoe.kernels.host_handoff import HostHandoff
 from flashmoe.kernels.moe_gemv import MoeGemv
 from flashmoe.runtime.gpu_experts import slot_pool
@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     layout = RecordLayout.build(4096, 1024, 4, 64)
     H, k, rs = layout.hidden_size, args.k, layout.record_size
-    host_records = 48
+    host_records = 96  # 680 MB: far past the CPU's caches
     host_pool = random_records(layout, host_records, 1).pin_memory()
     gpu_slots = k
     pool, host0 = slot_pool(gpu_slots, rs, "cuda", host_pool)
@@ -68,7 +68,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(3)
     for n in (1, 2, 3, 4):
-        ms = []
+        ms, before = [], server.phase_counters()
         for rep in range(12):
             slots = torch.randperm(host_records, generator=g)[:n].tolist()
             x = torch.randn(H, generator=g)
@@ -76,7 +76,9 @@ def main() -> None:
             server.request(slots, [0.1] * n, x)
             ms.append((time.perf_counter() - t0) * 1e3)
         print(f"cpu: {n} experts per request {statistics.median(ms[2:]):.3f} ms (min {min(ms):.3f}), "
-              f"{n * rs / statistics.median(ms[2:]) / 1e6:.1f} GB/s")
+              f"{n * rs / statistics.median(ms[2:]) / 1e6:.1f} GB/s; per thread, mean (max) ms: " + ", ".join(
+                  f"{name} {t.mean() * 1e3:.3f} ({t.max() * 1e3:.3f})"
+                  for name, t in zip(PHASES, ExpertServer.phase_seconds(before, server.phase_counters()).T)))
 
     gemv = MoeGemv(layout)
     x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
@@ -89,22 +91,23 @@ def main() -> None:
     for n_host in sorted({0, 2, 3, 4, 5, 6} & set(range(k + 1))):
         base = None
         for c in range(0, min(n_host, 3) + 1):
-            # routed experts 0 .. k-1: the first k - n_host on the GPU, the rest in host records
-            picks = torch.randperm(host_records, generator=g)[:n_host].tolist()
-            table = torch.tensor(list(range(k - n_host)) + [host0 + p for p in picks], dtype=torch.int64, device="cuda")
+            # routed experts 0 .. k-1: the first k - n_host on the GPU, the rest in host records, other
+            # ones in each of the 10 layers (so that the CPU reads them from DRAM, not from its caches)
+            tables = [torch.tensor(list(range(k - n_host)) + [host0 + p for p in torch.randperm(host_records, generator=g)[:n_host]],
+                                   dtype=torch.int64, device="cuda") for _ in range(10)]
             handoff = HostHandoff(server.mail, k, host0, 0, max_cpu=max(c, 1), share=1.0 if c else 0.0, device="cuda")
 
-            def layer():
+            def layer(table):
                 slots, w = handoff.publish(table, uses, ids, weights, x)
                 gemv(x, pool, slots, w, residual, out)
                 handoff.join(out)
 
-            layer()
+            layer(tables[0])
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                for _ in range(10):
-                    layer()
+                for table in tables:
+                    layer(table)
             us = timed(graph.replay, 20) / 10 * 1e6
             base = base or us
             print(f"layer: host {n_host} c {c}: {us:7.1f} us ({us / base:.2f}x c=0)"

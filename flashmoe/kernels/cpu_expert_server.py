@@ -48,6 +48,7 @@ MAX_EXPERTS = 16
 X = 128  # the experts' input, fp32 [H]; RESULT follows it: fp32 [H]
 IDLE_CYCLES = 1 << 27  # time-stamp counter ticks (~50 ms) of spinning without a request before sleeping
 IDLE_POLL_S = 2e-4
+PHASES = ("gate_up + SwiGLU", "barrier", "down + sum")  # of each request, timed per thread
 
 
 def mailbox_words(hidden: int) -> int:
@@ -107,6 +108,19 @@ if numba is not None:
         return types.int64(), codegen
 
 
+@_jit()
+def _ticks() -> int:
+    return cycles()
+
+
+@functools.cache
+def tsc_hz() -> float:
+    """Time-stamp counter ticks per second, over 50 ms of the wall clock."""
+    t0, c0 = time.perf_counter(), _ticks()
+    time.sleep(0.05)
+    return (_ticks() - c0) / (time.perf_counter() - t0)
+
+
 @_jit(inline="always")
 def _share(total, part, parts):
     """Rows [lo, hi) of `total` for thread `part` of `parts`: equal shares."""
@@ -127,10 +141,11 @@ def _server(bits: int, group: int):
     """The threads' loop for one record format (constants of the closure, as in cpu_experts._kernel)."""
 
     @_jit()
-    def serve(part, parts, served, last, mail, mailf, counts, p8, p16, offs, hidden, inter, act):
+    def serve(part, parts, served, last, mail, mailf, counts, p8, p16, offs, hidden, inter, act, phases):
         """Thread `part` of `parts`, which has answered `served` requests, the last one `last`:
         answer the ones that follow until STOP or IDLE_CYCLES without one -> (served, last). act
-        [MAX_EXPERTS, inter] is shared: each expert's SwiGLU activation, laid out for down by `_permute`."""
+        [MAX_EXPERTS, inter] is shared: each expert's SwiGLU activation, laid out for down by `_permute`.
+        phases[part, :4] += this thread's time-stamp ticks per phase of each request (PHASES), and 1."""
         xp, xs = np.empty(hidden, np.float32), np.empty(hidden // group, np.float32)
         h, y = np.empty(2 * inter, np.float32), np.empty(hidden, np.float32)
         act_sums = np.empty((MAX_EXPERTS, inter // group), np.float32)
@@ -142,6 +157,7 @@ def _server(bits: int, group: int):
                     return served, last
                 continue
             last, served = seq, served + 1
+            t0 = cycles()
             n = mail[COUNT]
             _permute(mailf[X : X + hidden], bits, group, xp, xs)
             # gate_up and SwiGLU: this thread's share of the n x inter activations
@@ -157,7 +173,9 @@ def _server(bits: int, group: int):
                     gate = h[i]
                     c, f = _plane(i, bits, inter)
                     act[j, c] = gate / (np.float32(1.0) + np.exp(-gate)) * h[inter + i] * f
+            t1 = cycles()
             _wait_for(counts, 0, parts * served)
+            t2 = cycles()
             # down and the weighted sum: this thread's share of the output rows, experts in order
             for j in range(n):
                 _sums(act[j], bits, group, act_sums[j])
@@ -170,9 +188,13 @@ def _server(bits: int, group: int):
                     _rows(p8[rec], p16[rec], offs[3:6], inter, bits, group, r0, r1, act[j], act_sums[j], y)
                     for r in range(r0, r1):
                         result[r] = w * y[r] if j == 0 else result[r] + w * y[r]
+            since = cycles()
+            phases[part, 0] += t1 - t0
+            phases[part, 1] += t2 - t1
+            phases[part, 2] += since - t2
+            phases[part, 3] += 1
             if atomic_add(counts, 8, np.int64(1)) == parts * served - 1:  # the last thread out answers
                 atomic_store(mail, DONE, seq)
-            since = cycles()
 
     return serve
 
@@ -198,9 +220,10 @@ class ExpertServer:
         self.mail = torch.zeros(mailbox_words(H), dtype=torch.int32, pin_memory=torch.cuda.is_available())
         self._mail = self.mail.numpy()
         self._barriers = np.zeros(16, np.int64)  # two counters, a cache line apart
+        self._phases = np.zeros((self.threads, 8), np.int64)  # a cache line per thread
         p8 = pool.numpy()
         self._args = (self._mail, self._mail.view(np.float32), self._barriers, p8, p8.view(np.uint16),
-                      _offsets(layout), H, I, np.zeros((MAX_EXPERTS, I), np.float32))
+                      _offsets(layout), H, I, np.zeros((MAX_EXPERTS, I), np.float32), self._phases)
         self._serve = _server(layout.bits, layout.group_size)
         self._running: list[threading.Thread] = []
 
@@ -212,6 +235,7 @@ class ExpertServer:
         self._serve(0, 1, 0, last, *self._args)  # returns at once: compiles
         mail[STOP] = 0
         self._barriers[:] = 0  # they count from zero again (each thread's `served` does)
+        self._phases[:] = 0
         self._running = [threading.Thread(target=self._run, args=(p, last), daemon=True, name=f"cpu-expert-server-{p}")
                          for p in range(self.threads)]
         for t in self._running:
@@ -229,6 +253,17 @@ class ExpertServer:
         for t in self._running:
             t.join()
         self._running = []
+
+    def phase_counters(self) -> np.ndarray:
+        """[threads, len(PHASES) + 1]: each thread's time-stamp ticks in each phase summed over the
+        requests since start, and their number (`phase_seconds` turns two readings into times)."""
+        return self._phases[:, : len(PHASES) + 1].copy()
+
+    @staticmethod
+    def phase_seconds(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """[threads, len(PHASES)]: mean seconds per request in each phase between two phase_counters."""
+        d = after - before
+        return d[:, :-1] / np.maximum(d[:, -1:], 1) / tsc_hz()
 
     @property
     def running(self) -> bool:

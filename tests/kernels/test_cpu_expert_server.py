@@ -64,3 +64,21 @@ def test_refuses_bad_requests_and_layouts():
         ExpertServer(RecordLayout.build(128, 64, 16, 64), pool, 1)
     with pytest.raises(ValueError, match="host tier's uint8"):
         ExpertServer(layout, pool[:, :100], 1)
+
+
+def test_phase_times_count_every_request():
+    layout = RecordLayout.build(128, 64, 4, 64)
+    pool = random_pool(layout, 3, seed=4)
+    server = ExpertServer(layout, pool, 2)
+    server.start()
+    try:
+        server.request([0], [1.0], torch.randn(128))
+        before = server.phase_counters()
+        for _ in range(3):
+            server.request([1, 2], [0.5, 0.5], torch.randn(128))
+        after = server.phase_counters()
+    finally:
+        server.stop()
+    assert before[:, -1].tolist() == [1, 1] and after[:, -1].tolist() == [4, 4]
+    seconds = ExpertServer.phase_seconds(before, after)
+    assert seconds.shape == (2, 3) and (seconds >= 0).all() and seconds[:, 0].min() > 0 and seconds.max() < 1.0
