@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import shutil
 import statistics
 from contextlib import contextmanager
 import os
@@ -88,13 +90,15 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
     stamp = {"bench_config": cfg, "bits": bits, "group_size": group_size, "seed": seed}
     if (out / "bench.json").exists() and json.loads((out / "bench.json").read_text()) == stamp:
         return out
+    fam = family(ModelConfig.from_dict(cfg).model_type)
+    dense = [(fam.canonical_name(n), shape, kind) for n, shape, kind in hf_tensor_specs(cfg) if ".experts." not in n]
+    need = cfg["num_hidden_layers"] * cfg["num_experts"] * layout.record_size + 2 * sum(math.prod(s) for _, s, _ in dense)
+    _check_disk(out, need)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     write_qwen35_tokenizer(out)
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
-    fam = family(ModelConfig.from_dict(cfg).model_type)
-    dense = [(fam.canonical_name(n), shape, kind) for n, shape, kind in hf_tensor_specs(cfg) if ".experts." not in n]
     writer = SafetensorsWriter(out / DENSE_FILE, [(n, torch.bfloat16, s) for n, s, _ in dense], {"format": "pt"})
     for name, shape, kind in dense:
         writer.write(name, random_init(shape, kind, gen).to(torch.bfloat16).cpu())
@@ -115,6 +119,24 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
     Manifest(layout, tuple(files), DENSE_FILE, "bfloat16", "flashmoe bench (random weights)").save(out)
     (out / "bench.json").write_text(json.dumps(stamp))
     return out
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def _check_disk(out: Path, need: int) -> None:
+    """Refuse to start a synthesis that cannot fit: what `out` holds is rewritten, so it counts as
+    free; the other models synthesized beside it are named, with their sizes, as what to delete."""
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(parent).free + _tree_bytes(out)
+    if need <= free:
+        return
+    others = [p for p in sorted(out.parent.glob("*")) if p != out and (p / "bench.json").exists()] if out.parent.exists() else []
+    listed = ", ".join(f"{p} ({_tree_bytes(p) / 2**30:.1f} GiB)" for p in others)
+    raise RuntimeError(f"synthesizing {out.name} needs {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are free there"
+                       + (f"; delete models synthesized earlier ({listed})" if others else "")
+                       + ", or pass --workdir on a larger disk")
 
 
 def random_records(layout: RecordLayout, n: int, gen: torch.Generator) -> torch.Tensor:

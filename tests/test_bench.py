@@ -70,3 +70,20 @@ def test_resident_rows_read_host_experts_in_place(tiny_bench_model):
     assert r.bytes_per_token["disk"] == 0 and r.bytes_per_token["pcie"] == pytest.approx((1 - r.gpu_hit_rate) * 2 * 2 * rs)
     B.place_tiers(engine, tiers)  # and back to copying
     assert not engine.resident and engine.gpu_tier.table is None
+
+
+def test_synthesis_that_cannot_fit_the_disk_is_refused_up_front(tmp_path, monkeypatch):
+    """Named: the space needed and free, and the models synthesized earlier beside it to delete;
+    nothing is written."""
+    B.synthesize(tmp_path / "old", TINY, bits=4, group_size=64)
+    monkeypatch.setattr(B.shutil, "disk_usage", lambda p: shutil_usage(free=1 << 20))
+    with pytest.raises(RuntimeError, match=r"needs .* GiB but .* free there; delete models synthesized earlier \(.*old"):
+        B.synthesize(tmp_path / "new", TINY, bits=8, group_size=64)
+    assert not (tmp_path / "new").exists()
+    assert B.synthesize(tmp_path / "old", TINY, bits=4, group_size=64) == tmp_path / "old"  # a reuse needs no space
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=free, used=0, free=free)

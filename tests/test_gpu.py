@@ -262,3 +262,34 @@ def test_one_397b_shape_layer_with_the_cpu_share_matches_resident_decode(tmp_pat
     tier.collect_stats()
     assert tier.stats.cpu_computed == 2
     assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_a_dead_graph_in_a_reference_cycle_is_not_collected_mid_capture():
+    """The collector, run at nearly every allocation, would reset the dead graph inside the new
+    capture (which the capturing stream refuses); GraphedDecoder captures with it off."""
+    import gc
+
+    from flashmoe.runtime.graphs import _no_collection_while_capturing
+
+    class Holder:
+        pass
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    try:
+        dead = Holder()
+        dead.me, dead.graph = dead, torch.cuda.CUDAGraph()
+        with torch.cuda.graph(dead.graph):
+            torch.ones(8, device="cuda").mul_(2)
+        del dead
+        gc.set_threshold(1, 1, 1)
+        graph, x = torch.cuda.CUDAGraph(), torch.zeros(8, device="cuda")
+        with _no_collection_while_capturing(), torch.cuda.graph(graph):
+            for _ in range(100):
+                [[] for _ in range(10)]  # allocations that set the collector off
+            x.add_(1)
+        graph.replay()
+        assert x.tolist() == [1.0] * 8
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.collect()

@@ -17,13 +17,29 @@ stream `x` is a buffer of its own, which the routed experts (captured or not) wr
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import gc
+from contextlib import contextmanager, nullcontext
 from typing import Callable, NamedTuple
 
 import torch
 
 from ..models.qwen3_5_moe import NullTimer
 from .state import KVCache, LinearState, SequenceState
+
+
+@contextmanager
+def _no_collection_while_capturing():
+    """Python's cycle collector off while graphs are captured. An earlier generation's decoder (and
+    its graphs) can sit in a reference cycle; collected in the middle of a capture, its graph's
+    reset is an operation a capturing stream refuses, and the capture fails (seen in a bench run
+    that re-captured for each row). torch.cuda.graph no longer collects before it begins."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Body(NamedTuple):
@@ -106,7 +122,7 @@ class GraphedDecoder:
             s.recurrent.copy_(rec)
         if self.engine.gpu_tier is not None:
             self.engine.gpu_tier.forget_uncollected()  # the warm-up's expert lookups are no token's
-        with torch.inference_mode():
+        with torch.inference_mode(), _no_collection_while_capturing():
             if all(b.captured for b in self.bodies) and self.engine.timer.sync is None:
                 self.whole = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.whole, pool=self.pool):
