@@ -112,9 +112,10 @@ def test_releases_the_gil(experts):
     x = torch.randn(1024, generator=torch.Generator().manual_seed(4))
     ex = experts(layout, threads=1)
     assert ex._kernel.targetoptions["nogil"]
+    ex(pool, [0] * 20, [1.0] * 20, x)  # loaded or compiled: not part of the timing below
     t0 = time.perf_counter()
     ex(pool, [0] * 20, [1.0] * 20, x)
-    n = max(20, int(20 * 0.2 / (time.perf_counter() - t0)))  # experts in ~0.2 s
+    n = max(20, int(20 * 0.3 / (time.perf_counter() - t0)))  # experts in ~0.3 s
     future = ex.submit(pool, [0] * n, [1.0] * n, x)
     stamps = [time.perf_counter()]
     while not future.done():
@@ -122,8 +123,10 @@ def test_releases_the_gil(experts):
     future.result()
     duration = stamps[-1] - stamps[0]
     longest = max(b - a for a, b in zip(stamps, stamps[1:]))
-    assert duration > 0.05, duration  # long enough to tell
-    assert longest < duration / 4, (longest, duration)  # measured: 0.1-3 ms of ~200 ms
+    assert duration > 0.1, duration  # long enough to tell
+    # Held, the GIL would stall this thread for the whole call. Measured: 0.1-3 ms of ~300 ms, and
+    # once 90 ms of 330 (a 2-core VM: this loop, the worker and numba's thread take turns).
+    assert longest < duration / 2, (longest, duration)
 
 
 def test_refuses_what_it_does_not_compute(experts, monkeypatch):
