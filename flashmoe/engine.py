@@ -430,7 +430,7 @@ class Generation:
             logits = eng.forward(self.ids, self.state)
         try:
             for n in range(self.max_tokens):
-                with self._measured(prefill=False):
+                with self._measured(prefill=False, forward=False):
                     row = logits[-1]
                     if self.logits_processor is not None:
                         row = self.logits_processor(generated, row.cpu()).to(eng.device)
@@ -462,19 +462,20 @@ class Generation:
             self.stats.peak_rss = peak_rss_bytes()
 
     @contextmanager
-    def _measured(self, prefill: bool):
+    def _measured(self, prefill: bool, forward: bool = True):
         """Add the enclosed work's wall time, timed sections and expert-store counters to this
         generation's statistics. Only the work itself is counted: a server interleaves several
-        generations, and time spent suspended at a yield belongs to others."""
+        generations, and time spent suspended at a yield belongs to others. A `forward` block runs
+        the model: the expert lookups that resident decode counts on the device are collected at
+        its end (a read that waits for the GPU), so every block starts with none uncollected and
+        the others (sampling) need no read."""
         eng, stats = self.engine, self.stats
         t0, sections, cache = time.perf_counter(), dict(eng.timer.seconds), replace(eng.store.stats)
-        if eng.gpu_tier is not None:
-            eng.gpu_tier.collect_stats()  # resident lookups counted on the device so far belong to earlier work
         gpu = replace(eng.gpu_tier.stats) if eng.gpu_tier is not None else None
         try:
             yield
         finally:
-            if eng.gpu_tier is not None:
+            if eng.gpu_tier is not None and forward:
                 eng.gpu_tier.collect_stats()
             seconds, moved = time.perf_counter() - t0, eng.store.stats - cache
             if prefill:

@@ -19,23 +19,12 @@ import time
 
 import torch
 
+from flashmoe.bench import random_records
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.cpu_expert_server import PHASES, ExpertServer
 from flashmoe.kernels.host_handoff import HostHandoff
 from flashmoe.kernels.moe_gemv import MoeGemv
 from flashmoe.runtime.gpu_experts import slot_pool
-
-
-def random_records(layout: RecordLayout, n: int, seed: int) -> torch.Tensor:
-    """Codes at random, scales and biases small normal bf16 (random bits would include NaNs and
-    denormals, which the CPU computes slowly)."""
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.randint(0, 256, (n, layout.record_size), dtype=torch.uint8, generator=g)
-    for s in layout.segments:
-        if s.name.endswith((".scales", ".biases")):
-            v = (torch.rand(n, *s.shape, generator=g) + 0.5) * 1e-3
-            pool[:, s.offset : s.offset + s.nbytes] = v.to(torch.bfloat16).view(n, -1).view(torch.uint8)
-    return pool
 
 
 def timed(fn, reps: int) -> float:
@@ -58,10 +47,11 @@ def main() -> None:
     layout = RecordLayout.build(4096, 1024, 4, 64)
     H, k, rs = layout.hidden_size, args.k, layout.record_size
     host_records = 96  # 680 MB: far past the CPU's caches
-    host_pool = random_records(layout, host_records, 1).pin_memory()
+    gen = torch.Generator().manual_seed(1)
+    host_pool = random_records(layout, host_records, gen).pin_memory()
     gpu_slots = k
     pool, host0 = slot_pool(gpu_slots, rs, "cuda", host_pool)
-    pool.copy_(random_records(layout, k, 2))
+    pool.copy_(random_records(layout, k, gen))
     server = ExpertServer(layout, host_pool, args.threads)
     server.start()
     print(f"record {rs / 1e6:.2f} MB, {server.threads} CPU threads, k={k}")

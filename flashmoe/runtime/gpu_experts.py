@@ -291,8 +291,10 @@ class GpuExpertTier:
         self._uses_seen = np.zeros_like(table)
 
     def drop_resident(self) -> None:
-        self.collect_stats()
-        self.set_cpu_share(None)
+        if self.cpu_share is not None:
+            self.set_cpu_share(None)  # collects the counters first
+        else:
+            self.collect_stats()
         self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = None
 
     def set_cpu_share(self, share: ResidentCpuShare | None) -> None:
