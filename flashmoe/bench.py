@@ -481,14 +481,26 @@ def result_json(**parts) -> str:
     return json.dumps(parts, indent=1, default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v))
 
 
+def decode_rows(cpu_experts: list[int], prefetch: bool, resident: bool, replay: bool) -> list[tuple[str, bool, int, bool]]:
+    """The S1 rows of one k as (routing, prefetch, CPU experts, resident), in run order. The CPU
+    share runs only in the resident rows when there are any: on the copying path it is a known loss
+    (docs/EXPERIMENTS.md 26 and 39), and a full-size slice's rows cost minutes each."""
+    copy_cpu = () if resident else cpu_experts
+    rows = [("uniform", ahead, cpu, False) for cpu in {0, *copy_cpu} for ahead in {False, prefetch}]
+    rows += [("uniform", False, cpu, True) for cpu in {0, *cpu_experts}] * resident
+    rows += [("trace replay", False, cpu, held) for held in sorted({False, resident})
+             for cpu in {0, *cpu_experts} if cpu == 0 or held] * replay
+    return sorted(rows, key=lambda r: (r[0] != "uniform", r[3], r[2], r[1]))
+
+
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
         workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
         dense_bits: int = 16, prefetch: bool = False, cpu_experts: list[int] = (), resident: bool = False,
         log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
     tiers, then S1 for each k (uniform routing; with `prefetch` again with next-layer prefetch; with
-    each of `cpu_experts` again with that many misses per layer on the CPU, and with prefetch; with
-    `resident` again with every expert read where it lies; then replayed from `trace` if given, also
+    each of `cpu_experts` again with that many misses per layer on the CPU (only resident when
+    `resident`), and with prefetch; with `resident` again with every expert read where it lies; then replayed from `trace` if given, also
     resident) and S2 for each prompt length (also resident). Returns the report. Replayed routing
     runs without prefetch: its ids come from a stream the router's guess cannot know."""
     from .engine import Engine
@@ -523,10 +535,7 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     residency = sorted({False, resident})
     for k in sorted(ks, reverse=True):
         engine.set_top_k(k)
-        rows = [("uniform", ahead, cpu, False) for cpu in {0, *cpu_experts} for ahead in {False, prefetch}]
-        rows += [("uniform", False, cpu, True) for cpu in {0, *cpu_experts}] * resident
-        rows += [("trace replay", False, cpu, held) for held in residency for cpu in {0, *cpu_experts} if cpu == 0 or held] * bool(replays)
-        for routing, ahead, cpu, held in sorted(rows, key=lambda r: (r[0] != "uniform", r[3], r[2], r[1])):
+        for routing, ahead, cpu, held in decode_rows(cpu_experts, prefetch, resident, bool(replays)):
             engine.set_resident(False)
             engine.set_prefetch(ahead)
             engine.set_cpu_experts(cpu)

@@ -250,7 +250,7 @@ def bench(
         None, "--trace", help="Routing trace (flashmoe trace): also run S1 with its locality replayed, beside uniform routing."
     ),
     prefetch: bool = typer.Option(False, "--prefetch", help="Also run S1 with next-layer prefetch, beside the plain rows."),
-    cpu_experts: list[int] = typer.Option([], "--cpu-experts", help="Also run S1 with up to N host-resident experts per layer computed on the CPU, also in the --preload rows (repeatable; needs numba)."),
+    cpu_experts: list[int] = typer.Option([], "--cpu-experts", help="Also run S1 with up to N host-resident experts per layer computed on the CPU; with --preload only in the resident rows, as copying them is a known loss (repeatable; needs numba)."),
     preload: bool = typer.Option(False, "--preload", help="Also run S1/S2 with every expert read where it lies (no disk tier only), beside the plain rows."),
 ):
     """Benchmark scenarios S1 (decode) and S2 (prefill) on a synthesized model of a named shape (GPU)."""

@@ -87,3 +87,13 @@ def shutil_usage(free: int):
     import shutil
 
     return shutil._ntuple_diskusage(total=free, used=0, free=free)
+
+
+def test_decode_rows_put_the_cpu_share_where_it_can_win():
+    plain = B.decode_rows([2], prefetch=True, resident=False, replay=False)
+    assert plain == [("uniform", False, 0, False), ("uniform", True, 0, False),
+                     ("uniform", False, 2, False), ("uniform", True, 2, False)]
+    # with resident rows the copying path runs without the share, the resident rows with and without
+    preloaded = B.decode_rows([2], prefetch=False, resident=True, replay=True)
+    assert preloaded == [("uniform", False, 0, False), ("uniform", False, 0, True), ("uniform", False, 2, True),
+                         ("trace replay", False, 0, False), ("trace replay", False, 0, True), ("trace replay", False, 2, True)]
