@@ -466,17 +466,24 @@ class Generation:
         """Add the enclosed work's wall time, timed sections and expert-store counters to this
         generation's statistics. Only the work itself is counted: a server interleaves several
         generations, and time spent suspended at a yield belongs to others. A `forward` block runs
-        the model: the expert lookups that resident decode counts on the device are collected at
-        its end (a read that waits for the GPU), so every block starts with none uncollected and
-        the others (sampling) need no read."""
+        the model; the expert lookups that resident decode counts on the device are read at its
+        end: after prefill at once (a read that waits for the GPU), after a decode step by a copy
+        queued behind it, which the sampling block that always follows collects once reading the
+        token has waited for the GPU anyway. No yield comes between the two, so the counts stay
+        this generation's."""
         eng, stats = self.engine, self.stats
         t0, sections, cache = time.perf_counter(), dict(eng.timer.seconds), replace(eng.store.stats)
         gpu = replace(eng.gpu_tier.stats) if eng.gpu_tier is not None else None
         try:
             yield
         finally:
-            if eng.gpu_tier is not None and forward:
-                eng.gpu_tier.collect_stats()
+            if eng.gpu_tier is not None:
+                if not forward:
+                    eng.gpu_tier.collect_stats(queued_only=True)
+                elif prefill:
+                    eng.gpu_tier.collect_stats()
+                else:
+                    eng.gpu_tier.queue_stats()
             seconds, moved = time.perf_counter() - t0, eng.store.stats - cache
             if prefill:
                 stats.prefill_seconds += seconds

@@ -19,6 +19,7 @@ import itertools
 import torch
 from torch import nn
 
+from .. import kernels
 from .int8_linear import Int8Linear
 
 Group = tuple[nn.Module, list[int]]  # (a layer computing several outputs side by side, their widths)
@@ -35,7 +36,7 @@ class Projections:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         groups = self.fused or [(m, [m.out_features]) for m in self.layers()]
-        return [y for layer, widths in groups for y in layer(x).split(widths, dim=-1)]
+        return [y for layer, widths in groups for y in project(layer, x).split(widths, dim=-1)]
 
     def layers(self) -> list[nn.Module]:
         return [self.owner.get_submodule(name) for name in self.names]
@@ -46,6 +47,18 @@ class Projections:
         each view into a tensor of its own and leave the fused weights behind."""
         runs = [list(run) for _, run in itertools.groupby(self.layers(), key=type)]
         self.fused = [(run[0] if len(run) == 1 else concatenated(run), [m.out_features for m in run]) for run in runs]
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), with a decode row through a small 16-bit weight on the GPU taken by the Triton GEMV
+    (kernels/gemv16.py), where cuBLAS is launch-bound."""
+    if isinstance(layer, nn.Linear) and kernels.use_kernels(x):
+        from ..kernels.gemv16 import fits, gemv16
+
+        rows = x.reshape(-1, layer.in_features)
+        if fits(rows, layer.weight):
+            return gemv16(rows, layer.weight).view(*x.shape[:-1], layer.out_features)
+    return layer(x)
 
 
 def concatenated(layers: list[nn.Module]) -> nn.Module:

@@ -11,7 +11,7 @@ import os
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,6 +21,7 @@ from ..formats.packed import Manifest
 from ..formats.safetensors import read_into
 from ..utils import format_bytes
 from .policy import SlotMap
+from .stats import Counters
 
 
 class ExpertStoreError(RuntimeError):
@@ -36,7 +37,7 @@ class BudgetError(ValueError):
 
 
 @dataclass(slots=True)
-class StoreStats:
+class StoreStats(Counters):
     hits: int = 0
     misses: int = 0
     bytes_read: int = 0
@@ -46,12 +47,6 @@ class StoreStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
-
-    def __add__(self, other: "StoreStats") -> "StoreStats":
-        return StoreStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
-
-    def __sub__(self, other: "StoreStats") -> "StoreStats":
-        return StoreStats(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
 
 class ExpertStore:

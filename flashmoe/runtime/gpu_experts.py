@@ -114,19 +114,12 @@ class ResidentCpuShare:
         # slot 0 stands in for the CPU's experts in the GPU's list: any GPU-resident record will do
         self.handoff = HostHandoff(self.server.mail, tier.capacity, tier.host_slot0, 0, per_layer, DEFAULT_SHARE,
                                    tier.pool.device)
-        self._computed_seen = 0
         self.server.start()
 
     def check(self) -> None:
         """Raise if a layer's join gave up waiting for the CPU (its output then lacks the CPU's experts)."""
         if seq := self.handoff.failed():
             raise RuntimeError(f"the CPU expert server did not answer request {seq}; run without --cpu-experts")
-
-    def computed_since_last_call(self) -> int:
-        """Experts handed to the CPU since the last call (reads a device counter: waits for the GPU)."""
-        total = int(self.handoff.computed)
-        new, self._computed_seen = total - self._computed_seen, total
-        return new
 
     def close(self) -> None:
         self.server.stop()
@@ -171,6 +164,11 @@ class GpuExpertTier:
         self.uses: torch.Tensor | None = None
         self._on_gpu: np.ndarray | None = None
         self._uses_seen: np.ndarray | None = None
+        self._handed_seen = 0  # experts the CPU share was handed, as last collected
+        # queue_stats' copy of the counters (uses, handed to the CPU, the event after them), and
+        # whether it holds counts not yet collected
+        self._queued: tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None = None
+        self._queued_pending = False
 
     def absent(self, layer: int, experts: list[int]) -> list[int]:
         """Those of the experts that place() would have to copy in (neither cached nor copied ahead)."""
@@ -289,6 +287,7 @@ class GpuExpertTier:
         self.table = torch.from_numpy(table).to(self.pool.device)
         self.uses = torch.zeros_like(self.table)
         self._uses_seen = np.zeros_like(table)
+        self._queued, self._queued_pending = None, False
 
     def drop_resident(self) -> None:
         if self.cpu_share is not None:
@@ -302,7 +301,7 @@ class GpuExpertTier:
         if self.cpu_share is not None:
             self.collect_stats()
             self.cpu_share.close()
-        self.cpu_share = share
+        self.cpu_share, self._handed_seen = share, 0
 
     def resident_slots(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Slots of decode ids [T, k], looked up on the device and counted there (collect_stats
@@ -312,24 +311,57 @@ class GpuExpertTier:
     def forget_uncollected(self) -> None:
         """Drop the lookups counted since the last collect_stats (a graph's warm-up run)."""
         if self.uses is not None:
-            self._uses_seen = self._read_uses()
-        if self.cpu_share is not None:
-            self.cpu_share.computed_since_last_call()
+            self.collect_stats(queued_only=True)  # those are real
+            self._uses_seen, self._handed_seen = self._read_counters()
 
-    def collect_stats(self) -> None:
-        """Add the resident lookups counted on the device since the last call to `stats` (reads the
-        device counters: waits for the queued work)."""
+    def queue_stats(self) -> None:
+        """Queue a copy of the device counters, after the work queued so far, for the next
+        collect_stats to add without waiting for the GPU: decode queues one at the end of each
+        step's forward and collects it after reading the token, which is the step's one host sync."""
         if self.uses is None:
             return
-        uses = self._read_uses()
+        if self._queued is None:
+            pin = self.uses.is_cuda
+            self._queued = (torch.empty(self.uses.shape, dtype=self.uses.dtype, pin_memory=pin),
+                            torch.zeros(1, dtype=torch.int64, pin_memory=pin), torch.cuda.Event() if pin else None)
+        uses, handed, event = self._queued
+        uses.copy_(self.uses, non_blocking=True)
+        if self.cpu_share is not None:
+            handed.copy_(self.cpu_share.handoff.computed, non_blocking=True)
+        if event is not None:
+            event.record()
+        self._queued_pending = True
+
+    def collect_stats(self, queued_only: bool = False) -> None:
+        """Add the resident lookups counted on the device to `stats`: those of queue_stats' copy if
+        it holds any (waits for that copy only), then unless `queued_only` all counted since (reads
+        the device counters: waits for the queued work)."""
+        if self.uses is None:
+            return
+        if self._queued_pending:
+            uses, handed, event = self._queued
+            if event is not None:
+                event.synchronize()
+            self._add(uses.numpy().copy(), int(handed))
+            self._queued_pending = False
+        if not queued_only:
+            self._add(*self._read_counters())
+
+    def _add(self, uses: np.ndarray, handed: int) -> None:
+        """Count the lookups of a counter reading taken after every lookup before it was done."""
         new, self._uses_seen = uses - self._uses_seen, uses
         on_cpu = 0
         if self.cpu_share is not None:
-            self.cpu_share.check()  # the read above waited for the GPU: every join so far has ended
-            on_cpu = self.cpu_share.computed_since_last_call()
+            self.cpu_share.check()  # the reading came after the GPU's work: every join so far has ended
+            on_cpu, self._handed_seen = handed - self._handed_seen, handed
         self.stats.hits += int(new[self._on_gpu].sum())
         self.stats.host_reads += int(new[~self._on_gpu].sum()) - on_cpu  # host-resident, read over PCIe
         self.stats.cpu_computed += on_cpu
+
+    def _read_counters(self) -> tuple[np.ndarray, int]:
+        """(lookups per (layer, expert), experts handed to the CPU share), read now: waits for the GPU."""
+        handed = int(self.cpu_share.handoff.computed) if self.cpu_share is not None else 0
+        return self._read_uses(), handed
 
     def _read_uses(self) -> np.ndarray:
         return self.uses.cpu().numpy().copy()  # on a CPU device .cpu() would share the live counters

@@ -6,11 +6,28 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
+
+
+class Counters:
+    """A slotted dataclass of integer counters that add and subtract field by field. Read by slot,
+    not with dataclasses.astuple (which deep-copies every field: most of a decode step's Python
+    cost once, as the generation loop takes differences of these on every token)."""
+
+    __slots__ = ()
+
+    def _values(self) -> list[int]:
+        return [getattr(self, name) for name in self.__slots__]
+
+    def __add__(self, other):
+        return type(self)(*(a + b for a, b in zip(self._values(), other._values())))
+
+    def __sub__(self, other):
+        return type(self)(*(a - b for a, b in zip(self._values(), other._values())))
 
 
 @dataclass(slots=True)
-class GpuTierStats:
+class GpuTierStats(Counters):
     hits: int = 0  # lookups served from a GPU slot, prefetched ones included
     misses: int = 0  # lookups copied in when the layer's routing was known
     admitted: int = 0
@@ -30,12 +47,6 @@ class GpuTierStats:
     @property
     def prediction_accuracy(self) -> float:
         return self.predicted_right / self.predicted if self.predicted else 0.0
-
-    def __add__(self, other: "GpuTierStats") -> "GpuTierStats":
-        return GpuTierStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
-
-    def __sub__(self, other: "GpuTierStats") -> "GpuTierStats":
-        return GpuTierStats(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
 
 class _Section:

@@ -178,6 +178,30 @@ def test_resident_experts_read_in_place_match_the_copying_path(packed4):
     assert unchanged and store.misses == store.bytes_read == 0  # prefill's records were all host-tier hits
 
 
+def test_generation_counts_every_resident_lookup_once_with_queued_reads(packed4):
+    """A decode step's device counters are read by a copy queued behind its forward and collected
+    after the token's read (Generation._measured): each generation still gets exactly its own
+    lookups, also when two generations interleave step by step."""
+    from flashmoe.runtime.sampling import SamplingParams
+
+    record = Manifest.load(packed4).layout.record_size
+    engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
+    engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
+    engine.preload()
+    assert engine.resident
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    gens = [engine.generate([1, 2, 3], params), engine.generate([4, 5], params)]
+    steps = [iter(g) for g in gens]
+    for _ in range(params.max_tokens):
+        for s in steps:
+            next(s)
+    moe_layers, k = len(engine.config.moe_layers), engine.top_k
+    for g in gens:
+        tier = g.stats.gpu_cache
+        assert g.stats.decode_tokens == params.max_tokens - 1
+        assert tier.hits > 0 and tier.hits + tier.host_reads == moe_layers * k * g.stats.decode_tokens
+
+
 def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
     """Preloaded, with --cpu-experts 1: each decode layer hands some of its host-resident experts to
     the CPU's server through the mailbox (no host sync). Logits match resident decode without it
