@@ -298,8 +298,8 @@ class GpuExpertTier:
 
     def set_cpu_share(self, share: ResidentCpuShare | None) -> None:
         """Hand resident decode's host-resident experts partly to the CPU (or stop: the server's threads end)."""
+        self.collect_stats()  # under the old share: the new one's count of experts handed starts at 0
         if self.cpu_share is not None:
-            self.collect_stats()
             self.cpu_share.close()
         self.cpu_share, self._handed_seen = share, 0
 
