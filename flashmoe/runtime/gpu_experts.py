@@ -348,7 +348,8 @@ class GpuExpertTier:
             self._add(*self._read_counters())
 
     def _add(self, uses: np.ndarray, handed: int) -> None:
-        """Count the lookups of a counter reading taken after every lookup before it was done."""
+        """Add what a reading of the counters holds beyond the previous reading (each reading is
+        taken after all the GPU work queued before it)."""
         new, self._uses_seen = uses - self._uses_seen, uses
         on_cpu = 0
         if self.cpu_share is not None:
