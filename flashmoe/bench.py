@@ -493,17 +493,29 @@ def decode_rows(cpu_experts: list[int], prefetch: bool, resident: bool, replay: 
     return sorted(rows, key=lambda r: (r[0] != "uniform", r[3], r[2], r[1]))
 
 
+def slice_engine(out: Path, cfg: dict, layout: RecordLayout, tiers: Tiers, k_max: int, dense_bits: int = 16,
+                 prefetch: bool = False):
+    """An engine over the synthesized slice with tier budgets for `tiers` (place_tiers fills them)."""
+    from .engine import Engine
+
+    rs, moe_layers = layout.record_size, len(ModelConfig.from_dict(cfg).moe_layers)
+    return Engine(
+        out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False,
+        host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
+        dense_bits=dense_bits, prefetch=prefetch,
+    )
+
+
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
         workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
         dense_bits: int = 16, prefetch: bool = False, cpu_experts: list[int] = (), resident: bool = False,
         log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
     tiers, then S1 for each k (uniform routing; with `prefetch` again with next-layer prefetch; with
-    each of `cpu_experts` again with that many misses per layer on the CPU (only resident when
-    `resident`), and with prefetch; with `resident` again with every expert read where it lies; then replayed from `trace` if given, also
-    resident) and S2 for each prompt length (also resident). Returns the report. Replayed routing
+    each of `cpu_experts` again with that many misses per layer on the CPU (in the resident rows
+    only, when `resident`), and with prefetch; with `resident` again with every expert read where
+    it lies; then replayed from `trace` if given, also resident) and S2 for each prompt length (also resident). Returns the report. Replayed routing
     runs without prefetch: its ids come from a stream the router's guess cannot know."""
-    from .engine import Engine
     from .utils import total_memory_bytes
 
     full, cfg = preset_config(preset), preset_config(preset, layers)
@@ -519,12 +531,8 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     gpu_total = torch.cuda.get_device_properties(0).total_memory
     tiers = plan_tiers(full, layout, gpu_total, total_memory_bytes(), gpu_mem, host_mem, dense_bits)
     log(f"tiers: GPU {tiers.gpu_fraction:.1%}, host {tiers.host_fraction:.1%}, disk {tiers.disk_fraction:.1%} ({tiers.notes})")
-    rs, moe_layers, k_max = layout.record_size, len(ModelConfig.from_dict(cfg).moe_layers), max(ks)
-    engine = Engine(
-        out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False,
-        host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
-        dense_bits=dense_bits, prefetch=prefetch,
-    )
+    k_max = max(ks)
+    engine = slice_engine(out, cfg, layout, tiers, k_max, dense_bits, prefetch)
     report = {"preset": preset, "layers": layers, "bits": bits, "dense_bits": dense_bits, "device": torch.cuda.get_device_name(0),
               "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
     if trace_stats:

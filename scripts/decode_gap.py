@@ -3,10 +3,12 @@ timed three ways on a bench slice, placed as `flashmoe bench --preload` places i
 
   generate   Engine.generate, steady state (what bench's S1 rows time)
   loop       the graph replayed, the token read back (argmax), and nothing else
-  queued     the graph replayed back to back, one sync at the end: the GPU's time alone
+  + read     loop with a blocking read of the expert counters after each step (what generate did
+             before it queued that copy, commit 3d55dd1)
+  queued     the graph replayed back to back on the loop's tokens, one sync at the end: the GPU's time
 
-generate - loop is the Python generation loop's cost; loop - queued is the per-token round trip
-(the token's read, the next launch). Both are paid once per token, whatever the layer count.
+generate - loop is the generation loop's own cost; loop - queued the per-token round trip (the
+token's read, the next launch). Both are paid once per token, whatever the layer count.
 
 Usage: python3 scripts/decode_gap.py [--layers 8] [--k 4 10] [--cpu-experts 0 2] [--tokens 64]"""
 
@@ -18,7 +20,6 @@ from pathlib import Path
 import torch
 
 from flashmoe import bench as B
-from flashmoe.engine import Engine
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.cpu_expert_server import ExpertServer
 from flashmoe.runtime.graphs import GraphedDecoder
@@ -91,8 +92,8 @@ def measure(engine, args, k: int, cpu: int) -> None:
     t_graph, t_launch = loop_timed(args.tokens)
     graphs.release()
     print(f"{args.preset} L{args.layers} {args.bits}-bit k={k} cpu-experts {cpu}, ms/token:")
-    print(f"  generate {generate * 1e3:.3f} | loop + collect {t_collect * 1e3:.3f} | loop {t_loop * 1e3:.3f} | queued {t_queued * 1e3:.3f}")
-    print(f"  generation loop {(generate - t_collect) * 1e3:.3f}, counter read {(t_collect - t_loop) * 1e3:.3f}, "
+    print(f"  generate {generate * 1e3:.3f} | loop + read {t_collect * 1e3:.3f} | loop {t_loop * 1e3:.3f} | queued {t_queued * 1e3:.3f}")
+    print(f"  generation loop {(generate - t_loop) * 1e3:.3f}, blocking counter read {(t_collect - t_loop) * 1e3:.3f}, "
           f"token round trip {(t_loop - t_queued) * 1e3:.3f}; in loop mode the graph takes {t_graph * 1e3:.3f} "
           f"on the GPU (median) and {t_launch * 1e3:.3f} to launch")
 
@@ -114,10 +115,7 @@ def main() -> None:
     out = B.synthesize(args.workdir / f"{args.preset}-L{args.layers}-{args.bits}bit", cfg, args.bits, device="cuda")
     layout = RecordLayout.build(cfg["hidden_size"], cfg["moe_intermediate_size"], args.bits, 64)
     tiers = B.plan_tiers(full, layout, torch.cuda.get_device_properties(0).total_memory, total_memory_bytes(), dense_bits=8)
-    rs, layers = layout.record_size, args.layers
-    k_max = max(args.k)
-    engine = Engine(out, device="cuda", top_k=k_max, cache_policy="static", direct_io=True, verify=False, dense_bits=8,
-                    host_mem=(tiers.host_per_layer * layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * layers * rs)
+    engine = B.slice_engine(out, cfg, layout, tiers, max(args.k), dense_bits=8)
     B.place_tiers(engine, tiers, resident=True)
     for k in args.k:
         for cpu in args.cpu_experts:

@@ -97,3 +97,15 @@ def test_decode_rows_put_the_cpu_share_where_it_can_win():
     preloaded = B.decode_rows([2], prefetch=False, resident=True, replay=True)
     assert preloaded == [("uniform", False, 0, False), ("uniform", False, 0, True), ("uniform", False, 2, True),
                          ("trace replay", False, 0, False), ("trace replay", False, 0, True), ("trace replay", False, 2, True)]
+
+
+def test_slice_engine_budgets_what_place_tiers_fills(monkeypatch):
+    """The bench's engine gets per-MoE-layer budgets for the planned tiers: the GPU and host sizes
+    the CPU tests above fill with place_tiers (the host's plus one layer's k staging slots)."""
+    made = {}
+    monkeypatch.setattr("flashmoe.engine.Engine", lambda model, **kw: made.update(kw, model=model) or "engine")
+    rs = RecordLayout.build(128, 64, 4, 64).record_size
+    tiers = B.Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
+    assert B.slice_engine("m", TINY, RecordLayout.build(128, 64, 4, 64), tiers, k_max=2, dense_bits=8) == "engine"
+    assert made["gpu_mem"] == 2 * 5 * rs and made["host_mem"] == (2 * 11 + 2) * rs
+    assert made["device"] == "cuda" and made["top_k"] == 2 and made["dense_bits"] == 8 and made["cache_policy"] == "static"

@@ -13,6 +13,8 @@ launch, every SM busy. Larger matrices stay with cuBLAS (`fits`), which reaches 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -60,14 +62,18 @@ def gemv16(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, num_war
                          f"(stride {w.stride()})")
     N, K = w.shape
     if block_n is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        block_n = max(1, min(8, triton.next_power_of_2(N // sms + 1) // 2))
+        block_n = max(1, min(8, triton.next_power_of_2(N // _sm_count(x.device) + 1) // 2))
     block_k = min(256 * num_warps, triton.next_power_of_2(K))  # 8 values (16 bytes) per lane and row
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     pdl = use_pdl(x)
     _gemv16_kernel[(triton.cdiv(N, block_n),)](x.contiguous(), w, y, N, w.stride(0), K, BLOCK_N=block_n,
                                                BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return y
+
+
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def gemv16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
