@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8, 16], help="gemv: record widths to time")
     ap.add_argument("--once", action="store_true",
                     help="only three untimed calls of the default gathered-experts kernels (first --bits, k=10), "
-                         "for a profiler: ncu --clock-control none -k regex:v3_kernel ...")
+                         "for a profiler: ncu --clock-control none -k regex:v4_kernel ...")
     args = ap.parse_args()
     if args.once:
         layout = RecordLayout.build(args.hidden, args.intermediate, args.bits[0], 64)
@@ -77,7 +77,7 @@ def gemv_configs(layout: RecordLayout):
         return
     for bn, warps, down_bn, pdl in CONFIGS:
         label = f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "") + ("" if pdl else " no-pdl")
-        yield "v3", label, dict(block_n=bn, num_warps=warps, down_block_n=down_bn, pdl=pdl)
+        yield "v4", label, dict(block_n=bn, num_warps=warps, down_block_n=down_bn, pdl=pdl)
 
 
 def gemv_sweep(args, hbm: float) -> None:

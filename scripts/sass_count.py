@@ -30,11 +30,12 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 POINTERS = {  # element type of each pointer argument, by name
     "x_ptr": "*bf16", "codes_ptr": "*i32", "halves_ptr": "*bf16", "slots_ptr": "*i32", "h_ptr": "*fp32",
     "weights_ptr": "*fp32", "residual_ptr": "*bf16", "y_ptr": "*fp32", "xp_ptr": "*fp32", "xsum_ptr": "*fp32",
-    "hp_ptr": "*fp32", "hsum_ptr": "*fp32", "scale_ptr": "*fp32",
+    "hp_ptr": "*fp32", "hsum_ptr": "*fp32", "scale_ptr": "*fp32", "xq_ptr": "*i32", "sx_ptr": "*fp32",
+    "hq_ptr": "*i32", "sh_ptr": "*fp32",
 }
 KINDS = {  # opcode -> kind; the rest count as "other"
     "FFMA": "ffma", "FMUL": "fp", "FADD": "fp", "FMNMX": "fp", "FSEL": "fp",
-    "LOP3": "alu", "SHF": "alu", "PRMT": "alu", "IADD3": "alu", "LEA": "alu", "SEL": "alu", "ISETP": "alu",
+    "LOP3": "alu", "SHF": "alu", "IDP": "idp", "PRMT": "alu", "IADD3": "alu", "LEA": "alu", "SEL": "alu", "ISETP": "alu",
     "IMAD": "imad", "I2F": "cvt", "F2F": "cvt", "F2I": "cvt", "I2FP": "cvt", "F2FP": "cvt",
     "LDG": "ldg", "STG": "stg", "LDS": "lds", "STS": "sts", "BAR": "bar", "SHFL": "shfl", "MOV": "mov",
 }
@@ -109,7 +110,7 @@ def ptxas_usage(ptx: str, tmp: Path) -> str:
     return f"{used.group(1) if used else '?'} registers, spills {spill.group(1)}/{spill.group(2)} B" if spill else res.stderr
 
 
-COLUMNS = ("total", "ffma", "fp", "alu", "imad", "cvt", "mov", "ldg128", "ldg64", "ldg32", "lds", "sts", "bar", "shfl", "other")
+COLUMNS = ("total", "ffma", "fp", "alu", "idp", "imad", "cvt", "mov", "ldg128", "ldg64", "ldg32", "lds", "sts", "bar", "shfl", "other")
 
 
 def report(name: str, asm: dict, weights_per_thread: float, trips: list[int], tmp: Path) -> None:
@@ -168,14 +169,14 @@ def kernels(gemv: m.MoeGemv, k: int):
     """(name, kernel, constexprs, warps, weights per program, trip counts of its loops) as MoeGemv launches them."""
     L = gemv.layout
     H, I, bn = L.hidden_size, L.intermediate_size, gemv.block_n
-    if gemv.v3:  # K loops unrolled: straight-line code
+    if gemv.quantized:  # K loops unrolled: straight-line code
         meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=gemv.group, BLOCK_N=bn)
-        (gu_k, gu_w), (d_k, d_w, d_e) = gemv.v3_blocks(k)
-        meta.update(H=H, I=I, PDL=gemv.pdl)
+        (gu_k, gu_w), (d_k, d_w, d_e) = gemv.tile_blocks(k)
+        meta.update(H=H, I=I, PDL=gemv.pdl, ASM=True)
         dn = gemv.down_block_n
         down = dict(meta, BLOCK_N=dn, BLOCK_K=d_k, EXPERTS=d_e, HAS_RESIDUAL=False)
-        return [("gate_up", m._gate_up_v3_kernel, dict(meta, BLOCK_K=gu_k), gu_w, 2 * bn * H, []),
-                ("down", m._down_v3_kernel, down, d_w, k * dn * I, [])]
+        return [("gate_up", m._gate_up_v4_kernel, dict(meta, BLOCK_K=gu_k), gu_w, 2 * bn * H, []),
+                ("down", m._down_v4_kernel, down, d_w, k * dn * I, [])]
     meta = dict(K_ROUTED=k, BLOCK_N=bn, BLOCK_K=gemv.block_k)  # 16-bit records
     w = gemv.num_warps
     return [("gate_up", m._gate_up_swiglu_kernel, meta, w, 2 * bn * H, [H // gemv.block_k] * 2),

@@ -235,15 +235,16 @@ def test_resident_cpu_share_decode_equals_resident_decode(packed4, graphs, profi
     finally:
         torch.cuda.set_sync_debug_mode(0)
     engine.set_cpu_experts(0)
-    assert torch.allclose(y, experts(x, ids, weights), rtol=1e-5, atol=1e-6)
+    ref = experts(x, ids, weights)  # the GPU kernel's inputs in 16-bit fixed point, the CPU's exact: 1e-4-ish
+    assert float((y - ref).norm() / ref.norm()) < 5e-4
 
 
 def test_one_397b_shape_layer_with_the_cpu_share_matches_resident_decode(tmp_path):
     """Real shapes: 200-odd of 512 experts in pinned host memory; one decode token routed to 8 of
     them and 2 GPU-resident ones, fp32 input. With --cpu-experts 2 the CPU computes 2 of the 8 and
-    the GPU reads 6 over PCIe: the layer's expert output equals the GPU reading all 8 up to fp32
-    summation order (the logits of a synthetic layer would not show it: its experts' output is
-    lost in the bf16 rounding of the residual)."""
+    the GPU reads 6 over PCIe: the layer's expert output matches the GPU reading all 8, up to the GPU
+    kernel's rounding of its inputs to 16 bits per group (the logits of a synthetic layer would not
+    show it: its experts' output is lost in the bf16 rounding of the residual)."""
     pytest.importorskip("numba")
     from flashmoe import bench as B
 
@@ -261,7 +262,7 @@ def test_one_397b_shape_layer_with_the_cpu_share_matches_resident_decode(tmp_pat
         got = experts(x, ids, weights)
     tier.collect_stats()
     assert tier.stats.cpu_computed == 2
-    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    assert float((got - ref).norm() / ref.norm()) < 5e-4  # the GPU kernel's 16-bit inputs against the CPU's exact
 
 
 def test_a_dead_graph_in_a_reference_cycle_is_not_collected_mid_capture():

@@ -1,5 +1,6 @@
-"""Quantized codes as fp32 without an int-to-float conversion, shared by the GEMV kernels that read
-packed codes (moe_gemv's gathered experts, int8_gemv's dense projections).
+"""Quantized codes multiplied without an int-to-float conversion, two ways: as fp32 by the AND-mask
+trick below (int8_gemv's dense projections), and as integers against inputs in 16-bit fixed point
+(`layout_xq` at the end: moe_gemv's gathered experts, twice the codes per instruction).
 
 A 32-bit word holds 32 / BITS codes. The word masked to code p (at bit b = BITS * p, or taken from
 the word >> 8 for the codes that would reach bit 24 and the exponent) has the bit pattern of the
@@ -16,6 +17,8 @@ row then loads the inputs it needs as vectors, already in the lanes that use the
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -90,3 +93,94 @@ def layout_x(x: torch.Tensor, bits: int, pdl: bool, up: torch.Tensor | None = No
     _layout_x_kernel[(T, triton.cdiv(H, block))](x, x if up is None else up, xp, H, bits, block, up is not None, pdl,
                                                  num_warps=4)
     return xp
+
+
+# Fixed-point inputs for integer dot products (moe_gemv's gathered experts): two codes per instruction.
+#
+# Each group of G inputs (the weights' quantization group) becomes int16 v = round(x / s_x) with
+# s_x = max|x| / 32767, kept with its fp32 s_x and the exact fp32 sum of the group's x (the bias
+# term's). A word's codes split into byte planes (plane p: (word >> BITS * p) & the code mask in
+# every byte; its byte i holds code i * 8 / BITS + p), and `dp2a` multiplies two of a plane's
+# bytes by two int16 inputs packed in one register and adds them to an int32: 8 codes are one
+# shift, two ANDs and four dp2a at 4 bits, where the fp32 path needs eight ANDs and eight FFMAs.
+# The products are exact integers; what is lost is the inputs' rounding to 16 bits per group,
+# |error| <= max|x| / 65534 per input.
+X_STEPS = tl.constexpr(32767.0)
+INLINE_PTX = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX: dp2a emulated there
+
+
+@triton.jit
+def dp2a(x_pair, plane, acc, HI: tl.constexpr, ASM: tl.constexpr):
+    """acc + x_pair.lo16 * byte b + x_pair.hi16 * byte b + 1 of plane, b = 2 if HI else 0 (int32;
+    the int16 halves signed, the bytes unsigned): PTX dp2a, one instruction."""
+    if ASM:
+        if HI:
+            return tl.inline_asm_elementwise("dp2a.hi.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [x_pair, plane, acc],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("dp2a.lo.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [x_pair, plane, acc],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        b = 16 if HI else 0
+        return acc + ((x_pair << 16) >> 16) * ((plane >> b) & 0xFF) + (x_pair >> 16) * ((plane >> (b + 8)) & 0xFF)
+
+
+@triton.jit
+def byte_plane(words, p: tl.constexpr, BITS: tl.constexpr):
+    """Plane p of the words: byte i holds code i * 8 / BITS + p (8-bit codes: the words themselves)."""
+    if BITS == 8:
+        return words
+    else:
+        MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101
+        return (words >> (BITS * p)) & MASK
+
+
+@triton.jit
+def quantize_groups(x_ptr, xq_ptr, sx_ptr, sum_ptr, g, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """Groups g [NG] of one input vector x [K] laid out as `layout_xq` says. x is read through the L2
+    (.cg): another program of the same kernel may have written it."""
+    PW: tl.constexpr = 32 // BITS
+    P: tl.constexpr = 8 // BITS
+    WPG: tl.constexpr = GROUP // PW
+    word = (g * WPG)[:, None, None] + tl.arange(0, WPG)[None, None, :]
+    j = tl.arange(0, 2 * P)[None, :, None]  # register j of a word: plane j // 2, bytes 0-1 or 2-3 (dp2a lo / hi)
+    lo = j % 2 * 2 * P + j // 2  # the code in byte 2 * (j % 2) of plane j // 2; the byte after it holds lo + P
+    x_lo = tl.load(x_ptr + word * PW + lo, cache_modifier=".cg").to(tl.float32)
+    x_hi = tl.load(x_ptr + word * PW + lo + P, cache_modifier=".cg").to(tl.float32)
+    top = tl.max(tl.max(tl.maximum(tl.abs(x_lo), tl.abs(x_hi)), axis=2), axis=1)
+    inv = tl.where(top > 0, X_STEPS / top, 0.0)[:, None, None]
+    v_lo = x_lo * inv
+    v_hi = x_hi * inv
+    v_lo = tl.where(v_lo >= 0, v_lo + 0.5, v_lo - 0.5).to(tl.int32)  # round half away from zero
+    v_hi = tl.where(v_hi >= 0, v_hi + 0.5, v_hi - 0.5).to(tl.int32)
+    tl.store(xq_ptr + j * (K // PW) + word, (v_lo & 0xFFFF) | (v_hi << 16))
+    tl.store(sx_ptr + g, top / X_STEPS)
+    tl.store(sum_ptr + g, tl.sum(tl.sum(x_lo + x_hi, axis=2), axis=1))
+
+
+@triton.jit
+def _layout_xq_kernel(x_ptr, xq_ptr, sx_ptr, sum_ptr, H: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                      GROUPS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the next kernel's programs may start (they read their codes first); x is the previous kernel's
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    t = tl.program_id(0)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    quantize_groups(x_ptr + t * H, xq_ptr + t * (H // 2), sx_ptr + t * (H // GROUP), sum_ptr + t * (H // GROUP), g,
+                    H, BITS, GROUP)
+
+
+def layout_xq(x: torch.Tensor, bits: int, group: int, pdl: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (xq [T, H / 2] int32, s_x [T, H / group], sums [T, H / group] fp32): x in 16-bit fixed
+    point per group, packed in pairs for `dp2a` on byte planes of `bits`-bit codes. For word w (inputs
+    w * 32 / bits ...) and register j, xq[t, j * H * bits / 32 + w] holds the inputs of plane j // 2's
+    bytes 2 * (j % 2) and 2 * (j % 2) + 1. With `pdl`, launched as a dependent of the kernel before
+    (which wrote x) and launching the next."""
+    T, H = x.shape
+    xq = torch.empty(T, H // 2, device=x.device, dtype=torch.int32)
+    sx = torch.empty(T, H // group, device=x.device, dtype=torch.float32)
+    sums = torch.empty_like(sx)
+    groups = max(1, min(H, 1024) // group)
+    _layout_xq_kernel[(T, H // group // groups)](x, xq, sx, sums, H, bits, group, groups, pdl, num_warps=4,
+                                                  launch_pdl=pdl)
+    return xq, sx, sums

@@ -8,35 +8,33 @@ int32 (codes) and bfloat16 (scales, weights). A slot v addresses pool.data_ptr()
 in 64-bit arithmetic, unchecked: it may be negative or past the pool (mapped host memory).
 `moe_gemv_reference` is the plain PyTorch definition the kernels are tested against.
 
-Quantized records (v3: 2-, 4- and 8-bit), three launches:
+Quantized records (v4: 2-, 4- and 8-bit), four launches:
 
-  layout_x: grid (tokens, H / 1024)       -> xp [tokens, H]: x[w * 32/bits + p] at [p, w], fp32, scaled
-  gate_up:  grid (tokens * k, I / BLOCK_N) -> hp [tokens * k, I] = w_j * silu(gate . x) * (up . x), laid out
-  down:     grid (tokens, H / BLOCK_N)     -> y [tokens, H] = sum_j down_j . hp_j (+ residual)
+  layout_xq: grid (tokens, H / 1024)       -> x in 16-bit fixed point per group, paired for dp2a
+  gate_up:   grid (tokens * k, I / BLOCK_N) -> h [tokens * k, I] = w_j * silu(gate . x) * (up . x)
+  layout_xq: grid (tokens * k, I / 1024)   -> h the same way
+  down:      grid (tokens, H / BLOCK_N)     -> y [tokens, H] = sum_j down_j . h_j (+ residual)
 
-- Codes to fp32 with one AND each, no int-to-float conversion (kernels/codes.py): the products
-  are the reference's fp32 products, scaled by 2^-64.
-- The input laid out once per call (layout_x), and by gate_up for down: for each code position p
-  the inputs of consecutive words are contiguous, so they are vector loads, where v2 (61.8 us) re-read x at
-  stride 32 / bits in every program (entry 24 of docs/EXPERIMENTS.md: ~25 us of every call).
-- Tiles [groups, experts, rows, words of a group]: each warp reads 128 consecutive words of every row of
-  its block (one 16-byte load per lane and row) and holds all the block's rows in registers, so
-  each input value serves every row, and the inputs land in the lanes that use them without a
-  shared-memory layout conversion (`MoeGemv.v3_blocks`). One accumulator per row and lane; the
-  bias term's group sum of x is summed from the inputs the lane loaded anyway.
+- Integer dot products, two codes per instruction (kernels/codes.py): each group of inputs becomes
+  int16 with its own scale, a word's codes split into byte planes, and dp2a multiplies two codes
+  by two inputs and accumulates in int32, exactly; per group, s * s_x * sum + b * sum(x). The
+  inputs' rounding to 16 bits per group is the only change to the reference's function (relative
+  error ~1e-4 of the output, where v3's fp32 products were exact to 3e-7): 4-bit gate_up issues 1.5
+  instructions per weight, v3 3.1 (scripts/sass_count.py), which left v3 issue-bound (entry 41 of
+  docs/EXPERIMENTS.md).
+- Tiles [groups, experts, rows, words of a group]: each warp reads 128 consecutive words of every
+  row of its block (one 16-byte load per lane and row) and holds all the block's rows in registers,
+  so each input serves every row, and the inputs land in the lanes that use them without a
+  shared-memory layout conversion (`MoeGemv.tile_blocks`). One accumulator per row and lane.
 - K loops unrolled with the next block's loads issued before the current block's arithmetic;
   down runs two experts at a time (one per warp) where its rows fit one warp. Each lane
   accumulates its experts in routing order and the lanes are reduced once at the end: a fixed
-  order, deterministic, no atomics. The routing weight is applied to h by gate_up.
-- Programmatic dependent launch on Hopper (`pdl`): gate_up's and down's programs start while the
-  previous kernel finishes, issue their first codes loads, and wait for its output only then.
+  order, deterministic, no atomics in the sums. The routing weight is applied to h by gate_up.
+- Programmatic dependent launch on Hopper (`pdl`): each kernel's programs start while the previous
+  kernel finishes (gate_up's and down's issue their first codes loads) and wait for its output only then.
 
-Predicted on the H200 (4-bit, 10 experts, 70.8 MB; 132 SMs x 4 schedulers at 1.98 GHz, 4.27 TB/s):
-gate_up moves 47.2 MB (11.1 us at the copy rate) and issues 3.1 instructions per weight, 1.35 of
-them integer ALU at half rate (scripts/sass_count.py): 8.1 M warp instructions = 7.7 us of issue;
-down 23.6 MB (5.5 us) with 4.2 us of issue; ~20-22 us in all, ~75% of the copy rate. Measured
-(H200, docs/EXPERIMENTS.md entry 33): 27.4 us, 61% of the 4211 GB/s copy (v2, the kernel this
-replaced: 61.8 us, 27%); by kernel layout_x 1.3, gate_up 17.3, down 10.0 us (PDL overlaps them).
+Measured (H200, docs/EXPERIMENTS.md entry 47, 4-bit, 10 experts, 70.8 MB): see there; v3 (fp32
+products by the AND-mask trick, codes.py code_value) took 27.4-29.0 us, 58-61% of the copy rate.
 
 16-bit records, two launches (93% of the copy rate already):
 
@@ -51,7 +49,7 @@ import triton
 import triton.language as tl
 
 from ..formats.packed import RecordLayout
-from .codes import TWO_POW_64, TWO_POW_M64, after_previous_kernel, code_value, layout_x, position_scale, use_pdl
+from .codes import INLINE_PTX, after_previous_kernel, byte_plane, dp2a, layout_xq, use_pdl
 
 
 @triton.jit
@@ -113,7 +111,7 @@ def _down_sum_kernel(
     tl.store(y_ptr + token * H + rows, acc.to(y_ptr.dtype.element_ty))
 
 
-# v3 (see the module docstring). Tiles [NGB groups, E experts, R rows, WPG words of a group].
+# v4 (see the module docstring). Tiles [NGB groups, E experts, R rows, WPG words of a group].
 @triton.jit
 def _load_block(codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off,
                 g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
@@ -134,44 +132,38 @@ def _load_block(codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_word
 
 
 @triton.jit
-def _accumulate(acc, block, x_ptrs, live, g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                NGB: tl.constexpr):
-    """acc [NGB, E, R] += s * sum_p q_p x'_p + b * (this lane's part of the group sum of x), at the
-    products' scale 2^-64. The group sum comes from the x values the lane loads anyway: the lanes
-    sharing a group hold the same b, so their parts add up to b * sum(x) in the final reduction.
-    x_ptrs [E]: each expert's laid-out input."""
+def _accumulate(acc, block, xq_ptrs, sx_ptrs, sum_ptrs, live, g0, K: tl.constexpr, BITS: tl.constexpr,
+                GROUP: tl.constexpr, NGB: tl.constexpr, ASM: tl.constexpr):
+    """acc [NGB, E, R] += s * s_x * sum(q * v) + b * sum(x) per group, the integer sum by dp2a on
+    the codes' byte planes and the inputs' 16-bit pairs (kernels/codes.py layout_xq).
+    xq_ptrs, sx_ptrs, sum_ptrs [E]: each expert's laid-out input, its scales and its group sums."""
     PW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GROUP // PW
     words, s, b = block
-    xoff = ((g0 + tl.arange(0, NGB)) * WPG)[:, None] + tl.arange(0, WPG)[None, :]
-    xs = tl.zeros([NGB, x_ptrs.shape[0], WPG], dtype=tl.float32)
-    for p in tl.static_range(PW):
-        x = tl.load(x_ptrs[None, :, None] + p * (K // PW) + xoff[:, None, :], mask=live[None, :, None], other=0.0)
-        if p == 0:
-            qx = code_value(words, p, BITS) * x[:, :, None, :]
-        else:
-            qx += code_value(words, p, BITS) * x[:, :, None, :]
-        xs += x * (TWO_POW_M64 / position_scale(p, BITS))  # x * 2^-64
+    g = g0 + tl.arange(0, NGB)
+    xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
+    m = live[None, :, None]
+    dots = tl.zeros(words.shape, dtype=tl.int32)
+    for j in tl.static_range(2 * (8 // BITS)):
+        v = tl.load(xq_ptrs[None, :, None] + j * (K // PW) + xoff[:, None, :], mask=m, other=0)
+        dots = dp2a(v[:, :, None, :], byte_plane(words, j // 2, BITS), dots, j % 2, ASM)
     # the sums over a group's words run across the lanes holding it (a shuffle per row), so that
     # one accumulator per row is held instead of one per word
-    return acc + s.to(tl.float32) * tl.sum(qx, axis=3) + b.to(tl.float32) * tl.sum(xs, axis=2)[:, :, None]
+    gl = g[:, None]
+    sx = tl.load(sx_ptrs[None, :] + gl, mask=live[None, :], other=0.0)
+    xsum = tl.load(sum_ptrs[None, :] + gl, mask=live[None, :], other=0.0)
+    total = tl.sum(dots, axis=3).to(tl.float32)
+    return acc + s.to(tl.float32) * (sx[:, :, None] * total) + b.to(tl.float32) * xsum[:, :, None]
 
 
 @triton.jit
-def _row_sums(acc):
-    """Per-row totals of the accumulator, the products' 2^-64 undone."""
-    return tl.sum(tl.sum(acc, axis=1), axis=0) * TWO_POW_64
-
-
-@triton.jit
-def _gate_up_v3_kernel(
-    xp_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, hp_ptr,
+def _gate_up_v4_kernel(
+    xq_ptr, sx_ptr, xsum_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, h_ptr,
     record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, ASM: tl.constexpr,
 ):
     pair = tl.program_id(0)
-    PW: tl.constexpr = 32 // BITS
     NGB: tl.constexpr = BLOCK_K // GROUP
     STEPS: tl.constexpr = H // BLOCK_K
     rr = tl.arange(0, 2 * BLOCK_N)
@@ -180,7 +172,8 @@ def _gate_up_v3_kernel(
     pairs = pair + tl.zeros([1], dtype=tl.int32)
     live = tl.full([1], True, tl.int1)
     where = (codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off)
-    x_ptrs = xp_ptr + pairs // K_ROUTED * H
+    token = pairs // K_ROUTED
+    x = (xq_ptr + token * (H // 2), sx_ptr + token * (H // GROUP), xsum_ptr + token * (H // GROUP))
     acc = tl.zeros([NGB, 1, 2 * BLOCK_N], dtype=tl.float32)
     nxt = _load_block(*where, 0, H, BITS, GROUP, NGB)
     for st in tl.static_range(STEPS):
@@ -188,26 +181,23 @@ def _gate_up_v3_kernel(
         if st + 1 < STEPS:  # the next block's loads go out before this one's arithmetic
             nxt = _load_block(*where, (st + 1) * NGB, H, BITS, GROUP, NGB)
         if st == 0:
-            after_previous_kernel(PDL)  # xp
-        acc = _accumulate(acc, block, x_ptrs, live, st * NGB, H, BITS, GROUP, NGB)
-    gate, up = tl.split(tl.reshape(_row_sums(acc), (BLOCK_N, 2)))
-    # h, times the expert's routing weight (down then sums its experts unweighted), laid out for down
+            after_previous_kernel(PDL)  # xq
+        acc = _accumulate(acc, block, *x, live, st * NGB, H, BITS, GROUP, NGB, ASM)
+    gate, up = tl.split(tl.reshape(tl.sum(tl.sum(acc, axis=1), axis=0), (BLOCK_N, 2)))
+    # h, times the expert's routing weight (down then sums its experts unweighted)
     h = gate / (1.0 + tl.exp(-gate)) * up * tl.load(weights_ptr + pair).to(tl.float32)
-    i = r0 + tl.arange(0, BLOCK_N)
-    p = i % PW
-    tl.store(hp_ptr + pair * I + p * (I // PW) + i // PW, h * position_scale(p, BITS))
+    tl.store(h_ptr + pair * I + r0 + tl.arange(0, BLOCK_N), h)
 
 
 @triton.jit
-def _down_v3_kernel(
-    hp_ptr, codes_ptr, halves_ptr, slots_ptr, residual_ptr, y_ptr,
+def _down_v4_kernel(
+    hq_ptr, sh_ptr, hsum_ptr, codes_ptr, halves_ptr, slots_ptr, residual_ptr, y_ptr,
     record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
 ):
     """EXPERTS experts at a time (one per warp when the row fits one warp), each in routing order."""
     token = tl.program_id(0)
-    PW: tl.constexpr = 32 // BITS
     NGB: tl.constexpr = BLOCK_K // GROUP
     STEPS: tl.constexpr = I // BLOCK_K
     BLOCKS: tl.constexpr = (K_ROUTED + EXPERTS - 1) // EXPERTS * STEPS
@@ -225,10 +215,11 @@ def _down_v3_kernel(
             nxt = _load_block(codes_ptr, halves_ptr, slots_ptr, token * K_ROUTED + j1, j1 < K_ROUTED, rows, *rec,
                               (it + 1) % STEPS * NGB, I, BITS, GROUP, NGB)
         if it == 0:
-            after_previous_kernel(PDL)  # hp
-        acc = _accumulate(acc, block, hp_ptr + (token * K_ROUTED + j) * I, j < K_ROUTED, it % STEPS * NGB,
-                          I, BITS, GROUP, NGB)
-    y = _row_sums(acc)
+            after_previous_kernel(PDL)  # hq
+        pair = token * K_ROUTED + j
+        h = (hq_ptr + pair * (I // 2), sh_ptr + pair * (I // GROUP), hsum_ptr + pair * (I // GROUP))
+        acc = _accumulate(acc, block, *h, j < K_ROUTED, it % STEPS * NGB, I, BITS, GROUP, NGB, ASM)
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + token * H + rows).to(tl.float32)
     tl.store(y_ptr + token * H + rows, y.to(y_ptr.dtype.element_ty))
@@ -237,18 +228,19 @@ def _down_v3_kernel(
 class MoeGemv:
     """Launch parameters for one record layout; call with a pool of expert slots.
 
-    16-bit records: `block_n` rows per program in `block_k` steps with `num_warps`. Quantized (v3): `block_n` rows of gate and of up per gate_up program with `num_warps` warps, and
+    16-bit records: `block_n` rows per program in `block_k` steps with `num_warps`. Quantized (v4):
+    `block_n` rows of gate and of up per gate_up program with `num_warps` warps, and
     `down_block_n` rows (default block_n) per down program; its K steps follow from the warps
-    (`v3_blocks`)."""
+    (`tile_blocks`)."""
 
     def __init__(self, layout: RecordLayout, block_n: int | None = None, block_k: int = 1024, num_warps: int = 2,
                  down_block_n: int | None = None, pdl: bool = True):
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
-        self.v3 = layout.bits != 16  # 16-bit records: plain tiles (93% of the copy rate)
-        self.block_n = min(block_n or (4 if self.v3 else 8), H, I)
-        self.down_block_n = min(down_block_n or self.block_n, H) if self.v3 else self.block_n
+        self.quantized = layout.bits != 16  # 16-bit records: plain tiles (93% of the copy rate)
+        self.block_n = min(block_n or (4 if self.quantized else 8), H, I)
+        self.down_block_n = min(down_block_n or self.block_n, H) if self.quantized else self.block_n
         self.block_k = min(block_k, H, I)
         if H % self.block_n or I % self.block_n or H % self.down_block_n or H % self.block_k or I % self.block_k:
             raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the kernel blocks")
@@ -266,11 +258,11 @@ class MoeGemv:
         self.group = layout.group_size if layout.bits != 16 else 1
         self.num_warps = num_warps
         self.pdl = pdl
-        if self.v3 and any(K % block for K, (block, *_) in zip((H, I), self.v3_blocks(1))):
-            raise ValueError(f"v3: hidden {H} and intermediate {I} must be multiples of the warps' K blocks")
+        if self.quantized and any(K % block for K, (block, *_) in zip((H, I), self.tile_blocks(1))):
+            raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the warps' K blocks")
 
-    def v3_blocks(self, k: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
-        """(BLOCK_K, warps) of the v3 gate_up kernel and (BLOCK_K, warps, experts at a time) of its
+    def tile_blocks(self, k: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """(BLOCK_K, warps) of the quantized gate_up kernel and (BLOCK_K, warps, experts at a time) of its
         down kernel for k experts per token. Each warp reads 128 consecutive words of every row of
         its block (32 lanes x one 16-byte load) and keeps all the block's rows in registers: then
         the laid-out input and the scales load straight into the lanes that use them (no
@@ -310,7 +302,7 @@ class MoeGemv:
         gate_up = dict(zip(("w_off", "s_off", "b_off"), self.gate_up), **record)
         down = dict(zip(("w_off", "s_off", "b_off"), self.down), **record)
         down.update(residual_ptr=y if residual is None else residual, HAS_RESIDUAL=residual is not None)
-        if not self.v3:  # 16-bit records
+        if not self.quantized:  # 16-bit records
             blocks = dict(K_ROUTED=k, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
             h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
             rh = record["record_halves"]
@@ -320,20 +312,19 @@ class MoeGemv:
                 HAS_RESIDUAL=residual is not None, **blocks,
             )
             return y
-        hp = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
         # Programmatic dependent launch (Hopper on): each kernel's programs start, and read their
         # codes, while the previous kernel finishes; they wait for its output where they need it.
-        pdl = dict(PDL=self.pdl and use_pdl(x))
-        xp = layout_x(x, L.bits, pdl["PDL"])
-        (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.v3_blocks(k)
-        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group, H=H, I=I, **pdl, launch_pdl=pdl["PDL"])
-        _gate_up_v3_kernel[(T * k, I // self.block_n)](
-            xp, codes, halves, slots, weights, hp, **gate_up, **meta, BLOCK_N=self.block_n, BLOCK_K=gu_k,
-            num_warps=gu_warps,
+        pdl = self.pdl and use_pdl(x)
+        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group, H=H, I=I, PDL=pdl, ASM=INLINE_PTX, launch_pdl=pdl)
+        (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.tile_blocks(k)
+        h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+        _gate_up_v4_kernel[(T * k, I // self.block_n)](
+            *layout_xq(x, L.bits, self.group, pdl), codes, halves, slots, weights, h, **gate_up, **meta,
+            BLOCK_N=self.block_n, BLOCK_K=gu_k, num_warps=gu_warps,
         )
-        _down_v3_kernel[(T, H // self.down_block_n)](
-            hp, codes, halves, slots, y_ptr=y, **down, **meta, BLOCK_N=self.down_block_n, BLOCK_K=d_k,
-            EXPERTS=d_experts, num_warps=d_warps,
+        _down_v4_kernel[(T, H // self.down_block_n)](
+            *layout_xq(h, L.bits, self.group, pdl), codes, halves, slots, y_ptr=y, **down, **meta,
+            BLOCK_N=self.down_block_n, BLOCK_K=d_k, EXPERTS=d_experts, num_warps=d_warps,
         )
         return y
 

@@ -34,9 +34,11 @@ def routed(tokens: int, k: int, slots: int, H: int, seed: int, x_scale: float = 
     return x, table, torch.softmax(torch.randn(tokens, k, generator=g), -1)
 
 
-# fp32 accumulation over bf16 x and exactly dequantized weights: the kernels compute the
-# reference's function to fp32 rounding (measured ~3e-7); v3's codes-as-denormals products are exact.
-TOLERANCE = 2e-6
+# 16-bit records: fp32 accumulation over bf16 x and bf16 weights, the reference's function to fp32
+# rounding (measured ~3e-7). Quantized records: the inputs x and h = silu(gate) * up rounded to 16-bit
+# fixed point per group (kernels/codes.py layout_xq), measured 5e-5 - 2e-4 at these shapes.
+def tolerance(bits: int) -> float:
+    return 2e-6 if bits == 16 else 5e-4
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (2, 32), (16, 32), (4, 64)])
@@ -50,7 +52,7 @@ def test_matches_the_reference_on_fresh_inputs(device, bits, group, tokens, k):
     ref = moe_gemv_reference(layout, x, pool, slots, weights)
     gemv = MoeGemv(layout, block_n=16, block_k=64)
     y = gemv(x.to(device), pool.to(device), slots.to(device), weights.to(device))
-    assert rel_err(y, ref) < TOLERANCE
+    assert rel_err(y, ref) < tolerance(bits)
 
 
 def test_slots_are_offsets_from_the_pool_pointer_and_may_be_negative(device):
@@ -64,20 +66,20 @@ def test_slots_are_offsets_from_the_pool_pointer_and_may_be_negative(device):
     ref = moe_gemv_reference(layout, x, backing.cpu(), slots + 5, weights)
     gemv = MoeGemv(layout, block_n=16, block_k=64)
     y = gemv(x.to(device), pool, slots.to(device), weights.to(device))
-    assert rel_err(y, ref) < TOLERANCE
+    assert rel_err(y, ref) < tolerance(4)
 
 
 @pytest.mark.parametrize("bits", [4, 2, 8])
 @pytest.mark.parametrize("x_scale", [2.0**-16, 2.0**16])
-def test_v3_is_exact_across_the_input_range(device, bits, x_scale):
-    """v3 scales its inputs (x, and h = silu(gate) * up, here ~x_scale^2) by up to 2^85 and its
-    products by 2^-64: exact for inputs of magnitude 2^-39 to 2^43."""
+def test_fixed_point_inputs_hold_across_the_input_range(device, bits, x_scale):
+    """Each group of inputs (x, and h = silu(gate) * up, here ~x_scale^2) gets its own scale: the
+    error does not grow with the inputs' magnitude."""
     layout = RecordLayout.build(128, 64, bits, 32)
     pool = random_pool(layout, 4, bits)
     x, slots, weights = routed(1, 3, 4, 128, 5, x_scale)
     ref = moe_gemv_reference(layout, x, pool, slots, weights)
     y = MoeGemv(layout, block_n=8)(x.to(device), pool.to(device), slots.to(device), weights.to(device))
-    assert rel_err(y, ref) < TOLERANCE
+    assert rel_err(y, ref) < tolerance(bits)
 
 
 def test_fused_residual_and_output_buffer(device):

@@ -116,7 +116,7 @@ def test_prefetch_is_refused_without_its_slots(packed16):
 
 
 def test_cpu_experts_change_no_result_and_take_misses_off_the_copies(packed4):
-    """Host-resident misses computed by the CPU kernel instead of copied: the logits equal the
+    """Host-resident misses computed by the CPU kernel instead of copied: the logits match the
     plain GPU path's, and under a static 3-expert tier each CPU-computed expert is one copy fewer."""
     pytest.importorskip("numba")
     ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3))
@@ -127,7 +127,8 @@ def test_cpu_experts_change_no_result_and_take_misses_off_the_copies(packed4):
         engine.use_gpu_experts(gpu_mem=3 * record, policy="static")
         runs[per_layer] = decode_with_tier_stats(engine, ids, steps=4)
     (plain, off, lookups), (got, on, lookups_on) = runs[0], runs[2]
-    assert float((got - plain).norm() / plain.norm()) < 1e-5
+    # the GPU kernel rounds its inputs to 16-bit fixed point per group, the CPU kernel does not (8e-5 measured)
+    assert float((got - plain).norm() / plain.norm()) < 5e-4
     assert lookups == lookups_on
     assert on.cpu_computed > 0 and off.cpu_computed == 0
     assert on.misses == off.misses - on.cpu_computed  # same residents: each CPU expert saved a copy
@@ -231,7 +232,7 @@ def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
             engine.set_cpu_experts(0)
             assert tier.cpu_share is None and not any(t.is_alive() for t in threads)
     (plain, off), (got, on) = runs[0], runs[1]
-    assert float((got - plain).norm() / plain.norm()) < 1e-5
+    assert float((got - plain).norm() / plain.norm()) < 5e-4  # the GPU kernel's 16-bit inputs, as above
     assert off.cpu_computed == 0 and 0 < on.cpu_computed <= 4 * 3  # at most 1 per layer, 4 layers, 3 steps
     assert on.hits + on.host_reads + on.cpu_computed == off.hits + off.host_reads == 4 * 3 * 2
     assert on.host_reads == off.host_reads - on.cpu_computed
