@@ -137,16 +137,15 @@ def byte_plane(words, p: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def quantize_groups(x_ptr, xq_ptr, sx_ptr, sum_ptr, g, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """Groups g [NG] of one input vector x [K] laid out as `layout_xq` says. x is read through the L2
-    (.cg): another program of the same kernel may have written it."""
+    """Groups g [NG] of one input vector x [K] laid out as `layout_xq` says."""
     PW: tl.constexpr = 32 // BITS
     P: tl.constexpr = 8 // BITS
     WPG: tl.constexpr = GROUP // PW
     word = (g * WPG)[:, None, None] + tl.arange(0, WPG)[None, None, :]
     j = tl.arange(0, 2 * P)[None, :, None]  # register j of a word: plane j // 2, bytes 0-1 or 2-3 (dp2a lo / hi)
     lo = j % 2 * 2 * P + j // 2  # the code in byte 2 * (j % 2) of plane j // 2; the byte after it holds lo + P
-    x_lo = tl.load(x_ptr + word * PW + lo, cache_modifier=".cg").to(tl.float32)
-    x_hi = tl.load(x_ptr + word * PW + lo + P, cache_modifier=".cg").to(tl.float32)
+    x_lo = tl.load(x_ptr + word * PW + lo).to(tl.float32)
+    x_hi = tl.load(x_ptr + word * PW + lo + P).to(tl.float32)
     top = tl.max(tl.max(tl.maximum(tl.abs(x_lo), tl.abs(x_hi)), axis=2), axis=1)
     inv = tl.where(top > 0, X_STEPS / top, 0.0)[:, None, None]
     v_lo = x_lo * inv
