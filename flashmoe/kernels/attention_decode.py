@@ -27,15 +27,13 @@ a [16, 256] x [256, 64] tensor-core product per block.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRETED
+
 MAX_SPLITS = 64
-# Triton 3.6's interpreter computes bf16 dot products wrongly: there, 16-bit inputs are multiplied in fp32.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
 
@@ -136,7 +134,7 @@ def attention_decode(
     acc = torch.empty(heads, splits, D, dtype=torch.float32, device=q.device)
     out = torch.empty(1, heads * D, dtype=q.dtype, device=q.device)
     last_ptr = last if on_device else m  # a pointer the kernels never read when n is given
-    fp32 = q.dtype == torch.float32 or _INTERPRET
+    fp32 = q.dtype == torch.float32 or INTERPRETED  # the interpreter's bf16 dots are wrong
     # Compiled for sm_90 at d = 256 and 8 warps: 16-bit blocks of 64 take 255 registers, no spills,
     # 43 KB of shared memory; fp32 blocks of 64 would need 280 KB (more than an SM has), 32 take 150.
     block_n = block_n or (32 if q.dtype == torch.float32 else 64)

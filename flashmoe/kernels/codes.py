@@ -18,8 +18,6 @@ row then loads the inputs it needs as vectors, already in the lanes that use the
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -106,13 +104,13 @@ def layout_x(x: torch.Tensor, bits: int, pdl: bool, up: torch.Tensor | None = No
 # The products are exact integers; what is lost is the inputs' rounding to 16 bits per group,
 # |error| <= max|x| / 65534 per input.
 X_STEPS = tl.constexpr(32767.0)
-INLINE_PTX = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX: dp2a emulated there
 
 
 @triton.jit
 def dp2a(x_pair, plane, acc, HI: tl.constexpr, ASM: tl.constexpr):
     """acc + x_pair.lo16 * byte b + x_pair.hi16 * byte b + 1 of plane, b = 2 if HI else 0 (int32;
-    the int16 halves signed, the bytes unsigned): PTX dp2a, one instruction."""
+    the int16 halves signed, the bytes unsigned): PTX dp2a, one instruction; with ASM off (Triton's
+    interpreter runs no PTX) the same function in integer ops."""
     if ASM:
         if HI:
             return tl.inline_asm_elementwise("dp2a.hi.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [x_pair, plane, acc],
@@ -136,37 +134,31 @@ def byte_plane(words, p: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def quantize_groups(x_ptr, xq_ptr, sx_ptr, sum_ptr, g, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """Groups g [NG] of one input vector x [K] laid out as `layout_xq` says."""
+def _layout_xq_kernel(x_ptr, xq_ptr, scale_ptr, H: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                      GROUPS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the next kernel's programs may start (they read their codes first); x is the previous kernel's
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    t = tl.program_id(0)
     PW: tl.constexpr = 32 // BITS
     P: tl.constexpr = 8 // BITS
     WPG: tl.constexpr = GROUP // PW
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     word = (g * WPG)[:, None, None] + tl.arange(0, WPG)[None, None, :]
     j = tl.arange(0, 2 * P)[None, :, None]  # register j of a word: plane j // 2, bytes 0-1 or 2-3 (dp2a lo / hi)
     lo = j % 2 * 2 * P + j // 2  # the code in byte 2 * (j % 2) of plane j // 2; the byte after it holds lo + P
-    x_lo = tl.load(x_ptr + word * PW + lo).to(tl.float32)
-    x_hi = tl.load(x_ptr + word * PW + lo + P).to(tl.float32)
+    x_lo = tl.load(x_ptr + t * H + word * PW + lo).to(tl.float32)
+    x_hi = tl.load(x_ptr + t * H + word * PW + lo + P).to(tl.float32)
     top = tl.max(tl.max(tl.maximum(tl.abs(x_lo), tl.abs(x_hi)), axis=2), axis=1)
     inv = tl.where(top > 0, X_STEPS / top, 0.0)[:, None, None]
     v_lo = x_lo * inv
     v_hi = x_hi * inv
     v_lo = tl.where(v_lo >= 0, v_lo + 0.5, v_lo - 0.5).to(tl.int32)  # round half away from zero
     v_hi = tl.where(v_hi >= 0, v_hi + 0.5, v_hi - 0.5).to(tl.int32)
-    tl.store(xq_ptr + j * (K // PW) + word, (v_lo & 0xFFFF) | (v_hi << 16))
-    tl.store(sx_ptr + g, top / X_STEPS)
-    tl.store(sum_ptr + g, tl.sum(tl.sum(x_lo + x_hi, axis=2), axis=1))
-
-
-@triton.jit
-def _layout_xq_kernel(x_ptr, xq_ptr, sx_ptr, sum_ptr, H: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                      GROUPS: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # the next kernel's programs may start (they read their codes first); x is the previous kernel's
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    t = tl.program_id(0)
-    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    quantize_groups(x_ptr + t * H, xq_ptr + t * (H // 2), sx_ptr + t * (H // GROUP), sum_ptr + t * (H // GROUP), g,
-                    H, BITS, GROUP)
+    tl.store(xq_ptr + t * (H // 2) + j * (H // PW) + word, (v_lo & 0xFFFF) | (v_hi << 16))
+    scales = scale_ptr + t * (H // GROUP) + g  # [2, T, H / GROUP]: the scales, then the sums
+    tl.store(scales, top / X_STEPS)
+    tl.store(scales + tl.num_programs(0) * (H // GROUP), tl.sum(tl.sum(x_lo + x_hi, axis=2), axis=1))
 
 
 def layout_xq(x: torch.Tensor, bits: int, group: int, pdl: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,9 +169,8 @@ def layout_xq(x: torch.Tensor, bits: int, group: int, pdl: bool) -> tuple[torch.
     (which wrote x) and launching the next."""
     T, H = x.shape
     xq = torch.empty(T, H // 2, device=x.device, dtype=torch.int32)
-    sx = torch.empty(T, H // group, device=x.device, dtype=torch.float32)
-    sums = torch.empty_like(sx)
+    scales = torch.empty(2, T, H // group, device=x.device, dtype=torch.float32)  # one allocation for both
     groups = max(1, min(H, 1024) // group)
-    _layout_xq_kernel[(T, H // group // groups)](x, xq, sx, sums, H, bits, group, groups, pdl, num_warps=4,
+    _layout_xq_kernel[(T, H // group // groups)](x, xq, scales, H, bits, group, groups, pdl, num_warps=4,
                                                   launch_pdl=pdl)
-    return xq, sx, sums
+    return xq, scales[0], scales[1]

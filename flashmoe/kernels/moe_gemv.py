@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from ..formats.packed import RecordLayout
-from .codes import INLINE_PTX, after_previous_kernel, byte_plane, dp2a, layout_xq, use_pdl
+from . import INTERPRETED
+from .codes import after_previous_kernel, byte_plane, dp2a, layout_xq, use_pdl
 
 
 @triton.jit
@@ -315,7 +316,7 @@ class MoeGemv:
         # Programmatic dependent launch (Hopper on): each kernel's programs start, and read their
         # codes, while the previous kernel finishes; they wait for its output where they need it.
         pdl = self.pdl and use_pdl(x)
-        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group, H=H, I=I, PDL=pdl, ASM=INLINE_PTX, launch_pdl=pdl)
+        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group, H=H, I=I, PDL=pdl, ASM=not INTERPRETED, launch_pdl=pdl)
         (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.tile_blocks(k)
         h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
         _gate_up_v4_kernel[(T * k, I // self.block_n)](

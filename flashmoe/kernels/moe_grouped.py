@@ -11,14 +11,13 @@ experts (and its launches) disappears. Reference: `moe_grouped_reference`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..formats.packed import RecordLayout
 from ..layers.moe import swiglu_expert
+from . import INTERPRETED
 from .moe_gemv import record_bases
 
 
@@ -126,7 +125,7 @@ class MoeGrouped:
         y = torch.empty(M, H, device=x_sorted.device, dtype=torch.float32)
         # Multiply in the activations' dtype (fp32: exactly, not tf32). Triton 3.6's interpreter gets
         # bf16 dot products wrong, so there (CI) 16-bit inputs are multiplied in fp32.
-        fp32 = x_sorted.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+        fp32 = x_sorted.dtype == torch.float32 or INTERPRETED
         meta = dict(BITS=L.bits, GROUP=self.group, BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                     PRECISION="ieee" if x_sorted.dtype == torch.float32 else "tf32", DTYPE=tl.float32 if fp32 else tl.bfloat16,
                     num_warps=self.num_warps, num_stages=self.num_stages)
