@@ -10,6 +10,7 @@ import triton
 
 from flashmoe.bench import hbm_copy_bandwidth, random_records
 from flashmoe.formats.packed import RecordLayout
+from flashmoe.kernels.codes import layout_xq
 from flashmoe.kernels.moe_gemv import MoeGemv, moe_gemv_reference
 from flashmoe.kernels.moe_grouped import MoeGrouped
 from flashmoe.layers.int8_linear import Int8Linear
@@ -17,11 +18,12 @@ from flashmoe.layers.int8_linear import Int8Linear
 
 # The gathered-experts kernels' launch configurations, the first each default: 16-bit records
 # (block_n, block_k, warps), quantized ones (block_n, warps, down_block_n or None = block_n,
-# programmatic dependent launch). At 4 bits, k=10: v2 61.8 us, v3 27.4 (docs/bench/2026-12-02/
+# programmatic dependent launch, down_experts or None = one per warp). At 4 bits, k=10: v2 61.8 us, v3 27.4 (docs/bench/2026-12-02/
 # kernels-gemv-v3-h200.txt), v4 25.7-25.8 against v3's 28.1-29.0 in the same runs (docs/bench/2026-12-03/).
 CONFIGS_16 = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
-CONFIGS = [(4, 2, None, True), (4, 2, None, False), (4, 1, None, True), (8, 2, None, True), (4, 2, 8, True),
-           (2, 2, None, True), (4, 4, None, True), (8, 2, 4, True)]
+CONFIGS = [(4, 2, None, True, None), (4, 2, None, True, 4), (4, 2, None, False, None), (4, 1, None, True, None),
+           (8, 2, None, True, None), (4, 2, 8, True, None), (2, 2, None, True, None), (4, 4, None, True, None),
+           (8, 2, 4, True, None)]
 
 
 def main() -> None:
@@ -75,15 +77,18 @@ def gemv_configs(layout: RecordLayout):
         for bn, bk, warps in CONFIGS_16:
             yield "16-bit", f"bn{bn} bk{bk} w{warps}", dict(block_n=bn, block_k=bk, num_warps=warps)
         return
-    for bn, warps, down_bn, pdl in CONFIGS:
-        label = f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "") + ("" if pdl else " no-pdl")
-        yield "v4", label, dict(block_n=bn, num_warps=warps, down_block_n=down_bn, pdl=pdl)
+    for bn, warps, down_bn, pdl, down_experts in CONFIGS:
+        label = (f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "") + ("" if pdl else " no-pdl")
+                 + (f" de{down_experts}" if down_experts else ""))
+        yield "v4", label, dict(block_n=bn, num_warps=warps, down_block_n=down_bn, pdl=pdl, down_experts=down_experts)
 
 
 def gemv_sweep(args, hbm: float) -> None:
     """Each configuration: relative error against moe_gemv_reference on the GPU (2 tokens,
-    10 experts), then us per call for k = 1 and 10 (one token); then where the default
-    spends its time, kernel by kernel (profiler, eager calls)."""
+    10 experts), then us per call for k = 1 and 10 (one token), and for quantized records at k = 10
+    each matvec kernel alone from inputs laid out beforehand (gate_up_step, down_step: the bytes
+    of its projection); then where the default spends its time, kernel by kernel (profiler, eager
+    calls)."""
     print(" kernel bits  k  config            us/call   GB/s  % of copy   rel.err")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for bits in args.bits:
@@ -105,6 +110,11 @@ def gemv_sweep(args, hbm: float) -> None:
                     us = per_call_us(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
                     gbs = k * layout.payload_bytes / us / 1e3
                     print(f"{family:>7} {bits:>4} {k:>2}  {label:<16} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>9.1e}")
+                if gemv.quantized:
+                    for step, (us, nbytes) in steps_alone(gemv, x, pool, sets, w).items():
+                        gbs = nbytes / us / 1e3
+                        print(f"{family:>7} {bits:>4} {k:>2}  {label:<16} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%"
+                              f"            {step} alone")
                 defaults.setdefault(family, gemv)
             except Exception as e:
                 print(f"{family:>7} {bits:>4}     {label:<16} failed: {type(e).__name__}: {e}"[:300])
@@ -114,6 +124,23 @@ def gemv_sweep(args, hbm: float) -> None:
             times = kernel_times(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
             print(f"  {family} {bits}-bit k=10 default, us per call by kernel: "
                   + ", ".join(f"{name} {t:.1f}" for name, t in times.items()))
+
+
+def steps_alone(gemv: MoeGemv, x, pool, sets, w) -> dict[str, tuple[float, int]]:
+    """us per call and payload bytes of gate_up_step and down_step, each alone from inputs laid out
+    beforehand (a different h for each set of experts)."""
+    L, k = gemv.layout, sets[0].shape[1]
+    seg = {s.name: s for s in L.segments}
+    down_bytes = k * sum(seg[f"down_proj.{p}"].nbytes for p in ("weight", "scales", "biases"))
+    xq = layout_xq(x, L.bits, gemv.group, False)
+    hq = [layout_xq(torch.randn(k, L.intermediate_size, device="cuda"), L.bits, gemv.group, False) for _ in sets]
+    y = torch.empty(1, L.hidden_size, device="cuda")
+    return {
+        "gate_up": (per_call_us(lambda: [gemv.gate_up_step(xq, pool, s, w) for s in sets], len(sets)),
+                    k * L.payload_bytes - down_bytes),
+        "down": (per_call_us(lambda: [gemv.down_step(h, pool, s, None, y) for s, h in zip(sets, hq)], len(sets)),
+                 down_bytes),
+    }
 
 
 def kernel_times(calls, n: int, repeats: int = 5) -> dict[str, float]:

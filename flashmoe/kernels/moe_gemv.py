@@ -232,10 +232,13 @@ class MoeGemv:
     16-bit records: `block_n` rows per program in `block_k` steps with `num_warps`. Quantized (v4):
     `block_n` rows of gate and of up per gate_up program with `num_warps` warps, and
     `down_block_n` rows (default block_n) per down program; its K steps follow from the warps
-    (`tile_blocks`)."""
+    (`tile_blocks`), and so do the experts per down block unless `down_experts` sets them: 4 at 4
+    bits (two per warp) takes down alone from 64-67% to 70-74% of the copy rate, yet the k=10 call
+    slows by 0.2-0.4 us (128 registers instead of 80: fewer of down's programs can start during
+    gate_up's last round; docs/EXPERIMENTS.md entry 54), so the default stays one per warp."""
 
     def __init__(self, layout: RecordLayout, block_n: int | None = None, block_k: int = 1024, num_warps: int = 2,
-                 down_block_n: int | None = None, pdl: bool = True):
+                 down_block_n: int | None = None, pdl: bool = True, down_experts: int | None = None):
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
@@ -259,6 +262,7 @@ class MoeGemv:
         self.group = layout.group_size if layout.bits != 16 else 1
         self.num_warps = num_warps
         self.pdl = pdl
+        self.down_experts = down_experts
         if self.quantized and any(K % block for K, (block, *_) in zip((H, I), self.tile_blocks(1))):
             raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the warps' K blocks")
 
@@ -278,6 +282,8 @@ class MoeGemv:
         in_warp = max(1, per_warp // I)  # experts side by side in one warp
         experts = min(triton.next_power_of_2(k), self.num_warps // d_warps * in_warp)
         d_warps = max(1, d_warps * experts // in_warp)
+        if self.down_experts:  # more experts per block than warps: each warp holds several
+            experts = min(triton.next_power_of_2(k), self.down_experts)
         return (min(H, per_warp * gu_warps), gu_warps), (min(I, per_warp * d_warps), d_warps, experts)
 
     def __call__(
@@ -296,38 +302,57 @@ class MoeGemv:
         T, k = slots.shape
         H, I = L.hidden_size, L.intermediate_size
         assert x.shape == (T, H) and weights.shape == (T, k) and pool.shape[1] == L.record_size
-        codes, halves = pool.view(torch.int32), pool.view(torch.bfloat16)
+        halves = pool.view(torch.bfloat16)
         x, slots, weights = x.contiguous(), slots.contiguous(), weights.contiguous()
         y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
-        record = dict(record_words=L.record_size // 4, record_halves=L.record_size // 2)
-        gate_up = dict(zip(("w_off", "s_off", "b_off"), self.gate_up), **record)
-        down = dict(zip(("w_off", "s_off", "b_off"), self.down), **record)
-        down.update(residual_ptr=y if residual is None else residual, HAS_RESIDUAL=residual is not None)
         if not self.quantized:  # 16-bit records
             blocks = dict(K_ROUTED=k, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
             h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
-            rh = record["record_halves"]
+            rh = L.record_size // 2
             _gate_up_swiglu_kernel[(T * k, I // self.block_n)](x, halves, slots, h, H, I, rh, self.gate_up[0], **blocks)
             _down_sum_kernel[(T, H // self.block_n)](
-                h, halves, slots, weights, down["residual_ptr"], y, H, I, rh, self.down[0],
+                h, halves, slots, weights, y if residual is None else residual, y, H, I, rh, self.down[0],
                 HAS_RESIDUAL=residual is not None, **blocks,
             )
             return y
         # Programmatic dependent launch (Hopper on): each kernel's programs start, and read their
         # codes, while the previous kernel finishes; they wait for its output where they need it.
         pdl = self.pdl and use_pdl(x)
-        meta = dict(K_ROUTED=k, BITS=L.bits, GROUP=self.group, H=H, I=I, PDL=pdl, ASM=not INTERPRETED, launch_pdl=pdl)
-        (gu_k, gu_warps), (d_k, d_warps, d_experts) = self.tile_blocks(k)
-        h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
-        _gate_up_v4_kernel[(T * k, I // self.block_n)](
-            *layout_xq(x, L.bits, self.group, pdl), codes, halves, slots, weights, h, **gate_up, **meta,
-            BLOCK_N=self.block_n, BLOCK_K=gu_k, num_warps=gu_warps,
+        h = self.gate_up_step(layout_xq(x, L.bits, self.group, pdl), pool, slots, weights)
+        return self.down_step(layout_xq(h, L.bits, self.group, pdl), pool, slots, residual, y)
+
+    # The quantized call's two matvec launches, each from its laid-out input (codes.layout_xq's
+    # triple); scripts/bench_kernels.py times each alone.
+    def gate_up_step(self, xq: tuple[torch.Tensor, ...], pool: torch.Tensor, slots: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        """-> h [T * k, I] fp32: each expert's w_j * silu(gate . x) * (up . x)."""
+        T, k = slots.shape
+        h = torch.empty(T * k, self.layout.intermediate_size, device=pool.device, dtype=torch.float32)
+        (block_k, warps), _ = self.tile_blocks(k)
+        _gate_up_v4_kernel[(T * k, self.layout.intermediate_size // self.block_n)](
+            *xq, pool.view(torch.int32), pool.view(torch.bfloat16), slots, weights, h,
+            **self._launch_meta(self.gate_up, k, pool), BLOCK_N=self.block_n, BLOCK_K=block_k, num_warps=warps,
         )
-        _down_v4_kernel[(T, H // self.down_block_n)](
-            *layout_xq(h, L.bits, self.group, pdl), codes, halves, slots, y_ptr=y, **down, **meta,
-            BLOCK_N=self.down_block_n, BLOCK_K=d_k, EXPERTS=d_experts, num_warps=d_warps,
+        return h
+
+    def down_step(self, hq: tuple[torch.Tensor, ...], pool: torch.Tensor, slots: torch.Tensor,
+                  residual: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """y [T, H] = sum_j down_j . h_j (+ residual), h laid out."""
+        T, k = slots.shape
+        _, (block_k, warps, experts) = self.tile_blocks(k)
+        _down_v4_kernel[(T, self.layout.hidden_size // self.down_block_n)](
+            *hq, pool.view(torch.int32), pool.view(torch.bfloat16), slots, y if residual is None else residual, y,
+            **self._launch_meta(self.down, k, pool), BLOCK_N=self.down_block_n, BLOCK_K=block_k, EXPERTS=experts,
+            HAS_RESIDUAL=residual is not None, num_warps=warps,
         )
         return y
+
+    def _launch_meta(self, offsets: tuple[int, int, int], k: int, pool: torch.Tensor) -> dict:
+        L = self.layout
+        pdl = self.pdl and use_pdl(pool)
+        return dict(zip(("w_off", "s_off", "b_off"), offsets), record_words=L.record_size // 4,
+                    record_halves=L.record_size // 2, K_ROUTED=k, BITS=L.bits, GROUP=self.group,
+                    H=L.hidden_size, I=L.intermediate_size, PDL=pdl, ASM=not INTERPRETED, launch_pdl=pdl)
 
 
 def moe_gemv_reference(layout, x, pool, slots, weights) -> torch.Tensor:

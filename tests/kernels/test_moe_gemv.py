@@ -107,3 +107,29 @@ def test_router_dtypes_need_no_casts(device, bits):
     x, slots, weights = x.to(device), slots.to(device), weights.to(torch.bfloat16).to(device)
     gemv = MoeGemv(layout, block_n=16, block_k=64)
     assert torch.equal(gemv(x, pool, slots.long(), weights), gemv(x, pool, slots, weights.float()))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_several_experts_per_warp_in_down(device, bits):
+    """down_experts above the warps: each warp holds more than one expert's rows of a block."""
+    layout = RecordLayout.build(128, 64, bits, 32)
+    pool = random_pool(layout, 6, 13)
+    x, slots, weights = routed(2, 5, 6, 128, 14)
+    ref = moe_gemv_reference(layout, x, pool, slots, weights)
+    gemv = MoeGemv(layout, block_n=8, down_experts=4)
+    assert gemv.tile_blocks(5)[1][2] == 4
+    y = gemv(x.to(device), pool.to(device), slots.to(device), weights.to(device))
+    assert rel_err(y, ref) < tolerance(bits)
+
+
+def test_the_call_is_its_two_steps_from_laid_out_inputs(device):
+    """gate_up_step and down_step (which scripts/bench_kernels.py times alone) compose to the call."""
+    from flashmoe.kernels.codes import layout_xq
+
+    layout = RecordLayout.build(128, 64, 4, 32)
+    pool = random_pool(layout, 4, 15).to(device)
+    x, slots, weights = (t.to(device) for t in routed(1, 3, 4, 128, 16))
+    gemv = MoeGemv(layout, block_n=8)
+    h = gemv.gate_up_step(layout_xq(x, 4, 32, False), pool, slots, weights)
+    y = gemv.down_step(layout_xq(h, 4, 32, False), pool, slots, None, torch.empty(1, 128, device=device))
+    assert torch.equal(y, gemv(x, pool, slots, weights))
