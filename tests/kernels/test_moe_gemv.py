@@ -55,6 +55,17 @@ def test_matches_the_reference_on_fresh_inputs(device, bits, group, tokens, k):
     assert rel_err(y, ref) < tolerance(bits)
 
 
+@pytest.mark.parametrize("bits", [4, 2, 8])
+def test_the_gpu_default_tile_of_four_rows(device, bits):
+    """The GPU's default (4 rows of gate and of up per program), which the interpreter's runtime tests do not use."""
+    layout = RecordLayout.build(128, 64, bits, 32)
+    pool = random_pool(layout, 5, 17)
+    x, slots, weights = routed(1, 3, 5, 128, 18)
+    ref = moe_gemv_reference(layout, x, pool, slots, weights)
+    y = MoeGemv(layout, block_n=4)(x.to(device), pool.to(device), slots.to(device), weights.to(device))
+    assert rel_err(y, ref) < tolerance(bits)
+
+
 def test_slots_are_offsets_from_the_pool_pointer_and_may_be_negative(device):
     """The runtime points slots outside the pool tensor (pinned host memory mapped into the GPU's
     address space): a slot v means pool.data_ptr() + v * record_size, whatever pool.shape says."""
