@@ -18,8 +18,9 @@ from flashmoe.layers.int8_linear import Int8Linear
 
 # The gathered-experts kernels' launch configurations, the first each default: 16-bit records
 # (block_n, block_k, warps), quantized ones (block_n, warps, down_block_n or None = block_n,
-# programmatic dependent launch, down_experts or None = one per warp). At 4 bits, k=10: v2 61.8 us, v3 27.4 (docs/bench/2026-12-02/
-# kernels-gemv-v3-h200.txt), v4 25.7-25.8 against v3's 28.1-29.0 in the same runs (docs/bench/2026-12-03/).
+# programmatic dependent launch, down_experts or None = one per warp). At 4 bits, k=10: v2 61.8
+# us, v3 27.4 (docs/bench/2026-12-02/kernels-gemv-v3-h200.txt), v4 25.7-25.8 against v3's
+# 28.1-29.0 in the same runs (docs/bench/2026-12-03/).
 CONFIGS_16 = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
 CONFIGS = [(4, 2, None, True, None), (4, 2, None, True, 4), (4, 2, None, False, None), (4, 1, None, True, None),
            (8, 2, None, True, None), (4, 2, 8, True, None), (2, 2, None, True, None), (4, 4, None, True, None),

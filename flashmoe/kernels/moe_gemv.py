@@ -305,10 +305,10 @@ class MoeGemv:
         T, k = slots.shape
         H, I = L.hidden_size, L.intermediate_size
         assert x.shape == (T, H) and weights.shape == (T, k) and pool.shape[1] == L.record_size
-        halves = pool.view(torch.bfloat16)
         x, slots, weights = x.contiguous(), slots.contiguous(), weights.contiguous()
         y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
         if not self.quantized:  # 16-bit records
+            halves = pool.view(torch.bfloat16)
             blocks = dict(K_ROUTED=k, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
             h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
             rh = L.record_size // 2
@@ -320,7 +320,7 @@ class MoeGemv:
             return y
         # Programmatic dependent launch (Hopper on): each kernel's programs start, and read their
         # codes, while the previous kernel finishes; they wait for its output where they need it.
-        pdl = self.pdl and use_pdl(x)
+        pdl = self._pdl(x)
         h = self.gate_up_step(layout_xq(x, L.bits, self.group, pdl), pool, slots, weights)
         return self.down_step(layout_xq(h, L.bits, self.group, pdl), pool, slots, residual, y)
 
@@ -350,9 +350,12 @@ class MoeGemv:
         )
         return y
 
+    def _pdl(self, t: torch.Tensor) -> bool:
+        return self.pdl and use_pdl(t)
+
     def _launch_meta(self, offsets: tuple[int, int, int], k: int, pool: torch.Tensor) -> dict:
         L = self.layout
-        pdl = self.pdl and use_pdl(pool)
+        pdl = self._pdl(pool)
         return dict(zip(("w_off", "s_off", "b_off"), offsets), record_words=L.record_size // 4,
                     record_halves=L.record_size // 2, K_ROUTED=k, BITS=L.bits, GROUP=self.group,
                     H=L.hidden_size, I=L.intermediate_size, PDL=pdl, ASM=not INTERPRETED, launch_pdl=pdl)
