@@ -5,8 +5,9 @@ The lent machines' disks cannot hold a 397B model, so the model is a slice of it
 layers and every memory budget is the full model's scaled by L / layers. Tiers: experts
 [0, g) of each layer sit in GPU slots, [g, g + h) in the host tier, the rest on disk, read with
 O_DIRECT (no page cache). Both tiers use the static policy: random routing has no locality, so
-the placement is the cache. Reported beside each measurement: the roofline from the bytes each
-tier moved per token and bandwidths measured in the same run.
+the placement is the cache; `adaptive` rows let resident decode swap experts between the tiers by
+their use (what the default policy does with --preload). Reported beside each measurement: the
+roofline from the bytes each tier moved per token and bandwidths measured in the same run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -250,7 +253,7 @@ def measure_bandwidths(model_dir: Path, layout: RecordLayout, threads: int = 8) 
 @dataclass
 class DecodeResult:
     k: int
-    routing: str  # "uniform" (the random model's own) or "trace replay" (bench --trace)
+    routing: str  # "uniform" (the random model's own), "trace replay" or "trace replay shuffled" (bench --trace)
     tokens: int
     seconds: float
     tps: float
@@ -272,6 +275,10 @@ class DecodeResult:
     cpu_experts: int = 0  # up to this many host-resident misses per layer computed on the CPU
     cpu_experts_per_token: float = 0.0  # ... how many were, per token
     resident: bool = False  # every expert read where it lies, host-resident ones in place over PCIe (preload)
+    adaptive: bool = False  # ... and swapped between the tiers by use (GpuExpertTier.revise_placement)
+    swaps_per_token: float = 0.0  # experts moved to the GPU per timed token (each swap moves two records)
+    warmup_tokens: int = 0  # decoded before the timed runs, for the adaptive placement to settle
+    warmup_swaps: int = 0  # ... and the swaps made during them
     ms_per_layer: float = 0.0  # (t_token - t_token over the first L/2 layers) / (L - L/2)
     ms_outside_layers_profiled: float = 0.0  # the earlier estimate: what the profiled pass's sections leave
     tps_extrapolated_profiled: float = 0.0  # t60 with that estimate (the rows of earlier sessions)
@@ -343,7 +350,8 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
     hbm = _hbm_bytes_per_token(engine) + engine.top_k * rs * len(engine.config.moe_layers)
     per_token = {
         "hbm": hbm,
-        "pcie": host_loads * rs / n,  # the CPU's share is not loaded through the host tier: not counted
+        # the CPU's share is not loaded through the host tier: not counted; a swap moves a record each way
+        "pcie": (host_loads + 2 * gpu.swapped) * rs / n,
         "disk": dec.bytes_read / n,
         "cpu": gpu.cpu_computed * rs / n,  # records the CPU read from RAM instead (no roofline term)
     }
@@ -379,6 +387,8 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
         cpu_experts=engine.cpu_experts,
         cpu_experts_per_token=gpu.cpu_computed / n,
         resident=engine.resident,
+        adaptive=engine.gpu_tier is not None and engine.gpu_tier.placement is not None,
+        swaps_per_token=gpu.swapped / n,
     )
 
 
@@ -416,12 +426,13 @@ def run_prefill(engine, prompt_len: int, layers_full: int) -> dict:
     }
 
 
-def place_tiers(engine, tiers: Tiers, resident: bool = False) -> None:
+def place_tiers(engine, tiers: Tiers, resident: bool = False, adaptive: bool = False) -> None:
     """GPU slots get experts [0, g) of each layer, the host tier [g, g + h); the rest stays on disk
-    (Engine.place_experts). Resident: read every expert where it lies (needs no disk tier)."""
+    (Engine.place_experts). Resident: read every expert where it lies (needs no disk tier), and
+    with `adaptive` swap experts between the tiers by use."""
     engine.set_resident(False)
     engine.place_experts(tiers.gpu_per_layer, tiers.host_per_layer)
-    engine.set_resident(resident)
+    engine.set_resident(resident, adaptive)
 
 
 def fit_trace_replays(trace: RoutingTrace, num_experts: int, ks: list[int], log=print) -> tuple[dict, dict]:
@@ -451,20 +462,44 @@ def fit_trace_replays(trace: RoutingTrace, num_experts: int, ks: list[int], log=
 
 
 def run_replayed_decode(engine, gen: StreamGenerator, prompt_len: int, tokens: int, layers_full: int,
-                        bw: Bandwidths, repeats: int = 3) -> DecodeResult:
+                        bw: Bandwidths, repeats: int = 3, shuffled: bool = False, warmup: int = 0) -> DecodeResult:
     """run_decode with every MoE layer's expert ids replaced by a generated stream (router weights
     kept). Stream ids are popularity ranks, so with the bench's static placement the GPU tier holds
-    each layer's most used experts: the placement a deployment would choose from a known profile."""
-    moe_layers = len(engine.config.moe_layers)
-    stream = torch.from_numpy(gen.generate(8 + (2 * repeats + 1) * (prompt_len + tokens), moe_layers).astype("int64"))  # no wrap
+    each layer's most used experts: the placement a deployment would choose from a known profile.
+    `shuffled`: each layer's ids permuted at random, so the placement starts blind to popularity,
+    as a deployment without a profile does. `warmup` tokens are decoded before the timed runs (an
+    adaptive placement learns the popularity meanwhile)."""
+    moe_layers, E = len(engine.config.moe_layers), engine.config.num_experts
+    ids = gen.generate(8 + warmup + (2 * repeats + 1) * (prompt_len + tokens), moe_layers).astype("int64")  # no wrap
+    if shuffled:
+        perm = np.stack([np.random.default_rng(5 + i).permutation(E) for i in range(moe_layers)])
+        ids = perm[np.arange(moe_layers)[None, :, None], ids]
+    stream = torch.from_numpy(ids)
     sync = not engine.resident  # the host reads the routing only where the real path does
+    routing = "trace replay shuffled" if shuffled else "trace replay"
     with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer, sync)):
-        return run_decode(engine, prompt_len, tokens, layers_full, bw, routing="trace replay", repeats=repeats)
+        swapped = decode_warmup(engine, warmup)
+        r = run_decode(engine, prompt_len, tokens, layers_full, bw, routing=routing, repeats=repeats)
+    r.warmup_tokens, r.warmup_swaps = warmup, swapped
+    return r
+
+
+def decode_warmup(engine, tokens: int) -> int:
+    """Decode `tokens` tokens untimed -> the swaps of the adaptive placement meanwhile."""
+    if not tokens:
+        return 0
+    from .runtime.sampling import SamplingParams
+
+    gen = engine.generate([1, 2, 3, 4], SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    for _ in gen:
+        pass
+    return gen.stats.gpu_cache.swapped
 
 
 def log_decode(r: DecodeResult, log=print) -> None:
     log(
-        f"S1 K={r.k} {r.routing}{' resident' if r.resident else ''}{' prefetch' if r.prefetch else ''}"
+        f"S1 K={r.k} {r.routing}{' resident' if r.resident else ''}{' adaptive' if r.adaptive else ''}"
+        f"{' prefetch' if r.prefetch else ''}"
         f"{f' cpu-experts {r.cpu_experts}' if r.cpu_experts else ''}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
         f"layers), {r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits "
         f"{r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; bytes/token "
@@ -473,6 +508,7 @@ def log_decode(r: DecodeResult, log=print) -> None:
         + f" = {r.roofline_fraction:.0%} of measured"
         + (f"; prefetch: guessed {r.prefetch_accuracy:.1%} of experts, {r.prefetch_hits_per_token:.1f} copies/token "
            f"ahead of need, {r.prefetch_wasted_bytes_per_token / 2**20:.0f} MiB/token wasted" if r.prefetch else "")
+        + (f"; swaps {r.swaps_per_token:.2f}/token ({r.warmup_swaps} in {r.warmup_tokens} warm-up tokens)" if r.adaptive else "")
     )
     log("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()))
 
@@ -481,16 +517,33 @@ def result_json(**parts) -> str:
     return json.dumps(parts, indent=1, default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v))
 
 
-def decode_rows(cpu_experts: list[int], prefetch: bool, resident: bool, replay: bool) -> list[tuple[str, bool, int, bool]]:
-    """The S1 rows of one k as (routing, prefetch, CPU experts, resident), in run order. The CPU
-    share runs only in the resident rows when there are any: on the copying path it is a known loss
-    (docs/EXPERIMENTS.md 26 and 39), and a full-size slice's rows cost minutes each."""
+class Row(NamedTuple):
+    routing: str
+    prefetch: bool
+    cpu_experts: int
+    resident: bool
+    adaptive: bool = False
+
+
+ROUTINGS = ("uniform", "trace replay", "trace replay shuffled")
+
+
+def decode_rows(cpu_experts: list[int], prefetch: bool, resident: bool, replay: bool, adaptive: bool = False) -> list[Row]:
+    """The S1 rows of one k, in run order. The CPU share runs only in the resident rows when there
+    are any: on the copying path it is a known loss (docs/EXPERIMENTS.md 26 and 39), and a
+    full-size slice's rows cost minutes each. `adaptive` (resident only) adds rows whose placement
+    adapts: uniform (its cost where there is nothing to learn) and, with a replay, the replay with
+    shuffled ids, static and adaptive (what the adaptation wins when the placement starts blind)."""
     copy_cpu = () if resident else cpu_experts
-    rows = [("uniform", ahead, cpu, False) for cpu in {0, *copy_cpu} for ahead in {False, prefetch}]
-    rows += [("uniform", False, cpu, True) for cpu in {0, *cpu_experts}] * resident
-    rows += [("trace replay", False, cpu, held) for held in sorted({False, resident})
+    rows = [Row("uniform", ahead, cpu, False) for cpu in {0, *copy_cpu} for ahead in {False, prefetch}]
+    rows += [Row("uniform", False, cpu, True) for cpu in {0, *cpu_experts}] * resident
+    rows += [Row("trace replay", False, cpu, held) for held in sorted({False, resident})
              for cpu in {0, *cpu_experts} if cpu == 0 or held] * replay
-    return sorted(rows, key=lambda r: (r[0] != "uniform", r[3], r[2], r[1]))
+    if resident and adaptive:
+        rows += [Row("uniform", False, 0, True, True)]
+        rows += [Row("trace replay shuffled", False, 0, True, False)] * replay
+        rows += [Row("trace replay shuffled", False, cpu, True, True) for cpu in {0, *cpu_experts}] * replay
+    return sorted(rows, key=lambda r: (ROUTINGS.index(r.routing), r.resident, r.adaptive, r.cpu_experts, r.prefetch))
 
 
 def slice_engine(out: Path, cfg: dict, layout: RecordLayout, tiers: Tiers, k_max: int, dense_bits: int = 16,
@@ -509,13 +562,15 @@ def slice_engine(out: Path, cfg: dict, layout: RecordLayout, tiers: Tiers, k_max
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
         workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
         dense_bits: int = 16, prefetch: bool = False, cpu_experts: list[int] = (), resident: bool = False,
-        log=print) -> dict:
+        adaptive: bool = False, warmup: int = 2048, log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
     tiers, then S1 for each k (uniform routing; with `prefetch` again with next-layer prefetch; with
     each of `cpu_experts` again with that many misses per layer on the CPU (in the resident rows
     only, when `resident`), and with prefetch; with `resident` again with every expert read where
-    it lies; then replayed from `trace` if given, also resident) and S2 for each prompt length (also resident). Returns the report. Replayed routing
-    runs without prefetch: its ids come from a stream the router's guess cannot know."""
+    it lies; then replayed from `trace` if given, also resident; with `adaptive` the rows of
+    decode_rows, the adaptive replays timed after `warmup` tokens) and S2 for each prompt length
+    (also resident). Returns the report. Replayed routing runs without prefetch: its ids come from
+    a stream the router's guess cannot know."""
     from .utils import total_memory_bytes
 
     full, cfg = preset_config(preset), preset_config(preset, layers)
@@ -543,15 +598,16 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     residency = sorted({False, resident})
     for k in sorted(ks, reverse=True):
         engine.set_top_k(k)
-        for routing, ahead, cpu, held in decode_rows(cpu_experts, prefetch, resident, bool(replays)):
+        for row in decode_rows(cpu_experts, prefetch, resident, bool(replays), adaptive):
             engine.set_resident(False)
-            engine.set_prefetch(ahead)
-            engine.set_cpu_experts(cpu)
-            place_tiers(engine, tiers, held)  # static tiers: the same residents for every run, counters reset
-            if routing == "uniform":
+            engine.set_prefetch(row.prefetch)
+            engine.set_cpu_experts(row.cpu_experts)
+            place_tiers(engine, tiers, row.resident, row.adaptive)  # the same first placement for every row, counters reset
+            if row.routing == "uniform":
                 r = run_decode(engine, prompt_tokens, tokens, full["num_hidden_layers"], bw)
             else:
-                r = run_replayed_decode(engine, replays[k], prompt_tokens, tokens, full["num_hidden_layers"], bw)
+                r = run_replayed_decode(engine, replays[k], prompt_tokens, tokens, full["num_hidden_layers"], bw,
+                                        shuffled=row.routing.endswith("shuffled"), warmup=warmup if row.adaptive else 0)
             report["decode"].append(r)
             log_decode(r, log)
     engine.set_top_k(k_max)

@@ -252,6 +252,8 @@ def bench(
     prefetch: bool = typer.Option(False, "--prefetch", help="Also run S1 with next-layer prefetch, beside the plain rows."),
     cpu_experts: list[int] = typer.Option([], "--cpu-experts", help="Also run S1 with up to N host-resident experts per layer computed on the CPU; with --preload only in the resident rows, as copying them is a known loss (repeatable; needs numba)."),
     preload: bool = typer.Option(False, "--preload", help="Also run S1/S2 with every expert read where it lies (no disk tier only), beside the plain rows."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="With --preload: also run resident rows whose placement adapts to use (what --cache-policy mix does with --preload): uniform, and with --trace the replay with shuffled expert ids, static and adaptive."),
+    warmup: int = typer.Option(2048, "--warmup", help="Tokens decoded before timing an adaptive replay row (its placement learns meanwhile)."),
 ):
     """Benchmark scenarios S1 (decode) and S2 (prefill) on a synthesized model of a named shape (GPU)."""
     import torch
@@ -264,7 +266,7 @@ def bench(
         report = run(
             preset, layers, bits, k, prompt_tokens, tokens, [n for n in prefill if n], workdir,
             parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None, trace_file, dense_bits, prefetch,
-            cpu_experts, preload, log=lambda line: err.print(line, soft_wrap=True),
+            cpu_experts, preload, adaptive, warmup, log=lambda line: err.print(line, soft_wrap=True),
         )
     except USER_ERRORS as e:
         fail(e)

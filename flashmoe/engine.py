@@ -4,6 +4,7 @@ loop. The CLI, chat REPL and server are thin layers over `Engine.generate`."""
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -276,8 +277,19 @@ class Engine:
 
     def place_experts(self, gpu_per_layer: int, host_per_layer: int, progress: Callable[[int], None] | None = None) -> None:
         """Read experts [0, g) of each MoE layer into GPU slots and [g, g + h) into the host tier
-        (`progress(bytes)` after each batch of reads)."""
+        (`progress(bytes)` after each batch of reads). Experts an earlier placement left in the
+        other tier (adaptive placement moves them) trade places first, without reading the disk."""
         E, rs, batch = self.config.num_experts, self.manifest.layout.record_size, self.store.batch
+        tier, misplaced = self.gpu_tier, defaultdict(list)
+        for layer, e in list(tier.slots.slot_of):
+            if e >= gpu_per_layer:
+                misplaced[layer].append(e)
+        for layer, to_host in misplaced.items():
+            to_gpu = [e for e in range(min(E, gpu_per_layer)) if (layer, e) in self.store.slots and (layer, e) not in tier.slots]
+            for up, down in zip(to_gpu, to_host):
+                tier.swap(self.store, layer, up, down)
+        if misplaced and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the CPU reads host records unordered with the stream's copies
         for layer in self._moe_layers():
             host = list(range(gpu_per_layer, min(E, gpu_per_layer + host_per_layer)))
             for start in range(0, len(host), batch):
@@ -311,9 +323,11 @@ class Engine:
         self.place_experts(g, E - g, progress)
         self.set_resident(True)
 
-    def set_resident(self, on: bool) -> None:
+    def set_resident(self, on: bool, adaptive: bool | None = None) -> None:
         """Read every expert where it lies (on) or go back to copying misses into GPU slots (off).
-        On needs every expert in one of the two tiers (place_experts) and no --prefetch."""
+        On needs every expert in one of the two tiers (place_experts) and no --prefetch. `adaptive`
+        (default: unless the cache policy is static): swap experts between the tiers by their use
+        as decode runs (GpuExpertTier.revise_placement)."""
         if not on:
             if self.gpu_tier is not None:
                 self.gpu_tier.drop_resident()
@@ -323,7 +337,7 @@ class Engine:
             raise ValueError("resident experts need the GPU expert path (--device cuda)")
         if self.prefetch_on:
             raise ValueError("--preload excludes --prefetch: preloaded experts are read in place, never copied")
-        self.gpu_tier.make_resident(self.store, self._moe_layers(), self.config.num_experts)
+        self.gpu_tier.make_resident(self.store, self._moe_layers(), self.config.num_experts, adaptive)
         self._attach_cpu_share()
 
     @property
@@ -469,8 +483,8 @@ class Generation:
         the model; the expert lookups that resident decode counts on the device are read at its
         end: after prefill at once (a read that waits for the GPU), after a decode step by a copy
         queued behind it, which the sampling block that always follows collects once reading the
-        token has waited for the GPU anyway. No yield comes between the two, so the counts stay
-        this generation's."""
+        token has waited for the GPU anyway (and where the placement adapts, swaps experts by them
+        before the next step). No yield comes between the two, so the counts stay this generation's."""
         eng, stats = self.engine, self.stats
         t0, sections, cache = time.perf_counter(), dict(eng.timer.seconds), replace(eng.store.stats)
         gpu = replace(eng.gpu_tier.stats) if eng.gpu_tier is not None else None
@@ -480,6 +494,7 @@ class Generation:
             if eng.gpu_tier is not None:
                 if not forward:
                     eng.gpu_tier.collect_stats(queued_only=True)
+                    eng.gpu_tier.revise_placement(eng.store)  # adaptive resident placement: between steps
                 elif prefill:
                     eng.gpu_tier.collect_stats()
                 else:

@@ -17,14 +17,15 @@ from flashmoe.layers.int8_linear import Int8Linear
 
 
 # The gathered-experts kernels' launch configurations, the first each default: 16-bit records
-# (block_n, block_k, warps), quantized ones (block_n, warps, down_block_n or None = block_n,
-# programmatic dependent launch, down_experts or None = one per warp). At 4 bits, k=10: v2 61.8
-# us, v3 27.4 (docs/bench/2026-12-02/kernels-gemv-v3-h200.txt), v4 25.7-25.8 against v3's
-# 28.1-29.0 in the same runs (docs/bench/2026-12-03/).
+# (block_n, block_k, warps), quantized ones as MoeGemv's keyword arguments beside its defaults. At
+# 4 bits, k=10: v2 61.8 us, v3 27.4 (docs/bench/2026-12-02/kernels-gemv-v3-h200.txt), v4 25.7-25.8
+# against v3's 28.1-29.0 in the same runs (docs/bench/2026-12-03/). down_experts=4 with capped
+# registers: docs/EXPERIMENTS.md entry 56.
 CONFIGS_16 = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
-CONFIGS = [(4, 2, None, True, None), (4, 2, None, True, 4), (4, 2, None, False, None), (4, 1, None, True, None),
-           (8, 2, None, True, None), (4, 2, 8, True, None), (2, 2, None, True, None), (4, 4, None, True, None),
-           (8, 2, 4, True, None)]
+CONFIGS = [{}, dict(down_experts=4), dict(down_experts=4, down_maxnreg=112), dict(down_experts=4, down_maxnreg=104),
+           dict(down_experts=4, down_maxnreg=96), dict(pdl=False), dict(num_warps=1), dict(block_n=8),
+           dict(down_block_n=8), dict(block_n=2), dict(num_warps=4), dict(block_n=8, down_block_n=4)]
+LABELS = dict(block_n="bn", num_warps="w", down_block_n="dbn", down_experts="de", down_maxnreg="r", pdl="pdl")
 
 
 def main() -> None:
@@ -34,6 +35,10 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=256, help="pool size (rotated so reads miss the L2)")
     ap.add_argument("--only", choices=["gemv", "grouped", "dense8"], help="time one kernel family")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8, 16], help="gemv: record widths to time")
+    ap.add_argument("--ab", nargs="+", metavar="LABEL",
+                    help="interleaved A/B of these quantized configurations (labels as the sweep prints them) "
+                         "against the default, at the first --bits: the call at k=10 and 4, each step alone")
+    ap.add_argument("--rounds", type=int, default=8, help="--ab: rounds, the order reversed every other one")
     ap.add_argument("--once", action="store_true",
                     help="only three untimed calls of the default gathered-experts kernels (first --bits, k=10), "
                          "for a profiler: ncu --clock-control none -k regex:v4_kernel ...")
@@ -48,6 +53,9 @@ def main() -> None:
         return
     hbm = hbm_copy_bandwidth() / 1e9
     print(f"device-to-device copy: {hbm:.0f} GB/s (read + write)")
+    if args.ab:
+        gemv_ab(args, hbm)
+        return
     if args.only in (None, "gemv"):
         gemv_sweep(args, hbm)
     if args.only in (None, "grouped"):
@@ -78,10 +86,8 @@ def gemv_configs(layout: RecordLayout):
         for bn, bk, warps in CONFIGS_16:
             yield "16-bit", f"bn{bn} bk{bk} w{warps}", dict(block_n=bn, block_k=bk, num_warps=warps)
         return
-    for bn, warps, down_bn, pdl, down_experts in CONFIGS:
-        label = (f"bn{bn} w{warps}" + (f" dbn{down_bn}" if down_bn else "") + ("" if pdl else " no-pdl")
-                 + (f" de{down_experts}" if down_experts else ""))
-        yield "v4", label, dict(block_n=bn, num_warps=warps, down_block_n=down_bn, pdl=pdl, down_experts=down_experts)
+    for config in CONFIGS:
+        yield "v4", ",".join(f"{LABELS[k]}{int(v)}" for k, v in config.items()) or "default", config
 
 
 def gemv_sweep(args, hbm: float) -> None:
@@ -125,6 +131,41 @@ def gemv_sweep(args, hbm: float) -> None:
             times = kernel_times(lambda: [gemv(x, pool, s, w) for s in sets], len(sets))
             print(f"  {family} {bits}-bit k=10 default, us per call by kernel: "
                   + ", ".join(f"{name} {t:.1f}" for name, t in times.items()))
+
+
+def gemv_ab(args, hbm: float) -> None:
+    """Differences of a few tenths of a microsecond outlast one sweep's noise only when measured
+    side by side: each round times every configuration once, in alternating order."""
+    layout = RecordLayout.build(args.hidden, args.intermediate, args.bits[0], 64)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    pool = torch.cat([random_records(layout, 32, gen) for _ in range(args.slots // 32)])
+    configs = {label: config for _, label, config in gemv_configs(layout) if label == "default" or label in args.ab}
+    if missing := set(args.ab) - set(configs):
+        raise SystemExit(f"no configuration labelled {', '.join(sorted(missing))}; the sweep's labels: "
+                         + ", ".join(label for _, label, _ in gemv_configs(layout)))
+    gemvs = {label: MoeGemv(layout, **config) for label, config in configs.items()}
+    x = torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
+    times: dict[tuple[str, str], list[float]] = {}
+    nbytes: dict[str, int] = {}
+    for k in (10, 4):
+        sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
+        w = torch.softmax(torch.randn(1, k, device="cuda"), -1)
+        nbytes[f"call k={k}"] = k * layout.payload_bytes
+        for rnd in range(args.rounds):
+            for label in list(gemvs)[:: 1 if rnd % 2 == 0 else -1]:
+                gemv = gemvs[label]
+                times.setdefault((label, f"call k={k}"), []).append(
+                    per_call_us(lambda: [gemv(x, pool, s, w) for s in sets], len(sets)))
+                if k == 10:
+                    for step, (us, n) in steps_alone(gemv, x, pool, sets, w).items():
+                        times.setdefault((label, f"{step} alone"), []).append(us)
+                        nbytes[f"{step} alone"] = n
+    print(f"A/B, {layout.bits}-bit, {args.rounds} interleaved rounds: what  config  median us (range)  % of copy")
+    for what in nbytes:
+        for label in gemvs:
+            t = sorted(times[label, what])
+            med = t[len(t) // 2]
+            print(f"  {what:<14} {label:<12} {med:>7.2f} ({t[0]:.2f}-{t[-1]:.2f})  {100 * nbytes[what] / med / 1e3 / hbm:>5.1f}%")
 
 
 def steps_alone(gemv: MoeGemv, x, pool, sets, w) -> dict[str, tuple[float, int]]:

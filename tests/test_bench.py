@@ -1,5 +1,6 @@
 """The benchmark's own logic at a tiny shape on the CPU (the GPU path's kernels in Triton's interpreter)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,33 @@ def test_resident_rows_read_host_experts_in_place(tiny_bench_model):
     assert not engine.resident and engine.gpu_tier.table is None
 
 
+def test_adaptive_replay_row_learns_during_its_warmup_and_leaves_the_placement_as_found(tiny_bench_model, monkeypatch):
+    """A shuffled replay's adaptive row: the placement swaps experts during the untimed warm-up, the
+    row says so, its PCIe bytes count both records of each timed swap, and the next row's
+    place_tiers finds the first placement again."""
+    import functools
+
+    from flashmoe.runtime import gpu_experts
+    from flashmoe.runtime.locality import StreamGenerator
+
+    monkeypatch.setattr(gpu_experts, "AdaptivePlacement", functools.partial(gpu_experts.AdaptivePlacement, confidence=0.5))
+    rs = RecordLayout.build(128, 64, 4, 64).record_size
+    engine = Engine(tiny_bench_model, device=DEVICE, dtype=torch.float32, cache_policy="static", host_mem=(2 * 11 + 2) * rs)
+    engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
+    tiers = B.Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
+    shares = np.tile(np.array([8.0] * 4 + [1.0] * 12) / 44, (2, 1))  # 4 of 16 experts draw 73% of the load
+    B.place_tiers(engine, tiers, resident=True, adaptive=True)
+    r = B.run_replayed_decode(engine, StreamGenerator(shares, 2), 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9),
+                              repeats=1, shuffled=True, warmup=10)
+    assert r.routing == "trace replay shuffled" and r.resident and r.adaptive
+    assert r.warmup_tokens == 10 and r.warmup_swaps > 0
+    reads = r.bytes_per_token["pcie"] / rs - r.swaps_per_token * 2  # what the kernels read in place, per token
+    assert reads == pytest.approx((1 - r.gpu_hit_rate) * 2 * 2)  # 2 layers x k = 2, the rest GPU hits
+    B.place_tiers(engine, tiers, resident=True)
+    assert engine.gpu_tier.placement is None
+    assert set(engine.gpu_tier.slots.slot_of) == {(layer, e) for layer in range(2) for e in range(5)}
+
+
 def test_synthesis_that_cannot_fit_the_disk_is_refused_up_front(tmp_path, monkeypatch):
     """Named: the space needed and free, and the models synthesized earlier beside it to delete;
     nothing is written."""
@@ -91,12 +119,20 @@ def shutil_usage(free: int):
 
 def test_decode_rows_put_the_cpu_share_where_it_can_win():
     plain = B.decode_rows([2], prefetch=True, resident=False, replay=False)
-    assert plain == [("uniform", False, 0, False), ("uniform", True, 0, False),
-                     ("uniform", False, 2, False), ("uniform", True, 2, False)]
+    assert plain == [("uniform", False, 0, False, False), ("uniform", True, 0, False, False),
+                     ("uniform", False, 2, False, False), ("uniform", True, 2, False, False)]
     # with resident rows the copying path runs without the share, the resident rows with and without
     preloaded = B.decode_rows([2], prefetch=False, resident=True, replay=True)
-    assert preloaded == [("uniform", False, 0, False), ("uniform", False, 0, True), ("uniform", False, 2, True),
-                         ("trace replay", False, 0, False), ("trace replay", False, 0, True), ("trace replay", False, 2, True)]
+    assert preloaded == [("uniform", False, 0, False, False), ("uniform", False, 0, True, False), ("uniform", False, 2, True, False),
+                         ("trace replay", False, 0, False, False), ("trace replay", False, 0, True, False),
+                         ("trace replay", False, 2, True, False)]
+    # adaptive rows: uniform (the cost where there is nothing to learn), the shuffled replay static and adaptive
+    adaptive = B.decode_rows([2], prefetch=False, resident=True, replay=True, adaptive=True)
+    assert adaptive == preloaded[:3] + [("uniform", False, 0, True, True)] + preloaded[3:] + [
+        ("trace replay shuffled", False, 0, True, False), ("trace replay shuffled", False, 0, True, True),
+        ("trace replay shuffled", False, 2, True, True)]
+    assert B.decode_rows([2], prefetch=False, resident=False, replay=True, adaptive=True) == B.decode_rows(
+        [2], prefetch=False, resident=False, replay=True)  # adaptive placement is resident decode's
 
 
 def test_slice_engine_budgets_what_place_tiers_fills(monkeypatch):

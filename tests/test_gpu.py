@@ -164,6 +164,26 @@ def test_resident_decode_equals_the_cpu_path(packed16, graphs, profile):
     assert tier.hits + tier.host_reads == 4 * 2 * gen.stats.decode_tokens  # 4 MoE layers, k = 2
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+def test_adaptive_resident_decode_equals_the_cpu_path(packed16, graphs):
+    """Preloaded with an adaptive placement that swaps eagerly: experts move between GPU slots and
+    pinned host memory between decode steps (copies on the stream the step graph replays on), and
+    the tokens stay the CPU path's."""
+    from flashmoe.formats.packed import Manifest
+
+    record = Manifest.load(packed16).layout.record_size
+    prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(13)).tolist()
+    params = SamplingParams(max_tokens=32, temperature=0)
+    ref = [s.token for s in Engine(packed16, dtype=torch.float32).generate(prompt, params)]
+    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, gpu_mem=4 * record,
+                    host_mem=40 * record, preload=True)
+    engine.gpu_tier.placement.confidence = 0.5  # swap on little evidence: many swaps in 32 steps
+    gen = engine.generate(prompt, params)
+    assert [s.token for s in gen] == ref
+    tier = gen.stats.gpu_cache
+    assert tier.swapped > 0 and tier.hits + tier.host_reads == 4 * 2 * gen.stats.decode_tokens
+
+
 def test_resident_experts_need_no_host_sync(packed16):
     """The resident call runs with CUDA's sync debugging set to error; the copying path's routing
     read trips it (so the check can fail)."""

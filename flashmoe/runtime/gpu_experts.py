@@ -18,7 +18,9 @@ records away from the host tier's pool, so one slot number addresses either; a d
 (layer, expert) to it and the decode kernels read host-resident records in place over PCIe (as fast
 as the copy engines: docs/EXPERIMENTS.md entry 30). Nothing is copied and the host never looks at
 the routing: a decode step needs no host sync per layer and runs as one CUDA graph. Prefill still
-copies (into staging slots only).
+copies (into staging slots only). Unless the policy is static, the placement adapts as decode runs
+(policy.AdaptivePlacement): between steps, a layer's host-resident expert that the device's counts
+show in clearly more use than one of its GPU-resident experts trades places with it (`swap`).
 
 CPU compute (opt-in, decode, one token): up to `per_layer` of a layer's misses that sit in the host
 tier are computed where they lie by the CPU (HostCompute) while PCIe copies the others: the host
@@ -45,7 +47,7 @@ from ..kernels.moe_gemv import MoeGemv
 from ..kernels.moe_grouped import MoeGrouped
 from ..kernels.slot_lookup import lookup_slots
 from .expert_store import ExpertStore
-from .policy import SlotMap
+from .policy import AdaptivePlacement, SlotMap
 from .stats import GpuTierStats
 
 DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the gathered gemv kernels
@@ -163,6 +165,7 @@ class GpuExpertTier:
         self.table_host: np.ndarray | None = None
         self.uses: torch.Tensor | None = None
         self._on_gpu: np.ndarray | None = None
+        self.placement: AdaptivePlacement | None = None  # resident placement revised from the counts
         self._uses_seen: np.ndarray | None = None
         self._handed_seen = 0  # experts the CPU share was handed, as last collected
         # queue_stats' copy of the counters (uses, handed to the CPU, the event after them), and
@@ -260,13 +263,14 @@ class GpuExpertTier:
             self.place(layer, batch, store, cache_reads=False)
         self.stats = GpuTierStats()
 
-    def make_resident(self, store: ExpertStore, layers: list[int], num_experts: int) -> None:
+    def make_resident(self, store: ExpertStore, layers: list[int], num_experts: int, adaptive: bool | None = None) -> None:
         """From now on decode reads every expert of these layers where it lies: in its GPU slot, or
-        in place in its host-tier slot. Each must be in one of the two, and neither tier changes
-        afterwards: prefill (where copies beat reads in place: the grouped kernel reads each weight
-        tile once, too few bytes in flight for PCIe) still copies host-resident experts, into
-        staging slots only (place() admits nothing), and every record it asks the host tier for is
-        a hit there."""
+        in place in its host-tier slot. Each must be in one of the two, and no expert leaves them:
+        prefill (where copies beat reads in place: the grouped kernel reads each weight tile once,
+        too few bytes in flight for PCIe) still copies host-resident experts, into staging slots
+        only (place() admits nothing), and every record it asks the host tier for is a hit there.
+        `adaptive` (default: unless the policy is static): revise_placement swaps experts between
+        the two tiers by their use."""
         if self.host_slot0 is None:
             raise ValueError("resident experts need the GPU slots placed beside the host tier (host_pool)")
         table = np.full((max(layers) + 1, num_experts), -1, dtype=np.int64)
@@ -285,6 +289,9 @@ class GpuExpertTier:
             raise ValueError(f"{len(missing)} experts are in neither the GPU nor the host tier (layer {layer} expert {e}, ...)")
         self.table_host, self._on_gpu = table, (table >= 0) & (table < self.capacity)
         self.table = torch.from_numpy(table).to(self.pool.device)
+        if adaptive is None:
+            adaptive = self.slots.policy.kind != "static"
+        self.placement = AdaptivePlacement(self._on_gpu) if adaptive else None
         self.uses = torch.zeros_like(self.table)
         self._uses_seen = np.zeros_like(table)
         self._queued, self._queued_pending = None, False
@@ -294,7 +301,45 @@ class GpuExpertTier:
             self.set_cpu_share(None)  # collects the counters first
         else:
             self.collect_stats()
-        self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = None
+        self.table = self.table_host = self.uses = self._on_gpu = self._uses_seen = self.placement = None
+
+    def swap(self, store: ExpertStore, layer: int, to_gpu: int, to_host: int) -> None:
+        """Trade places: expert `to_gpu` (in the host tier) takes the GPU slot of `to_host`, which
+        takes its host slot. The copies are queued on the current stream (the first staging slot
+        carries a record in transit), so kernels queued before read the old records and those
+        queued after the new ones; the resident table changes with them (revise_placement)."""
+        gpu, host = self.slots.get((layer, to_host)), store.slots.get((layer, to_gpu))
+        if gpu is None or host is None:
+            raise ValueError(f"layer {layer}: expert {to_host} must be in a GPU slot and expert {to_gpu} in the host tier")
+        transit = self.pool[self.capacity]
+        transit.copy_(store.pool[host], non_blocking=True)
+        store.pool[host].copy_(self.pool[gpu], non_blocking=True)
+        self.pool[gpu].copy_(transit, non_blocking=True)
+        self.slots.replace((layer, to_host), (layer, to_gpu))
+        store.slots.replace((layer, to_gpu), (layer, to_host))
+        self.stats.swapped += 1
+
+    def revise_placement(self, store: ExpertStore) -> None:
+        """Resident and adaptive: do the swaps the placement asks for after the counts collected so
+        far. Call between decode steps, after collect_stats: every lookup counted was made under
+        the placement before these swaps, and the next step's kernels queue after them."""
+        if self.placement is None:
+            return
+        moves = self.placement.swaps()
+        if not moves:
+            return
+        changed = []
+        for layer, to_gpu, to_host in moves:
+            gpu, host = self.table_host[layer, to_host], self.table_host[layer, to_gpu]
+            self.swap(store, layer, to_gpu, to_host)
+            changed += [(layer, to_gpu, gpu), (layer, to_host, host)]
+        rows, experts, slots = (np.array(c) for c in zip(*changed))
+        self.table_host[rows, experts] = slots
+        self._on_gpu[rows, experts] = (slots >= 0) & (slots < self.capacity)
+        where, slots = torch.from_numpy(rows * self.table.shape[1] + experts), torch.from_numpy(slots)
+        if self.table.is_cuda:  # from pinned memory: the copies stay asynchronous (no host sync)
+            where, slots = (t.pin_memory().to(self.table.device, non_blocking=True) for t in (where, slots))
+        self.table.view(-1)[where] = slots
 
     def set_cpu_share(self, share: ResidentCpuShare | None) -> None:
         """Hand resident decode's host-resident experts partly to the CPU (or stop: the server's threads end)."""
@@ -351,6 +396,8 @@ class GpuExpertTier:
         """Add what a reading of the counters holds beyond the previous reading (each reading is
         taken after all the GPU work queued before it)."""
         new, self._uses_seen = uses - self._uses_seen, uses
+        if self.placement is not None:
+            self.placement.observe(new)
         on_cpu = 0
         if self.cpu_share is not None:
             self.cpu_share.check()  # the reading came after the GPU's work: every join so far has ended

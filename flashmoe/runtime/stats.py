@@ -38,6 +38,7 @@ class GpuTierStats(Counters):
     prefetch_hits: int = 0  # ... that the real routing then used
     cpu_computed: int = 0  # host-resident misses computed on the CPU instead of copied (HostCompute)
     host_reads: int = 0  # lookups the kernels read in place from pinned host memory (resident decode)
+    swapped: int = 0  # experts moved to the GPU by adaptive placement, each for one moved to the host
 
     @property
     def hit_rate(self) -> float:

@@ -271,3 +271,57 @@ def test_preload_refuses_what_it_cannot_do(packed16):
         engine.set_prefetch(True)
     with pytest.raises(ValueError, match="GPU expert path"):
         Engine(packed16, dtype=torch.float32).preload()
+
+
+def test_adaptive_placement_swaps_by_use_and_changes_no_result(packed4):
+    """Preloaded with an adaptive policy: between decode steps, host-resident experts in clearly
+    more use than GPU-resident ones trade places with them (both records move, and the table with
+    them). Logits equal the static placement's bit for bit, the table points every expert at its
+    record, a generation swaps on its own, and placing again restores the first placement without
+    reading the disk."""
+    from flashmoe.runtime.sampling import SamplingParams
+
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(7))
+    record = Manifest.load(packed4).layout.record_size
+    runs = {}
+    for adaptive in (False, True):
+        engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
+        engine.use_gpu_experts(gpu_mem=8 * record, policy="mix")
+        engine.place_experts(2, 6)
+        engine.set_resident(True, adaptive)
+        tier = engine.gpu_tier
+        assert (tier.placement is not None) == adaptive
+        if adaptive:
+            tier.placement.confidence = 0.5  # a few steps of a tiny model's routing are evidence enough
+        state = engine.new_state()
+        with torch.inference_mode():
+            out = [engine.model(ids.to(engine.device), state, last_only=False).cpu()]
+            for t in range(6):
+                tier.collect_stats()
+                tier.revise_placement(engine.store)  # where Generation does it: between steps
+                out.append(engine.model(torch.tensor([t + 3], device=engine.device), state).cpu())
+        tier.collect_stats()
+        runs[adaptive] = torch.cat(out), tier.stats.swapped, tier.stats.hits
+    (ref, _, static_hits), (got, swapped, hits) = runs[False], runs[True]
+    assert torch.equal(got, ref)
+    assert swapped > 0 and hits > static_hits
+    store = engine.store
+    for layer in range(4):
+        on_disk = (packed4 / engine.manifest.expert_file(layer).file).read_bytes()
+        for e in range(8):
+            slot = int(tier.table_host[layer, e])
+            on_gpu = 0 <= slot < tier.capacity
+            assert on_gpu == ((layer, e) in tier.slots) == ((layer, e) not in store.slots)
+            held = tier.pool[slot] if on_gpu else store.pool[slot - tier.host_slot0]
+            assert held.cpu().numpy().tobytes() == on_disk[e * record : (e + 1) * record]
+            assert int(tier.table[layer, e]) == slot
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    gen = engine.generate([1, 2, 3], params)
+    list(gen)
+    assert gen.stats.gpu_cache.swapped > 0
+    engine.set_resident(False)
+    reads = []
+    store._read = lambda key, slot: reads.append(key)
+    engine.place_experts(2, 6)
+    assert set(tier.slots.slot_of) == {(layer, e) for layer in range(4) for e in range(2)}
+    assert not reads  # every record moved between the tiers, none read again
