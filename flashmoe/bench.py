@@ -117,6 +117,8 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
                 records = random_records(layout, min(32, cfg["num_experts"] - start), gen).cpu().numpy()
                 crcs += crc_pool.map(zlib.crc32, list(records))
                 f.write(records.data)
+            f.flush()
+            os.fsync(f.fileno())  # written back now: the disk probe that follows must not race the writeback
         files.append(ExpertFile(layer, rel, cfg["num_experts"], tuple(crcs)))
         log(f"  synthesized layer {layer}: {cfg['num_experts']} experts ({time.perf_counter() - t0:.0f} s)")
     Manifest(layout, tuple(files), DENSE_FILE, "bfloat16", "flashmoe bench (random weights)").save(out)
