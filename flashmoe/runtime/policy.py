@@ -135,30 +135,41 @@ class AdaptivePlacement:
     Preloading fills each layer's GPU slots with whatever experts it is given; the rest are read
     over PCIe from pinned host memory. A trained model's routing is skewed (some experts serve many
     times their share), so the best placement holds each layer's most used experts on the GPU. The
-    device counts every lookup; `observe` folds each decode step's counts into a heat per (layer,
-    expert) that halves every `half_life` steps, and `swaps` names pairs to exchange: a host-resident
+    device counts every lookup; `observe` collects each decode step's counts, and every `every`
+    steps `swaps` folds them into a heat per (layer, expert) that halves every `half_life` steps
+    and names pairs to exchange: a host-resident
     expert whose heat exceeds a GPU-resident one's by `confidence` standard deviations of the
     difference (a decayed count's variance is about half its value). Under uniform routing the
     hottest host expert and the coldest GPU expert of 512 stay within that band, so a random model
     swaps (almost) nothing; a popular expert crosses it within a few hundred steps. At most
-    `per_step` swaps per call, layers visited in turn: each swap moves two records over PCIe."""
+    `per_check` swaps per check, layers visited in turn: each swap moves two records over PCIe.
+    Checking every few steps keeps the host's cost per decode step to an array addition."""
 
-    def __init__(self, on_gpu: np.ndarray, half_life: float = 1024.0, confidence: float = 4.0, per_step: int = 8):
+    def __init__(self, on_gpu: np.ndarray, half_life: float = 1024.0, confidence: float = 4.0, per_check: int = 16,
+                 every: int = 4):
         self.on_gpu = on_gpu.copy()  # [layers, experts] bool; rows of layers without experts are all False
         self.on_host = ~self.on_gpu
         self.heat = np.zeros(on_gpu.shape)
+        self.recent = np.zeros(on_gpu.shape)  # counts observed since the last check
+        self.steps = 0  # ... over this many steps
         self.decay = 0.5 ** (1.0 / half_life)
-        self.confidence, self.per_step = confidence, per_step
-        self.next_layer = 0  # where the next call starts looking: no layer waits behind busier ones
+        self.confidence, self.per_check, self.every = confidence, per_check, every
+        self.next_layer = 0  # where the next check starts looking: no layer waits behind busier ones
 
     def observe(self, uses: np.ndarray) -> None:
         """Add one decode step's lookups [layers, experts] (its counts, not running totals)."""
-        self.heat *= self.decay
-        self.heat += uses
+        self.recent += uses
+        self.steps += 1
 
     def swaps(self) -> list[tuple[int, int, int]]:
-        """Up to `per_step` (layer, expert to the GPU, expert to the host) pairs, each significant;
-        `on_gpu` is updated as if they were done."""
+        """Every `every` steps, up to `per_check` (layer, expert to the GPU, expert to the host)
+        pairs, each significant; `on_gpu` is updated as if they were done. Else none."""
+        if self.steps < self.every:
+            return []
+        self.heat *= self.decay**self.steps
+        self.heat += self.recent
+        self.recent[:] = 0
+        self.steps = 0
         hottest = np.max(self.heat, axis=1, where=self.on_host, initial=-np.inf)
         coldest = np.min(self.heat, axis=1, where=self.on_gpu, initial=np.inf)
         with np.errstate(invalid="ignore"):  # layers without experts on one side: inf - inf
@@ -171,12 +182,12 @@ class AdaptivePlacement:
             heat = self.heat[layer]
             ups, downs = np.flatnonzero(self.on_host[layer]), np.flatnonzero(self.on_gpu[layer])
             for up, down in zip(ups[np.argsort(-heat[ups])], downs[np.argsort(heat[downs])]):
-                if len(out) == self.per_step or not self._significant(heat[up], heat[down]):
+                if len(out) == self.per_check or not self._significant(heat[up], heat[down]):
                     break
                 out.append((int(layer), int(up), int(down)))
                 self.on_gpu[layer, up] = self.on_host[layer, down] = True
                 self.on_gpu[layer, down] = self.on_host[layer, up] = False
-            if len(out) == self.per_step:
+            if len(out) == self.per_check:
                 self.next_layer = int(layer) + 1
                 break
         return out

@@ -51,15 +51,21 @@ def test_popular_host_experts_move_to_the_gpu():
     assert swaps < LAYERS * 24  # no churn: the hot set moves in once
 
 
-def test_swaps_per_step_are_capped_and_layers_take_turns():
+def test_swaps_per_check_are_capped_and_layers_take_turns():
     heat = np.zeros((LAYERS, EXPERTS))
     heat[:, ON_GPU : ON_GPU + 8] = 1000.0  # every layer has 8 host experts far hotter than any GPU one
-    placement = AdaptivePlacement(first_placement(), per_step=3)
+    placement = AdaptivePlacement(first_placement(), per_check=3, every=1)
     placement.observe(heat)
-    first, second = placement.swaps(), placement.swaps()
+    first = placement.swaps()
+    placement.observe(np.zeros_like(heat))
+    second = placement.swaps()
     assert len(first) == len(second) == 3
     assert [m[0] for m in first] == [0, 0, 0] and [m[0] for m in second] == [1, 1, 1]
     assert {m[1] for m in first} == {ON_GPU, ON_GPU + 1, ON_GPU + 2}  # hottest first
+    every = AdaptivePlacement(first_placement(), every=4)
+    for step in range(4):
+        every.observe(heat)
+        assert bool(every.swaps()) == (step == 3)  # counts gather between checks
 
 
 def test_slot_map_replace_moves_a_key_into_anothers_slot():
