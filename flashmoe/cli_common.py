@@ -29,7 +29,9 @@ GPU_MEM_OPTION = typer.Option(
     None, "--gpu-mem", help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."
 )
 CACHE_POLICY_OPTION = typer.Option(
-    "mix", "--cache-policy", help="Which experts the caches keep: mix (count x 10 + recency), lru, lfu or static."
+    "mix", "--cache-policy",
+    help="Which experts the caches keep: mix (count x 10 + recency), lru, lfu or static. With --preload, all but "
+    "static move the most used experts onto the GPU as decode runs.",
 )
 DTYPE_OPTION = typer.Option(
     "auto", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32), bfloat16, float16, float32."

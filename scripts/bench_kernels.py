@@ -19,13 +19,12 @@ from flashmoe.layers.int8_linear import Int8Linear
 # The gathered-experts kernels' launch configurations, the first each default: 16-bit records
 # (block_n, block_k, warps), quantized ones as MoeGemv's keyword arguments beside its defaults. At
 # 4 bits, k=10: v2 61.8 us, v3 27.4 (docs/bench/2026-12-02/kernels-gemv-v3-h200.txt), v4 25.7-25.8
-# against v3's 28.1-29.0 in the same runs (docs/bench/2026-12-03/). down_experts=4 with capped
-# registers: docs/EXPERIMENTS.md entry 56.
+# against v3's 28.1-29.0 in the same runs (docs/bench/2026-12-03/); on the H100 31.4 us = 75% of its
+# copy rate (docs/bench/2026-12-06/).
 CONFIGS_16 = [(8, 1024, 2), (4, 1024, 1), (4, 2048, 2)]
-CONFIGS = [{}, dict(down_experts=4), dict(down_experts=4, down_maxnreg=112), dict(down_experts=4, down_maxnreg=104),
-           dict(down_experts=4, down_maxnreg=96), dict(pdl=False), dict(num_warps=1), dict(block_n=8),
-           dict(down_block_n=8), dict(block_n=2), dict(num_warps=4), dict(block_n=8, down_block_n=4)]
-LABELS = dict(block_n="bn", num_warps="w", down_block_n="dbn", down_experts="de", down_maxnreg="r", pdl="pdl")
+CONFIGS = [{}, dict(down_experts=4), dict(pdl=False), dict(num_warps=1), dict(block_n=8), dict(down_block_n=8),
+           dict(block_n=2), dict(num_warps=4), dict(block_n=8, down_block_n=4)]
+LABELS = dict(block_n="bn", num_warps="w", down_block_n="dbn", down_experts="de", pdl="pdl")
 
 
 def main() -> None:

@@ -3,7 +3,11 @@ streams: synthetic ones (uniform, as a random model routes; Zipf-skewed expert p
 temporal locality, a share of each token's experts repeating the previous token's) or, with
 --trace, a recorded trace at its own shape and its locality replayed (runtime/locality.py) at its
 own shape and at the --layers/--experts/--k shape.
-Usage: python scripts/policy_sim.py [--layers 8] [--tokens 400] [--trace trace.npz]"""
+With --placement, resident decode's placement instead (runtime/policy.py AdaptivePlacement, the code
+the GPU tier runs): a static first placement against the adaptive one, by GPU hit rate per 500
+tokens and swaps, under uniform routing and under the trace's replay with each layer's ids shuffled
+(so the first placement is blind to popularity), at --gpu-share of each layer on the GPU.
+Usage: python scripts/policy_sim.py [--layers 8] [--tokens 400] [--trace trace.npz] [--placement]"""
 
 import argparse
 
@@ -11,7 +15,7 @@ import numpy as np
 import torch
 
 from flashmoe.runtime.locality import fit_replay, hit_rate, reuse_profile
-from flashmoe.runtime.policy import POLICIES
+from flashmoe.runtime.policy import POLICIES, AdaptivePlacement
 from flashmoe.runtime.routing_trace import RoutingTrace
 
 SHARES = (0.125, 0.25, 0.5)  # tier capacity as a share of all experts
@@ -42,6 +46,28 @@ def report(name: str, ids: np.ndarray, experts: int) -> None:
         print(f"{name:<28} {share:>8.1%}  " + "  ".join(f"{r:>6.1%}" for r in rates) + f"   reuse w=1,4,16: {reuse}")
 
 
+def placement(name: str, ids: np.ndarray, experts: int, gpu_share: float) -> None:
+    """GPU hit rates of a static placement and of AdaptivePlacement over a stream [T, L, k], the
+    adaptive one swapping as the tier does between decode steps."""
+    T, L, k = ids.shape
+    layer = np.arange(L)[:, None]
+    first = np.zeros((L, experts), dtype=bool)
+    first[:, : int(gpu_share * experts)] = True
+    adaptive = AdaptivePlacement(first)
+    hits = {"static": [], "adaptive": []}
+    swaps = 0
+    for t in range(T):
+        hits["static"].append(first[layer, ids[t]].mean())
+        hits["adaptive"].append(adaptive.on_gpu[layer, ids[t]].mean())
+        uses = np.zeros((L, experts))
+        np.add.at(uses, (np.repeat(np.arange(L), k), ids[t].ravel()), 1)
+        adaptive.observe(uses)
+        swaps += len(adaptive.swaps())
+    for kind, rates in hits.items():
+        windows = " ".join(f"{np.mean(rates[i : i + 500]):.1%}" for i in range(0, T, 500))
+        print(f"{name:<28} {kind:<9} GPU hits per 500 tokens: {windows}" + (f"  swaps {swaps / T:.2f}/token" * (kind == "adaptive")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
@@ -49,7 +75,21 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--trace", help="a routing trace from flashmoe trace")
+    ap.add_argument("--placement", action="store_true", help="resident placement, static against adaptive (needs --trace)")
+    ap.add_argument("--gpu-share", type=float, default=312 / 512, help="--placement: share of each layer on the GPU")
     args = ap.parse_args()
+    if args.placement:
+        if not args.trace:
+            ap.error("--placement replays a trace: give --trace")
+        trace = RoutingTrace.load(args.trace)
+        rng = np.random.default_rng(1)
+        uniform = np.stack([[rng.choice(args.experts, args.k, replace=False) for _ in range(args.layers)]
+                            for _ in range(args.tokens)])
+        placement("uniform", uniform, args.experts, args.gpu_share)
+        replay = fit_replay(trace.ids, trace.num_experts, args.experts, args.k).generate(args.tokens, args.layers)
+        perm = np.stack([rng.permutation(args.experts) for _ in range(args.layers)])  # popularity unknown to the placement
+        placement("replay, ids shuffled", perm[np.arange(args.layers)[None, :, None], replay], args.experts, args.gpu_share)
+        return
     print("stream                       capacity  " + "  ".join(f"{p:>6}" for p in POLICIES))
     if args.trace:
         trace = RoutingTrace.load(args.trace)

@@ -235,12 +235,11 @@ class MoeGemv:
     (`tile_blocks`), and so do the experts per down block unless `down_experts` sets them: 4 at 4
     bits (two per warp) takes down alone from 64-67% to 70-74% of the copy rate, yet the k=10 call
     slows by 0.2-0.4 us (128 registers instead of 80: fewer of down's programs can start during
-    gate_up's last round; docs/EXPERIMENTS.md entry 54), so the default stays one per warp.
-    `down_maxnreg` caps down's registers per thread (Triton's maxnreg), for that hand-over."""
+    gate_up's last round; docs/EXPERIMENTS.md entry 54; capped at 96-112 registers it spills and
+    slows further, entry 56), so the default stays one per warp."""
 
     def __init__(self, layout: RecordLayout, block_n: int | None = None, block_k: int = 1024, num_warps: int = 2,
-                 down_block_n: int | None = None, pdl: bool = True, down_experts: int | None = None,
-                 down_maxnreg: int | None = None):
+                 down_block_n: int | None = None, pdl: bool = True, down_experts: int | None = None):
         self.layout = layout
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
@@ -268,7 +267,6 @@ class MoeGemv:
         self.num_warps = num_warps
         self.pdl = pdl
         self.down_experts = down_experts
-        self.down_registers = {"maxnreg": down_maxnreg} if down_maxnreg else {}
         if self.quantized and any(K % block for K, (block, *_) in zip((H, I), self.tile_blocks(1))):
             raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the warps' K blocks")
 
@@ -349,7 +347,7 @@ class MoeGemv:
         _down_v4_kernel[(T, self.layout.hidden_size // self.down_block_n)](
             *hq, pool.view(torch.int32), pool.view(torch.bfloat16), slots, y if residual is None else residual, y,
             **self._launch_meta(self.down, k, pool), BLOCK_N=self.down_block_n, BLOCK_K=block_k, EXPERTS=experts,
-            HAS_RESIDUAL=residual is not None, num_warps=warps, **self.down_registers,
+            HAS_RESIDUAL=residual is not None, num_warps=warps,
         )
         return y
 

@@ -131,9 +131,6 @@ def test_several_experts_per_warp_in_down(device, bits):
     assert gemv.tile_blocks(5)[1][2] == 4
     y = gemv(x.to(device), pool.to(device), slots.to(device), weights.to(device))
     assert rel_err(y, ref) < tolerance(bits)
-    # capped registers (spilled, on the GPU) change where values live, not the arithmetic
-    capped = MoeGemv(layout, block_n=8, down_experts=4, down_maxnreg=96)
-    assert torch.equal(capped(x.to(device), pool.to(device), slots.to(device), weights.to(device)), y)
 
 
 def test_the_call_is_its_two_steps_from_laid_out_inputs(device):
