@@ -5,6 +5,9 @@ use count (ties by recency), "mix" by count * 10 + last use (in layer steps). Ev
 lowest score among residents. A miss is admitted only if it scores at least as high as the
 victim it would replace (LRU always admits). "static" never replaces a resident: the tier keeps
 what it was first filled with, which is optimal when routing has no locality (a random model).
+
+Resident decode (every expert in the GPU or the host tier, nothing copied on a miss) has no
+admissions to decide; AdaptivePlacement decides instead which experts trade tiers as it runs.
 """
 
 from __future__ import annotations
