@@ -291,7 +291,7 @@ class GpuExpertTier:
         self.table = torch.from_numpy(table).to(self.pool.device)
         if adaptive is None:
             adaptive = self.slots.policy.kind != "static"
-        self.placement = AdaptivePlacement(self._on_gpu) if adaptive else None
+        self.placement = AdaptivePlacement(self._on_gpu) if adaptive else None  # keeps _on_gpu up to date
         self.uses = torch.zeros_like(self.table)
         self._uses_seen = np.zeros_like(table)
         self._queued, self._queued_pending = None, False
@@ -335,7 +335,6 @@ class GpuExpertTier:
             changed += [(layer, to_gpu, gpu), (layer, to_host, host)]
         rows, experts, slots = (np.array(c) for c in zip(*changed))
         self.table_host[rows, experts] = slots
-        self._on_gpu[rows, experts] = (slots >= 0) & (slots < self.capacity)
         where, slots = torch.from_numpy(rows * self.table.shape[1] + experts), torch.from_numpy(slots)
         if self.table.is_cuda:  # from pinned memory: the copies stay asynchronous (no host sync)
             where, slots = (t.pin_memory().to(self.table.device, non_blocking=True) for t in (where, slots))

@@ -150,7 +150,7 @@ class AdaptivePlacement:
 
     def __init__(self, on_gpu: np.ndarray, half_life: float = 1024.0, confidence: float = 4.0, per_check: int = 16,
                  every: int = 4):
-        self.on_gpu = on_gpu.copy()  # [layers, experts] bool; rows of layers without experts are all False
+        self.on_gpu = on_gpu  # [layers, experts] bool, updated in place; rows of layers without experts all False
         self.on_host = ~self.on_gpu
         self.heat = np.zeros(on_gpu.shape)
         self.recent = np.zeros(on_gpu.shape)  # counts observed since the last check
@@ -166,7 +166,7 @@ class AdaptivePlacement:
 
     def swaps(self) -> list[tuple[int, int, int]]:
         """Every `every` steps, up to `per_check` (layer, expert to the GPU, expert to the host)
-        pairs, each significant; `on_gpu` is updated as if they were done. Else none."""
+        pairs, each significant; `on_gpu` (the caller's array) is updated as if they were done."""
         if self.steps < self.every:
             return []
         self.heat *= self.decay**self.steps

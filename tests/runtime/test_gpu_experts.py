@@ -311,7 +311,7 @@ def test_adaptive_placement_swaps_by_use_and_changes_no_result(packed4):
         for e in range(8):
             slot = int(tier.table_host[layer, e])
             on_gpu = 0 <= slot < tier.capacity
-            assert on_gpu == ((layer, e) in tier.slots) == ((layer, e) not in store.slots)
+            assert on_gpu == ((layer, e) in tier.slots) == ((layer, e) not in store.slots) == tier._on_gpu[layer, e]
             held = tier.pool[slot] if on_gpu else store.pool[slot - tier.host_slot0]
             assert held.cpu().numpy().tobytes() == on_disk[e * record : (e + 1) * record]
             assert int(tier.table[layer, e]) == slot
