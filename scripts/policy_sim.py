@@ -53,7 +53,7 @@ def placement(name: str, ids: np.ndarray, experts: int, gpu_share: float) -> Non
     layer = np.arange(L)[:, None]
     first = np.zeros((L, experts), dtype=bool)
     first[:, : int(gpu_share * experts)] = True
-    adaptive = AdaptivePlacement(first)
+    adaptive = AdaptivePlacement(first.copy())  # it updates the mask it is given
     hits = {"static": [], "adaptive": []}
     swaps = 0
     for t in range(T):

@@ -140,18 +140,17 @@ class AdaptivePlacement:
     times their share), so the best placement holds each layer's most used experts on the GPU. The
     device counts every lookup; `observe` collects each decode step's counts, and every `every`
     steps `swaps` folds them into a heat per (layer, expert) that halves every `half_life` steps
-    and names pairs to exchange: a host-resident
-    expert whose heat exceeds a GPU-resident one's by `confidence` standard deviations of the
-    difference (a decayed count's variance is about half its value). Under uniform routing the
-    hottest host expert and the coldest GPU expert of 512 stay within that band, so a random model
-    swaps (almost) nothing; a popular expert crosses it within a few hundred steps. At most
-    `per_check` swaps per check, layers visited in turn: each swap moves two records over PCIe.
-    Checking every few steps keeps the host's cost per decode step to an array addition."""
+    and names pairs to exchange: a host-resident expert whose heat exceeds a GPU-resident one's by
+    `confidence` standard deviations of the difference (a decayed count's variance is about half
+    its value). Under uniform routing the hottest host expert and the coldest GPU expert of 512
+    stay within that band, so a random model swaps (almost) nothing; a popular expert crosses it
+    within a few hundred steps. At most `per_check` swaps per check, layers visited in turn: each
+    swap moves two records over PCIe. Checking every few steps keeps the host's cost per decode
+    step to an array addition."""
 
     def __init__(self, on_gpu: np.ndarray, half_life: float = 1024.0, confidence: float = 4.0, per_check: int = 16,
                  every: int = 4):
         self.on_gpu = on_gpu  # [layers, experts] bool, updated in place; rows of layers without experts all False
-        self.on_host = ~self.on_gpu
         self.heat = np.zeros(on_gpu.shape)
         self.recent = np.zeros(on_gpu.shape)  # counts observed since the last check
         self.steps = 0  # ... over this many steps
@@ -173,7 +172,8 @@ class AdaptivePlacement:
         self.heat += self.recent
         self.recent[:] = 0
         self.steps = 0
-        hottest = np.max(self.heat, axis=1, where=self.on_host, initial=-np.inf)
+        on_host = ~self.on_gpu  # stale for a layer only after its swaps, when it is not visited again
+        hottest = np.max(self.heat, axis=1, where=on_host, initial=-np.inf)
         coldest = np.min(self.heat, axis=1, where=self.on_gpu, initial=np.inf)
         with np.errstate(invalid="ignore"):  # layers without experts on one side: inf - inf
             due = np.flatnonzero(self._significant(hottest, coldest))
@@ -183,13 +183,12 @@ class AdaptivePlacement:
         out: list[tuple[int, int, int]] = []
         for layer in due:
             heat = self.heat[layer]
-            ups, downs = np.flatnonzero(self.on_host[layer]), np.flatnonzero(self.on_gpu[layer])
+            ups, downs = np.flatnonzero(on_host[layer]), np.flatnonzero(self.on_gpu[layer])
             for up, down in zip(ups[np.argsort(-heat[ups])], downs[np.argsort(heat[downs])]):
                 if len(out) == self.per_check or not self._significant(heat[up], heat[down]):
                     break
                 out.append((int(layer), int(up), int(down)))
-                self.on_gpu[layer, up] = self.on_host[layer, down] = True
-                self.on_gpu[layer, down] = self.on_host[layer, up] = False
+                self.on_gpu[layer, up], self.on_gpu[layer, down] = True, False
             if len(out) == self.per_check:
                 self.next_layer = int(layer) + 1
                 break
