@@ -136,7 +136,7 @@ class ChatSession:
         self.grammar = None
         if self.specs:  # a call the model opens is always well-formed, as in the server (its "auto" mode)
             self.grammars = Grammars(engine.tokenizer, (Path(engine.dir) / "tokenizer.json").read_text(encoding="utf-8"),
-                                     engine.config.vocab_size, engine.stop_ids)
+                                     engine.args.vocab_size, engine.stop_ids)
             self.grammar = self.grammars.tool_calls(self.specs, "auto", reasoning=think)
             self.grammars.processor(self.grammar)  # a tool schema it cannot compile fails here, not mid-chat
 

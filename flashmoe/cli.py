@@ -100,7 +100,7 @@ def print_summary(engine, stats) -> None:
     )
     if not stats.decode_tokens:
         return
-    n, layers = stats.decode_tokens, engine.config.num_hidden_layers
+    n, layers = stats.decode_tokens, engine.args.num_hidden_layers
     s = stats.decode_sections
     in_layers = sum(s.get(key, 0.0) for key, _ in LAYER_SECTIONS)
     parts = [f"{label} {s[key] * 1e3 / (n * layers):.3f}" for key, label in LAYER_SECTIONS if key in s]
@@ -206,8 +206,8 @@ def trace(
     dtype: str = DTYPE_OPTION,
 ):
     """Record which experts each token of a text uses at every MoE layer (teacher-forced), for bench --trace."""
-    from .runtime.locality import WINDOWS, load_entropy, reuse_profile, sorted_shares
-    from .runtime.routing_trace import record
+    from .analysis.locality import WINDOWS, load_entropy, reuse_profile, sorted_shares
+    from .analysis.routing_trace import record
 
     try:
         if not data.is_file():

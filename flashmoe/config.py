@@ -1,153 +1,90 @@
-"""The one typed model configuration, read from a Hugging Face `config.json`.
-
-Supported: `qwen3_5_moe` (the composite VLM config; the text model sits under `text_config`),
-`qwen3_5_moe_text` and `qwen3_next`. Both families share one set of fields; Qwen3-Next adds
-dense-MLP layers (`mlp_only_layers`, `decoder_sparse_step`) and an optional top-k renormalisation.
-"""
+"""EngineConfig: every option of a loaded model's engine and the rules between them, checked in one
+place. The CLI, chat, server and eval build it from one option set (cli_common.engine_options);
+the Engine takes it whole. What depends on the model (k within its experts, a budget that holds a
+token's experts) is checked when the model loads."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, replace
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")
+import torch
 
-
-class UnsupportedModelError(ValueError):
-    pass
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CACHE_POLICIES = ("mix", "lru", "lfu", "static")
 
 
-@dataclass(slots=True)
-class ModelConfig:
-    model_type: str  # "qwen3_5_moe" or "qwen3_next": the family, after unwrapping the VLM config
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    layer_types: list[str]
-    rms_norm_eps: float
-    rope_theta: float
-    partial_rotary_factor: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    linear_conv_kernel_dim: int
-    linear_key_head_dim: int
-    linear_value_head_dim: int
-    linear_num_key_heads: int
-    linear_num_value_heads: int
-    num_experts: int
-    num_experts_per_tok: int
-    moe_intermediate_size: int
-    shared_expert_intermediate_size: int
-    norm_topk_prob: bool = True
-    intermediate_size: int = 0  # dense MLP layers (Qwen3-Next only)
-    mlp_only_layers: list[int] = field(default_factory=list)
-    decoder_sparse_step: int = 1
-    eos_token_ids: list[int] = field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "auto"  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32
+    host_mem: int | None = None  # bytes of RAM for the expert cache; None: half the free RAM
+    gpu_mem: int | None = None  # bytes of GPU memory for cached experts; None: what is free minus a margin
+    k: int | None = None  # routed experts per token; None: the model's own
+    cache_policy: str = "mix"
+    dense_bits: int = 16  # 16, or 8: the large dense projections as int8 (layers/int8_linear.py)
+    prefetch: bool = False  # GPU: guess each layer's experts one layer ahead and copy them early
+    cpu_experts: int = 0  # GPU: up to this many of a layer's host-resident experts computed on the CPU
+    preload: bool = False  # GPU: every expert in GPU or host memory, read where it lies
+    verify: bool = True  # CRC32 of each expert record on its first read
+    profile: bool = False  # GPU: synchronize at every timed section (exact breakdown, slower)
+    # CPU compute threads; None: the cores other processes leave free (runtime/threads.py). PyTorch's
+    # sums round differently with another count: fix it for results reproducible to the last bit.
+    threads: int | None = None
+    io_threads: int = 8
+    prefill_chunk: int = 2048
+    direct_io: bool = False  # read expert records with O_DIRECT, past the page cache
+    cuda_graphs: bool = True
+    # The GPU path's logic (GPU tier, Triton kernels) on a CPU device, for tests: the kernels run in
+    # Triton's interpreter. A GPU device takes that path anyway.
+    gpu_path_on_cpu: bool = False
 
     def __post_init__(self) -> None:
-        if len(self.layer_types) != self.num_hidden_layers:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be cpu or cuda, not {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"--cache-policy must be one of {', '.join(CACHE_POLICIES)}, not {self.cache_policy!r}")
+        if self.dense_bits not in (16, 8):
+            raise ValueError(f"--dense-bits must be 16 or 8, got {self.dense_bits}")
+        for flag, value in (("--host-mem", self.host_mem), ("--gpu-mem", self.gpu_mem)):
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} must be a size of at least 0, got {value}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"--k must be at least 1 (the experts each token is routed to), got {self.k}")
+        if self.cpu_experts < 0:
+            raise ValueError(f"--cpu-experts must be >= 0, got {self.cpu_experts}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.io_threads < 1 or self.prefill_chunk < 1:
+            raise ValueError("io_threads and prefill_chunk must be at least 1")
+        gpu_only = [flag for flag, on in (("--prefetch", self.prefetch), ("--cpu-experts", self.cpu_experts),
+                                          ("--preload", self.preload), ("--gpu-mem", self.gpu_mem is not None)) if on]
+        if not self.gpu_path and gpu_only:
             raise ValueError(
-                f"config.json: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+                f"{gpu_only[0]} is for the GPU path (--device cuda): it arranges host-to-GPU traffic. On the CPU every "
+                "expert is computed from RAM already (with numba installed, straight from the packed records); drop it"
             )
-        bad = sorted(set(self.layer_types) - {"linear_attention", "full_attention"})
-        if bad:
-            raise ValueError(f"config.json: unknown layer types {bad}; expected linear_attention / full_attention")
-        if self.linear_num_value_heads % self.linear_num_key_heads:
-            raise ValueError("config.json: linear_num_value_heads must be a multiple of linear_num_key_heads")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
+        if self.prefetch and self.preload:
+            raise ValueError("--prefetch and --preload exclude each other: preloaded experts are read in place, never copied")
 
     @property
-    def rotary_dim(self) -> int:
-        return int(self.head_dim * self.partial_rotary_factor)
-
-    def is_moe_layer(self, layer: int) -> bool:
-        if self.num_experts == 0 or layer in self.mlp_only_layers:
-            return False
-        return (layer + 1) % self.decoder_sparse_step == 0
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
     @property
-    def moe_layers(self) -> list[int]:
-        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+    def gpu_path(self) -> bool:
+        """Whether routed experts go through the GPU tier and the Triton kernels."""
+        return self.on_gpu or self.gpu_path_on_cpu
 
-    @classmethod
-    def from_dict(cls, raw: dict, generation_config: dict | None = None) -> "ModelConfig":
-        model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; flashmoe runs {', '.join(SUPPORTED_MODEL_TYPES)} "
-                "(Qwen3.5-MoE and Qwen3-Next checkpoints)"
-            )
-        text = raw
-        if model_type == "qwen3_5_moe":
-            text = dict(raw.get("text_config") or {})
-            # The composite config may carry tie_word_embeddings at the top level only.
-            text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
-        family = "qwen3_next" if model_type == "qwen3_next" else "qwen3_5_moe"
-        try:
-            return cls._from_text_config(family, text, generation_config or {})
-        except KeyError as e:
-            raise ValueError(f"config.json is missing the key {e.args[0]!r} that a {model_type} model needs") from None
+    def torch_dtype(self, native_bf16: bool) -> torch.dtype:
+        """The compute dtype: the named one, or for auto bfloat16 where it is native (GPUs; CPUs
+        with `native_bf16`), else float32."""
+        chosen = DTYPES[self.dtype]
+        if chosen is not None:
+            return chosen
+        return torch.bfloat16 if self.on_gpu or native_bf16 else torch.float32
 
-    @classmethod
-    def _from_text_config(cls, family: str, c: dict, generation_config: dict) -> "ModelConfig":
-        n_layers = c["num_hidden_layers"]
-        layer_types = c.get("layer_types")
-        if layer_types is None:
-            interval = c.get("full_attention_interval", 4)
-            layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
-        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (only 'default' RoPE)")
-        if c.get("attention_bias", False):
-            raise UnsupportedModelError("attention_bias=true is not supported by the Qwen3.5/Qwen3-Next models")
-        if c.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"hidden_act {c['hidden_act']!r} is not supported (only silu)")
-        eos = generation_config.get("eos_token_id", c.get("eos_token_id"))
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        hidden, heads = c["hidden_size"], c["num_attention_heads"]
-        return cls(
-            model_type=family,
-            vocab_size=c["vocab_size"],
-            hidden_size=hidden,
-            num_hidden_layers=n_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=c["num_key_value_heads"],
-            head_dim=c.get("head_dim") or hidden // heads,
-            layer_types=list(layer_types),
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-            partial_rotary_factor=rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.25)),
-            max_position_embeddings=c.get("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            linear_conv_kernel_dim=c.get("linear_conv_kernel_dim", 4),
-            linear_key_head_dim=c.get("linear_key_head_dim", 128),
-            linear_value_head_dim=c.get("linear_value_head_dim", 128),
-            linear_num_key_heads=c.get("linear_num_key_heads", 16),
-            linear_num_value_heads=c.get("linear_num_value_heads", 32),
-            num_experts=c["num_experts"],
-            num_experts_per_tok=c["num_experts_per_tok"],
-            moe_intermediate_size=c["moe_intermediate_size"],
-            shared_expert_intermediate_size=c["shared_expert_intermediate_size"],
-            norm_topk_prob=bool(c.get("norm_topk_prob", True)),
-            intermediate_size=c.get("intermediate_size", 0) if family == "qwen3_next" else 0,
-            mlp_only_layers=list(c.get("mlp_only_layers") or []) if family == "qwen3_next" else [],
-            decoder_sparse_step=c.get("decoder_sparse_step", 1) if family == "qwen3_next" else 1,
-            eos_token_ids=eos_ids,
-        )
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file} not found: point at a Hugging Face model directory with a config.json")
-        raw = json.loads(cfg_file.read_text())
-        gen_file = path / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.exists() else None
-        return cls.from_dict(raw, gen)
+    def but(self, **changes) -> "EngineConfig":
+        """A copy with some options changed (and checked again)."""
+        return replace(self, **changes)

@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from . import quant
-from .config import ModelConfig
 from .formats.packed import DENSE_FILE, ExpertFile, Manifest, RecordLayout
 from .formats.safetensors import Checkpoint, SafetensorsWriter
-from .models import family
+from .models import ModelArgs, names, read_args, sanitize
+from .models.transformer import Model
+from .moe.block import FP32_TENSORS
 
 COPIED_FILES = (
     "config.json",
@@ -74,10 +75,10 @@ def convert(
     console = console or Console(stderr=True)
     if bits not in (16, *quant.QUANT_BITS):
         raise ConversionError(f"--bits must be 16, 8, 4 or 2, not {bits}")
-    cfg = ModelConfig.from_dir(src)
+    cfg = read_args(src)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists; choose another output directory or pass --force to replace it")
-    layout = RecordLayout.build(cfg.hidden_size, cfg.moe_intermediate_size, bits, group_size)
+    layout = RecordLayout.build(cfg.hidden_size, cfg.moe.intermediate, bits, group_size)
     started = time.perf_counter()
     with Checkpoint(src) as ckpt:
         plan = _plan(cfg, ckpt)
@@ -117,14 +118,14 @@ def convert(
     return report
 
 
-def _plan(cfg: ModelConfig, ckpt: Checkpoint) -> _Plan:
-    fam = family(cfg.model_type)
+def _plan(cfg: ModelArgs, ckpt: Checkpoint) -> _Plan:
+    naming = names(cfg)
     dense, experts, total = [], defaultdict(lambda: {"fused": {}, "split": {}}), 0
     for name in ckpt.names():
-        canon = fam.canonical_name(name)
+        canon = naming.canonical(name, cfg.num_hidden_layers)
         if canon is None:
             continue
-        parsed = fam.parse_expert_name(canon)
+        parsed = naming.expert(canon)
         if canon == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints store the head anyway; the embedding is the head
         total += ckpt.info(name).nbytes
@@ -141,23 +142,22 @@ def _plan(cfg: ModelConfig, ckpt: Checkpoint) -> _Plan:
     return _Plan(dense, dict(experts), total)
 
 
-def _sanitized_meta(cfg: ModelConfig, ckpt: Checkpoint, names: list[str]) -> list[tuple[str, torch.dtype, tuple]]:
+def _sanitized_meta(cfg: ModelArgs, ckpt: Checkpoint, dense: list[str]) -> list[tuple[str, torch.dtype, tuple]]:
     """The dense tensors the packed file will hold, computed on shapes alone (meta tensors)."""
-    fam = family(cfg.model_type)
-    out = []
-    for name in names:
+    naming, out = names(cfg), []
+    for name in dense:
         info = ckpt.info(name)
         meta = torch.empty(info.shape, dtype=info.dtype, device="meta")
-        for new_name, t in fam.sanitize(cfg, fam.canonical_name(name), meta):
+        for new_name, t in sanitize(cfg, naming.canonical(name, cfg.num_hidden_layers), meta):
             out.append((new_name, t.dtype, tuple(t.shape)))
     return out
 
 
-def _check_dense(cfg: ModelConfig, ckpt: Checkpoint, names: list[str]) -> None:
+def _check_dense(cfg: ModelArgs, ckpt: Checkpoint, dense: list[str]) -> None:
     with torch.device("meta"):
-        model = family(cfg.model_type).Model(cfg)
+        model = Model(cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {name: shape for name, _, shape in _sanitized_meta(cfg, ckpt, names)}
+    have = {name: shape for name, _, shape in _sanitized_meta(cfg, ckpt, dense)}
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or unexpected:
         parts = []
@@ -174,8 +174,8 @@ def _check_dense(cfg: ModelConfig, ckpt: Checkpoint, names: list[str]) -> None:
             raise ConversionError(f"tensor {name} has shape {list(shape)}; config.json implies {list(want[name])}")
 
 
-def _check_experts(cfg: ModelConfig, ckpt: Checkpoint, experts: dict) -> None:
-    E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict) -> None:
+    E, I, H = cfg.moe.num_experts, cfg.moe.intermediate, cfg.hidden_size
     if sorted(experts) != cfg.moe_layers:
         raise ConversionError(f"expert tensors found for layers {sorted(experts)}; config.json expects {cfg.moe_layers}")
     split_shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
@@ -198,21 +198,25 @@ def _check_experts(cfg: ModelConfig, ckpt: Checkpoint, experts: dict) -> None:
                 raise ConversionError(f"{name} has shape {list(ckpt.info(name).shape)}, expected {list(split_shapes[proj])}")
 
 
-def _dense_dtype(ckpt: Checkpoint, names: list[str]) -> torch.dtype:
+def _dense_dtype(ckpt: Checkpoint, dense: list[str]) -> torch.dtype:
     """Dense weights stay 16-bit: the checkpoint's own 16-bit type, bfloat16 for wider sources."""
-    dtypes = {ckpt.info(n).dtype for n in names if ckpt.info(n).dtype.is_floating_point}
+    dtypes = {ckpt.info(n).dtype for n in dense if ckpt.info(n).dtype.is_floating_point}
     return torch.float16 if dtypes == {torch.float16} else torch.bfloat16
 
 
+def _stored_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dense file's dtype of a tensor: 16-bit, but for those the layers keep in fp32 (moe/block.py)."""
+    return torch.float32 if name.rpartition(".")[2] in FP32_TENSORS else dtype
+
+
 def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advance) -> str:
-    fam = family(cfg.model_type)
-    dtype = _dense_dtype(ckpt, plan.dense)
-    entries = [(n, dtype, s) for n, _, s in _sanitized_meta(cfg, ckpt, plan.dense)]
+    naming, dtype = names(cfg), _dense_dtype(ckpt, plan.dense)
+    entries = [(n, _stored_dtype(n, dtype), s) for n, _, s in _sanitized_meta(cfg, ckpt, plan.dense)]
     writer = SafetensorsWriter(out_dir / DENSE_FILE, entries, {"format": "pt"})
     for name in plan.dense:
         source = ckpt.read(name)
-        for new_name, t in fam.sanitize(cfg, fam.canonical_name(name), source):
-            stored = t.to(dtype)
+        for new_name, t in sanitize(cfg, naming.canonical(name, cfg.num_hidden_layers), source):
+            stored = t.to(_stored_dtype(new_name, dtype))
             sums = report.error_sums["dense"]
             sums[0] += float((t.double() - stored.double()).pow(2).sum())
             sums[1] += float(t.double().pow(2).sum())
@@ -260,7 +264,7 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
         rel = f"experts/layer_{layer:03d}.bin"
         crcs = []
         with open(out_dir / rel, "wb") as f:
-            for expert in range(cfg.num_experts):
+            for expert in range(cfg.moe.num_experts):
                 gate_up, down, nbytes = _read_expert(ckpt, plan.experts[layer], expert)
                 record = _encode_expert(layout, {"gate_up_proj": gate_up, "down_proj": down}, report)
                 data = record.numpy()
@@ -268,7 +272,7 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
                 f.write(data.data)
                 report.expert_bytes += layout.record_size
                 advance(nbytes)
-        files.append(ExpertFile(layer, rel, cfg.num_experts, tuple(crcs)))
+        files.append(ExpertFile(layer, rel, cfg.moe.num_experts, tuple(crcs)))
     return files
 
 

@@ -1,158 +1,108 @@
-"""The Engine: one loaded model (dense weights resident, experts behind the store) and the generate
-loop. The CLI, chat REPL and server are thin layers over `Engine.generate`."""
+"""The Engine: one loaded model, configured by one EngineConfig. Dense weights resident on the
+device, experts behind the store (and on the GPU path the GPU tier); `forward` runs ids through the
+model, `generate` (flashmoe/generation.py) the sampling loop. The CLI, chat, server and eval are
+thin layers over it."""
 
 from __future__ import annotations
 
-import time
+import itertools
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from .config import ModelConfig
+from .config import EngineConfig
 from .formats.packed import Manifest
 from .formats.safetensors import SafetensorsFile
+from .generation import ContextLengthError, Generation, LogitsProcessor
 from .layers.int8_linear import use_int8_linears
-from .layers.moe import SparseMoE
-from .models import family
+from .layers.state import SequenceState
+from .models import read_args
+from .models.context import StepContext
+from .models.transformer import Model
+from .moe.block import FP32_TENSORS, MoEBlock, RoutedExperts
 from .quant import quantize_int8_rows
-from .runtime.expert_store import BudgetError, ExpertStore, StoreStats
-from .runtime.experts import StreamedExperts
-from .runtime.sampling import Sampler, SamplingParams
-from .runtime.state import SequenceState
+from .experts.streamed import StreamedExperts
+from .experts.store import BudgetError, ExpertStore, StoreStats
+from .runtime.sampling import SamplingParams
 from .runtime.stats import GpuTierStats, Timer
+from .runtime.threads import ThreadBudget
 from .tokenizer import Tokenizer
-from .utils import available_memory_bytes, cpu_has_native_bf16, format_bytes, peak_rss_bytes
+from .utils import available_memory_bytes, cpu_has_native_bf16, format_bytes
 
-
-LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
-
-
-class ContextLengthError(ValueError):
-    pass
+__all__ = ["ContextLengthError", "Engine", "EngineConfig", "GpuMemoryError"]
 
 
 class GpuMemoryError(RuntimeError):
     """The GPU ran out of memory; the message names the budget to lower."""
 
 
-@dataclass(slots=True)
-class Step:
-    """One generated token: its id, the text it completes (may be empty while a character or a
-    possible stop string is still incomplete), and why generation ended, if it did."""
-
-    token: int
-    text: str
-    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_tokens: int = 0
-    decode_seconds: float = 0.0
-    decode_sections: dict[str, float] = field(default_factory=dict)  # seconds per section, summed over decode
-    prefill_cache: StoreStats = field(default_factory=StoreStats)  # expert-store counters during prefill
-    cache: StoreStats = field(default_factory=StoreStats)  # ... and during decode
-    gpu_cache: GpuTierStats = field(default_factory=GpuTierStats)  # GPU tier counters during decode (GPU path)
-    peak_rss: int = 0
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
-
-
 class Engine:
-    def __init__(
-        self,
-        model_dir: str | Path,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        host_mem: int | None = None,
-        top_k: int | None = None,
-        io_threads: int = 8,
-        verify: bool = True,
-        prefill_chunk: int = 2048,
-        gpu_mem: int | None = None,
-        cache_policy: str = "mix",
-        profile: bool = False,
-        direct_io: bool = False,
-        cuda_graphs: bool = True,
-        dense_bits: int = 16,
-        prefetch: bool = False,
-        cpu_experts: int = 0,
-        preload: bool = False,
-    ):
-        """Load a packed model: dense weights resident on `device`, experts behind the caches.
-
-        host_mem: bytes of RAM for the expert cache (default: half the free RAM).
-        gpu_mem: bytes of GPU memory for cached experts (cuda; default: what is free after the
-        dense weights, minus a margin for states and activations).
-        cache_policy: lru, lfu, mix or static (runtime/policy.py), for both tiers.
-        profile: synchronize the device at every timed section, so the per-section split is true
-        on a GPU (at some cost in speed); on the CPU timings are always true.
-        direct_io: read expert records with O_DIRECT, bypassing the OS page cache.
-        cuda_graphs: replay each layer's dense part from a CUDA graph during decode (cuda).
-        dense_bits: 16, or 8 to keep the large dense projections and lm_head as int8 (quantized
-        here from the 16-bit dense file; layers/int8_linear.py says which).
-        prefetch: during decode, guess each MoE layer's experts one layer ahead and start copying
-        them early (GPU path; runtime/gpu_experts.py). Changes timing only, never results.
-        cpu_experts: during decode, compute up to this many of each layer's experts that sit in the
-        host tier on the CPU while the GPU copies (or, preloaded, reads) the others (GPU path; needs
-        numba; set_cpu_experts).
-        preload: read every expert into the GPU tier or the host tier now (they must hold them all),
-        then read each where it lies: no copies and no host sync per layer (GPU path; `preload`)."""
-        self.dir = Path(model_dir)
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
+        """Load a packed model: dense weights resident on the config's device, experts behind the
+        caches (docs/FORMAT.md; flashmoe/config.py says what each option does)."""
+        config = config or EngineConfig()
+        self.dir, self.config = Path(model_dir), config
         self.manifest = Manifest.load(self.dir)
-        self.config = cfg = ModelConfig.from_dir(self.dir)
+        self.args = read_args(self.dir)
         self.tokenizer = Tokenizer.from_dir(self.dir)
-        self.device = torch.device(device)
+        self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
-        if dtype is None:
-            native_bf16 = self.device.type == "cuda" or cpu_has_native_bf16()
-            dtype = torch.bfloat16 if native_bf16 else torch.float32
-        self.dtype = dtype
-        if dense_bits not in (16, 8):
-            raise ValueError(f"--dense-bits must be 16 or 8, got {dense_bits}")
-        self.dense_bits = dense_bits
-        self.top_k = top_k or cfg.num_experts_per_tok
-        if not 1 <= self.top_k <= cfg.num_experts:
-            raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")
-        self.prefill_chunk = prefill_chunk
-        self.prefetch = prefetch
-        self.cpu_experts = cpu_experts
-        self._host_compute = None
-        on_gpu = self.device.type == "cuda"
-        self.cuda_graphs = cuda_graphs and on_gpu
-        self.timer = Timer(sync=torch.cuda.synchronize if on_gpu and profile else None)
+        self.dtype = config.torch_dtype(cpu_has_native_bf16())
+        moe = self.args.moe
+        self.top_k = config.k or moe.top_k
+        if not 1 <= self.top_k <= moe.num_experts:
+            raise ValueError(f"--k must be between 1 and {moe.num_experts} (the model has {moe.num_experts} experts)")
+        self.cuda_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.timer = Timer(sync=torch.cuda.synchronize if self.device.type == "cuda" and config.profile else None)
         self.model = self._load_dense()
-        budget = host_mem if host_mem is not None else min(self.manifest.total_expert_bytes, available_memory_bytes() // 2)
-        self.store = ExpertStore(
-            self.dir, self.manifest, budget, self.top_k, io_threads, verify, on_gpu, direct_io, cache_policy
-        )
+        self.moe_layers = self.args.moe_layers
+        budget = config.host_mem if config.host_mem is not None else min(
+            self.manifest.total_expert_bytes, available_memory_bytes() // 2)
+        self.store = ExpertStore(self.dir, self.manifest, budget, self.top_k, config.io_threads, config.verify,
+                                 self.device.type == "cuda", config.direct_io, config.cache_policy)
         self.gpu_tier = None
-        # CPU path: decode tokens' experts through the kernel, on PyTorch's cores. GPU path: built by set_cpu_experts.
-        self.cpu_kernel = None if on_gpu else self._cpu_kernel(torch.get_num_threads())
-        for i, layer in enumerate(self.model.layers):
-            if isinstance(layer.mlp, SparseMoE):
-                layer.mlp.top_k = self.top_k
-                layer.mlp.experts = StreamedExperts(self.store, i, self.timer, self.cpu_kernel)
-        if on_gpu:
-            self.use_gpu_experts(gpu_mem, cache_policy)
-            if preload:
+        self.cpu_experts, self._host_compute = config.cpu_experts, None
+        self.guesses: dict[int, Callable] = {}  # prefetch: layer -> the next MoE layer's guessed ids
+        # CPU path: decode tokens' experts through the numba kernel, on the cores other processes leave.
+        self.cpu_kernel = None if config.gpu_path else self._cpu_kernel()
+        self.threads = None if config.gpu_path else ThreadBudget(self._set_threads, config.threads)
+        self.experts: list[RoutedExperts | None] = [None] * self.args.num_hidden_layers
+        for i in self.moe_layers:
+            self.experts[i] = StreamedExperts(self.store, i, self.timer, self.cpu_kernel)
+        self.set_top_k(self.top_k)
+        if config.gpu_path:
+            self.use_gpu_experts(config.gpu_mem, config.cache_policy)
+            if config.preload:
                 self.preload()
-        self.stop_ids = set(cfg.eos_token_ids) | {
+        self.stop_ids = set(self.args.eos_token_ids) | {
             i for t in ("<|im_end|>", "<|endoftext|>") if (i := self.tokenizer.token_to_id(t)) is not None
         }
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _load_dense(self) -> Model:
+        with torch.device("meta"):
+            model = Model(self.args)
+        int8 = set(use_int8_linears(model)) if self.config.dense_bits == 8 else set()
+        weights = {}
+        with SafetensorsFile(self.dir / self.manifest.dense_file) as f:
+            for name in f.tensors:
+                module, _, kind = name.rpartition(".")
+                if module in int8 and kind == "weight":  # quantized from the stored 16-bit values, on the device
+                    weights[name], weights[f"{module}.scale"] = quantize_int8_rows(f.read(name).to(self.device))
+                else:
+                    dtype = torch.float32 if kind in FP32_TENSORS else self.dtype
+                    weights[name] = f.read(name).to(self.device, dtype)
+        model.load_state_dict(weights, strict=True, assign=True)
+        del weights  # the model's references are the only ones now: fusing frees each weight it copies
+        model.fuse_projections()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the copies fusing freed: the GPU tier is sized by what the driver reports free
+        return model.eval()
 
     def _cpu_kernel(self, threads: int | None = None, required: bool = False):
         """The numba kernel that computes routed experts from their packed records on the CPU
@@ -172,25 +122,34 @@ class Engine:
         kernel.warmup()
         return kernel
 
+    def _set_threads(self, n: int) -> None:
+        """Compute on the CPU with n threads: PyTorch's pool and the expert kernel's."""
+        torch.set_num_threads(n)
+        if self.cpu_kernel is not None:
+            self.cpu_kernel.threads = n
+
+    # -- routing ---------------------------------------------------------------------------------
     def set_top_k(self, k: int) -> None:
         """Route each token to k experts from now on (at most the k the engine was loaded with)."""
         if not 1 <= k <= self.store.batch:
             raise ValueError(f"k must be between 1 and {self.store.batch}")
         self.top_k = k
         for layer in self.model.layers:
-            if isinstance(layer.mlp, SparseMoE):
+            if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.top_k = k
 
+    # -- the GPU path ----------------------------------------------------------------------------
     def use_gpu_experts(self, gpu_mem: int | None, policy: str = "mix") -> None:
         """Route the experts through a tier of GPU slots and the Triton kernels (Triton is only
         imported here: the CPU path needs none of it)."""
         from .kernels.moe_gemv import MoeGemv
         from .kernels.moe_grouped import MoeGrouped
-        from .runtime.gpu_experts import DECODE_MAX_TOKENS, GpuExpertTier, GpuRoutedExperts
+        from .experts.gpu_routed import DECODE_MAX_TOKENS, GpuRoutedExperts
+        from .experts.tier import GpuExpertTier
 
-        layout, cfg = self.manifest.layout, self.config
-        staging = min(cfg.num_experts, DECODE_MAX_TOKENS * self.top_k)
-        prefetch = self.top_k if self.prefetch else 0  # slots per region (two regions)
+        layout = self.manifest.layout
+        staging = min(self.args.moe.num_experts, DECODE_MAX_TOKENS * self.top_k)
+        prefetch = self.top_k if self.config.prefetch else 0  # slots per region (two regions)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
         else:  # the GPU path's logic on the CPU, for tests (kernels in Triton's interpreter)
@@ -214,26 +173,24 @@ class Engine:
                 f"({format_bytes(slots * layout.record_size)}): lower --gpu-mem"
             ) from None
         gemv, grouped = MoeGemv(layout), MoeGrouped(layout)
-        moe = self._moe_layers()
+        moe = self.moe_layers
         for i, nxt in zip(moe, moe[1:] + [None]):
-            self.model.layers[i].mlp.experts = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, grouped, self.timer, nxt)
-        self.set_prefetch(self.prefetch)
-        self.set_cpu_experts(self.cpu_experts)
+            self.experts[i] = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, grouped, self.timer, nxt)
+        self.set_prefetch(self.config.prefetch)
+        self.set_cpu_experts(self.config.cpu_experts)
 
     def set_prefetch(self, on: bool) -> None:
         """Guess each MoE layer's experts one layer ahead during decode (or stop). The guess runs in
         the previous MoE layer's dense part (captured in its CUDA graph), so one host sync per layer
-        still reads the routing; needs the GPU path loaded with prefetch=True (its prefetch slots)."""
-        from .runtime.gpu_experts import NextLayerGuess
+        still reads the routing; needs the GPU path loaded with prefetch (its prefetch slots)."""
+        from .experts.gpu_routed import NextLayerGuess
 
         if on and not (self.gpu_tier is not None and self.gpu_tier.prefetch_slots):
             raise ValueError("prefetch needs the GPU expert path, loaded with prefetch=True")
         if on and self.resident:
             raise ValueError("--prefetch and --preload exclude each other: preloaded experts are read in place, never copied")
-        moe = self._moe_layers()
-        for i, nxt in zip(moe, moe[1:] + [None]):
-            layers = self.model.layers
-            layers[i].predict_next = NextLayerGuess(layers[nxt]) if on and nxt is not None else None
+        moe = self.moe_layers
+        self.guesses = {i: NextLayerGuess(self.model.layers[nxt]) for i, nxt in zip(moe, moe[1:])} if on else {}
 
     def set_cpu_experts(self, per_layer: int) -> None:
         """Compute up to `per_layer` host-resident experts of each decode layer on the CPU (0: none):
@@ -249,7 +206,7 @@ class Engine:
 
     def _attach_cpu_share(self) -> None:
         """Give the GPU tier the CPU's share that --cpu-experts and the placement call for."""
-        from .runtime.gpu_experts import HostCompute, ResidentCpuShare
+        from .experts.cpu_share import HostCompute, ResidentCpuShare
 
         tier, n = self.gpu_tier, self.cpu_experts
         if tier is None:
@@ -267,19 +224,16 @@ class Engine:
             self._host_compute.per_layer = n
             tier.host_compute = self._host_compute
 
-    def _moe_layers(self) -> list[int]:
-        return [i for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoE)]
-
     @property
     def resident(self) -> bool:
         """Whether every expert is read where it lies in the GPU or host tier (preload)."""
-        return self.gpu_tier is not None and self.gpu_tier.table is not None
+        return self.gpu_tier is not None and self.gpu_tier.resident is not None
 
     def place_experts(self, gpu_per_layer: int, host_per_layer: int, progress: Callable[[int], None] | None = None) -> None:
         """Read experts [0, g) of each MoE layer into GPU slots and [g, g + h) into the host tier
         (`progress(bytes)` after each batch of reads). Experts an earlier placement left in the
         other tier (adaptive placement moves them) trade places first, without reading the disk."""
-        E, rs, batch = self.config.num_experts, self.manifest.layout.record_size, self.store.batch
+        E, rs, batch = self.args.moe.num_experts, self.manifest.layout.record_size, self.store.batch
         tier, misplaced = self.gpu_tier, defaultdict(list)
         for layer, e in list(tier.slots.slot_of):
             if e >= gpu_per_layer:
@@ -290,14 +244,14 @@ class Engine:
                 tier.swap(self.store, layer, up, down)
         if misplaced and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the CPU reads host records unordered with the stream's copies
-        for layer in self._moe_layers():
+        for layer in self.moe_layers:
             host = list(range(gpu_per_layer, min(E, gpu_per_layer + host_per_layer)))
             for start in range(0, len(host), batch):
                 for _ in self.store.load(layer, host[start : start + batch]):
                     pass
                 if progress:
                     progress(len(host[start : start + batch]) * rs)
-        for layer in self._moe_layers():
+        for layer in self.moe_layers:
             experts = list(range(min(E, gpu_per_layer)))
             self.gpu_tier.preload(layer, experts, self.store)
             if progress:
@@ -310,7 +264,7 @@ class Engine:
         where it lies (set_resident). Raises if the two tiers cannot hold the model."""
         if self.gpu_tier is None:
             raise ValueError("--preload needs the GPU expert path (--device cuda)")
-        moe, E, rs = self._moe_layers(), self.config.num_experts, self.manifest.layout.record_size
+        moe, E, rs = self.moe_layers, self.args.moe.num_experts, self.manifest.layout.record_size
         g = min(E, self.gpu_tier.capacity // len(moe)) if gpu_per_layer is None else gpu_per_layer
         host_needed = len(moe) * (E - g)
         if host_needed > self.store.capacity - self.store.batch:
@@ -327,7 +281,7 @@ class Engine:
         """Read every expert where it lies (on) or go back to copying misses into GPU slots (off).
         On needs every expert in one of the two tiers (place_experts) and no --prefetch. `adaptive`
         (default: unless the cache policy is static): swap experts between the tiers by their use
-        as decode runs (GpuExpertTier.revise_placement)."""
+        as decode runs (ResidentTable.revise)."""
         if not on:
             if self.gpu_tier is not None:
                 self.gpu_tier.drop_resident()
@@ -335,63 +289,103 @@ class Engine:
             return
         if self.gpu_tier is None:
             raise ValueError("resident experts need the GPU expert path (--device cuda)")
-        if self.prefetch_on:
+        if self.guesses:
             raise ValueError("--preload excludes --prefetch: preloaded experts are read in place, never copied")
-        self.gpu_tier.make_resident(self.store, self._moe_layers(), self.config.num_experts, adaptive)
+        self.gpu_tier.make_resident(self.store, self.moe_layers, self.args.moe.num_experts, adaptive)
         self._attach_cpu_share()
 
     @property
-    def prefetch_on(self) -> bool:
-        return any(layer.predict_next is not None for layer in self.model.layers)
+    def adaptive(self) -> bool:
+        """Whether resident experts swap places between the tiers by use."""
+        return self.resident and self.gpu_tier.resident.placement is not None
 
-    def _load_dense(self) -> torch.nn.Module:
-        with torch.device("meta"):
-            model = family(self.config.model_type).Model(self.config)
-        int8 = set(use_int8_linears(model)) if self.dense_bits == 8 else set()
-        weights = {}
-        with SafetensorsFile(self.dir / self.manifest.dense_file) as f:
-            for name in f.tensors:
-                module, _, kind = name.rpartition(".")
-                if module in int8 and kind == "weight":  # quantized from the stored 16-bit values, on the device
-                    weights[name], weights[f"{module}.scale"] = quantize_int8_rows(f.read(name).to(self.device))
-                else:
-                    weights[name] = f.read(name).to(self.device, self.dtype)
-        model.load_state_dict(weights, strict=True, assign=True)
-        del weights  # the model's references are the only ones now: fusing frees each weight it copies
-        model.fuse_projections()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the copies fusing freed: the GPU tier is sized by what the driver reports free
-        return model.eval()
-
+    # -- running ---------------------------------------------------------------------------------
     @property
     def context_length(self) -> int:
-        return self.config.max_position_embeddings
+        return self.args.max_position_embeddings
 
     def new_state(self) -> SequenceState:
-        return SequenceState(self.config, self.dtype, self.device)
+        return self.model.new_state(self.dtype, self.device)
+
+    def context(self, state: SequenceState, last_only: bool = True) -> StepContext:
+        """The context of one step of the model over `state` (models/context.py)."""
+        return StepContext(state, self.experts, self.timer, self.guesses, last_only=last_only)
 
     @torch.inference_mode()
-    def forward(self, ids: list[int] | torch.Tensor, state: SequenceState) -> torch.Tensor:
+    def forward(self, ids: list[int] | torch.Tensor, state: SequenceState, last_only: bool = True) -> torch.Tensor:
         """Feed ids into state (updated in place), in chunks of `prefill_chunk` tokens, each reading
-        every expert it needs once per layer -> logits of the last position [1, vocab].
-        Inference mode per call, never across a generator's yield."""
+        every expert it needs once per layer -> logits of the last position [1, vocab] (of every
+        position [T, vocab] with last_only False). Inference mode per call, never across a
+        generator's yield."""
         ids = torch.as_tensor(ids, dtype=torch.long).to(self.device)
         if state.position + ids.shape[0] > self.context_length:
             raise ContextLengthError(
                 f"{state.position + ids.shape[0]} tokens exceed the model's context length of {self.context_length}"
             )
+        if self.threads is not None:
+            self.threads.update()
+        chunk, logits = self.config.prefill_chunk, []
         try:
-            for start in range(0, ids.shape[0], self.prefill_chunk):
-                logits = self.model(ids[start : start + self.prefill_chunk], state, self.timer)
+            for start in range(0, ids.shape[0], chunk):
+                piece = ids[start : start + chunk]
+                logits.append(self.model(piece, self.context(state, last_only)))
+                state.position += piece.shape[0]
         except torch.cuda.OutOfMemoryError:
             # Cached experts stay valid (a slot is filled before it is used); this sequence's state
             # is incomplete and must not be continued.
             tier = f"{format_bytes(self.gpu_tier.pool.numel())} of GPU expert slots" if self.gpu_tier else "no GPU tier"
             raise GpuMemoryError(
                 f"the GPU ran out of memory running {ids.shape[0]} tokens ({tier}): lower --gpu-mem, or send a shorter "
-                f"prompt (prefill works in chunks of {self.prefill_chunk} tokens)"
+                f"prompt (prefill works in chunks of {chunk} tokens)"
             ) from None
-        return logits
+        return logits[-1] if last_only else torch.cat(logits)
+
+    def dense_bytes_per_token(self) -> int:
+        """Bytes of dense weights a decode step reads: all but the embedding table (of which it reads
+        one row), at their resident size (Int8Linear codes and scales are buffers, the rest parameters)."""
+        total = 0
+        for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            if "embed_tokens" not in name or self.args.tie_word_embeddings:
+                total += t.numel() * t.element_size()
+        return total
+
+    @contextmanager
+    def first_layers(self, n: int) -> Iterator[None]:
+        """Run only the model's first n layers for the block (the bench's per-layer timing); the last
+        one kept guesses no further."""
+        layers, guesses = self.model.layers, self.guesses
+        self.model.model.layers = torch.nn.ModuleList(list(layers)[:n])
+        last = max((i for i in self.moe_layers if i < n), default=-1)
+        self.guesses = {i: g for i, g in guesses.items() if i < last}
+        try:
+            yield
+        finally:
+            self.model.model.layers, self.guesses = layers, guesses
+
+    def counters(self) -> tuple[StoreStats, GpuTierStats | None]:
+        """Copies of the expert store's and the GPU tier's counters: the difference of two readings
+        is what happened between them (after `settle`)."""
+        return replace(self.store.stats), replace(self.gpu_tier.stats) if self.gpu_tier is not None else None
+
+    def settle(self, phase: str) -> None:
+        """Bring the GPU tier's counters up to date after a phase of generation. Resident decode
+        counts its expert lookups on the device: after "prefill" they are read at once (waiting for
+        the GPU); after a "decode" step a copy is queued behind it, which the "sampled" phase that
+        always follows collects once reading the token has waited for the GPU anyway, and where the
+        placement adapts, experts swap places by those counts before the next step. A graph's "warmup"
+        run counts nothing."""
+        resident = self.gpu_tier.resident if self.gpu_tier is not None else None
+        if resident is None:
+            return
+        if phase == "sampled":
+            resident.collect(queued_only=True)
+            resident.revise(self.store)
+        elif phase == "warmup":  # a graph's warm-up run: its lookups are no token's
+            resident.forget_uncollected()
+        elif phase == "prefill":
+            resident.collect()
+        else:
+            resident.queue()
 
     def generate(
         self,
@@ -399,140 +393,17 @@ class Engine:
         params: SamplingParams | None = None,
         state: SequenceState | None = None,
         logits_processor: LogitsProcessor | None = None,
-    ) -> "Generation":
+    ) -> Generation:
         """Iterate the result for a Step per generated token; it also carries timing statistics.
 
-        `state` continues an earlier sequence (the prompt's ids then follow its tokens);
-        `logits_processor(generated_ids, logits) -> logits` sees each next-token distribution
-        (fp32, on the CPU) before sampling: the hook for grammar-constrained decoding. It gets the
-        same list every step, grown by one token: read it, do not keep or change it."""
+        A str prompt is plain text (control tokens need ids: Tokenizer.encode_chat renders a
+        conversation). `state` continues an earlier sequence (the prompt's ids then follow its
+        tokens); `logits_processor(generated_ids, logits) -> logits` sees each next-token
+        distribution (fp32, on the CPU) before sampling: the hook for grammar-constrained decoding.
+        It gets the same list every step, grown by one token: read it, do not keep or change it."""
         return Generation(self, prompt, params or SamplingParams(), state, logits_processor)
 
     def close(self) -> None:
         if self.gpu_tier is not None:
             self.gpu_tier.set_cpu_share(None)
         self.store.close()
-
-
-class Generation:
-    def __init__(self, engine: Engine, prompt, params: SamplingParams, state: SequenceState | None, logits_processor):
-        self.engine, self.params, self.logits_processor = engine, params, logits_processor
-        self.ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.state = state or engine.new_state()
-        if not self.ids:
-            raise ValueError("the prompt is empty")
-        limit = engine.context_length
-        used = self.state.position + len(self.ids)
-        if used >= limit:
-            raise ContextLengthError(
-                f"the prompt needs {used} tokens of context but the model's context length is {limit}; shorten it"
-            )
-        self.max_tokens = min(params.max_tokens, limit - used)
-        self.stats = GenerationStats(prompt_tokens=len(self.ids))
-
-    def __iter__(self) -> Iterator[Step]:
-        return self._run()
-
-    def _run(self) -> Iterator[Step]:
-        eng = self.engine
-        sampler = Sampler(self.params, self.engine.config.vocab_size, eng.device, seen=self.ids)
-        generated: list[int] = []
-        text = _StopStrings(self.params.stop)
-        decoder = eng.tokenizer.stream_decoder()
-        graphs = None
-        with self._measured(prefill=True):
-            logits = eng.forward(self.ids, self.state)
-        try:
-            for n in range(self.max_tokens):
-                with self._measured(prefill=False, forward=False):
-                    row = logits[-1]
-                    if self.logits_processor is not None:
-                        row = self.logits_processor(generated, row.cpu()).to(eng.device)
-                    token = sampler(row)  # the one host sync per token: reading the token
-                    generated.append(token)
-                    if token in eng.stop_ids and not self.params.ignore_eos:
-                        step = Step(token, text.flush(decoder.flush()), "stop")
-                    else:
-                        piece, stopped = text.push(decoder.push(token))
-                        if stopped:
-                            step = Step(token, piece, "stop")
-                        elif n == self.max_tokens - 1:
-                            step = Step(token, piece + text.flush(decoder.flush()), "length")
-                        else:
-                            step = Step(token, piece)
-                yield step  # outside the measured block: the consumer's time is not ours
-                if step.finish_reason:
-                    return
-                with self._measured(prefill=False):
-                    if graphs is None and eng.cuda_graphs:
-                        from .runtime.graphs import GraphedDecoder
-
-                        graphs = GraphedDecoder(eng, self.state, self.state.position + self.max_tokens - n)
-                    logits = graphs.step(token) if graphs is not None else eng.forward([token], self.state)
-                    self.stats.decode_tokens += 1
-        finally:
-            if graphs is not None:
-                graphs.release()
-            self.stats.peak_rss = peak_rss_bytes()
-
-    @contextmanager
-    def _measured(self, prefill: bool, forward: bool = True):
-        """Add the enclosed work's wall time, timed sections and expert-store counters to this
-        generation's statistics. Only the work itself is counted: a server interleaves several
-        generations, and time spent suspended at a yield belongs to others. A `forward` block runs
-        the model; the expert lookups that resident decode counts on the device are read at its
-        end: after prefill at once (a read that waits for the GPU), after a decode step by a copy
-        queued behind it, which the sampling block that always follows collects once reading the
-        token has waited for the GPU anyway (and where the placement adapts, swaps experts by them
-        before the next step). No yield comes between the two, so the counts stay this generation's."""
-        eng, stats = self.engine, self.stats
-        t0, sections, cache = time.perf_counter(), dict(eng.timer.seconds), replace(eng.store.stats)
-        gpu = replace(eng.gpu_tier.stats) if eng.gpu_tier is not None else None
-        try:
-            yield
-        finally:
-            if eng.gpu_tier is not None:
-                if not forward:
-                    eng.gpu_tier.collect_stats(queued_only=True)
-                    eng.gpu_tier.revise_placement(eng.store)  # adaptive resident placement: between steps
-                elif prefill:
-                    eng.gpu_tier.collect_stats()
-                else:
-                    eng.gpu_tier.queue_stats()
-            seconds, moved = time.perf_counter() - t0, eng.store.stats - cache
-            if prefill:
-                stats.prefill_seconds += seconds
-                stats.prefill_cache += moved
-            else:
-                stats.decode_seconds += seconds
-                stats.cache += moved
-                if gpu is not None:
-                    stats.gpu_cache += eng.gpu_tier.stats - gpu
-                for name, total in eng.timer.seconds.items():
-                    if total != sections.get(name, 0.0):
-                        stats.decode_sections[name] = stats.decode_sections.get(name, 0.0) + total - sections.get(name, 0.0)
-
-
-class _StopStrings:
-    """Holds back streamed text that could still turn into a stop string."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        self.pending += piece
-        for s in self.stops:
-            at = self.pending.find(s)
-            if at >= 0:
-                out, self.pending = self.pending[:at], ""
-                return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(out) :]
-        return out, False
-
-    def flush(self, tail: str = "") -> str:
-        out, _ = self.push(tail)
-        out, self.pending = out + self.pending, ""
-        return out

@@ -171,7 +171,7 @@ def compare(engine: Engine, reference: Engine, ids: list[int], window: int, max_
 
 def check_comparable(engine: Engine, reference: Engine) -> None:
     """KL and top-1 compare distributions id by id: both models must give every id the same meaning."""
-    a, b = engine.config.vocab_size, reference.config.vocab_size
+    a, b = engine.args.vocab_size, reference.args.vocab_size
     if a != b:
         raise ValueError(f"the models' vocabularies differ: {engine.dir} has {a} token ids, the reference {reference.dir} has {b}")
     if _tokenizer_json(engine) != _tokenizer_json(reference):
@@ -197,9 +197,7 @@ def _log_probs(engine: Engine, window: list[int]) -> tuple[torch.Tensor, torch.T
     """(log-probabilities of each next token [T-1, V] fp32, the tokens that came next [T-1]), from a
     fresh state, fed in the engine's prefill chunks."""
     ids = torch.tensor(window, dtype=torch.long, device=engine.device)
-    state = engine.new_state()
-    chunks = [engine.model(ids[s : s + engine.prefill_chunk], state, last_only=False) for s in range(0, len(ids), engine.prefill_chunk)]
-    logits = torch.cat(chunks)[:-1] if len(chunks) > 1 else chunks[0][:-1]
+    logits = engine.forward(ids, engine.new_state(), last_only=False)[:-1]
     logits -= logits.logsumexp(-1, keepdim=True)  # in place: no second [T, V] tensor
     return logits, ids[1:]
 

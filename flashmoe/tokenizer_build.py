@@ -124,3 +124,17 @@ def write_qwen35_tokenizer(out_dir: str | os.PathLike[str]) -> None:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / DEFAULT_CHAT_TEMPLATE_NAME).write_text(default_chat_template(), encoding="utf-8")
+
+
+def write_byte_tokenizer(out_dir: str | os.PathLike[str]) -> None:
+    """A byte-level BPE tokenizer with no merges (ids 0-255 = bytes) plus ChatML specials (256-258):
+    for models of any vocabulary of at least 259 (tests, bench models whose vocabulary is not Qwen3.5's)."""
+    out = Path(out_dir)
+    chars = _byte_to_char_table()
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (out / DEFAULT_CHAT_TEMPLATE_NAME).write_text(default_chat_template(), encoding="utf-8")

@@ -37,7 +37,7 @@ except ImportError:
 
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.cpu_experts import CpuExperts
-from flashmoe.layers.moe import swiglu_expert
+from flashmoe.layers.mlp import swiglu_expert
 
 HIDDEN, INTER, BITS, GROUP = 4096, 1024, 4, 64
 

@@ -24,7 +24,7 @@ from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.cpu_expert_server import PHASES, ExpertServer
 from flashmoe.kernels.host_handoff import HostHandoff
 from flashmoe.kernels.moe_gemv import MoeGemv
-from flashmoe.runtime.gpu_experts import slot_pool
+from flashmoe.experts.tier import slot_pool
 
 
 def timed(fn, reps: int) -> float:

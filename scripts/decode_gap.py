@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 
-from flashmoe import bench as B
+from flashmoe.bench.presets import preset_config
+from flashmoe.bench.scenarios import steady_seconds_per_token
+from flashmoe.bench.synthesis import synthesize
+from flashmoe.bench.tiers import place_tiers, plan_tiers, slice_engine
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.cpu_expert_server import ExpertServer
 from flashmoe.runtime.graphs import GraphedDecoder
-from flashmoe.runtime.locality import WINDOWS, reuse_profile
-from flashmoe.runtime.routing_trace import record
+from flashmoe.analysis.locality import WINDOWS, reuse_profile
+from flashmoe.analysis.routing_trace import record
 from flashmoe.runtime.sampling import SamplingParams
 from flashmoe.utils import total_memory_bytes
 
@@ -46,8 +49,8 @@ def measure(engine, args, k: int, cpu: int) -> None:
     decoded = [step.token for step in engine.generate(prompt, params)]
     reuse = reuse_profile(record(engine, prompt + decoded).ids[len(prompt):]).mean(0)
     print(f"greedy decode: {len(set(decoded))} distinct of {len(decoded)} tokens; experts reused from the previous "
-          + ", ".join(f"{w}: {r:.1%}" for w, r in zip(WINDOWS, reuse)) + f" tokens (uniform: {k}/{engine.config.num_experts} per token)")
-    generate = statistics.median(B.steady_seconds_per_token(engine, prompt, params)[0] for _ in range(5))
+          + ", ".join(f"{w}: {r:.1%}" for w, r in zip(WINDOWS, reuse)) + f" tokens (uniform: {k}/{engine.args.moe.num_experts} per token)")
+    generate = statistics.median(steady_seconds_per_token(engine, prompt, params)[0] for _ in range(5))
 
     state = engine.new_state()
     logits = engine.forward(prompt, state)
@@ -111,12 +114,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         ExpertServer.__init__.__defaults__ = (args.threads,)
-    full, cfg = B.preset_config(args.preset), B.preset_config(args.preset, args.layers)
-    out = B.synthesize(args.workdir / f"{args.preset}-L{args.layers}-{args.bits}bit", cfg, args.bits, device="cuda")
+    full, cfg = preset_config(args.preset), preset_config(args.preset, args.layers)
+    out = synthesize(args.workdir / f"{args.preset}-L{args.layers}-{args.bits}bit", cfg, args.bits, device="cuda")
     layout = RecordLayout.build(cfg["hidden_size"], cfg["moe_intermediate_size"], args.bits, 64)
-    tiers = B.plan_tiers(full, layout, torch.cuda.get_device_properties(0).total_memory, total_memory_bytes(), dense_bits=8)
-    engine = B.slice_engine(out, cfg, layout, tiers, max(args.k), dense_bits=8)
-    B.place_tiers(engine, tiers, resident=True)
+    tiers = plan_tiers(full, layout, torch.cuda.get_device_properties(0).total_memory, total_memory_bytes(), dense_bits=8)
+    engine = slice_engine(out, cfg, layout, tiers, max(args.k), dense_bits=8)
+    place_tiers(engine, tiers, resident=True)
     for k in args.k:
         for cpu in args.cpu_experts:
             engine.set_top_k(k)

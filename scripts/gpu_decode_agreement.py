@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flashmoe.demo import DEMO_MODEL, HELDOUT_TEXT
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 
 
 def decode_logits(engine: Engine, windows: list[list[int]]) -> torch.Tensor:
@@ -25,9 +25,9 @@ def decode_logits(engine: Engine, windows: list[list[int]]) -> torch.Tensor:
     with torch.inference_mode():
         for ids in windows:
             state = engine.new_state()
-            out.append(engine.model(torch.tensor(ids[:1], device=engine.device), state).float().cpu())
+            out.append(engine.forward(torch.tensor(ids[:1], device=engine.device), state).float().cpu())
             for t in ids[1:-1]:
-                out.append(engine.model(torch.tensor([t], device=engine.device), state).float().cpu())
+                out.append(engine.forward(torch.tensor([t], device=engine.device), state).float().cpu())
     return torch.cat(out)
 
 
@@ -37,11 +37,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024, help="decode steps in all")
     ap.add_argument("--window", type=int, default=256, help="tokens per sequence")
     args = ap.parse_args()
-    cpu = Engine(args.model, dtype=torch.float32)
+    cpu = Engine(args.model, EngineConfig(dtype="float32"))
     ids = cpu.tokenizer.encode(HELDOUT_TEXT.read_text())
     windows = [ids[i:i + args.window] for i in range(0, args.tokens, args.window)]
     ref = decode_logits(cpu, windows)
-    got = decode_logits(Engine(args.model, device="cuda", dtype=torch.float32), windows)
+    got = decode_logits(Engine(args.model, EngineConfig(device="cuda", dtype="float32")), windows)
     logp_ref, logp = ref.log_softmax(-1), got.log_softmax(-1)
     kl = float((logp_ref.exp() * (logp_ref - logp)).sum(-1).mean())
     top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())

@@ -14,9 +14,9 @@ import argparse
 import numpy as np
 import torch
 
-from flashmoe.runtime.locality import fit_replay, hit_rate, reuse_profile
-from flashmoe.runtime.policy import POLICIES, AdaptivePlacement
-from flashmoe.runtime.routing_trace import RoutingTrace
+from flashmoe.analysis.locality import fit_replay, hit_rate, reuse_profile
+from flashmoe.experts.policy import POLICIES, AdaptivePlacement
+from flashmoe.analysis.routing_trace import RoutingTrace
 
 SHARES = (0.125, 0.25, 0.5)  # tier capacity as a share of all experts
 

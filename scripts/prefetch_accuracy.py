@@ -14,26 +14,30 @@ from pathlib import Path
 
 import torch
 
-from flashmoe.engine import Engine
-from flashmoe.layers.moe import SparseMoE
-from flashmoe.models.qwen3_5_moe import NullTimer
+from flashmoe.engine import Engine, EngineConfig
+from flashmoe.models.context import StepContext
 
 DEMO = Path(__file__).resolve().parents[1] / "flashmoe" / "demo_model"
 
 
-def layer_states(engine: Engine, ids: list[int]) -> list[dict]:
-    """Per layer: the residual after its dense part (what the graphed step has before the routing
-    sync), after its routed experts, and its real expert ids [T, k]."""
-    model, state, timer = engine.model, engine.new_state(), NullTimer()
-    positions = torch.arange(len(ids))
-    cos, sin = model.rotary(positions)
-    x = model.model.embed_tokens(torch.tensor(ids))
-    out = []
-    for layer, cache in zip(model.layers, state.layers):
-        dense, h, weights, real = layer.dense(x, cos, sin, cache, timer)
-        x = dense if real is None else dense + layer.mlp.experts(h, real, weights)
-        out.append({"dense": dense, "after": x, "ids": real})
-    return out
+class _Recording(StepContext):
+    """Runs the model as usual, keeping per MoE layer the residual after its dense part (what the
+    graphed step has before the routing sync), after its routed experts, and its real ids [T, k]."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(engine.new_state(), engine.experts, last_only=False)
+        self.seen: dict[int, dict] = {}
+
+    def run_experts(self, layer, h, ids, weights, residual):
+        out = super().run_experts(layer, h, ids, weights, residual)
+        self.seen[layer] = {"dense": residual, "after": out, "ids": ids}
+        return out
+
+
+def layer_states(engine: Engine, ids: list[int]) -> dict[int, dict]:
+    ctx = _Recording(engine)
+    engine.model(torch.tensor(ids), ctx)
+    return ctx.seen
 
 
 def overlap(pred: torch.Tensor, real: torch.Tensor) -> float:
@@ -48,11 +52,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
     args = p.parse_args()
-    engine = Engine(args.model, dtype=torch.float32)
+    engine = Engine(args.model, EngineConfig(dtype="float32"))
     ids = engine.tokenizer.encode(args.text.read_text())[: args.tokens]
-    layers = engine.model.layers
-    moe = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoE)]
-    k, E = engine.top_k, engine.config.num_experts
+    layers, moe = engine.model.layers, engine.moe_layers
+    k, E = engine.top_k, engine.args.moe.num_experts
     variants = {
         "b's router on b.post_attention_layernorm(x after a's dense part)  [flashmoe --prefetch]": ("dense", "post"),
         "b's router on b.post_attention_layernorm(x after a's experts)": ("after", "post"),
@@ -66,7 +69,7 @@ def main() -> None:
                 real, nxt = states[b]["ids"], layers[b]
                 for name, (where, norm) in variants.items():
                     n = nxt.post_attention_layernorm if norm == "post" else nxt.input_layernorm
-                    pred = torch.topk(nxt.mlp.gate(n(states[a][where])), k, dim=-1).indices
+                    pred = nxt.mlp.route(nxt.mlp.project(n(states[a][where]))[0])[1]
                     scores[name][j].append(overlap(pred, real))
                 scores["a's own experts (cross-layer id correlation)"][j].append(overlap(states[a]["ids"], real))
     print(f"{args.model.name}: {len(ids)} tokens of {args.text.name}, k={k} of {E} experts (chance {k / E:.1%})")

@@ -8,8 +8,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flashmoe.config import ModelConfig
-from flashmoe.engine import Engine
+from flashmoe.models import read_args
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.packed import Manifest
 from flashmoe.runtime.sampling import SamplingParams
 
@@ -24,14 +24,10 @@ def main() -> None:
     ap.add_argument("--gpu-share", type=float, default=0.61, help="with --preload: share of each layer's experts on the GPU")
     ap.add_argument("--tokens", type=int, default=8)
     args = ap.parse_args()
-    cfg, record = ModelConfig.from_dir(args.model), Manifest.load(args.model).layout.record_size
-    experts = len(cfg.moe_layers) * cfg.num_experts
+    cfg, record = read_args(args.model), Manifest.load(args.model).layout.record_size
+    experts = len(cfg.moe_layers) * cfg.moe.num_experts
     gpu_slots = int(experts * args.gpu_share) if args.preload else min(experts, (24 << 30) // record)
-    engine = Engine(
-        args.model, device="cuda", verify=False, cuda_graphs=args.graphs, dense_bits=args.dense_bits, top_k=args.top_k,
-        gpu_mem=gpu_slots * record, host_mem=(experts - gpu_slots + 64) * record if args.preload else 16 << 30,
-        cache_policy="static" if args.preload else "mix", preload=args.preload,
-    )
+    engine = Engine(args.model, EngineConfig(device="cuda", verify=False, cuda_graphs=args.graphs, dense_bits=args.dense_bits, k=args.top_k, gpu_mem=gpu_slots * record, host_mem=(experts - gpu_slots + 64) * record if args.preload else 16 << 30, cache_policy="static" if args.preload else "mix", preload=args.preload))
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     list(engine.generate([100], params))  # warm: kernels compiled, graphs captured (a 1-token prompt: all steps decode)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from flashmoe.convert import convert
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.evaluate import compare, load_prompts, read_text, structured_validity
 from flashmoe.formats.packed import Manifest
 
@@ -51,14 +51,14 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    reference = Engine(packed(args.checkpoint, args.workdir, 16), dtype=torch.float32)
+    reference = Engine(packed(args.checkpoint, args.workdir, 16), EngineConfig(dtype="float32"))
     own_k = reference.top_k
     ks = sorted({own_k, own_k // 2, 2}, reverse=True)
     ids = reference.tokenizer.encode(read_text(args.data))
     prompts = load_prompts(args.prompts) if args.prompts else []
     rows = []
     for bits in BITS:
-        engine = Engine(packed(args.checkpoint, args.workdir, bits), dtype=torch.float32)
+        engine = Engine(packed(args.checkpoint, args.workdir, bits), EngineConfig(dtype="float32"))
         for k in ks:
             engine.set_top_k(k)
             t0 = time.perf_counter()

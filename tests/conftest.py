@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flashmoe.tokenizer_build import write_byte_tokenizer
+
 if not torch.cuda.is_available():
     # Triton kernels run in its interpreter on CPU-only machines; set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,27 +39,41 @@ TEXT_CONFIG = dict(
 )
 
 
-def write_byte_tokenizer(out: Path) -> None:
-    """A byte-level BPE tokenizer with no merges (ids 0-255 = bytes) plus ChatML specials (256-258)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from flashmoe.tokenizer import default_chat_template
-    from flashmoe.tokenizer_build import _byte_to_char_table
-
-    chars = _byte_to_char_table()
-    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
-    (out / "chat_template.jinja").write_text(default_chat_template())
+# The other families at tiny shapes: what each exercises beyond the others (partial rotary, dense
+# layers, expert groups, a correction bias, biases, q/k norms of both kinds).
+FAMILY_CONFIGS = {
+    "qwen3_moe": dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=48, norm_topk_prob=True,
+        mlp_only_layers=[1], max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "minimax_m2": dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        bos_token_id=None, eos_token_id=None,
+    ),
+    "glm4_moe": dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=48, n_shared_experts=1,
+        n_group=2, topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True,
+        attention_bias=True, max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    ),
+}
+FAMILY_CLASSES = {"qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig"),
+                  "minimax_m2": ("MiniMaxM2ForCausalLM", "MiniMaxM2Config"),
+                  "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig")}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights with non-trivial scale everywhere (norm weights included), so every path matters."""
+    """Weights with non-trivial scale everywhere (norm weights, biases and the routers' correction
+    biases included), so every path matters."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
                 p.copy_(torch.empty(p.shape).uniform_(1, 16, generator=gen).log())
@@ -75,7 +91,8 @@ def build_hf_model(kind: str, out: Path, seed: int = 0, wide_init: bool = True, 
     without it, transformers' own init (std 0.02), a tamer model for measuring quantization loss.
 
     kinds: "vlm" (Qwen3_5MoeForConditionalGeneration, released layout with a vision tower),
-    "text" (Qwen3_5MoeForCausalLM), "next" (Qwen3NextForCausalLM, with a dense-MLP layer)."""
+    "text" (Qwen3_5MoeForCausalLM), "next" (Qwen3NextForCausalLM, with a dense-MLP layer), and the
+    other families by model_type (FAMILY_CONFIGS)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -88,6 +105,9 @@ def build_hf_model(kind: str, out: Path, seed: int = 0, wide_init: bool = True, 
     elif kind == "next":
         next_cfg = {"intermediate_size": 48, "mlp_only_layers": [1], "norm_topk_prob": False, **text}
         model = tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(**next_cfg))
+    elif kind in FAMILY_CONFIGS:
+        model_class, config_class = (getattr(tf, name) for name in FAMILY_CLASSES[kind])
+        model = model_class(config_class(**{**FAMILY_CONFIGS[kind], **overrides}))
     else:
         raise ValueError(kind)
     if wide_init:
@@ -133,6 +153,6 @@ def default_init_16(tmp_path_factory):
 
     build_hf_model("vlm", d / "hf", seed=4, wide_init=False)
     convert(d / "hf", d / "q16", bits=16)
-    from flashmoe.engine import Engine
+    from flashmoe.engine import Engine, EngineConfig
 
-    return d, Engine(d / "q16", dtype=torch.float32)
+    return d, Engine(d / "q16", EngineConfig(dtype="float32"))

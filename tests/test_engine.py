@@ -2,14 +2,15 @@ import pytest
 import torch
 
 from flashmoe.convert import convert
-from flashmoe.engine import ContextLengthError, Engine, _StopStrings
+from flashmoe.engine import ContextLengthError, Engine, EngineConfig
+from flashmoe.generation import _StopStrings
 from flashmoe.runtime.sampling import SamplingParams
 
 
 
 @pytest.fixture(scope="module")
 def engine(packed16):
-    return Engine(packed16, dtype=torch.float32)
+    return Engine(packed16, EngineConfig(dtype="float32"))
 
 
 def test_stop_strings_hold_back_possible_prefixes():
@@ -42,7 +43,7 @@ def test_stop_string_ends_generation_without_emitting_it(engine):
 
 
 def test_ignore_eos_runs_to_max_tokens(engine, monkeypatch):
-    monkeypatch.setattr(engine, "stop_ids", set(range(engine.config.vocab_size)))  # every token ends a sequence
+    monkeypatch.setattr(engine, "stop_ids", set(range(engine.args.vocab_size)))  # every token ends a sequence
     assert len(list(engine.generate([1, 2, 3], SamplingParams(max_tokens=5)))) == 1
     steps = list(engine.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True)))
     assert len(steps) == 5 and steps[-1].finish_reason == "length"
@@ -78,7 +79,7 @@ def test_quantized_experts_track_16_bit(default_init_16, bits):
     """8-bit: greedy tokens identical to 16-bit. 4-bit: next-token top-1 agreement measured and bounded."""
     d, engine = default_init_16
     convert(d / "hf", d / f"q{bits}", bits=bits, group_size=32)
-    quantized = Engine(d / f"q{bits}", dtype=torch.float32)
+    quantized = Engine(d / f"q{bits}", EngineConfig(dtype="float32"))
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 256, (16,), generator=g) for _ in range(8)]
     if bits == 8:
@@ -89,7 +90,7 @@ def test_quantized_experts_track_16_bit(default_init_16, bits):
     agree = total = 0
     with torch.inference_mode():
         for p in prompts:
-            a = engine.model(p, engine.new_state(), last_only=False).argmax(-1)
-            b = quantized.model(p, quantized.new_state(), last_only=False).argmax(-1)
+            a = engine.forward(p, engine.new_state(), last_only=False).argmax(-1)
+            b = quantized.forward(p, quantized.new_state(), last_only=False).argmax(-1)
             agree, total = agree + int((a == b).sum()), total + len(p)
     assert agree / total >= 0.9  # measured 0.977 (125/128) with seed 0

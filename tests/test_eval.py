@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from flashmoe import evaluate as ev
 from flashmoe.cli import app
 from flashmoe.convert import convert
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 
 from .conftest import build_hf_model
 
@@ -62,13 +62,13 @@ def tamed(default_init_16):
     unit-gain one, where a 0.5% weight error already flips routing."""
     d, engine = default_init_16
     convert(d / "hf", d / "eval_q4", bits=4, group_size=32)
-    return engine, Engine(d / "eval_q4", dtype=torch.float32)
+    return engine, Engine(d / "eval_q4", EngineConfig(dtype="float32"))
 
 
 def test_perplexity_matches_transformers(tiny_vlm, packed16):
     _, reference = tiny_vlm
     ids = random_ids(200)
-    got = ev.perplexity(Engine(packed16, dtype=torch.float32), ids, window=64)
+    got = ev.perplexity(Engine(packed16, EngineConfig(dtype="float32")), ids, window=64)
     nll = 0.0
     with torch.no_grad():
         for start in range(0, 200, 64):  # windows 64, 64, 64 and the 8-token tail
@@ -87,7 +87,7 @@ def test_windows_and_token_cap():
 
 
 def test_model_against_itself(packed16):
-    a, b = Engine(packed16, dtype=torch.float32), Engine(packed16, dtype=torch.float32)
+    a, b = Engine(packed16, EngineConfig(dtype="float32")), Engine(packed16, EngineConfig(dtype="float32"))
     cmp = ev.compare(a, b, random_ids(160), window=64)
     assert cmp.kl <= 1e-6 and cmp.top1 == 1.0
     assert cmp.model == cmp.reference and cmp.model.tokens == 157
@@ -99,8 +99,8 @@ def independent_kl_top1(model: Engine, reference: Engine, ids: list[int], window
     with torch.inference_mode():
         for start in range(0, len(ids), window):
             w = torch.tensor(ids[start : start + window])
-            p = torch.log_softmax(reference.model(w, reference.new_state(), last_only=False)[:-1].double(), -1)
-            q = torch.log_softmax(model.model(w, model.new_state(), last_only=False)[:-1].double(), -1)
+            p = torch.log_softmax(reference.forward(w, reference.new_state(), last_only=False)[:-1].double(), -1)
+            q = torch.log_softmax(model.forward(w, model.new_state(), last_only=False)[:-1].double(), -1)
             kl += float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum"))
             agree, n = agree + int((p.argmax(-1) == q.argmax(-1)).sum()), n + len(w) - 1
     return kl / n, agree / n
@@ -109,7 +109,7 @@ def independent_kl_top1(model: Engine, reference: Engine, ids: list[int], window
 def test_kl_direction_and_top1(packed16):
     """Far-apart distributions (K=1 on the unit-gain model), where KL's two directions differ."""
     ids = random_ids(128, seed=2)
-    model, reference = Engine(packed16, dtype=torch.float32, top_k=1), Engine(packed16, dtype=torch.float32)
+    model, reference = Engine(packed16, EngineConfig(dtype="float32", k=1)), Engine(packed16, EngineConfig(dtype="float32"))
     cmp = ev.compare(model, reference, ids, window=64)
     kl, agree = independent_kl_top1(model, reference, ids, 64)
     reverse, _ = independent_kl_top1(reference, model, ids, 64)
@@ -124,12 +124,12 @@ def test_4_bit_and_k_1_against_16_bit(tamed):
     ids = random_ids(256, seed=1)
     quant = ev.compare(q4, ref, ids, window=64)
     assert 1e-7 < quant.kl < 1e-4 and 0.9 <= quant.top1 < 1.0
-    pruned = ev.compare(Engine(ref.dir, dtype=torch.float32, top_k=1), ref, ids, window=64)
+    pruned = ev.compare(Engine(ref.dir, EngineConfig(dtype="float32", k=1)), ref, ids, window=64)
     assert pruned.kl > 5 * quant.kl and pruned.top1 < quant.top1
 
 
 def test_structured_validity(tool_model):
-    engine = Engine(tool_model, dtype=torch.float32)
+    engine = Engine(tool_model, EngineConfig(dtype="float32"))
     prompts = [ev.Prompt(p["messages"], p.get("tools")) for p in PROMPTS]
     free = ev.structured_validity(engine, prompts, constrained=False)
     constrained = ev.structured_validity(engine, prompts, constrained=True)
@@ -181,7 +181,7 @@ def test_command_writes_the_report(tool_model, tmp_path):
     r = json.loads(out.read_text())
     assert (r["bits"], r["k"], r["tokens"], r["windows"]) == (16, 1, 100, 2)
     assert r["reference"]["k"] == 2 and r["kl"] > 0 and 0 <= r["top1"] <= 1  # K=1 against its own K
-    expected = ev.perplexity(Engine(tool_model, dtype=torch.float32, top_k=1), Engine(tool_model).tokenizer.encode(data.read_text()), 64, 100)
+    expected = ev.perplexity(Engine(tool_model, EngineConfig(dtype="float32", k=1)), Engine(tool_model).tokenizer.encode(data.read_text()), 64, 100)
     assert r["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
     assert r["validity"]["constrained"]["tool_valid"] == r["validity"]["constrained"]["tool_total"] == 1
     assert r["validity"]["unconstrained"]["json_total"] == 1

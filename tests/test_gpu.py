@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.runtime.sampling import SamplingParams
+
+from .conftest import FAMILY_CONFIGS, build_hf_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -12,9 +14,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def logits(engine, ids, steps=8):
     state = engine.new_state()
     with torch.inference_mode():
-        out = [engine.model(ids.to(engine.device), state, last_only=False).float().cpu()]
+        out = [engine.forward(ids.to(engine.device), state, last_only=False).float().cpu()]
         for t in range(steps):
-            out.append(engine.model(torch.tensor([t + 3], device=engine.device), state).float().cpu())
+            out.append(engine.forward(torch.tensor([t + 3], device=engine.device), state).float().cpu())
     return torch.cat(out)
 
 
@@ -24,15 +26,15 @@ def test_bf16_gpu_logits_match_the_cpu_path(default_init_16):
     d, cpu_engine = default_init_16
     ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
     cpu = logits(cpu_engine, ids)
-    gpu = logits(Engine(d / "q16", device="cuda"), ids)  # bf16
+    gpu = logits(Engine(d / "q16", EngineConfig(device="cuda")), ids)  # bf16
     assert float((gpu - cpu).norm() / cpu.norm()) < 3e-2
 
 
 def test_greedy_tokens_identical_to_the_cpu_path_for_32_steps(packed16):
     prompt = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_tokens=32, temperature=0)
-    cpu = [s.token for s in Engine(packed16, dtype=torch.float32).generate(prompt, params)]
-    gpu = [s.token for s in Engine(packed16, device="cuda", dtype=torch.float32).generate(prompt, params)]
+    cpu = [s.token for s in Engine(packed16, EngineConfig(dtype="float32")).generate(prompt, params)]
+    gpu = [s.token for s in Engine(packed16, EngineConfig(device="cuda", dtype="float32")).generate(prompt, params)]
     assert gpu == cpu
 
 
@@ -40,37 +42,68 @@ def test_greedy_tokens_identical_to_the_cpu_path_for_32_steps(packed16):
 def test_graphed_decode_equals_eager_decode_and_hands_the_state_back(packed16, graphs):
     prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(4)).tolist()
     params = SamplingParams(max_tokens=20, temperature=0)
-    cpu_engine = Engine(packed16, dtype=torch.float32)
+    cpu_engine = Engine(packed16, EngineConfig(dtype="float32"))
     state = cpu_engine.new_state()
     ref = [s.token for s in cpu_engine.generate(prompt, params, state=state)]
     ref += [s.token for s in cpu_engine.generate([7, 8], params, state=state)]  # continue the sequence
-    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs)
+    engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs))
     state = engine.new_state()
     got = [s.token for s in engine.generate(prompt, params, state=state)]
     got += [s.token for s in engine.generate([7, 8], params, state=state)]
     assert got == ref
 
 
-def test_one_397b_shape_layer_matches_the_cpu_path(tmp_path):
-    from flashmoe import bench as B
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+def family_packed(request, tmp_path_factory):
+    """(model_type, 16-bit and 4-bit conversions) of a tiny random model of each other family."""
+    from flashmoe.convert import convert
 
-    cfg = B.preset_config("qwen3.5-397b-a17b", layers=1)  # a Gated DeltaNet layer with its 512 experts
-    out = B.synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
+    d = tmp_path_factory.mktemp(request.param)
+    build_hf_model(request.param, d / "hf", seed=10)
+    convert(d / "hf", d / "q16", bits=16)
+    convert(d / "hf", d / "q4", bits=4, group_size=32)
+    return request.param, d / "q16", d / "q4"
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_every_family_decodes_on_the_gpu_as_on_the_cpu(family_packed, graphs):
+    """Each family's variants on the GPU path (the router kernel's rules, norms of both forms,
+    attention without a gate, biases, plain shared experts): fp32 logits within 1e-4 of the CPU
+    path's and the same greedy tokens, graphed and eager; 4-bit experts through the gathered and
+    grouped kernels within their 16-bit fixed-point inputs' error of the CPU path's exact arithmetic."""
+    _, q16, q4 = family_packed
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(3))
+    for packed, tol in ((q16, 1e-4), (q4, 5e-3)):
+        cpu_engine = Engine(packed, EngineConfig(dtype="float32"))
+        gpu_engine = Engine(packed, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs))
+        cpu, gpu = logits(cpu_engine, ids), logits(gpu_engine, ids)
+        assert float((gpu - cpu).norm() / cpu.norm()) < tol
+        params = SamplingParams(max_tokens=16, temperature=0)
+        want = [s.token for s in cpu_engine.generate(ids.tolist(), params)]
+        assert [s.token for s in gpu_engine.generate(ids.tolist(), params)] == want
+
+
+def test_one_397b_shape_layer_matches_the_cpu_path(tmp_path):
+    from flashmoe.bench.presets import preset_config
+    from flashmoe.bench.synthesis import synthesize
+
+    cfg = preset_config("qwen3.5-397b-a17b", layers=1)  # a Gated DeltaNet layer with its 512 experts
+    out = synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
     ids = torch.randint(0, 150000, (12,), generator=torch.Generator().manual_seed(2))
-    cpu = logits(Engine(out, dtype=torch.float32, host_mem=8 << 30), ids, steps=3)
-    gpu = logits(Engine(out, device="cuda", host_mem=1 << 30, gpu_mem=2 << 30), ids, steps=3)
+    cpu = logits(Engine(out, EngineConfig(dtype="float32", host_mem=8 << 30)), ids, steps=3)
+    gpu = logits(Engine(out, EngineConfig(device="cuda", host_mem=1 << 30, gpu_mem=2 << 30)), ids, steps=3)
     assert float((gpu - cpu).norm() / cpu.norm()) < 3e-2
 
 
 def test_replayed_routing_reaches_the_gpu_tier_through_the_graphed_decode(packed16):
     """The ids a replay substitutes are the ones GpuRoutedExperts fetches and counts, graphs or not."""
-    from flashmoe.runtime.routing_trace import ReplayExperts, wrapped_experts
+    from flashmoe.analysis.routing_trace import ReplayExperts, wrapped_experts
 
     stream = torch.tensor([[0, 1], [1, 2], [0, 2]])  # layer i gets stream + i, cycled
     runs = []
     for graphs in (True, False):
-        engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs)
-        with wrapped_experts(engine.model.layers, lambda i, inner: ReplayExperts(inner, stream + i, engine.timer)):
+        engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs))
+        with wrapped_experts(engine, lambda i, inner: ReplayExperts(inner, stream + i, engine.timer)):
             runs.append([s.token for s in engine.generate([1, 2, 3], SamplingParams(max_tokens=6, temperature=0))])
         assert set(engine.gpu_tier.slots.slot_of) == {(i, e) for i in range(4) for e in range(i, i + 3)}
         tier = engine.gpu_tier.stats
@@ -83,8 +116,8 @@ def test_8_bit_dense_gpu_logits_match_the_cpu_path(default_init_16):
     """The Triton GEMV (decode) and converted-codes matmul (prefill) against the CPU's 8-bit path."""
     d, _ = default_init_16
     ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(5))
-    cpu = logits(Engine(d / "q16", dtype=torch.float32, dense_bits=8), ids)
-    gpu = logits(Engine(d / "q16", device="cuda", dense_bits=8), ids)  # bf16
+    cpu = logits(Engine(d / "q16", EngineConfig(dtype="float32", dense_bits=8)), ids)
+    gpu = logits(Engine(d / "q16", EngineConfig(device="cuda", dense_bits=8)), ids)  # bf16
     assert float((gpu - cpu).norm() / cpu.norm()) < 3e-2
 
 
@@ -92,8 +125,8 @@ def test_8_bit_dense_gpu_logits_match_the_cpu_path(default_init_16):
 def test_8_bit_dense_decode_in_cuda_graphs_equals_the_cpu_path(packed16, graphs):
     prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(6)).tolist()
     params = SamplingParams(max_tokens=20, temperature=0)
-    ref = [s.token for s in Engine(packed16, dtype=torch.float32, dense_bits=8).generate(prompt, params)]
-    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, dense_bits=8)
+    ref = [s.token for s in Engine(packed16, EngineConfig(dtype="float32", dense_bits=8)).generate(prompt, params)]
+    engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, dense_bits=8))
     assert [s.token for s in engine.generate(prompt, params)] == ref
 
 
@@ -106,9 +139,8 @@ def test_prefetch_decode_equals_the_cpu_path_under_cache_pressure(packed16, grap
     record = Manifest.load(packed16).layout.record_size
     prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(8)).tolist()
     params = SamplingParams(max_tokens=24, temperature=0)
-    ref = [s.token for s in Engine(packed16, dtype=torch.float32).generate(prompt, params)]
-    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, prefetch=True,
-                    host_mem=4 * record, gpu_mem=3 * record, cache_policy="lru")
+    ref = [s.token for s in Engine(packed16, EngineConfig(dtype="float32")).generate(prompt, params)]
+    engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, prefetch=True, host_mem=4 * record, gpu_mem=3 * record, cache_policy="lru"))
     gen = engine.generate(prompt, params)
     assert [s.token for s in gen] == ref
     tier = gen.stats.gpu_cache
@@ -129,8 +161,7 @@ def test_cpu_experts_decode_equals_the_plain_gpu_path(packed4, graphs):
     params = SamplingParams(max_tokens=24, temperature=0)
     tokens = {}
     for per_layer in (0, 2):
-        engine = Engine(packed4, device="cuda", dtype=torch.float32, cuda_graphs=graphs, cpu_experts=per_layer,
-                        gpu_mem=3 * record, cache_policy="static")
+        engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, cpu_experts=per_layer, gpu_mem=3 * record, cache_policy="static"))
         gen = engine.generate(prompt, params)
         tokens[per_layer] = [s.token for s in gen]
     assert tokens[2] == tokens[0]
@@ -147,12 +178,11 @@ def test_resident_decode_equals_the_cpu_path(packed16, graphs, profile):
     record = Manifest.load(packed16).layout.record_size
     prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(11)).tolist()
     params = SamplingParams(max_tokens=20, temperature=0)
-    cpu_engine = Engine(packed16, dtype=torch.float32)
+    cpu_engine = Engine(packed16, EngineConfig(dtype="float32"))
     state = cpu_engine.new_state()
     ref = [s.token for s in cpu_engine.generate(prompt, params, state=state)]
     ref += [s.token for s in cpu_engine.generate([7, 8], params, state=state)]
-    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, profile=profile,
-                    gpu_mem=4 * record, host_mem=40 * record, preload=True)
+    engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, profile=profile, gpu_mem=4 * record, host_mem=40 * record, preload=True))
     assert engine.resident
     state = engine.new_state()
     gen = engine.generate(prompt, params, state=state)
@@ -174,10 +204,9 @@ def test_adaptive_resident_decode_equals_the_cpu_path(packed16, graphs):
     record = Manifest.load(packed16).layout.record_size
     prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(13)).tolist()
     params = SamplingParams(max_tokens=32, temperature=0)
-    ref = [s.token for s in Engine(packed16, dtype=torch.float32).generate(prompt, params)]
-    engine = Engine(packed16, device="cuda", dtype=torch.float32, cuda_graphs=graphs, gpu_mem=4 * record,
-                    host_mem=40 * record, preload=True)
-    engine.gpu_tier.placement.confidence = 0.5  # swap on little evidence: many swaps in 32 steps
+    ref = [s.token for s in Engine(packed16, EngineConfig(dtype="float32")).generate(prompt, params)]
+    engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, gpu_mem=4 * record, host_mem=40 * record, preload=True))
+    engine.gpu_tier.resident.placement.confidence = 0.5  # swap on little evidence: many swaps in 32 steps
     gen = engine.generate(prompt, params)
     assert [s.token for s in gen] == ref
     tier = gen.stats.gpu_cache
@@ -190,9 +219,9 @@ def test_resident_experts_need_no_host_sync(packed16):
     from flashmoe.formats.packed import Manifest
 
     record = Manifest.load(packed16).layout.record_size
-    engine = Engine(packed16, device="cuda", dtype=torch.float32, gpu_mem=4 * record, host_mem=40 * record, preload=True)
-    experts = engine.model.layers[0].mlp.experts
-    x = torch.randn(1, engine.config.hidden_size, device="cuda")
+    engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", gpu_mem=4 * record, host_mem=40 * record, preload=True))
+    experts = engine.experts[0]
+    x = torch.randn(1, engine.args.hidden_size, device="cuda")
     ids, weights = torch.tensor([[1, 6]], device="cuda"), torch.tensor([[0.5, 0.5]], device="cuda")
     def call_without_syncs():
         torch.cuda.synchronize()
@@ -211,15 +240,16 @@ def test_resident_experts_need_no_host_sync(packed16):
 
 def test_one_397b_shape_layer_resident_matches_the_copying_path(tmp_path):
     """Real shapes: a layer of 512 4-bit experts, some 280 of them read in place from pinned host memory."""
-    from flashmoe import bench as B
+    from flashmoe.bench.presets import preset_config
+    from flashmoe.bench.synthesis import synthesize
 
-    cfg = B.preset_config("qwen3.5-397b-a17b", layers=1)
-    out = B.synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
+    cfg = preset_config("qwen3.5-397b-a17b", layers=1)
+    out = synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
     ids = torch.randint(0, 150000, (12,), generator=torch.Generator().manual_seed(3))
-    copying = Engine(out, device="cuda", host_mem=4 << 30, gpu_mem=2 << 30)
+    copying = Engine(out, EngineConfig(device="cuda", host_mem=4 << 30, gpu_mem=2 << 30))
     copying.place_experts(2 * 1024**3 // copying.manifest.layout.record_size, 512)
     ref = logits(copying, ids, steps=3)
-    resident = Engine(out, device="cuda", host_mem=4 << 30, gpu_mem=2 << 30, preload=True)
+    resident = Engine(out, EngineConfig(device="cuda", host_mem=4 << 30, gpu_mem=2 << 30, preload=True))
     assert resident.resident and resident.gpu_tier.capacity < 512
     assert torch.equal(logits(resident, ids, steps=3), ref)
 
@@ -238,15 +268,14 @@ def test_resident_cpu_share_decode_equals_resident_decode(packed4, graphs, profi
     params = SamplingParams(max_tokens=24, temperature=0)
     tokens, stats = {}, {}
     for per_layer in (0, 2):
-        engine = Engine(packed4, device="cuda", dtype=torch.float32, cuda_graphs=graphs, profile=profile,
-                        gpu_mem=4 * record, host_mem=40 * record, preload=True, cpu_experts=per_layer)
+        engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, profile=profile, gpu_mem=4 * record, host_mem=40 * record, preload=True, cpu_experts=per_layer))
         gen = engine.generate(prompt, params)
         tokens[per_layer], stats[per_layer] = [s.token for s in gen], gen.stats.gpu_cache
     assert tokens[2] == tokens[0]
     on, off = stats[2], stats[0]
     assert on.cpu_computed > 0 and on.hits + on.host_reads + on.cpu_computed == off.hits + off.host_reads
-    experts = engine.model.layers[0].mlp.experts
-    x = torch.randn(1, engine.config.hidden_size, device="cuda")
+    experts = engine.experts[0]
+    x = torch.randn(1, engine.args.hidden_size, device="cuda")
     ids, weights = torch.tensor([[5, 6]], device="cuda"), torch.tensor([[0.5, 0.5]], device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -266,28 +295,29 @@ def test_one_397b_shape_layer_with_the_cpu_share_matches_resident_decode(tmp_pat
     kernel's rounding of its inputs to 16 bits per group (the logits of a synthetic layer would not
     show it: its experts' output is lost in the bf16 rounding of the residual)."""
     pytest.importorskip("numba")
-    from flashmoe import bench as B
+    from flashmoe.bench.presets import preset_config
+    from flashmoe.bench.synthesis import synthesize
 
-    cfg = B.preset_config("qwen3.5-397b-a17b", layers=1)
-    out = B.synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
-    engine = Engine(out, device="cuda", host_mem=4 << 30, gpu_mem=2 << 30, preload=True)
-    tier, experts = engine.gpu_tier, engine.model.layers[0].mlp.experts
+    cfg = preset_config("qwen3.5-397b-a17b", layers=1)
+    out = synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
+    engine = Engine(out, EngineConfig(device="cuda", host_mem=4 << 30, gpu_mem=2 << 30, preload=True))
+    tier, experts = engine.gpu_tier, engine.experts[0]
     ids = torch.tensor([[0, 1, 400, 401, 402, 403, 500, 501, 502, 503]], device="cuda")
-    assert int((tier.table[0, ids] >= tier.capacity).sum() + (tier.table[0, ids] < 0).sum()) == 8
+    assert int((tier.resident.table[0, ids] >= tier.capacity).sum() + (tier.resident.table[0, ids] < 0).sum()) == 8
     weights = torch.softmax(torch.randn(1, 10, generator=torch.Generator().manual_seed(5)), -1).cuda()
-    x = torch.randn(1, engine.config.hidden_size, generator=torch.Generator().manual_seed(6)).cuda()
+    x = torch.randn(1, engine.args.hidden_size, generator=torch.Generator().manual_seed(6)).cuda()
     with torch.inference_mode():
         ref = experts(x, ids, weights)
         engine.set_cpu_experts(2)
         got = experts(x, ids, weights)
-    tier.collect_stats()
+    engine.settle("prefill")
     assert tier.stats.cpu_computed == 2
     assert float((got - ref).norm() / ref.norm()) < 5e-4  # the GPU kernel's 16-bit inputs against the CPU's exact
 
 
 def test_a_dead_graph_in_a_reference_cycle_is_not_collected_mid_capture():
     """The collector, run at nearly every allocation, would reset the dead graph inside the new
-    capture (which the capturing stream refuses); GraphedDecoder captures with it off."""
+    capture (which the capturing stream refuses); DecodeGraph records with it off."""
     import gc
 
     from flashmoe.runtime.graphs import _no_collection_while_capturing

@@ -1,12 +1,13 @@
-"""At 16-bit our logits match transformers' (the reference) on tiny random models."""
+"""At 16-bit our logits match transformers' (the reference) on tiny random models of every family."""
 
+import pytest
 import torch
 
 from flashmoe.convert import convert
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.runtime.sampling import SamplingParams
 
-from .conftest import build_hf_model
+from .conftest import FAMILY_CONFIGS, build_hf_model
 
 PROMPT_LEN, DECODE_STEPS = 24, 16
 
@@ -33,12 +34,12 @@ def reference_run(model, prompt: torch.Tensor, steps: int):
 def our_run(engine: Engine, prompt: torch.Tensor, steps: int):
     state = engine.new_state()
     with torch.inference_mode():
-        prompt_logits = engine.model(prompt, state, last_only=False)
+        prompt_logits = engine.forward(prompt, state, last_only=False)
         step_logits, tokens = [], []
         token = int(prompt_logits[-1].argmax())
         for _ in range(steps):
             tokens.append(token)
-            logits = engine.model(torch.tensor([token]), state)
+            logits = engine.forward([token], state)
             step_logits.append(logits[-1])
             token = int(logits[-1].argmax())
     return prompt_logits, torch.stack(step_logits), tokens
@@ -47,7 +48,7 @@ def our_run(engine: Engine, prompt: torch.Tensor, steps: int):
 def check_parity(hf_dir, reference, tmp_path, prompt_len=PROMPT_LEN):
     packed = tmp_path / "packed"
     convert(hf_dir, packed, bits=16)
-    engine = Engine(packed, dtype=torch.float32)
+    engine = Engine(packed, EngineConfig(dtype="float32"))
     prompt = torch.randint(0, 256, (prompt_len,), generator=torch.Generator().manual_seed(1))
     ref_prompt, ref_steps, ref_tokens = reference_run(reference, prompt, DECODE_STEPS)
     got_prompt, got_steps, got_tokens = our_run(engine, prompt, DECODE_STEPS)
@@ -72,6 +73,14 @@ def test_text_model_with_tied_embeddings_matches_transformers(tmp_path):
 
 def test_qwen3_next_matches_transformers(tmp_path):
     ref = build_hf_model("next", tmp_path / "hf", seed=3)
+    check_parity(tmp_path / "hf", ref, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
+def test_family_matches_transformers(model_type, tmp_path):
+    """Each family in its release layout (as transformers saves it), prompt and decode, against its
+    transformers model."""
+    ref = build_hf_model(model_type, tmp_path / "hf", seed=6)
     check_parity(tmp_path / "hf", ref, tmp_path)
 
 
@@ -107,12 +116,11 @@ def test_fused_expert_layout_converts_identically(tiny_vlm, tmp_path):
 
 def test_prefill_equals_token_by_token(packed16):
     """Chunked prefill (several chunks of the delta rule) gives the logits of one-token steps."""
-    engine = Engine(packed16, dtype=torch.float32)
+    engine = Engine(packed16, EngineConfig(dtype="float32"))
     ids = torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        whole = engine.model(ids, engine.new_state(), last_only=False)
-        state = engine.new_state()
-        steps = torch.cat([engine.model(ids[i : i + 1], state) for i in range(len(ids))])
+    whole = engine.forward(ids, engine.new_state(), last_only=False)
+    state = engine.new_state()
+    steps = torch.cat([engine.forward(ids[i : i + 1], state) for i in range(len(ids))])
     assert rel_err(whole, steps) <= 1e-4
 
 
@@ -158,7 +166,7 @@ def test_trained_demo_model_matches_transformers(tmp_path):
     ids = Tokenizer.from_dir(DEMO_MODEL).encode(HELDOUT_TEXT.read_text()[:4000])[:96]
     packed = tmp_path / "packed"
     convert(tmp_path / "hf", packed, bits=16)
-    engine = Engine(packed, dtype=torch.float32)
+    engine = Engine(packed, EngineConfig(dtype="float32"))
     prompt = torch.tensor(ids)
     ref_prompt, ref_steps, ref_tokens = reference_run(reference, prompt, DECODE_STEPS)
     got_prompt, got_steps, got_tokens = our_run(engine, prompt, DECODE_STEPS)

@@ -1,13 +1,13 @@
-"""Gated GQA attention of one query token over a KV cache read in place (flash-decoding), in two
-launches:
+"""GQA attention of one query token over a KV cache read in place (flash-decoding), optionally
+with an output gate, in two launches:
 
   split:   program (kv head j, split s) takes the G = heads / kv_heads query heads of KV head j
            (they share its keys) over positions [s * len, (s + 1) * len) of 0..n-1, in blocks of
            BLOCK_N, and writes its running max, sum and unnormalised output (fp32);
   combine: program (query head i) rescales the live splits to their common max, normalises, and
-           applies the output gate: out = softmax(q k^T / sqrt(d)) v * sigmoid(gate).
+           applies the output gate if there is one: out = softmax(q k^T / sqrt(d)) v (* sigmoid(gate)).
 
-Reference: `attend` then `out * sigmoid(gate)` of GatedAttention.forward (layers/attention.py),
+Reference: `attend` then `out * sigmoid(gate)` of Attention.forward (layers/attention.py),
 with the model dtype's roundings where the eager code rounds (the attention output, the sigmoid).
 
 n is either a Python int (eager: the cache holds exactly n positions) or n = last + 1 read on the
@@ -93,7 +93,7 @@ def _split_kernel(
 @triton.jit(do_not_specialize=["n_arg"])
 def _combine_kernel(
     m_ptr, l_ptr, acc_ptr, gate_ptr, out_ptr, last_ptr, n_arg, gate_stride, SPLITS,
-    N_ON_DEVICE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
 ):
     h = tl.program_id(0)
     dt = out_ptr.dtype.element_ty
@@ -105,25 +105,28 @@ def _combine_kernel(
     w = tl.exp2(m - tl.max(m, axis=0))  # 0 for the splits that are not live
     l = tl.sum(w * tl.load(l_ptr + h * SPLITS + s, mask=live, other=0.0), axis=0)
     acc = tl.load(acc_ptr + (h * SPLITS + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-    o = (tl.sum(w[:, None] * acc, axis=0) / l).to(dt).to(tl.float32)
-    gate = tl.sigmoid(tl.load(gate_ptr + h * gate_stride + d).to(tl.float32)).to(dt).to(tl.float32)
-    tl.store(out_ptr + h * D + d, (o * gate).to(dt))
+    o = (tl.sum(w[:, None] * acc, axis=0) / l).to(dt)
+    if GATED:
+        gate = tl.sigmoid(tl.load(gate_ptr + h * gate_stride + d).to(tl.float32)).to(dt).to(tl.float32)
+        o = (o.to(tl.float32) * gate).to(dt)
+    tl.store(out_ptr + h * D + d, o)
 
 
 def attention_decode(
-    q: torch.Tensor, gate: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: int | torch.Tensor,
+    q: torch.Tensor, gate: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, last: int | torch.Tensor,
     block_n: int | None = None, splits: int = MAX_SPLITS,
 ) -> torch.Tensor:
-    """q [heads, d] contiguous, gate [heads, d] (unit stride along d), keys / values [L, kv_heads, d]
+    """q [heads, d] contiguous, gate [heads, d] (unit stride along d) or None, keys / values [L, kv_heads, d]
     (same strides, unit along d; d a power of two >= 16); last: the last position to attend, as
     an int, or a 1-element int64 device tensor (then L is the reserved capacity) -> softmax(q k^T /
-    sqrt(d)) v * sigmoid(gate) over positions 0..last, as [1, heads * d] in q's dtype. `splits`
+    sqrt(d)) v (* sigmoid(gate)) over positions 0..last, as [1, heads * d] in q's dtype. `splits`
     programs per KV head share the positions (the grid, fixed whatever n is), `block_n` at a time."""
     heads, D = q.shape
     L, kv_heads, _ = keys.shape
     G = heads // kv_heads
     if (
-        not q.is_contiguous() or keys.stride() != values.stride() or keys.stride(-1) != 1 or gate.stride(-1) != 1
+        not q.is_contiguous() or keys.stride() != values.stride() or keys.stride(-1) != 1
+        or (gate is not None and gate.stride(-1) != 1)
         or D < 16 or D != triton.next_power_of_2(D) or heads != G * kv_heads
     ):
         raise ValueError(f"attention_decode: unsupported shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}")
@@ -144,8 +147,8 @@ def attention_decode(
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=D, num_warps=8 if D >= 128 else 4,
     )
     _combine_kernel[(heads,)](
-        m, l, acc, gate, out, last_ptr, n, gate.stride(0), splits,
-        N_ON_DEVICE=on_device, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), D=D,
+        m, l, acc, q if gate is None else gate, out, last_ptr, n, 0 if gate is None else gate.stride(0), splits,
+        N_ON_DEVICE=on_device, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), D=D, GATED=gate is not None,
         num_warps=8 if splits * D >= 8192 else 4,
     )
     return out

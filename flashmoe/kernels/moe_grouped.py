@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..formats.packed import RecordLayout
-from ..layers.moe import swiglu_expert
+from ..layers.mlp import swiglu_expert
 from . import INTERPRETED
 from .moe_gemv import record_bases
 
@@ -107,7 +107,7 @@ class MoeGrouped:
                 tile_row.append(row)
                 tile_end.append(start + count)
             start += count
-        # Slots are int64: a resident tier's slot numbers also address pinned host records (runtime/gpu_experts.py).
+        # Slots are int64: a resident tier's slot numbers also address pinned host records (experts/tier.py).
         return tuple(torch.tensor(t, dtype=d).to(device, non_blocking=True)
                      for t, d in ((tile_slot, torch.int64), (tile_row, torch.int32), (tile_end, torch.int32)))
 

@@ -1,4 +1,4 @@
-"""Resident decode's expert lookup (runtime/gpu_experts.py, GpuExpertTier.resident_slots): the
+"""Resident decode's expert lookup (experts/resident.py, ResidentTable.slots): the
 slot of every routed expert from one layer's row of the device table, and one use counted for
 each lookup in that layer's row of the counters (collect_stats reads them between tokens).
 

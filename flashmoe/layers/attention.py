@@ -1,4 +1,11 @@
-"""Gated full attention: per-head q/k RMSNorm, partial RoPE, GQA over a KV cache, output * sigmoid(gate)."""
+"""Full attention over a KV cache: GQA, partial NeoX rotary, and the variants the families differ by:
+an output gate (Qwen3.5: q_proj yields [q_h | gate_h] per head, out * sigmoid(gate)), q/k RMSNorm
+per head or across all heads (MiniMax), biases on q/k/v (GLM) and on o."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -7,49 +14,76 @@ from torch import nn
 from .. import kernels
 from .fused import Projections
 from .norm import RMSNorm
+from .state import KVCache
 from .rotary import apply_rotary
 
 
-class GatedAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float):
+@dataclass(frozen=True, slots=True)
+class AttentionSpec:
+    """The shape and variant of one family's attention layers."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    gated: bool = False  # Qwen3.5: an output gate per head, computed by q_proj beside q
+    qk_norm: Literal["head", "all"] | None = None  # RMSNorm of q and k: per head, or across all heads
+    qkv_bias: bool = False
+    o_bias: bool = False
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, spec: AttentionSpec, eps: float, zero_centred_norms: bool):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        # q_proj yields, per head, [q_h | gate_h]: 2 * head_dim values.
-        self.q_proj = nn.Linear(hidden, heads * head_dim * 2, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.spec = spec
+        heads, kv, d = spec.heads, spec.kv_heads, spec.head_dim
+        self.q_proj = nn.Linear(hidden, heads * d * (2 if spec.gated else 1), bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv * d, bias=spec.qkv_bias)
         self.in_proj = Projections(self, "q_proj", "k_proj", "v_proj")
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps)
-        self.k_norm = RMSNorm(head_dim, eps)
+        self.o_proj = nn.Linear(heads * d, hidden, bias=spec.o_bias)
+        if spec.qk_norm is not None:
+            width = {"head": (d, d), "all": (heads * d, kv * d)}[spec.qk_norm]
+            self.q_norm = RMSNorm(width[0], eps, zero_centred_norms)
+            self.k_norm = RMSNorm(width[1], eps, zero_centred_norms)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
-        """x [T, hidden]; cos/sin [T, rotary_dim]; cache: a KVCache holding the earlier positions."""
-        T = x.shape[0]
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, ctx) -> torch.Tensor:
+        """x [T, hidden]; cos/sin [T, rotary_dim]; cache: a KVCache holding the earlier positions;
+        ctx: the step's context (models/context.py)."""
+        T, s = x.shape[0], self.spec
         q, k, v = self.in_proj(x)
-        q, gate = q.view(T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
-        k = k.view(T, self.kv_heads, self.head_dim)
-        v = v.view(T, self.kv_heads, self.head_dim)
-        fused = kernels.use_kernels(x)
-        if fused:
-            from ..kernels.rope import norm_rope
-
-            q = norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
-            k = norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps)
-        else:
-            q = apply_rotary(self.q_norm(q), cos, sin)
-            k = apply_rotary(self.k_norm(k), cos, sin)
-        keys, values, mask = cache.update(k, v)  # keys/values [L, kv_heads, head_dim], mask [T, L] or None
-        if fused and T == 1:
+        gate = None
+        if s.gated:
+            q, gate = q.view(T, s.heads, 2 * s.head_dim).chunk(2, dim=-1)
+        if s.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self._rotate(q.view(T, s.heads, s.head_dim), cos, sin, "q")
+        k = self._rotate(k.view(T, s.kv_heads, s.head_dim), cos, sin, "k")
+        v = v.view(T, s.kv_heads, s.head_dim)
+        keys, values, mask = cache.update(k, v, ctx.graph_position)  # [L, kv_heads, head_dim], mask [T, L] or None
+        if T == 1 and kernels.use_kernels(x):
             from ..kernels.attention_decode import attention_decode
 
             # No mask needed: inside a graph the kernel reads the last position on the device (and
             # skips the reserved blocks past it); eagerly the cache holds exactly the sequence.
-            last = cache.graph_position if cache.graph_position is not None else keys.shape[0] - 1
-            return self.o_proj(attention_decode(q[0], gate[0], keys, values, last))
-        out = attend(q, keys, values, mask)
-        out = out.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
+            last = ctx.graph_position if ctx.graph_position is not None else keys.shape[0] - 1
+            return self.o_proj(attention_decode(q[0], None if gate is None else gate[0], keys, values, last))
+        out = attend(q, keys, values, mask).reshape(T, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(out)
+
+    def new_state(self, dtype: torch.dtype, device) -> KVCache:
+        return KVCache(self.spec.kv_heads, self.spec.head_dim, dtype, device)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, which: str) -> torch.Tensor:
+        """The rotary embedding of q or k [T, heads, d], after its per-head norm where there is one."""
+        norm = getattr(self, f"{which}_norm", None) if self.spec.qk_norm == "head" else None
+        if kernels.use_kernels(x):
+            from ..kernels.rope import norm_rope
+
+            weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+            return norm_rope(x, weight, cos, sin, eps, norm is not None and norm.zero_centred)
+        return apply_rotary(norm(x) if norm is not None else x, cos, sin)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

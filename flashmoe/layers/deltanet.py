@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from .state import LinearState
 from .fused import Projections
 from .norm import GatedRMSNorm
 
@@ -52,6 +53,9 @@ class GatedDeltaNet(nn.Module):
         state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
         out = out.transpose(0, 1).to(x.dtype)  # [T, H, dv]
         return self.out_proj(self.norm(out, z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
+
+    def new_state(self, dtype: torch.dtype, device) -> LinearState:
+        return LinearState(self.conv_kernel, self.conv_dim, self.v_heads, self.k_dim, self.v_dim, dtype, device)
 
     def decode_fused(self, x: torch.Tensor, state) -> torch.Tensor:
         """The one-token step with the Triton kernels: the same function as the eager path, in two

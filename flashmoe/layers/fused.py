@@ -57,7 +57,8 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
         rows = x.reshape(-1, layer.in_features)
         if fits(rows, layer.weight):
-            return gemv16(rows, layer.weight).view(*x.shape[:-1], layer.out_features)
+            y = gemv16(rows, layer.weight).view(*x.shape[:-1], layer.out_features)
+            return y if layer.bias is None else y + layer.bias
     return layer(x)
 
 
@@ -69,7 +70,7 @@ def concatenated(layers: list[nn.Module]) -> nn.Module:
         if isinstance(first, Int8Linear):
             fused = Int8Linear(first.in_features, out)
         else:
-            fused = nn.Linear(first.in_features, out, bias=False)
+            fused = nn.Linear(first.in_features, out, bias=first.bias is not None)
     for name, _ in [*first.named_parameters(recurse=False), *first.named_buffers(recurse=False)]:
         whole = torch.cat([getattr(m, name) for m in layers])
         for m, rows in zip([fused, *layers], [whole, *whole.split([m.out_features for m in layers])]):

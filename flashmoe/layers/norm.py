@@ -1,4 +1,10 @@
-"""RMS norms of the Qwen3.5 / Qwen3-Next family, computed in fp32 like the reference."""
+"""RMS norms, computed in fp32 like the references.
+
+Two forms of the weight: Qwen3.5 / Qwen3-Next store w of a zero-centred (1 + w) and multiply in
+fp32 before rounding; the other families store the weight itself and multiply the normalised
+value after rounding it to the input's dtype (Llama's order). At fp32 the two orders agree; at
+16 bits each rounds where its reference does.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -8,34 +14,36 @@ from .. import kernels
 
 
 class RMSNorm(nn.Module):
-    """Zero-centred RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w); the weight is stored as w (init 0)."""
+    """x * rsqrt(mean(x^2) + eps) * weight, or * (1 + w) with `zero_centred` (w stored, init 0)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, zero_centred: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim), requires_grad=False)
+        self.eps, self.zero_centred = eps, zero_centred
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.use_kernels(x):
             from ..kernels.norms import rms_norm
 
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, self.zero_centred)
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).to(x.dtype)
+        if self.zero_centred:
+            return (out * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * out.to(x.dtype)
 
     def add(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual add before the norm: (x + r, norm(x + r)), one launch with the kernels."""
         if kernels.use_kernels(x):
             from ..kernels.norms import add_rms_norm
 
-            return add_rms_norm(x, r, self.weight, self.eps)
+            return add_rms_norm(x, r, self.weight, self.eps, self.zero_centred)
         x = x + r
         return x, self(x)
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm with a plain weight (not 1 + w), then times silu(gate): the DeltaNet output norm."""
+    """RMSNorm with a plain weight, then times silu(gate): the DeltaNet output norm."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -1,12 +1,70 @@
-"""Model families by config `model_type` family name. Each module exposes `Model`, `canonical_name`,
-`parse_expert_name` and `sanitize` (checkpoint tensor -> module tensors)."""
+"""Model families, found by config.json's `model_type`. A family is one module: `Args` (its
+config keys and layer plan, models/args.py), `NAMES` (its checkpoint names, models/names.py) and,
+where its checkpoints store a tensor differently from the modules, `sanitize`. Adding a family of
+known layer kinds is that module, its tests and its bench preset."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from . import qwen3_5_moe, qwen3_next
+import torch
 
-FAMILIES: dict[str, ModuleType] = {"qwen3_5_moe": qwen3_5_moe, "qwen3_next": qwen3_next}
+from . import glm4_moe, minimax_m2, qwen3_5_moe, qwen3_moe, qwen3_next
+from .args import ConfigError, ModelArgs
+from .names import CheckpointNames
+
+FAMILIES: dict[str, ModuleType] = {t: m for m in (qwen3_5_moe, qwen3_next, qwen3_moe, minimax_m2, glm4_moe)
+                                   for t in m.Args.MODEL_TYPES}
 
 
-def family(model_type: str) -> ModuleType:
+class UnsupportedModelError(ConfigError):
+    pass
+
+
+def family(model_type: str | None) -> ModuleType:
+    """The module of the family that reads configs of this model_type."""
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; flashmoe runs {', '.join(sorted(FAMILIES))}"
+        )
     return FAMILIES[model_type]
+
+
+def names(args: ModelArgs) -> CheckpointNames:
+    return family(args.model_type).NAMES
+
+
+def sanitize(args: ModelArgs, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A dense checkpoint tensor (canonical name) -> the tensors the modules hold (the same, unless
+    the family stores it differently)."""
+    fam = family(args.model_type)
+    return fam.sanitize(args, name, tensor) if hasattr(fam, "sanitize") else [(name, tensor)]
+
+
+def args_from_dict(config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelArgs:
+    return family(config.get("model_type")).Args.from_config(config, generation_config)
+
+
+def read_args(model_dir: str | Path) -> ModelArgs:
+    """The model's arguments from its directory's config.json (and generation_config.json)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point at a Hugging Face model directory with a config.json")
+    gen_path = path.with_name("generation_config.json")
+    return args_from_dict(read_json(path), read_json(gen_path) if gen_path.is_file() else None)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a ConfigError naming the file and where it stops parsing."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data

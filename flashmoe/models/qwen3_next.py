@@ -1,22 +1,46 @@
-"""Qwen3-Next: the Qwen3.5-MoE model with the linear-attention input projections fused per key head.
+"""Qwen3-Next (`qwen3_next`): the Qwen3.5-MoE model with dense-MLP layers where the config says
+(`mlp_only_layers`, `decoder_sparse_step`), an optional top-k renormalisation, and the linear-
+attention input projections fused per key head.
 
 Its checkpoints store in_proj_qkvz [k_heads * (2 dk + 2 r dv), H] and in_proj_ba [k_heads * 2r, H]
 (r = value heads per key head), grouped by key head. `sanitize` reorders those rows into the
 Qwen3.5 tensors (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a): a pure permutation, so the same
-model code runs both families exactly.
+layers run both families exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 
-from ..config import ModelConfig
-from .qwen3_5_moe import Model, canonical_name, parse_expert_name  # noqa: F401  (the family's shared parts)
+from . import qwen3_5_moe
+from .args import LayerSpec
+from .names import CheckpointNames
+
+NAMES = CheckpointNames(skip=(r"mtp\.", r"model\.mtp\."))
 
 
-def sanitize(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    nk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    r = cfg.linear_num_value_heads // nk
+@dataclass(kw_only=True)
+class Args(qwen3_5_moe.Args):
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen3_next",)
+
+    intermediate_size: int = 5632
+    norm_topk_prob: bool = True
+    mlp_only_layers: list[int] = field(default_factory=list)
+    decoder_sparse_step: int = 1
+
+    def layer(self, i: int) -> LayerSpec:
+        spec = super().layer(i)
+        if i in self.mlp_only_layers or (i + 1) % self.decoder_sparse_step:
+            return LayerSpec(spec.mixer, self.intermediate_size)
+        return LayerSpec(spec.mixer, self.moe_spec(self.norm_topk_prob))
+
+
+def sanitize(args: Args, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    nk, dk, dv = args.linear_num_key_heads, args.linear_key_head_dim, args.linear_value_head_dim
+    r = args.linear_num_value_heads // nk
     hidden = tensor.shape[-1]
     if name.endswith("linear_attn.in_proj_qkvz.weight"):
         grouped = tensor.view(nk, 2 * dk + 2 * r * dv, hidden)

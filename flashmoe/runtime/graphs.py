@@ -1,38 +1,39 @@
-"""Decode steps replayed from CUDA graphs.
+"""Decode steps replayed from CUDA graphs, recorded from the model's own forward.
 
 A decode step launches a few hundred small kernels; from Python each launch costs ~10 us, which
-for 60 layers would be most of a token's budget. So everything up to the routing decision of each
-layer (norms, mixer, router, shared expert) is captured once into a graph and replayed; the
-routed experts stay outside, because the host must see the routing to fetch them.
-With resident experts (Engine.preload) the host never needs the routing, so the routed experts are
-captured too and the whole step is one graph: one launch per token. (When the timer synchronizes
-for a profile, each layer's dense part and routed experts are graphs of their own, timed apart.)
-Graphs bind addresses: the KV caches are reserved to the generation's length up front and write at
-a device-side position, and the DeltaNet states update in place. What one piece hands the next
-(a layer's dense outputs to its routed experts, cos and sin, the logits) is the tensor it returned
-while captured, kept referenced: its memory in the graphs' shared pool stays its own, so every
-replay writes it at the same address and no copy into a static buffer is needed. Only the residual
-stream `x` is a buffer of its own, which the routed experts (captured or not) write in place.
+for 60 layers would be most of a token's budget. So the step is recorded once and replayed. The
+recording runs `Model.forward` itself, with a step context (models/context.py) that captures the
+kernels into graphs and marks where the host must take over: routed experts that read the routing
+on the host (copying misses into GPU slots) end one graph, are kept as an eager call, and the next
+graph begins after them. With resident experts (Engine.preload) the host never needs the routing,
+so the whole step is one graph: one launch per token. With a profiling timer, each layer's dense
+part and routed experts are graphs of their own, timed apart.
+
+Graphs bind addresses: the KV caches are reserved to the generation's length up front and written
+at a device-side position (the context's graph_position), and the DeltaNet states update in place.
+What one graph hands the next is the tensor it returned while captured, kept referenced: its memory
+in the graphs' shared pool stays its own, so every replay writes it at the same address. Where an
+eager call sits between two graphs, it writes its result into a buffer of its own.
 """
 
 from __future__ import annotations
 
 import gc
-from contextlib import contextmanager, nullcontext
-from typing import Callable, NamedTuple
+from contextlib import contextmanager
+from typing import Callable
 
 import torch
 
-from ..models.qwen3_5_moe import NullTimer
-from .state import KVCache, LinearState, SequenceState
+from ..layers.state import KVCache, LinearState, SequenceState
+from ..models.context import NullTimer, StepContext
 
 
 @contextmanager
 def _no_collection_while_capturing():
-    """Python's cycle collector off while graphs are captured. An earlier generation's decoder (and
-    its graphs) can sit in a reference cycle; collected in the middle of a capture, its graph's
-    reset is an operation a capturing stream refuses, and the capture fails (seen in a bench run
-    that re-captured for each row). torch.cuda.graph no longer collects before it begins."""
+    """Python's cycle collector off while graphs are captured. An earlier generation's graphs can
+    sit in a reference cycle; collected in the middle of a capture, a graph's reset is an operation
+    a capturing stream refuses, and the capture fails (seen in a bench run that re-captured for
+    each row)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -42,98 +43,95 @@ def _no_collection_while_capturing():
             gc.enable()
 
 
-class Body(NamedTuple):
-    """One piece of the step: its timer section, the function, and whether it is replayed from a
-    graph (the host-driven routed experts are not: they read the routing)."""
-
-    section: str | None
-    run: Callable[[], None]
-    captured: bool
+def _capturable(experts) -> bool:
+    return getattr(experts, "capturable", False)
 
 
-class GraphedDecoder:
+class _WarmUp(StepContext):
+    """One eager run of the step before it is captured (kernel selection, Triton compiles,
+    workspaces), writing where the graph will: host-driven experts are left out (they would copy
+    and count), their layer's residual passes through."""
+
+    def run_experts(self, layer, h, ids, weights, residual):
+        if _capturable(self.experts[layer]):
+            return super().run_experts(layer, h, ids, weights, residual)
+        return residual
+
+
+class _Recorder(StepContext):
+    """Runs the forward under capture, cutting it into graphs where the host must take over."""
+
+    def __init__(self, *args, pool, split_layers: bool, **kwargs):
+        super().__init__(*args, timer=NullTimer(), **kwargs)
+        self.pool, self.split_layers = pool, split_layers
+        self.segments: list[tuple[str, torch.cuda.CUDAGraph | Callable[[], None]]] = []
+        self._open: torch.cuda.CUDAGraph | None = None
+
+    def begin(self) -> None:
+        self._open = torch.cuda.CUDAGraph()
+        self._open.capture_begin(pool=self.pool)
+
+    def end(self, name: str) -> None:
+        self._open.capture_end()
+        self.segments.append((name, self._open))
+        self._open = None
+
+    def run_experts(self, layer, h, ids, weights, residual):
+        experts = self.experts[layer]
+        if _capturable(experts) and not self.split_layers:
+            return experts(h, ids, weights, residual=residual)
+        self.end("dense (graph)")
+        if _capturable(experts):  # a profile: the experts in a graph of their own
+            self.begin()
+            out = experts(h, ids, weights, residual=residual)
+            self.end("experts (graph)")
+        else:  # the host reads the routing: an eager call between two graphs, into a buffer of its own
+            out = torch.empty_like(residual)
+            self.segments.append(("", lambda: experts(h, ids, weights, residual=residual, out=out)))
+        self.begin()
+        return out
+
+
+class DecodeGraph:
+    """The decode step of one sequence, recorded for up to `capacity` positions, replayed per token."""
+
     def __init__(self, engine, state: SequenceState, capacity: int):
         self.engine, self.state, self.capacity = engine, state, capacity
-        dev = engine.device
-        self.caches = [c for c in state.layers if isinstance(c, KVCache)]
-        for c in self.caches:
-            c.reserve(capacity)
-        H = engine.config.hidden_size
-        self.token = torch.zeros(1, dtype=torch.long, device=dev)
-        self.position = torch.zeros(1, dtype=torch.long, device=dev)
-        self.x = torch.zeros(1, H, dtype=engine.dtype, device=dev)  # the residual stream between layers
-        # layer i's dense outputs (x_mid, h, weights, ids) for its routed experts, as captured
-        self.routing: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.cos = self.sin = self.logits = None
-        self.pool = torch.cuda.graph_pool_handle()
-        self.bodies = self._bodies(resident=engine.resident)
-        self.whole: torch.cuda.CUDAGraph | None = None  # the whole step: every body captured, no profile
-        self.graphs: list[torch.cuda.CUDAGraph] = []  # else one per captured body, in order
-        self._capture()
+        for cache in state.layers:
+            if isinstance(cache, KVCache):
+                cache.reserve(capacity)
+        device = engine.device
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.position = torch.full((1,), state.position, dtype=torch.long, device=device)
+        self.segments, self.logits = self._record()
 
-    def _prologue(self) -> None:
-        self.cos, self.sin = self.engine.model.rotary(self.position)
-        self.x.copy_(self.engine.model.model.embed_tokens(self.token))
-
-    def _layer(self, i: int) -> None:
-        layer = self.engine.model.layers[i]
-        x, h, weights, ids = layer.dense(self.x, self.cos, self.sin, self.state.layers[i], NullTimer())
-        if ids is None:
-            self.x.copy_(x)
-        else:
-            self.routing[i] = x, h, weights, ids  # ids: own, then (prefetch) the next layer's guess
-
-    def _experts(self, i: int) -> None:
-        """Layer i's routed experts from what its dense part returned: x = x_mid + experts(h)."""
-        x_mid, h, weights, ids = self.routing[i]
-        self.engine.model.layers[i].mlp.experts.decode_into(h, ids, weights, residual=x_mid, out=self.x)
-
-    def _epilogue(self) -> None:
-        self.logits = self.engine.model.logits(self.x)
-
-    def _bodies(self, resident: bool) -> list[Body]:
-        bodies = [Body(None, self._prologue, True)]
-        for i, layer in enumerate(self.engine.model.layers):
-            bodies.append(Body("dense (graph)", lambda i=i: self._layer(i), True))  # mixer, router, shared expert
-            if getattr(layer.mlp, "experts", None) is not None:
-                # host-driven experts time their own sections (expert_io, expert_compute)
-                bodies.append(Body("experts (graph)" if resident else None, lambda i=i: self._experts(i), resident))
-        bodies.append(Body("head", self._epilogue, True))
-        return bodies
-
-    def _capture(self) -> None:
-        captured = [b.run for b in self.bodies if b.captured]
-        for c in self.caches:
-            c.graph_position = self.position
-        self.position.fill_(self.state.position)
-        # Warm up once eagerly on a side stream (kernel selection, Triton compiles, workspaces), then
-        # restore the states it advanced: the KV write lands where the real step writes the same
-        # values later. Host-driven experts are left out (they would copy and count).
-        saved = [(s.conv.clone(), s.recurrent.clone()) for s in self.state.layers if isinstance(s, LinearState)]
+    def _record(self):
+        eng, state = self.engine, self.state
+        # Warm up on a side stream, then restore the DeltaNet states it advanced: its KV write lands
+        # where the real step writes the same values later.
+        linear = [s for s in state.layers if isinstance(s, LinearState)]
+        saved = [(s.conv.clone(), s.recurrent.clone()) for s in linear]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(side):
-            for run in captured:
-                run()
+            eng.model(self.token, _WarmUp(state, eng.experts, guesses=eng.guesses, graph_position=self.position))
         torch.cuda.current_stream().wait_stream(side)
-        linear = [s for s in self.state.layers if isinstance(s, LinearState)]
         for s, (conv, rec) in zip(linear, saved):
             s.conv.copy_(conv)
             s.recurrent.copy_(rec)
-        if self.engine.gpu_tier is not None:
-            self.engine.gpu_tier.forget_uncollected()  # the warm-up's expert lookups are no token's
-        with torch.inference_mode(), _no_collection_while_capturing():
-            if all(b.captured for b in self.bodies) and self.engine.timer.sync is None:
-                self.whole = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.whole, pool=self.pool):
-                    for run in captured:
-                        run()
-                return
-            for run in captured:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool):
-                    run()
-                self.graphs.append(g)
+        eng.settle("warmup")  # the warm-up's expert lookups are no token's
+        recorder = _Recorder(state, eng.experts, guesses=eng.guesses, graph_position=self.position,
+                             pool=torch.cuda.graph_pool_handle(), split_layers=eng.timer.sync is not None)
+        torch.cuda.synchronize()
+        with torch.inference_mode(), _no_collection_while_capturing(), torch.cuda.stream(torch.cuda.Stream()):
+            recorder.begin()
+            logits = eng.model(self.token, recorder)
+            recorder.end("head")
+        torch.cuda.synchronize()
+        segments = recorder.segments
+        if len(segments) == 1:
+            segments = [("step (graph)", segments[0][1])]
+        return segments, logits
 
     def step(self, token: int) -> torch.Tensor:
         """Feed one token; return logits [1, vocab] (a static buffer, overwritten by the next step)."""
@@ -142,23 +140,11 @@ class GraphedDecoder:
         timer = self.engine.timer
         self.token.fill_(token)
         self.position.fill_(self.state.position)
-        if self.whole is not None:
-            with timer.section("step (graph)"):
-                self.whole.replay()
-        else:
-            graphs = iter(self.graphs)
-            for body in self.bodies:
-                if not body.captured:
-                    body.run()
-                    continue
-                with timer.section(body.section) if body.section else nullcontext():
-                    next(graphs).replay()
-        self.state.position += 1
-        for c in self.caches:
-            c.length += 1
+        for name, segment in self.segments:
+            if isinstance(segment, torch.cuda.CUDAGraph):
+                with timer.section(name):
+                    segment.replay()
+            else:
+                segment()  # host-driven experts time their own sections (expert_io, expert_compute)
+        self.state.advance_graphed()
         return self.logits
-
-    def release(self) -> None:
-        """Hand the state back to eager use."""
-        for c in self.caches:
-            c.graph_position = None

@@ -19,10 +19,11 @@ import torch
 from jinja2 import TemplateError
 
 from .sampling import SamplingParams
-from .state import SequenceState
+from ..layers.state import SequenceState
 
 if TYPE_CHECKING:
-    from ..engine import Engine, Generation, LogitsProcessor
+    from ..engine import Engine
+    from ..generation import Generation, LogitsProcessor
     from ..tokenizer import Tokenizer
 
 

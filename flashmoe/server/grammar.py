@@ -61,7 +61,7 @@ class Grammars:
     def for_engine(cls, engine: Engine) -> Grammars:
         """Grammars for the engine's model: its tokenizer.json, logits width and stop tokens."""
         tokenizer_json = (Path(engine.dir) / "tokenizer.json").read_text(encoding="utf-8")
-        return cls(engine.tokenizer, tokenizer_json, engine.config.vocab_size, engine.stop_ids)
+        return cls(engine.tokenizer, tokenizer_json, engine.args.vocab_size, engine.stop_ids)
 
     def processor(self, lark: str) -> GrammarProcessor:
         """A fresh processor for one generation; GrammarError if the grammar does not compile."""

@@ -10,7 +10,8 @@ from typing import Any, AsyncIterator, Iterator
 
 from jinja2 import TemplateError
 
-from ..engine import ContextLengthError, Engine, Step
+from ..engine import Engine
+from ..generation import ContextLengthError, Step
 from ..runtime.prefix_cache import PrefixCache, cached_generate, chat_checkpoints
 from ..runtime.sampling import SamplingParams
 from ..tool_calls import Content, Event, OutputParser
@@ -96,8 +97,8 @@ class ModelService:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        if max(ids) >= self.engine.config.vocab_size or min(ids) < 0:
-            raise APIError(400, f"token ids must be in [0, {self.engine.config.vocab_size})", param="prompt")
+        if max(ids) >= self.engine.args.vocab_size or min(ids) < 0:
+            raise APIError(400, f"token ids must be in [0, {self.engine.args.vocab_size})", param="prompt")
         self._check_context(len(ids), "prompt")
         return Plan(ids, self.sampling(len(ids), **params))
 

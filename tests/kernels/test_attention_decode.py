@@ -21,9 +21,9 @@ def case(heads: int, kv_heads: int, d: int, n: int, capacity: int, dtype, seed: 
 
 
 def reference(q, gate, keys, values, n: int) -> torch.Tensor:
-    """GatedAttention's eager lines for one token, on the CPU: [1, heads * d]."""
-    out = attend(q[None], keys[:n], values[:n], None)
-    return out.reshape(1, -1) * torch.sigmoid(gate.reshape(1, -1))
+    """Attention's eager lines for one token, on the CPU: [1, heads * d] (gated if there is a gate)."""
+    out = attend(q[None], keys[:n], values[:n], None).reshape(1, -1)
+    return out if gate is None else out * torch.sigmoid(gate.reshape(1, -1))
 
 
 # n = 37 and 100 are not multiples of the block; splits = 3 gives several blocks per split,
@@ -50,6 +50,14 @@ def test_decode_attention_matches_the_eager_attention(device, poison, heads, kv_
     out = attention_decode(q.to(device), gate.to(device), keys.to(device), values.to(device), last, block_n, splits)
     assert out.shape == (1, heads * d) and out.dtype == dtype
     assert rel(out, reference(q, gate, keys, values, n)) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_attention_without_an_output_gate(device, poison, dtype, tol):
+    """The families whose attention has no gate (Qwen3-MoE, MiniMax, GLM): softmax(q k^T) v alone."""
+    q, _, keys, values = case(8, 2, 32, 45, 45, dtype, seed=17)
+    out = attention_decode(q.to(device), None, keys.to(device), values.to(device), 44, 16, 4)
+    assert rel(out, reference(q, None, keys, values, 45)) < tol
 
 
 def test_shapes_it_cannot_take_are_refused(device):

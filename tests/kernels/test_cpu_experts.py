@@ -9,7 +9,7 @@ pytest.importorskip("numba")
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels import cpu_experts
 from flashmoe.kernels.cpu_experts import CpuExperts
-from flashmoe.layers.moe import swiglu_expert
+from flashmoe.layers.mlp import swiglu_expert
 
 
 def random_pool(layout: RecordLayout, slots: int, seed: int) -> torch.Tensor:

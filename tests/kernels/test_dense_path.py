@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from flashmoe import kernels
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.kernels import attention_decode, deltanet_step, norms, rope, router, shared_expert
-from flashmoe.layers.attention import GatedAttention
+from flashmoe.convert import convert
+from flashmoe.layers.attention import Attention, AttentionSpec
 from flashmoe.layers.rotary import RotaryEmbedding
-from flashmoe.runtime.state import KVCache
+from flashmoe.layers.state import KVCache
+from flashmoe.models.context import StepContext
 
+from ..conftest import FAMILY_CONFIGS, build_hf_model
 from ..test_parity import our_run, rel_err
 
 # Kernels on CPU tensors need the interpreter, which tests/conftest.py sets only without a GPU;
@@ -43,14 +46,34 @@ def counted(monkeypatch) -> collections.Counter:
     return calls
 
 
-def test_kernels_give_the_logits_of_the_pytorch_path(packed16, monkeypatch, counted):
-    engine = Engine(packed16, dtype=torch.float32)
+# What each family's dense part runs beyond the common kernels (norms, router, rotary, attention)
+FAMILY_KERNELS = {
+    "qwen3_5_moe": {"conv_step", "delta_step", "swiglu", "gated_residual"},  # DeltaNet, gated shared expert
+    "qwen3_moe": {"swiglu"},  # a dense-MLP layer
+    "minimax_m2": set(),  # no shared expert, q/k norm across heads (rms_norm), rotary alone
+    "glm4_moe": {"swiglu"},  # plain shared expert and a dense layer, q/k norm per head
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_KERNELS))
+def family_model(request, packed16, tmp_path_factory):
+    if request.param == "qwen3_5_moe":
+        return request.param, packed16
+    d = tmp_path_factory.mktemp(request.param)
+    build_hf_model(request.param, d / "hf", seed=9)
+    convert(d / "hf", d / "packed", bits=16)
+    return request.param, d / "packed"
+
+
+def test_kernels_give_the_logits_of_the_pytorch_path(family_model, monkeypatch, counted):
+    model_type, packed = family_model
+    engine = Engine(packed, EngineConfig(dtype="float32"))
     prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(6))
     ref_prompt, ref_steps, ref_tokens = our_run(engine, prompt, 6)
     assert not counted
     monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
     got_prompt, got_steps, got_tokens = our_run(engine, prompt, 6)
-    assert set(counted) == {name for names in KERNELS.values() for name in names}
+    assert set(counted) == {"rms_norm", "add_rms_norm", "norm_rope", "route", "attention_decode"} | FAMILY_KERNELS[model_type]
     assert rel_err(got_prompt, ref_prompt) <= 1e-5  # fp32 sums in another order
     assert rel_err(got_steps, ref_steps) <= 1e-5
     assert got_tokens == ref_tokens
@@ -58,28 +81,29 @@ def test_kernels_give_the_logits_of_the_pytorch_path(packed16, monkeypatch, coun
 
 def test_attention_in_a_graph_reads_the_position_on_the_device(monkeypatch):
     """The graphed decode's protocol (runtime/graphs.py): a reserved cache written at the device
-    position `graph_position`, `length` advanced by the host after each step. The kernel path
+    position the step context holds, `length` advanced by the host after each step. The kernel path
     attends over that position's prefix; the PyTorch path (eager cache) is the reference."""
     g = torch.Generator().manual_seed(8)
-    layer = GatedAttention(hidden=64, heads=4, kv_heads=2, head_dim=16, eps=1e-6)
+    layer = Attention(64, AttentionSpec(4, 2, 16, gated=True, qk_norm="head"), eps=1e-6, zero_centred_norms=True)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 5.0))
     rotary = RotaryEmbedding(4, 10000.0)
     eager, graphed = KVCache(2, 16, torch.float32, "cpu"), KVCache(2, 16, torch.float32, "cpu")
     x = torch.randn(9, 64, generator=g)
+    position = torch.zeros(1, dtype=torch.long)
+    eager_ctx, graph_ctx = StepContext(None), StepContext(None, graph_position=position)
     with torch.no_grad():
         cos, sin = rotary(torch.arange(5))
-        layer(x[:5], cos, sin, eager)
-        layer(x[:5], cos, sin, graphed)
+        layer(x[:5], cos, sin, eager, eager_ctx)
+        layer(x[:5], cos, sin, graphed, eager_ctx)
         graphed.reserve(40)
-        graphed.graph_position = position = torch.zeros(1, dtype=torch.long)
         for t in range(5, 9):
             cos, sin = rotary(torch.tensor([t]))
-            ref = layer(x[t : t + 1], cos, sin, eager)
+            ref = layer(x[t : t + 1], cos, sin, eager, eager_ctx)
             with monkeypatch.context() as m:
                 m.setattr(kernels, "use_kernels", lambda x: True)
                 position.fill_(t)
-                got = layer(x[t : t + 1], cos, sin, graphed)
+                got = layer(x[t : t + 1], cos, sin, graphed, graph_ctx)
                 graphed.length += 1
             assert float((got - ref).norm() / ref.norm()) < 1e-5, t

@@ -9,11 +9,11 @@ from .conftest import rel
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def random_norm(H: int, g: torch.Generator, dtype) -> RMSNorm:
+def random_norm(H: int, g: torch.Generator, dtype, zero_centred: bool = True) -> RMSNorm:
     """A CPU RMSNorm (the reference path) with a non-trivial weight."""
-    norm = RMSNorm(H, eps=1e-6)
+    norm = RMSNorm(H, eps=1e-6, zero_centred=zero_centred)
     with torch.no_grad():
-        norm.weight.copy_(torch.randn(H, generator=g) * 0.3)
+        norm.weight.copy_(torch.randn(H, generator=g) * 0.3 + (not zero_centred))
     return norm.to(dtype)
 
 
@@ -26,22 +26,24 @@ def rows(T: int, H: int, g: torch.Generator, dtype, stride: int | None = None) -
 # H = 100 is not a power of two (masked tail); 4096 is the 397B's hidden size.
 @pytest.mark.parametrize("T,H", [(1, 64), (3, 100), (2, 256), (1, 4096)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_norm_matches_the_eager_norm(device, poison, T, H, dtype, tol):
+@pytest.mark.parametrize("zero_centred", [True, False], ids=["1+w", "w"])
+def test_norm_matches_the_eager_norm(device, poison, T, H, dtype, tol, zero_centred):
     g = torch.Generator().manual_seed(T * 1000 + H)
-    norm = random_norm(H, g, dtype)
+    norm = random_norm(H, g, dtype, zero_centred)
     x = rows(T, H, g, dtype, stride=H + 7)
-    out = rms_norm(x.to(device), norm.weight.to(device), norm.eps)
+    out = rms_norm(x.to(device), norm.weight.to(device), norm.eps, zero_centred)
     assert out.shape == (T, H) and out.dtype == dtype
     assert rel(out, norm(x)) < tol
 
 
 @pytest.mark.parametrize("T,H", [(1, 64), (3, 100), (1, 4096)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_fused_add_matches_add_then_norm(device, poison, T, H, dtype, tol):
+@pytest.mark.parametrize("zero_centred", [True, False], ids=["1+w", "w"])
+def test_fused_add_matches_add_then_norm(device, poison, T, H, dtype, tol, zero_centred):
     g = torch.Generator().manual_seed(T * 1000 + H + 1)
-    norm = random_norm(H, g, dtype)
+    norm = random_norm(H, g, dtype, zero_centred)
     x, r = rows(T, H, g, dtype), rows(T, H, g, dtype, stride=H + 3)
-    total, out = add_rms_norm(x.to(device), r.to(device), norm.weight.to(device), norm.eps)
+    total, out = add_rms_norm(x.to(device), r.to(device), norm.weight.to(device), norm.eps, zero_centred)
     ref_total, ref_out = norm.add(x, r)
     assert total.dtype == out.dtype == dtype
     if dtype == torch.float32:  # the interpreter rounds to bf16 by truncation: exact only on the GPU (below)
@@ -53,7 +55,7 @@ def test_leading_dimensions_are_kept(device):
     g = torch.Generator().manual_seed(7)
     norm = random_norm(32, g, torch.float32)
     x = torch.randn(2, 3, 32, generator=g)
-    out = rms_norm(x.to(device), norm.weight.to(device), norm.eps)
+    out = rms_norm(x.to(device), norm.weight.to(device), norm.eps, True)
     assert out.shape == (2, 3, 32) and rel(out, norm(x)) < 1e-6
 
 
@@ -64,7 +66,7 @@ def test_bf16_sum_is_rounded_as_the_eager_add():
     g = torch.Generator().manual_seed(11)
     norm = random_norm(4096, g, torch.bfloat16)
     x, r = rows(4, 4096, g, torch.bfloat16), rows(4, 4096, g, torch.bfloat16)
-    total, out = add_rms_norm(x.cuda(), r.cuda(), norm.weight.cuda(), norm.eps)
+    total, out = add_rms_norm(x.cuda(), r.cuda(), norm.weight.cuda(), norm.eps, True)
     ref_total, ref_out = norm.add(x, r)
     assert torch.equal(total.cpu(), ref_total)
     assert float((out.cpu() == ref_out).float().mean()) > 0.99

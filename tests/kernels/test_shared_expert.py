@@ -6,7 +6,8 @@ from flashmoe import kernels, quant
 from flashmoe.kernels.int8_gemv import int8_gemv, int8_linear_reference
 from flashmoe.kernels.shared_expert import gated_residual, gated_residual_reference, swiglu, swiglu_reference
 from flashmoe.layers.int8_linear import Int8Linear
-from flashmoe.layers.moe import SparseMoE
+from flashmoe.moe.block import MoEBlock, MoESpec
+from flashmoe.moe.routing import Routing
 
 from .conftest import rel
 
@@ -74,10 +75,12 @@ def test_fused_options_refuse_what_they_do_not_support(device):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors, in Triton's interpreter")
 @pytest.mark.parametrize("int8", [False, True])
-def test_the_layer_fuses_its_shared_expert_without_changing_it(monkeypatch, int8):
-    """SparseMoE.add_shared on the kernels (the int8 GEMV taking the row, as on a GPU) against its
-    PyTorch branch, from the views of a fused in_proj output."""
-    moe = SparseMoE(64, 8, 2, 48)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_the_block_adds_its_shared_expert_on_the_kernels_without_changing_it(monkeypatch, int8, gated):
+    """MoEBlock.add_shared on the kernels (the int8 GEMV taking the row, as on a GPU) against its
+    PyTorch branch, from the views of a fused in_proj output: Qwen3.5's sigmoid-gated shared expert
+    and GLM's plain one."""
+    moe = MoEBlock(64, MoESpec(8, 2, 16, Routing(), shared_intermediate=48, shared_gate=gated))
     g = torch.Generator().manual_seed(int(int8))
     if int8:
         moe.shared_expert.down_proj = Int8Linear(48, 64)
@@ -89,12 +92,12 @@ def test_the_layer_fuses_its_shared_expert_without_changing_it(monkeypatch, int8
         nn.init.normal_(moe.shared_expert.down_proj.weight, std=48**-0.5, generator=g)
     T = 1 if int8 else 3
     fused = torch.randn(T, 1 + 2 * 48, generator=g)  # shared gate, gate, up side by side
-    shared_gate, gate, up = fused.split([1, 48, 48], dim=-1)
+    inputs = list(fused.split([1, 48, 48], dim=-1))[0 if gated else 1 :]
     x = torch.randn(T, 64, generator=g)
     with torch.no_grad():
-        ref = moe.add_shared(x, shared_gate, gate, up)
+        ref = moe.add_shared(x, inputs)
         monkeypatch.setattr(kernels, "use_kernels", lambda t: True)
-        got = moe.add_shared(x, shared_gate, gate, up)
+        got = moe.add_shared(x, inputs)
     assert rel(got, ref) < 1e-5
 
 

@@ -7,21 +7,18 @@ import copy
 
 import torch
 
-from ..config import ModelConfig
-
 
 class KVCache:
     """Keys and values of one attention layer; storage grows by doubling, so appends are amortised O(T).
 
     Eager use appends at `length`. While a CUDA graph replays the decode step, the write position
-    is the device tensor `graph_position` instead (set by runtime/graphs.py) and attention runs
-    over the whole buffer, masked beyond that position: shapes stay fixed, as graphs need."""
+    is a device tensor instead (the step context's graph_position, runtime/graphs.py) and attention
+    runs over the whole buffer, masked beyond that position: shapes stay fixed, as graphs need."""
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 256):
         self.k = torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.length = 0
-        self.graph_position: torch.Tensor | None = None
 
     def reserve(self, capacity: int) -> None:
         if capacity > self.k.shape[0]:
@@ -31,12 +28,14 @@ class KVCache:
                 new[: self.length] = old[: self.length]
                 setattr(self, name, new)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store the new keys/values; return (keys, values, mask) for attention over the sequence."""
-        if self.graph_position is not None:
-            self.k.index_copy_(0, self.graph_position, k)
-            self.v.index_copy_(0, self.graph_position, v)
-            mask = torch.arange(self.k.shape[0], device=k.device)[None, :] <= self.graph_position[:, None]
+    def update(self, k: torch.Tensor, v: torch.Tensor, graph_position: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new keys/values (at `graph_position` inside a graph, which leaves `length` to
+        the graph's runner); return (keys, values, mask) for attention over the sequence."""
+        if graph_position is not None:
+            self.k.index_copy_(0, graph_position, k)
+            self.v.index_copy_(0, graph_position, v)
+            mask = torch.arange(self.k.shape[0], device=k.device)[None, :] <= graph_position[:, None]
             return self.k, self.v, mask
         start, end = self.length, self.length + k.shape[0]
         if end > self.k.shape[0]:
@@ -57,19 +56,15 @@ class KVCache:
         """A copy holding just the used positions (the doubling headroom is not copied)."""
         new = copy.copy(self)
         new.k, new.v = self.k[: max(self.length, 1)].clone(), self.v[: max(self.length, 1)].clone()
-        new.graph_position = None
         return new
 
 
 class LinearState:
     """Gated DeltaNet state: the last kernel-1 conv inputs and the fp32 recurrent state [Hv, dk, dv]."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
-        conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
-        self.conv = torch.zeros(cfg.linear_conv_kernel_dim - 1, conv_dim, dtype=dtype, device=device)
-        self.recurrent = torch.zeros(
-            cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim, dtype=torch.float32, device=device
-        )
+    def __init__(self, conv_kernel: int, conv_dim: int, v_heads: int, k_dim: int, v_dim: int, dtype: torch.dtype, device):
+        self.conv = torch.zeros(conv_kernel - 1, conv_dim, dtype=dtype, device=device)
+        self.recurrent = torch.zeros(v_heads, k_dim, v_dim, dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -82,12 +77,18 @@ class LinearState:
 
 
 class SequenceState:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+    """One sequence: its position and each layer's state (the model's new_state builds it)."""
+
+    def __init__(self, layers: list):
         self.position = 0
-        self.layers = [
-            LinearState(cfg, dtype, device) if t == "linear_attention" else KVCache(cfg.num_key_value_heads, cfg.head_dim, dtype, device)
-            for t in cfg.layer_types
-        ]
+        self.layers = layers
+
+    def advance_graphed(self) -> None:
+        """One token written by a replayed graph: eager writes advance the KV caches themselves."""
+        self.position += 1
+        for cache in self.layers:
+            if isinstance(cache, KVCache):
+                cache.length += 1
 
     def clone(self) -> "SequenceState":
         new = copy.copy(self)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .policy import SlotMap
+from ..experts.policy import SlotMap
 
 WINDOWS = (1, 4, 16)  # reuse windows in tokens
 
@@ -161,7 +161,7 @@ def fit_replay(trace_ids: np.ndarray, num_experts: int, target_experts: int, k: 
 
 
 def hit_rate(policy: str, capacity: int, ids: np.ndarray) -> float:
-    """Hit rate of one cache tier of `capacity` experts (runtime/policy.py, the code the tiers
+    """Hit rate of one cache tier of `capacity` experts (experts/policy.py, the code the tiers
     run) shared by all layers, under a routing stream [T, L, k] visited token by token, layer by layer."""
     slots = SlotMap(range(capacity), policy)
     hits = 0

@@ -21,7 +21,7 @@ from ..formats.packed import Manifest
 from ..formats.safetensors import read_into
 from ..utils import format_bytes
 from .policy import SlotMap
-from .stats import Counters
+from ..runtime.stats import Counters
 
 
 class ExpertStoreError(RuntimeError):

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..layers.moe import RoutedExperts, SparseMoE
+from ..moe.block import RoutedExperts
 
 
 class TraceError(ValueError):
@@ -83,7 +83,7 @@ class RoutingTrace:
 
     def require(self, num_experts: int, k: int) -> None:
         """Refuse to replay these ids verbatim on a model of another shape (a generated stream,
-        runtime/locality.py, carries the statistics to any shape instead)."""
+        analysis/locality.py, carries the statistics to any shape instead)."""
         if (num_experts, k) != (self.num_experts, self.k):
             raise TraceError(
                 f"the trace was recorded with {self.num_experts} experts, k={self.k} ({self.model or 'unknown model'}); "
@@ -98,9 +98,13 @@ class RecordingExperts:
         self.inner = inner
         self.ids: list[torch.Tensor] = []  # [T, k] per call, in call order
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    @property
+    def capturable(self) -> bool:
+        return False  # it reads the ids on the host
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, **out) -> torch.Tensor:
         self.ids.append(ids.cpu())
-        return self.inner(x, ids, weights)
+        return self.inner(x, ids, weights, **out)
 
 
 class ReplayExperts:
@@ -133,36 +137,34 @@ class ReplayExperts:
         self.position += T
         return self.stream[rows]  # host ids: the inner callable's own ids.cpu() is then free
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.inner(x, self._next(ids), weights)
+    @property
+    def capturable(self) -> bool:
+        return getattr(self.inner, "capturable", False) and not self.host_sync
 
-    def decode_into(self, x, ids, weights, residual, out) -> None:
-        """The graphed decode step's entry point (runtime/graphs.py)."""
-        self.inner.decode_into(x, self._next(ids), weights, residual, out)
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, **out) -> torch.Tensor:
+        return self.inner(x, self._next(ids), weights, **out)
 
 
 @contextmanager
-def wrapped_experts(layers, wrap: Callable[[int, RoutedExperts], RoutedExperts]) -> Iterator[list]:
-    """Replace the experts callable of every MoE layer by wrap(moe_index, callable) for the block;
-    yields the wrappers in layer order and puts the originals back afterwards."""
-    moe = [layer.mlp for layer in layers if isinstance(layer.mlp, SparseMoE)]
-    originals = [m.experts for m in moe]
+def wrapped_experts(engine, wrap: Callable[[int, RoutedExperts], RoutedExperts]) -> Iterator[list]:
+    """Replace the engine's routed experts of every MoE layer by wrap(moe_index, experts) for the
+    block; yields the wrappers in layer order and puts the originals back afterwards."""
+    originals = list(engine.experts)
     try:
-        for i, m in enumerate(moe):
-            m.experts = wrap(i, m.experts)
-        yield [m.experts for m in moe]
+        for n, i in enumerate(engine.moe_layers):
+            engine.experts[i] = wrap(n, originals[i])
+        yield [engine.experts[i] for i in engine.moe_layers]
     finally:
-        for m, experts in zip(moe, originals):
-            m.experts = experts
+        engine.experts[:] = originals
 
 
 def record(engine, ids: list[int], source: str = "", progress: Callable[[int], None] = lambda done: None) -> RoutingTrace:
     """Teacher-force `ids` through the engine (windows of at most its context length, each from a
     fresh state) and return the routing of every token."""
     window = engine.context_length
-    with wrapped_experts(engine.model.layers, lambda i, inner: RecordingExperts(inner)) as recorders:
+    with wrapped_experts(engine, lambda i, inner: RecordingExperts(inner)) as recorders:
         for start in range(0, len(ids), window):
             engine.forward(ids[start : start + window], engine.new_state())
             progress(min(start + window, len(ids)))
     routed = np.stack([torch.cat(r.ids).numpy() for r in recorders], axis=1).astype(np.int16)
-    return RoutingTrace(routed, engine.config.num_experts, engine.dir.name, source)
+    return RoutingTrace(routed, engine.args.moe.num_experts, engine.dir.name, source)

@@ -1,4 +1,5 @@
-"""Routed experts computed from records fetched through the expert store (the CPU path)."""
+"""The CPU path's routed experts: records fetched through the expert store (RAM cache, disk) and
+computed by PyTorch, or for a decode token by the numba kernel straight from the cached records."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from contextlib import closing
 
 import torch
 
-from ..layers.moe import swiglu_expert
-from .expert_store import ExpertStore
+from ..layers.mlp import swiglu_expert
+from .store import ExpertStore
 
 
 class StreamedExperts:
@@ -20,9 +21,14 @@ class StreamedExperts:
     def __init__(self, store: ExpertStore, layer: int, timer, kernel=None):
         self.store, self.layer, self.timer, self.kernel = store, layer, timer, kernel
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] == 1:
-            return self._decode(x, ids, weights)
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(residual +) the routed experts of x [T, H]: ids and weights [T, k]."""
+        y = self._decode(x, ids, weights) if self.kernel is not None and x.shape[0] == 1 else self._computed(x, ids, weights)
+        return y if residual is None else residual + y
+
+    def _computed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each needed record dequantized by PyTorch and multiplied with its tokens."""
         needed = torch.unique(ids).tolist()  # ascending
         results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         cap = self.store.batch

@@ -3,25 +3,26 @@ import shutil
 import pytest
 import torch
 
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.packed import Manifest
-from flashmoe.runtime.expert_store import BudgetError, CorruptExpertError, ExpertStore, ExpertStoreError
+from flashmoe.experts.store import BudgetError, CorruptExpertError, ExpertStore, ExpertStoreError
 
 
 def logits_for(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
     state = engine.new_state()
     with torch.inference_mode():
-        out = [engine.model(ids, state, last_only=False)]
+        out = [engine.forward(ids, state, last_only=False)]
         for t in range(5):
-            out.append(engine.model(torch.tensor([t + 7]), state))
+            out.append(engine.forward(torch.tensor([t + 7]), state))
     return torch.cat(out)
 
 
 def test_small_budget_gives_the_same_logits_and_counters_add_up(packed16):
     record = Manifest.load(packed16).layout.record_size
     ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(0))
-    full = Engine(packed16, dtype=torch.float32)
-    small = Engine(packed16, dtype=torch.float32, host_mem=3 * record)  # 3 of 32 experts, top-2
+    # one thread each: PyTorch's sums depend on the thread count, which otherwise follows the machine's load
+    full = Engine(packed16, EngineConfig(dtype="float32", threads=1))
+    small = Engine(packed16, EngineConfig(dtype="float32", host_mem=3 * record, threads=1))  # 3 of 32 experts, top-2
     assert small.store.capacity == 3
     assert torch.equal(logits_for(full, ids), logits_for(small, ids))
     s = small.store.stats
@@ -34,7 +35,7 @@ def test_small_budget_gives_the_same_logits_and_counters_add_up(packed16):
 def test_budget_below_one_tokens_working_set_is_refused(packed16):
     record = Manifest.load(packed16).layout.record_size
     with pytest.raises(BudgetError, match="raise --host-mem to at least"):
-        Engine(packed16, host_mem=record)  # top-2 needs 2 records
+        Engine(packed16, EngineConfig(host_mem=record))  # top-2 needs 2 records
 
 
 def test_eviction_under_pressure_never_serves_a_wrong_record(packed16):
@@ -100,7 +101,7 @@ def test_flipped_byte_names_layer_expert_and_file(packed16, tmp_path):
 def test_result_does_not_depend_on_read_completion_order(packed16, monkeypatch):
     """Reads finish in any order; the routed sum must not (at 16-bit, summation order shows)."""
     ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3))
-    engine = Engine(packed16, dtype=torch.bfloat16)
+    engine = Engine(packed16, EngineConfig(dtype="bfloat16"))
     first = logits_for(engine, ids)
     real_load = ExpertStore.load
 

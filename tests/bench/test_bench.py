@@ -4,15 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from flashmoe import bench as B
-from flashmoe.engine import Engine
+from flashmoe.bench import decode_rows
+from flashmoe.bench.presets import PRESETS, preset_args
+from flashmoe.bench.probes import Bandwidths
+from flashmoe.bench.scenarios import run_decode, run_prefill, run_replayed_decode
+from flashmoe.bench.synthesis import synthesize
+from flashmoe.bench.tiers import Tiers, place_tiers, plan_tiers, slice_engine
+from flashmoe.bench import synthesis
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.packed import RecordLayout
+from flashmoe.models import args_from_dict
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU the kernels run in Triton's interpreter
 
 TINY = dict(
-    B.PRESETS["qwen3.5-397b-a17b"], vocab_size=1024, hidden_size=128, num_attention_heads=2,
+    PRESETS["qwen3.5-397b-a17b"], vocab_size=1024, hidden_size=128, num_attention_heads=2,
     head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
     num_hidden_layers=2, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
     shared_expert_intermediate_size=64, layer_types=["linear_attention", "full_attention"],
@@ -20,42 +27,42 @@ TINY = dict(
 
 
 def test_tiers_follow_the_spec_for_the_397b():
-    full = B.preset_config("qwen3.5-397b-a17b")
+    full = preset_args("qwen3.5-397b-a17b")
     layout = RecordLayout.build(4096, 1024, 4, 64)
-    h200 = B.plan_tiers(full, layout, 139 << 30, 128 << 30)
+    h200 = plan_tiers(full, layout, 139 << 30, 128 << 30)
     assert 0.55 <= h200.gpu_fraction <= 0.6 and h200.disk_fraction == 0  # "about 55-60% GPU, rest host, no disk"
-    h100 = B.plan_tiers(full, layout, 80 << 30, 125 << 30)
+    h100 = plan_tiers(full, layout, 80 << 30, 125 << 30)
     assert 0.15 <= h100.disk_fraction <= 0.3  # "spills ~20% to disk"
-    h100_2bit = B.plan_tiers(full, RecordLayout.build(4096, 1024, 2, 64), 80 << 30, 125 << 30)
+    h100_2bit = plan_tiers(full, RecordLayout.build(4096, 1024, 2, 64), 80 << 30, 125 << 30)
     assert h100_2bit.disk_fraction == 0  # "fits"
 
 
 @pytest.fixture(scope="module")
 def tiny_bench_model(tmp_path_factory):
-    return B.synthesize(tmp_path_factory.mktemp("bench") / "m", TINY, bits=4, group_size=64)
+    return synthesize(tmp_path_factory.mktemp("bench") / "m", TINY, bits=4, group_size=64)
 
 
 def test_synthesized_model_runs_with_placed_tiers(tiny_bench_model):
     out = tiny_bench_model
-    assert B.synthesize(out, TINY, bits=4, group_size=64) == out  # reused, not rewritten
+    assert synthesize(out, TINY, bits=4, group_size=64) == out  # reused, not rewritten
     layout = RecordLayout.build(128, 64, 4, 64)
-    engine = Engine(out, device=DEVICE, dtype=torch.float32, cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size, prefetch=True)
+    engine = Engine(out, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size, prefetch=True, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=2 * 5 * layout.record_size, policy="static")
     engine.set_prefetch(False)  # the plain row first, as bench --prefetch runs them
-    tiers = B.Tiers(5, 6, 16, 5 / 16, 6 / 16, 5 / 16, "")
-    B.place_tiers(engine, tiers)
-    r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9), repeats=1)
+    tiers = Tiers(5, 6, 16, 5 / 16, 6 / 16, 5 / 16, "")
+    place_tiers(engine, tiers)
+    r = run_decode(engine, 8, 4, layers_full=4, bw=Bandwidths(1e10, 1e11, 1e9), repeats=1)
     assert r.tokens == 3 and r.tps > 0 and r.tps_extrapolated < r.tps  # twice the layers: slower
     assert 0 < r.gpu_hit_rate < 1 and 0 <= r.host_hit_rate < 1
     assert r.bytes_per_token["pcie"] > 0 and r.bytes_per_token["disk"] > 0
     dense = {"dense (graph)"} if DEVICE == "cuda" else {"mixer", "routing"}  # on a GPU the dense part is a graph
     assert set(r.breakdown_ms_per_layer) >= dense | {"expert_io", "expert_compute"}
     engine.set_prefetch(True)
-    B.place_tiers(engine, tiers)
-    f = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9), repeats=1)
+    place_tiers(engine, tiers)
+    f = run_decode(engine, 8, 4, layers_full=4, bw=Bandwidths(1e10, 1e11, 1e9), repeats=1)
     assert f.prefetch and not r.prefetch and 0 < f.prefetch_accuracy <= 1 and f.prefetch_wasted_bytes_per_token >= 0
     engine.set_prefetch(False)
-    p = B.run_prefill(engine, 12, layers_full=4)
+    p = run_prefill(engine, 12, layers_full=4)
     assert p["prompt_tokens"] == 12 and p["tps"] > 0
 
 
@@ -63,15 +70,15 @@ def test_resident_rows_read_host_experts_in_place(tiny_bench_model):
     """With no disk tier the bench can run every expert where it lies: no copies, the host tier's
     share counted as PCIe reads, the same placement as the copying rows."""
     rs = RecordLayout.build(128, 64, 4, 64).record_size
-    engine = Engine(tiny_bench_model, device=DEVICE, dtype=torch.float32, cache_policy="static", host_mem=(2 * 11 + 2) * rs)
+    engine = Engine(tiny_bench_model, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 11 + 2) * rs, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
-    tiers = B.Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
-    B.place_tiers(engine, tiers, resident=True)
-    r = B.run_decode(engine, 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9), repeats=1)
+    tiers = Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
+    place_tiers(engine, tiers, resident=True)
+    r = run_decode(engine, 8, 4, layers_full=4, bw=Bandwidths(1e10, 1e11, 1e9), repeats=1)
     assert r.resident and r.tokens == 3 and r.host_hit_rate == 1.0 and 0 < r.gpu_hit_rate < 1
     assert r.bytes_per_token["disk"] == 0 and r.bytes_per_token["pcie"] == pytest.approx((1 - r.gpu_hit_rate) * 2 * 2 * rs)
-    B.place_tiers(engine, tiers)  # and back to copying
-    assert not engine.resident and engine.gpu_tier.table is None
+    place_tiers(engine, tiers)  # and back to copying
+    assert not engine.resident and engine.gpu_tier.resident is None
 
 
 def test_adaptive_replay_row_learns_during_its_warmup_and_leaves_the_placement_as_found(tiny_bench_model, monkeypatch):
@@ -80,36 +87,36 @@ def test_adaptive_replay_row_learns_during_its_warmup_and_leaves_the_placement_a
     place_tiers finds the first placement again."""
     import functools
 
-    from flashmoe.runtime import gpu_experts
-    from flashmoe.runtime.locality import StreamGenerator
+    from flashmoe.experts import resident
+    from flashmoe.analysis.locality import StreamGenerator
 
-    monkeypatch.setattr(gpu_experts, "AdaptivePlacement", functools.partial(gpu_experts.AdaptivePlacement, confidence=0.5))
+    monkeypatch.setattr(resident, "AdaptivePlacement", functools.partial(resident.AdaptivePlacement, confidence=0.5))
     rs = RecordLayout.build(128, 64, 4, 64).record_size
-    engine = Engine(tiny_bench_model, device=DEVICE, dtype=torch.float32, cache_policy="static", host_mem=(2 * 11 + 2) * rs)
+    engine = Engine(tiny_bench_model, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 11 + 2) * rs, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
-    tiers = B.Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
+    tiers = Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
     shares = np.tile(np.array([8.0] * 4 + [1.0] * 12) / 44, (2, 1))  # 4 of 16 experts draw 73% of the load
-    B.place_tiers(engine, tiers, resident=True, adaptive=True)
-    r = B.run_replayed_decode(engine, StreamGenerator(shares, 2), 8, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9),
+    place_tiers(engine, tiers, resident=True, adaptive=True)
+    r = run_replayed_decode(engine, StreamGenerator(shares, 2), 8, 4, layers_full=4, bw=Bandwidths(1e10, 1e11, 1e9),
                               repeats=1, shuffled=True, warmup=10)
     assert r.routing == "trace replay shuffled" and r.resident and r.adaptive
     assert r.warmup_tokens == 10 and r.warmup_swaps > 0
     reads = r.bytes_per_token["pcie"] / rs - r.swaps_per_token * 2  # what the kernels read in place, per token
     assert reads == pytest.approx((1 - r.gpu_hit_rate) * 2 * 2)  # 2 layers x k = 2, the rest GPU hits
-    B.place_tiers(engine, tiers, resident=True)
-    assert engine.gpu_tier.placement is None
+    place_tiers(engine, tiers, resident=True)
+    assert not engine.adaptive
     assert set(engine.gpu_tier.slots.slot_of) == {(layer, e) for layer in range(2) for e in range(5)}
 
 
 def test_synthesis_that_cannot_fit_the_disk_is_refused_up_front(tmp_path, monkeypatch):
     """Named: the space needed and free, and the models synthesized earlier beside it to delete;
     nothing is written."""
-    B.synthesize(tmp_path / "old", TINY, bits=4, group_size=64)
-    monkeypatch.setattr(B.shutil, "disk_usage", lambda p: shutil_usage(free=1 << 20))
+    synthesize(tmp_path / "old", TINY, bits=4, group_size=64)
+    monkeypatch.setattr(synthesis.shutil, "disk_usage", lambda p: shutil_usage(free=1 << 20))
     with pytest.raises(RuntimeError, match=r"needs .* GiB but .* free there; delete models synthesized earlier \(.*old"):
-        B.synthesize(tmp_path / "new", TINY, bits=8, group_size=64)
+        synthesize(tmp_path / "new", TINY, bits=8, group_size=64)
     assert not (tmp_path / "new").exists()
-    assert B.synthesize(tmp_path / "old", TINY, bits=4, group_size=64) == tmp_path / "old"  # a reuse needs no space
+    assert synthesize(tmp_path / "old", TINY, bits=4, group_size=64) == tmp_path / "old"  # a reuse needs no space
 
 
 def shutil_usage(free: int):
@@ -119,20 +126,20 @@ def shutil_usage(free: int):
 
 
 def test_decode_rows_put_the_cpu_share_where_it_can_win():
-    plain = B.decode_rows([2], prefetch=True, resident=False, replay=False)
+    plain = decode_rows([2], prefetch=True, resident=False, replay=False)
     assert plain == [("uniform", False, 0, False, False), ("uniform", True, 0, False, False),
                      ("uniform", False, 2, False, False), ("uniform", True, 2, False, False)]
     # with resident rows the copying path runs without the share, the resident rows with and without
-    preloaded = B.decode_rows([2], prefetch=False, resident=True, replay=True)
+    preloaded = decode_rows([2], prefetch=False, resident=True, replay=True)
     assert preloaded == [("uniform", False, 0, False, False), ("uniform", False, 0, True, False), ("uniform", False, 2, True, False),
                          ("trace replay", False, 0, False, False), ("trace replay", False, 0, True, False),
                          ("trace replay", False, 2, True, False)]
     # adaptive rows: uniform (the cost where there is nothing to learn), the shuffled replay static and adaptive
-    adaptive = B.decode_rows([2], prefetch=False, resident=True, replay=True, adaptive=True)
+    adaptive = decode_rows([2], prefetch=False, resident=True, replay=True, adaptive=True)
     assert adaptive == preloaded[:3] + [("uniform", False, 0, True, True)] + preloaded[3:] + [
         ("trace replay shuffled", False, 0, True, False), ("trace replay shuffled", False, 0, True, True),
         ("trace replay shuffled", False, 2, True, True)]
-    assert B.decode_rows([2], prefetch=False, resident=False, replay=True, adaptive=True) == B.decode_rows(
+    assert decode_rows([2], prefetch=False, resident=False, replay=True, adaptive=True) == decode_rows(
         [2], prefetch=False, resident=False, replay=True)  # adaptive placement is resident decode's
 
 
@@ -140,9 +147,10 @@ def test_slice_engine_budgets_what_place_tiers_fills(monkeypatch):
     """The bench's engine gets per-MoE-layer budgets for the planned tiers: the GPU and host sizes
     the CPU tests above fill with place_tiers (the host's plus one layer's k staging slots)."""
     made = {}
-    monkeypatch.setattr("flashmoe.engine.Engine", lambda model, **kw: made.update(kw, model=model) or "engine")
+    monkeypatch.setattr("flashmoe.engine.Engine", lambda model, config: made.update(config=config, model=model) or "engine")
     rs = RecordLayout.build(128, 64, 4, 64).record_size
-    tiers = B.Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
-    assert B.slice_engine("m", TINY, RecordLayout.build(128, 64, 4, 64), tiers, k_max=2, dense_bits=8) == "engine"
-    assert made["gpu_mem"] == 2 * 5 * rs and made["host_mem"] == (2 * 11 + 2) * rs
-    assert made["device"] == "cuda" and made["top_k"] == 2 and made["dense_bits"] == 8 and made["cache_policy"] == "static"
+    tiers = Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
+    assert slice_engine("m", args_from_dict(TINY), RecordLayout.build(128, 64, 4, 64), tiers, k_max=2, dense_bits=8) == "engine"
+    c = made["config"]
+    assert c.gpu_mem == 2 * 5 * rs and c.host_mem == (2 * 11 + 2) * rs
+    assert c.device == "cuda" and c.k == 2 and c.dense_bits == 8 and c.cache_policy == "static"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from flashmoe.runtime.policy import AdaptivePlacement, SlotMap
+from flashmoe.experts.policy import AdaptivePlacement, SlotMap
 
 LAYERS, EXPERTS, K, ON_GPU = 4, 64, 4, 24
 

@@ -5,19 +5,22 @@ import pytest
 import torch
 from torch import nn
 
-from flashmoe import bench as B
-from flashmoe.engine import Engine
+from flashmoe.bench.presets import preset_args
+from flashmoe.bench.synthesis import synthesize
+from flashmoe.bench.tiers import dense_bytes
+from flashmoe.models import args_from_dict
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.layers.int8_linear import Int8Linear
 from flashmoe.runtime.sampling import SamplingParams
 
-from .test_bench import TINY
+from tests.bench.test_bench import TINY
 
 
 @pytest.fixture(scope="module")
 def engines(default_init_16):
     """(16-bit, 8-bit) engines in fp32 over the same packed model (transformers' own init)."""
     d, engine16 = default_init_16
-    return engine16, Engine(d / "q16", dtype=torch.float32, dense_bits=8)
+    return engine16, Engine(d / "q16", EngineConfig(dtype="float32", dense_bits=8))
 
 
 def test_only_the_large_projections_are_int8(engines):
@@ -41,8 +44,8 @@ def test_logits_and_greedy_tokens_track_16_bit(engines):
     errors, agree = [], 0
     with torch.inference_mode():
         for p in prompts:
-            a = e16.model(p, e16.new_state(), last_only=False)
-            b = e8.model(p, e8.new_state(), last_only=False)
+            a = e16.forward(p, e16.new_state(), last_only=False)
+            b = e8.forward(p, e8.new_state(), last_only=False)
             errors.append(float((a - b).norm() / a.norm()))
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
     assert 0 < max(errors) < 0.03 and agree >= 0.93 * 128
@@ -57,21 +60,21 @@ def test_logits_and_greedy_tokens_track_16_bit(engines):
 
 def test_dense_bits_other_than_16_or_8_are_refused(default_init_16):
     with pytest.raises(ValueError, match="--dense-bits must be 16 or 8"):
-        Engine(default_init_16[0] / "q16", dense_bits=4)
+        Engine(default_init_16[0] / "q16", EngineConfig(dense_bits=4))
 
 
 @pytest.mark.parametrize("dense_bits", [16, 8])
 def test_bench_accounting_equals_the_resident_weights(tmp_path_factory, dense_bits):
     """bench.dense_bytes (tier planning, from shapes) and the decode roofline's bytes (from the
     loaded modules) agree with each other."""
-    out = B.synthesize(tmp_path_factory.mktemp("bench8") / "m", TINY, bits=4, group_size=64)
-    engine = Engine(out, dtype=torch.bfloat16, dense_bits=dense_bits)
+    out = synthesize(tmp_path_factory.mktemp("bench8") / "m", TINY, bits=4, group_size=64)
+    engine = Engine(out, EngineConfig(dtype="bfloat16", dense_bits=dense_bits))
     embedding = engine.model.model.embed_tokens.weight
-    resident = B._hbm_bytes_per_token(engine) + embedding.numel() * embedding.element_size()
-    assert resident == B.dense_bytes(TINY, dense_bits)
+    resident = engine.dense_bytes_per_token() + embedding.numel() * embedding.element_size()
+    assert resident == dense_bytes(args_from_dict(TINY), dense_bits)
 
 
 def test_8_bit_dense_part_of_the_397b_is_56_percent():
-    full = B.preset_config("qwen3.5-397b-a17b")
-    assert B.dense_bytes(full) == pytest.approx(18.25 * 2**30, rel=1e-3)
-    assert B.dense_bytes(full, 8) == pytest.approx(10.22 * 2**30, rel=1e-3)  # the embedding table stays bf16: 1.9 GiB
+    full = preset_args("qwen3.5-397b-a17b")
+    assert dense_bytes(full) == pytest.approx(18.25 * 2**30, rel=1e-3)
+    assert dense_bytes(full, 8) == pytest.approx(10.22 * 2**30, rel=1e-3)  # the embedding table stays bf16: 1.9 GiB

@@ -4,14 +4,14 @@ lie in the host cache) against PyTorch's dequantize-and-multiply, on the same en
 import pytest
 import torch
 
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.packed import Manifest
-from flashmoe.runtime.experts import StreamedExperts
+from flashmoe.experts.streamed import StreamedExperts
 from flashmoe.runtime.sampling import SamplingParams
 
 
 def experts_of(engine):
-    return [layer.mlp.experts for layer in engine.model.layers if isinstance(getattr(layer.mlp, "experts", None), StreamedExperts)]
+    return [e for e in engine.experts if isinstance(e, StreamedExperts)]
 
 
 def test_kernel_decode_matches_pytorch_and_keeps_records_pinned(packed4):
@@ -19,12 +19,12 @@ def test_kernel_decode_matches_pytorch_and_keeps_records_pinned(packed4):
     record = Manifest.load(packed4).layout.record_size
     # 5 records of room with top-2 routing over 8 experts: every token evicts, and a decode token's
     # chunk must stay in place while the kernel reads it
-    engine = Engine(packed4, dtype=torch.float32, host_mem=5 * record)
+    engine = Engine(packed4, EngineConfig(dtype="float32", host_mem=5 * record))
     assert engine.cpu_kernel is not None and all(e.kernel is engine.cpu_kernel for e in experts_of(engine))
     layer = experts_of(engine)[0]
     g = torch.Generator().manual_seed(0)
     for _ in range(6):
-        x = torch.randn(1, engine.config.hidden_size, generator=g)
+        x = torch.randn(1, engine.args.hidden_size, generator=g)
         ids = torch.randperm(8, generator=g)[:2].view(1, 2)
         weights = torch.softmax(torch.randn(1, 2, generator=g), -1)
         got = layer(x, ids, weights)
@@ -43,5 +43,5 @@ def test_kernel_decode_matches_pytorch_and_keeps_records_pinned(packed4):
 
 
 def test_sixteen_bit_records_stay_with_pytorch(packed16):
-    engine = Engine(packed16, dtype=torch.float32)
+    engine = Engine(packed16, EngineConfig(dtype="float32"))
     assert engine.cpu_kernel is None and all(e.kernel is None for e in experts_of(engine))

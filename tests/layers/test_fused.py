@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from flashmoe.convert import convert
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.layers.fused import Projections
-from flashmoe.layers.moe import SparseMoE
-from flashmoe.models import qwen3_5_moe
+from flashmoe.moe.block import MoEBlock
+from flashmoe.models.transformer import Model
 
-from .conftest import build_hf_model
-from .test_parity import our_run, rel_err
+from tests.conftest import build_hf_model
+from tests.test_parity import our_run, rel_err
 
 # F.linear calls per layer in one decode step: (one per projection, fused 16-bit, fused --dense-bits 8).
 # With int8 the 16-bit gates (DeltaNet b/a; router and shared_expert_gate) are a matmul of their own.
@@ -37,10 +37,10 @@ def packed(request, tmp_path_factory):
 
 def engines(packed, dense_bits: int) -> tuple[Engine, Engine]:
     """(fused, unfused) fp32 engines of the packed model."""
-    fused = Engine(packed, dtype=torch.float32, dense_bits=dense_bits)
+    fused = Engine(packed, EngineConfig(dtype="float32", dense_bits=dense_bits))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qwen3_5_moe.Model, "fuse_projections", lambda self: None)
-        return fused, Engine(packed, dtype=torch.float32, dense_bits=dense_bits)
+        mp.setattr(Model, "fuse_projections", lambda self: None)
+        return fused, Engine(packed, EngineConfig(dtype="float32", dense_bits=dense_bits))
 
 
 @pytest.mark.parametrize("dense_bits", [16, 8])
@@ -79,8 +79,8 @@ def test_fused_weights_are_row_views_of_one_tensor(packed, dense_bits):
                     assert t.untyped_storage().data_ptr() == getattr(group, name).untyped_storage().data_ptr()
             groups += len(widths) > 1
     assert groups >= 2 * len(fused.model.layers)
-    moe = next(layer.mlp for layer in fused.model.layers if isinstance(layer.mlp, SparseMoE))
-    h = torch.randn(3, fused.config.hidden_size)
+    moe = next(layer.mlp for layer in fused.model.layers if isinstance(layer.mlp, MoEBlock))
+    h = torch.randn(3, fused.args.hidden_size)
     assert torch.allclose(moe.gate(h), moe.in_proj(h)[0], rtol=1e-6, atol=1e-6)
 
 
@@ -104,16 +104,15 @@ class LinearCalls(TorchFunctionMode):
 def matmuls_per_layer_kind(engine: Engine) -> dict[str, int]:
     """F.linear calls of each kind of layer in one decode step."""
     model, state = engine.model, engine.new_state()
-    with torch.inference_mode():
-        model(torch.tensor([1, 2, 3]), state)
-        counter = LinearCalls(model)
-        with counter:
-            model(torch.tensor([4]), state)
+    engine.forward([1, 2, 3], state)
+    counter = LinearCalls(model)
+    with counter:
+        engine.forward([4], state)
     for h in counter.hooks:
         h.remove()
     kinds = {}
     for i, layer in enumerate(model.layers):
-        kind = ("deltanet" if layer.is_linear else "attention") + ("+moe" if isinstance(layer.mlp, SparseMoE) else "+mlp")
+        kind = ("deltanet" if layer.is_linear else "attention") + ("+moe" if isinstance(layer.mlp, MoEBlock) else "+mlp")
         assert kinds.setdefault(kind, counter.calls[i]) == counter.calls[i]
     return kinds
 

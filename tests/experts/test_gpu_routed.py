@@ -4,7 +4,7 @@ the CPU path. Without a GPU it runs on the CPU with the kernels in Triton's inte
 import pytest
 import torch
 
-from flashmoe.engine import Engine
+from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.packed import Manifest
 
 pytest.importorskip("triton")
@@ -14,18 +14,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def run(engine, ids, steps=4):
     state = engine.new_state()
     with torch.inference_mode():
-        out = [engine.model(ids.to(engine.device), state, last_only=False).cpu()]
+        out = [engine.forward(ids.to(engine.device), state, last_only=False).cpu()]
         for t in range(steps):
-            out.append(engine.model(torch.tensor([t + 3], device=engine.device), state).cpu())
+            out.append(engine.forward(torch.tensor([t + 3], device=engine.device), state).cpu())
     return torch.cat(out)
 
 
 @pytest.mark.parametrize("policy", ["lru", "mix", "static"])
 def test_gpu_path_matches_cpu_path_under_cache_pressure(packed16, policy):
     ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(2))  # > 8 tokens: grouped prefill
-    reference = run(Engine(packed16, dtype=torch.float32), ids)
+    reference = run(Engine(packed16, EngineConfig(dtype="float32")), ids)
     record = Manifest.load(packed16).layout.record_size
-    engine = Engine(packed16, device=DEVICE, dtype=torch.float32, host_mem=4 * record)
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=4 * record, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=3 * record, policy=policy)  # 3 of 32 experts cached on the "GPU"
     got = run(engine, ids)
     assert float((got - reference).norm() / reference.norm()) < 1e-4
@@ -37,7 +37,7 @@ def test_gpu_path_matches_cpu_path_under_cache_pressure(packed16, policy):
 
 def test_preload_places_experts_and_counts_start_fresh(packed16):
     record = Manifest.load(packed16).layout.record_size
-    engine = Engine(packed16, device=DEVICE, dtype=torch.float32)
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=10 * record, policy="static")
     engine.gpu_tier.preload(0, [0, 1, 2, 3, 4, 5, 6, 7], engine.store)
     engine.gpu_tier.preload(1, [0, 1], engine.store)
@@ -50,14 +50,14 @@ def test_preload_places_experts_and_counts_start_fresh(packed16):
 
 def test_gpu_out_of_memory_names_the_budget_to_lower(packed16, monkeypatch):
     from flashmoe.engine import GpuMemoryError
-    from flashmoe.runtime import gpu_experts
+    from flashmoe.experts import tier
 
-    engine = Engine(packed16, device=DEVICE, dtype=torch.float32)
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu"))
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(gpu_experts.torch, "empty", no_memory)
+    monkeypatch.setattr(tier.torch, "empty", no_memory)
     with pytest.raises(GpuMemoryError, match="lower --gpu-mem"):
         engine.use_gpu_experts(gpu_mem=4 << 20)
     monkeypatch.undo()
@@ -70,12 +70,11 @@ def decode_with_tier_stats(engine, ids, steps=4):
     """run() (a 12-token grouped prefill, then one-token decode steps) and the tier's counters;
     the number of expert lookups is counted from the routing each layer's experts received."""
     lookups = []
-    for layer in engine.model.layers:
-        inner = layer.mlp.experts
-        def counting(x, ids, weights, inner=inner):
+    for i in engine.moe_layers:
+        def counting(x, ids, weights, inner=engine.experts[i], **out):
             lookups.append(len(set(ids[:, : weights.shape[1]].flatten().tolist())))
-            return inner(x, ids, weights)
-        layer.mlp.experts = counting
+            return inner(x, ids, weights, **out)
+        engine.experts[i] = counting
     out = run(engine, ids, steps)
     return out, engine.gpu_tier.stats, sum(lookups)
 
@@ -90,12 +89,11 @@ def test_prefetch_changes_no_result_under_cache_pressure(packed16, policy, guess
     record = Manifest.load(packed16).layout.record_size
     runs = {}
     for prefetch in (False, True):
-        engine = Engine(packed16, device=DEVICE, dtype=torch.float32, host_mem=4 * record, prefetch=prefetch)
+        engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=4 * record, prefetch=prefetch, gpu_path_on_cpu=DEVICE == "cpu"))
         engine.use_gpu_experts(gpu_mem=3 * record, policy=policy)
         if prefetch and guess == "wrong":  # always the same two experts in decode: mostly wrong, often evicted
-            for layer in engine.model.layers:
-                if layer.predict_next is not None:
-                    layer.predict_next = lambda x: None if len(x) > 8 else torch.tensor([[7, 6]] * len(x), device=x.device)
+            for i in engine.guesses:
+                engine.guesses[i] = lambda x: None if len(x) > 8 else torch.tensor([[7, 6]] * len(x), device=x.device)
         runs[prefetch] = decode_with_tier_stats(engine, ids, steps=6)
     (plain, off, lookups), (got, on, lookups_on) = runs[False], runs[True]
     assert torch.equal(got, plain)
@@ -109,7 +107,7 @@ def test_prefetch_changes_no_result_under_cache_pressure(packed16, policy, guess
 
 
 def test_prefetch_is_refused_without_its_slots(packed16):
-    engine = Engine(packed16, device=DEVICE, dtype=torch.float32)
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=None)
     with pytest.raises(ValueError, match="prefetch=True"):
         engine.set_prefetch(True)
@@ -123,7 +121,7 @@ def test_cpu_experts_change_no_result_and_take_misses_off_the_copies(packed4):
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for per_layer in (0, 2):
-        engine = Engine(packed4, device=DEVICE, dtype=torch.float32, cpu_experts=per_layer)
+        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", cpu_experts=per_layer, gpu_path_on_cpu=DEVICE == "cpu"))
         engine.use_gpu_experts(gpu_mem=3 * record, policy="static")
         runs[per_layer] = decode_with_tier_stats(engine, ids, steps=4)
     (plain, off, lookups), (got, on, lookups_on) = runs[0], runs[2]
@@ -139,8 +137,8 @@ def test_cpu_experts_change_no_result_and_take_misses_off_the_copies(packed4):
 def test_cpu_experts_refuse_what_they_cannot_do(packed16, packed4):
     pytest.importorskip("numba")
     with pytest.raises(ValueError, match="GPU expert path"):
-        Engine(packed4, dtype=torch.float32).set_cpu_experts(1)
-    engine = Engine(packed16, device=DEVICE, dtype=torch.float32)
+        Engine(packed4, EngineConfig(dtype="float32")).set_cpu_experts(1)
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=None)
     with pytest.raises(ValueError, match="quantized experts only"):
         engine.set_cpu_experts(1)
@@ -157,19 +155,19 @@ def test_resident_experts_read_in_place_match_the_copying_path(packed4):
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for resident in (False, True):
-        engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
+        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu"))
         engine.use_gpu_experts(gpu_mem=8 * record, policy="lru")  # lru would admit every miss, if allowed
         engine.preload() if resident else engine.place_experts(2, 6)  # the same placement: 2 of 8 per layer on the GPU
         assert engine.resident == resident
         placed = dict(engine.gpu_tier.slots.slot_of)
         state, tier = engine.new_state(), engine.gpu_tier
         with torch.inference_mode():
-            out = [engine.model(ids.to(engine.device), state, last_only=False).cpu()]
-            tier.collect_stats()
+            out = [engine.forward(ids.to(engine.device), state, last_only=False).cpu()]
+            engine.settle("prefill")
             after_prefill = replace(tier.stats)
             for t in range(3):
-                out.append(engine.model(torch.tensor([t + 3], device=engine.device), state).cpu())
-        tier.collect_stats()
+                out.append(engine.forward(torch.tensor([t + 3], device=engine.device), state).cpu())
+        engine.settle("prefill")
         runs[resident] = torch.cat(out), tier.stats - after_prefill, engine.store.stats, placed == tier.slots.slot_of
     (ref, off, _, _), (got, on, store, unchanged) = runs[False], runs[True]
     assert torch.equal(got, ref)
@@ -186,7 +184,7 @@ def test_generation_counts_every_resident_lookup_once_with_queued_reads(packed4)
     from flashmoe.runtime.sampling import SamplingParams
 
     record = Manifest.load(packed4).layout.record_size
-    engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
+    engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
     engine.preload()
     assert engine.resident
@@ -196,7 +194,7 @@ def test_generation_counts_every_resident_lookup_once_with_queued_reads(packed4)
     for _ in range(params.max_tokens):
         for s in steps:
             next(s)
-    moe_layers, k = len(engine.config.moe_layers), engine.top_k
+    moe_layers, k = len(engine.moe_layers), engine.top_k
     for g in gens:
         tier = g.stats.gpu_cache
         assert g.stats.decode_tokens == params.max_tokens - 1
@@ -213,19 +211,19 @@ def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for per_layer in (0, 1):
-        engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record, cpu_experts=per_layer)
+        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, cpu_experts=per_layer, gpu_path_on_cpu=DEVICE == "cpu"))
         engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
         engine.preload()  # 2 of 8 experts per layer on the GPU: most routed experts lie in the host tier
         tier = engine.gpu_tier
         assert (tier.cpu_share is not None) == bool(per_layer)
         state = engine.new_state()
         with torch.inference_mode():
-            out = [engine.model(ids.to(engine.device), state, last_only=False).cpu()]  # prefill: copies, no CPU share
-            tier.collect_stats()
+            out = [engine.forward(ids.to(engine.device), state, last_only=False).cpu()]  # prefill: copies, no CPU share
+            engine.settle("prefill")
             tier.stats = type(tier.stats)()
             for t in range(3):
-                out.append(engine.model(torch.tensor([t + 3], device=engine.device), state).cpu())
-        tier.collect_stats()
+                out.append(engine.forward(torch.tensor([t + 3], device=engine.device), state).cpu())
+        engine.settle("prefill")
         runs[per_layer] = torch.cat(out), tier.stats
         if per_layer:
             threads = tier.cpu_share.server._running
@@ -240,28 +238,28 @@ def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
 
 def test_resident_table_points_every_expert_at_its_record(packed4):
     record = Manifest.load(packed4).layout.record_size
-    engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
+    engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=9 * record, policy="static")  # 9 // 4 layers: 2 each on the GPU
     engine.preload()
     tier, store = engine.gpu_tier, engine.store
     for layer in range(4):
         on_disk = (packed4 / engine.manifest.expert_file(layer).file).read_bytes()
         for e in range(8):
-            slot = int(tier.table_host[layer, e])
+            slot = int(tier.resident.host_table[layer, e])
             held = tier.pool[slot] if 0 <= slot < tier.capacity else store.pool[slot - tier.host_slot0]
             assert (0 <= slot < tier.capacity) == (e < 2)
             assert held.cpu().numpy().tobytes() == on_disk[e * record : (e + 1) * record]
 
 
 def test_preload_refuses_what_it_cannot_do(packed16):
-    from flashmoe.runtime.expert_store import BudgetError
+    from flashmoe.experts.store import BudgetError
 
     record = Manifest.load(packed16).layout.record_size
-    engine = Engine(packed16, device=DEVICE, dtype=torch.float32, host_mem=10 * record)
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=10 * record, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
     with pytest.raises(BudgetError, match=r"host tier must hold .*raise --host-mem to at least"):
         engine.preload()  # 4 layers x 6 experts do not fit 10 host slots
-    engine = Engine(packed16, device=DEVICE, dtype=torch.float32, prefetch=True)
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", prefetch=True, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=None)
     with pytest.raises(ValueError, match="excludes --prefetch"):
         engine.preload()
@@ -270,7 +268,7 @@ def test_preload_refuses_what_it_cannot_do(packed16):
     with pytest.raises(ValueError, match="exclude each other"):
         engine.set_prefetch(True)
     with pytest.raises(ValueError, match="GPU expert path"):
-        Engine(packed16, dtype=torch.float32).preload()
+        Engine(packed16, EngineConfig(dtype="float32")).preload()
 
 
 def test_adaptive_placement_swaps_by_use_and_changes_no_result(packed4):
@@ -285,22 +283,22 @@ def test_adaptive_placement_swaps_by_use_and_changes_no_result(packed4):
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for adaptive in (False, True):
-        engine = Engine(packed4, device=DEVICE, dtype=torch.float32, host_mem=32 * record)
+        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu"))
         engine.use_gpu_experts(gpu_mem=8 * record, policy="mix")
         engine.place_experts(2, 6)
         engine.set_resident(True, adaptive)
         tier = engine.gpu_tier
-        assert (tier.placement is not None) == adaptive
+        assert (tier.resident.placement is not None) == adaptive
         if adaptive:
-            tier.placement.confidence = 0.5  # a few steps of a tiny model's routing are evidence enough
+            tier.resident.placement.confidence = 0.5  # a few steps of a tiny model's routing are evidence enough
         state = engine.new_state()
         with torch.inference_mode():
-            out = [engine.model(ids.to(engine.device), state, last_only=False).cpu()]
+            out = [engine.forward(ids.to(engine.device), state, last_only=False).cpu()]
             for t in range(6):
-                tier.collect_stats()
-                tier.revise_placement(engine.store)  # where Generation does it: between steps
-                out.append(engine.model(torch.tensor([t + 3], device=engine.device), state).cpu())
-        tier.collect_stats()
+                tier.resident.collect()
+                tier.resident.revise(engine.store)  # where Generation does it: between steps
+                out.append(engine.forward(torch.tensor([t + 3], device=engine.device), state).cpu())
+        tier.resident.collect()
         runs[adaptive] = torch.cat(out), tier.stats.swapped, tier.stats.hits
     (ref, _, static_hits), (got, swapped, hits) = runs[False], runs[True]
     assert torch.equal(got, ref)
@@ -309,12 +307,12 @@ def test_adaptive_placement_swaps_by_use_and_changes_no_result(packed4):
     for layer in range(4):
         on_disk = (packed4 / engine.manifest.expert_file(layer).file).read_bytes()
         for e in range(8):
-            slot = int(tier.table_host[layer, e])
+            slot = int(tier.resident.host_table[layer, e])
             on_gpu = 0 <= slot < tier.capacity
-            assert on_gpu == ((layer, e) in tier.slots) == ((layer, e) not in store.slots) == tier._on_gpu[layer, e]
+            assert on_gpu == ((layer, e) in tier.slots) == ((layer, e) not in store.slots) == tier.resident.on_gpu[layer, e]
             held = tier.pool[slot] if on_gpu else store.pool[slot - tier.host_slot0]
             assert held.cpu().numpy().tobytes() == on_disk[e * record : (e + 1) * record]
-            assert int(tier.table[layer, e]) == slot
+            assert int(tier.resident.table[layer, e]) == slot
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     gen = engine.generate([1, 2, 3], params)
     list(gen)

@@ -5,21 +5,21 @@ import numpy as np
 import pytest
 import torch
 
-from flashmoe.runtime import locality as L
-from flashmoe.runtime.routing_trace import RecordingExperts, ReplayExperts, RoutingTrace, TraceError, record, wrapped_experts
+from flashmoe.analysis import locality as L
+from flashmoe.analysis.routing_trace import RecordingExperts, ReplayExperts, RoutingTrace, TraceError, record, wrapped_experts
 
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     from flashmoe.convert import convert
-    from flashmoe.engine import Engine
+    from flashmoe.engine import Engine, EngineConfig
 
-    from ..conftest import build_hf_model
+    from tests.conftest import build_hf_model
 
     d = tmp_path_factory.mktemp("trace")
     hf = build_hf_model("text", d / "hf", seed=3)
     convert(d / "hf", d / "q16", bits=16)
-    return hf, Engine(d / "q16", dtype=torch.float32)
+    return hf, Engine(d / "q16", EngineConfig(dtype="float32"))
 
 
 def topic_trace(tokens=1500, layers=2, experts=32, k=4, seed=1) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_recorded_ids_are_the_routers_choice(text_model):
     expected = np.stack([torch.topk(x.reshape(40, 8), 2).indices.numpy() for x in logits], axis=1)
     assert (np.sort(trace.ids, -1) == np.sort(expected, -1)).all()
     # the hook is gone afterwards: the layers hold their own experts again
-    assert not any(isinstance(layer.mlp.experts, RecordingExperts) for layer in engine.model.layers)
+    assert not any(isinstance(e, RecordingExperts) for e in engine.experts)
 
 
 def test_statistics_of_a_hand_built_trace():
@@ -93,21 +93,19 @@ def test_a_uniform_trace_stays_uniform_at_a_bigger_shape():
 
 
 def test_replay_hands_the_substituted_ids_to_the_experts_and_the_store(packed16):
-    from flashmoe.engine import Engine
+    from flashmoe.engine import Engine, EngineConfig
     from flashmoe.runtime.sampling import SamplingParams
 
-    engine = Engine(packed16, dtype=torch.float32)
+    engine = Engine(packed16, EngineConfig(dtype="float32"))
     stream = torch.tensor([[0, 1], [2, 3], [0, 2]])  # cycled; layer i gets stream + i
-    with wrapped_experts(
-        engine.model.layers, lambda i, inner: ReplayExperts(RecordingExperts(inner), stream + i, engine.timer)
-    ) as replays:
+    with wrapped_experts(engine, lambda i, inner: ReplayExperts(RecordingExperts(inner), stream + i, engine.timer)) as replays:
         list(engine.generate([5, 6, 7, 8], SamplingParams(max_tokens=3, temperature=0)))
     for i, replay in enumerate(replays):
         seen = torch.cat(replay.inner.ids)  # 4 prompt tokens, then 2 decoded ones
         assert seen.tolist() == (stream + i)[torch.arange(6) % 3].tolist()
     loaded = set(engine.store.slots.slot_of)
     assert loaded == {(i, e) for i in range(4) for e in range(i, i + 4)}
-    assert all(not isinstance(layer.mlp.experts, ReplayExperts) for layer in engine.model.layers)
+    assert all(not isinstance(e, ReplayExperts) for e in engine.experts)
     with pytest.raises(TraceError, match="has 3 experts per token; the router chose 2"):
         ReplayExperts(lambda *a: None, torch.zeros(4, 3), engine.timer)(None, torch.zeros(1, 2), None)
 
@@ -115,27 +113,28 @@ def test_replay_hands_the_substituted_ids_to_the_experts_and_the_store(packed16)
 def test_replay_without_host_sync_reads_the_same_stream_on_the_device():
     """Resident experts never read the routing on the host: the replay then indexes the stream at
     a device-side position (capturable in a graph) and must hand out the same rows."""
-    from flashmoe.models.qwen3_5_moe import NullTimer
+    from flashmoe.models.context import NullTimer
 
     stream = torch.tensor([[0, 1], [2, 3], [4, 5]])
     seen = {}
     for host_sync in (True, False):
-        replay = ReplayExperts(lambda x, ids, w: ids, stream, NullTimer(), host_sync)
+        replay = ReplayExperts(lambda x, ids, w, **out: ids, stream, NullTimer(), host_sync)
         seen[host_sync] = [replay(None, torch.zeros(t, 2, dtype=torch.long), None).tolist() for t in (1, 2, 1, 1)]
     assert seen[False] == seen[True] == [[[0, 1]], [[2, 3], [4, 5]], [[0, 1]], [[2, 3]]]
 
 
 def test_bench_replay_runs_the_decode_on_the_stream(packed16):
-    from flashmoe import bench as B
-    from flashmoe.engine import Engine
+    from flashmoe.bench.probes import Bandwidths
+    from flashmoe.bench.scenarios import fit_trace_replays, run_replayed_decode
+    from flashmoe.engine import Engine, EngineConfig
 
-    engine = Engine(packed16, dtype=torch.float32)
+    engine = Engine(packed16, EngineConfig(dtype="float32"))
     trace = RoutingTrace(topic_trace(400, 2, 8, 2), 8)
-    generators, stats = B.fit_trace_replays(trace, 8, [2], log=lambda *_: None)
+    generators, stats = fit_trace_replays(trace, 8, [2], log=lambda *_: None)
     assert stats["replay"][2]["load_entropy"] < 1 and len(stats["reuse"]) == len(L.WINDOWS)
-    r = B.run_replayed_decode(engine, generators[2], 6, 4, layers_full=4, bw=B.Bandwidths(1e10, 1e11, 1e9), repeats=1)
+    r = run_replayed_decode(engine, generators[2], 6, 4, layers_full=4, bw=Bandwidths(1e10, 1e11, 1e9), repeats=1)
     assert r.routing == "trace replay" and r.tokens == 3
-    assert engine.model.layers[0].mlp.experts.__class__.__name__ == "StreamedExperts"
+    assert engine.experts[0].__class__.__name__ == "StreamedExperts"
 
 
 def test_trace_file_round_trip_and_bad_files(tmp_path):

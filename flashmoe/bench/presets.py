@@ -1,0 +1,75 @@
+"""The model shapes `flashmoe bench` synthesizes: each preset is the config.json of a released model
+(values from the authors' published configs), read by its family like any checkpoint's config."""
+
+from __future__ import annotations
+
+from ..models import ModelArgs, args_from_dict
+
+_QWEN35 = dict(
+    model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=4096, num_hidden_layers=60,
+    num_attention_heads=32, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+    linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+    num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
+    rms_norm_eps=1e-6, max_position_embeddings=262144, tie_word_embeddings=False, eos_token_id=248046,
+    full_attention_interval=4, rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+)
+_QWEN3 = dict(
+    model_type="qwen3_moe", vocab_size=151936, head_dim=128, norm_topk_prob=True, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=40960, eos_token_id=151645,
+)
+# Published config.json values (docs/BENCHMARKS.md names the sources).
+PRESETS: dict[str, dict] = {
+    "qwen3.5-397b-a17b": _QWEN35,
+    "qwen3.5-122b-a10b": {**_QWEN35, "hidden_size": 3072, "num_hidden_layers": 48, "num_experts": 256,
+                          "num_experts_per_tok": 8},
+    "qwen3.6-35b-a3b": {**_QWEN35, "hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16,
+                        "linear_num_value_heads": 32, "num_experts": 256, "num_experts_per_tok": 8,
+                        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    "qwen3-next-80b-a3b": {
+        **_QWEN35, "model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48,
+        "num_attention_heads": 16, "linear_num_value_heads": 32, "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 512, "intermediate_size": 5120,
+    },
+    "qwen3-30b-a3b": {**_QWEN3, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "num_key_value_heads": 4, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                      "num_experts": 128, "num_experts_per_tok": 8},
+    "qwen3-235b-a22b": {**_QWEN3, "hidden_size": 4096, "num_hidden_layers": 94, "num_attention_heads": 64,
+                        "num_key_value_heads": 4, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+                        "num_experts": 128, "num_experts_per_tok": 8},
+    "qwen3-coder-480b-a35b": {**_QWEN3, "hidden_size": 6144, "num_hidden_layers": 62, "num_attention_heads": 96,
+                              "num_key_value_heads": 8, "intermediate_size": 8192, "moe_intermediate_size": 2560,
+                              "num_experts": 160, "num_experts_per_tok": 8, "rope_theta": 1e7,
+                              "max_position_embeddings": 262144},
+    "minimax-m2": dict(
+        model_type="minimax_m2", vocab_size=200064, hidden_size=3072, num_hidden_layers=62, num_attention_heads=48,
+        num_key_value_heads=8, head_dim=128, intermediate_size=1536, num_local_experts=256, num_experts_per_tok=8,
+        rotary_dim=64, rope_theta=5e6, rms_norm_eps=1e-6, max_position_embeddings=196608, tie_word_embeddings=False,
+    ),
+    "glm-4.5": dict(
+        model_type="glm4_moe", vocab_size=151552, hidden_size=5120, num_hidden_layers=92, num_attention_heads=96,
+        num_key_value_heads=8, head_dim=128, intermediate_size=12288, moe_intermediate_size=1536, n_routed_experts=160,
+        num_experts_per_tok=8, n_shared_experts=1, norm_topk_prob=True, first_k_dense_replace=3, n_group=1,
+        topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5,
+        rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
+        eos_token_id=[151329, 151336, 151338],
+    ),
+}
+
+
+def preset_config(name: str, layers: int | None = None) -> dict:
+    """The preset's config.json, or that of a slice of its first `layers` layers."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[name])
+    if layers:
+        full = preset_args(name)
+        if not 1 <= layers <= full.num_hidden_layers:
+            raise ValueError(f"--layers must be between 1 and {full.num_hidden_layers} for {name}, got {layers}")
+        cfg["num_hidden_layers"] = layers
+        if "layer_types" in cfg:
+            cfg["layer_types"] = cfg["layer_types"][:layers]
+    return cfg
+
+
+def preset_args(name: str, layers: int | None = None) -> ModelArgs:
+    return args_from_dict(preset_config(name, layers))

@@ -1,0 +1,172 @@
+"""The generation loop over an Engine: prefill, then one sampled token at a time, streamed as Steps
+with timing and cache statistics. Decode steps replay CUDA graphs on the GPU (runtime/graphs.py)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+from .experts.store import StoreStats
+from .runtime.sampling import Sampler, SamplingParams
+from .runtime.stats import GpuTierStats
+from .utils import peak_rss_bytes
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .layers.state import SequenceState
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Step:
+    """One generated token: its id, the text it completes (may be empty while a character or a
+    possible stop string is still incomplete), and why generation ended, if it did."""
+
+    token: int
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_sections: dict[str, float] = field(default_factory=dict)  # seconds per section, summed over decode
+    prefill_cache: StoreStats = field(default_factory=StoreStats)  # expert-store counters during prefill
+    cache: StoreStats = field(default_factory=StoreStats)  # ... and during decode
+    gpu_cache: GpuTierStats = field(default_factory=GpuTierStats)  # GPU tier counters during decode (GPU path)
+    peak_rss: int = 0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Generation:
+    def __init__(self, engine: Engine, prompt, params: SamplingParams, state: SequenceState | None, logits_processor):
+        self.engine, self.params, self.logits_processor = engine, params, logits_processor
+        self.ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.state = state or engine.new_state()
+        if not self.ids:
+            raise ValueError("the prompt is empty")
+        limit = engine.context_length
+        used = self.state.position + len(self.ids)
+        if used >= limit:
+            raise ContextLengthError(
+                f"the prompt needs {used} tokens of context but the model's context length is {limit}; shorten it"
+            )
+        self.max_tokens = min(params.max_tokens, limit - used)
+        self.stats = GenerationStats(prompt_tokens=len(self.ids))
+
+    def __iter__(self) -> Iterator[Step]:
+        return self._run()
+
+    def _run(self) -> Iterator[Step]:
+        eng = self.engine
+        sampler = Sampler(self.params, eng.args.vocab_size, eng.device, seen=self.ids)
+        generated: list[int] = []
+        text = _StopStrings(self.params.stop)
+        decoder = eng.tokenizer.stream_decoder()
+        graphs = None
+        with self._measured(prefill=True):
+            logits = eng.forward(self.ids, self.state)
+        try:
+            for n in range(self.max_tokens):
+                with self._measured(prefill=False, forward=False):
+                    row = logits[-1]
+                    if self.logits_processor is not None:
+                        row = self.logits_processor(generated, row.cpu()).to(eng.device)
+                    token = sampler(row)  # the one host sync per token: reading the token
+                    generated.append(token)
+                    if token in eng.stop_ids and not self.params.ignore_eos:
+                        step = Step(token, text.flush(decoder.flush()), "stop")
+                    else:
+                        piece, stopped = text.push(decoder.push(token))
+                        if stopped:
+                            step = Step(token, piece, "stop")
+                        elif n == self.max_tokens - 1:
+                            step = Step(token, piece + text.flush(decoder.flush()), "length")
+                        else:
+                            step = Step(token, piece)
+                yield step  # outside the measured block: the consumer's time is not ours
+                if step.finish_reason:
+                    return
+                with self._measured(prefill=False):
+                    if graphs is None and eng.cuda_graphs:
+                        from .runtime.graphs import DecodeGraph
+
+                        graphs = DecodeGraph(eng, self.state, self.state.position + self.max_tokens - n)
+                    logits = graphs.step(token) if graphs is not None else eng.forward([token], self.state)
+                    self.stats.decode_tokens += 1
+        finally:
+            self.stats.peak_rss = peak_rss_bytes()
+
+    @contextmanager
+    def _measured(self, prefill: bool, forward: bool = True):
+        """Add the enclosed work's wall time, timed sections and expert-store counters to this
+        generation's statistics. Only the work itself is counted: a server interleaves several
+        generations, and time spent suspended at a yield belongs to others. A `forward` block runs
+        the model; the expert lookups that resident decode counts on the device are read at its
+        end: after prefill at once (a read that waits for the GPU), after a decode step by a copy
+        queued behind it, which the sampling block that always follows collects once reading the
+        token has waited for the GPU anyway (and where the placement adapts, swaps experts by them
+        before the next step). No yield comes between the two, so the counts stay this generation's."""
+        eng, stats = self.engine, self.stats
+        t0, sections, (cache, gpu) = time.perf_counter(), dict(eng.timer.seconds), eng.counters()
+        try:
+            yield
+        finally:
+            eng.settle("sampled" if not forward else "prefill" if prefill else "decode")
+            cache_now, gpu_now = eng.counters()
+            seconds = time.perf_counter() - t0
+            if prefill:
+                stats.prefill_seconds += seconds
+                stats.prefill_cache += cache_now - cache
+            else:
+                stats.decode_seconds += seconds
+                stats.cache += cache_now - cache
+                if gpu is not None:
+                    stats.gpu_cache += gpu_now - gpu
+                for name, total in eng.timer.seconds.items():
+                    if total != sections.get(name, 0.0):
+                        stats.decode_sections[name] = stats.decode_sections.get(name, 0.0) + total - sections.get(name, 0.0)
+
+
+class _StopStrings:
+    """Holds back streamed text that could still turn into a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        self.pending += piece
+        for s in self.stops:
+            at = self.pending.find(s)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self, tail: str = "") -> str:
+        out, _ = self.push(tail)
+        out, self.pending = out + self.pending, ""
+        return out

@@ -1,0 +1,72 @@
+"""What one forward pass needs beside its token ids, in one object the layers read: the sequence
+state it continues, where each layer's routed experts come from, the timer, the next-layer guesses
+(prefetch), and inside a CUDA graph the device tensor of the position being written.
+
+The model's code is the same eagerly and under capture: `runtime/graphs.py` records a decode step
+by running the model with a context whose `section` and `run_experts` mark where the recorded
+step must hand control back to the host (the routed experts that read the routing there).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from ..moe.block import RoutedExperts
+    from ..layers.state import SequenceState
+
+# Residual [T, H] after layer i's dense part -> the next MoE layer's guessed expert ids [T, k], or None.
+NextLayerGuess = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class _NullSection:
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class NullTimer:
+    """A timer whose sections time nothing (the model's own tests, and captured graphs)."""
+
+    seconds: dict[str, float] = {}
+    sync = None
+
+    def section(self, name: str) -> AbstractContextManager:
+        return _NullSection()
+
+
+@dataclass(slots=True)
+class StepContext:
+    state: SequenceState
+    experts: Sequence[RoutedExperts | None] = ()  # per layer, from the runtime; None for dense layers
+    timer: object = field(default_factory=NullTimer)  # runtime.stats.Timer, or anything with section(name)
+    guesses: dict[int, NextLayerGuess] = field(default_factory=dict)  # prefetch: layer i -> next MoE layer's guess
+    graph_position: torch.Tensor | None = None  # [1] int64 on the device, while a graph is recorded
+    last_only: bool = True  # logits of the last position only
+
+    def positions(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """The positions of this step's tokens [T]: read on the device inside a graph."""
+        if self.graph_position is not None:
+            return self.graph_position
+        return torch.arange(self.state.position, self.state.position + tokens, device=device)
+
+    def section(self, name: str) -> AbstractContextManager:
+        """Time the enclosed work as `name` (a no-op inside a recorded graph)."""
+        return self.timer.section(name)
+
+    def guess_next(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        guess = self.guesses.get(layer)
+        return guess(x) if guess is not None else None
+
+    def run_experts(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    residual: torch.Tensor) -> torch.Tensor:
+        """residual + layer's routed experts of h (ids [T, k], or [T, 2k] with the next layer's guess)."""
+        return self.experts[layer](h, ids, weights, residual=residual)

@@ -1,0 +1,32 @@
+"""Every bench preset is a released model's config.json that its family reads: its size comes out
+as the model's name says (the sum of the modules' tensors and the experts' records)."""
+
+import math
+
+import pytest
+
+from flashmoe.bench.presets import PRESETS, preset_args, preset_config
+from flashmoe.bench.synthesis import dense_tensors
+
+SIZES = {  # billions of parameters, from the names (GLM-4.5's 355B counts its MTP layer, which is not run)
+    "qwen3.5-397b-a17b": 397, "qwen3.5-122b-a10b": 122, "qwen3.6-35b-a3b": 35, "qwen3-next-80b-a3b": 80,
+    "qwen3-30b-a3b": 30.5, "qwen3-235b-a22b": 235, "qwen3-coder-480b-a35b": 480, "minimax-m2": 230, "glm-4.5": 355,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_has_the_size_of_the_released_model(name):
+    args = preset_args(name)
+    moe = args.moe
+    experts = len(args.moe_layers) * moe.num_experts * 3 * args.hidden_size * moe.intermediate
+    dense = sum(math.prod(shape) for _, shape, _, _ in dense_tensors(args))
+    assert (experts + dense) / 1e9 == pytest.approx(SIZES[name], rel=0.015)
+
+
+def test_a_slice_keeps_the_first_layers():
+    assert preset_args("glm-4.5", layers=8).moe_layers == [3, 4, 5, 6, 7]  # its first 3 layers are dense
+    assert preset_config("qwen3.5-397b-a17b", layers=4)["num_hidden_layers"] == 4
+    with pytest.raises(ValueError, match="--layers must be between 1 and 62"):
+        preset_config("minimax-m2", layers=63)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("llama")
