@@ -21,7 +21,7 @@ from .models import family
 from .quant import quantize_int8_rows
 from .runtime.expert_store import BudgetError, ExpertStore, StoreStats
 from .runtime.experts import StreamedExperts
-from .runtime.sampling import Sampler, SamplingParams
+from .runtime.sampling import Sampler, SamplingParams, token_logprobs
 from .runtime.state import SequenceState
 from .runtime.stats import GpuTierStats, Timer
 from .tokenizer import Tokenizer
@@ -47,6 +47,10 @@ class Step:
     token: int
     text: str
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    # Only when SamplingParams.logprobs asks (token_logprobs says of which distribution): the
+    # token's log-probability and the most likely (token id, log-probability) pairs.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -124,7 +128,7 @@ class Engine:
         if dense_bits not in (16, 8):
             raise ValueError(f"--dense-bits must be 16 or 8, got {dense_bits}")
         self.dense_bits = dense_bits
-        self.top_k = top_k or cfg.num_experts_per_tok
+        self.top_k = cfg.num_experts_per_tok if top_k is None else top_k  # 0 is refused below, not read as "unset"
         if not 1 <= self.top_k <= cfg.num_experts:
             raise ValueError(f"--k must be between 1 and {cfg.num_experts} (the model has {cfg.num_experts} experts)")
         self.prefill_chunk = prefill_chunk
@@ -445,7 +449,8 @@ class Generation:
         try:
             for n in range(self.max_tokens):
                 with self._measured(prefill=False, forward=False):
-                    row = logits[-1]
+                    model_row = logits[-1]  # the model's own distribution: what logprobs report
+                    row = model_row
                     if self.logits_processor is not None:
                         row = self.logits_processor(generated, row.cpu()).to(eng.device)
                     token = sampler(row)  # the one host sync per token: reading the token
@@ -460,6 +465,8 @@ class Generation:
                             step = Step(token, piece + text.flush(decoder.flush()), "length")
                         else:
                             step = Step(token, piece)
+                    if self.params.logprobs is not None:
+                        step.logprob, step.top_logprobs = token_logprobs(model_row, token, self.params.logprobs)
                 yield step  # outside the measured block: the consumer's time is not ours
                 if step.finish_reason:
                     return
