@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import subprocess
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -35,7 +36,7 @@ from .cli_common import (
     TOP_K_OPTION,
     TOP_P_OPTION,
 )
-from .tool_calls import Content, Event, OutputParser, ParsedOutput, Reasoning, ToolCall
+from .tool_calls import CallText, Content, Event, OutputParser, ParsedOutput, Reasoning, ToolCall
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -122,13 +123,17 @@ def load_engine(model: Path, options: dict[str, Any]) -> Engine:
 
 class ChatSession:
     def __init__(self, engine: Engine, params: SamplingParams, tools: list[Tool], system: str | None, think: bool,
-                 show_think: bool, console: Console, prefix_cache_bytes: int) -> None:
+                 show_think: bool, console: Console, prefix_cache_bytes: int, max_call_chars: int = 4096) -> None:
         from .runtime.prefix_cache import PrefixCache
         from .server.grammar import Grammars
 
         self.engine, self.params, self.console = engine, params, console
         self.tools = {t.name: t for t in tools}
         self.think, self.show_think = think, show_think
+        # The grammar holds a model that opened a call inside it until the call is well-formed: a
+        # model that cannot finish one would write until --max-tokens. Past this length it is stopped.
+        self.max_call_chars = max_call_chars
+        self._writing_call = False
         self.system = system
         self.messages: list[dict[str, Any]] = []
         self.cache = PrefixCache(prefix_cache_bytes)
@@ -162,14 +167,21 @@ class ChatSession:
 
         tok, specs = self.engine.tokenizer, self.specs
         messages = self.conversation()
-        ids = tok.encode(tok.apply_chat_template(messages, tools=specs, enable_thinking=self.think))
+        ids = tok.encode_chat(messages, tools=specs, enable_thinking=self.think)
         checkpoints = chat_checkpoints(tok, messages, ids, specs, enable_thinking=self.think)
-        parser, out, interrupted = OutputParser(specs, reasoning=self.think), ParsedOutput(), False
+        parser, out, interrupted = OutputParser(specs, reasoning=self.think, show_calls=True), ParsedOutput(), False
+        self._writing_call = False
         processor = self.grammars.processor(self.grammar) if self.grammar else None
         try:
             gen, reused = cached_generate(self.engine, self.cache, ids, self.params, checkpoints, processor)
-            for step in gen:
-                self._show(parser.push(step.text), out)
+            with closing(iter(gen)) as steps:
+                for step in steps:
+                    self._show(parser.push(step.text), out)
+                    if parser.open_call_chars > self.max_call_chars:
+                        interrupted = True
+                        self.console.print(f"\n[yellow]\\[tool call stopped: {parser.open_call_chars} characters without an "
+                                           f"end (--max-call-chars {self.max_call_chars}); not run][/]", soft_wrap=True)
+                        break
             self._show(parser.finish(), out)
         except KeyboardInterrupt:
             interrupted = True
@@ -194,6 +206,13 @@ class ChatSession:
 
     def _show(self, events: list[Event], out: ParsedOutput) -> None:
         for e in events:
+            if isinstance(e, CallText):  # the call as it is written, dimmed; the parsed call follows
+                if not self._writing_call:
+                    self.console.print("\n[dim]writing a tool call:[/]")
+                    self._writing_call = True
+                self.console.print(e.text, end="", style="dim", markup=False, highlight=False)
+                continue
+            self._writing_call = False
             if isinstance(e, Content):
                 self.console.print(e.text, end="", markup=False, highlight=False)
             elif isinstance(e, Reasoning):
@@ -308,6 +327,8 @@ def chat_command(
     builtin_tools: bool = typer.Option(True, "--builtin-tools/--no-builtin-tools",
                                        help="Offer the shell tool (asks y/n before each command) and the read_file tool."),
     max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Most tokens per answer."),
+    max_call_chars: int = typer.Option(
+        4096, "--max-call-chars", help="Stop a tool call that grows past this many characters (a model stuck in a call)."),
     temperature: Optional[float] = TEMPERATURE_OPTION,
     top_p: Optional[float] = TOP_P_OPTION,
     top_k: Optional[int] = TOP_K_OPTION,
@@ -335,7 +356,8 @@ def chat_command(
         engine = load_engine(model, dict(device=device, host_mem=host_mem, k=k, dtype=dtype, cache_policy=cache_policy,
                                          gpu_mem=gpu_mem, dense_bits=dense_bits, prefetch=prefetch,
                                          cpu_experts=cpu_experts, preload=preload))
-        session = ChatSession(engine, params, tools, system, think or show_think, show_think, console, parse_size(prefix_cache))
+        session = ChatSession(engine, params, tools, system, think or show_think, show_think, console, parse_size(prefix_cache),
+                              max_call_chars)
     except USER_ERRORS as e:
         fail(e)
     _setup_readline()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .chat import chat_command
 from .cli_common import (
@@ -26,11 +27,14 @@ from .cli_common import (
     TOP_P_OPTION,
     USER_ERRORS,
     VERIFY_OPTION,
+    check_output_path,
     err,
     fail,
     open_engine,
     parse_size,
+    prompt_text,
     sampling_params,
+    write_output,
 )
 from .server import serve_command
 from .utils import format_bytes
@@ -44,10 +48,15 @@ app = typer.Typer(
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors shards)."),
-    dst: Path = typer.Argument(..., help="Output directory for the packed model (must not exist)."),
+    dst: Path = typer.Argument(..., help="Output directory for the packed model (must not exist, nor be or hold SRC)."),
     bits: int = typer.Option(4, help="Expert weight bits: 16 (unquantized), 8, 4 or 2."),
-    group_size: int = typer.Option(64, help="Weights per quantization group (one 16-bit scale and bias each)."),
-    force: bool = typer.Option(False, help="Replace DST if it exists (only after the new one is complete)."),
+    group_size: int = typer.Option(
+        64, help="Weights per quantization group (one 16-bit scale and bias each): a power of two, e.g. 32, 64 or 128."
+    ),
+    force: bool = typer.Option(
+        False,
+        help="Replace DST if it is a model an earlier convert wrote, holding nothing else (swapped once the new one is complete).",
+    ),
 ):
     """Convert a checkpoint once into the packed format: 16-bit dense weights, one aligned record per expert."""
     from .convert import convert as run_convert
@@ -55,22 +64,30 @@ def convert(
     try:
         report = run_convert(src, dst, bits=bits, group_size=group_size, force=force, console=err)
     except KeyboardInterrupt:
-        err.print("interrupted: nothing was written to the output directory")
+        err.print("interrupted: no partial model was left (a model at DST is replaced only by a complete one)")
         raise typer.Exit(130)
     except USER_ERRORS as e:
         fail(e)
     err.print(
-        f"wrote {dst} in {report.seconds:.1f} s: experts {format_bytes(report.expert_bytes)}, "
+        f"wrote {escape(str(dst))} in {report.seconds:.1f} s: experts {format_bytes(report.expert_bytes)}, "
         f"dense {format_bytes(report.dense_bytes)}"
     )
     err.print("relative error ||w - stored|| / ||w|| by tensor kind:")
     for kind, e in sorted(report.relative_errors().items()):
         err.print(f"  {kind:<24} {e:.2e}")
+    for warning in report.warnings:
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def _stream(engine, prompt, params) -> None:
     """Print the continuation to stdout as it is produced; the summary goes to stderr."""
     gen = engine.generate(prompt, params)
+    if gen.max_tokens < params.max_tokens:  # the context ends first: say so, and generate what fits
+        err.print(
+            f"[yellow]note:[/] --tokens {params.max_tokens} reaches past the model's context of {engine.context_length} "
+            f"tokens (the prompt takes {len(gen.ids)}): generating at most {gen.max_tokens}",
+            soft_wrap=True,
+        )
     try:
         for step in gen:
             sys.stdout.write(step.text)
@@ -124,7 +141,7 @@ def print_summary(engine, stats) -> None:
 def generate(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; '-' reads it from stdin."),
-    tokens: int = typer.Option(128, "--tokens", "-n", help="Maximum new tokens."),
+    tokens: int = typer.Option(128, "--tokens", "-n", help="Maximum new tokens (fewer, with a note, where the context ends)."),
     k: Optional[int] = K_OPTION,
     temperature: Optional[float] = TEMPERATURE_OPTION,
     top_p: Optional[float] = TOP_P_OPTION,
@@ -147,16 +164,15 @@ def generate(
     preload: bool = PRELOAD_OPTION,
 ):
     """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
     try:
-        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, profile=profile,
-                             dense_bits=dense_bits, prefetch=prefetch, cpu_experts=cpu_experts, preload=preload)
-        params = sampling_params(
+        prompt = prompt_text(prompt)
+        params = sampling_params(  # before the model loads: a bad value fails at once
             model, temperature, top_p, top_k, max_tokens=tokens, repetition_penalty=repetition_penalty, seed=seed, stop=stop
         )
+        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, profile=profile,
+                             dense_bits=dense_bits, prefetch=prefetch, cpu_experts=cpu_experts, preload=preload)
         if chat:
-            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=think)
+            prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}], enable_thinking=think)
         _stream(engine, prompt, params)
     except USER_ERRORS as e:
         fail(e)
@@ -185,7 +201,7 @@ def demo(
         )
         text = prompt if prompt is not None else ("What does json.dumps do?" if chat else DEMO_PROMPT)
         if chat:
-            text = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+            text = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
         else:
             sys.stdout.write(text)  # a completion reads as code only with the text it completes
         params = sampling_params(DEMO_MODEL, temperature, max_tokens=tokens, seed=seed)
@@ -212,6 +228,9 @@ def trace(
     try:
         if not data.is_file():
             raise FileNotFoundError(f"--data {data} is not a file")
+        if tokens <= max(WINDOWS):
+            raise ValueError(f"--tokens {tokens} is too few: a trace needs more than {max(WINDOWS)} tokens")
+        check_output_path(out, "--out")
         engine = open_engine(model, device, host_mem, k, dtype=dtype)
         ids = engine.tokenizer.encode(data.read_text(encoding="utf-8", errors="replace"))[:tokens]
         if len(ids) <= max(WINDOWS):
@@ -221,7 +240,9 @@ def trace(
     except USER_ERRORS as e:
         fail(e)
     entropy, reuse = load_entropy(sorted_shares(result.ids, result.num_experts)), reuse_profile(result.ids)
-    err.print(f"wrote {out}: {result.tokens} tokens x {result.layers} MoE layers x k={result.k} of {result.num_experts} experts")
+    err.print(
+        f"wrote {escape(str(out))}: {result.tokens} tokens x {result.layers} MoE layers x k={result.k} of {result.num_experts} experts"
+    )
     err.print("layer  load entropy / log E  " + "  ".join(f"reuse w={w:<3}" for w in WINDOWS))
     for i, (h, row) in enumerate(zip(entropy, reuse)):
         err.print(f"{i:>5}  {h:>20.3f}  " + "  ".join(f"{u:>11.1%}" for u in row))
@@ -263,17 +284,18 @@ def bench(
     if not torch.cuda.is_available():
         fail(RuntimeError("flashmoe bench measures the GPU path and PyTorch sees no CUDA GPU"))
     try:
+        if json_out:
+            check_output_path(json_out, "--json")
         report = run(
             preset, layers, bits, k, prompt_tokens, tokens, [n for n in prefill if n], workdir,
-            parse_size(gpu_mem) if gpu_mem else None, parse_size(host_mem) if host_mem else None, trace_file, dense_bits, prefetch,
-            cpu_experts, preload, adaptive, warmup, log=lambda line: err.print(line, soft_wrap=True),
+            None if gpu_mem is None else parse_size(gpu_mem), None if host_mem is None else parse_size(host_mem), trace_file,
+            dense_bits, prefetch, cpu_experts, preload, adaptive, warmup, log=lambda line: err.print(line, soft_wrap=True),
         )
     except USER_ERRORS as e:
         fail(e)
     text = result_json(**report)
-    if json_out:
-        json_out.write_text(text)
     print(text)
+    write_output(json_out, text)
 
 
 @app.command("eval")
@@ -308,6 +330,8 @@ def eval_command(
     from . import evaluate
 
     try:
+        if json_out:
+            check_output_path(json_out, "--json")
         text = evaluate.read_text(data)
         prompt_set = evaluate.load_prompts(prompts) if prompts else []  # bad input fails before any model loads
         engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem)
@@ -323,8 +347,7 @@ def eval_command(
     except USER_ERRORS as e:
         fail(e)
     Console().print(_eval_table(report))
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    write_output(json_out, json.dumps(report, indent=1, ensure_ascii=False))
 
 
 def _eval_table(r: dict):

@@ -1,24 +1,66 @@
-"""What the commands that load a model share: their options, error reporting, opening the Engine,
-and sampling parameters with the model's own defaults."""
+"""What the commands that load a model share: their options, error reporting, reading the prompt and
+writing report files, opening the Engine, and sampling parameters with the model's own defaults."""
 
 from __future__ import annotations
 
-import json
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from .utils import parse_size
+from .utils import atomic_write_text, parse_size, read_json
 
 err = Console(stderr=True, highlight=False)
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 
 def fail(e: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+    """Report a user error on one line and exit 2. The message is escaped: it may quote a path or a
+    value the user typed, and a "[/x]" in it is text, not markup."""
+    err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _check_port(port: int) -> int:
+    if not 1 <= port <= 65535:
+        fail(ValueError(f"--port {port} is not a TCP port: choose one from 1 to 65535"))
+    return port
+
+
+def prompt_text(prompt: str) -> str:
+    """The prompt a user gave (`-` reads stdin), refused unless it is UTF-8 text: stray bytes would
+    reach the tokenizer as unpaired surrogates."""
+    data, source = (sys.stdin.buffer.read(), "on stdin") if prompt == "-" else (os.fsencode(prompt), "given")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"the prompt {source} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}): convert it to UTF-8"
+        ) from None
+
+
+def write_output(path: Optional[Path], text: str) -> None:
+    """Write a command's report file (whole or not at all), after the report was shown: a failed write
+    then loses nothing the run computed."""
+    if path is None:
+        return
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        fail(e)
+
+
+def check_output_path(path: Path, flag: str) -> None:
+    """Refuse an output file that cannot be written, before the work that fills it starts."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: name a file to write")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the directory {path.parent} does not exist; create it first")
 
 
 # Options shared by every command that loads a model (one definition, one help text).
@@ -60,6 +102,8 @@ TEMPERATURE_OPTION = typer.Option(None, help="0 = greedy. Default: generation_co
 TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus sampling mass.")
 TOP_K_OPTION = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off).")
 SEED_OPTION = typer.Option(None, help="Random seed for sampling.")
+# For `serve`: refused while the command line is read, before a model loads.
+PORT_OPTION = typer.Option(8000, "--port", callback=_check_port, help="TCP port (1-65535).")
 
 
 def sampling_params(model: Path, temperature=None, top_p=None, top_k=None, **fields):
@@ -77,11 +121,20 @@ def sampling_params(model: Path, temperature=None, top_p=None, top_k=None, **fie
 
 def sampling_defaults(model: Path) -> dict:
     """The model's recommended sampling (generation_config.json), or greedy."""
-    path = model / "generation_config.json"
-    gen = json.loads(path.read_text()) if path.exists() else {}
+    from .runtime.sampling import SamplingParams
+
+    path, fix = model / "generation_config.json", "; correct generation_config.json or delete it"
+    gen = read_json(path, fix=fix) if path.exists() else {}
+    if not isinstance(gen, dict):
+        raise ValueError(f"{path} must hold a JSON object{fix}")
     if not gen.get("do_sample", False):
         return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
-    return {"temperature": gen.get("temperature", 1.0), "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0)}
+    defaults = {"temperature": gen.get("temperature", 1.0), "top_p": gen.get("top_p", 1.0), "top_k": gen.get("top_k", 0)}
+    try:
+        SamplingParams(**defaults)  # a bad value is the file's fault: say so now, not as if the user had typed it
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}{fix}") from None
+    return defaults
 
 
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -104,10 +157,12 @@ def open_engine(
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N (a GPU's index), not {device!r}")
     preload = extra.pop("preload", False)
     flags = (("--prefetch", extra.get("prefetch")), ("--cpu-experts", extra.get("cpu_experts")), ("--preload", preload))
     gpu_only = [flag for flag, on in flags if on]
-    if device != "cuda" and gpu_only:
+    if device == "cpu" and gpu_only:
         raise ValueError(
             f"{gpu_only[0]} is for the GPU path (--device cuda): it arranges host-to-GPU traffic. On the CPU every "
             "expert is computed from RAM already (with numba installed, straight from the packed records); drop it"
@@ -116,12 +171,17 @@ def open_engine(
         model,
         device=device,
         dtype=getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None,
-        host_mem=parse_size(host_mem) if host_mem else None,
-        gpu_mem=parse_size(gpu_mem) if gpu_mem else None,
+        host_mem=None if host_mem is None else parse_size(host_mem),  # "" is an error, not the default
+        gpu_mem=None if gpu_mem is None else parse_size(gpu_mem),
         top_k=k,
         verify=verify,
         **extra,
     )
+    try:  # here, not in Engine: bench's synthesized models pair the Qwen3.5 tokenizer with smaller vocabularies
+        engine.config.check_tokenizer(engine.tokenizer.vocab_size, model / "tokenizer.json")
+    except ValueError:
+        engine.close()
+        raise
     if preload:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 

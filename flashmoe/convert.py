@@ -2,11 +2,17 @@
 
 Tensors are read one at a time (experts one expert at a time, even from fused [E, ...] tensors),
 so memory stays a small multiple of the largest single tensor. Everything is written into a
-hidden temporary directory that is renamed into place only when complete.
+hidden temporary directory that is renamed into place only when complete. Nothing the user owns
+is deleted: the destination may not be or hold the source, and --force replaces only a model
+directory that an earlier conversion wrote, swapped out whole once the new one is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import glob
 import os
 import shutil
 import time
@@ -20,11 +26,12 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from . import quant
-from .formats.packed import DENSE_FILE, ExpertFile, Manifest, RecordLayout
+from .formats.packed import DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, PackedFormatError, RecordLayout, check_quantization
 from .formats.safetensors import Checkpoint, SafetensorsWriter
 from .models import ModelArgs, names, read_args, sanitize
 from .models.transformer import Model
 from .moe.block import FP32_TENSORS
+from .tokenizer import Tokenizer
 
 COPIED_FILES = (
     "config.json",
@@ -51,6 +58,7 @@ class ConversionReport:
     dense_bytes: int = 0
     # per tensor kind: [sum of squared error, sum of squared weights]
     error_sums: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    warnings: list[str] = field(default_factory=list)  # what the user must still do before the model is usable
 
     def relative_errors(self) -> dict[str, float]:
         return {k: (e / max(w, 1e-30)) ** 0.5 for k, (e, w) in self.error_sums.items()}
@@ -73,49 +81,122 @@ def convert(
 ) -> ConversionReport:
     src, dst = Path(src), Path(dst)
     console = console or Console(stderr=True)
-    if bits not in (16, *quant.QUANT_BITS):
-        raise ConversionError(f"--bits must be 16, 8, 4 or 2, not {bits}")
+    check_quantization(bits, group_size)
+    _check_apart(src, dst)  # before anything is read or removed
+    _clean_up_dead_runs(dst)  # first: a model a killed --force run set aside goes back to dst
+    _check_destination(dst, force)
     cfg = read_args(src)
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst} already exists; choose another output directory or pass --force to replace it")
+    report = ConversionReport(dst, warnings=_check_tokenizer(src, dst, cfg))
     layout = RecordLayout.build(cfg.hidden_size, cfg.moe.intermediate, bits, group_size)
     started = time.perf_counter()
     with Checkpoint(src) as ckpt:
         plan = _plan(cfg, ckpt)
-        tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-        _remove_stale_partials(dst)
-        tmp.mkdir(parents=True)
+        tmp = _sibling(dst, "partial")
+        created = _make_parents(dst.parent)
+        tmp.mkdir()  # before the try: what exists already is not ours to remove
         try:
-            report = ConversionReport(dst)
-            progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                transient=False,
-            )
-            with progress:
-                task = progress.add_task("converting", total=plan.bytes_total)
-                dense_dtype = _write_dense(cfg, ckpt, plan, tmp, report, lambda n: progress.advance(task, n))
-                files = _write_experts(cfg, ckpt, plan, layout, tmp, report, lambda n: progress.advance(task, n))
-            for name in COPIED_FILES:
-                if (src / name).exists():
-                    shutil.copy2(src / name, tmp / name)
-            Manifest(layout, tuple(files), DENSE_FILE, dense_dtype, str(src)).save(tmp)
-            if dst.exists():  # --force: swap in the new directory, then drop the old one
-                old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-                os.replace(dst, old)
-                os.replace(tmp, dst)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, dst)
+            _write_model(src, cfg, ckpt, plan, layout, tmp, report, console)
+            _move_into_place(tmp, dst, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for directory in created:  # deepest first: each is empty once tmp is gone
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
             raise
+        shutil.rmtree(tmp, ignore_errors=True)  # after --force: the model it replaced
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _write_model(src: Path, cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, layout: RecordLayout, out_dir: Path,
+                 report: ConversionReport, console: Console) -> None:
+    """Write the whole packed model into out_dir, the manifest last (a directory without one is no model)."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task("converting", total=plan.bytes_total)
+        dense_dtype = _write_dense(cfg, ckpt, plan, out_dir, report, lambda n: progress.advance(task, n))
+        files = _write_experts(cfg, ckpt, plan, layout, out_dir, report, lambda n: progress.advance(task, n))
+    for name in COPIED_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, out_dir / name)
+    Manifest(layout, tuple(files), DENSE_FILE, dense_dtype, str(src)).save(out_dir)
+
+
+def _check_apart(src: Path, dst: Path) -> None:
+    """Refuse a destination that is, holds or lies inside the source (symbolic links resolved): writing
+    there, or replacing it, would destroy the checkpoint being read."""
+    source, target = src.resolve(), dst.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        where = "is" if target == source else "lies inside" if source in target.parents else "contains"
+        raise ConversionError(f"{dst} {where} the source checkpoint {src}: write the packed model to a directory outside it")
+
+
+def _check_destination(dst: Path, force: bool) -> None:
+    """A destination must not exist, or with --force be a flashmoe model directory holding nothing but what
+    a conversion writes: that, and only that, can be replaced without losing anything of the user's."""
+    if not os.path.lexists(dst):
+        return
+    if not force:
+        raise ConversionError(f"{dst} already exists; choose another output directory or pass --force to replace it")
+    refuse = "--force replaces only a flashmoe model directory"
+    if dst.is_symlink():
+        raise ConversionError(
+            f"{refuse}, and {dst} is a symbolic link (to {os.readlink(dst)}): pass the directory it points to, or remove the link"
+        )
+    if not dst.is_dir():
+        raise ConversionError(f"{refuse}, and {dst} is a file: choose another output path")
+    try:
+        manifest = Manifest.load(dst)
+    except PackedFormatError as e:
+        what = f"its {MANIFEST_FILE} is not valid ({e})" if (dst / MANIFEST_FILE).exists() else _contents(dst)
+        raise ConversionError(f"{refuse}, and {dst} is not one: {what}. Choose another output directory") from None
+    foreign = _foreign_files(dst, manifest)
+    if foreign:
+        raise ConversionError(
+            f"{refuse}, and {dst} also holds files that flashmoe convert did not write ({_first(foreign)}): "
+            "move them out, or choose another output directory"
+        )
+
+
+def _contents(directory: Path) -> str:
+    names = sorted(p.name for p in directory.iterdir())
+    return f"it holds {_first(names)}" if names else "it is an empty directory (remove it with rmdir)"
+
+
+def _first(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _foreign_files(model_dir: Path, manifest: Manifest) -> list[str]:
+    """Files (and links) under a model directory that no conversion writes: the user's own."""
+    ours = {MANIFEST_FILE, *COPIED_FILES, manifest.dense_file, *(f.file for f in manifest.expert_files)}
+    ours = {Path(name).as_posix() for name in ours}  # "experts/./x" and "experts/x" are one file
+    foreign = []
+    for root, dirs, files in os.walk(model_dir):  # links to directories are listed, never followed
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            relative = Path(root, name).relative_to(model_dir).as_posix()
+            if relative not in ours:
+                foreign.append(relative)
+    return sorted(foreign)
+
+
+def _check_tokenizer(src: Path, dst: Path, cfg: ModelArgs) -> list[str]:
+    """Refuse a tokenizer with more tokens than the model has embeddings; without one, the warning to show."""
+    if not (src / "tokenizer.json").is_file():
+        return [
+            f"{src} has no tokenizer.json, so the model in {dst} cannot generate text until tokenizer.json (and "
+            "tokenizer_config.json and chat_template.jinja, where the model has them) is copied in from the original checkpoint"
+        ]
+    cfg.check_tokenizer(Tokenizer.from_dir(src).vocab_size, src / "tokenizer.json")
+    return []
 
 
 def _plan(cfg: ModelArgs, ckpt: Checkpoint) -> _Plan:
@@ -276,13 +357,85 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
     return files
 
 
-def _remove_stale_partials(dst: Path) -> None:
-    """Remove temporary directories that earlier, killed conversions to `dst` left behind."""
-    for p in dst.parent.glob(f".{dst.name}.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass
+def _sibling(dst: Path, role: str) -> Path:
+    """This process's hidden working directory beside dst: .NAME.partial-PID (the model being written)
+    or .NAME.old-PID (the replaced model, set aside where no atomic exchange exists)."""
+    return dst.parent / f".{dst.name}.{role}-{os.getpid()}"
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents; return those created, deepest first, to undo on failure."""
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _move_into_place(tmp: Path, dst: Path, force: bool) -> None:
+    """Put the complete model `tmp` at dst. What is at dst now is checked again: a conversion takes long."""
+    if not os.path.lexists(dst):
+        os.rename(tmp, dst)
+        return
+    if not force:
+        raise ConversionError(f"{dst} appeared while converting; choose another output directory or pass --force to replace it")
+    _check_destination(dst, force)
+    _swap(tmp, dst)
+
+
+def _swap(new: Path, dst: Path) -> None:
+    """Exchange the complete model `new` with the model at dst in one step: readers of dst see the old
+    model or the new, never neither. The old model ends at `new`'s path, for the caller to remove."""
+    if _rename_exchange(new, dst):
+        return
+    # No atomic exchange here (not Linux, or a filesystem such as NFS): two renames, undone if the second
+    # fails. A kill between them leaves the old model at `aside`, which the next run puts back.
+    aside = _sibling(dst, "old")
+    os.rename(dst, aside)
+    try:
+        os.rename(new, dst)
+    except BaseException:
+        os.rename(aside, dst)
+        raise
+    os.rename(aside, new)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Linux renameat2(a, b, RENAME_EXCHANGE); False where the C library, kernel or filesystem lacks it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _clean_up_dead_runs(dst: Path) -> None:
+    """Undo what earlier, killed conversions to dst left beside it: partial directories are removed; a
+    model set aside for --force goes back to dst if the kill came before the new one took its place."""
+    for role in ("partial", "old"):
+        for p in dst.parent.glob(f".{glob.escape(dst.name)}.{role}-*"):
+            if not _left_by_dead_run(p):
+                continue
+            if role == "old" and not os.path.lexists(dst):
+                os.rename(p, dst)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _left_by_dead_run(p: Path) -> bool:
+    """Whether `p` is a working directory a conversion made (.NAME.ROLE-PID) whose process is gone."""
+    pid = p.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or p.is_symlink() or not p.is_dir():
+        return False  # not a name a conversion gives: someone else's
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process; no process id at all
+        return False
+    return False

@@ -54,7 +54,7 @@ class Engine:
             raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
         self.dtype = config.torch_dtype(cpu_has_native_bf16())
         moe = self.args.moe
-        self.top_k = config.k or moe.top_k
+        self.top_k = moe.top_k if config.k is None else config.k
         if not 1 <= self.top_k <= moe.num_experts:
             raise ValueError(f"--k must be between 1 and {moe.num_experts} (the model has {moe.num_experts} experts)")
         self.cuda_graphs = config.cuda_graphs and self.device.type == "cuda"

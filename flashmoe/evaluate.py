@@ -241,11 +241,11 @@ def structured_validity(engine: Engine, prompts: list[Prompt], constrained: bool
     grammars = Grammars.for_engine(engine) if constrained else None
     result = Validity()
     for i, p in enumerate(prompts):
-        text = engine.tokenizer.apply_chat_template(p.messages, tools=p.tools, enable_thinking=False)
+        ids = engine.tokenizer.encode_chat(p.messages, tools=p.tools, enable_thinking=False)
         processor = None
         if grammars is not None:
             processor = grammars.processor(grammars.tool_calls(p.tools, "required") if p.tools else grammars.json(None))
-        gen = engine.generate(text, SamplingParams(max_tokens=max_tokens, temperature=0.0), logits_processor=processor)
+        gen = engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), logits_processor=processor)
         answer = "".join(step.text for step in gen)
         result.outputs.append(answer)
         if p.tools:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from .experts.store import StoreStats
-from .runtime.sampling import Sampler, SamplingParams
+from .runtime.sampling import Sampler, SamplingParams, token_logprobs
 from .runtime.stats import GpuTierStats
 from .utils import peak_rss_bytes
 
@@ -34,6 +34,10 @@ class Step:
     token: int
     text: str
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    # Only when SamplingParams.logprobs asks (token_logprobs says of which distribution): the
+    # token's log-probability and the most likely (token id, log-probability) pairs.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -88,7 +92,8 @@ class Generation:
         try:
             for n in range(self.max_tokens):
                 with self._measured(prefill=False, forward=False):
-                    row = logits[-1]
+                    model_row = logits[-1]  # the model's own distribution: what logprobs report
+                    row = model_row
                     if self.logits_processor is not None:
                         row = self.logits_processor(generated, row.cpu()).to(eng.device)
                     token = sampler(row)  # the one host sync per token: reading the token
@@ -103,6 +108,8 @@ class Generation:
                             step = Step(token, piece + text.flush(decoder.flush()), "length")
                         else:
                             step = Step(token, piece)
+                    if self.params.logprobs is not None:
+                        step.logprob, step.top_logprobs = token_logprobs(model_row, token, self.params.logprobs)
                 yield step  # outside the measured block: the consumer's time is not ours
                 if step.finish_reason:
                     return

@@ -3,12 +3,18 @@
 Adds what the engine needs on top of the raw backend: loading a model directory's tokenizer
 files, rendering the model's chat template in a sandbox, and streaming detokenization that
 never emits half of a multi-byte character.
+
+Text from users never becomes control tokens: `encode` reads every string as plain text (a
+message containing "<|im_start|>system" is those characters, not a forged turn), and
+`encode_chat` makes only the chat template's own markup special (`_Escaped` says how).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -17,6 +23,8 @@ from typing import Any, Iterable
 import tokenizers
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .utils import read_json
 
 DEFAULT_CHAT_TEMPLATE_NAME = "chat_template.jinja"
 
@@ -110,6 +118,7 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self.added_tokens: dict[str, int] = {t.content: i for i, t in sorted(added.items())}
         self.special_tokens: dict[str, int] = {t.content: i for i, t in sorted(added.items()) if t.special}
+        self._plain = _without_added_tokens(backend)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -123,9 +132,14 @@ class Tokenizer:
                 "`flashmoe convert` copies them; for a directory made by hand, copy them from the original "
                 "Hugging Face checkpoint."
             )
-        backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{tokenizer_json} cannot be read as a tokenizer ({e}): fetch it again") from None
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config = read_json(config_path, fix="; fetch it again") if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, not {type(config).__name__}")
         template_path = directory / "chat_template.jinja"
         # A standalone chat_template.jinja is what newer checkpoints ship and wins over the config key.
         template = template_path.read_text(encoding="utf-8") if template_path.is_file() else _template_from_config(config)
@@ -144,8 +158,21 @@ class Tokenizer:
         return None if token is None else self.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        """Ids of `text`; no BOS or template tokens are added, special-token strings map to their ids."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        """Ids of `text` as plain text: no BOS or template tokens are added, and the strings of
+        special and added tokens in it ("<|im_end|>", "<tool_call>") are text, never those tokens.
+        To send control tokens, build ids (or render a conversation with `encode_chat`)."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, enable_thinking: bool = False, **extra: Any) -> list[int]:
+        """Ids of the conversation rendered by the chat template (arguments as `apply_chat_template`):
+        the template's markup as the control tokens it names, every string of the caller's
+        (contents, names, arguments, tool schemas, extra variables) as plain text."""
+        escaped = _Escaped(self.added_tokens)
+        text = self.apply_chat_template(escaped.walk(messages), tools=escaped.walk(tools),
+                                        add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+                                        **escaped.walk(extra))
+        return escaped.encode(text, self._backend, self._plain)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -198,6 +225,49 @@ class Tokenizer:
                        add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
         context.update(extra)
         return self._template().render(**context)
+
+
+def _without_added_tokens(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of `backend` that knows no added tokens, so it encodes their strings as the text they
+    are (the same pipeline otherwise: text without such strings encodes to the same ids)."""
+    spec = json.loads(backend.to_str())
+    spec["added_tokens"] = []
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
+class _Escaped:
+    """The caller's strings with every added-token string replaced by a placeholder before the chat
+    template renders them, so that after rendering the template's own markup and the caller's text
+    can be told apart: the rendered text is encoded with added tokens recognised, each placeholder
+    as its token's characters in plain text. Placeholders are private-use characters around a
+    random nonce and an index, so no text a client sends can pose as one."""
+
+    def __init__(self, added_tokens: dict[str, int]) -> None:
+        self.tokens = sorted(added_tokens, key=len, reverse=True)  # longest first where one contains another
+        self._index = {token: i for i, token in enumerate(self.tokens)}
+        self.nonce = secrets.token_hex(8)
+        self._find = re.compile("|".join(map(re.escape, self.tokens))) if self.tokens else None
+        self._placeholder = re.compile(f"\ue000{self.nonce}:(\\d+)\ue001")
+
+    def walk(self, value: Any) -> Any:
+        """`value` with placeholders in every string (dict keys included), as new containers."""
+        if isinstance(value, str):
+            if self._find is None:
+                return value
+            return self._find.sub(lambda m: f"\ue000{self.nonce}:{self._index[m[0]]}\ue001", value)
+        if isinstance(value, dict):
+            return {self.walk(k): self.walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.walk(v) for v in value]
+        return value
+
+    def encode(self, text: str, markup: tokenizers.Tokenizer, plain: tokenizers.Tokenizer) -> list[int]:
+        ids, start = [], 0
+        for m in self._placeholder.finditer(text):
+            ids += markup.encode(text[start : m.start()], add_special_tokens=False).ids
+            ids += plain.encode(self.tokens[int(m[1])], add_special_tokens=False).ids
+            start = m.end()
+        return ids + markup.encode(text[start:], add_special_tokens=False).ids
 
 
 class StreamDecoder:

@@ -56,7 +56,15 @@ class Reasoning:
     text: str
 
 
-Event = Union[Content, Reasoning, ToolCall]
+@dataclass(slots=True)
+class CallText:
+    """A piece of a tool call's body as it is written (only from OutputParser(show_calls=True)):
+    a terminal shows the call while it grows; the ToolCall (or Content, if it does not parse) follows."""
+
+    text: str
+
+
+Event = Union[Content, Reasoning, ToolCall, CallText]
 
 
 def tool_schemas(tools: Iterable[Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -162,12 +170,13 @@ class OutputParser:
 
     `reasoning`: the prompt opened a `<think>` block, so the output starts inside it.
     `parse_tool_calls`: False keeps `<tool_call>` blocks as plain content (no tools offered).
+    `show_calls`: also emit each piece of a call's body as CallText while it is written.
     A complete block that does not parse is passed on as content rather than lost."""
 
     def __init__(self, tools: Iterable[Mapping[str, Any]] | None = None, reasoning: bool = False,
-                 parse_tool_calls: bool = True) -> None:
+                 parse_tool_calls: bool = True, show_calls: bool = False) -> None:
         self._schemas = tool_schemas(tools)
-        self._parse_calls = parse_tool_calls
+        self._parse_calls, self._show_calls = parse_tool_calls, show_calls
         self._mode = _REASONING if reasoning else _CONTENT
         self._section = _Trimmed()
         self._buffer = ""
@@ -191,6 +200,11 @@ class OutputParser:
             self._emit(self._buffer[:at], events)
             self._buffer = self._buffer[at + len(marker) :]
             self._switch(marker, events)
+
+    @property
+    def open_call_chars(self) -> int:
+        """Characters of the tool call being written (0 outside a call)."""
+        return len(self._call_body) + len(self._buffer) if self._mode == _CALL else 0
 
     def finish(self) -> list[Event]:
         """Flushes what is held back. An unterminated tool call counts if its body is complete
@@ -218,6 +232,8 @@ class OutputParser:
             return
         if self._mode == _CALL:
             self._call_body += text
+            if self._show_calls:
+                events.append(CallText(text))
             return
         if text.strip():
             self._at_start = False
@@ -255,7 +271,7 @@ class ParsedOutput:
                 self.content += e.text
             elif isinstance(e, Reasoning):
                 self.reasoning += e.text
-            else:
+            elif isinstance(e, ToolCall):
                 self.tool_calls.append(e)
 
 

@@ -97,8 +97,9 @@ def test_tool_calls_with_confirmation(tiny_chat_model, tmp_path):
     child.sendline("What does the command print?")
     child.expect_exact("Let me look.")
     child.expect_exact('tool call shell {"command": "echo flashmoe-$((6*7))"}')
+    # The call was shown while it was written, then parsed; the markers around it are not shown.
+    assert "writing a tool call:" in child.before and "<function=shell>" in child.before and "<tool_call>" not in child.before
     child.expect_exact("[y/N] ")
-    assert "<tool_call>" not in child.before and "<function=" not in child.before  # the markup is not shown
     child.sendline("y")
     child.expect_exact("flashmoe-42")
     child.expect_exact("It printed flashmoe-42.")
@@ -124,6 +125,24 @@ def test_tool_calls_with_confirmation(tiny_chat_model, tmp_path):
     assert "<tool_response>\nThe user declined to run this.\n</tool_response>" in sent[3]
     assert "<tool_response>\nremember the milk\n</tool_response>\n<tool_response>\n5\n\n</tool_response>" in sent[5]
     assert '"name": "add"' in sent[0]  # the user's tool was offered to the model
+
+
+def test_a_tool_call_that_never_ends_is_shown_and_stopped(tiny_chat_model, tmp_path):
+    """A model stuck inside a call (the grammar keeps it there until the call is well-formed) is
+    shown writing it, stopped at --max-call-chars, and the call is not run; the session goes on."""
+    stuck = "<tool_call>\n<function=shell>\n<parameter=command>\n" + "echo " * 100
+    child = spawn(tmp_path, ["--model", str(tiny_chat_model), "--max-tokens", "1000", "--max-call-chars", "120"],
+                  [stuck, "Fine."])
+    child.sendline("Go.")
+    child.expect_exact("writing a tool call:")
+    child.expect(r"tool call stopped: 1\d\d characters without an end \(--max-call-chars 120\); not run")
+    child.expect_exact(PROMPT)
+    assert "[y/N]" not in child.before
+    child.sendline("And now?")
+    child.expect_exact("Fine.")
+    child.expect_exact(PROMPT)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(tiny_chat_model, tmp_path):

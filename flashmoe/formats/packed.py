@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 
 from .. import quant
+from ..utils import atomic_write_text, is_int, read_json, short_repr
 
 FORMAT_NAME = "flashmoe-packed"
 FORMAT_VERSION = 1
@@ -19,6 +20,8 @@ DENSE_FILE = "dense.safetensors"
 RECORD_ALIGN = 4096  # one record = whole pages, so a record read is page-aligned (O_DIRECT-able)
 SEGMENT_ALIGN = 256  # each tensor inside a record starts on a 256-byte boundary (coalesced GPU loads)
 DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32}
+DENSE_DTYPES = ("bfloat16", "float16")
+REBUILD = "; run flashmoe convert again to rebuild the model"
 
 
 class PackedFormatError(ValueError):
@@ -27,6 +30,24 @@ class PackedFormatError(ValueError):
 
 def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (16, *quant.QUANT_BITS):
+        raise ValueError(f"--bits must be 16, 8, 4 or 2, not {bits}")
+
+
+def check_quantization(bits: int, group_size: int) -> None:
+    """What a conversion accepts: a layout the kernels run, whose quantization groups are a power of
+    two (their tiles are) and fill whole 32-bit words (the CPU kernel reads words). Models converted
+    otherwise still load (RecordLayout.build asks less), through the slower reference paths."""
+    _check_bits(bits)
+    least = 32 // bits
+    if bits != 16 and (group_size < least or group_size & (group_size - 1)):
+        raise ValueError(
+            f"--group-size {group_size} cannot quantize at {bits} bits: use a power of two of at least {least}, "
+            "e.g. 32, 64 or 128"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +80,9 @@ class RecordLayout:
 
     @classmethod
     def build(cls, hidden: int, intermediate: int, bits: int, group_size: int, dtype16: str = "bfloat16"):
+        _check_bits(bits)
+        if bits != 16 and group_size < 1:  # what no layout holds (modulo by 0 below)
+            raise ValueError(f"--group-size {group_size} cannot quantize: a group holds at least one weight")
         shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate)}
         segments, offset = [], 0
         for proj, (n, k) in shapes.items():
@@ -111,13 +135,26 @@ class RecordLayout:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["segments"] = [asdict(s) for s in self.segments]
+        d["segments"] = [{**asdict(s), "shape": list(s.shape)} for s in self.segments]  # as JSON reads it back
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "RecordLayout":
-        segs = tuple(Segment(s["name"], s["dtype"], tuple(s["shape"]), s["offset"]) for s in d["segments"])
-        return cls(d["bits"], d["group_size"], d["hidden_size"], d["intermediate_size"], segs, d["record_size"])
+    def from_json(cls, d: Any) -> "RecordLayout":
+        """The layout a manifest describes. It must be the one `build` makes from its sizes: offsets and
+        shapes address memory, so they are never taken from a file alone. Raises ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"experts.layout is {short_repr(d)}, not an object")
+        sizes = [d.get(key) for key in ("hidden_size", "intermediate_size", "bits", "group_size")]
+        if not all(is_int(n) for n in sizes) or min(sizes[:2]) < 1:  # build checks bits and group_size
+            raise ValueError(
+                f"experts.layout sizes, bits and group size are {short_repr(sizes)}: not integers, or a size below 1"
+            )
+        layout = cls.build(*sizes)
+        if layout.to_json() != d:
+            raise ValueError(
+                "experts.layout's segments or record_size are not what its bits, group_size and sizes give"
+            )
+        return layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,40 +201,66 @@ class Manifest:
     def load(cls, model_dir: str | Path) -> "Manifest":
         model_dir = Path(model_dir)
         path = model_dir / MANIFEST_FILE
-        if not path.exists():
-            hint = (
-                " It looks like an unconverted Hugging Face checkpoint: run `flashmoe convert "
-                f"{model_dir} OUT_DIR` first."
-                if (model_dir / "config.json").exists()
-                else ""
-            )
-            raise PackedFormatError(f"{path} not found: {model_dir} is not a flashmoe model directory.{hint}")
+        if not path.is_file():
+            raise _not_a_model(model_dir)
+        doc = read_json(path, PackedFormatError, REBUILD)
         try:
-            doc = json.loads(path.read_text())
-            if doc.get("format") != FORMAT_NAME:
-                raise PackedFormatError(f"{path}: not a {FORMAT_NAME} manifest")
-            if doc.get("format_version") != FORMAT_VERSION:
-                raise PackedFormatError(
-                    f"{path}: format version {doc.get('format_version')} but this flashmoe reads version "
-                    f"{FORMAT_VERSION}; re-run flashmoe convert"
-                )
-            files = tuple(
-                ExpertFile(f["layer"], f["file"], f["num_experts"], tuple(f["crc32"])) for f in doc["experts"]["files"]
+            return cls._from_json(doc)
+        except ValueError as e:  # the problem in the document: name the file, and the fix
+            raise PackedFormatError(f"{path}: {e}{REBUILD}") from None
+
+    @classmethod
+    def _from_json(cls, doc: Any) -> "Manifest":
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise ValueError(f"not a {FORMAT_NAME} manifest")
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"format version {short_repr(doc.get('format_version'))} but this flashmoe reads version {FORMAT_VERSION}"
             )
-            return cls(
-                RecordLayout.from_json(doc["experts"]["layout"]),
-                files,
-                doc["dense"]["file"],
-                doc["dense"]["dtype"],
-                doc.get("source", ""),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, PackedFormatError):
-                raise
-            raise PackedFormatError(f"{path} is malformed ({e!r}); re-run flashmoe convert") from None
+        dense, experts, source = doc.get("dense"), doc.get("experts"), doc.get("source", "")
+        if not isinstance(dense, dict) or dense.get("dtype") not in DENSE_DTYPES:
+            raise ValueError(f"dense is {short_repr(dense)}, not {{file, dtype}} with dtype {' or '.join(DENSE_DTYPES)}")
+        if not isinstance(experts, dict) or not isinstance(experts.get("files"), list) or not isinstance(source, str):
+            raise ValueError("experts is not an object with a list of files, or source is not a string")
+        files = tuple(_expert_file(f, i) for i, f in enumerate(experts["files"]))
+        if len({f.layer for f in files}) != len(files):
+            raise ValueError("experts.files lists a layer twice")
+        layout = RecordLayout.from_json(experts.get("layout"))
+        return cls(layout, files, _file_inside(dense.get("file"), "dense.file"), dense["dtype"], source)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _not_a_model(model_dir: Path) -> PackedFormatError:
+    """The error for a --model that is not a packed model directory, saying what it is instead."""
+    if not model_dir.exists():
+        what = "does not exist"
+    elif not model_dir.is_dir():
+        what = "is a file"
+    else:
+        what = f"has no {MANIFEST_FILE}"
+    hint = (
+        f" It looks like an unconverted Hugging Face checkpoint: run `flashmoe convert {model_dir} OUT_DIR` first."
+        if (model_dir / "config.json").exists()
+        else " Pass a directory written by `flashmoe convert`."
+    )
+    return PackedFormatError(f"{model_dir} {what}: it is not a flashmoe model directory.{hint}")
+
+
+def _file_inside(value: Any, key: str) -> str:
+    """A manifest's file name, which must stay inside the model directory (never /etc/..., never ../..)."""
+    parts = PurePosixPath(value).parts if isinstance(value, str) and "\0" not in value else ()
+    if not parts or parts[0] == "/" or ".." in parts:
+        raise ValueError(f"{key} is {short_repr(value)}, not a file name inside the model directory")
+    return value
+
+
+def _expert_file(f: Any, i: int) -> ExpertFile:
+    """experts.files[i]: which layer's experts a file holds, how many, and one CRC-32 per record."""
+    key = f"experts.files[{i}]"
+    if not isinstance(f, dict):
+        raise ValueError(f"{key} is {short_repr(f)}, not an object")
+    layer, count, crcs = f.get("layer"), f.get("num_experts"), f.get("crc32")
+    if not (is_int(layer) and layer >= 0 and is_int(count) and count > 0):
+        raise ValueError(f"{key} has layer {short_repr(layer)} and num_experts {short_repr(count)}; both must be counts")
+    if not (isinstance(crcs, list) and len(crcs) == count and all(is_int(c) and 0 <= c < 2**32 for c in crcs)):
+        raise ValueError(f"{key}.crc32 is not a list of {count} CRC-32 values, one per expert")
+    return ExpertFile(layer, _file_inside(f.get("file"), f"{key}.file"), count, tuple(crcs))

@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from ..utils import is_int, parse_json, read_json, short_repr
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -36,10 +40,31 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
+MAX_DIM = 2**63 - 1  # torch sizes are int64
+INDEX_FILE = "model.safetensors.index.json"
+REFETCH = "; fetch the file again"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as it claims to be."""
+
+
+def _is_size_list(value: Any) -> bool:
+    """A JSON list of integers in [0, MAX_DIM] (a shape, or data offsets)."""
+    return isinstance(value, list) and all(is_int(v) and 0 <= v <= MAX_DIM for v in value)
+
+
+def _byte_count(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """Bytes of a tensor of `shape`, or None past `limit`: the product stops growing there, so a
+    hostile shape of thousands of huge dimensions costs no time."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for dim in shape:
+        n *= dim
+        if n > limit:
+            return None
+    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +95,14 @@ class SafetensorsFile:
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY)
         try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise CheckpointError(f"{self.path} is not a regular file, so not a safetensors shard")
             self.tensors, self.metadata = self._parse_header()
-        except Exception:
+        except BaseException:
             os.close(self.fd)
             raise
 
-    def _parse_header(self) -> tuple[dict[str, TensorInfo], dict]:
+    def _parse_header(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         size = os.fstat(self.fd).st_size
         head = os.pread(self.fd, 8, 0)
         if len(head) < 8:
@@ -83,28 +110,61 @@ class SafetensorsFile:
         (n,) = struct.unpack("<Q", head)
         if n > min(MAX_HEADER, size - 8):
             raise CheckpointError(f"{self.path}: header length {n} is impossible for a {size}-byte file (corrupt?)")
-        try:
-            header = json.loads(os.pread(self.fd, n, 8))
-        except ValueError as e:
-            raise CheckpointError(f"{self.path}: header is not valid JSON ({e})") from None
+        header = parse_json(os.pread(self.fd, n, 8), f"the header of {self.path}", CheckpointError, REFETCH)
+        if not isinstance(header, dict):
+            kind = type(header).__name__
+            raise CheckpointError(f"{self.path}: the header is a JSON {kind}, not an object of tensors (not a safetensors file?)")
         metadata = header.pop("__metadata__", None) or {}
-        base = 8 + n
-        tensors = {}
-        for name, h in header.items():
-            if h["dtype"] not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {h['dtype']}")
-            begin, end = h["data_offsets"]
-            dtype = DTYPES[h["dtype"]]
-            shape = tuple(h["shape"])
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise CheckpointError(f"{self.path}: tensor {name} byte range does not match its shape")
-            if base + end > size:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name} ends at byte {base + end} but the file has {size} bytes "
-                    "(truncated download? fetch the file again)"
-                )
-            tensors[name] = TensorInfo(name, dtype, shape, base + begin, end - begin, self.path)
+        if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            raise CheckpointError(
+                f"{self.path}: __metadata__ is {short_repr(metadata)}, not an object of strings{REFETCH}"
+            )
+        tensors = {name: self._tensor_info(name, entry, 8 + n, size) for name, entry in header.items()}
+        self._check_disjoint(tensors)
         return tensors, metadata
+
+    def _tensor_info(self, name: str, entry: Any, base: int, size: int) -> TensorInfo:
+        """One header entry {dtype, shape, data_offsets}, checked against the file's `size` (data from byte `base`):
+        what is accepted here can be read without reading past the file or overflowing a torch size."""
+        where = f"{self.path}: tensor {short_repr(name)}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(
+                f"{where} is described by {short_repr(entry)}, not an object with dtype, shape and data_offsets{REFETCH}"
+            )
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            raise CheckpointError(
+                f"{where} has unsupported dtype {short_repr(dtype_name)}; flashmoe reads {', '.join(DTYPES)}"
+            )
+        if not _is_size_list(shape):
+            raise CheckpointError(f"{where} has shape {short_repr(shape)}, not a list of sizes{REFETCH}")
+        if _byte_count([dim for dim in shape if dim], 1, limit=MAX_DIM) is None:  # strides overflow even when empty
+            raise CheckpointError(
+                f"{where} has shape {short_repr(shape)}, more elements than a tensor can index{REFETCH}"
+            )
+        if not (_is_size_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+            raise CheckpointError(
+                f"{where} has data_offsets {short_repr(offsets)}, not [begin, end] with begin <= end{REFETCH}"
+            )
+        begin, end = offsets
+        dtype = DTYPES[dtype_name]
+        if _byte_count(shape, dtype.itemsize, limit=end - begin) != end - begin:
+            raise CheckpointError(f"{where} byte range does not match its shape{REFETCH}")
+        if base + end > size:
+            raise CheckpointError(
+                f"{where} ends at byte {base + end} but the file has {size} bytes (truncated download? fetch the file again)"
+            )
+        return TensorInfo(name, dtype, tuple(shape), base + begin, end - begin, self.path)
+
+    def _check_disjoint(self, tensors: dict[str, TensorInfo]) -> None:
+        """Refuse tensors that share bytes: the format lays them end to end, so an overlap is a corrupt or
+        crafted header."""
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise CheckpointError(
+                    f"{self.path}: tensors {short_repr(first)} and {short_repr(second)} overlap in the file{REFETCH}"
+                )
 
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
@@ -134,9 +194,9 @@ class Checkpoint:
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
-        index = self.dir / "model.safetensors.index.json"
+        index = self.dir / INDEX_FILE
         if index.exists():
-            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shard_names = _shards_in_index(index)
         else:
             shard_names = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if not shard_names:
@@ -145,12 +205,25 @@ class Checkpoint:
             raise FileNotFoundError(f"no .safetensors files in {self.dir}{hint}")
         self.files: list[SafetensorsFile] = []
         self.where: dict[str, SafetensorsFile] = {}
-        for shard in shard_names:
-            if not (self.dir / shard).exists():
-                raise FileNotFoundError(f"{self.dir / shard} is listed in the index but missing (incomplete download?)")
-            f = SafetensorsFile(self.dir / shard)
-            self.files.append(f)
-            self.where.update({name: f for name in f.tensors})
+        try:
+            for shard in shard_names:
+                self._open(shard)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, shard: str) -> None:
+        if not (self.dir / shard).exists():
+            raise CheckpointError(f"{self.dir / shard} is listed in {INDEX_FILE} but missing (incomplete download?)")
+        f = SafetensorsFile(self.dir / shard)
+        self.files.append(f)
+        for name in f.tensors:
+            if name in self.where:
+                raise CheckpointError(
+                    f"{self.dir}: tensor {short_repr(name)} is stored twice, in {self.where[name].path.name} and {shard}: "
+                    "remove the shard that does not belong to this checkpoint"
+                )
+            self.where[name] = f
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -173,6 +246,19 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _shards_in_index(index: Path) -> list[str]:
+    """The shard files an index's weight_map names: plain file names beside it, never paths elsewhere."""
+    fix = "; fetch it again, or delete it if the model is one model.safetensors"
+    doc = read_json(index, CheckpointError, fix)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map (an object of tensor name -> shard file){fix}")
+    for shard in weight_map.values():
+        if not (isinstance(shard, str) and shard not in ("", ".", "..") and "\0" not in shard and Path(shard).name == shard):
+            raise CheckpointError(f"{index} names the shard {short_repr(shard)}, not a file name beside it{fix}")
+    return sorted(set(weight_map.values()))
 
 
 class SafetensorsWriter:

@@ -137,10 +137,10 @@ def chat_checkpoints(tokenizer: Tokenizer, messages: list[dict[str, Any]], promp
     out = []
     for head in heads + [messages]:
         try:
-            text = tokenizer.apply_chat_template(head, tools=tools, add_generation_prompt=False, **template_vars)
+            ids = tokenizer.encode_chat(head, tools=tools, add_generation_prompt=False, **template_vars)
         except (ValueError, TemplateError):
             continue  # e.g. templates that insist on a user message
-        n = len(ids := tokenizer.encode(text))
+        n = len(ids)
         if 0 < n < len(prompt_ids) and list(prompt_ids[:n]) == ids:
             out.append(n)
     return sorted(set(out))

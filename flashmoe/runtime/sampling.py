@@ -1,10 +1,15 @@
-"""Next-token sampling: repetition penalty, temperature, top-k, top-p, seeded; greedy at temperature 0."""
+"""Next-token sampling: repetition penalty, temperature, top-k, top-p, seeded; greedy at temperature 0
+(or nearly: GREEDY_BELOW). Also the log-probabilities of the model's distribution, for clients that ask for them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from ..utils import is_int, short_repr
 
 
 @dataclass(slots=True)
@@ -17,18 +22,34 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # run to max_tokens through end-of-sequence tokens (benchmarks)
+    logprobs: int | None = None  # each Step's logprob and its top-N alternatives (0: none); None = off, no cost
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        # Checked here, where every caller passes (CLI, server, generation_config.json): a NaN or a string
+        # would otherwise fail inside torch, or sample from nothing without a word.
+        p = self
+        rules = (
+            ("max_tokens", is_int(p.max_tokens) and p.max_tokens >= 1, "an integer of at least 1"),
+            ("temperature", _finite(p.temperature) and p.temperature >= 0, "a finite number >= 0 (0 = greedy)"),
+            ("top_p", _finite(p.top_p) and 0 < p.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", is_int(p.top_k) and p.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("repetition_penalty", _finite(p.repetition_penalty) and p.repetition_penalty > 0, "a finite number > 0 (1 = off)"),
+            ("seed", p.seed is None or (is_int(p.seed) and -(2**63) <= p.seed < 2**64), "a 64-bit integer"),  # what torch takes
+            ("logprobs", p.logprobs is None or (is_int(p.logprobs) and p.logprobs >= 0), "an integer >= 0"),
+        )
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, not {short_repr(getattr(self, name))}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Below this temperature sampling is greedy: the distribution is one-hot to fp32 precision anyway
+# (logits 0.001 apart are 100 apart after the division), and far smaller temperatures overflow
+# the division to inf, which leaves no distribution to draw from.
+GREEDY_BELOW = 1e-5
 
 
 class Sampler:
@@ -62,7 +83,7 @@ class Sampler:
         if self.seen is not None:  # HF's rule: divide positive logits, multiply negative ones
             penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(self.seen, penalized, logits)
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             return int(logits.argmax())
         # Work on the candidates only: top-k first (a cheap partial sort), then top-p over those.
         if p.top_k and p.top_k < logits.numel():
@@ -74,3 +95,12 @@ class Sampler:
             # drop a token when the tokens ranked above it already reach top_p; the first always stays
             probs[probs.cumsum(0) - probs >= p.top_p] = 0
         return int(candidates[torch.multinomial(probs, 1, generator=self.generator)])
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under the model's own distribution (log_softmax of the raw
+    logits in fp32: no temperature, penalty, top-k/top-p or grammar mask applied), and the `top`
+    most likely tokens with theirs, most likely first."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(min(top, logprobs.numel()))
+    return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))

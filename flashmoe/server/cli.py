@@ -15,12 +15,16 @@ from ..cli_common import (
 
 def serve_command(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback exposes the model: set --api-key."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback exposes the model: it needs --api-key."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="FLASHMOE_API_KEY",
         help="Require this key on /v1/ routes (Authorization: Bearer KEY, or x-api-key). Prefer the environment variable "
         "FLASHMOE_API_KEY: a command-line key is visible to other local users.",
+    ),
+    insecure_no_key: bool = typer.Option(
+        False, "--insecure-no-key",
+        help="Listen on a non-loopback --host without an API key: anyone who can reach it can use the model.",
     ),
     name: Optional[str] = typer.Option(None, "--name", help="Model id reported by /v1/models (default: the directory name)."),
     parallel: int = typer.Option(4, help="Generations in progress at once, taking turns token slice by token slice."),
@@ -45,17 +49,22 @@ def serve_command(
     from ..cli_common import USER_ERRORS, err, fail, open_engine, sampling_defaults
     from ..utils import parse_size
     from .app import create_app
+    from .http import is_loopback
     from .service import ModelService
 
+    if not api_key and not is_loopback(host) and not insecure_no_key:  # before the minutes a model takes to load
+        fail(ValueError(f"--host {host} exposes the model beyond this machine: set an API key (FLASHMOE_API_KEY or "
+                        "--api-key), or pass --insecure-no-key to serve anyone who can reach it"))
     try:
         engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, dense_bits=dense_bits,
                              prefetch=prefetch, cpu_experts=cpu_experts, preload=preload)
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
                                parse_size(prefix_cache), parallel, max_queue)
-        app = create_app(service, api_key, parse_size(max_body))
+        app = create_app(service, api_key, parse_size(max_body), host, port)
     except USER_ERRORS as e:
         fail(e)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[bold yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use the model")
+    if not api_key and not is_loopback(host):
+        err.print(f"[bold yellow]warning:[/] listening on {host} without an API key (--insecure-no-key): anyone who can "
+                  "reach it can use the model")
     err.print(f"serving {service.name} on http://{host}:{port}/v1 (context {engine.context_length} tokens)")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -18,6 +19,7 @@ _OPENAI_TYPES = {
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "request_too_large",
@@ -46,10 +48,29 @@ class APIError(Exception):
         body = self.anthropic_body() if anthropic else self.openai_body()
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
+    def response_for(self, path: str) -> JSONResponse:
+        """The response in the shape of the API that the request's `path` belongs to."""
+        return self.response(anthropic=path.startswith("/v1/messages"))
 
-def from_validation(e: ValidationError) -> APIError:
-    """A 400 naming the first offending field, e.g. `messages.0.role: Input should be 'user', ...`."""
-    first = e.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
+
+def from_validation(e: ValidationError, data: Any) -> APIError:
+    """A 400 naming the offending field of the request `data`, e.g. `messages.0.role: Input should
+    be 'user', ...`. A field of several types (`str | list[...]`) has an error for each; the one
+    that got deepest into the request is the one that fits what the client meant."""
+    errors = [(_path(error, data), error["msg"]) for error in e.errors()]
+    where, message = max(errors, key=lambda error: len(error[0]))
     more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
-    return APIError(400, f"invalid request: {where}: {first['msg']}{more}", param=where or None)
+    return APIError(400, f"invalid request: {'.'.join(where)}: {message}{more}", param=".".join(where) or None)
+
+
+def _path(error: Any, data: Any) -> list[str]:
+    """The error's location in `data`: its keys and indices, without the names pydantic gives the
+    types of a field that has several (e.g. `list[ABlock]`), which are not in the request."""
+    path, value = [], data
+    for part in error["loc"]:
+        if (isinstance(value, dict) and part in value) or (isinstance(value, list) and isinstance(part, int)):
+            path.append(str(part))
+            value = value[part]
+    if error["type"] == "missing":
+        path.append(str(error["loc"][-1]))
+    return path

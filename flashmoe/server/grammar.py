@@ -29,7 +29,12 @@ if TYPE_CHECKING:
 
 
 class GrammarError(ValueError):
-    """A schema or tool definition the grammar library cannot compile (a client error)."""
+    """A schema or tool definition the grammar library cannot compile (a client error); `param`
+    names the request field at fault, where known."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class GrammarProcessor:
@@ -87,10 +92,10 @@ class Grammars:
         lenient = {name: not fn.get("strict") for name, fn in _functions(tools)}
         if choice not in ("auto", "required"):
             if choice not in schemas:
-                raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
+                raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools", "tool_choice")
             schemas, parallel = {choice: schemas[choice]}, False
         if not schemas:
-            raise GrammarError("tool_choice needs at least one tool in `tools`")
+            raise GrammarError("tool_choice needs at least one tool in `tools`", "tool_choice")
         lines = [self._call_rules(schemas, lenient)]
         open_, more = self._lit(TOOL_CALL_OPEN), f' ("\\n" {self._lit(TOOL_CALL_OPEN)} call)*' if parallel else ""
         if choice != "auto":
@@ -137,12 +142,14 @@ class Grammars:
 
 def _xml_function_rules(rule: str, name: str, params: dict[str, Any], lenient: bool) -> list[str]:
     """`<function=NAME>` with one `<parameter=...>` block per property, in schema order."""
-    properties = params.get("properties") or {}
-    required = set(params.get("required") or ())
+    properties = _keyword(params, "properties", dict, name) or {}
+    required = _keyword(params, "required", list, name) or []
+    if not all(isinstance(key, str) for key in required):
+        raise GrammarError(f"tool {name!r}: `required` must list property names", "tools")
     parts, rules = [], []
     for j, (key, schema) in enumerate(properties.items()):
         head = _str(f"<parameter={key}>\n")
-        value, extra = _xml_value_rule(f"{rule}_{j}", schema if isinstance(schema, dict) else {}, lenient)
+        value, extra = _xml_value_rule(f"{rule}_{j}", schema if isinstance(schema, dict) else {}, lenient, name)
         rules += [f"{rule}_{j}: {head} {value}"] + extra
         parts.append(f"{rule}_{j}" if key in required else f"{rule}_{j}?")
     if not properties and params.get("additionalProperties") is not False:  # free-form: any names, text values
@@ -160,18 +167,34 @@ _PARAM_END_RE = "\\n<\\/parameter>\\n"
 _STRUCTURAL = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "items", "not"}
 
 
-def _xml_value_rule(rule: str, schema: dict[str, Any], lenient: bool) -> tuple[str, list[str]]:
+def _xml_value_rule(rule: str, schema: dict[str, Any], lenient: bool, tool: str) -> tuple[str, list[str]]:
     """(what follows `<parameter=...>\\n`, extra rules): plain text for strings and untyped
     values (the parser decodes what looks like JSON), a JSON value of the schema otherwise."""
     end = _str(_PARAM_END)
-    choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    choices = _keyword(schema, "enum", list, tool)
+    if choices is None and "const" in schema:
+        choices = [schema["const"]]
     if choices and all(isinstance(c, str) for c in choices):
         return f"({' | '.join(_str(c) for c in choices)}) {end}", []
     if (schema.get("type") == "string" and choices is None) or not _STRUCTURAL & schema.keys():
-        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
-        count = f"{{{low},{'' if high is None else int(high)}}}"
+        low, high = _keyword(schema, "minLength", int, tool) or 0, _keyword(schema, "maxLength", int, tool)
+        count = f"{{{low},{'' if high is None else high}}}"
         return f"{rule}_v", [f"{rule}_v[lazy]: /(?s:.{count}){_PARAM_END_RE}/"]
     return f"{rule}_v {end}", [f"{rule}_v: %json {_json_options(schema, lenient)}"]
+
+
+def _keyword(schema: dict[str, Any], key: str, kind: type, tool: str) -> Any:
+    """`schema[key]` (None if absent) when its JSON type is the one the keyword takes (`int`: a
+    non-negative integer); a GrammarError naming the tool otherwise. The XML form reads these
+    keywords itself; inside %json, llguidance checks its schemas on its own."""
+    value = schema.get(key)
+    if value is None:
+        return None
+    if kind is int and not (type(value) is int and value >= 0):
+        raise GrammarError(f"tool {tool!r}: {key} must be a non-negative integer", "tools")
+    if not isinstance(value, kind):
+        raise GrammarError(f"tool {tool!r}: {key} must be a JSON {'object' if kind is dict else 'array'}", "tools")
+    return value
 
 
 # JSON whitespace: any amount by default, which lets a weak model pad forever; this bound still

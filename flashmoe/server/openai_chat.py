@@ -10,10 +10,12 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ..engine import Step
 from ..tool_calls import Content, ParsedOutput, Reasoning, ToolCall
 from .errors import APIError
 from .grammar import GrammarError
 from .http import event_stream, parse_body, sse, unless_disconnected
+from .logprobs import ChatLogprobs
 from .schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from .service import ModelService, Plan, Usage
 
@@ -23,7 +25,7 @@ async def chat_completions(request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest)
     plan = await asyncio.to_thread(chat_plan, service, req)  # tokenizing a long prompt takes a while
     job = await service.submit(plan)
-    reply = _Reply(service.name)
+    reply = _Reply(service.name, ChatLogprobs(service.token_text) if req.logprobs else None)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return event_stream(reply.stream(service.events(job, plan.parser()), include_usage), job)
@@ -53,9 +55,12 @@ def chat_plan(service: ModelService, req: ChatCompletionRequest) -> Plan:
         else:
             grammar = None
     except GrammarError as e:
-        raise APIError(400, str(e), param="tool_choice") from e
+        raise APIError(400, str(e), param=e.param) from e
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     params = dict(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                  top_k=req.top_k, repetition_penalty=req.repetition_penalty, stop=req.stop, seed=req.seed)
+                  top_k=req.top_k, repetition_penalty=req.repetition_penalty, stop=req.stop, seed=req.seed,
+                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     messages = [_message(m, i) for i, m in enumerate(req.messages)]
     return service.chat_plan(messages, tools, params, grammar, template_vars)
 
@@ -84,18 +89,22 @@ def _text(m: ChatMessage, index: int) -> str | None:
 
 
 class _Reply:
-    """Builds the response objects of one completion."""
+    """Builds the response objects of one completion. With `logprobs`, every generated token's
+    (reasoning and tool-call markup included) goes out in order, each streamed chunk carrying
+    those of the tokens generated since the previous one."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, logprobs: ChatLogprobs | None) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
+        self.logprobs = logprobs
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        logprobs = self.logprobs.take() if self.logprobs else None
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse({**self._head("chat.completion.chunk"), "choices": [choice]})
 
     async def stream(self, events: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
@@ -103,7 +112,9 @@ class _Reply:
         calls = 0
         try:
             async for event in events:
-                if isinstance(event, Content):
+                if isinstance(event, Step):
+                    self.logprobs.add(event)
+                elif isinstance(event, Content):
                     yield self._chunk({"content": event.text})
                 elif isinstance(event, Reasoning):
                     yield self._chunk({"reasoning_content": event.text})
@@ -122,7 +133,9 @@ class _Reply:
     async def collect(self, events: AsyncIterator[Any]) -> dict[str, Any]:
         out = ParsedOutput()
         async for event in events:
-            if isinstance(event, (Content, Reasoning, ToolCall)):
+            if isinstance(event, Step):
+                self.logprobs.add(event)
+            elif isinstance(event, (Content, Reasoning, ToolCall)):
                 out.add([event])
             else:
                 usage = event
@@ -131,7 +144,8 @@ class _Reply:
             message["tool_calls"] = [_tool_call(c) for c in out.tool_calls]
         if out.reasoning:
             message["reasoning_content"] = out.reasoning
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(usage, len(out.tool_calls))}
+        choice = {"index": 0, "message": message, "logprobs": self.logprobs.take() if self.logprobs else None,
+                  "finish_reason": _finish_reason(usage, len(out.tool_calls))}
         return {**self._head("chat.completion"), "choices": [choice], "usage": usage_dict(usage)}
 
 

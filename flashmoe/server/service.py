@@ -17,6 +17,7 @@ from ..runtime.sampling import SamplingParams
 from ..tool_calls import Content, Event, OutputParser
 from .errors import APIError
 from .grammar import GrammarError, GrammarProcessor, Grammars
+from .logprobs import TokenText
 from .scheduler import Done, Failed, Job, QueueFullError, Scheduler
 
 
@@ -73,6 +74,7 @@ class ModelService:
         self.defaults = sampling_defaults
         self.created = int(time.time())
         self.grammars = Grammars.for_engine(engine)
+        self.token_text = TokenText(engine.tokenizer)
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.scheduler = Scheduler(parallel, max_queue)
 
@@ -83,10 +85,9 @@ class ModelService:
         template_vars = {k: v for k, v in (template_vars or {}).items() if k not in _TEMPLATE_ARGS}
         reasoning = bool(template_vars.pop("enable_thinking", False))
         try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=reasoning, **template_vars)
+            ids = self.tokenizer.encode_chat(messages, tools=tools, enable_thinking=reasoning, **template_vars)
         except (ValueError, TypeError, TemplateError) as e:
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from e
-        ids = self.tokenizer.encode(text)
         self._check_context(len(ids), "messages")
         checkpoints = []
         if self.cache is not None:
@@ -104,8 +105,10 @@ class ModelService:
 
     def sampling(self, prompt_tokens: int, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-                 stop: str | list[str] | None = None, seed: int | None = None) -> SamplingParams:
-        """Request settings over the model's defaults; max_tokens is capped by the context left."""
+                 stop: str | list[str] | None = None, seed: int | None = None,
+                 logprobs: int | None = None) -> SamplingParams:
+        """Request settings over the model's defaults; max_tokens is capped by the context left.
+        `logprobs`: report each token's and its N likeliest alternatives' (None: off)."""
         room = self.engine.context_length - prompt_tokens
         d = self.defaults
         try:
@@ -117,6 +120,7 @@ class ModelService:
                 repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
                 seed=seed,
                 stop=[stop] if isinstance(stop, str) else list(stop or []),
+                logprobs=logprobs,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from e
@@ -159,8 +163,9 @@ class ModelService:
         if last is not None and last.finish_reason == "stop" and last.token not in self.engine.stop_ids:
             yield _Stopped(_matched_stop(self.tokenizer.decode(tokens), "".join(text), plan.params.stop))
 
-    async def events(self, job: Job, parser: OutputParser | None) -> AsyncIterator[Event | Usage]:
-        """The job's output as parsed events, then its Usage; generation errors become APIError."""
+    async def events(self, job: Job, parser: OutputParser | None) -> AsyncIterator[Event | Step | Usage]:
+        """The job's output as parsed events, then its Usage; generation errors become APIError.
+        With logprobs asked for, each Step comes too, before the events its text became."""
         usage = Usage()
         while True:
             item = await job.events.get()
@@ -177,6 +182,8 @@ class ModelService:
             elif isinstance(item, Step):
                 usage.completion_tokens += 1
                 usage.finish_reason = item.finish_reason or usage.finish_reason
+                if item.logprob is not None:
+                    yield item
                 for event in parser.push(item.text) if parser else [Content(item.text)]:
                     yield event
         for event in parser.finish() if parser else []:

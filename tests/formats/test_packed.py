@@ -1,10 +1,16 @@
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from flashmoe import quant
-from flashmoe.formats.packed import Manifest, PackedFormatError, RecordLayout
+from flashmoe.formats.packed import ExpertFile, Manifest, PackedFormatError, RecordLayout
+
+from ..hostile_json import FUZZ, JSON_VALUES, mutated
 
 
 def test_397b_expert_record_is_the_documented_size():
@@ -32,12 +38,27 @@ def test_pack_and_views_round_trip(bits):
     assert RecordLayout.from_json(json.loads(json.dumps(layout.to_json()))) == layout
 
 
+def test_a_layout_is_read_only_as_build_makes_it_and_16_bits_ignore_the_group_size():
+    layout = RecordLayout.build(128, 64, 16, 0)  # what convert --bits 16 --group-size 0 stores
+    assert RecordLayout.from_json(layout.to_json()) == layout
+    shifted = layout.to_json()
+    shifted["segments"][1]["offset"] += 256  # an offset that points elsewhere in (or past) the record
+    with pytest.raises(ValueError, match="segments or record_size are not what"):
+        RecordLayout.from_json(shifted)
+    with pytest.raises(ValueError, match="a group holds at least one weight"):
+        RecordLayout.from_json(RecordLayout.build(128, 64, 4, 32).to_json() | {"group_size": 0})
+
+
 def test_missing_manifest_names_the_fix(tmp_path):
     with pytest.raises(PackedFormatError, match="not a flashmoe model directory"):
         Manifest.load(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(PackedFormatError, match="flashmoe convert"):
         Manifest.load(tmp_path)
+    with pytest.raises(PackedFormatError, match="missing does not exist: it is not a flashmoe model directory"):
+        Manifest.load(tmp_path / "missing")
+    with pytest.raises(PackedFormatError, match="config.json is a file: it is not a flashmoe model directory"):
+        Manifest.load(tmp_path / "config.json")
 
 
 def test_wrong_version_and_malformed_manifests(packed16, tmp_path):
@@ -47,5 +68,39 @@ def test_wrong_version_and_malformed_manifests(packed16, tmp_path):
         Manifest.load(tmp_path)
     del doc["experts"]
     (tmp_path / "flashmoe.json").write_text(json.dumps(doc))
-    with pytest.raises(PackedFormatError, match="malformed"):
+    with pytest.raises(PackedFormatError, match="experts is not an object"):
+        Manifest.load(tmp_path)
+
+
+def small_manifest() -> dict:
+    """A valid manifest document, as Manifest.save writes it: two layers of two 4-bit experts."""
+    files = tuple(ExpertFile(layer, f"experts/layer_{layer:03d}.bin", 2, (layer, 2**32 - 1)) for layer in (0, 1))
+    with tempfile.TemporaryDirectory() as d:
+        Manifest(RecordLayout.build(64, 32, 4, 32), files, "dense.safetensors", "bfloat16", "/src").save(Path(d))
+        return json.loads((Path(d) / "flashmoe.json").read_text())
+
+
+@FUZZ
+@given(doc=mutated(small_manifest()) | JSON_VALUES)
+def test_a_fuzzed_manifest_loads_consistent_or_is_refused_naming_the_file(tmp_path, doc):
+    path = tmp_path / "flashmoe.json"
+    path.write_text(json.dumps(doc))
+    try:
+        manifest = Manifest.load(tmp_path)
+    except PackedFormatError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        event("refused")
+        return
+    event("loaded")
+    layout = manifest.layout  # what loads is what the format allows: nothing taken from the file unchecked
+    assert layout == RecordLayout.build(layout.hidden_size, layout.intermediate_size, layout.bits, layout.group_size)
+    for f in manifest.expert_files:
+        assert len(f.crc32) == f.num_experts and not f.file.startswith("/") and ".." not in f.file.split("/")
+
+
+@FUZZ
+@given(data=st.binary(max_size=64))
+def test_a_manifest_of_random_bytes_is_refused_naming_the_file(tmp_path, data):
+    (tmp_path / "flashmoe.json").write_bytes(data)
+    with pytest.raises(PackedFormatError, match=str(tmp_path / "flashmoe.json")):
         Manifest.load(tmp_path)

@@ -32,6 +32,14 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def engine(tiny_model):
+    """The tiny model in this process, for tests of the engine under the server."""
+    from flashmoe.engine import Engine
+
+    return Engine(tiny_model)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,12 +47,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *args: str) -> None:
+    def __init__(self, model: Path, *args: str, api_key: str | None = API_KEY) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "flashmoe", "serve", "--model", str(model), "--port", str(self.port), *args]
         # One thread: the tiny model gains nothing from more, and they stall when the machine is busy.
-        env = {**os.environ, "FLASHMOE_API_KEY": API_KEY, "OMP_NUM_THREADS": "1"}
+        env = {k: v for k, v in os.environ.items() if k != "FLASHMOE_API_KEY"} | {"OMP_NUM_THREADS": "1"}
+        if api_key is not None:
+            env["FLASHMOE_API_KEY"] = api_key
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -72,6 +82,14 @@ class Server:
 @pytest.fixture(scope="session")
 def server(tiny_model):
     s = Server(tiny_model, "--max-body", "1M")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def keyless_server(tiny_model):
+    """The default setup: no API key, on loopback."""
+    s = Server(tiny_model, api_key=None)
     yield s
     s.stop()
 

@@ -1,4 +1,5 @@
-"""Many clients at once: nobody sees another's tokens, disconnects cancel, a full queue says 503."""
+"""Many clients at once: nobody sees another's tokens, disconnects cancel, rude clients get their
+errors without disturbing anyone, a full queue says 503."""
 
 from __future__ import annotations
 
@@ -46,6 +47,27 @@ def _stream(url: str, body: dict, disconnect_after: int | None = None) -> dict |
     return out
 
 
+# Bodies of clients that misbehave, and what each gets back: a 400, or (announcing more body than
+# it sends, then hanging up) nothing.
+RUDE = [
+    (b'{"messages": ' + b"[" * 100_000, "HTTP/1.1 400 Bad Request"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "HTTP/1.1 400 Bad Request"),
+    (b"\xff\xfe not even UTF-8", "HTTP/1.1 400 Bad Request"),
+    (b'{"messages": [', ""),
+]
+
+
+def _rude(port: int, kind: int) -> str:
+    """Sends the RUDE body `kind` over a raw connection: the status line it got back."""
+    body, _ = RUDE[kind]
+    hangs_up = kind == len(RUDE) - 1
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body) + 1000 * hangs_up}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head + body)
+        return "" if hangs_up else s.recv(65536).split(b"\r\n", 1)[0].decode()
+
+
 def _wait_idle(server: Server) -> dict:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -56,7 +78,7 @@ def _wait_idle(server: Server) -> dict:
     raise AssertionError(f"the server is still busy: {queue}")
 
 
-def test_sixteen_clients_some_disconnecting(server, http):
+def test_sixteen_clients_some_disconnecting_among_rude_ones(server, http):
     greedy = {"max_tokens": 24, "temperature": 0}
     # One at a time first: each prompt's answer (greedy, so each concurrent client must get exactly it).
     expected = [http.post("/v1/chat/completions", json={"messages": p, **greedy}).json()["choices"][0]["message"]["content"]
@@ -68,8 +90,10 @@ def test_sixteen_clients_some_disconnecting(server, http):
             return _stream(server.url, {"messages": PROMPTS[i % 4], **LONG}, disconnect_after=3)
         return _stream(server.url, {"messages": PROMPTS[i % 4], **greedy})
 
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(16 + len(RUDE)) as pool:
+        rude = [pool.submit(_rude, server.port, kind) for kind in range(len(RUDE))]
         results = list(pool.map(client, range(16)))
+    assert [f.result() for f in rude] == [status for _, status in RUDE]
 
     completed = [(i, r) for i, r in enumerate(results) if r is not None]
     assert len(completed) == 12

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from flashmoe.engine import Engine
 from flashmoe.runtime.prefix_cache import PrefixCache, cached_generate, chat_checkpoints, state_bytes
 from flashmoe.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers."}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    return Engine(tiny_model)
 
 
 def _run(engine, cache, ids, checkpoints=()):
@@ -32,7 +25,7 @@ def _run(engine, cache, ids, checkpoints=()):
 
 def test_resumed_generation_matches_a_fresh_one(engine):
     tok = engine.tokenizer
-    ids = tok.encode(tok.apply_chat_template(MESSAGES))
+    ids = tok.encode_chat(MESSAGES)
     points = chat_checkpoints(tok, MESSAGES, ids)
     assert len(points) == 2  # the end of the system turn, the end of the user turn
     fresh_tokens, fresh_logits, _ = _run(engine, None, ids)
@@ -49,7 +42,7 @@ def test_resumed_generation_matches_a_fresh_one(engine):
     assert all(torch.equal(a, b) for a, b in zip(first_logits, again_logits, strict=True))  # the same splits: bit for bit
 
     next_turn = MESSAGES + [{"role": "assistant", "content": "Nile."}, {"role": "user", "content": "More?"}]
-    next_ids = tok.encode(tok.apply_chat_template(next_turn))
+    next_ids = tok.encode_chat(next_turn)
     assert cache.lookup(next_ids)[0] == points[-1]  # the conversation so far is a prefix of the next prompt
 
 
@@ -57,7 +50,7 @@ def test_checkpoints_are_prompt_prefixes(engine):
     tok = engine.tokenizer
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     user_only = MESSAGES[1:]
-    ids = tok.encode(tok.apply_chat_template(user_only, tools=tools))
+    ids = tok.encode_chat(user_only, tools=tools)
     points = chat_checkpoints(tok, user_only, ids, tools)
     assert len(points) == 2  # the tools' system block, then the user turn
     head = tok.decode(ids[: points[0]])
