@@ -20,22 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .cli_common import (
-    CACHE_POLICY_OPTION,
-    CPU_EXPERTS_OPTION,
-    DENSE_BITS_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    GPU_MEM_OPTION,
-    HOST_MEM_OPTION,
-    K_OPTION,
-    PREFETCH_OPTION,
-    PRELOAD_OPTION,
-    SEED_OPTION,
-    TEMPERATURE_OPTION,
-    TOP_K_OPTION,
-    TOP_P_OPTION,
-)
+from .cli_common import SEED_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, engine_options
+from .config import EngineConfig
 from .tool_calls import CallText, Content, Event, OutputParser, ParsedOutput, Reasoning, ToolCall
 
 if TYPE_CHECKING:
@@ -114,11 +100,11 @@ def load_user_tools(path: Path) -> list[Tool]:
     return tools
 
 
-def load_engine(model: Path, options: dict[str, Any]) -> Engine:
+def load_engine(model: Path, config: EngineConfig) -> Engine:
     """The engine to chat with (a seam the REPL tests use to script the model's output)."""
     from .cli_common import open_engine
 
-    return open_engine(model, **options)
+    return open_engine(model, config)
 
 
 class ChatSession:
@@ -316,6 +302,7 @@ def _setup_readline() -> None:
     atexit.register(readline.write_history_file, history)
 
 
+@engine_options()
 def chat_command(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (change it later with /system)."),
@@ -334,16 +321,7 @@ def chat_command(
     top_k: Optional[int] = TOP_K_OPTION,
     seed: Optional[int] = SEED_OPTION,
     prefix_cache: str = typer.Option("1G", "--prefix-cache", help="Memory for the conversation's cached prefix states (0 = off)."),
-    k: Optional[int] = K_OPTION,
-    host_mem: Optional[str] = HOST_MEM_OPTION,
-    device: str = DEVICE_OPTION,
-    gpu_mem: Optional[str] = GPU_MEM_OPTION,
-    cache_policy: str = CACHE_POLICY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    dense_bits: int = DENSE_BITS_OPTION,
-    prefetch: bool = PREFETCH_OPTION,
-    cpu_experts: int = CPU_EXPERTS_OPTION,
-    preload: bool = PRELOAD_OPTION,
+    config: EngineConfig = None,
 ):
     """Chat with the model in the terminal: streamed answers, history, tool calls (type /help inside)."""
     from .cli_common import USER_ERRORS, fail, sampling_params
@@ -353,9 +331,7 @@ def chat_command(
     try:
         tools = (BUILTIN_TOOLS if builtin_tools else []) + (load_user_tools(tools_file) if tools_file else [])
         params = sampling_params(model, temperature, top_p, top_k, max_tokens=max_tokens, seed=seed)
-        engine = load_engine(model, dict(device=device, host_mem=host_mem, k=k, dtype=dtype, cache_policy=cache_policy,
-                                         gpu_mem=gpu_mem, dense_bits=dense_bits, prefetch=prefetch,
-                                         cpu_experts=cpu_experts, preload=preload))
+        engine = load_engine(model, config)
         session = ChatSession(engine, params, tools, system, think or show_think, show_think, console, parse_size(prefix_cache),
                               max_call_chars)
     except USER_ERRORS as e:

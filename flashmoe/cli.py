@@ -11,23 +11,13 @@ from rich.markup import escape
 
 from .chat import chat_command
 from .cli_common import (
-    CACHE_POLICY_OPTION,
-    CPU_EXPERTS_OPTION,
-    DENSE_BITS_OPTION,
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    GPU_MEM_OPTION,
-    HOST_MEM_OPTION,
-    K_OPTION,
-    PREFETCH_OPTION,
-    PRELOAD_OPTION,
     SEED_OPTION,
     TEMPERATURE_OPTION,
     TOP_K_OPTION,
     TOP_P_OPTION,
     USER_ERRORS,
-    VERIFY_OPTION,
     check_output_path,
+    engine_options,
     err,
     fail,
     open_engine,
@@ -36,6 +26,7 @@ from .cli_common import (
     sampling_params,
     write_output,
 )
+from .config import EngineConfig
 from .server import serve_command
 from .utils import format_bytes
 
@@ -138,11 +129,11 @@ def print_summary(engine, stats) -> None:
 
 
 @app.command()
+@engine_options()
 def generate(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; '-' reads it from stdin."),
     tokens: int = typer.Option(128, "--tokens", "-n", help="Maximum new tokens (fewer, with a note, where the context ends)."),
-    k: Optional[int] = K_OPTION,
     temperature: Optional[float] = TEMPERATURE_OPTION,
     top_p: Optional[float] = TOP_P_OPTION,
     top_k: Optional[int] = TOP_K_OPTION,
@@ -151,17 +142,7 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn in the chat template."),
     think: bool = typer.Option(False, "--think", help="With --chat: let the model think before answering."),
-    host_mem: Optional[str] = HOST_MEM_OPTION,
-    device: str = DEVICE_OPTION,
-    gpu_mem: Optional[str] = GPU_MEM_OPTION,
-    cache_policy: str = CACHE_POLICY_OPTION,
-    profile: bool = typer.Option(False, help="With --device cuda: synchronize at each timed section so the breakdown is exact (slower)."),
-    dtype: str = DTYPE_OPTION,
-    dense_bits: int = DENSE_BITS_OPTION,
-    verify: bool = VERIFY_OPTION,
-    prefetch: bool = PREFETCH_OPTION,
-    cpu_experts: int = CPU_EXPERTS_OPTION,
-    preload: bool = PRELOAD_OPTION,
+    config: EngineConfig = None,
 ):
     """Generate a continuation of a prompt, streaming it to stdout; statistics go to stderr."""
     try:
@@ -169,8 +150,7 @@ def generate(
         params = sampling_params(  # before the model loads: a bad value fails at once
             model, temperature, top_p, top_k, max_tokens=tokens, repetition_penalty=repetition_penalty, seed=seed, stop=stop
         )
-        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, profile=profile,
-                             dense_bits=dense_bits, prefetch=prefetch, cpu_experts=cpu_experts, preload=preload)
+        engine = open_engine(model, config)
         if chat:
             prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}], enable_thinking=think)
         _stream(engine, prompt, params)
@@ -179,25 +159,24 @@ def generate(
 
 
 @app.command()
+@engine_options(host_mem="4M")  # below the model's 14 MiB of experts, so they stream
 def demo(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt (default: the start of a Python function)."),
     tokens: int = typer.Option(96, "--tokens", "-n", help="Maximum new tokens."),
-    host_mem: str = typer.Option("4M", "--host-mem", help="Expert cache budget; below the model's 14 MiB of experts, so they stream."),
     chat: bool = typer.Option(False, "--chat", help="Ask the prompt as a chat question instead of completing code."),
     temperature: Optional[float] = TEMPERATURE_OPTION,
     seed: Optional[int] = SEED_OPTION,
-    device: str = DEVICE_OPTION,
-    dtype: str = DTYPE_OPTION,
+    config: EngineConfig = None,
 ):
     """Run the bundled demo model (a small Qwen3.5-MoE trained on Python's standard library) with live statistics."""
     from .demo import DEMO_MODEL, DEMO_PROMPT
 
     try:
-        engine = open_engine(DEMO_MODEL, device, host_mem, dtype=dtype)
+        engine = open_engine(DEMO_MODEL, config)
         err.print(
             f"[dim]demo model: {DEMO_MODEL} (Qwen3.5-MoE architecture, 30M parameters trained on the Python standard "
             f"library; {format_bytes(engine.manifest.total_expert_bytes)} of 4-bit experts streamed through a "
-            f"{host_mem} cache)[/]"
+            f"{format_bytes(engine.store.capacity * engine.store.record_size)} cache)[/]"
         )
         text = prompt if prompt is not None else ("What does json.dumps do?" if chat else DEMO_PROMPT)
         if chat:
@@ -211,15 +190,13 @@ def demo(
 
 
 @app.command()
+@engine_options()
 def trace(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
     data: Path = typer.Option(..., "--data", help="Text file whose tokens are fed through the model."),
     out: Path = typer.Option(..., "--out", "-o", help="Trace file to write (.npz)."),
     tokens: int = typer.Option(8192, "--tokens", "-n", help="Record the first N tokens of the text."),
-    k: Optional[int] = K_OPTION,
-    host_mem: Optional[str] = HOST_MEM_OPTION,
-    device: str = DEVICE_OPTION,
-    dtype: str = DTYPE_OPTION,
+    config: EngineConfig = None,
 ):
     """Record which experts each token of a text uses at every MoE layer (teacher-forced), for bench --trace."""
     from .analysis.locality import WINDOWS, load_entropy, reuse_profile, sorted_shares
@@ -231,7 +208,7 @@ def trace(
         if tokens <= max(WINDOWS):
             raise ValueError(f"--tokens {tokens} is too few: a trace needs more than {max(WINDOWS)} tokens")
         check_output_path(out, "--out")
-        engine = open_engine(model, device, host_mem, k, dtype=dtype)
+        engine = open_engine(model, config)
         ids = engine.tokenizer.encode(data.read_text(encoding="utf-8", errors="replace"))[:tokens]
         if len(ids) <= max(WINDOWS):
             raise ValueError(f"--data {data} has {len(ids)} tokens; a trace needs more than {max(WINDOWS)}")
@@ -264,7 +241,7 @@ def bench(
     prefill: list[int] = typer.Option([512, 2048], "--prefill", help="S2 prompt lengths (repeatable; 0 to skip)."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU expert tier for the FULL model (default: GPU memory - dense - margin)."),
     host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Host expert tier for the FULL model (default: RAM - reserve)."),
-    dense_bits: int = DENSE_BITS_OPTION,
+    dense_bits: int = typer.Option(16, "--dense-bits", help="Resident dense weights of the benchmarked engine: 16 or 8 (int8, as flashmoe generate --dense-bits 8)."),
     workdir: Path = typer.Option(Path("/tmp/flashmoe-bench"), help="Where the synthesized model is written (reused)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
     trace_file: Optional[Path] = typer.Option(
@@ -299,6 +276,7 @@ def bench(
 
 
 @app.command("eval")
+@engine_options()
 def eval_command(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory to evaluate."),
     data: Path = typer.Option(..., "--data", help="Held-out UTF-8 text for perplexity (and the comparison)."),
@@ -311,13 +289,8 @@ def eval_command(
     window: int = typer.Option(512, help="Tokens per scoring window (each window's first token is context only)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens (default: the whole text)."),
     gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens generated per prompt (greedy)."),
-    k: Optional[int] = K_OPTION,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON here."),
-    host_mem: Optional[str] = HOST_MEM_OPTION,
-    device: str = DEVICE_OPTION,
-    gpu_mem: Optional[str] = GPU_MEM_OPTION,
-    dtype: str = DTYPE_OPTION,
-    verify: bool = VERIFY_OPTION,
+    config: EngineConfig = None,
 ):
     """Measure what quantization and a smaller K cost: perplexity, KL and top-1 against a reference, structured-output validity.
 
@@ -334,8 +307,8 @@ def eval_command(
             check_output_path(json_out, "--json")
         text = evaluate.read_text(data)
         prompt_set = evaluate.load_prompts(prompts) if prompts else []  # bad input fails before any model loads
-        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem)
-        ref = open_engine(reference, device, host_mem, None, verify, dtype, gpu_mem) if reference else None
+        engine = open_engine(model, config)
+        ref = open_engine(reference, config.but(k=None)) if reference else None
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=True) as bar:
 

@@ -3,11 +3,12 @@ writing report files, opening the Engine, and sampling parameters with the model
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -63,41 +64,79 @@ def check_output_path(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {path}: the directory {path.parent} does not exist; create it first")
 
 
-# Options shared by every command that loads a model (one definition, one help text).
-K_OPTION = typer.Option(None, "--k", help="Experts per token (default: the model's own).")
-HOST_MEM_OPTION = typer.Option(None, "--host-mem", help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM).")
-DEVICE_OPTION = typer.Option("cpu", help="cpu or cuda.")
-GPU_MEM_OPTION = typer.Option(
-    None, "--gpu-mem", help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."
-)
-CACHE_POLICY_OPTION = typer.Option(
-    "mix", "--cache-policy",
-    help="Which experts the caches keep: mix (count x 10 + recency), lru, lfu or static. With --preload, all but "
-    "static move the most used experts onto the GPU as decode runs.",
-)
-DTYPE_OPTION = typer.Option(
-    "auto", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, else float32), bfloat16, float16, float32."
-)
-DENSE_BITS_OPTION = typer.Option(
-    16, "--dense-bits",
-    help="Resident dense weights: 16, or 8 (attention/DeltaNet projections, shared experts and lm_head as int8 "
-    "quantized at load: half the memory, half the bytes per decoded token; on the CPU slower than 16).",
-)
-VERIFY_OPTION = typer.Option(True, help="Check each expert record's CRC32 the first time it is read.")
-PREFETCH_OPTION = typer.Option(
-    False, "--prefetch", help="With --device cuda: guess each layer's experts one layer ahead and start copying them early."
-)
-CPU_EXPERTS_OPTION = typer.Option(
-    0, "--cpu-experts",
-    help="With --device cuda: compute up to N of each decode layer's RAM-resident experts on the CPU (needs numba). "
-    "With --preload, server threads on all cores but one take a share of those the GPU would read over PCIe "
-    "(faster on an H200: docs/EXPERIMENTS.md entry 39); without, misses the CPU computes are not copied (slower there, entry 26).",
-)
-PRELOAD_OPTION = typer.Option(
-    False, "--preload",
-    help="With --device cuda: read every expert into GPU or host memory at start (they must hold the model), then "
-    "read each where it lies: no copies and no host sync per layer, one CUDA graph per decoded token.",
-)
+# The engine's options (flashmoe/config.py EngineConfig): one definition and help text each, added
+# to every command that loads a model by `engine_options`, shown in their own help panel.
+def _engine_option(name: str, annotation, default, *decls: str, help: str) -> inspect.Parameter:
+    option = typer.Option(default, *decls, help=help, rich_help_panel="Engine")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+ENGINE_OPTIONS = [
+    _engine_option("device", str, "cpu", "--device", help="cpu, cuda or cuda:N."),
+    _engine_option("dtype", str, "auto", "--dtype", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, "
+                   "else float32), bfloat16, float16, float32."),
+    _engine_option("host_mem", Optional[str], None, "--host-mem",
+                   help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
+    _engine_option("gpu_mem", Optional[str], None, "--gpu-mem",
+                   help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."),
+    _engine_option("k", Optional[int], None, "--k", help="Experts per token (default: the model's own)."),
+    _engine_option("cache_policy", str, "mix", "--cache-policy",
+                   help="Which experts the caches keep: mix (count x 10 + recency), lru, lfu or static. With --preload, "
+                   "all but static move the most used experts onto the GPU as decode runs."),
+    _engine_option("dense_bits", int, 16, "--dense-bits",
+                   help="Resident dense weights: 16, or 8 (attention/DeltaNet projections, shared experts and lm_head "
+                   "as int8 quantized at load: half the memory, half the bytes per decoded token; on the CPU slower than 16)."),
+    _engine_option("prefetch", bool, False, "--prefetch",
+                   help="With --device cuda: guess each layer's experts one layer ahead and start copying them early."),
+    _engine_option("cpu_experts", int, 0, "--cpu-experts",
+                   help="With --device cuda: compute up to N of each decode layer's RAM-resident experts on the CPU "
+                   "(needs numba). With --preload, server threads on all cores but one take a share of those the GPU "
+                   "would read over PCIe; without, misses the CPU computes are not copied."),
+    _engine_option("preload", bool, False, "--preload",
+                   help="With --device cuda: read every expert into GPU or host memory at start (they must hold the "
+                   "model), then read each where it lies: no copies and no host sync per layer, one CUDA graph per token."),
+    _engine_option("verify", bool, True, "--verify/--no-verify",
+                   help="Check each expert record's CRC32 the first time it is read."),
+    _engine_option("profile", bool, False, "--profile",
+                   help="With --device cuda: synchronize at each timed section so the breakdown is exact (slower)."),
+    _engine_option("threads", Optional[int], None, "--threads",
+                   help="CPU compute threads (default: the cores other processes leave free, measured as it runs)."),
+]
+
+
+def engine_options(**defaults: Any) -> Callable:
+    """Give a command the engine's options (ENGINE_OPTIONS, some defaults replaced); it receives
+    them checked, as `config: EngineConfig` (a bad value is a one-line error before anything loads)."""
+    options = [p.replace(default=typer.Option(defaults[p.name], *p.default.param_decls, help=p.default.help,
+                                              rich_help_panel="Engine")) if p.name in defaults else p
+               for p in ENGINE_OPTIONS]
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.name != "config"]
+
+        @functools.wraps(command)
+        def with_engine_options(**values: Any) -> Any:
+            try:
+                config = engine_config(**{p.name: values.pop(p.name) for p in options})
+            except ValueError as e:
+                fail(e)
+            return command(config=config, **values)
+
+        with_engine_options.__signature__ = signature.replace(parameters=own + options)
+        return with_engine_options
+
+    return decorate
+
+
+def engine_config(host_mem: str | None = None, gpu_mem: str | None = None, **values: Any):
+    """EngineConfig from command-line values (sizes as text: "" is an error, not the default)."""
+    from .config import EngineConfig
+
+    return EngineConfig(host_mem=None if host_mem is None else parse_size(host_mem),
+                        gpu_mem=None if gpu_mem is None else parse_size(gpu_mem), **values)
+
+
 TEMPERATURE_OPTION = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.")
 TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus sampling mass.")
 TOP_K_OPTION = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (0 = off).")
@@ -137,58 +176,15 @@ def sampling_defaults(model: Path) -> dict:
     return defaults
 
 
-DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-
-
-def open_engine(
-    model: Path,
-    device: str = "cpu",
-    host_mem: Optional[str] = None,
-    k: Optional[int] = None,
-    verify: bool = True,
-    dtype: str = "auto",
-    gpu_mem: Optional[str] = None,
-    **extra,
-):
-    """The Engine from command-line values (sizes as text, dtype by name)."""
-    import torch
+def open_engine(model: Path, config):
+    """The Engine of `model` under `config` (an EngineConfig), with a progress bar while --preload reads."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from .engine import Engine
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N (a GPU's index), not {device!r}")
-    preload = extra.pop("preload", False)
-    flags = (("--prefetch", extra.get("prefetch")), ("--cpu-experts", extra.get("cpu_experts")), ("--preload", preload))
-    gpu_only = [flag for flag, on in flags if on]
-    if device == "cpu" and gpu_only:
-        raise ValueError(
-            f"{gpu_only[0]} is for the GPU path (--device cuda): it arranges host-to-GPU traffic. On the CPU every "
-            "expert is computed from RAM already (with numba installed, straight from the packed records); drop it"
-        )
-    engine = Engine(
-        model,
-        device=device,
-        dtype=getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None,
-        host_mem=None if host_mem is None else parse_size(host_mem),  # "" is an error, not the default
-        gpu_mem=None if gpu_mem is None else parse_size(gpu_mem),
-        top_k=k,
-        verify=verify,
-        **extra,
-    )
-    try:  # here, not in Engine: bench's synthesized models pair the Qwen3.5 tokenizer with smaller vocabularies
-        engine.config.check_tokenizer(engine.tokenizer.vocab_size, model / "tokenizer.json")
-    except ValueError:
-        engine.close()
-        raise
-    if preload:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-        columns = (TextColumn("preloading experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("preload", total=engine.manifest.total_expert_bytes)
-            engine.preload(progress=lambda n: bar.advance(task, n))
-    return engine
-
-
+    if not config.preload:
+        return Engine(model, config)
+    columns = (TextColumn("preloading experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("preload", total=None)
+        return Engine(model, config, progress=lambda done, total: bar.update(task, completed=done, total=total))

@@ -5,6 +5,7 @@ token's experts) is checked when the model loads."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,8 +40,8 @@ class EngineConfig:
     gpu_path_on_cpu: bool = False
 
     def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device must be cpu or cuda, not {self.device!r}")
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N (a GPU's index), not {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.cache_policy not in CACHE_POLICIES:

@@ -41,14 +41,18 @@ class GpuMemoryError(RuntimeError):
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None,
+                 progress: Callable[[int, int], None] | None = None):
         """Load a packed model: dense weights resident on the config's device, experts behind the
-        caches (docs/FORMAT.md; flashmoe/config.py says what each option does)."""
+        caches (docs/FORMAT.md; flashmoe/config.py says what each option does). `progress(done,
+        total)` hears of the bytes of expert records read while loading (--preload)."""
         config = config or EngineConfig()
         self.dir, self.config = Path(model_dir), config
         self.manifest = Manifest.load(self.dir)
         self.args = read_args(self.dir)
+        self.manifest.check(self.args.hidden_size, self.args.moe.intermediate, self.args.moe.num_experts, self.args.moe_layers)
         self.tokenizer = Tokenizer.from_dir(self.dir)
+        self.args.check_tokenizer(self.tokenizer.vocab_size, self.dir / "tokenizer.json")
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
@@ -78,7 +82,14 @@ class Engine:
         if config.gpu_path:
             self.use_gpu_experts(config.gpu_mem, config.cache_policy)
             if config.preload:
-                self.preload()
+                total = self.manifest.total_expert_bytes
+                done = [0]
+
+                def advance(n: int) -> None:
+                    done[0] += n
+                    progress(done[0], total)
+
+                self.preload(progress=advance if progress else None)
         self.stop_ids = set(self.args.eos_token_ids) | {
             i for t in ("<|im_end|>", "<|endoftext|>") if (i := self.tokenizer.token_to_id(t)) is not None
         }

@@ -25,8 +25,8 @@ from flashmoe.cli import app
 _load_engine = flashmoe.chat.load_engine
 
 
-def scripted_engine(model, options):
-    engine = _load_engine(model, options)
+def scripted_engine(model, config):
+    engine = _load_engine(model, config)
     answers = iter(json.loads(os.environ["FLASHMOE_CHAT_SCRIPT"]))
     delay = float(os.environ.get("FLASHMOE_CHAT_DELAY", "0"))
     tok = engine.tokenizer

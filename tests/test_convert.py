@@ -13,7 +13,7 @@ import torch
 
 from flashmoe import convert as convert_module
 from flashmoe.convert import ConversionError, convert
-from flashmoe.synthetic import SMALL_TEXT_CONFIG, hf_tensor_specs
+from .synthetic_checkpoint import SMALL_TEXT_CONFIG, hf_tensor_specs
 from flashmoe.formats.packed import Manifest, PackedFormatError
 from flashmoe.formats.safetensors import SafetensorsWriter
 
@@ -68,7 +68,7 @@ def test_a_destination_that_is_holds_or_lies_inside_the_source_is_refused_before
     src = Path(shutil.copytree(tiny_vlm[0], tmp_path / "hf"))  # a private copy: a regression destroys only it
     (tmp_path / "link").symlink_to(src)
     before = files_under(src)
-    monkeypatch.setattr(convert_module.ModelConfig, "from_dir", lambda path: pytest.fail("the source was read"))
+    monkeypatch.setattr(convert_module, "read_args", lambda path: pytest.fail("the source was read"))
     refused = {src: "is the source", tmp_path / "link": "is the source", tmp_path: "contains the source",
                src / "packed": "lies inside the source"}
     for dst, message in refused.items():
@@ -135,7 +135,7 @@ def test_a_model_set_aside_by_a_killed_swap_goes_back_in_place(packed16, tiny_vl
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_convert_and_at_load(tiny_vlm, packed16, tmp_path):
-    from flashmoe.cli_common import open_engine
+    from flashmoe.engine import Engine
 
     src, model = tmp_path / "hf", Path(shutil.copytree(packed16, tmp_path / "model"))
     src.mkdir()
@@ -147,7 +147,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_convert_and_at_loa
     with pytest.raises(ValueError, match=message):
         convert(src, tmp_path / "out", bits=16)
     with pytest.raises(ValueError, match=message):
-        open_engine(model)
+        Engine(model)
 
 
 def test_missing_tensor_is_reported(tmp_path, tiny_vlm):

@@ -11,7 +11,7 @@ _QWEN35 = dict(
     linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
     num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
     rms_norm_eps=1e-6, max_position_embeddings=262144, tie_word_embeddings=False, eos_token_id=248046,
-    full_attention_interval=4, rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
 )
 _QWEN3 = dict(
     model_type="qwen3_moe", vocab_size=151936, head_dim=128, norm_topk_prob=True, rms_norm_eps=1e-6,
@@ -61,10 +61,12 @@ def preset_config(name: str, layers: int | None = None) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     cfg = dict(PRESETS[name])
+    full = cfg["num_hidden_layers"]
+    if "linear_num_key_heads" in cfg:  # the hybrid families: every 4th layer full attention, written out
+        cfg["layer_types"] = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(full)]
     if layers:
-        full = preset_args(name)
-        if not 1 <= layers <= full.num_hidden_layers:
-            raise ValueError(f"--layers must be between 1 and {full.num_hidden_layers} for {name}, got {layers}")
+        if not 1 <= layers <= full:
+            raise ValueError(f"--layers must be between 1 and {full} for {name}, got {layers}")
         cfg["num_hidden_layers"] = layers
         if "layer_types" in cfg:
             cfg["layer_types"] = cfg["layer_types"][:layers]

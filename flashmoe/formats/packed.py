@@ -179,6 +179,21 @@ class Manifest:
                 return f
         raise KeyError(f"no experts stored for layer {layer}")
 
+    def check(self, hidden: int, intermediate: int, num_experts: int, moe_layers: list[int]) -> None:
+        """Raise PackedFormatError unless the records hold experts of this shape for exactly these
+        layers (the model's config.json and its packed experts must describe one model)."""
+        lay, layers = self.layout, sorted(f.layer for f in self.expert_files)
+        problems = []
+        if (lay.hidden_size, lay.intermediate_size) != (hidden, intermediate):
+            problems.append(f"its experts are {lay.hidden_size} x {lay.intermediate_size}, config.json says {hidden} x {intermediate}")
+        if layers != sorted(moe_layers):
+            problems.append(f"it stores experts of layers {layers}, config.json has MoE layers {sorted(moe_layers)}")
+        if counts := sorted({f.num_experts for f in self.expert_files} - {num_experts}):
+            problems.append(f"its layers hold {counts[0]} experts, config.json says {num_experts}")
+        if problems:
+            raise PackedFormatError(f"{MANIFEST_FILE} does not match config.json: {'; '.join(problems)}. "
+                                    "Convert the checkpoint again (or restore the config.json that came with it)")
+
     @property
     def total_expert_bytes(self) -> int:
         return sum(f.num_experts for f in self.expert_files) * self.layout.record_size

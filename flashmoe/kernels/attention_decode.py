@@ -13,9 +13,10 @@ with the model dtype's roundings where the eager code rounds (the attention outp
 n is either a Python int (eager: the cache holds exactly n positions) or n = last + 1 read on the
 device from `last` (KVCache.graph_position inside a CUDA graph, where the buffer is the reserved
 capacity): the split length is derived from n in the kernel, so splits stay balanced whatever n
-is, and blocks past n are never loaded. The grid is fixed (MAX_SPLITS programs per KV head, the
-splits past n idle) and n is not a specialisation key, so a captured graph stays valid as n grows
-and eager steps never recompile.
+is, and blocks past n are never loaded. In a graph the grid is fixed (MAX_SPLITS programs per KV
+head, the splits past n idle) and n is not a specialisation key, so the graph stays valid as n
+grows; eagerly the grid has no more splits than n has blocks, with the compiled variants of the
+full grid.
 
 Eagerly every KV head is copied G = 16 times per step (repeat_interleave) and, in the graph, the
 whole reserved buffer is attended under a mask: 8 launches (2 copies, scaled_dot_product_attention,
@@ -132,22 +133,25 @@ def attention_decode(
         raise ValueError(f"attention_decode: unsupported shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}")
     on_device = isinstance(last, torch.Tensor)
     n = 1 if on_device else last + 1  # unused by the kernels when on the device
-    m = torch.empty(heads, splits, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(heads, splits, D, dtype=torch.float32, device=q.device)
-    out = torch.empty(1, heads * D, dtype=q.dtype, device=q.device)
-    last_ptr = last if on_device else m  # a pointer the kernels never read when n is given
     fp32 = q.dtype == torch.float32 or INTERPRETED  # the interpreter's bf16 dots are wrong
     # Compiled for sm_90 at d = 256 and 8 warps: 16-bit blocks of 64 take 255 registers, no spills,
     # 43 KB of shared memory; fp32 blocks of 64 would need 280 KB (more than an SM has), 32 take 150.
     block_n = block_n or (32 if q.dtype == torch.float32 else 64)
-    _split_kernel[(kv_heads, splits)](
+    # Eagerly n is known: no more splits than blocks (a graph keeps the full grid, as n grows under it).
+    # The compiled variants are those of the requested count, so a shorter grid compiles nothing new.
+    live = splits if on_device else min(splits, triton.cdiv(n, block_n))
+    m = torch.empty(heads, live, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(heads, live, D, dtype=torch.float32, device=q.device)
+    out = torch.empty(1, heads * D, dtype=q.dtype, device=q.device)
+    last_ptr = last if on_device else m  # a pointer the kernels never read when n is given
+    _split_kernel[(kv_heads, live)](
         q, keys, values, last_ptr, m, l, acc, n, keys.stride(0), keys.stride(1), G, _LOG2E / D**0.5,
-        splits, N_ON_DEVICE=on_device, FP32_DOT=fp32, PRECISION="ieee" if fp32 else "tf32",
+        live, N_ON_DEVICE=on_device, FP32_DOT=fp32, PRECISION="ieee" if fp32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=D, num_warps=8 if D >= 128 else 4,
     )
     _combine_kernel[(heads,)](
-        m, l, acc, q if gate is None else gate, out, last_ptr, n, 0 if gate is None else gate.stride(0), splits,
+        m, l, acc, q if gate is None else gate, out, last_ptr, n, 0 if gate is None else gate.stride(0), live,
         N_ON_DEVICE=on_device, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), D=D, GATED=gate is not None,
         num_warps=8 if splits * D >= 8192 else 4,
     )

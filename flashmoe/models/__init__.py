@@ -5,7 +5,6 @@ known layer kinds is that module, its tests and its bench preset."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 import torch
 
 from . import glm4_moe, minimax_m2, qwen3_5_moe, qwen3_moe, qwen3_next
-from .args import ConfigError, ModelArgs
+from ..utils import read_json
+from .args import CONFIG_FIX, ConfigError, ModelArgs
 from .names import CheckpointNames
 
 FAMILIES: dict[str, ModuleType] = {t: m for m in (qwen3_5_moe, qwen3_next, qwen3_moe, minimax_m2, glm4_moe)
@@ -26,7 +26,7 @@ class UnsupportedModelError(ConfigError):
 
 def family(model_type: str | None) -> ModuleType:
     """The module of the family that reads configs of this model_type."""
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; flashmoe runs {', '.join(sorted(FAMILIES))}"
         )
@@ -44,7 +44,9 @@ def sanitize(args: ModelArgs, name: str, tensor: torch.Tensor) -> list[tuple[str
     return fam.sanitize(args, name, tensor) if hasattr(fam, "sanitize") else [(name, tensor)]
 
 
-def args_from_dict(config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelArgs:
+def args_from_dict(config: Any, generation_config: Any = None) -> ModelArgs:
+    if not isinstance(config, dict):
+        raise ConfigError(f"config.json must hold a JSON object, not {type(config).__name__}{CONFIG_FIX}")
     return family(config.get("model_type")).Args.from_config(config, generation_config)
 
 
@@ -54,17 +56,5 @@ def read_args(model_dir: str | Path) -> ModelArgs:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: point at a Hugging Face model directory with a config.json")
     gen_path = path.with_name("generation_config.json")
-    return args_from_dict(read_json(path), read_json(gen_path) if gen_path.is_file() else None)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or a ConfigError naming the file and where it stops parsing."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
+    generation = read_json(gen_path, ConfigError, "; fetch it again from the model's repository") if gen_path.is_file() else None
+    return args_from_dict(read_json(path, ConfigError, CONFIG_FIX), generation)

@@ -9,16 +9,61 @@ variant, the rotary embedding, the MoE blocks' routing. `from_config` builds it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
 
 from ..layers.attention import AttentionSpec
 from ..moe.block import MoESpec
+from ..utils import is_int, short_repr
+
+CONFIG_FIX = "; fetch config.json again from the model's repository"
+MAX_LAYERS = 10_000  # far past any model (Qwen3.5-397B has 60): more is a corrupt file, not a list to build
 
 
 class ConfigError(ValueError):
     """A config.json that does not describe a model this family can build (names the key)."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What a value of each annotated type must be (annotations are strings: `from __future__ import annotations`).
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", is_int),
+    "float": ("a finite number", _is_number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "dict": ("an object", lambda v: isinstance(v, dict)),
+    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "list[int]": ("a list of integers", lambda v: isinstance(v, list) and all(is_int(x) for x in v)),
+}
+# Sizes, counts and scales the layers divide by or build tensors from: 0 or less fails deep inside.
+_POSITIVE = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+    "linear_num_key_heads", "linear_num_value_heads", "num_experts", "num_local_experts", "n_routed_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "rms_norm_eps", "rope_theta",
+    "partial_rotary_factor", "full_attention_interval", "n_group", "topk_group", "routed_scaling_factor", "rotary_dim",
+}
+_NON_NEGATIVE = {"shared_expert_intermediate_size", "intermediate_size", "n_shared_experts", "first_k_dense_replace"}
+
+
+def _check_value(key: str, value: Any, annotation: str) -> None:
+    """Refuse `value` unless it is one of the annotated types ("int | None", "list[int]", ...)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    names = [_KINDS[k][0] for k in kinds if k in _KINDS]
+    if not any(_KINDS[k][1](value) for k in kinds if k in _KINDS):
+        raise ConfigError(f"config.json: {key} must be {' or '.join(names)}, not {short_repr(value)}{CONFIG_FIX}")
+    if _is_number(value) and (value < 0 or (key in _POSITIVE and value == 0)):
+        if key in _POSITIVE or key in _NON_NEGATIVE:
+            least = "greater than 0" if key in _POSITIVE else "0 or more"
+            raise ConfigError(f"config.json: {key} must be {least}, not {value}{CONFIG_FIX}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +113,23 @@ class ModelArgs(ABC):
     def from_config(cls, config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelArgs":
         """The family's arguments from a config.json dict: unknown keys ignored, missing required
         ones named; then `check`."""
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        given = {k: v for k, v in cls.text_config(config).items() if k in names}
-        missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in given
+        if not isinstance(generation_config, (dict, type(None))):
+            raise ConfigError("generation_config.json must hold a JSON object; fetch it again from the model's repository")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        # null is transformers' "unset": the default stands
+        given = {k: v for k, v in cls.text_config(config).items() if k in fields and v is not None}
+        missing = [name for name, f in fields.items() if name not in given
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ConfigError(f"config.json is missing the key {missing[0]!r} that a {config.get('model_type')} model needs")
+        for key, value in given.items():
+            _check_value(key, value, fields[key].type)
         eos = (generation_config or {}).get("eos_token_id")
-        given["generation_eos"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        _check_value("eos_token_id (generation_config.json)", eos, "int | list[int] | None")
+        given["generation_eos"] = [] if eos is None else [eos] if is_int(eos) else list(eos)
         args = cls(**given)
+        if args.num_hidden_layers > MAX_LAYERS:
+            raise ConfigError(f"config.json: num_hidden_layers {args.num_hidden_layers} is more than any model has{CONFIG_FIX}")
         args.check()
         return args
 
@@ -84,6 +137,15 @@ class ModelArgs(ABC):
     def text_config(cls, config: dict[str, Any]) -> dict[str, Any]:
         """The dict holding the text model's keys (a composite VLM config nests it)."""
         return config
+
+    def check_tokenizer(self, tokenizer_size: int, tokenizer_file: Path) -> None:
+        """Refuse a tokenizer with more tokens than the model has embedding rows: its last ids would index past them."""
+        if tokenizer_size > self.vocab_size:
+            raise ConfigError(
+                f"{tokenizer_file} has {tokenizer_size} tokens but the model's vocabulary (vocab_size in config.json) has "
+                f"{self.vocab_size}, so ids from {self.vocab_size} on have no embedding: use the tokenizer that came with "
+                "these weights"
+            )
 
     def check(self) -> None:
         """Raise ConfigError for values this family cannot run (each family adds its own)."""
@@ -95,6 +157,10 @@ class ModelArgs(ABC):
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
             raise ConfigError(f"config.json: rope type {kind!r} is not supported (only 'default' RoPE)")
+        rotary, _ = self.rotary()
+        if not 0 < rotary <= self.head_size or rotary % 2:
+            raise ConfigError(f"config.json: the rotary embedding must turn an even number of each head's "
+                              f"{self.head_size} values, not {rotary}{CONFIG_FIX}")
         for i in range(self.num_hidden_layers):
             self.layer(i)  # every layer's spec is buildable
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from ..layers.attention import AttentionSpec
 from ..moe.block import MoESpec
 from ..moe.routing import Routing
-from .args import ConfigError, DeltaNetSpec, LayerSpec, ModelArgs
+from .args import CONFIG_FIX, ConfigError, DeltaNetSpec, LayerSpec, ModelArgs
 from .names import CheckpointNames
 
 NAMES = CheckpointNames(
@@ -44,7 +44,10 @@ class Args(ModelArgs):
     def text_config(cls, config: dict[str, Any]) -> dict[str, Any]:
         if config.get("model_type") != "qwen3_5_moe":
             return config
-        text = dict(config.get("text_config") or {})  # the composite VLM config
+        text = config.get("text_config") or {}  # the composite VLM config
+        if not isinstance(text, dict):
+            raise ConfigError(f"config.json: text_config must be an object, not {type(text).__name__}{CONFIG_FIX}")
+        text = dict(text)
         text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
         return {**text, "model_type": "qwen3_5_moe"}
 

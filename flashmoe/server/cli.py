@@ -7,16 +7,15 @@ from typing import Optional
 
 import typer
 
-from ..cli_common import (
-    CACHE_POLICY_OPTION, CPU_EXPERTS_OPTION, DENSE_BITS_OPTION, DEVICE_OPTION, DTYPE_OPTION, GPU_MEM_OPTION, HOST_MEM_OPTION,
-    K_OPTION, PREFETCH_OPTION, PRELOAD_OPTION, VERIFY_OPTION,
-)
+from ..cli_common import PORT_OPTION, engine_options
+from ..config import EngineConfig
 
 
+@engine_options()
 def serve_command(
     model: Path = typer.Option(..., "--model", "-m", help="Packed model directory (from flashmoe convert)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback exposes the model: it needs --api-key."),
-    port: int = typer.Option(8000, help="TCP port."),
+    port: int = PORT_OPTION,
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="FLASHMOE_API_KEY",
         help="Require this key on /v1/ routes (Authorization: Bearer KEY, or x-api-key). Prefer the environment variable "
@@ -31,17 +30,7 @@ def serve_command(
     max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting beyond --parallel; past it the answer is 503."),
     prefix_cache: str = typer.Option("2G", "--prefix-cache", help="Memory for states of conversation prefixes reused by the next turn (0 = off)."),
     max_body: str = typer.Option("8M", "--max-body", help="Largest request body accepted (413 past it)."),
-    k: Optional[int] = K_OPTION,
-    host_mem: Optional[str] = HOST_MEM_OPTION,
-    device: str = DEVICE_OPTION,
-    gpu_mem: Optional[str] = GPU_MEM_OPTION,
-    cache_policy: str = CACHE_POLICY_OPTION,
-    dtype: str = DTYPE_OPTION,
-    dense_bits: int = DENSE_BITS_OPTION,
-    verify: bool = VERIFY_OPTION,
-    prefetch: bool = PREFETCH_OPTION,
-    cpu_experts: int = CPU_EXPERTS_OPTION,
-    preload: bool = PRELOAD_OPTION,
+    config: EngineConfig = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and Anthropic's Messages API."""
     import uvicorn
@@ -56,8 +45,7 @@ def serve_command(
         fail(ValueError(f"--host {host} exposes the model beyond this machine: set an API key (FLASHMOE_API_KEY or "
                         "--api-key), or pass --insecure-no-key to serve anyone who can reach it"))
     try:
-        engine = open_engine(model, device, host_mem, k, verify, dtype, gpu_mem, cache_policy=cache_policy, dense_bits=dense_bits,
-                             prefetch=prefetch, cpu_experts=cpu_experts, preload=preload)
+        engine = open_engine(model, config)
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
                                parse_size(prefix_cache), parallel, max_queue)
         app = create_app(service, api_key, parse_size(max_body), host, port)

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..engine import Step
+from ..generation import Step
 from .errors import APIError
 from .http import event_stream, parse_body, sse, unless_disconnected
 from .logprobs import LegacyLogprobs

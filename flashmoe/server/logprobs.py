@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine import Step
+from ..generation import Step
 from ..tokenizer import Tokenizer
 
 

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..engine import Step
+from ..generation import Step
 from ..tool_calls import Content, ParsedOutput, Reasoning, ToolCall
 from .errors import APIError
 from .grammar import GrammarError

@@ -19,11 +19,14 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU the kernels run in Triton's interpreter
 
 TINY = dict(
-    PRESETS["qwen3.5-397b-a17b"], vocab_size=1024, hidden_size=128, num_attention_heads=2,
-    head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
-    num_hidden_layers=2, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
-    shared_expert_intermediate_size=64, layer_types=["linear_attention", "full_attention"],
+    PRESETS["qwen3.5-397b-a17b"], vocab_size=1024, hidden_size=64, num_attention_heads=2,
+    head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    num_hidden_layers=2, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"],
 )
+
+
+LAYOUT = RecordLayout.build(64, 32, 4, 32)  # TINY's experts at 4 bits
 
 
 def test_tiers_follow_the_spec_for_the_397b():
@@ -39,20 +42,22 @@ def test_tiers_follow_the_spec_for_the_397b():
 
 @pytest.fixture(scope="module")
 def tiny_bench_model(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("bench") / "m", TINY, bits=4, group_size=64)
+    return synthesize(tmp_path_factory.mktemp("bench") / "m", TINY, bits=4, group_size=32)
 
 
 def test_synthesized_model_runs_with_placed_tiers(tiny_bench_model):
     out = tiny_bench_model
-    assert synthesize(out, TINY, bits=4, group_size=64) == out  # reused, not rewritten
-    layout = RecordLayout.build(128, 64, 4, 64)
+    assert synthesize(out, TINY, bits=4, group_size=32) == out  # reused, not rewritten
+    layout = LAYOUT
     engine = Engine(out, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size, prefetch=True, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=2 * 5 * layout.record_size, policy="static")
     engine.set_prefetch(False)  # the plain row first, as bench --prefetch runs them
     tiers = Tiers(5, 6, 16, 5 / 16, 6 / 16, 5 / 16, "")
     place_tiers(engine, tiers)
     r = run_decode(engine, 8, 4, layers_full=4, bw=Bandwidths(1e10, 1e11, 1e9), repeats=1)
-    assert r.tokens == 3 and r.tps > 0 and r.tps_extrapolated < r.tps  # twice the layers: slower
+    assert r.tokens == 3 and r.tps > 0 and (r.layers_in_slice, r.layers_full) == (2, 4)
+    # the extrapolation: what lies outside the layers, then each of the full model's layers at the slice's rate
+    assert 1e3 / r.tps_extrapolated == pytest.approx(r.ms_outside_layers + 4 * r.ms_per_layer)
     assert 0 < r.gpu_hit_rate < 1 and 0 <= r.host_hit_rate < 1
     assert r.bytes_per_token["pcie"] > 0 and r.bytes_per_token["disk"] > 0
     dense = {"dense (graph)"} if DEVICE == "cuda" else {"mixer", "routing"}  # on a GPU the dense part is a graph
@@ -69,7 +74,7 @@ def test_synthesized_model_runs_with_placed_tiers(tiny_bench_model):
 def test_resident_rows_read_host_experts_in_place(tiny_bench_model):
     """With no disk tier the bench can run every expert where it lies: no copies, the host tier's
     share counted as PCIe reads, the same placement as the copying rows."""
-    rs = RecordLayout.build(128, 64, 4, 64).record_size
+    rs = LAYOUT.record_size
     engine = Engine(tiny_bench_model, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 11 + 2) * rs, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
     tiers = Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
@@ -91,7 +96,7 @@ def test_adaptive_replay_row_learns_during_its_warmup_and_leaves_the_placement_a
     from flashmoe.analysis.locality import StreamGenerator
 
     monkeypatch.setattr(resident, "AdaptivePlacement", functools.partial(resident.AdaptivePlacement, confidence=0.5))
-    rs = RecordLayout.build(128, 64, 4, 64).record_size
+    rs = LAYOUT.record_size
     engine = Engine(tiny_bench_model, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 11 + 2) * rs, gpu_path_on_cpu=DEVICE == "cpu"))
     engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
     tiers = Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
@@ -111,12 +116,12 @@ def test_adaptive_replay_row_learns_during_its_warmup_and_leaves_the_placement_a
 def test_synthesis_that_cannot_fit_the_disk_is_refused_up_front(tmp_path, monkeypatch):
     """Named: the space needed and free, and the models synthesized earlier beside it to delete;
     nothing is written."""
-    synthesize(tmp_path / "old", TINY, bits=4, group_size=64)
-    monkeypatch.setattr(synthesis.shutil, "disk_usage", lambda p: shutil_usage(free=1 << 20))
+    synthesize(tmp_path / "old", TINY, bits=4, group_size=32)
+    monkeypatch.setattr(synthesis.shutil, "disk_usage", lambda p: shutil_usage(free=1 << 10))
     with pytest.raises(RuntimeError, match=r"needs .* GiB but .* free there; delete models synthesized earlier \(.*old"):
-        synthesize(tmp_path / "new", TINY, bits=8, group_size=64)
+        synthesize(tmp_path / "new", TINY, bits=8, group_size=32)
     assert not (tmp_path / "new").exists()
-    assert synthesize(tmp_path / "old", TINY, bits=4, group_size=64) == tmp_path / "old"  # a reuse needs no space
+    assert synthesize(tmp_path / "old", TINY, bits=4, group_size=32) == tmp_path / "old"  # a reuse needs no space
 
 
 def shutil_usage(free: int):
@@ -148,9 +153,9 @@ def test_slice_engine_budgets_what_place_tiers_fills(monkeypatch):
     the CPU tests above fill with place_tiers (the host's plus one layer's k staging slots)."""
     made = {}
     monkeypatch.setattr("flashmoe.engine.Engine", lambda model, config: made.update(config=config, model=model) or "engine")
-    rs = RecordLayout.build(128, 64, 4, 64).record_size
+    rs = LAYOUT.record_size
     tiers = Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
-    assert slice_engine("m", args_from_dict(TINY), RecordLayout.build(128, 64, 4, 64), tiers, k_max=2, dense_bits=8) == "engine"
+    assert slice_engine("m", args_from_dict(TINY), LAYOUT, tiers, k_max=2, dense_bits=8) == "engine"
     c = made["config"]
     assert c.gpu_mem == 2 * 5 * rs and c.host_mem == (2 * 11 + 2) * rs
     assert c.device == "cuda" and c.k == 2 and c.dense_bits == 8 and c.cache_policy == "static"

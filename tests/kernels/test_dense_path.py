@@ -69,10 +69,10 @@ def test_kernels_give_the_logits_of_the_pytorch_path(family_model, monkeypatch, 
     model_type, packed = family_model
     engine = Engine(packed, EngineConfig(dtype="float32"))
     prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(6))
-    ref_prompt, ref_steps, ref_tokens = our_run(engine, prompt, 6)
+    ref_prompt, ref_steps, ref_tokens = our_run(engine, prompt, 4)
     assert not counted
     monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
-    got_prompt, got_steps, got_tokens = our_run(engine, prompt, 6)
+    got_prompt, got_steps, got_tokens = our_run(engine, prompt, 4)
     assert set(counted) == {"rms_norm", "add_rms_norm", "norm_rope", "route", "attention_decode"} | FAMILY_KERNELS[model_type]
     assert rel_err(got_prompt, ref_prompt) <= 1e-5  # fp32 sums in another order
     assert rel_err(got_steps, ref_steps) <= 1e-5

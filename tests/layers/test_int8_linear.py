@@ -67,7 +67,7 @@ def test_dense_bits_other_than_16_or_8_are_refused(default_init_16):
 def test_bench_accounting_equals_the_resident_weights(tmp_path_factory, dense_bits):
     """bench.dense_bytes (tier planning, from shapes) and the decode roofline's bytes (from the
     loaded modules) agree with each other."""
-    out = synthesize(tmp_path_factory.mktemp("bench8") / "m", TINY, bits=4, group_size=64)
+    out = synthesize(tmp_path_factory.mktemp("bench8") / "m", TINY, bits=4, group_size=32)
     engine = Engine(out, EngineConfig(dtype="bfloat16", dense_bits=dense_bits))
     embedding = engine.model.model.embed_tokens.weight
     resident = engine.dense_bytes_per_token() + embedding.numel() * embedding.element_size()

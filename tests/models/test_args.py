@@ -4,9 +4,13 @@ errors for what cannot be built."""
 import json
 
 import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from flashmoe.models import FAMILIES, ConfigError, UnsupportedModelError, args_from_dict, read_args
 from flashmoe.moe.block import MoESpec
+
+from ..hostile_json import FUZZ, JSON_VALUES, mutated
 
 BASE = dict(
     vocab_size=100, hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
@@ -83,10 +87,53 @@ def test_read_args_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         read_args(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "qwen3_next",')
-    with pytest.raises(ConfigError, match=r"config.json is not valid JSON: .* line 1, column"):
+    with pytest.raises(ConfigError, match=r"config.json is not valid JSON: .* line 1 column"):
         read_args(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must hold a JSON object"):
         read_args(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "qwen3_next"}))
     assert read_args(tmp_path).moe.num_experts == 8
+
+
+def test_wrong_types_and_impossible_sizes_are_refused_naming_the_key():
+    cases = {
+        "hidden_size must be an integer, not '64'": {"hidden_size": "64"},
+        "num_hidden_layers must be an integer, not 8.0": {"num_hidden_layers": 8.0},
+        "tie_word_embeddings must be true or false, not 'false'": {"tie_word_embeddings": "false"},
+        "num_attention_heads must be greater than 0, not 0": {"num_attention_heads": 0, "head_dim": 16},
+        "decoder_sparse_step must be greater than 0": {"decoder_sparse_step": 0},
+        "full_attention_interval must be greater than 0": {"full_attention_interval": 0},
+        "k = 9 experts cannot be chosen": {"num_experts_per_tok": 9},
+        "rms_norm_eps must be a finite number, not nan": {"rms_norm_eps": float("nan")},
+        "rope_parameters must be an object": {"rope_parameters": [1]},
+        "num_hidden_layers 1000000000000 is more than any model has": {"num_hidden_layers": 10**12},  # was a 10**12 list
+    }
+    for message, change in cases.items():
+        with pytest.raises(ValueError, match=message):
+            args_from_dict({**BASE, "model_type": "qwen3_next", **change})
+    with pytest.raises(ValueError, match="must hold a JSON object, not list"):
+        args_from_dict([BASE])
+    with pytest.raises(ValueError, match="text_config must be an object"):
+        args_from_dict({"model_type": "qwen3_5_moe", "text_config": "x"})
+
+
+def test_a_config_that_is_not_json_is_reported_naming_the_file_and_the_position(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_next",\n "vocab_size": }')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} is not valid JSON: Expecting value at line 2 column 16"):
+        read_args(tmp_path)
+
+
+@FUZZ
+@given(raw=mutated({**BASE, "model_type": "qwen3_next", "rope_parameters": {"rope_type": "default"}, "eos_token_id": [1]})
+       | mutated({**BASE, "model_type": "glm4_moe", "n_routed_experts": 8, "n_group": 2, "topk_group": 1})
+       | JSON_VALUES, generation=st.none() | mutated({"eos_token_id": [1, 2]}))
+def test_a_fuzzed_config_is_read_or_refused_with_a_value_error(raw, generation):
+    try:
+        args = args_from_dict(raw, generation)
+    except ValueError as e:  # ConfigError and UnsupportedModelError are ones; never a KeyError, TypeError or ZeroDivisionError
+        assert "\n" not in str(e)
+        event("refused")
+        return
+    event("read")
+    assert args.moe_layers and 1 <= args.moe.top_k <= args.moe.num_experts

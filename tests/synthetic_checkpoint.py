@@ -1,7 +1,6 @@
 """Random-weight tensors of a Qwen3.5-MoE shape, named as in the released Hugging Face checkpoint
-(`model.language_model.` prefix, fused expert tensors): what `flashmoe bench` synthesizes its
-models from, and what tests build converter inputs of any size from.
-"""
+(`model.language_model.` prefix, fused expert tensors): converter inputs of any size for the tests,
+without building a transformers model."""
 
 from __future__ import annotations
 
@@ -88,17 +87,3 @@ def hf_tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
             (m + "shared_expert_gate.weight", (1, H), "linear"),
         ]
     return out + [("model.language_model.norm.weight", (H,), "norm")]
-
-
-def random_init(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Random weights of sane scale (unit-gain linears) on the generator's device."""
-    dev = gen.device
-    if kind == "linear":
-        return torch.randn(shape, generator=gen, device=dev) * (1.0 / math.sqrt(shape[-1]))
-    if kind == "conv":
-        return torch.randn(shape, generator=gen, device=dev) * 0.5
-    if kind == "norm":
-        return torch.randn(shape, generator=gen, device=dev) * 0.1
-    if kind == "ones":
-        return torch.ones(shape, device=dev)
-    return torch.empty(shape, device=dev).uniform_(1, 16, generator=gen).log()  # a_log
