@@ -8,7 +8,8 @@ import argparse
 import torch
 import triton
 
-from flashmoe.bench import hbm_copy_bandwidth, random_records
+from flashmoe.bench.probes import hbm_copy_bandwidth
+from flashmoe.bench.synthesis import random_records
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.codes import layout_xq
 from flashmoe.kernels.moe_gemv import MoeGemv, moe_gemv_reference

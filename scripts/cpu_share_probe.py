@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from flashmoe.bench import random_records
+from flashmoe.bench.synthesis import random_records
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.cpu_expert_server import PHASES, ExpertServer
 from flashmoe.kernels.host_handoff import HostHandoff

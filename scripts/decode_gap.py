@@ -25,7 +25,7 @@ from flashmoe.bench.synthesis import synthesize
 from flashmoe.bench.tiers import place_tiers, plan_tiers, slice_engine
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.cpu_expert_server import ExpertServer
-from flashmoe.runtime.graphs import GraphedDecoder
+from flashmoe.runtime.graphs import DecodeGraph
 from flashmoe.analysis.locality import WINDOWS, reuse_profile
 from flashmoe.analysis.routing_trace import record
 from flashmoe.runtime.sampling import SamplingParams
@@ -55,7 +55,7 @@ def measure(engine, args, k: int, cpu: int) -> None:
     state = engine.new_state()
     logits = engine.forward(prompt, state)
     token = int(logits[-1].argmax())
-    graphs = GraphedDecoder(engine, state, state.position + 12 * args.tokens)
+    graphs = DecodeGraph(engine, state, state.position + 12 * args.tokens)
 
     fed: list[int] = []  # what loop mode decoded: queued mode feeds the same tokens, so routes alike
 
@@ -69,7 +69,7 @@ def measure(engine, args, k: int, cpu: int) -> None:
         nonlocal token
         for _ in range(n):
             logits = graphs.step(token)
-            engine.gpu_tier.collect_stats()
+            engine.gpu_tier.resident.collect()
             token = int(logits[-1].argmax())
 
     def loop_timed(n: int) -> tuple[float, float]:
@@ -93,7 +93,7 @@ def measure(engine, args, k: int, cpu: int) -> None:
     loop(2)
     t_loop, t_collect, t_queued = (per_token(f, args.tokens // 4) for f in (loop, loop_collecting, queued))
     t_graph, t_launch = loop_timed(args.tokens)
-    graphs.release()
+    del graphs  # its memory pool goes back before the next measurement
     print(f"{args.preset} L{args.layers} {args.bits}-bit k={k} cpu-experts {cpu}, ms/token:")
     print(f"  generate {generate * 1e3:.3f} | loop + read {t_collect * 1e3:.3f} | loop {t_loop * 1e3:.3f} | queued {t_queued * 1e3:.3f}")
     print(f"  generation loop {(generate - t_loop) * 1e3:.3f}, blocking counter read {(t_collect - t_loop) * 1e3:.3f}, "

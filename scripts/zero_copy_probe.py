@@ -74,7 +74,7 @@ def host_pool_like(gpu_pool: torch.Tensor, records: int) -> tuple[torch.Tensor, 
 
 
 def gemv(args) -> None:
-    from flashmoe.bench import random_records
+    from flashmoe.bench.synthesis import random_records
     from flashmoe.formats.packed import RecordLayout
     from flashmoe.kernels.moe_gemv import MoeGemv
 

@@ -70,12 +70,13 @@ def test_every_family_decodes_on_the_gpu_as_on_the_cpu(family_packed, graphs):
     """Each family's variants on the GPU path (the router kernel's rules, norms of both forms,
     attention without a gate, biases, plain shared experts): fp32 logits within 1e-4 of the CPU
     path's and the same greedy tokens, graphed and eager; 4-bit experts through the gathered and
-    grouped kernels within their 16-bit fixed-point inputs' error of the CPU path's exact arithmetic."""
+    grouped kernels within their 16-bit fixed-point inputs' error of the CPU path's exact arithmetic;
+    8-bit dense weights (biases included) through the int8 GEMV as through the CPU's matmul."""
     _, q16, q4 = family_packed
     ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(3))
-    for packed, tol in ((q16, 1e-4), (q4, 5e-3)):
-        cpu_engine = Engine(packed, EngineConfig(dtype="float32"))
-        gpu_engine = Engine(packed, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs))
+    for packed, tol, dense_bits in ((q16, 1e-4, 16), (q4, 5e-3, 16), (q16, 1e-4, 8)):
+        cpu_engine = Engine(packed, EngineConfig(dtype="float32", dense_bits=dense_bits))
+        gpu_engine = Engine(packed, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, dense_bits=dense_bits))
         cpu, gpu = logits(cpu_engine, ids), logits(gpu_engine, ids)
         assert float((gpu - cpu).norm() / cpu.norm()) < tol
         params = SamplingParams(max_tokens=16, temperature=0)

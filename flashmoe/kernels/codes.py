@@ -170,7 +170,9 @@ def layout_xq(x: torch.Tensor, bits: int, group: int, pdl: bool) -> tuple[torch.
     T, H = x.shape
     xq = torch.empty(T, H // 2, device=x.device, dtype=torch.int32)
     scales = torch.empty(2, T, H // group, device=x.device, dtype=torch.float32)  # one allocation for both
-    groups = max(1, min(H, 1024) // group)
-    _layout_xq_kernel[(T, H // group // groups)](x, xq, scales, H, bits, group, groups, pdl, num_warps=4,
+    # groups per program: up to 1024 inputs' worth, a power of two that divides the row's groups
+    n = H // group
+    groups = min(max(1, 1024 // group), n & -n)
+    _layout_xq_kernel[(T, n // groups)](x, xq, scales, H, bits, group, groups, pdl, num_warps=4,
                                                   launch_pdl=pdl)
     return xq, scales[0], scales[1]

@@ -115,25 +115,36 @@ def _down_sum_kernel(
 # v4 (see the module docstring). Tiles [NGB groups, E experts, R rows, WPG words of a group].
 @triton.jit
 def _load_block(codes_ptr, halves_ptr, slots_ptr, pairs, live, rows, record_words, record_halves, w_off, s_off, b_off,
-                g0, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
+                g0: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
     """Codes [NGB, E, R, WPG] and scales, biases [NGB, E, R] of groups g0 .. g0 + NGB of the rows of
-    the experts `pairs` [E] (the ones not `live` read as zeros)."""
+    the experts `pairs` [E] (the ones not `live`, and groups past the row's end, read as zeros)."""
     PW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GROUP // PW
     slot = tl.load(slots_ptr + pairs, mask=live, other=0).to(tl.int64)
     w, sc, bi = record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS)
     g = g0 + tl.arange(0, NGB)
+    m = _group_mask(live, g, g0, K, GROUP, NGB)
     xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
     row_words = (rows * (K // PW))[None, None, :, None] + xoff[:, None, None, :]
-    words = tl.load(codes_ptr + w[None, :, None, None] + row_words, mask=live[None, :, None, None], other=0)
+    words = tl.load(codes_ptr + w[None, :, None, None] + row_words, mask=m[:, :, None, None], other=0)
     goff = (rows * (K // GROUP))[None, None, :] + g[:, None, None]
-    m = live[None, :, None]
-    return (words, tl.load(halves_ptr + sc[None, :, None] + goff, mask=m, other=0),
-            tl.load(halves_ptr + bi[None, :, None] + goff, mask=m, other=0))
+    return (words, tl.load(halves_ptr + sc[None, :, None] + goff, mask=m[:, :, None], other=0),
+            tl.load(halves_ptr + bi[None, :, None] + goff, mask=m[:, :, None], other=0))
 
 
 @triton.jit
-def _accumulate(acc, block, xq_ptrs, sx_ptrs, sum_ptrs, live, g0, K: tl.constexpr, BITS: tl.constexpr,
+def _group_mask(live, g, g0: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, NGB: tl.constexpr):
+    """[NGB, E] (or [1, E], the same for every group): the live experts' groups g that lie inside the
+    row. Only a row's last block, where K is not a multiple of the block, reaches past its end (a
+    compile-time fact): the full blocks keep the experts' mask alone, as before rows had tails."""
+    if (g0 + NGB) * GROUP > K:
+        return live[None, :] & (g < K // GROUP)[:, None]
+    else:
+        return live[None, :]
+
+
+@triton.jit
+def _accumulate(acc, block, xq_ptrs, sx_ptrs, sum_ptrs, live, g0: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr,
                 GROUP: tl.constexpr, NGB: tl.constexpr, ASM: tl.constexpr):
     """acc [NGB, E, R] += s * s_x * sum(q * v) + b * sum(x) per group, the integer sum by dp2a on
     the codes' byte planes and the inputs' 16-bit pairs (kernels/codes.py layout_xq).
@@ -143,7 +154,8 @@ def _accumulate(acc, block, xq_ptrs, sx_ptrs, sum_ptrs, live, g0, K: tl.constexp
     words, s, b = block
     g = g0 + tl.arange(0, NGB)
     xoff = (g * WPG)[:, None] + tl.arange(0, WPG)[None, :]
-    m = live[None, :, None]
+    gm = _group_mask(live, g, g0, K, GROUP, NGB)
+    m = gm[:, :, None]
     dots = tl.zeros(words.shape, dtype=tl.int32)
     for j in tl.static_range(2 * (8 // BITS)):
         v = tl.load(xq_ptrs[None, :, None] + j * (K // PW) + xoff[:, None, :], mask=m, other=0)
@@ -151,8 +163,8 @@ def _accumulate(acc, block, xq_ptrs, sx_ptrs, sum_ptrs, live, g0, K: tl.constexp
     # the sums over a group's words run across the lanes holding it (a shuffle per row), so that
     # one accumulator per row is held instead of one per word
     gl = g[:, None]
-    sx = tl.load(sx_ptrs[None, :] + gl, mask=live[None, :], other=0.0)
-    xsum = tl.load(sum_ptrs[None, :] + gl, mask=live[None, :], other=0.0)
+    sx = tl.load(sx_ptrs[None, :] + gl, mask=gm, other=0.0)
+    xsum = tl.load(sum_ptrs[None, :] + gl, mask=gm, other=0.0)
     total = tl.sum(dots, axis=3).to(tl.float32)
     return acc + s.to(tl.float32) * (sx[:, :, None] * total) + b.to(tl.float32) * xsum[:, :, None]
 
@@ -166,7 +178,7 @@ def _gate_up_v4_kernel(
 ):
     pair = tl.program_id(0)
     NGB: tl.constexpr = BLOCK_K // GROUP
-    STEPS: tl.constexpr = H // BLOCK_K
+    STEPS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K  # the last one masked where BLOCK_K does not divide H
     rr = tl.arange(0, 2 * BLOCK_N)
     r0 = tl.program_id(1) * BLOCK_N
     rows = r0 + rr // 2 + (rr % 2) * I  # gate and up rows interleaved: one tile, one pass over x
@@ -200,7 +212,7 @@ def _down_v4_kernel(
     """EXPERTS experts at a time (one per warp when the row fits one warp), each in routing order."""
     token = tl.program_id(0)
     NGB: tl.constexpr = BLOCK_K // GROUP
-    STEPS: tl.constexpr = I // BLOCK_K
+    STEPS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     BLOCKS: tl.constexpr = (K_ROUTED + EXPERTS - 1) // EXPERTS * STEPS
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rec = (record_words, record_halves, w_off, s_off, b_off)
@@ -249,11 +261,12 @@ class MoeGemv:
         default_n = (16 if INTERPRETED else 4) if self.quantized else 8
         self.block_n = min(block_n or default_n, H, I)
         self.down_block_n = min(down_block_n or self.block_n, H) if self.quantized else self.block_n
-        self.block_k = min(block_k, H, I)
-        if H % self.block_n or I % self.block_n or H % self.down_block_n or H % self.block_k or I % self.block_k:
-            raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the kernel blocks")
-        if layout.bits != 16 and self.block_k % layout.group_size:
-            raise ValueError("BLOCK_K must be a multiple of the group size")
+        # 16-bit records: the largest power of two up to block_k that divides both widths (their
+        # loops have no tail); quantized ones mask the tail of a row instead (_group_mask)
+        self.block_k = min(block_k, H & -H, I & -I)
+        if H % self.block_n or I % self.block_n or H % self.down_block_n:
+            raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the {self.block_n} rows of a "
+                             f"program (block_n)")
         unit = 2 if layout.bits == 16 else 4  # weight offsets in elements of the view they are read through
 
         def offsets(proj):
@@ -267,8 +280,6 @@ class MoeGemv:
         self.num_warps = num_warps
         self.pdl = pdl
         self.down_experts = down_experts
-        if self.quantized and any(K % block for K, (block, *_) in zip((H, I), self.tile_blocks(1))):
-            raise ValueError(f"hidden {H} and intermediate {I} must be multiples of the warps' K blocks")
 
     def tile_blocks(self, k: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
         """(BLOCK_K, warps) of the quantized gate_up kernel and (BLOCK_K, warps, experts at a time) of its
@@ -277,18 +288,20 @@ class MoeGemv:
         the laid-out input and the scales load straight into the lanes that use them (no
         shared-memory layout conversion) and each input value serves every row. down's rows are
         short (1024 inputs: 128 words at 4 bits, 64 at 2): the warps, or the lanes past a row's
-        end, take other experts."""
+        end, take other experts. A block holds a power of two of groups: a row that is not a
+        multiple of it (Qwen3-235B's 1536, GLM-4.5-Air's 1408) ends in a masked block."""
         L = self.layout
         per_warp = 128 * (32 // L.bits)  # inputs one warp covers
         H, I = L.hidden_size, L.intermediate_size
         gu_warps = max(1, min(self.num_warps, H // per_warp))
         d_warps = max(1, min(self.num_warps, I // per_warp))  # along one row
-        in_warp = max(1, per_warp // I)  # experts side by side in one warp
+        in_warp = max(1, per_warp // triton.next_power_of_2(I))  # experts side by side in one warp
         experts = min(triton.next_power_of_2(k), self.num_warps // d_warps * in_warp)
         d_warps = max(1, d_warps * experts // in_warp)
         if self.down_experts:  # more experts per block than warps: each warp holds several
             experts = min(triton.next_power_of_2(k), self.down_experts)
-        return (min(H, per_warp * gu_warps), gu_warps), (min(I, per_warp * d_warps), d_warps, experts)
+        return ((min(triton.next_power_of_2(H), per_warp * gu_warps), gu_warps),
+                (min(triton.next_power_of_2(I), per_warp * d_warps), d_warps, experts))
 
     def __call__(
         self,

@@ -86,6 +86,9 @@ class MoeGrouped:
         self.layout = layout
         H, I = layout.hidden_size, layout.intermediate_size
         self.block_m, self.block_n, self.block_k = block_m, min(block_n, H, I), min(block_k, H, I)
+        if H % self.block_n or I % self.block_n or H % self.block_k or I % self.block_k:
+            raise ValueError(f"the grouped expert kernel needs hidden {H} and intermediate {I} to be multiples of "
+                             f"{max(self.block_n, self.block_k)}")
         self.num_warps, self.num_stages = num_warps, num_stages
         seg = {s.name: s for s in layout.segments}
         unit = 2 if layout.bits == 16 else 4

@@ -1,5 +1,6 @@
-"""8-bit resident dense weights (`--dense-bits 8`): `Int8Linear` replaces a bias-free nn.Linear by
-int8 codes with one fp32 scale per output channel (flashmoe.quant.quantize_int8_rows).
+"""8-bit resident dense weights (`--dense-bits 8`): `Int8Linear` replaces an nn.Linear by int8 codes
+with one fp32 scale per output channel (flashmoe.quant.quantize_int8_rows); its bias, if any (GLM's
+q/k/v), stays 16-bit.
 
 Only the large projections are quantized. Kept 16-bit: the router (`mlp.gate`: a flipped routing
 decision costs far more than its bytes save), `shared_expert_gate` (one row), the DeltaNet gates
@@ -31,24 +32,29 @@ def is_int8_linear(module_name: str) -> bool:
 
 
 class Int8Linear(nn.Module):
-    """y = (x @ weight^T) * scale: weight int8 [out, in], scale fp32 [out]. On a GPU, one row
+    """y = (x @ weight^T) * scale (+ bias): weight int8 [out, in], scale fp32 [out]. On a GPU, one row
     (decode) goes through the Triton GEMV, which reads each weight byte once and needs no
     host sync (safe inside CUDA graphs). More rows (prefill), inputs whose width
     is not a multiple of 4 (tiny models), and the CPU, take `dequantized_matmul`."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.takes_gemv(rows):
             from ..kernels.int8_gemv import int8_gemv
 
-            return int8_gemv(rows, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
-        return self.dequantized_matmul(rows).view(*x.shape[:-1], self.out_features)
+            y = int8_gemv(rows, self.weight, self.scale)
+        else:
+            y = self.dequantized_matmul(rows)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
     def takes_gemv(self, rows: torch.Tensor) -> bool:
         """Whether rows [M, in_features] go through the Triton GEMV (a GPU, one row)."""
@@ -76,7 +82,5 @@ def use_int8_linears(model: nn.Module) -> list[str]:
     for name in swapped:
         parent, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
-        if linear.bias is not None:
-            raise ValueError(f"{name} has a bias; Int8Linear has none")
-        setattr(model.get_submodule(parent), child, Int8Linear(linear.in_features, linear.out_features))
+        setattr(model.get_submodule(parent), child, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None))
     return swapped

@@ -133,6 +133,7 @@ class DecodeGraph:
             segments = [("step (graph)", segments[0][1])]
         return segments, logits
 
+    @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Feed one token; return logits [1, vocab] (a static buffer, overwritten by the next step)."""
         if self.state.position >= self.capacity:

@@ -20,8 +20,8 @@ def unpack(xq: torch.Tensor, sx: torch.Tensor, bits: int, group: int) -> torch.T
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [32, 64])
-def test_layout_xq_rounds_each_group_to_16_bits(device, bits, group):
-    H = 2048  # two programs of 1024 inputs
+@pytest.mark.parametrize("H", [2048, 1536])  # two programs of 1024 inputs; three of 512
+def test_layout_xq_rounds_each_group_to_16_bits(device, bits, group, H):
     g = torch.Generator().manual_seed(bits * group)
     x = torch.randn(3, H, generator=g) * torch.logspace(-6, 6, 3)[:, None]  # scales far apart per token
     x[1, group:2 * group] = 0  # an all-zero group: scale 0, no division by it

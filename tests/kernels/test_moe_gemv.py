@@ -66,6 +66,20 @@ def test_the_gpu_default_tile_of_four_rows(device, bits):
     assert rel_err(y, ref) < tolerance(bits)
 
 
+@pytest.mark.parametrize("bits,H,I,group", [(4, 1536, 128, 64), (8, 256, 768, 64), (2, 192, 96, 32), (16, 192, 96, 32)])
+def test_rows_that_are_not_a_multiple_of_the_block(device, bits, H, I, group):
+    """Rows of 1.5 blocks (the default tiles: 1024 inputs per warp at 4 bits, 512 at 8; gate_up's H of
+    1536, down's I of 768), as Qwen3-235B's and MiniMax-M2's 1536 or GLM-4.5-Air's 1408, and of less
+    than one (192, 96): the last block is partly masked. 16-bit records take a block that divides the row."""
+    layout = RecordLayout.build(H, I, bits, group)
+    pool = random_pool(layout, 4, bits + H)
+    x, slots, weights = routed(2, 3, 4, H, bits + I)
+    ref = moe_gemv_reference(layout, x, pool, slots, weights)
+    gemv = MoeGemv(layout, block_n=32 if bits == 16 else None)
+    y = gemv(x.to(device), pool.to(device), slots.to(device), weights.to(device))
+    assert rel_err(y, ref) < tolerance(bits)
+
+
 def test_slots_are_offsets_from_the_pool_pointer_and_may_be_negative(device):
     """The runtime points slots outside the pool tensor (pinned host memory mapped into the GPU's
     address space): a slot v means pool.data_ptr() + v * record_size, whatever pool.shape says."""

@@ -78,3 +78,25 @@ def test_8_bit_dense_part_of_the_397b_is_56_percent():
     full = preset_args("qwen3.5-397b-a17b")
     assert dense_bytes(full) == pytest.approx(18.25 * 2**30, rel=1e-3)
     assert dense_bytes(full, 8) == pytest.approx(10.22 * 2**30, rel=1e-3)  # the embedding table stays bf16: 1.9 GiB
+
+
+def test_projections_with_biases_keep_them_in_8_bit(tmp_path):
+    """GLM's q/k/v have biases: they become Int8Linear layers that add their 16-bit bias (fused into
+    one q/k/v matmul), and the logits track the 16-bit model's as the bias-free ones do."""
+    from flashmoe.convert import convert
+
+    from tests.conftest import build_hf_model
+
+    build_hf_model("glm4_moe", tmp_path / "hf", seed=4)
+    convert(tmp_path / "hf", tmp_path / "q16", bits=16)
+    e16 = Engine(tmp_path / "q16", EngineConfig(dtype="float32"))
+    e8 = Engine(tmp_path / "q16", EngineConfig(dtype="float32", dense_bits=8))
+    attention = e8.model.layers[1].self_attn
+    assert isinstance(attention.q_proj, Int8Linear) and attention.q_proj.bias is not None
+    assert torch.equal(attention.q_proj.bias, e16.model.layers[1].self_attn.q_proj.bias)
+    ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        a = e16.forward(ids, e16.new_state(), last_only=False)
+        b = e8.forward(ids, e8.new_state(), last_only=False)
+    # without its bias the 8-bit q/k/v would be off by the bias (|bias| ~ 0.2 against unit-scale outputs)
+    assert 0 < float((a - b).norm() / a.norm()) < 0.03
