@@ -146,20 +146,3 @@ def random_records(layout: RecordLayout, n: int, gen: torch.Generator) -> torch.
                 records[:, seg.offset : seg.offset + seg.nbytes] = t.to(torch.bfloat16).view(n, -1).view(torch.uint8)
     return records
 
-
-def _tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
-def _check_disk(out: Path, need: int) -> None:
-    """Refuse to start a synthesis that cannot fit: what `out` holds is rewritten, so it counts as
-    free; the other models synthesized beside it are named, with their sizes, as what to delete."""
-    parent = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(parent).free + _tree_bytes(out)
-    if need <= free:
-        return
-    others = [p for p in sorted(out.parent.glob("*")) if p != out and (p / "bench.json").exists()] if out.parent.exists() else []
-    listed = ", ".join(f"{p} ({_tree_bytes(p) / 2**30:.1f} GiB)" for p in others)
-    raise RuntimeError(f"synthesizing {out.name} needs {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are free there"
-                       + (f"; delete models synthesized earlier ({listed})" if others else "")
-                       + ", or pass --workdir on a larger disk")
