@@ -121,7 +121,7 @@ def print_summary(engine, stats) -> None:
     c = stats.cache
     err.print(
         f"[dim]expert cache[/] {c.hit_rate:.1%} hits in decode, {format_bytes(c.bytes_read / n)} read per token, "
-        f"budget {format_bytes(engine.store.capacity * engine.store.record_size)}"
+        f"budget {format_bytes(engine.host_cache_bytes)}"
         f"   [dim]prefill read[/] {format_bytes(stats.prefill_cache.bytes_read)}"
         f"   [dim]peak RSS[/] {format_bytes(stats.peak_rss)}",
         soft_wrap=True,
@@ -176,7 +176,7 @@ def demo(
         err.print(
             f"[dim]demo model: {DEMO_MODEL} (Qwen3.5-MoE architecture, 30M parameters trained on the Python standard "
             f"library; {format_bytes(engine.manifest.total_expert_bytes)} of 4-bit experts streamed through a "
-            f"{format_bytes(engine.store.capacity * engine.store.record_size)} cache)[/]"
+            f"{format_bytes(engine.host_cache_bytes)} cache)[/]"
         )
         text = prompt if prompt is not None else ("What does json.dumps do?" if chat else DEMO_PROMPT)
         if chat:

@@ -373,6 +373,11 @@ class Engine:
         finally:
             self.model.model.layers, self.guesses = layers, guesses
 
+    @property
+    def host_cache_bytes(self) -> int:
+        """RAM the expert cache holds records in (--host-mem, rounded down to whole records)."""
+        return self.store.capacity * self.store.record_size
+
     def counters(self) -> tuple[StoreStats, GpuTierStats | None]:
         """Copies of the expert store's and the GPU tier's counters: the difference of two readings
         is what happened between them (after `settle`)."""

@@ -43,7 +43,8 @@ class StreamedExperts:
                     with self.timer.section("expert_compute"):
                         tokens, slot = (ids == expert).nonzero(as_tuple=True)
                         gate_up, down = self.store.layout.weights(record, x.dtype)
-                        results[expert] = tokens, swiglu_expert(x[tokens], gate_up, down) * weights[tokens, slot, None]
+                        # weights may be fp32 (a router in fp32, GLM's): the product is cast back, as transformers does
+                        results[expert] = tokens, (swiglu_expert(x[tokens], gate_up, down) * weights[tokens, slot, None]).to(x.dtype)
         # Sum in ascending expert order, whatever order the reads completed in: the result is then
         # deterministic (and in the reference's order), which matters at 16-bit precision.
         with self.timer.section("expert_compute"):

@@ -191,7 +191,7 @@ class ModelService:
         yield usage
 
     def health(self) -> dict[str, Any]:
-        store, gpu = self.engine.store.stats, self.engine.gpu_tier
+        store, gpu = self.engine.counters()
         return {
             "status": "ok",
             "model": self.name,
@@ -200,8 +200,8 @@ class ModelService:
             "expert_cache": {"hits": store.hits, "misses": store.misses, "hit_rate": round(store.hit_rate, 4),
                              "bytes_read": store.bytes_read, "evictions": store.evictions},
             "gpu_expert_cache": None if gpu is None else {
-                "hits": gpu.stats.hits, "misses": gpu.stats.misses, "hit_rate": round(gpu.stats.hit_rate, 4),
-                "bytes_copied": gpu.stats.bytes_copied},
+                "hits": gpu.hits, "misses": gpu.misses, "hit_rate": round(gpu.hit_rate, 4),
+                "bytes_copied": gpu.bytes_copied},
             "prefix_cache": vars_of(self.cache.stats()) if self.cache is not None else None,
         }
 
