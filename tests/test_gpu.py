@@ -85,15 +85,20 @@ def test_every_family_decodes_on_the_gpu_as_on_the_cpu(family_packed, graphs):
 
 
 def test_one_397b_shape_layer_matches_the_cpu_path(tmp_path):
+    """Real shapes (a Gated DeltaNet layer with its 512 4-bit experts, 4096 wide) through the GPU tiers
+    and kernels, in fp32 on both sides: the GPU differs by its kernel's 16-bit fixed-point inputs. In
+    bf16 the comparison measures bf16: the CPU path alone, bf16 against fp32, is 2.9e-2 on this model,
+    0.107 at the one position where a near tie flips an expert."""
     from flashmoe.bench.presets import preset_config
     from flashmoe.bench.synthesis import synthesize
 
-    cfg = preset_config("qwen3.5-397b-a17b", layers=1)  # a Gated DeltaNet layer with its 512 experts
+    cfg = preset_config("qwen3.5-397b-a17b", layers=1)
     out = synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
     ids = torch.randint(0, 150000, (12,), generator=torch.Generator().manual_seed(2))
     cpu = logits(Engine(out, EngineConfig(dtype="float32", host_mem=8 << 30)), ids, steps=3)
-    gpu = logits(Engine(out, EngineConfig(device="cuda", host_mem=1 << 30, gpu_mem=2 << 30)), ids, steps=3)
-    assert float((gpu - cpu).norm() / cpu.norm()) < 3e-2
+    gpu = logits(Engine(out, EngineConfig(device="cuda", dtype="float32", host_mem=1 << 30, gpu_mem=2 << 30)), ids, steps=3)
+    assert float((gpu - cpu).norm() / cpu.norm()) < 5e-3
+    assert torch.equal(gpu.argmax(-1), cpu.argmax(-1))
 
 
 def test_replayed_routing_reaches_the_gpu_tier_through_the_graphed_decode(packed16):
