@@ -90,7 +90,10 @@ def test_model_against_itself(packed16):
     a, b = Engine(packed16, EngineConfig(dtype="float32")), Engine(packed16, EngineConfig(dtype="float32"))
     cmp = ev.compare(a, b, random_ids(160), window=64)
     assert cmp.kl <= 1e-6 and cmp.top1 == 1.0
-    assert cmp.model == cmp.reference and cmp.model.tokens == 157
+    # Not bit-equal: two engines' fp32 GEMMs may run on different thread counts when the machine is
+    # busy (MKL adapts them), which moves the last bits (CI measured 6.2472396140 against 6.2472396079).
+    assert cmp.model.nll == pytest.approx(cmp.reference.nll, rel=1e-6)
+    assert (cmp.model.tokens, cmp.model.windows) == (cmp.reference.tokens, cmp.reference.windows) == (157, 3)
 
 
 def independent_kl_top1(model: Engine, reference: Engine, ids: list[int], window: int) -> tuple[float, float]:
