@@ -29,6 +29,7 @@ from . import quant
 from .formats.packed import DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, PackedFormatError, RecordLayout, check_quantization
 from .formats.safetensors import Checkpoint, SafetensorsWriter
 from .models import ModelArgs, names, read_args, sanitize
+from .models.names import CheckpointNames
 from .models.transformer import Model
 from .moe.block import FP32_TENSORS
 from .tokenizer import Tokenizer
@@ -87,7 +88,7 @@ def convert(
     _check_destination(dst, force)
     cfg = read_args(src)
     report = ConversionReport(dst, warnings=_check_tokenizer(src, dst, cfg))
-    layout = RecordLayout.build(cfg.hidden_size, cfg.moe.intermediate, bits, group_size)
+    layout = RecordLayout.build(cfg.hidden_size, cfg.moe.intermediate, bits, group_size, with_bias=cfg.moe.expert_bias)
     started = time.perf_counter()
     with Checkpoint(src) as ckpt:
         plan = _plan(cfg, ckpt)
@@ -261,6 +262,11 @@ def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict) -> None:
         raise ConversionError(f"expert tensors found for layers {sorted(experts)}; config.json expects {cfg.moe_layers}")
     split_shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
     fused_shapes = {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)}
+    if names(cfg).fused_in_out:
+        fused_shapes = {"gate_up_proj": (E, H, 2 * I), "down_proj": (E, I, H)}
+    if cfg.moe.expert_bias:  # only fused layouts carry biases (gpt-oss's)
+        fused_shapes |= {"gate_up_proj.bias": (E, 2 * I), "down_proj.bias": (E, H)}
+        split_shapes = {}
     for layer, found in experts.items():
         fused, split = found["fused"], found["split"]
         if fused and sorted(fused) == sorted(fused_shapes):
@@ -269,14 +275,22 @@ def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict) -> None:
                     raise ConversionError(f"{name} has shape {list(ckpt.info(name).shape)}, expected {list(fused_shapes[proj])}")
             continue
         missing = [(e, p) for e in range(E) for p in split_shapes if (e, p) not in split]
-        if missing or fused:
+        if missing or fused or not split_shapes:
+            expected = ", ".join(f"mlp.experts.{p.replace('.', '_')}" for p in fused_shapes)
+            per_expert = f", or per-expert gate/up/down_proj for all {E} experts" if split_shapes else ""
             raise ConversionError(
-                f"layer {layer}: incomplete experts (expected mlp.experts.gate_up_proj/down_proj, or per-expert "
-                f"gate/up/down_proj for all {E} experts; first missing: expert {missing[0][0] if missing else '?'})"
+                f"layer {layer}: incomplete experts (expected {expected}{per_expert}; "
+                f"first missing: {_first_missing(fused_shapes, fused, missing)})"
             )
         for (e, proj), name in split.items():
             if ckpt.info(name).shape != split_shapes[proj]:
                 raise ConversionError(f"{name} has shape {list(ckpt.info(name).shape)}, expected {list(split_shapes[proj])}")
+
+
+def _first_missing(fused_shapes: dict, fused: dict, missing: list) -> str:
+    if fused:
+        return next(p.replace(".", "_") for p in fused_shapes if p not in fused)
+    return f"expert {missing[0][0]}" if missing else "every expert tensor"
 
 
 def _dense_dtype(ckpt: Checkpoint, dense: list[str]) -> torch.dtype:
@@ -308,21 +322,30 @@ def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advan
     return str(dtype).removeprefix("torch.")
 
 
-def _read_expert(ckpt: Checkpoint, found: dict, expert: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(gate_up [2I, H], down [H, I], source bytes) of one expert from either checkpoint layout."""
+def _read_expert(ckpt: Checkpoint, found: dict, expert: int, naming: CheckpointNames) -> tuple[dict[str, torch.Tensor], int]:
+    """({gate_up_proj: [2I, H], down_proj: [H, I], and biases where the experts have them}, source
+    bytes) of one expert from either checkpoint layout, in the record's order (gate rows, then up)."""
     if found["fused"]:
-        gate_up = ckpt.read_row(found["fused"]["gate_up_proj"], expert)
-        down = ckpt.read_row(found["fused"]["down_proj"], expert)
+        tensors = {proj: ckpt.read_row(name, expert) for proj, name in found["fused"].items()}
+        if naming.fused_in_out:
+            tensors["gate_up_proj"], tensors["down_proj"] = tensors["gate_up_proj"].t().contiguous(), tensors["down_proj"].t().contiguous()
+        if naming.gate_up_interleaved:  # gate, up, gate, up, ... -> gate rows, then up rows
+            for proj in ("gate_up_proj", "gate_up_proj.bias"):
+                if proj in tensors:
+                    tensors[proj] = torch.cat([tensors[proj][0::2], tensors[proj][1::2]])
     else:
         split = found["split"]
-        gate_up = torch.cat([ckpt.read(split[(expert, "gate_proj")]), ckpt.read(split[(expert, "up_proj")])])
-        down = ckpt.read(split[(expert, "down_proj")])
-    return gate_up, down, (gate_up.numel() + down.numel()) * gate_up.element_size()
+        tensors = {"gate_up_proj": torch.cat([ckpt.read(split[(expert, "gate_proj")]), ckpt.read(split[(expert, "up_proj")])]),
+                   "down_proj": ckpt.read(split[(expert, "down_proj")])}
+    return tensors, sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _encode_expert(layout: RecordLayout, weights: dict[str, torch.Tensor], report: ConversionReport) -> torch.Tensor:
     tensors = {}
     for proj, w in weights.items():
+        if proj.endswith(".bias"):  # stored 16-bit, as the weights of a 16-bit record
+            tensors[proj] = w.to(torch.bfloat16)
+            continue
         if layout.bits == 16:
             stored = w.to(torch.bfloat16)
             tensors[f"{proj}.weight"] = stored
@@ -346,8 +369,8 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
         crcs = []
         with open(out_dir / rel, "wb") as f:
             for expert in range(cfg.moe.num_experts):
-                gate_up, down, nbytes = _read_expert(ckpt, plan.experts[layer], expert)
-                record = _encode_expert(layout, {"gate_up_proj": gate_up, "down_proj": down}, report)
+                tensors, nbytes = _read_expert(ckpt, plan.experts[layer], expert, names(cfg))
+                record = _encode_expert(layout, tensors, report)
                 data = record.numpy()
                 crcs.append(zlib.crc32(data))
                 f.write(data.data)

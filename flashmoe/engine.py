@@ -19,6 +19,7 @@ from .formats.packed import Manifest
 from .formats.safetensors import SafetensorsFile
 from .generation import ContextLengthError, Generation, LogitsProcessor
 from .layers.int8_linear import use_int8_linears
+from .layers.mlp import SILU
 from .layers.state import SequenceState
 from .models import read_args
 from .models.context import StepContext
@@ -50,14 +51,17 @@ class Engine:
         self.dir, self.config = Path(model_dir), config
         self.manifest = Manifest.load(self.dir)
         self.args = read_args(self.dir)
-        self.manifest.check(self.args.hidden_size, self.args.moe.intermediate, self.args.moe.num_experts, self.args.moe_layers)
+        moe = self.args.moe
+        self.manifest.check(self.args.hidden_size, moe.intermediate, moe.num_experts, self.args.moe_layers, moe.expert_bias)
+        if config.gpu_path and (moe.expert_bias or moe.act != SILU):
+            raise ValueError(f"{self.args.model_type} experts (biases, clamped SwiGLU) run on the CPU path only for now "
+                             "(the GPU kernels compute plain SwiGLU experts): use --device cpu")
         self.tokenizer = Tokenizer.from_dir(self.dir)
         self.args.check_tokenizer(self.tokenizer.vocab_size, self.dir / "tokenizer.json")
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
         self.dtype = config.torch_dtype(cpu_has_native_bf16())
-        moe = self.args.moe
         self.top_k = moe.top_k if config.k is None else config.k
         if not 1 <= self.top_k <= moe.num_experts:
             raise ValueError(f"--k must be between 1 and {moe.num_experts} (the model has {moe.num_experts} experts)")
@@ -77,7 +81,7 @@ class Engine:
         self.threads = None if config.gpu_path else ThreadBudget(self._set_threads, config.threads)
         self.experts: list[RoutedExperts | None] = [None] * self.args.num_hidden_layers
         for i in self.moe_layers:
-            self.experts[i] = StreamedExperts(self.store, i, self.timer, self.cpu_kernel)
+            self.experts[i] = StreamedExperts(self.store, i, self.timer, self.cpu_kernel, moe.act)
         self.set_top_k(self.top_k)
         if config.gpu_path:
             self.use_gpu_experts(config.gpu_mem, config.cache_policy)
@@ -128,6 +132,8 @@ class Engine:
         if not CpuExperts.supports(self.manifest.layout):
             if required:
                 raise ValueError(f"--cpu-experts computes quantized experts only, not {self.manifest.layout.bits}-bit records")
+            return None
+        if self.args.moe.act != SILU:  # gpt-oss's clamped SwiGLU: PyTorch computes its experts
             return None
         kernel = CpuExperts(self.manifest.layout, threads)
         kernel.warmup()

@@ -60,10 +60,19 @@ FAMILY_CONFIGS = {
         attention_bias=True, max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
     ),
+    # A window shorter than the parity prompt, a clamp the random activations cross, YaRN rotary
+    "gpt_oss": dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, sliding_window=8, swiglu_limit=0.2,
+        max_position_embeddings=512, rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0,
+                                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64},
+    ),
 }
+GPU_FAMILIES = sorted(set(FAMILY_CONFIGS) - {"gpt_oss"})  # gpt-oss's experts run on the CPU path only, for now
 FAMILY_CLASSES = {"qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig"),
                   "minimax_m2": ("MiniMaxM2ForCausalLM", "MiniMaxM2Config"),
-                  "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig")}
+                  "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig"),
+                  "gpt_oss": ("GptOssForCausalLM", "GptOssConfig")}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

@@ -87,13 +87,12 @@ def test_windows_and_token_cap():
 
 
 def test_model_against_itself(packed16):
-    a, b = Engine(packed16, EngineConfig(dtype="float32")), Engine(packed16, EngineConfig(dtype="float32"))
-    cmp = ev.compare(a, b, random_ids(160), window=64)
+    # A fixed thread count: by default each engine takes the cores other processes leave free, and
+    # sums split over another count round differently (CI measured nll 6.2472396140 against 6.2472396079).
+    config = EngineConfig(dtype="float32", threads=1)
+    cmp = ev.compare(Engine(packed16, config), Engine(packed16, config), random_ids(160), window=64)
     assert cmp.kl <= 1e-6 and cmp.top1 == 1.0
-    # Not bit-equal: two engines' fp32 GEMMs may run on different thread counts when the machine is
-    # busy (MKL adapts them), which moves the last bits (CI measured 6.2472396140 against 6.2472396079).
-    assert cmp.model.nll == pytest.approx(cmp.reference.nll, rel=1e-6)
-    assert (cmp.model.tokens, cmp.model.windows) == (cmp.reference.tokens, cmp.reference.windows) == (157, 3)
+    assert cmp.model == cmp.reference and (cmp.model.tokens, cmp.model.windows) == (157, 3)
 
 
 def independent_kl_top1(model: Engine, reference: Engine, ids: list[int], window: int) -> tuple[float, float]:

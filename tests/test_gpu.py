@@ -6,7 +6,7 @@ import torch
 from flashmoe.engine import Engine, EngineConfig
 from flashmoe.runtime.sampling import SamplingParams
 
-from .conftest import FAMILY_CONFIGS, build_hf_model
+from .conftest import GPU_FAMILIES, build_hf_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -53,7 +53,7 @@ def test_graphed_decode_equals_eager_decode_and_hands_the_state_back(packed16, g
     assert got == ref
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+@pytest.fixture(scope="module", params=GPU_FAMILIES)
 def family_packed(request, tmp_path_factory):
     """(model_type, 16-bit and 4-bit conversions) of a tiny random model of each other family."""
     from flashmoe.convert import convert

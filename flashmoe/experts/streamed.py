@@ -8,7 +8,7 @@ from contextlib import closing
 
 import torch
 
-from ..layers.mlp import swiglu_expert
+from ..layers.mlp import SILU, Swiglu, swiglu_expert
 from .store import ExpertStore
 
 
@@ -18,8 +18,8 @@ class StreamedExperts:
     straight from the records in the host cache) when one is given; otherwise, and for prefill,
     each record is dequantized and multiplied by PyTorch, overlapping the reads of later ones."""
 
-    def __init__(self, store: ExpertStore, layer: int, timer, kernel=None):
-        self.store, self.layer, self.timer, self.kernel = store, layer, timer, kernel
+    def __init__(self, store: ExpertStore, layer: int, timer, kernel=None, act: Swiglu = SILU):
+        self.store, self.layer, self.timer, self.kernel, self.act = store, layer, timer, kernel, act
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,9 +42,11 @@ class StreamedExperts:
                     expert, record = item
                     with self.timer.section("expert_compute"):
                         tokens, slot = (ids == expert).nonzero(as_tuple=True)
-                        gate_up, down = self.store.layout.weights(record, x.dtype)
+                        layout = self.store.layout
+                        gate_up, down = layout.weights(record, x.dtype)
+                        y = swiglu_expert(x[tokens], gate_up, down, self.act, layout.biases(record, x.dtype))
                         # weights may be fp32 (a router in fp32, GLM's): the product is cast back, as transformers does
-                        results[expert] = tokens, (swiglu_expert(x[tokens], gate_up, down) * weights[tokens, slot, None]).to(x.dtype)
+                        results[expert] = tokens, (y * weights[tokens, slot, None]).to(x.dtype)
         # Sum in ascending expert order, whatever order the reads completed in: the result is then
         # deterministic (and in the reference's order), which matters at 16-bit precision.
         with self.timer.section("expert_compute"):

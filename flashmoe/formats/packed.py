@@ -68,7 +68,8 @@ class RecordLayout:
 
     Experts are SwiGLU MLPs stored as gate_up_proj [2I, H] (gate rows first, then up rows, as in
     the fused HF layout) and down_proj [H, I]. Quantized: `.weight` packed int32 codes plus
-    `.scales` / `.biases` per group; 16-bit: `.weight` alone.
+    `.scales` / `.biases` per group; 16-bit: `.weight` alone. Experts with biases (gpt-oss,
+    `with_bias`) add `.bias` [2I] and [H] after each projection's tensors, 16-bit.
     """
 
     bits: int
@@ -77,9 +78,11 @@ class RecordLayout:
     intermediate_size: int
     segments: tuple[Segment, ...]
     record_size: int
+    with_bias: bool = False
 
     @classmethod
-    def build(cls, hidden: int, intermediate: int, bits: int, group_size: int, dtype16: str = "bfloat16"):
+    def build(cls, hidden: int, intermediate: int, bits: int, group_size: int, dtype16: str = "bfloat16",
+              with_bias: bool = False):
         _check_bits(bits)
         if bits != 16 and group_size < 1:  # what no layout holds (modulo by 0 below)
             raise ValueError(f"--group-size {group_size} cannot quantize: a group holds at least one weight")
@@ -95,11 +98,13 @@ class RecordLayout:
                     (f"{proj}.scales", "bfloat16", (n, k // group_size)),
                     (f"{proj}.biases", "bfloat16", (n, k // group_size)),
                 ]
+            if with_bias:
+                parts.append((f"{proj}.bias", dtype16, (n,)))
             for name, dtype, shape in parts:
                 seg = Segment(name, dtype, shape, offset)
                 segments.append(seg)
                 offset = _align(offset + seg.nbytes, SEGMENT_ALIGN)
-        return cls(bits, group_size, hidden, intermediate, tuple(segments), _align(offset, RECORD_ALIGN))
+        return cls(bits, group_size, hidden, intermediate, tuple(segments), _align(offset, RECORD_ALIGN), with_bias)
 
     @property
     def payload_bytes(self) -> int:
@@ -124,6 +129,13 @@ class RecordLayout:
             for p in ("gate_up_proj", "down_proj")
         )
 
+    def biases(self, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up bias [2I], down bias [H]) in `dtype`, or None for experts without biases."""
+        if not self.with_bias:
+            return None
+        v = self.views(record)
+        return v["gate_up_proj.bias"].to(dtype), v["down_proj.bias"].to(dtype)
+
     def pack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         record = torch.zeros(self.record_size, dtype=torch.uint8)
         for s in self.segments:
@@ -136,6 +148,8 @@ class RecordLayout:
     def to_json(self) -> dict:
         d = asdict(self)
         d["segments"] = [{**asdict(s), "shape": list(s.shape)} for s in self.segments]  # as JSON reads it back
+        if not self.with_bias:
+            del d["with_bias"]  # manifests written before experts had biases read back unchanged
         return d
 
     @classmethod
@@ -149,7 +163,10 @@ class RecordLayout:
             raise ValueError(
                 f"experts.layout sizes, bits and group size are {short_repr(sizes)}: not integers, or a size below 1"
             )
-        layout = cls.build(*sizes)
+        with_bias = d.get("with_bias", False)
+        if not isinstance(with_bias, bool):
+            raise ValueError(f"experts.layout.with_bias is {short_repr(with_bias)}, not true or false")
+        layout = cls.build(*sizes, with_bias=with_bias)
         if layout.to_json() != d:
             raise ValueError(
                 "experts.layout's segments or record_size are not what its bits, group_size and sizes give"
@@ -179,13 +196,15 @@ class Manifest:
                 return f
         raise KeyError(f"no experts stored for layer {layer}")
 
-    def check(self, hidden: int, intermediate: int, num_experts: int, moe_layers: list[int]) -> None:
+    def check(self, hidden: int, intermediate: int, num_experts: int, moe_layers: list[int], with_bias: bool = False) -> None:
         """Raise PackedFormatError unless the records hold experts of this shape for exactly these
         layers (the model's config.json and its packed experts must describe one model)."""
         lay, layers = self.layout, sorted(f.layer for f in self.expert_files)
         problems = []
         if (lay.hidden_size, lay.intermediate_size) != (hidden, intermediate):
             problems.append(f"its experts are {lay.hidden_size} x {lay.intermediate_size}, config.json says {hidden} x {intermediate}")
+        if lay.with_bias != with_bias:
+            problems.append(f"its experts {'have' if lay.with_bias else 'lack'} biases, the family's {'have' if with_bias else 'do not'}")
         if layers != sorted(moe_layers):
             problems.append(f"it stores experts of layers {layers}, config.json has MoE layers {sorted(moe_layers)}")
         if counts := sorted({f.num_experts for f in self.expert_files} - {num_experts}):

@@ -1,6 +1,8 @@
-"""Full attention over a KV cache: GQA, partial NeoX rotary, and the variants the families differ by:
+"""Attention over a KV cache: GQA, partial NeoX rotary, and the variants the families differ by:
 an output gate (Qwen3.5: q_proj yields [q_h | gate_h] per head, out * sigmoid(gate)), q/k RMSNorm
-per head or across all heads (MiniMax), biases on q/k/v (GLM) and on o."""
+per head or across all heads (MiniMax), biases on q/k/v (GLM) and on o, and gpt-oss's sinks (a
+learned logit per head that joins each softmax and takes its share of the mass, then is dropped)
+and sliding windows (a layer that sees only its last `window` positions)."""
 
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ class AttentionSpec:
     qk_norm: Literal["head", "all"] | None = None  # RMSNorm of q and k: per head, or across all heads
     qkv_bias: bool = False
     o_bias: bool = False
+    sinks: bool = False  # gpt-oss: a learned logit per head in every softmax (`sinks`)
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, spec: AttentionSpec, eps: float, zero_centred_norms: bool):
+    def __init__(self, hidden: int, spec: AttentionSpec, eps: float, zero_centred_norms: bool, window: int | None = None):
         super().__init__()
-        self.spec = spec
+        self.spec, self.window = spec, window
         heads, kv, d = spec.heads, spec.kv_heads, spec.head_dim
         self.q_proj = nn.Linear(hidden, heads * d * (2 if spec.gated else 1), bias=spec.qkv_bias)
         self.k_proj = nn.Linear(hidden, kv * d, bias=spec.qkv_bias)
@@ -45,6 +48,8 @@ class Attention(nn.Module):
             width = {"head": (d, d), "all": (heads * d, kv * d)}[spec.qk_norm]
             self.q_norm = RMSNorm(width[0], eps, zero_centred_norms)
             self.k_norm = RMSNorm(width[1], eps, zero_centred_norms)
+        if spec.sinks:
+            self.sinks = nn.Parameter(torch.zeros(heads), requires_grad=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, ctx) -> torch.Tensor:
         """x [T, hidden]; cos/sin [T, rotary_dim]; cache: a KVCache holding the earlier positions;
@@ -60,14 +65,17 @@ class Attention(nn.Module):
         k = self._rotate(k.view(T, s.kv_heads, s.head_dim), cos, sin, "k")
         v = v.view(T, s.kv_heads, s.head_dim)
         keys, values, mask = cache.update(k, v, ctx.graph_position)  # [L, kv_heads, head_dim], mask [T, L] or None
-        if T == 1 and kernels.use_kernels(x):
+        if self.window is not None:
+            mask = window_mask(T, keys.shape[0], self.window, ctx.graph_position, keys.device)
+        sinks = self.sinks if s.sinks else None
+        if T == 1 and kernels.use_kernels(x) and sinks is None and self.window is None:
             from ..kernels.attention_decode import attention_decode
 
             # No mask needed: inside a graph the kernel reads the last position on the device (and
             # skips the reserved blocks past it); eagerly the cache holds exactly the sequence.
             last = ctx.graph_position if ctx.graph_position is not None else keys.shape[0] - 1
             return self.o_proj(attention_decode(q[0], None if gate is None else gate[0], keys, values, last))
-        out = attend(q, keys, values, mask).reshape(T, -1)
+        out = attend(q, keys, values, mask, sinks).reshape(T, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(out)
@@ -86,10 +94,26 @@ class Attention(nn.Module):
         return apply_rotary(norm(x) if norm is not None else x, cos, sin)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """GQA attention of q [T, H, d] over keys/values [L, Hkv, d]; mask [T, L] says what each query sees."""
+def window_mask(T: int, L: int, window: int, graph_position: torch.Tensor | None, device) -> torch.Tensor:
+    """[T, L]: query t (the last T of L positions, or the graph's position) sees the keys at most
+    `window` - 1 positions before it, and none after."""
+    queries = graph_position if graph_position is not None else torch.arange(L - T, L, device=device)
+    keys = torch.arange(L, device=device)[None, :]
+    return (keys <= queries[:, None]) & (keys > queries[:, None] - window)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """GQA attention of q [T, H, d] over keys/values [L, Hkv, d]; mask [T, L] says what each query
+    sees; sinks [H]: each head's extra logit, in the softmax's denominator only."""
     H, Hkv = q.shape[1], keys.shape[1]
     k = keys.repeat_interleave(H // Hkv, dim=1).transpose(0, 1)  # [H, L, d]
     v = values.repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask)
-    return out.transpose(0, 1)
+    if sinks is None:
+        return F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1)
+    scores = q.transpose(0, 1) @ k.transpose(1, 2) * q.shape[-1] ** -0.5  # [H, T, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype)[:, None, None].expand(H, scores.shape[1], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return (probs @ v).transpose(0, 1)

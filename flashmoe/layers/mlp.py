@@ -1,5 +1,7 @@
 """SwiGLU MLPs: the dense MLP (dense layers, shared experts) and one routed expert's arithmetic."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,29 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One routed expert on x [T, H]: gate_up [2I, H] (gate rows, then up rows), down [H, I]."""
-    gate, up = (x @ gate_up.t()).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ down.t()
+@dataclass(frozen=True, slots=True)
+class Swiglu:
+    """A routed expert's activation: silu(gate) * up, or with `limit` gpt-oss's clamped form: gate
+    clamped above at limit, up to [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1)."""
+
+    alpha: float = 1.0
+    limit: float | None = None
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.limit is None:
+            return F.silu(gate) * up
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return gate * torch.sigmoid(self.alpha * gate) * (up + 1)
+
+
+SILU = Swiglu()
+
+
+def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Swiglu = SILU,
+                  biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One routed expert on x [T, H]: gate_up [2I, H] (gate rows, then up rows), down [H, I], and
+    where the expert has them (gpt-oss) biases (gate_up [2I], down [H])."""
+    h = x @ gate_up.t()
+    gate, up = (h if biases is None else h + biases[0]).chunk(2, dim=-1)
+    y = act(gate, up) @ down.t()
+    return y if biases is None else y + biases[1]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 from ..layers.attention import AttentionSpec
+from ..layers.rotary import Yarn
 from ..moe.block import MoESpec
 from ..utils import is_int, short_repr
 
@@ -48,6 +49,7 @@ _POSITIVE = {
     "linear_num_key_heads", "linear_num_value_heads", "num_experts", "num_local_experts", "n_routed_experts",
     "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "rms_norm_eps", "rope_theta",
     "partial_rotary_factor", "full_attention_interval", "n_group", "topk_group", "routed_scaling_factor", "rotary_dim",
+    "sliding_window", "swiglu_alpha", "swiglu_limit",
 }
 _NON_NEGATIVE = {"shared_expert_intermediate_size", "intermediate_size", "n_shared_experts", "first_k_dense_replace"}
 
@@ -81,6 +83,7 @@ class LayerSpec:
 
     mixer: Literal["attention", "linear_attention"]
     mlp: MoESpec | int
+    window: int | None = None  # attention sees only the last `window` positions (gpt-oss's sliding layers)
 
 
 @dataclass(kw_only=True)
@@ -153,10 +156,7 @@ class ModelArgs(ABC):
             raise ConfigError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
         if self.hidden_act != "silu":
             raise ConfigError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only silu)")
-        rope = self.rope_parameters or self.rope_scaling or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise ConfigError(f"config.json: rope type {kind!r} is not supported (only 'default' RoPE)")
+        self.yarn()  # a rope type other than default and yarn, or a yarn without its sizes, fails here
         rotary, _ = self.rotary()
         if not 0 < rotary <= self.head_size or rotary % 2:
             raise ConfigError(f"config.json: the rotary embedding must turn an even number of each head's "
@@ -186,6 +186,29 @@ class ModelArgs(ABC):
         theta = rope.get("rope_theta", self.rope_theta if self.rope_theta is not None else 10000.0)
         factor = rope.get("partial_rotary_factor", self.partial_rotary_factor)
         return int(self.head_size * (1.0 if factor is None else factor)), float(theta)
+
+    def yarn(self) -> Yarn | None:
+        """YaRN's parameters where the rope type is yarn (gpt-oss); None for plain RoPE."""
+        rope = self.rope_parameters or self.rope_scaling or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "default":
+            return None
+        if kind != "yarn":
+            raise ConfigError(f"config.json: rope type {kind!r} is not supported (only 'default' and 'yarn')")
+        original = rope.get("original_max_position_embeddings")
+        factor = rope.get("factor") or (self.max_position_embeddings / original if is_int(original) and original > 0 else None)
+        if not (is_int(original) and original > 0 and _is_number(factor) and factor > 0):
+            raise ConfigError("config.json: a yarn rope needs original_max_position_embeddings (a count) and factor "
+                              f"(a number above 0), not {short_repr(original)} and {short_repr(factor)}{CONFIG_FIX}")
+        numbers = {}
+        for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):
+            value = rope.get(key)
+            if value is not None and not (_is_number(value) and value > 0):
+                raise ConfigError(f"config.json: the yarn rope's {key} must be a number above 0, not {short_repr(value)}{CONFIG_FIX}")
+            numbers[key] = value
+        return Yarn(float(factor), original, beta_fast=numbers["beta_fast"] or 32.0, beta_slow=numbers["beta_slow"] or 1.0,
+                    truncate=bool(rope.get("truncate", True)), attention_factor=numbers["attention_factor"],
+                    mscale=numbers["mscale"], mscale_all_dim=numbers["mscale_all_dim"])
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -21,6 +21,8 @@ class CheckpointNames:
     prefixes: tuple[str, ...] = ()  # stripped, leaving the name under "model."
     renames: tuple[tuple[str, str], ...] = ()  # (checkpoint part, ours), applied in order
     expert_projections: dict[str, str] = field(default_factory=lambda: {p: p for p in PROJECTIONS})
+    fused_in_out: bool = False  # fused [E, ...] expert tensors stored [E, in, out] (gpt-oss), not [E, out, in]
+    gate_up_interleaved: bool = False  # gate and up outputs alternate (gpt-oss), not gate rows then up rows
 
     def canonical(self, name: str, num_layers: int) -> str | None:
         """The module name `name` loads into, or None for a tensor the text model never uses
@@ -40,10 +42,11 @@ class CheckpointNames:
 
     def expert(self, name: str) -> tuple[int, int | None, str] | None:
         """(layer, expert or None for fused [E, ...] tensors, projection) of a canonical name of an
-        expert tensor, the projection as ours (gate_proj, up_proj, down_proj, or gate_up_proj fused)."""
-        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
+        expert tensor, the projection as ours (gate_proj, up_proj, down_proj, or gate_up_proj fused;
+        their biases as gate_up_proj.bias, down_proj.bias)."""
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?", name)
         if m:
-            return int(m[1]), None, m[2]
+            return int(m[1]), None, m[2] + (".bias" if m[3] else "")
         m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight", name)
         if m and m[3] in self.expert_projections:
             return int(m[1]), int(m[2]), self.expert_projections[m[3]]

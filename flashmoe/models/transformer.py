@@ -31,7 +31,7 @@ class DecoderLayer(nn.Module):
             d = args.deltanet()
             self.linear_attn = GatedDeltaNet(H, d.k_heads, d.v_heads, d.k_dim, d.v_dim, d.conv_kernel, eps)
         else:
-            self.self_attn = Attention(H, args.attention(), eps, zero_centred)
+            self.self_attn = Attention(H, args.attention(), eps, zero_centred, spec.window)
         self.mlp = MoEBlock(H, spec.mlp) if isinstance(spec.mlp, MoESpec) else MLP(H, spec.mlp)
         self.input_layernorm = RMSNorm(H, eps, zero_centred)
         self.post_attention_layernorm = RMSNorm(H, eps, zero_centred)
@@ -73,7 +73,7 @@ class Model(nn.Module):
         self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.ZERO_CENTRED_NORMS)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(*args.rotary())
+        self.rotary = RotaryEmbedding(*args.rotary(), args.yarn())
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -20,7 +20,7 @@ from torch import nn
 from .. import kernels
 from ..layers.fused import Projections
 from ..layers.int8_linear import Int8Linear
-from ..layers.mlp import MLP
+from ..layers.mlp import MLP, SILU, Swiglu
 from .routing import Routing, route_reference
 
 RoutedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,6 +39,9 @@ class MoESpec:
     shared_intermediate: int = 0  # 0: no shared expert
     shared_gate: bool = False  # the shared expert's output times sigmoid(shared_expert_gate(x))
     router_fp32: bool = False  # the router's matmul in fp32 (GLM), not the model's dtype
+    router_bias: bool = False  # the router adds a bias to its logits (gpt-oss)
+    expert_bias: bool = False  # each routed expert's projections add biases (gpt-oss; in the records)
+    act: Swiglu = SILU  # the routed experts' activation
 
     def __post_init__(self) -> None:
         self.routing.check(self.num_experts, self.top_k)
@@ -50,7 +53,7 @@ class MoEBlock(nn.Module):
     def __init__(self, hidden: int, spec: MoESpec):
         super().__init__()
         self.spec, self.top_k = spec, spec.top_k
-        self.gate = nn.Linear(hidden, spec.num_experts, bias=False)
+        self.gate = nn.Linear(hidden, spec.num_experts, bias=spec.router_bias)
         if spec.routing.correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(spec.num_experts))
         reads_input = [] if spec.router_fp32 else ["gate"]
@@ -68,7 +71,7 @@ class MoEBlock(nn.Module):
         """h [T, H] -> (router logits [T, E], the shared expert's inputs for add_shared)."""
         outs = self.in_proj(h)
         if self.spec.router_fp32:
-            return F.linear(h.float(), self.gate.weight.float()), outs
+            return F.linear(h.float(), self.gate.weight.float(), None if self.gate.bias is None else self.gate.bias.float()), outs
         return outs[0], outs[1:]
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

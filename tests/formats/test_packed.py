@@ -8,7 +8,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from flashmoe import quant
-from flashmoe.formats.packed import ExpertFile, Manifest, PackedFormatError, RecordLayout
+from flashmoe.formats.packed import DTYPE_BY_NAME, ExpertFile, Manifest, PackedFormatError, RecordLayout
 
 from ..hostile_json import FUZZ, JSON_VALUES, mutated
 
@@ -36,6 +36,21 @@ def test_pack_and_views_round_trip(bits):
     assert set(views) == set(tensors)
     assert all(torch.equal(views[k], v) for k, v in tensors.items())
     assert RecordLayout.from_json(json.loads(json.dumps(layout.to_json()))) == layout
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_expert_biases_ride_in_the_record_and_old_manifests_read_unchanged(bits):
+    plain, biased = RecordLayout.build(128, 64, bits, 32), RecordLayout.build(128, 64, bits, 32, with_bias=True)
+    assert "with_bias" not in plain.to_json() and RecordLayout.from_json(plain.to_json()) == plain
+    assert RecordLayout.from_json(json.loads(json.dumps(biased.to_json()))) == biased
+    g = torch.Generator().manual_seed(3)
+    tensors = {s.name: torch.randint(-9, 9, s.shape, generator=g).to(DTYPE_BY_NAME[s.dtype]) for s in biased.segments}
+    record = biased.pack(tensors)
+    gate_up_bias, down_bias = biased.biases(record, torch.float32)
+    assert torch.equal(gate_up_bias, tensors["gate_up_proj.bias"].float()) and down_bias.shape == (128,)
+    assert plain.biases(plain.pack({k: v for k, v in tensors.items() if not k.endswith(".bias")}), torch.float32) is None
+    with pytest.raises(ValueError, match="with_bias is 'yes', not true or false"):
+        RecordLayout.from_json(biased.to_json() | {"with_bias": "yes"})
 
 
 def test_a_layout_is_read_only_as_build_makes_it_and_16_bits_ignore_the_group_size():

@@ -2,6 +2,7 @@
 errors for what cannot be built."""
 
 import json
+import math
 
 import pytest
 from hypothesis import event, given
@@ -19,9 +20,9 @@ BASE = dict(
 
 
 def test_unknown_model_type_lists_the_supported_ones():
-    with pytest.raises(UnsupportedModelError, match="glm4_moe, minimax_m2, qwen3_5_moe.*qwen3_moe, qwen3_next"):
+    with pytest.raises(UnsupportedModelError, match="glm4_moe, gpt_oss, minimax_m2, qwen3_5_moe.*qwen3_moe, qwen3_next"):
         args_from_dict({**BASE, "model_type": "llama"})
-    assert set(FAMILIES) >= {"qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen3_moe", "minimax_m2", "glm4_moe"}
+    assert set(FAMILIES) >= {"qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen3_moe", "minimax_m2", "glm4_moe", "gpt_oss"}
 
 
 def test_composite_vlm_config_reads_text_config_and_top_level_tie():
@@ -67,9 +68,35 @@ def test_each_family_reads_its_own_keys():
     assert qwen3.moe.num_experts == 8 and not qwen3.moe.routing.norm_topk  # num_experts first; norm off by default
 
 
+def test_gpt_oss_reads_windows_sinks_yarn_and_its_expert_variant():
+    raw = {**BASE, "model_type": "gpt_oss", "num_local_experts": 16, "intermediate_size": 24, "head_dim": 16,
+           "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                               "rope_theta": 150000.0, "truncate": False}}
+    args = args_from_dict(raw)
+    assert [args.layer(i).window for i in range(4)] == [128, None, 128, None]  # sliding first, as transformers
+    moe = args.moe
+    assert moe.router_bias and moe.expert_bias and (moe.act.alpha, moe.act.limit) == (1.702, 7.0)
+    assert args.attention().sinks and args.attention().qkv_bias and args.attention().o_bias
+    yarn = args.yarn()
+    assert (yarn.factor, yarn.original_max_positions, yarn.truncate) == (32.0, 4096, False)
+    assert yarn.scale == pytest.approx(0.1 * math.log(32) + 1)
+    custom = args_from_dict({**raw, "layer_types": ["full_attention"] * 7 + ["sliding_attention"], "sliding_window": 64})
+    assert [custom.layer(i).window for i in range(8)] == [None] * 7 + [64]
+    with pytest.raises(ConfigError, match="layer_types must name 8 layers"):
+        args_from_dict({**raw, "layer_types": ["sliding_attention"] * 3})
+    with pytest.raises(ConfigError, match="layer_types must name 8 layers.*one of sliding_attention, full_attention"):
+        args_from_dict({**raw, "layer_types": ["chunked_attention"] * 8})
+    with pytest.raises(ConfigError, match="yarn rope needs original_max_position_embeddings"):
+        args_from_dict({**raw, "rope_parameters": {"rope_type": "yarn", "factor": 32.0}})
+    with pytest.raises(ConfigError, match="yarn rope's beta_fast must be a number above 0"):
+        args_from_dict({**raw, "rope_parameters": {**raw["rope_parameters"], "beta_fast": "fast"}})
+    with pytest.raises(ConfigError, match="sliding_window must be greater than 0"):
+        args_from_dict({**raw, "sliding_window": 0})
+
+
 def test_unsupported_values_and_missing_keys_are_named():
-    with pytest.raises(ConfigError, match="yarn"):
-        args_from_dict({**BASE, "model_type": "qwen3_next", "rope_parameters": {"rope_type": "yarn"}})
+    with pytest.raises(ConfigError, match="rope type 'longrope' is not supported"):
+        args_from_dict({**BASE, "model_type": "qwen3_next", "rope_parameters": {"rope_type": "longrope"}})
     raw = {k: v for k, v in BASE.items() if k != "num_experts"}
     with pytest.raises(ConfigError, match="missing the key 'num_experts'"):
         args_from_dict({**raw, "model_type": "qwen3_next"})
