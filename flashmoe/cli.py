@@ -40,7 +40,9 @@ app = typer.Typer(
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors shards)."),
     dst: Path = typer.Argument(..., help="Output directory for the packed model (must not exist, nor be or hold SRC)."),
-    bits: int = typer.Option(4, help="Expert weight bits: 16 (unquantized), 8, 4 or 2."),
+    bits: Optional[int] = typer.Option(
+        None, help="Expert weight bits: 16 (unquantized), 8, 4 or 2. Default: 4, or MXFP4 experts (gpt-oss) kept as released."
+    ),
     group_size: int = typer.Option(
         64, help="Weights per quantization group (one 16-bit scale and bias each): a power of two, e.g. 32, 64 or 128."
     ),
@@ -63,7 +65,7 @@ def convert(
         f"wrote {escape(str(dst))} in {report.seconds:.1f} s: experts {format_bytes(report.expert_bytes)}, "
         f"dense {format_bytes(report.dense_bytes)}"
     )
-    err.print("relative error ||w - stored|| / ||w|| by tensor kind:")
+    err.print(f"experts: {report.experts}; relative error ||w - stored|| / ||w|| by tensor kind:")
     for kind, e in sorted(report.relative_errors().items()):
         err.print(f"  {kind:<24} {e:.2e}")
     for warning in report.warnings:

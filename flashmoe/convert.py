@@ -60,6 +60,7 @@ class ConversionReport:
     # per tensor kind: [sum of squared error, sum of squared weights]
     error_sums: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
     warnings: list[str] = field(default_factory=list)  # what the user must still do before the model is usable
+    experts: str = ""  # what became of the experts: kept as released, or converted to what
 
     def relative_errors(self) -> dict[str, float]:
         return {k: (e / max(w, 1e-30)) ** 0.5 for k, (e, w) in self.error_sums.items()}
@@ -70,28 +71,35 @@ class _Plan:
     dense: list[str]  # checkpoint names of dense tensors, in write order
     experts: dict[int, dict]  # layer -> {"fused": {proj: name}} or {"split": {(expert, proj): name}}
     bytes_total: int
+    mxfp4: bool  # the experts are MXFP4 blocks and scales (gpt-oss's release)
 
 
 def convert(
     src: str | Path,
     dst: str | Path,
-    bits: int = 4,
+    bits: int | None = None,
     group_size: int = 64,
     force: bool = False,
     console: Console | None = None,
 ) -> ConversionReport:
+    """`bits` None: MXFP4 experts (gpt-oss's release) are kept as released, others quantized to 4 bits."""
     src, dst = Path(src), Path(dst)
     console = console or Console(stderr=True)
-    check_quantization(bits, group_size)
+    check_quantization(4 if bits is None else bits, group_size)
     _check_apart(src, dst)  # before anything is read or removed
     _clean_up_dead_runs(dst)  # first: a model a killed --force run set aside goes back to dst
     _check_destination(dst, force)
     cfg = read_args(src)
     report = ConversionReport(dst, warnings=_check_tokenizer(src, dst, cfg))
-    layout = RecordLayout.build(cfg.hidden_size, cfg.moe.intermediate, bits, group_size, with_bias=cfg.moe.expert_bias)
     started = time.perf_counter()
     with Checkpoint(src) as ckpt:
         plan = _plan(cfg, ckpt)
+        keep = plan.mxfp4 and bits is None
+        layout = RecordLayout.build(cfg.hidden_size, cfg.moe.intermediate, 4 if bits is None else bits,
+                                    quant.MXFP4_GROUP if keep else group_size, with_bias=cfg.moe.expert_bias,
+                                    scheme="mxfp4" if keep else "affine")
+        report.experts = ("MXFP4, kept as released" if keep else
+                          f"MXFP4 dequantized, then stored {layout.bits}-bit" if plan.mxfp4 else f"stored {layout.bits}-bit")
         tmp = _sibling(dst, "partial")
         created = _make_parents(dst.parent)
         tmp.mkdir()  # before the try: what exists already is not ours to remove
@@ -219,9 +227,10 @@ def _plan(cfg: ModelArgs, ckpt: Checkpoint) -> _Plan:
             experts[layer]["fused"][proj] = name
         else:
             experts[layer]["split"][(expert, proj)] = name
+    mxfp4 = any(proj.endswith(".blocks") for found in experts.values() for proj in found["fused"])
     _check_dense(cfg, ckpt, dense)
-    _check_experts(cfg, ckpt, experts)
-    return _Plan(dense, dict(experts), total)
+    _check_experts(cfg, ckpt, experts, mxfp4)
+    return _Plan(dense, dict(experts), total, mxfp4)
 
 
 def _sanitized_meta(cfg: ModelArgs, ckpt: Checkpoint, dense: list[str]) -> list[tuple[str, torch.dtype, tuple]]:
@@ -256,7 +265,7 @@ def _check_dense(cfg: ModelArgs, ckpt: Checkpoint, dense: list[str]) -> None:
             raise ConversionError(f"tensor {name} has shape {list(shape)}; config.json implies {list(want[name])}")
 
 
-def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict) -> None:
+def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict, mxfp4: bool) -> None:
     E, I, H = cfg.moe.num_experts, cfg.moe.intermediate, cfg.hidden_size
     if sorted(experts) != cfg.moe_layers:
         raise ConversionError(f"expert tensors found for layers {sorted(experts)}; config.json expects {cfg.moe_layers}")
@@ -264,6 +273,12 @@ def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict) -> None:
     fused_shapes = {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)}
     if names(cfg).fused_in_out:
         fused_shapes = {"gate_up_proj": (E, H, 2 * I), "down_proj": (E, I, H)}
+    if mxfp4:  # [E, out, groups, 16 bytes] and a scale per group, whatever the 16-bit tensors' order
+        g = quant.MXFP4_GROUP
+        if H % g or I % g:
+            raise ConversionError(f"MXFP4 experts need hidden_size and intermediate_size that are multiples of {g}, not {H} and {I}")
+        fused_shapes = {"gate_up_proj.blocks": (E, 2 * I, H // g, g // 2), "gate_up_proj.scales": (E, 2 * I, H // g),
+                        "down_proj.blocks": (E, H, I // g, g // 2), "down_proj.scales": (E, H, I // g)}
     if cfg.moe.expert_bias:  # only fused layouts carry biases (gpt-oss's)
         fused_shapes |= {"gate_up_proj.bias": (E, 2 * I), "down_proj.bias": (E, H)}
         split_shapes = {}
@@ -272,7 +287,10 @@ def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict) -> None:
         if fused and sorted(fused) == sorted(fused_shapes):
             for proj, name in fused.items():
                 if ckpt.info(name).shape != fused_shapes[proj]:
-                    raise ConversionError(f"{name} has shape {list(ckpt.info(name).shape)}, expected {list(fused_shapes[proj])}")
+                    raise ConversionError(f"{name} has shape {list(ckpt.info(name).shape)}, expected {list(fused_shapes[proj])}"
+                                          + (" (MXFP4 blocks and scales must agree with each other and config.json)" if mxfp4 else ""))
+                if mxfp4 and proj.endswith((".blocks", ".scales")) and ckpt.info(name).dtype != torch.uint8:
+                    raise ConversionError(f"{name} is {ckpt.info(name).dtype}, but MXFP4 blocks and scales are bytes (uint8)")
             continue
         missing = [(e, p) for e in range(E) for p in split_shapes if (e, p) not in split]
         if missing or fused or not split_shapes:
@@ -322,22 +340,45 @@ def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advan
     return str(dtype).removeprefix("torch.")
 
 
-def _read_expert(ckpt: Checkpoint, found: dict, expert: int, naming: CheckpointNames) -> tuple[dict[str, torch.Tensor], int]:
+def _read_expert(ckpt: Checkpoint, found: dict, expert: int, naming: CheckpointNames, keep_mxfp4: bool
+                 ) -> tuple[dict[str, torch.Tensor], int]:
     """({gate_up_proj: [2I, H], down_proj: [H, I], and biases where the experts have them}, source
-    bytes) of one expert from either checkpoint layout, in the record's order (gate rows, then up)."""
+    bytes) of one expert from either checkpoint layout, in the record's order (gate rows, then up).
+    MXFP4 experts come as {P.blocks [N, K/2], P.scales [N, K/32]} with `keep_mxfp4`, else dequantized."""
     if found["fused"]:
         tensors = {proj: ckpt.read_row(name, expert) for proj, name in found["fused"].items()}
-        if naming.fused_in_out:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if "gate_up_proj.blocks" in tensors:
+            tensors = _mxfp4_expert(tensors, found["fused"], expert, keep_mxfp4)
+        elif naming.fused_in_out:
             tensors["gate_up_proj"], tensors["down_proj"] = tensors["gate_up_proj"].t().contiguous(), tensors["down_proj"].t().contiguous()
         if naming.gate_up_interleaved:  # gate, up, gate, up, ... -> gate rows, then up rows
-            for proj in ("gate_up_proj", "gate_up_proj.bias"):
+            for proj in ("gate_up_proj", "gate_up_proj.bias", "gate_up_proj.blocks", "gate_up_proj.scales"):
                 if proj in tensors:
                     tensors[proj] = torch.cat([tensors[proj][0::2], tensors[proj][1::2]])
     else:
         split = found["split"]
         tensors = {"gate_up_proj": torch.cat([ckpt.read(split[(expert, "gate_proj")]), ckpt.read(split[(expert, "up_proj")])]),
                    "down_proj": ckpt.read(split[(expert, "down_proj")])}
-    return tensors, sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return tensors, nbytes
+
+
+def _mxfp4_expert(tensors: dict[str, torch.Tensor], source: dict[str, str], expert: int, keep: bool) -> dict[str, torch.Tensor]:
+    """One expert's MXFP4 rows ([N, K/32, 16] blocks -> [N, K/2] bytes), refusing NaN scales; with
+    `keep` as they are, else dequantized to fp32 weights (exactly: FP4 times a power of two)."""
+    out = {p: t for p, t in tensors.items() if p.endswith(".bias")}
+    for proj in ("gate_up_proj", "down_proj"):
+        blocks, scales = tensors[f"{proj}.blocks"], tensors[f"{proj}.scales"]
+        if bool((scales == quant.E8M0_NAN).any()):
+            raise ConversionError(f"{source[proj + '.scales']}: expert {expert} holds the scale byte 255, which E8M0 "
+                                  "reserves for NaN; the checkpoint is damaged: download it again")
+        blocks = blocks.reshape(blocks.shape[0], -1)
+        if keep:
+            out[f"{proj}.blocks"], out[f"{proj}.scales"] = blocks, scales
+        else:
+            out[proj] = quant.dequantize_mxfp4(blocks, scales)
+    return out
 
 
 def _encode_expert(layout: RecordLayout, weights: dict[str, torch.Tensor], report: ConversionReport) -> torch.Tensor:
@@ -345,6 +386,9 @@ def _encode_expert(layout: RecordLayout, weights: dict[str, torch.Tensor], repor
     for proj, w in weights.items():
         if proj.endswith(".bias"):  # stored 16-bit, as the weights of a 16-bit record
             tensors[proj] = w.to(torch.bfloat16)
+            continue
+        if proj.endswith((".blocks", ".scales")):  # MXFP4 kept as released: the bytes, unchanged
+            tensors[proj] = w
             continue
         if layout.bits == 16:
             stored = w.to(torch.bfloat16)
@@ -369,7 +413,7 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
         crcs = []
         with open(out_dir / rel, "wb") as f:
             for expert in range(cfg.moe.num_experts):
-                tensors, nbytes = _read_expert(ckpt, plan.experts[layer], expert, names(cfg))
+                tensors, nbytes = _read_expert(ckpt, plan.experts[layer], expert, names(cfg), layout.scheme == "mxfp4")
                 record = _encode_expert(layout, tensors, report)
                 data = record.numpy()
                 crcs.append(zlib.crc32(data))

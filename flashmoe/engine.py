@@ -53,9 +53,9 @@ class Engine:
         self.args = read_args(self.dir)
         moe = self.args.moe
         self.manifest.check(self.args.hidden_size, moe.intermediate, moe.num_experts, self.args.moe_layers, moe.expert_bias)
-        if config.gpu_path and (moe.expert_bias or moe.act != SILU):
-            raise ValueError(f"{self.args.model_type} experts (biases, clamped SwiGLU) run on the CPU path only for now "
-                             "(the GPU kernels compute plain SwiGLU experts): use --device cpu")
+        if config.gpu_path and (moe.expert_bias or moe.act != SILU or self.manifest.layout.scheme != "affine"):
+            raise ValueError(f"{self.args.model_type} experts (biases, clamped SwiGLU, MXFP4 records) run on the CPU path "
+                             "only for now (the GPU kernels compute plain SwiGLU experts from affine records): use --device cpu")
         self.tokenizer = Tokenizer.from_dir(self.dir)
         self.args.check_tokenizer(self.tokenizer.vocab_size, self.dir / "tokenizer.json")
         self.device = torch.device(config.device)
@@ -133,9 +133,7 @@ class Engine:
             if required:
                 raise ValueError(f"--cpu-experts computes quantized experts only, not {self.manifest.layout.bits}-bit records")
             return None
-        if self.args.moe.act != SILU:  # gpt-oss's clamped SwiGLU: PyTorch computes its experts
-            return None
-        kernel = CpuExperts(self.manifest.layout, threads)
+        kernel = CpuExperts(self.manifest.layout, threads, self.args.moe.act)
         kernel.warmup()
         return kernel
 

@@ -90,6 +90,23 @@ def dequantize_int8_rows(codes: torch.Tensor, scales: torch.Tensor, dtype=torch.
     return (codes.float() * scales[:, None]).to(dtype)
 
 
+# MXFP4 (OCP Microscaling, as gpt-oss releases its experts): 32 consecutive input weights share
+# one E8M0 scale byte s (2^(s - 127); 255 is NaN); each weight is an FP4 E2M1 code, two per byte,
+# the even element in the low nibble. Rows are [N, K / 2] bytes and [N, K / 32] scales.
+MXFP4_GROUP = 32
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E8M0_NAN = 255
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """[N, K / 2] uint8 codes and [N, K / 32] uint8 scales -> [N, K] weights in `dtype` (exact in fp32)."""
+    n = blocks.shape[0]
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=blocks.device)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).view(n, -1, MXFP4_GROUP).long()
+    w = torch.ldexp(lut[codes], scales.to(torch.int32).unsqueeze(-1) - 127)
+    return w.view(n, -1).to(dtype)
+
+
 def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:
     """||w - approx|| / ||w||: the figure the converter reports per tensor kind."""
     w = w.float()

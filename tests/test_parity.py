@@ -45,9 +45,9 @@ def our_run(engine: Engine, prompt: torch.Tensor, steps: int):
     return prompt_logits, torch.stack(step_logits), tokens
 
 
-def check_parity(hf_dir, reference, tmp_path, prompt_len=PROMPT_LEN):
+def check_parity(hf_dir, reference, tmp_path, prompt_len=PROMPT_LEN, bits: int | None = 16):
     packed = tmp_path / "packed"
-    convert(hf_dir, packed, bits=16)
+    convert(hf_dir, packed, bits=bits)
     engine = Engine(packed, EngineConfig(dtype="float32"))
     prompt = torch.randint(0, 256, (prompt_len,), generator=torch.Generator().manual_seed(1))
     ref_prompt, ref_steps, ref_tokens = reference_run(reference, prompt, DECODE_STEPS)

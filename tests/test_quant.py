@@ -60,3 +60,17 @@ def test_int8_rows_keep_representable_weights_and_zero_rows_exactly():
     w = torch.tensor([[-127.0, 0.0, 3.0, 127.0], [0.0, 0.0, 0.0, 0.0]]) * 0.5
     codes, scales = quant.quantize_int8_rows(w)
     assert torch.equal(quant.dequantize_int8_rows(codes, scales), w)
+
+
+def test_mxfp4_dequantization_is_transformers_on_random_bytes():
+    """Every code and a wide range of scale bytes (not 255, E8M0's NaN), against transformers' own
+    dequantization of released gpt-oss blocks ([E, N, K/32, 16] -> [E, K, N])."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (3, 8, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(90, 160, (3, 8, 4), dtype=torch.uint8, generator=g)
+    scales[0, 0, 0], scales[0, 0, 1] = 0, 254  # the smallest and largest finite scales
+    reference = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)
+    got = torch.stack([quant.dequantize_mxfp4(b.reshape(8, -1), s) for b, s in zip(blocks, scales)])
+    assert torch.equal(got, reference)

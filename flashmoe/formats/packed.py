@@ -19,7 +19,8 @@ MANIFEST_FILE = "flashmoe.json"
 DENSE_FILE = "dense.safetensors"
 RECORD_ALIGN = 4096  # one record = whole pages, so a record read is page-aligned (O_DIRECT-able)
 SEGMENT_ALIGN = 256  # each tensor inside a record starts on a 256-byte boundary (coalesced GPU loads)
-DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32}
+DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32, "uint8": torch.uint8}
+SCHEMES = ("affine", "mxfp4")
 DENSE_DTYPES = ("bfloat16", "float16")
 REBUILD = "; run flashmoe convert again to rebuild the model"
 
@@ -68,8 +69,9 @@ class RecordLayout:
 
     Experts are SwiGLU MLPs stored as gate_up_proj [2I, H] (gate rows first, then up rows, as in
     the fused HF layout) and down_proj [H, I]. Quantized: `.weight` packed int32 codes plus
-    `.scales` / `.biases` per group; 16-bit: `.weight` alone. Experts with biases (gpt-oss,
-    `with_bias`) add `.bias` [2I] and [H] after each projection's tensors, 16-bit.
+    `.scales` / `.biases` per group; 16-bit: `.weight` alone; MXFP4 (`scheme` "mxfp4", kept as
+    released): `.blocks` uint8 [N, K/2] and `.scales` uint8 [N, K/32]. Experts with biases
+    (gpt-oss, `with_bias`) add `.bias` [2I] and [H] after each projection's tensors, 16-bit.
     """
 
     bits: int
@@ -79,11 +81,16 @@ class RecordLayout:
     segments: tuple[Segment, ...]
     record_size: int
     with_bias: bool = False
+    scheme: str = "affine"  # the quantized codes: MLX-style affine groups, or MXFP4
 
     @classmethod
     def build(cls, hidden: int, intermediate: int, bits: int, group_size: int, dtype16: str = "bfloat16",
-              with_bias: bool = False):
+              with_bias: bool = False, scheme: str = "affine"):
         _check_bits(bits)
+        if scheme not in SCHEMES:
+            raise ValueError(f"the records' quantization scheme must be one of {', '.join(SCHEMES)}, not {short_repr(scheme)}")
+        if scheme == "mxfp4" and (bits, group_size) != (4, quant.MXFP4_GROUP):
+            raise ValueError(f"MXFP4 records hold 4-bit codes in groups of {quant.MXFP4_GROUP}, not {bits}-bit in groups of {group_size}")
         if bits != 16 and group_size < 1:  # what no layout holds (modulo by 0 below)
             raise ValueError(f"--group-size {group_size} cannot quantize: a group holds at least one weight")
         shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate)}
@@ -91,6 +98,10 @@ class RecordLayout:
         for proj, (n, k) in shapes.items():
             if bits == 16:
                 parts = [(f"{proj}.weight", dtype16, (n, k))]
+            elif scheme == "mxfp4":
+                if k % quant.MXFP4_GROUP:
+                    raise ValueError(f"MXFP4 needs input dimensions that are multiples of {quant.MXFP4_GROUP}, not {k}")
+                parts = [(f"{proj}.blocks", "uint8", (n, k // 2)), (f"{proj}.scales", "uint8", (n, k // quant.MXFP4_GROUP))]
             else:
                 quant.check_shape(k, bits, group_size)
                 parts = [
@@ -104,7 +115,7 @@ class RecordLayout:
                 seg = Segment(name, dtype, shape, offset)
                 segments.append(seg)
                 offset = _align(offset + seg.nbytes, SEGMENT_ALIGN)
-        return cls(bits, group_size, hidden, intermediate, tuple(segments), _align(offset, RECORD_ALIGN), with_bias)
+        return cls(bits, group_size, hidden, intermediate, tuple(segments), _align(offset, RECORD_ALIGN), with_bias, scheme)
 
     @property
     def payload_bytes(self) -> int:
@@ -124,6 +135,8 @@ class RecordLayout:
         v = self.views(record)
         if self.bits == 16:
             return v["gate_up_proj.weight"].to(dtype), v["down_proj.weight"].to(dtype)
+        if self.scheme == "mxfp4":
+            return tuple(quant.dequantize_mxfp4(v[f"{p}.blocks"], v[f"{p}.scales"], dtype) for p in ("gate_up_proj", "down_proj"))
         return tuple(
             quant.dequantize(v[f"{p}.weight"], v[f"{p}.scales"], v[f"{p}.biases"], self.bits, self.group_size, dtype)
             for p in ("gate_up_proj", "down_proj")
@@ -148,8 +161,11 @@ class RecordLayout:
     def to_json(self) -> dict:
         d = asdict(self)
         d["segments"] = [{**asdict(s), "shape": list(s.shape)} for s in self.segments]  # as JSON reads it back
+        # keys at their defaults are left out: manifests written before they existed read back unchanged
         if not self.with_bias:
-            del d["with_bias"]  # manifests written before experts had biases read back unchanged
+            del d["with_bias"]
+        if self.scheme == "affine":
+            del d["scheme"]
         return d
 
     @classmethod
@@ -166,7 +182,7 @@ class RecordLayout:
         with_bias = d.get("with_bias", False)
         if not isinstance(with_bias, bool):
             raise ValueError(f"experts.layout.with_bias is {short_repr(with_bias)}, not true or false")
-        layout = cls.build(*sizes, with_bias=with_bias)
+        layout = cls.build(*sizes, with_bias=with_bias, scheme=d.get("scheme", "affine"))
         if layout.to_json() != d:
             raise ValueError(
                 "experts.layout's segments or record_size are not what its bits, group_size and sizes give"

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from ..formats.packed import RecordLayout
+from ..layers.mlp import SILU, Swiglu
+from ..quant import FP4_E2M1, MXFP4_GROUP
 
 try:
     import numba
@@ -167,57 +169,117 @@ def _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out):
         out[r] = acc
 
 
+@_jit(inline="always")
+def _mxfp4_rows(rec8, offs, k, r0, r1, x, fp4_pairs, pow2, out):
+    """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 of one MXFP4 projection of one record: offs
+    holds the blocks' and the scales' byte offsets. fp4_pairs [256, 2]: the two E2M1 values of each
+    byte (low nibble first); pow2 [256]: 2^(s - 127) of each scale byte."""
+    half, groups = k // 2, k // MXFP4_GROUP
+    for r in range(r0, r1):
+        for c in range(0, half, 64):
+            _prefetch(rec8, offs[0] + r * half + PREFETCH_BYTES + c)
+        row = rec8[offs[0] + r * half : offs[0] + (r + 1) * half]
+        scales = rec8[offs[1] + r * groups : offs[1] + (r + 1) * groups]
+        acc = np.float32(0.0)
+        for g in range(groups):
+            t = np.float32(0.0)
+            for i in range(MXFP4_GROUP // 2):
+                b = row[g * (MXFP4_GROUP // 2) + i]
+                t += fp4_pairs[b, 0] * x[g * MXFP4_GROUP + 2 * i] + fp4_pairs[b, 1] * x[g * MXFP4_GROUP + 2 * i + 1]
+            acc += pow2[scales[g]] * t
+        out[r] = acc
+
+
 @functools.cache
-def _kernel(bits: int, group: int):
-    """`experts` for one record format, compiled on first use. bits and group are constants of its
-    closure and `_rows` is inlined into it (numba IR), so LLVM sees constant masks and plane-loop
-    trip counts: given as arguments, the kernel is ~1.5x slower."""
+def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float):
+    """`experts` for one record format and activation, compiled on first use. The format and the
+    activation are constants of its closure and `_rows` is inlined into it (numba IR), so LLVM sees
+    constant masks and plane-loop trip counts (given as arguments, the kernel is ~1.5x slower) and
+    drops the branches a format does not take. limit > 0: gpt-oss's clamped SwiGLU (layers/mlp.py)."""
 
     @_jit(parallel=True)
-    def experts(p8, p16, slots, weights, offs, inter, x, out):
+    def experts(p8, p16, slots, weights, offs, inter, x, out, fp4_pairs, pow2):
         """out [H] = sum_j weights[j] * expert(record slots[j], x); p8 and p16: the pool as bytes
         and as halfwords; offs: `_offsets(layout)`."""
         hidden, ne = x.shape[0], slots.shape[0]
-        # Projection inputs as `_permute` lays them out: x for gate_up (one row, shared by all
-        # experts), each expert's SwiGLU activation for down.
+        # Projection inputs as `_permute` lays them out (affine records; MXFP4 rows read them as
+        # they are): x for gate_up (one row, shared by all experts), each expert's activation for down.
         xp, xs = np.empty((1, hidden), np.float32), np.empty((1, hidden // group), np.float32)
-        _permute(x, bits, group, xp[0], xs[0])
+        if mxfp4:
+            xp[0, :] = x
+        else:
+            _permute(x, bits, group, xp[0], xs[0])
         ap, asum = np.empty((ne, inter), np.float32), np.empty((ne, inter // group), np.float32)
         h, y = np.empty((ne, 2 * inter), np.float32), np.empty((ne, hidden), np.float32)
         act = np.empty(inter, np.float32)
+        bias_bits = np.empty(1, np.uint32)  # bf16 -> fp32 through a buffer, as in `_rows`
+        bias = bias_bits.view(np.float32)
         for proj in range(2):  # gate_up, then down, through one parallel loop: compiled once
             if proj == 1:
                 for j in range(ne):
                     for c in range(inter):
-                        gate = h[j, c]
-                        act[c] = gate / (np.float32(1.0) + np.exp(-gate)) * h[j, inter + c]
-                    _permute(act, bits, group, ap[j], asum[j])
+                        gate, up = h[j, c], h[j, inter + c]
+                        if with_bias:
+                            bias_bits[0] = np.uint32(p16[slots[j], offs[4] + c]) << 16
+                            gate += bias[0]
+                            bias_bits[0] = np.uint32(p16[slots[j], offs[4] + inter + c]) << 16
+                            up += bias[0]
+                        if limit > 0:
+                            gate, up = min(gate, np.float32(limit)), max(min(up, np.float32(limit)), np.float32(-limit))
+                            act[c] = gate / (np.float32(1.0) + np.exp(-np.float32(alpha) * gate)) * (up + np.float32(1.0))
+                        else:
+                            act[c] = gate / (np.float32(1.0) + np.exp(-gate)) * up
+                    if mxfp4:
+                        ap[j, :] = act
+                    else:
+                        _permute(act, bits, group, ap[j], asum[j])
             src, src_sums, dst, k = (xp, xs, h, hidden) if proj == 0 else (ap, asum, y, inter)
             blocks = (dst.shape[1] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
             for task in prange(ne * blocks):
                 j = task // blocks
                 i, rec = j * proj, slots[j]  # input row i: 0 for gate_up, the expert's own for down
-                offs_p = offs[3 * proj : 3 * proj + 3]
+                offs_p = offs[5 * proj : 5 * proj + 3]
                 r0 = task % blocks * ROWS_PER_BLOCK
                 r1 = min(r0 + ROWS_PER_BLOCK, dst.shape[1])
-                _rows(p8[rec], p16[rec], offs_p, k, bits, group, r0, r1, src[i], src_sums[i], dst[j])
+                if mxfp4:
+                    _mxfp4_rows(p8[rec], offs_p, k, r0, r1, src[i], fp4_pairs, pow2, dst[j])
+                else:
+                    _rows(p8[rec], p16[rec], offs_p, k, bits, group, r0, r1, src[i], src_sums[i], dst[j])
         for r in range(hidden):
             acc = np.float32(0.0)
             for j in range(ne):
-                acc += weights[j] * y[j, r]
+                term = y[j, r]
+                if with_bias:
+                    bias_bits[0] = np.uint32(p16[slots[j], offs[9] + r]) << 16
+                    term += bias[0]
+                acc += weights[j] * term
             out[r] = acc
 
     return experts
 
 
 def _offsets(layout: RecordLayout) -> np.ndarray:
-    """gate_up's codes (bytes), scales, biases (halfwords), then down's, from the record start."""
+    """Per projection (gate_up, then down), from the record start: the codes (bytes), the scales
+    (halfwords; MXFP4: bytes), the affine biases (halfwords), 0, the expert's bias (halfwords; -1 without)."""
     seg = {s.name: s for s in layout.segments}
     offs = []
     for proj in ("gate_up_proj", "down_proj"):
-        offs.append(seg[f"{proj}.weight"].offset)
-        offs += [seg[f"{proj}.{t}"].offset // 2 for t in ("scales", "biases")]
+        if layout.scheme == "mxfp4":
+            offs += [seg[f"{proj}.blocks"].offset, seg[f"{proj}.scales"].offset, 0]
+        else:
+            offs.append(seg[f"{proj}.weight"].offset)
+            offs += [seg[f"{proj}.{t}"].offset // 2 for t in ("scales", "biases")]
+        offs += [0, seg[f"{proj}.bias"].offset // 2 if layout.with_bias else -1]
     return np.array(offs, np.int64)
+
+
+def _fp4_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(the two E2M1 values of each byte [256, 2], 2^(s - 127) of each E8M0 byte [256]; 255, NaN, as inf)."""
+    lut = np.array(FP4_E2M1, np.float32)
+    pairs = np.stack([lut[np.arange(256) & 15], lut[np.arange(256) >> 4]], axis=1)
+    with np.errstate(over="ignore"):
+        pow2 = np.ldexp(np.float32(1.0), np.arange(256) - 127).astype(np.float32)
+    return np.ascontiguousarray(pairs), pow2
 
 
 # numba's workqueue layer aborts on parallel loops launched from two threads at once: every call
@@ -242,22 +304,24 @@ class CpuExperts:
 
     @staticmethod
     def supports(layout: RecordLayout) -> bool:
-        """Quantized records whose groups are whole 32-bit words (16-bit records are not handled)."""
-        return layout.bits in SUPPORTED_BITS and layout.group_size * layout.bits % 32 == 0
+        """MXFP4 records, and affine quantized records whose groups are whole 32-bit words (not 16-bit ones)."""
+        return layout.scheme == "mxfp4" or (layout.bits in SUPPORTED_BITS and layout.group_size * layout.bits % 32 == 0)
 
-    def __init__(self, layout: RecordLayout, threads: int | None = None):
+    def __init__(self, layout: RecordLayout, threads: int | None = None, act: Swiglu = SILU):
         if numba is None:
             raise RuntimeError("CpuExperts needs numba: pip install 'flashmoe[cpu-experts]'")
         if not self.supports(layout):
             raise ValueError(
-                f"CpuExperts computes {'/'.join(map(str, SUPPORTED_BITS))}-bit records with groups of whole "
+                f"CpuExperts computes MXFP4 and {'/'.join(map(str, SUPPORTED_BITS))}-bit records with groups of whole "
                 f"32-bit words, not bits={layout.bits} with group size {layout.group_size}"
             )
         self.layout = layout
         default = max(1, (os.cpu_count() or 1) - 1)  # a core left for the thread that drives the GPU
         self.threads = max(1, min(threads or default, numba.config.NUMBA_NUM_THREADS))
         self._offsets = _offsets(layout)
-        self._kernel = _kernel(layout.bits, layout.group_size)
+        self._kernel = _kernel(layout.bits, layout.group_size, layout.scheme == "mxfp4", layout.with_bias,
+                               act.limit or 0.0, act.alpha)
+        self._tables = _fp4_tables()
 
     def __call__(
         self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
@@ -302,5 +366,5 @@ class CpuExperts:
         out = np.empty(self.layout.hidden_size, np.float32)
         with _RUNNING:
             numba.set_num_threads(self.threads)  # numba keeps the count per calling thread
-            self._kernel(p8, p16, slots, weights, self._offsets, self.layout.intermediate_size, x, out)
+            self._kernel(p8, p16, slots, weights, self._offsets, self.layout.intermediate_size, x, out, *self._tables)
         return torch.from_numpy(out)

@@ -53,6 +53,18 @@ def test_expert_biases_ride_in_the_record_and_old_manifests_read_unchanged(bits)
         RecordLayout.from_json(biased.to_json() | {"with_bias": "yes"})
 
 
+def test_mxfp4_records_hold_blocks_and_scales_and_name_their_scheme():
+    layout = RecordLayout.build(128, 64, 4, 32, with_bias=True, scheme="mxfp4")
+    assert [(s.name, s.dtype, s.shape) for s in layout.segments[:2]] == [
+        ("gate_up_proj.blocks", "uint8", (128, 64)), ("gate_up_proj.scales", "uint8", (128, 4))]
+    assert layout.to_json()["scheme"] == "mxfp4" and RecordLayout.from_json(layout.to_json()) == layout
+    assert "scheme" not in RecordLayout.build(128, 64, 4, 32).to_json()
+    with pytest.raises(ValueError, match="MXFP4 records hold 4-bit codes in groups of 32, not 4-bit in groups of 64"):
+        RecordLayout.from_json(layout.to_json() | {"group_size": 64})
+    with pytest.raises(ValueError, match="scheme must be one of affine, mxfp4, not 'nf4'"):
+        RecordLayout.from_json(layout.to_json() | {"scheme": "nf4"})
+
+
 def test_a_layout_is_read_only_as_build_makes_it_and_16_bits_ignore_the_group_size():
     layout = RecordLayout.build(128, 64, 16, 0)  # what convert --bits 16 --group-size 0 stores
     assert RecordLayout.from_json(layout.to_json()) == layout

@@ -9,7 +9,9 @@ pytest.importorskip("numba")
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels import cpu_experts
 from flashmoe.kernels.cpu_experts import CpuExperts
-from flashmoe.layers.mlp import swiglu_expert
+from flashmoe.layers.mlp import Swiglu, swiglu_expert
+
+from ..conftest import FAMILY_CONFIGS
 
 
 def random_pool(layout: RecordLayout, slots: int, seed: int) -> torch.Tensor:
@@ -127,6 +129,37 @@ def test_releases_the_gil(experts):
     # Held, the GIL would stall this thread for the whole call. Measured: 0.1-3 ms of ~300 ms, and
     # once 90 ms of 330 (a 2-core VM: this loop, the worker and numba's thread take turns).
     assert longest < duration / 2, (longest, duration)
+
+
+def biased_pool(layout: RecordLayout, slots: int, seed: int) -> torch.Tensor:
+    """`random_pool`'s records (MXFP4: random codes, scale bytes 2^-8 .. 2^-4) with small random expert biases."""
+    g = torch.Generator().manual_seed(seed)
+    if layout.scheme == "mxfp4":
+        pool = torch.randint(0, 256, (slots, layout.record_size), dtype=torch.uint8, generator=g)
+    else:
+        pool = random_pool(layout, slots, seed)
+    for s in layout.segments:
+        if layout.scheme == "mxfp4" and s.name.endswith(".scales"):
+            pool[:, s.offset : s.offset + s.nbytes] = torch.randint(119, 124, (slots, s.nbytes), dtype=torch.uint8, generator=g)
+        if s.name.endswith(".bias"):
+            v = (torch.rand(slots, *s.shape, generator=g) - 0.5).to(torch.bfloat16)
+            pool[:, s.offset : s.offset + s.nbytes] = v.view(slots, -1).view(torch.uint8)
+    return pool
+
+
+# gpt-oss's experts: MXFP4 as released, or converted to affine codes; biases; the clamped SwiGLU at
+# a limit the random activations cross (tests/conftest.py's, so the engine tests reuse the compiled kernels).
+@pytest.mark.parametrize("scheme,bits,group", [("mxfp4", 4, 32), ("affine", 4, 32)])
+def test_mxfp4_and_biased_experts_match_the_reference(scheme, bits, group):
+    act = Swiglu(1.702, FAMILY_CONFIGS["gpt_oss"]["swiglu_limit"])
+    layout = RecordLayout.build(192, 128, bits, group, with_bias=True, scheme=scheme)
+    pool = biased_pool(layout, 5, seed=bits + group)
+    x = torch.randn(192, generator=torch.Generator().manual_seed(7))
+    slots, weights = [3, 0, 4], [0.5, 0.3, 0.2]
+    y = CpuExperts(layout, 2, act)(pool, slots, weights, x)
+    ref = sum(w * swiglu_expert(x[None], *layout.weights(pool[s], torch.float32), act, layout.biases(pool[s], torch.float32))[0]
+              for s, w in zip(slots, weights))
+    assert rel(y, ref) < 1e-5
 
 
 def test_refuses_what_it_does_not_compute(experts, monkeypatch):

@@ -1,5 +1,5 @@
-"""gpt-oss beyond 16-bit parity (tests/test_parity.py): its biased, clamped experts quantized, the
-GPU path's clear refusal, and checkpoints missing what the family needs."""
+"""gpt-oss beyond 16-bit parity (tests/test_parity.py): its biased, clamped experts quantized, its
+MXFP4 release kept as released, the GPU path's clear refusal, and damaged or incomplete checkpoints."""
 
 import pytest
 import torch
@@ -9,7 +9,8 @@ from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.safetensors import Checkpoint, save_file
 
 from ..conftest import build_hf_model
-from ..test_parity import our_run, rel_err
+from ..mxfp4_checkpoint import to_mxfp4_release
+from ..test_parity import check_parity, our_run, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +44,68 @@ def test_a_checkpoint_without_expert_biases_is_refused_naming_them(gpt_oss, tmp_
         (tmp_path / "hf" / f).write_bytes((src / f).read_bytes())
     with pytest.raises(ConversionError, match="layer 0: incomplete experts .*mlp.experts.down_proj_bias.*first missing: down_proj_bias"):
         convert(tmp_path / "hf", tmp_path / "out", bits=16)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_release(gpt_oss):
+    """The MXFP4 release layout of the tiny model, and transformers' model read from that file (dequantized)."""
+    import transformers as tf
+
+    to_mxfp4_release(gpt_oss / "hf", gpt_oss / "mx")
+    reference = tf.GptOssForCausalLM.from_pretrained(gpt_oss / "mx", quantization_config=tf.Mxfp4Config(dequantize=True),
+                                                     dtype=torch.float32)
+    return gpt_oss / "mx", reference.eval()
+
+
+def test_mxfp4_experts_are_kept_as_released_and_generate_what_transformers_does(mxfp4_release, tmp_path):
+    src, reference = mxfp4_release
+    engine, _ = check_parity(src, reference, tmp_path, bits=None)  # the default --bits: MXFP4 kept
+    layout = engine.manifest.layout
+    assert (layout.scheme, layout.bits, layout.with_bias) == ("mxfp4", 4, True)
+    with Checkpoint(src) as ckpt:  # record bytes = the released rows, gate rows first
+        blocks, scales = ckpt.read_row("model.layers.1.mlp.experts.gate_up_proj_blocks", 5), ckpt.read_row(
+            "model.layers.1.mlp.experts.gate_up_proj_scales", 5)
+        down = ckpt.read_row("model.layers.1.mlp.experts.down_proj_blocks", 5)
+    raw = (engine.dir / engine.manifest.expert_file(1).file).read_bytes()
+    views = layout.views(torch.frombuffer(bytearray(raw[5 * layout.record_size : 6 * layout.record_size]), dtype=torch.uint8))
+    assert torch.equal(views["gate_up_proj.blocks"], torch.cat([blocks[0::2], blocks[1::2]]).reshape(64, -1))
+    assert torch.equal(views["gate_up_proj.scales"], torch.cat([scales[0::2], scales[1::2]]))
+    assert torch.equal(views["down_proj.blocks"], down.reshape(64, -1))
+
+
+def test_mxfp4_to_16_bits_is_exact(mxfp4_release, tmp_path):
+    src, _ = mxfp4_release
+    convert(src, tmp_path / "kept")
+    report = convert(src, tmp_path / "q16", bits=16)
+    assert report.experts == "MXFP4 dequantized, then stored 16-bit" and report.relative_errors()["experts.gate_up_proj"] == 0
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3))
+    kept = our_run(Engine(tmp_path / "kept", EngineConfig(dtype="float32", threads=1)), prompt, 3)
+    exact = our_run(Engine(tmp_path / "q16", EngineConfig(dtype="float32", threads=1)), prompt, 3)
+    assert rel_err(exact[0], kept[0]) < 1e-6 and exact[2] == kept[2]
+
+
+def test_damaged_mxfp4_tensors_are_refused_naming_them(mxfp4_release, tmp_path):
+    src, _ = mxfp4_release
+    with Checkpoint(src) as ckpt:
+        tensors = {n: ckpt.read(n) for n in ckpt.names()}
+    for change, message in [
+        ({"model.layers.2.mlp.experts.down_proj_scales": "nan"},
+         r"model.layers.2.mlp.experts.down_proj_scales: expert 3 holds the scale byte 255.*download it again"),
+        ({"model.layers.0.mlp.experts.gate_up_proj_scales": "short"},
+         r"model.layers.0.mlp.experts.gate_up_proj_scales has shape \[8, 64, 1\], expected \[8, 64, 2\] \(MXFP4 blocks and scales"),
+    ]:
+        (name, how), = change.items()
+        broken = dict(tensors)
+        broken[name] = broken[name].clone()
+        if how == "nan":
+            broken[name][3, 7, 0] = 255
+        else:
+            broken[name] = broken[name][..., :1].contiguous()
+        bad = tmp_path / how
+        bad.mkdir()
+        save_file(broken, bad / "model.safetensors")
+        for f in ("config.json", "tokenizer.json"):
+            (bad / f).write_bytes((src / f).read_bytes())
+        with pytest.raises(ConversionError, match=message):
+            convert(bad, tmp_path / f"{how}-out")
+        assert not (tmp_path / f"{how}-out").exists()
