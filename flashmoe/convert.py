@@ -27,12 +27,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from . import quant
 from .formats.packed import DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, PackedFormatError, RecordLayout, check_quantization
+from .formats.mlx import MlxQuantization
+from .formats.mlx import dequantize as mlx_dequantize
 from .formats.safetensors import Checkpoint, SafetensorsWriter
 from .models import ModelArgs, names, read_args, sanitize
 from .models.names import CheckpointNames
 from .models.transformer import Model
 from .moe.block import FP32_TENSORS
 from .tokenizer import Tokenizer
+from .utils import read_json
 
 COPIED_FILES = (
     "config.json",
@@ -72,6 +75,8 @@ class _Plan:
     experts: dict[int, dict]  # layer -> {"fused": {proj: name}} or {"split": {(expert, proj): name}}
     bytes_total: int
     mxfp4: bool  # the experts are MXFP4 blocks and scales (gpt-oss's release)
+    mlx: MlxQuantization | None = None  # an mlx-lm quantized checkpoint's quantization
+    mlx_experts: tuple[int, int] | None = None  # its experts' (bits, group size), where they are quantized
 
 
 def convert(
@@ -90,16 +95,13 @@ def convert(
     _clean_up_dead_runs(dst)  # first: a model a killed --force run set aside goes back to dst
     _check_destination(dst, force)
     cfg = read_args(src)
+    mlx = MlxQuantization.from_config(read_json(src / "config.json", ConversionError, ""))
     report = ConversionReport(dst, warnings=_check_tokenizer(src, dst, cfg))
     started = time.perf_counter()
     with Checkpoint(src) as ckpt:
-        plan = _plan(cfg, ckpt)
-        keep = plan.mxfp4 and bits is None
-        layout = RecordLayout.build(cfg.hidden_size, cfg.moe.intermediate, 4 if bits is None else bits,
-                                    quant.MXFP4_GROUP if keep else group_size, with_bias=cfg.moe.expert_bias,
-                                    scheme="mxfp4" if keep else "affine")
-        report.experts = ("MXFP4, kept as released" if keep else
-                          f"MXFP4 dequantized, then stored {layout.bits}-bit" if plan.mxfp4 else f"stored {layout.bits}-bit")
+        plan = _plan(cfg, ckpt, mlx)
+        layout = _layout(cfg, plan, bits, group_size)
+        report.experts = _experts_summary(plan, layout)
         tmp = _sibling(dst, "partial")
         created = _make_parents(dst.parent)
         tmp.mkdir()  # before the try: what exists already is not ours to remove
@@ -208,7 +210,34 @@ def _check_tokenizer(src: Path, dst: Path, cfg: ModelArgs) -> list[str]:
     return []
 
 
-def _plan(cfg: ModelArgs, ckpt: Checkpoint) -> _Plan:
+def _layout(cfg: ModelArgs, plan: _Plan, bits: int | None, group_size: int) -> RecordLayout:
+    """The records: quantized experts kept as they are stored where --bits is not given (MXFP4 as
+    released; MLX's affine groups repacked bit for bit), else stored at --bits (default 4)."""
+    H, I, biased = cfg.hidden_size, cfg.moe.intermediate, cfg.moe.expert_bias
+    if bits is None and plan.mxfp4:
+        return RecordLayout.build(H, I, 4, quant.MXFP4_GROUP, with_bias=biased, scheme="mxfp4")
+    if bits is None and plan.mlx_experts is not None:
+        mlx_bits, mlx_group = plan.mlx_experts
+        try:
+            check_quantization(mlx_bits, mlx_group)
+            return RecordLayout.build(H, I, mlx_bits, mlx_group, with_bias=biased)
+        except ValueError as e:
+            raise ConversionError(f"the MLX experts' {mlx_bits}-bit groups of {mlx_group} cannot be kept as records ({e}); "
+                                  "pass --bits 4 (or 8) to requantize them from their dequantized weights") from None
+    return RecordLayout.build(H, I, 4 if bits is None else bits, group_size, with_bias=biased)
+
+
+def _experts_summary(plan: _Plan, layout: RecordLayout) -> str:
+    """What the convert summary says became of the experts: kept as stored, or converted from what."""
+    if layout.scheme == "mxfp4":
+        return "MXFP4, kept as released"
+    source = "MXFP4" if plan.mxfp4 else f"MLX {plan.mlx_experts[0]}-bit" if plan.mlx_experts else None
+    if source and plan.mlx_experts == (layout.bits, layout.group_size):
+        return f"{source} groups of {layout.group_size}, repacked bit for bit"
+    return f"{source} dequantized, then stored {layout.bits}-bit" if source else f"stored {layout.bits}-bit"
+
+
+def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None) -> _Plan:
     naming = names(cfg)
     dense, experts, total = [], defaultdict(lambda: {"fused": {}, "split": {}}), 0
     for name in ckpt.names():
@@ -219,6 +248,8 @@ def _plan(cfg: ModelArgs, ckpt: Checkpoint) -> _Plan:
         if canon == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints store the head anyway; the embedding is the head
         total += ckpt.info(name).nbytes
+        if parsed is None and _is_mlx_companion(ckpt, name, mlx):
+            continue  # read with its weight
         if parsed is None:
             dense.append(name)
             continue
@@ -228,27 +259,62 @@ def _plan(cfg: ModelArgs, ckpt: Checkpoint) -> _Plan:
         else:
             experts[layer]["split"][(expert, proj)] = name
     mxfp4 = any(proj.endswith(".blocks") for found in experts.values() for proj in found["fused"])
-    _check_dense(cfg, ckpt, dense)
-    _check_experts(cfg, ckpt, experts, mxfp4)
-    return _Plan(dense, dict(experts), total, mxfp4)
+    mlx_experts = _mlx_experts(ckpt, experts, mlx)
+    plan = _Plan(dense, dict(experts), total, mxfp4, mlx, mlx_experts)
+    _check_dense(cfg, ckpt, plan)
+    _check_experts(cfg, ckpt, experts, mxfp4, mlx_experts)
+    return plan
 
 
-def _sanitized_meta(cfg: ModelArgs, ckpt: Checkpoint, dense: list[str]) -> list[tuple[str, torch.dtype, tuple]]:
+def _is_mlx_companion(ckpt: Checkpoint, name: str, mlx: MlxQuantization | None) -> bool:
+    """Whether `name` is the scales or biases of an MLX-quantized weight (read together with it)."""
+    base, dot, kind = name.rpartition(".")
+    return mlx is not None and kind in ("scales", "biases") and _mlx_bits(ckpt, base + ".weight", mlx) is not None
+
+
+def _mlx_bits(ckpt: Checkpoint, name: str, mlx: MlxQuantization | None) -> tuple[int, int] | None:
+    """(bits, group size) of an MLX-quantized weight: packed uint32 codes with scales beside them; else None."""
+    if mlx is None or not name.endswith(".weight") or name not in ckpt.where:
+        return None
+    module = name.removesuffix(".weight")
+    if ckpt.info(name).dtype not in (torch.uint32, torch.int32) or module + ".scales" not in ckpt.where:
+        return None
+    found = mlx.of(module)
+    if found is None:
+        raise ConversionError(f"{name} holds packed codes, but config.json's quantization says {module} is not quantized")
+    return found
+
+
+def _mlx_experts(ckpt: Checkpoint, experts: dict, mlx: MlxQuantization | None) -> tuple[int, int] | None:
+    """(bits, group size) shared by every MLX-quantized expert projection; None without them."""
+    found = {_mlx_bits(ckpt, name, mlx): name for e in experts.values() for proj, name in e["fused"].items()}
+    found.pop(None, None)
+    if len(found) > 1:
+        (a, first), (b, second) = list(found.items())[:2]
+        raise ConversionError(f"the experts are quantized differently ({first}: {a[0]}-bit groups of {a[1]}; {second}: "
+                              f"{b[0]}-bit groups of {b[1]}): records hold one layout; pass --bits to requantize them all")
+    return next(iter(found), None)
+
+
+def _sanitized_meta(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan) -> list[tuple[str, torch.dtype, tuple]]:
     """The dense tensors the packed file will hold, computed on shapes alone (meta tensors)."""
     naming, out = names(cfg), []
-    for name in dense:
+    for name in plan.dense:
         info = ckpt.info(name)
-        meta = torch.empty(info.shape, dtype=info.dtype, device="meta")
+        shape, dtype = info.shape, info.dtype
+        if (packed := _mlx_bits(ckpt, name, plan.mlx)) is not None:  # dequantized: [..., out, in]
+            shape, dtype = (*shape[:-1], shape[-1] * 32 // packed[0]), torch.bfloat16
+        meta = torch.empty(shape, dtype=dtype, device="meta")
         for new_name, t in sanitize(cfg, naming.canonical(name, cfg.num_hidden_layers), meta):
             out.append((new_name, t.dtype, tuple(t.shape)))
     return out
 
 
-def _check_dense(cfg: ModelArgs, ckpt: Checkpoint, dense: list[str]) -> None:
+def _check_dense(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan) -> None:
     with torch.device("meta"):
         model = Model(cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {name: shape for name, _, shape in _sanitized_meta(cfg, ckpt, dense)}
+    have = {name: shape for name, _, shape in _sanitized_meta(cfg, ckpt, plan)}
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or unexpected:
         parts = []
@@ -265,7 +331,7 @@ def _check_dense(cfg: ModelArgs, ckpt: Checkpoint, dense: list[str]) -> None:
             raise ConversionError(f"tensor {name} has shape {list(shape)}; config.json implies {list(want[name])}")
 
 
-def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict, mxfp4: bool) -> None:
+def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict, mxfp4: bool, mlx: tuple[int, int] | None) -> None:
     E, I, H = cfg.moe.num_experts, cfg.moe.intermediate, cfg.hidden_size
     if sorted(experts) != cfg.moe_layers:
         raise ConversionError(f"expert tensors found for layers {sorted(experts)}; config.json expects {cfg.moe_layers}")
@@ -273,6 +339,8 @@ def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict, mxfp4: bool)
     fused_shapes = {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)}
     if names(cfg).fused_in_out:
         fused_shapes = {"gate_up_proj": (E, H, 2 * I), "down_proj": (E, I, H)}
+    if any("switch_mlp" in name for found in experts.values() for name in found["fused"].values()):
+        fused_shapes = _switch_mlp_shapes(E, I, H, mlx)  # mlx-lm's, per projection
     if mxfp4:  # [E, out, groups, 16 bytes] and a scale per group, whatever the 16-bit tensors' order
         g = quant.MXFP4_GROUP
         if H % g or I % g:
@@ -305,6 +373,21 @@ def _check_experts(cfg: ModelArgs, ckpt: Checkpoint, experts: dict, mxfp4: bool)
                 raise ConversionError(f"{name} has shape {list(ckpt.info(name).shape)}, expected {list(split_shapes[proj])}")
 
 
+def _switch_mlp_shapes(E: int, I: int, H: int, mlx: tuple[int, int] | None) -> dict[str, tuple]:
+    """mlx-lm's stacked experts: gate, up [E, I, H] and down [E, H, I], or their packed codes,
+    scales and biases."""
+    shapes = {"gate_proj": (E, I, H), "up_proj": (E, I, H), "down_proj": (E, H, I)}
+    if mlx is None:
+        return {f"{p}.weight": shape for p, shape in shapes.items()}
+    bits, group = mlx
+    out = {}
+    for p, (e, n, k) in shapes.items():
+        if k * bits % 32 or k % group:
+            raise ConversionError(f"the experts' {p} input of {k} does not split into {bits}-bit words and groups of {group}")
+        out |= {f"{p}.weight": (e, n, k * bits // 32), f"{p}.scales": (e, n, k // group), f"{p}.biases": (e, n, k // group)}
+    return out
+
+
 def _first_missing(fused_shapes: dict, fused: dict, missing: list) -> str:
     if fused:
         return next(p.replace(".", "_") for p in fused_shapes if p not in fused)
@@ -324,10 +407,15 @@ def _stored_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advance) -> str:
     naming, dtype = names(cfg), _dense_dtype(ckpt, plan.dense)
-    entries = [(n, _stored_dtype(n, dtype), s) for n, _, s in _sanitized_meta(cfg, ckpt, plan.dense)]
+    entries = [(n, _stored_dtype(n, dtype), s) for n, _, s in _sanitized_meta(cfg, ckpt, plan)]
     writer = SafetensorsWriter(out_dir / DENSE_FILE, entries, {"format": "pt"})
     for name in plan.dense:
         source = ckpt.read(name)
+        if (packed := _mlx_bits(ckpt, name, plan.mlx)) is not None:
+            module = name.removesuffix(".weight")
+            scales, biases = ckpt.read(module + ".scales"), ckpt.read(module + ".biases")
+            source = mlx_dequantize(source, scales, biases, *packed, name)
+            advance(ckpt.info(module + ".scales").nbytes + ckpt.info(module + ".biases").nbytes)
         for new_name, t in sanitize(cfg, naming.canonical(name, cfg.num_hidden_layers), source):
             stored = t.to(_stored_dtype(new_name, dtype))
             sums = report.error_sums["dense"]
@@ -340,16 +428,19 @@ def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advan
     return str(dtype).removeprefix("torch.")
 
 
-def _read_expert(ckpt: Checkpoint, found: dict, expert: int, naming: CheckpointNames, keep_mxfp4: bool
-                 ) -> tuple[dict[str, torch.Tensor], int]:
+def _read_expert(ckpt: Checkpoint, found: dict, expert: int, naming: CheckpointNames, keep_mxfp4: bool,
+                 mlx: tuple[int, int, bool] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """({gate_up_proj: [2I, H], down_proj: [H, I], and biases where the experts have them}, source
-    bytes) of one expert from either checkpoint layout, in the record's order (gate rows, then up).
-    MXFP4 experts come as {P.blocks [N, K/2], P.scales [N, K/32]} with `keep_mxfp4`, else dequantized."""
+    bytes) of one expert from any checkpoint layout, in the record's order (gate rows, then up).
+    MXFP4 experts come as {P.blocks [N, K/2], P.scales [N, K/32]} with `keep_mxfp4`, else dequantized;
+    MLX ones (mlx: bits, group size, keep) as {P.weight, P.scales, P.biases} where kept."""
     if found["fused"]:
         tensors = {proj: ckpt.read_row(name, expert) for proj, name in found["fused"].items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if "gate_up_proj.blocks" in tensors:
             tensors = _mxfp4_expert(tensors, found["fused"], expert, keep_mxfp4)
+        elif "gate_proj.weight" in tensors:
+            tensors = _switch_mlp_expert(tensors, found["fused"], mlx)
         elif naming.fused_in_out:
             tensors["gate_up_proj"], tensors["down_proj"] = tensors["gate_up_proj"].t().contiguous(), tensors["down_proj"].t().contiguous()
         if naming.gate_up_interleaved:  # gate, up, gate, up, ... -> gate rows, then up rows
@@ -362,6 +453,32 @@ def _read_expert(ckpt: Checkpoint, found: dict, expert: int, naming: CheckpointN
                    "down_proj": ckpt.read(split[(expert, "down_proj")])}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return tensors, nbytes
+
+
+def _switch_mlp_expert(tensors: dict[str, torch.Tensor], source: dict[str, str], mlx: tuple[int, int, bool] | None
+                       ) -> dict[str, torch.Tensor]:
+    """One expert of mlx-lm's stacked projections: gate and up rows joined into gate_up; packed codes
+    kept with their scales and biases (`mlx` keep: bit for bit, so the scales must be exact in
+    bfloat16), or dequantized; 16-bit ones as they are."""
+    joined = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    if mlx is None:
+        return {ours: torch.cat([tensors[f"{p}.weight"] for p in theirs]) for ours, theirs in joined.items()}
+    bits, group, keep = mlx
+    out = {}
+    for ours, theirs in joined.items():
+        if not keep:
+            out[ours] = torch.cat([mlx_dequantize(*(tensors[f"{p}.{k}"] for k in ("weight", "scales", "biases")), bits, group,
+                                                  source[f"{p}.weight"]) for p in theirs])
+            continue
+        out[f"{ours}.weight"] = torch.cat([tensors[f"{p}.weight"] for p in theirs]).view(torch.int32)
+        for kind in ("scales", "biases"):
+            parts = [tensors[f"{p}.{kind}"] for p in theirs]
+            for p, t in zip(theirs, parts):
+                if not torch.equal(t.to(torch.bfloat16).to(t.dtype), t):
+                    raise ConversionError(f"{source[p + '.' + kind]} holds {t.dtype} values that bfloat16 (the records' "
+                                          "scales) cannot hold exactly: pass --bits 4 (or 8) to requantize the experts")
+            out[f"{ours}.{kind}"] = torch.cat(parts).to(torch.bfloat16)
+    return out
 
 
 def _mxfp4_expert(tensors: dict[str, torch.Tensor], source: dict[str, str], expert: int, keep: bool) -> dict[str, torch.Tensor]:
@@ -387,7 +504,7 @@ def _encode_expert(layout: RecordLayout, weights: dict[str, torch.Tensor], repor
         if proj.endswith(".bias"):  # stored 16-bit, as the weights of a 16-bit record
             tensors[proj] = w.to(torch.bfloat16)
             continue
-        if proj.endswith((".blocks", ".scales")):  # MXFP4 kept as released: the bytes, unchanged
+        if proj.endswith((".blocks", ".scales", ".weight", ".biases")):  # kept as stored (MXFP4, MLX): the bytes, unchanged
             tensors[proj] = w
             continue
         if layout.bits == 16:
@@ -413,7 +530,8 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
         crcs = []
         with open(out_dir / rel, "wb") as f:
             for expert in range(cfg.moe.num_experts):
-                tensors, nbytes = _read_expert(ckpt, plan.experts[layer], expert, names(cfg), layout.scheme == "mxfp4")
+                mlx = None if plan.mlx_experts is None else (*plan.mlx_experts, plan.mlx_experts == (layout.bits, layout.group_size))
+                tensors, nbytes = _read_expert(ckpt, plan.experts[layer], expert, names(cfg), layout.scheme == "mxfp4", mlx)
                 record = _encode_expert(layout, tensors, report)
                 data = record.numpy()
                 crcs.append(zlib.crc32(data))

@@ -43,10 +43,14 @@ class CheckpointNames:
     def expert(self, name: str) -> tuple[int, int | None, str] | None:
         """(layer, expert or None for fused [E, ...] tensors, projection) of a canonical name of an
         expert tensor, the projection as ours (gate_proj, up_proj, down_proj, or gate_up_proj fused;
-        their biases as gate_up_proj.bias, down_proj.bias; MXFP4's codes and scales as .blocks, .scales)."""
+        their biases as gate_up_proj.bias, down_proj.bias; MXFP4's codes and scales as .blocks, .scales;
+        mlx-lm's stacked switch_mlp projections as gate_proj.weight, .scales, .biases and so on)."""
         m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(?:_(bias|blocks|scales))?", name)
         if m:
             return int(m[1]), None, m[2] + (f".{m[3]}" if m[3] else "")
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)", name)
+        if m:  # mlx-lm's experts, stacked per projection
+            return int(m[1]), None, f"{m[2]}.{m[3]}"
         m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight", name)
         if m and m[3] in self.expert_projections:
             return int(m[1]), int(m[2]), self.expert_projections[m[3]]
