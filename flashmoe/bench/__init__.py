@@ -20,13 +20,12 @@ from typing import NamedTuple
 import torch
 
 from ..analysis.routing_trace import RoutingTrace
-from ..formats.packed import RecordLayout
 from ..models import args_from_dict
 from ..utils import total_memory_bytes
 from .presets import preset_args, preset_config
 from .probes import measure_bandwidths
 from .scenarios import fit_trace_replays, log_decode, run_decode, run_prefill, run_replayed_decode
-from .synthesis import synthesize
+from .synthesis import record_layout, synthesize
 from .tiers import place_tiers, plan_tiers, slice_engine
 
 
@@ -83,7 +82,7 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     out = workdir / f"{preset}-L{layers}-{bits}bit"
     log(f"synthesizing {preset} (first {layers} of {full.num_hidden_layers} layers, {bits}-bit experts) in {out}")
     synthesize(out, cfg, bits, device="cuda", log=log)
-    layout = RecordLayout.build(full.hidden_size, full.moe.intermediate, bits, 64)
+    layout = record_layout(full, bits)
     bw = measure_bandwidths(out, layout)
     log(f"bandwidths: PCIe H2D {bw.pcie_h2d / 1e9:.1f} GB/s, HBM copy {bw.hbm_copy / 1e9:.0f} GB/s, disk {bw.disk_read / 1e9:.2f} GB/s")
     gpu_total = torch.cuda.get_device_properties(0).total_memory

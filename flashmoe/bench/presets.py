@@ -54,6 +54,15 @@ PRESETS: dict[str, dict] = {
         eos_token_id=[151329, 151336, 151338],
     ),
 }
+_GPT_OSS = dict(
+    model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
+    num_key_value_heads=8, head_dim=64, num_experts_per_tok=4, sliding_window=128, swiglu_limit=7.0,
+    rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False, attention_bias=True,
+    eos_token_id=200002, rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                          "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096},
+)
+PRESETS["gpt-oss-120b"] = {**_GPT_OSS, "num_hidden_layers": 36, "num_local_experts": 128}
+PRESETS["gpt-oss-20b"] = {**_GPT_OSS, "num_hidden_layers": 24, "num_local_experts": 32}
 
 
 def preset_config(name: str, layers: int | None = None) -> dict:

@@ -20,6 +20,7 @@ from ..formats.safetensors import SafetensorsWriter
 from ..models import ModelArgs, args_from_dict
 from ..models.transformer import Model
 from ..moe.block import FP32_TENSORS
+from ..quant import MXFP4_GROUP
 from ..tokenizer_build import write_byte_tokenizer, write_qwen35_tokenizer
 
 QWEN35_VOCAB = 248077  # ids of the Qwen3.5 tokenizer: models with fewer get a byte-level one
@@ -68,7 +69,7 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
     already there with the same shape and quantization)."""
     args = args_from_dict(cfg)
     E = args.moe.num_experts
-    layout = RecordLayout.build(args.hidden_size, args.moe.intermediate, bits, group_size)
+    layout = record_layout(args, bits, group_size)
     stamp = {"bench_config": cfg, "bits": bits, "group_size": group_size, "seed": seed}
     if (out / "bench.json").exists() and json.loads((out / "bench.json").read_text()) == stamp:
         return out
@@ -125,14 +126,32 @@ def _check_disk(out: Path, need: int) -> None:
                        + ", or pass --workdir on a larger disk")
 
 
+def record_layout(args: ModelArgs, bits: int, group_size: int = 64) -> RecordLayout:
+    """The records bench synthesizes for a model: with the family's expert biases, and at 4 bits in
+    the scheme its release ships where that is MXFP4 (gpt-oss)."""
+    mxfp4 = bits == 4 and args.RELEASED_SCHEME == "mxfp4"
+    return RecordLayout.build(args.hidden_size, args.moe.intermediate, bits, MXFP4_GROUP if mxfp4 else group_size,
+                              with_bias=args.moe.expert_bias, scheme="mxfp4" if mxfp4 else "affine")
+
+
 def random_records(layout: RecordLayout, n: int, gen: torch.Generator) -> torch.Tensor:
     """n expert records: random codes; scales and biases that make each weight row zero-mean with
-    unit-gain variance (so activations stay finite through any number of layers)."""
+    unit-gain variance (so activations stay finite through any number of layers); expert biases 0."""
     records = torch.randint(0, 256, (n, layout.record_size), dtype=torch.uint8, generator=gen, device=gen.device)
+    for s in layout.segments:
+        if s.name.endswith(".bias"):
+            records[:, s.offset : s.offset + s.nbytes] = 0  # bf16 zeros
     if layout.bits == 16:
         for s in layout.segments:
-            w = torch.randn(n, *s.shape, generator=gen, device=gen.device) / s.shape[1] ** 0.5
-            records[:, s.offset : s.offset + s.nbytes] = w.to(torch.bfloat16).view(n, -1).view(torch.uint8)
+            if s.name.endswith(".weight"):
+                w = torch.randn(n, *s.shape, generator=gen, device=gen.device) / s.shape[1] ** 0.5
+                records[:, s.offset : s.offset + s.nbytes] = w.to(torch.bfloat16).view(n, -1).view(torch.uint8)
+        return records
+    if layout.scheme == "mxfp4":  # random E2M1 codes have RMS 2.93: one power-of-two scale per row for unit gain
+        for s in layout.segments:
+            if s.name.endswith(".scales"):
+                k = layout.hidden_size if s.name.startswith("gate_up") else layout.intermediate_size
+                records[:, s.offset : s.offset + s.nbytes] = 127 + round(math.log2(1 / (2.93 * k**0.5)))
         return records
     levels = (1 << layout.bits) - 1
     code_std = (levels * (levels + 2) / 12) ** 0.5  # std of a uniform code in [0, levels]

@@ -92,6 +92,7 @@ class ModelArgs(ABC):
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()  # config.json model_type values this family reads
     ZERO_CENTRED_NORMS: ClassVar[bool] = False  # RMSNorm weights stored as w of (1 + w) (layers/norm.py)
+    RELEASED_SCHEME: ClassVar[str | None] = None  # the experts' quantization as released ("mxfp4": gpt-oss), if any
 
     model_type: str
     vocab_size: int

@@ -27,6 +27,7 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 @dataclass(kw_only=True)
 class Args(ModelArgs):
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("gpt_oss",)
+    RELEASED_SCHEME: ClassVar[str | None] = "mxfp4"
 
     num_local_experts: int
     num_experts_per_tok: int

@@ -4,6 +4,7 @@ as the model's name says (the sum of the modules' tensors and the experts' recor
 import math
 
 import pytest
+import torch
 
 from flashmoe.bench.presets import PRESETS, preset_args, preset_config
 from flashmoe.bench.synthesis import dense_tensors
@@ -11,6 +12,7 @@ from flashmoe.bench.synthesis import dense_tensors
 SIZES = {  # billions of parameters, from the names (GLM-4.5's 355B counts its MTP layer, which is not run)
     "qwen3.5-397b-a17b": 397, "qwen3.5-122b-a10b": 122, "qwen3.6-35b-a3b": 35, "qwen3-next-80b-a3b": 80,
     "qwen3-30b-a3b": 30.5, "qwen3-235b-a22b": 235, "qwen3-coder-480b-a35b": 480, "minimax-m2": 230, "glm-4.5": 355,
+    "gpt-oss-120b": 116.8, "gpt-oss-20b": 20.9,  # the model card's counts: the names round them
 }
 
 
@@ -21,6 +23,18 @@ def test_preset_has_the_size_of_the_released_model(name):
     experts = len(args.moe_layers) * moe.num_experts * 3 * args.hidden_size * moe.intermediate
     dense = sum(math.prod(shape) for _, shape, _, _ in dense_tensors(args))
     assert (experts + dense) / 1e9 == pytest.approx(SIZES[name], rel=0.015)
+
+
+def test_gpt_oss_synthesizes_mxfp4_records_with_biases():
+    from flashmoe.bench.synthesis import random_records, record_layout
+
+    layout = record_layout(preset_args("gpt-oss-20b", layers=2), bits=4)
+    assert (layout.scheme, layout.group_size, layout.with_bias) == ("mxfp4", 32, True)
+    assert record_layout(preset_args("gpt-oss-20b", layers=2), bits=8).scheme == "affine"
+    record = random_records(layout, 1, torch.Generator().manual_seed(0))[0]
+    gate_up, down = layout.weights(record, torch.float32)
+    assert 0.7 < float(gate_up.std() * 2880**0.5) < 1.4 and 0.7 < float(down.std() * 2880**0.5) < 1.4  # unit gain
+    assert not layout.biases(record, torch.float32)[0].any()
 
 
 def test_a_slice_keeps_the_first_layers():
