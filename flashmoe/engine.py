@@ -53,9 +53,9 @@ class Engine:
         self.args = read_args(self.dir)
         moe = self.args.moe
         self.manifest.check(self.args.hidden_size, moe.intermediate, moe.num_experts, self.args.moe_layers, moe.expert_bias)
-        if config.gpu_path and (moe.expert_bias or moe.act != SILU or self.manifest.layout.scheme != "affine"):
-            raise ValueError(f"{self.args.model_type} experts (biases, clamped SwiGLU, MXFP4 records) run on the CPU path "
-                             "only for now (the GPU kernels compute plain SwiGLU experts from affine records): use --device cpu")
+        if config.gpu_path and (moe.expert_bias or moe.act != SILU) and self.manifest.layout.scheme != "mxfp4":
+            raise ValueError(f"on the GPU, {self.args.model_type}'s experts (biases, clamped SwiGLU) are computed from MXFP4 "
+                             "records only: convert the release without --bits (MXFP4 kept), or use --device cpu")
         self.tokenizer = Tokenizer.from_dir(self.dir)
         self.args.check_tokenizer(self.tokenizer.vocab_size, self.dir / "tokenizer.json")
         self.device = torch.device(config.device)
@@ -187,7 +187,13 @@ class Engine:
                 f"the GPU ran out of memory allocating {slots} expert slots "
                 f"({format_bytes(slots * layout.record_size)}): lower --gpu-mem"
             ) from None
-        gemv, grouped = MoeGemv(layout), MoeGrouped(layout)
+        if layout.scheme == "mxfp4":  # gpt-oss as released
+            from .kernels.moe_mxfp4 import MoeMxfp4
+
+            mxfp4 = MoeMxfp4(layout, self.args.moe.act)
+            gemv, grouped = mxfp4, mxfp4.grouped
+        else:
+            gemv, grouped = MoeGemv(layout), MoeGrouped(layout)
         moe = self.moe_layers
         for i, nxt in zip(moe, moe[1:] + [None]):
             self.experts[i] = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, grouped, self.timer, nxt)

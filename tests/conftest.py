@@ -68,7 +68,7 @@ FAMILY_CONFIGS = {
                                                       "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64},
     ),
 }
-GPU_FAMILIES = sorted(set(FAMILY_CONFIGS) - {"gpt_oss"})  # gpt-oss's experts run on the CPU path only, for now
+GPU_FAMILIES = sorted(set(FAMILY_CONFIGS) - {"gpt_oss"})  # gpt-oss: MXFP4 records only on the GPU (tests/models/test_gpt_oss.py)
 FAMILY_CLASSES = {"qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig"),
                   "minimax_m2": ("MiniMaxM2ForCausalLM", "MiniMaxM2Config"),
                   "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig"),

@@ -201,7 +201,7 @@ def _server(bits: int, group: int):
                 rec, w = mail[SLOTS + j], mailf[WEIGHTS + j]
                 for r0 in range(lo, hi, ROWS_PER_BLOCK):
                     r1 = min(r0 + ROWS_PER_BLOCK, hi)
-                    _rows(p8[rec], p16[rec], offs[3:6], inter, bits, group, r0, r1, act[j], act_sums[j], y)
+                    _rows(p8[rec], p16[rec], offs[5:8], inter, bits, group, r0, r1, act[j], act_sums[j], y)
                     for r in range(r0, r1):
                         result[r] = w * y[r] if j == 0 else result[r] + w * y[r]
             since = cycles()
@@ -225,9 +225,10 @@ class ExpertServer:
     def __init__(self, layout: RecordLayout, pool: torch.Tensor, threads: int | None = None):
         if numba is None:
             raise RuntimeError("the CPU's share of resident experts needs numba: pip install 'flashmoe[cpu-experts]'")
-        if not CpuExperts.supports(layout):
-            raise ValueError(f"the CPU computes {'/'.join(map(str, SUPPORTED_BITS))}-bit records with groups of whole "
-                             f"32-bit words, not {layout.bits}-bit with group size {layout.group_size}")
+        if not CpuExperts.supports(layout) or layout.scheme != "affine" or layout.with_bias:
+            raise ValueError(f"the CPU's share computes {'/'.join(map(str, SUPPORTED_BITS))}-bit affine records without "
+                             f"expert biases, in groups of whole 32-bit words, not {layout.scheme} {layout.bits}-bit "
+                             f"records{' with biases' if layout.with_bias else ''} in groups of {layout.group_size}")
         if pool.device.type != "cpu" or pool.dtype != torch.uint8 or pool.dim() != 2 or pool.shape[1] != layout.record_size:
             raise ValueError(f"pool must be the host tier's uint8 [slots, {layout.record_size}] tensor")
         self.layout, self.pool = layout, pool

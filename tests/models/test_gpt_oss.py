@@ -29,9 +29,22 @@ def test_4bit_experts_with_biases_stay_close_to_16bit(gpt_oss):
     assert rel_err(got_prompt, ref_prompt) < 0.05 and rel_err(got_steps, ref_steps) < 0.05  # measured 0.014, 0.013; seeds 12, 13 up to 0.040
 
 
-def test_the_gpu_path_refuses_its_experts_naming_the_way_out(gpt_oss):
-    with pytest.raises(ValueError, match="gpt_oss experts .* CPU path only.*--device cpu"):
+def test_the_gpu_path_refuses_other_records_than_mxfp4_naming_the_way_out(gpt_oss):
+    with pytest.raises(ValueError, match="gpt_oss's experts .* MXFP4 records only: convert the release without --bits"):
         Engine(gpt_oss / "q16", EngineConfig(gpu_path_on_cpu=True))
+
+
+def test_the_gpu_path_decodes_mxfp4_as_the_cpu_path(mxfp4_release, tmp_path):
+    """The GPU path's logic (GPU tier, the MXFP4 kernels in Triton's interpreter here; tests/test_gpu.py
+    on a device) against the CPU path, prompt (the grouped pass) and decode (the gathered one)."""
+    pytest.importorskip("triton")
+    src, _ = mxfp4_release
+    convert(src, tmp_path / "mx")
+    prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(4))
+    cpu = our_run(Engine(tmp_path / "mx", EngineConfig(dtype="float32", threads=1)), prompt, 3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = our_run(Engine(tmp_path / "mx", EngineConfig(device=device, dtype="float32", gpu_path_on_cpu=device == "cpu")), prompt, 3)
+    assert rel_err(gpu[0].cpu(), cpu[0]) < 1e-5 and rel_err(gpu[1].cpu(), cpu[1]) < 1e-5 and gpu[2] == cpu[2]
 
 
 def test_a_checkpoint_without_expert_biases_is_refused_naming_them(gpt_oss, tmp_path):
