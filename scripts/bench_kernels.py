@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=1024)
     ap.add_argument("--slots", type=int, default=256, help="pool size (rotated so reads miss the L2)")
-    ap.add_argument("--only", choices=["gemv", "grouped", "dense8"], help="time one kernel family")
+    ap.add_argument("--only", choices=["gemv", "grouped", "dense8", "mxfp4"],
+                    help="time one kernel family (mxfp4: gpt-oss's experts, e.g. --hidden 2880 --intermediate 2880)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8, 16], help="gemv: record widths to time")
     ap.add_argument("--ab", nargs="+", metavar="LABEL",
                     help="interleaved A/B of these quantized configurations (labels as the sweep prints them) "
@@ -62,6 +63,32 @@ def main() -> None:
         grouped_sweep(args)
     if args.only in (None, "dense8"):
         dense8(hbm)
+    if args.only in (None, "mxfp4"):
+        mxfp4(args, hbm)
+
+
+def mxfp4(args, hbm: float) -> None:
+    """gpt-oss's MXFP4 experts (biases, clamped SwiGLU): relative error against the reference on one
+    token, then us per call for k = 1 and 4 (entry 66 of docs/EXPERIMENTS.md predicts 30-50% of copy)."""
+    from flashmoe.kernels.moe_mxfp4 import MoeMxfp4
+    from flashmoe.layers.mlp import Swiglu, swiglu_expert
+
+    act = Swiglu(1.702, 7.0)
+    layout = RecordLayout.build(args.hidden, args.intermediate, 4, 32, with_bias=True, scheme="mxfp4")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    pool = torch.cat([random_records(layout, 32, gen) for _ in range(args.slots // 32)])
+    kernel, x = MoeMxfp4(layout, act), torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
+    slots, w = torch.randperm(args.slots, device="cuda")[:4].view(1, 4).to(torch.int32), torch.full((1, 4), 0.25, device="cuda")
+    ref = sum(0.25 * swiglu_expert(x.float(), *layout.weights(pool[int(s)], torch.float32), act,
+                                   layout.biases(pool[int(s)], torch.float32)) for s in slots[0])
+    err = float((kernel(x, pool, slots, w) - ref).norm() / ref.norm())
+    print(f"mxfp4 experts {args.hidden} x {args.intermediate}:  k  us/call   GB/s  % of copy   rel.err")
+    for k in (1, 4):
+        wk = torch.full((1, k), 1 / k, device="cuda")
+        sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
+        us = per_call_us(lambda: [kernel(x, pool, s, wk) for s in sets], len(sets))
+        gbs = k * layout.payload_bytes / us / 1e3
+        print(f"{'':>29}{k:>2} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>9.1e}")
 
 
 def grouped_sweep(args) -> None:
