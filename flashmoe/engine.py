@@ -328,9 +328,9 @@ class Engine:
     def new_state(self) -> SequenceState:
         return self.model.new_state(self.dtype, self.device)
 
-    def context(self, state: SequenceState, last_only: bool = True) -> StepContext:
-        """The context of one step of the model over `state` (models/context.py)."""
-        return StepContext(state, self.experts, self.timer, self.guesses, last_only=last_only)
+    def context(self, states: list[SequenceState], lengths: list[int] = (), last_only: bool = True) -> StepContext:
+        """The context of one step of the model over `states` (models/context.py)."""
+        return StepContext(states, lengths, self.experts, self.timer, self.guesses, last_only=last_only)
 
     @torch.inference_mode()
     def forward(self, ids: list[int] | torch.Tensor, state: SequenceState, last_only: bool = True) -> torch.Tensor:
@@ -339,27 +339,46 @@ class Engine:
         position [T, vocab] with last_only False). Inference mode per call, never across a
         generator's yield."""
         ids = torch.as_tensor(ids, dtype=torch.long).to(self.device)
-        if state.position + ids.shape[0] > self.context_length:
-            raise ContextLengthError(
-                f"{state.position + ids.shape[0]} tokens exceed the model's context length of {self.context_length}"
-            )
+        self._check_context(state, ids.shape[0])
+        chunk = self.config.prefill_chunk
+        logits = [self._step(ids[start : start + chunk], [state], (), last_only) for start in range(0, ids.shape[0], chunk)]
+        return logits[-1] if last_only else torch.cat(logits)
+
+    @torch.inference_mode()
+    def forward_batch(self, ids: list[list[int]], states: list[SequenceState]) -> torch.Tensor:
+        """One step over several sequences at once: ids[i] continue states[i] (updated in place) ->
+        the logits of each one's last position [len(states), vocab]. Each sequence attends over its
+        own cache; the rest of a layer runs on all the tokens together, so its routed experts read
+        each expert the batch needs once. One step, not chunked: keep the tokens to a prefill chunk."""
+        if len(ids) != len(states) or not ids or any(not seq for seq in ids) or len({id(s) for s in states}) < len(states):
+            raise ValueError("forward_batch takes one non-empty list of ids for each of several distinct states")
+        for seq, state in zip(ids, states):
+            self._check_context(state, len(seq))
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long).to(self.device)
+        return self._step(flat, states, [len(seq) for seq in ids], last_only=True)
+
+    def _check_context(self, state: SequenceState, tokens: int) -> None:
+        if state.position + tokens > self.context_length:
+            raise ContextLengthError(f"{state.position + tokens} tokens exceed the model's context length of {self.context_length}")
+
+    def _step(self, ids: torch.Tensor, states: list[SequenceState], lengths: list[int], last_only: bool) -> torch.Tensor:
+        """One forward of the model over ids [T], the tokens of `states` one after another; their
+        positions advanced."""
         if self.threads is not None:
             self.threads.update()
-        chunk, logits = self.config.prefill_chunk, []
         try:
-            for start in range(0, ids.shape[0], chunk):
-                piece = ids[start : start + chunk]
-                logits.append(self.model(piece, self.context(state, last_only)))
-                state.position += piece.shape[0]
+            logits = self.model(ids, self.context(states, lengths, last_only))
         except torch.cuda.OutOfMemoryError:
-            # Cached experts stay valid (a slot is filled before it is used); this sequence's state
-            # is incomplete and must not be continued.
+            # Cached experts stay valid (a slot is filled before it is used); the sequences' states
+            # are incomplete and must not be continued.
             tier = f"{format_bytes(self.gpu_tier.pool.numel())} of GPU expert slots" if self.gpu_tier else "no GPU tier"
             raise GpuMemoryError(
                 f"the GPU ran out of memory running {ids.shape[0]} tokens ({tier}): lower --gpu-mem, or send a shorter "
-                f"prompt (prefill works in chunks of {chunk} tokens)"
+                f"prompt (prefill works in chunks of {self.config.prefill_chunk} tokens)"
             ) from None
-        return logits[-1] if last_only else torch.cat(logits)
+        for state, n in zip(states, lengths or [ids.shape[0]]):
+            state.position += n
+        return logits
 
     def dense_bytes_per_token(self) -> int:
         """Bytes of dense weights a decode step reads: all but the embedding table (of which it reads

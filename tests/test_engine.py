@@ -94,3 +94,73 @@ def test_quantized_experts_track_16_bit(default_init_16, bits):
             b = quantized.forward(p, quantized.new_state(), last_only=False).argmax(-1)
             agree, total = agree + int((a == b).sum()), total + len(p)
     assert agree / total >= 0.9  # measured 0.977 (125/128) with seed 0
+
+
+# -- several sequences in one step ------------------------------------------------------------------
+
+PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48], [200, 17, 3]]
+
+
+def _alone(engine: Engine, prompt: list[int], steps: int) -> tuple[list[torch.Tensor], list[int]]:
+    state, logits, tokens = engine.new_state(), [], []
+    out = engine.forward(prompt, state)
+    for _ in range(steps):
+        logits.append(out[-1])
+        tokens.append(int(out[-1].argmax()))
+        out = engine.forward([tokens[-1]], state)
+    return logits, tokens
+
+
+@pytest.fixture(scope="module", params=["qwen3_5_moe", "qwen3_moe", "minimax_m2", "glm4_moe", "gpt_oss"])
+def family_engine(request, packed16, tmp_path_factory):
+    """A 16-bit fp32 engine of each family's tiny random model (Qwen3.5's with DeltaNet layers)."""
+    from .conftest import build_hf_model
+
+    if request.param == "qwen3_5_moe":
+        return Engine(packed16, EngineConfig(dtype="float32", threads=1))
+    d = tmp_path_factory.mktemp(request.param)
+    build_hf_model(request.param, d / "hf", seed=13)
+    convert(d / "hf", d / "q16", bits=16)
+    return Engine(d / "q16", EngineConfig(dtype="float32", threads=1))
+
+
+def test_a_batch_of_different_prompts_gives_what_each_gives_alone(family_engine):
+    """Prompts of 5, 9 and 3 tokens prefilled in one step, then decoded in steps of one token each:
+    every sequence's logits and greedy tokens as when it runs alone."""
+    engine, steps = family_engine, 3
+    alone = [_alone(engine, p, steps) for p in PROMPTS]
+    states = [engine.new_state() for _ in PROMPTS]
+    out, tokens = engine.forward_batch(PROMPTS, states), [[] for _ in PROMPTS]
+    for step in range(steps):
+        for i, (logits, _) in enumerate(alone):
+            assert float((out[i] - logits[step]).norm() / logits[step].norm()) < 1e-5, (i, step)
+            tokens[i].append(int(out[i].argmax()))
+        out = engine.forward_batch([[t[-1]] for t in tokens], states)
+    assert tokens == [t for _, t in alone]
+    assert [s.position for s in states] == [len(p) + steps for p in PROMPTS]
+
+
+def test_a_batched_step_reads_each_expert_once(packed16, monkeypatch):
+    """One decode step of three sequences: each layer loads the union of their routed experts, each once."""
+    engine = Engine(packed16, EngineConfig(dtype="float32", threads=1))
+    states = [engine.new_state() for _ in PROMPTS]
+    engine.forward_batch(PROMPTS, states)
+    routed, loaded = {}, {}
+    store_load = engine.store.load
+    monkeypatch.setattr(engine.store, "load", lambda layer, experts, *a, **kw: (
+        loaded.setdefault(layer, []).extend(experts), store_load(layer, experts, *a, **kw))[1])
+    for layer in engine.moe_layers:  # each layer's routed experts, wrapped to record the ids they get
+        engine.experts[layer] = lambda x, ids, w, residual=None, _s=engine.experts[layer], _l=layer: (
+            routed.__setitem__(_l, set(ids.flatten().tolist())), _s(x, ids, w, residual))[1]
+    engine.forward_batch([[1], [2], [3]], states)
+    assert routed and all(sorted(loaded[layer]) == sorted(routed[layer]) for layer in routed)
+    assert any(len(routed[layer]) > engine.top_k for layer in routed)  # the tokens chose different experts
+
+
+def test_forward_batch_refuses_what_is_not_a_batch(engine):
+    state = engine.new_state()
+    for ids, states in [([[1]], [state, engine.new_state()]), ([[1], []], [state, engine.new_state()]), ([[1], [2]], [state, state])]:
+        with pytest.raises(ValueError, match="one non-empty list of ids for each of several distinct states"):
+            engine.forward_batch(ids, states)
+    with pytest.raises(ContextLengthError, match="exceed the model's context length"):
+        engine.forward_batch([[1] * (engine.context_length + 1)], [state])

@@ -1,6 +1,7 @@
 """What one forward pass needs beside its token ids, in one object the layers read: the sequence
-state it continues, where each layer's routed experts come from, the timer, the next-layer guesses
-(prefetch), and inside a CUDA graph the device tensor of the position being written.
+states it continues (one, or a batch whose tokens lie one sequence after another), where each
+layer's routed experts come from, the timer, the next-layer guesses (prefetch), and inside a CUDA
+graph the device tensor of the position being written.
 
 The model's code is the same eagerly and under capture: `runtime/graphs.py` records a decode step
 by running the model with a context whose `section` and `run_experts` mark where the recorded
@@ -9,6 +10,7 @@ step must hand control back to the host (the routed experts that read the routin
 
 from __future__ import annotations
 
+import itertools
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -45,7 +47,8 @@ class NullTimer:
 
 @dataclass(slots=True)
 class StepContext:
-    state: SequenceState
+    states: Sequence[SequenceState]  # the sequences the step continues, in the order of their tokens
+    lengths: Sequence[int] = ()  # each one's tokens in this step; () with one sequence: all of them
     experts: Sequence[RoutedExperts | None] = ()  # per layer, from the runtime; None for dense layers
     timer: object = field(default_factory=NullTimer)  # runtime.stats.Timer, or anything with section(name)
     guesses: dict[int, NextLayerGuess] = field(default_factory=dict)  # prefetch: layer i -> next MoE layer's guess
@@ -53,10 +56,21 @@ class StepContext:
     last_only: bool = True  # logits of the last position only
 
     def positions(self, tokens: int, device: torch.device) -> torch.Tensor:
-        """The positions of this step's tokens [T]: read on the device inside a graph."""
+        """The positions of this step's tokens [T], each in its own sequence: read on the device
+        inside a graph."""
         if self.graph_position is not None:
             return self.graph_position
-        return torch.arange(self.state.position, self.state.position + tokens, device=device)
+        lengths = self.lengths or [tokens]
+        return torch.cat([torch.arange(s.position, s.position + n, device=device) for s, n in zip(self.states, lengths)])
+
+    def slices(self, tokens: int) -> list[slice]:
+        """Where each sequence's tokens lie among the step's T."""
+        ends = list(itertools.accumulate(self.lengths or [tokens]))
+        return [slice(end - n, end) for end, n in zip(ends, self.lengths or [tokens])]
+
+    def last_positions(self, tokens: int) -> slice | list[int]:
+        """Each sequence's last token among the step's T (its logits are the step's answer)."""
+        return slice(tokens - 1, tokens) if len(self.states) == 1 else [s.stop - 1 for s in self.slices(tokens)]
 
     def section(self, name: str) -> AbstractContextManager:
         """Time the enclosed work as `name` (a no-op inside a recorded graph)."""

@@ -40,11 +40,14 @@ class DecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.linear_attn if self.is_linear else self.self_attn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx: StepContext) -> torch.Tensor:
+        """x [T, H]: the step's tokens, each sequence's (one cache each) after the one before."""
         with ctx.section("mixer"):
             h = self.input_layernorm(x)
-            h = self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cos, sin, cache, ctx)
-            x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
+            # The mixer runs per sequence (its own cache); everything after it runs on the whole
+            # batch at once: the routed experts then read each expert the batch needs once.
+            parts = [self._mix(h[s], cos[s], sin[s], cache, ctx) for s, cache in zip(ctx.slices(x.shape[0]), caches)]
+            x, h = self.post_attention_layernorm.add(x, parts[0] if len(parts) == 1 else torch.cat(parts))  # x + h, its norm
         if not isinstance(self.mlp, MoEBlock):
             with ctx.section("dense_mlp"):
                 return x + self.mlp(h)
@@ -57,6 +60,9 @@ class DecoderLayer(nn.Module):
             with ctx.section("routing"):  # one read of this layer's routing brings the next layer's guess too
                 ids = torch.cat([ids, guess], dim=-1)
         return ctx.run_experts(self.index, h, ids, weights, residual=x)
+
+    def _mix(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, ctx: StepContext) -> torch.Tensor:
+        return self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cos, sin, cache, ctx)
 
     def new_state(self, dtype: torch.dtype, device) -> object:
         """This layer's part of a sequence's state: a KV cache, or the DeltaNet's conv and recurrent state."""
@@ -90,14 +96,16 @@ class Model(nn.Module):
         return SequenceState([layer.new_state(dtype, device) for layer in self.layers])
 
     def forward(self, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """ids [T] continue the sequence in ctx.state (its caches written in place; the caller
-        advances its position) -> logits [1 or T, vocab] (fp32)."""
-        cos, sin = self.rotary(ctx.positions(ids.shape[0], ids.device))
+        """ids [T] continue the sequences in ctx.states, each's tokens after the one before (their
+        caches written in place; the caller advances their positions) -> logits [T, vocab] (fp32),
+        or with ctx.last_only each sequence's last position's [sequences, vocab]."""
+        T = ids.shape[0]
+        cos, sin = self.rotary(ctx.positions(T, ids.device))
         x = self.model.embed_tokens(ids)
-        for layer, cache in zip(self.layers, ctx.state.layers):
-            x = layer(x, cos, sin, cache, ctx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, [state.layers[i] for state in ctx.states], ctx)
         with ctx.section("head"):
-            return self.logits(x[-1:] if ctx.last_only else x)
+            return self.logits(x[ctx.last_positions(T)] if ctx.last_only else x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.model.norm(x)

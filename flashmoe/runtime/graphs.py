@@ -114,13 +114,13 @@ class DecodeGraph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(side):
-            eng.model(self.token, _WarmUp(state, eng.experts, guesses=eng.guesses, graph_position=self.position))
+            eng.model(self.token, _WarmUp([state], experts=eng.experts, guesses=eng.guesses, graph_position=self.position))
         torch.cuda.current_stream().wait_stream(side)
         for s, (conv, rec) in zip(linear, saved):
             s.conv.copy_(conv)
             s.recurrent.copy_(rec)
         eng.settle("warmup")  # the warm-up's expert lookups are no token's
-        recorder = _Recorder(state, eng.experts, guesses=eng.guesses, graph_position=self.position,
+        recorder = _Recorder([state], experts=eng.experts, guesses=eng.guesses, graph_position=self.position,
                              pool=torch.cuda.graph_pool_handle(), split_layers=eng.timer.sync is not None)
         torch.cuda.synchronize()
         with torch.inference_mode(), _no_collection_while_capturing(), torch.cuda.stream(torch.cuda.Stream()):

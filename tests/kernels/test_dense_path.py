@@ -92,7 +92,7 @@ def test_attention_in_a_graph_reads_the_position_on_the_device(monkeypatch):
     eager, graphed = KVCache(2, 16, torch.float32, "cpu"), KVCache(2, 16, torch.float32, "cpu")
     x = torch.randn(9, 64, generator=g)
     position = torch.zeros(1, dtype=torch.long)
-    eager_ctx, graph_ctx = StepContext(None), StepContext(None, graph_position=position)
+    eager_ctx, graph_ctx = StepContext([]), StepContext([], graph_position=position)
     with torch.no_grad():
         cos, sin = rotary(torch.arange(5))
         layer(x[:5], cos, sin, eager, eager_ctx)

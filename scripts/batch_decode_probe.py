@@ -1,0 +1,54 @@
+"""Aggregate decode throughput of Engine.forward_batch against one sequence at a time, on the CPU
+with the bundled demo model (issue: continuous batching; docs/EXPERIMENTS.md entry 67).
+
+B sequences (prompts of the held-out text, 32 tokens each) are prefilled, then decoded greedily in
+steps of one token each, every sequence in one forward_batch call; B = 1 runs through the same
+call. Prints tokens per second summed over the sequences and the experts read per step.
+
+Usage: python3 scripts/batch_decode_probe.py [--batch 1 2 4 8] [--steps 48] [--threads 2] [--host-mem 4M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import flashmoe from the repo root
+
+from flashmoe.config import EngineConfig
+from flashmoe.demo import DEMO_MODEL, HELDOUT_TEXT
+from flashmoe.engine import Engine
+from flashmoe.utils import parse_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--host-mem", default="4M", help="expert cache (the demo's default: smaller than its experts)")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    engine = Engine(DEMO_MODEL, EngineConfig(threads=a.threads, host_mem=parse_size(a.host_mem)))
+    text = engine.tokenizer.encode(HELDOUT_TEXT.read_text()[:20000])
+    for batch in a.batch:
+        rates, reads = [], []
+        for r in range(a.repeats):
+            prompts = [text[(r * 8 + i) * 40 : (r * 8 + i) * 40 + 32] for i in range(batch)]
+            states = [engine.new_state() for _ in prompts]
+            logits = engine.forward_batch(prompts, states)
+            before = engine.store.stats.hits + engine.store.stats.misses
+            start = time.perf_counter()
+            for _ in range(a.steps):
+                logits = engine.forward_batch([[int(t)] for t in logits.argmax(-1)], states)
+            rates.append(batch * a.steps / (time.perf_counter() - start))
+            reads.append((engine.store.stats.hits + engine.store.stats.misses - before) / a.steps)
+        print(f"batch {batch:>2}: {statistics.median(rates):7.1f} tok/s aggregate (runs {', '.join(f'{x:.1f}' for x in rates)}); "
+              f"{statistics.median(reads):.0f} expert records per step")
+
+
+if __name__ == "__main__":
+    main()
