@@ -1,5 +1,5 @@
 """The CPU path's routed experts: records fetched through the expert store (RAM cache, disk) and
-computed by PyTorch, or for a decode token by the numba kernel straight from the cached records."""
+computed by PyTorch, or for a few decode tokens by the numba kernel straight from the cached records."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ from ..layers.mlp import SILU, Swiglu, swiglu_expert
 from .store import ExpertStore
 
 
+# Up to this many tokens the kernel computes them (a matvec per token, each expert read once for all
+# of its tokens); more are multiplied by PyTorch from each expert dequantized once (entry 68).
+KERNEL_MAX_TOKENS = 8
+
+
 class StreamedExperts:
     """The routed experts of one layer. Each needed expert is read once per call (once per layer per
-    prefill chunk, not once per token). A decode token goes through `kernel` (CpuExperts: numba,
-    straight from the records in the host cache) when one is given; otherwise, and for prefill,
-    each record is dequantized and multiplied by PyTorch, overlapping the reads of later ones."""
+    prefill chunk, not once per token). Decode tokens (up to KERNEL_MAX_TOKENS: a sequence's or a
+    batch's) go through `kernel` (CpuExperts: numba, straight from the records in the host cache)
+    when one is given; otherwise, and for prefill, each record is dequantized and multiplied by
+    PyTorch, overlapping the reads of later ones."""
 
     def __init__(self, store: ExpertStore, layer: int, timer, kernel=None, act: Swiglu = SILU):
         self.store, self.layer, self.timer, self.kernel, self.act = store, layer, timer, kernel, act
@@ -24,7 +30,7 @@ class StreamedExperts:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
         """(residual +) the routed experts of x [T, H]: ids and weights [T, k]."""
-        y = self._decode(x, ids, weights) if self.kernel is not None and x.shape[0] == 1 else self._computed(x, ids, weights)
+        y = self._decode(x, ids, weights) if self.kernel is not None and x.shape[0] <= KERNEL_MAX_TOKENS else self._computed(x, ids, weights)
         return y if residual is None else residual + y
 
     def _computed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -56,17 +62,19 @@ class StreamedExperts:
         return out
 
     def _decode(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One token: the kernel reads each expert where it lies in the store's pool, while the load
-        keeps it pinned there. Experts are summed in routing order (fp32), chunk after chunk."""
-        row = ids[0].tolist()
-        needed = sorted(set(row))
-        out = torch.zeros(x.shape[1], dtype=torch.float32)
+        """A few tokens (decode, one sequence's or a batch's): the kernel reads each expert where it
+        lies in the store's pool, while the load keeps it pinned there, once for all the tokens that
+        chose it. Each token's experts are summed in routing order (fp32), chunk after chunk."""
+        rows = ids.tolist()
+        needed = sorted({e for row in rows for e in row})
+        out = torch.zeros(x.shape, dtype=torch.float32)
         for start in range(0, len(needed), self.store.batch):
             chunk = needed[start : start + self.store.batch]
             with closing(self.store.load(self.layer, chunk)) as records:
                 with self.timer.section("expert_io"):
                     slots = {e: self.store.slot_of(record) for e, record in itertools.islice(records, len(chunk))}
                 with self.timer.section("expert_compute"):
-                    cols = [j for j, e in enumerate(row) if e in slots]
-                    out += self.kernel(self.store.pool, [slots[row[j]] for j in cols], weights[0, cols], x[0])
-        return out[None].to(x.dtype)
+                    pairs = [(t, j) for t, row in enumerate(rows) for j, e in enumerate(row) if e in slots]
+                    tokens, cols = zip(*pairs)
+                    out += self.kernel(self.store.pool, [slots[rows[t][j]] for t, j in pairs], weights[tokens, cols], x, tokens)
+        return out.to(x.dtype)

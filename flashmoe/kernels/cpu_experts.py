@@ -213,31 +213,36 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
     drops the branches a format does not take. limit > 0: gpt-oss's clamped SwiGLU (layers/mlp.py)."""
 
     @_jit(parallel=True)
-    def experts(p8, p16, slots, weights, offs, inter, x, out, half_pow2):
-        """out [H] = sum_j weights[j] * expert(record slots[j], x); p8 and p16: the pool as bytes
+    def experts(p8, p16, slots, weights, tokens, by_expert, starts, offs, inter, x, out, half_pow2):
+        """out [T, H] = for each token t, the sum over its pairs p (tokens[p] == t, in pair order) of
+        weights[p] * expert(record slots[p], x[t]). by_expert lists the pairs expert after expert,
+        expert u's from starts[u] to starts[u + 1]: one task reads a block of an expert's rows once
+        for all of its tokens (the rows stay in cache between them). p8 and p16: the pool as bytes
         and as halfwords; offs: `_offsets(layout)`."""
-        hidden, ne = x.shape[0], slots.shape[0]
+        T, hidden = x.shape
+        pairs, experts_n = slots.shape[0], starts.shape[0] - 1
         # Projection inputs as `_permute` lays them out (affine records; MXFP4 rows read them as
-        # they are): x for gate_up (one row, shared by all experts), each expert's activation for down.
-        xp, xs = np.empty((1, hidden), np.float32), np.empty((1, hidden // group), np.float32)
-        if mxfp4:
-            _even_odd(x, xp[0])
-        else:
-            _permute(x, bits, group, xp[0], xs[0])
-        ap, asum = np.empty((ne, inter), np.float32), np.empty((ne, inter // group), np.float32)
-        h, y = np.empty((ne, 2 * inter), np.float32), np.empty((ne, hidden), np.float32)
+        # even and odd planes): each token's x for gate_up, each pair's activation for down.
+        xp, xs = np.empty((T, hidden), np.float32), np.empty((T, hidden // group), np.float32)
+        for t in range(T):
+            if mxfp4:
+                _even_odd(x[t], xp[t])
+            else:
+                _permute(x[t], bits, group, xp[t], xs[t])
+        ap, asum = np.empty((pairs, inter), np.float32), np.empty((pairs, inter // group), np.float32)
+        h, y = np.empty((pairs, 2 * inter), np.float32), np.empty((pairs, hidden), np.float32)
         act = np.empty(inter, np.float32)
         bias_bits = np.empty(1, np.uint32)  # bf16 -> fp32 through a buffer, as in `_rows`
         bias = bias_bits.view(np.float32)
         for proj in range(2):  # gate_up, then down, through one parallel loop: compiled once
             if proj == 1:
-                for j in range(ne):
+                for p in range(pairs):
                     for c in range(inter):
-                        gate, up = h[j, c], h[j, inter + c]
+                        gate, up = h[p, c], h[p, inter + c]
                         if with_bias:
-                            bias_bits[0] = np.uint32(p16[slots[j], offs[4] + c]) << 16
+                            bias_bits[0] = np.uint32(p16[slots[p], offs[4] + c]) << 16
                             gate += bias[0]
-                            bias_bits[0] = np.uint32(p16[slots[j], offs[4] + inter + c]) << 16
+                            bias_bits[0] = np.uint32(p16[slots[p], offs[4] + inter + c]) << 16
                             up += bias[0]
                         if limit > 0:
                             gate, up = min(gate, np.float32(limit)), max(min(up, np.float32(limit)), np.float32(-limit))
@@ -245,30 +250,34 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
                         else:
                             act[c] = gate / (np.float32(1.0) + np.exp(-gate)) * up
                     if mxfp4:
-                        _even_odd(act, ap[j])
+                        _even_odd(act, ap[p])
                     else:
-                        _permute(act, bits, group, ap[j], asum[j])
-            src, src_sums, dst, k = (xp, xs, h, hidden) if proj == 0 else (ap, asum, y, inter)
+                        _permute(act, bits, group, ap[p], asum[p])
+            dst, k = (h, hidden) if proj == 0 else (y, inter)
             blocks = (dst.shape[1] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
-            for task in prange(ne * blocks):
-                j = task // blocks
-                i, rec = j * proj, slots[j]  # input row i: 0 for gate_up, the expert's own for down
+            for task in prange(experts_n * blocks):
+                u = task // blocks
                 offs_p = offs[5 * proj : 5 * proj + 3]
                 r0 = task % blocks * ROWS_PER_BLOCK
                 r1 = min(r0 + ROWS_PER_BLOCK, dst.shape[1])
-                if mxfp4:
-                    _mxfp4_rows(p8[rec], offs_p, k, r0, r1, src[i].reshape(2, k // 2), half_pow2, dst[j])
-                else:
-                    _rows(p8[rec], p16[rec], offs_p, k, bits, group, r0, r1, src[i], src_sums[i], dst[j])
-        for r in range(hidden):
-            acc = np.float32(0.0)
-            for j in range(ne):
-                term = y[j, r]
+                for q in range(starts[u], starts[u + 1]):
+                    p = by_expert[q]
+                    rec = slots[p]
+                    # input: the pair's token's x for gate_up, the pair's own activation for down
+                    src, src_sums = (xp[tokens[p]], xs[tokens[p]]) if proj == 0 else (ap[p], asum[p])
+                    if mxfp4:
+                        _mxfp4_rows(p8[rec], offs_p, k, r0, r1, src.reshape(2, k // 2), half_pow2, dst[p])
+                    else:
+                        _rows(p8[rec], p16[rec], offs_p, k, bits, group, r0, r1, src, src_sums, dst[p])
+        out[:, :] = 0.0
+        for p in range(pairs):
+            t = tokens[p]
+            for r in range(hidden):
+                term = y[p, r]
                 if with_bias:
-                    bias_bits[0] = np.uint32(p16[slots[j], offs[9] + r]) << 16
+                    bias_bits[0] = np.uint32(p16[slots[p], offs[9] + r]) << 16
                     term += bias[0]
-                acc += weights[j] * term
-            out[r] = acc
+                out[t, r] += weights[p] * term
 
     return experts
 
@@ -343,16 +352,16 @@ class CpuExperts:
                                act.limit or 0.0, act.alpha)
         self._half_pow2 = _half_pow2()
 
-    def __call__(
-        self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
-    ) -> torch.Tensor:
-        return self._run(*self._arguments(pool, slots, weights, x))
+    def __call__(self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor,
+                 tokens: Sequence[int] | None = None) -> torch.Tensor:
+        """x [H] -> [H]: sum_j weights[j] * expert(pool[slots[j]], x). x [T, H] (several tokens): pair j
+        is token tokens[j]'s -> [T, H]; an expert several tokens use is read once for all of them."""
+        return self._run(*self._arguments(pool, slots, weights, x, tokens))
 
-    def submit(
-        self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor
-    ) -> Future:
-        """Queue the call on the worker thread; the Future's result is the [H] fp32 tensor."""
-        return _worker().submit(self._run, *self._arguments(pool, slots, weights, x))
+    def submit(self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor,
+               tokens: Sequence[int] | None = None) -> Future:
+        """Queue the call on the worker thread; the Future's result is what the call returns."""
+        return _worker().submit(self._run, *self._arguments(pool, slots, weights, x, tokens))
 
     def warmup(self) -> None:
         """Compile the kernel (seconds; cached on disk after the first time) and start numba's
@@ -360,9 +369,9 @@ class CpuExperts:
         pool = torch.zeros(1, self.layout.record_size, dtype=torch.uint8)
         self(pool, [0], [1.0], torch.zeros(self.layout.hidden_size))
 
-    def _arguments(self, pool, slots, weights, x) -> tuple:
+    def _arguments(self, pool, slots, weights, x, tokens) -> tuple:
         """Checked numpy arrays of the arguments: a view of the pool, copies of the small ones (the
-        caller may reuse its buffers once submit returns)."""
+        caller may reuse its buffers once submit returns); the pairs grouped by expert."""
         lay = self.layout
         if pool.device.type != "cpu" or pool.dtype != torch.uint8 or pool.dim() != 2 or not pool.is_contiguous():
             raise ValueError(
@@ -377,14 +386,23 @@ class CpuExperts:
             raise ValueError(f"{slots.size} slots but {weights.size} weights")
         if slots.size and not (slots.min() >= 0 and slots.max() < pool.shape[0]):
             raise IndexError(f"slots {slots.tolist()} outside the pool's {pool.shape[0]} rows")
-        if tuple(x.shape) != (lay.hidden_size,):
-            raise ValueError(f"x must be [{lay.hidden_size}], got {list(x.shape)}")
+        one = x.dim() == 1
+        if x.shape[-1] != lay.hidden_size or x.dim() not in (1, 2):
+            raise ValueError(f"x must be [{lay.hidden_size}] or [tokens, {lay.hidden_size}], got {list(x.shape)}")
+        xs = x.detach().to("cpu", torch.float32, copy=True).reshape(-1, lay.hidden_size).numpy()
+        tokens = np.zeros(slots.size, np.int64) if tokens is None else np.array(tokens, np.int64).reshape(-1)
+        if tokens.shape != slots.shape or (tokens.size and not (tokens.min() >= 0 and tokens.max() < xs.shape[0])):
+            raise ValueError(f"tokens must name one of x's {xs.shape[0]} rows for each of the {slots.size} slots")
+        by_expert = np.argsort(slots, kind="stable")  # the kernel does not check bounds: every index is valid
+        starts = np.r_[0, np.flatnonzero(np.diff(slots[by_expert])) + 1, slots.size] if slots.size else np.zeros(1)
+        starts = starts.astype(np.int64)
         p8 = pool.numpy()
-        return p8, p8.view(np.uint16), slots, weights, x.detach().to("cpu", torch.float32, copy=True).numpy()
+        return p8, p8.view(np.uint16), slots, weights, tokens, by_expert, starts, xs, one
 
-    def _run(self, p8, p16, slots, weights, x) -> torch.Tensor:
-        out = np.empty(self.layout.hidden_size, np.float32)
+    def _run(self, p8, p16, slots, weights, tokens, by_expert, starts, x, one) -> torch.Tensor:
+        out = np.empty_like(x)
         with _RUNNING:
             numba.set_num_threads(self.threads)  # numba keeps the count per calling thread
-            self._kernel(p8, p16, slots, weights, self._offsets, self.layout.intermediate_size, x, out, self._half_pow2)
-        return torch.from_numpy(out)
+            self._kernel(p8, p16, slots, weights, tokens, by_expert, starts, self._offsets, self.layout.intermediate_size,
+                         x, out, self._half_pow2)
+        return torch.from_numpy(out[0] if one else out)

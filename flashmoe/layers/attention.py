@@ -51,9 +51,11 @@ class Attention(nn.Module):
         if spec.sinks:
             self.sinks = nn.Parameter(torch.zeros(heads), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, ctx) -> torch.Tensor:
-        """x [T, hidden]; cos/sin [T, rotary_dim]; cache: a KVCache holding the earlier positions;
-        ctx: the step's context (models/context.py)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx) -> torch.Tensor:
+        """x [T, hidden]: the tokens of one or more sequences (ctx.slices says where each lies);
+        cos/sin [T, rotary_dim]; caches: each sequence's KVCache holding its earlier positions; ctx:
+        the step's context (models/context.py). The projections run on all the tokens at once, the
+        attention per sequence over its own cache."""
         T, s = x.shape[0], self.spec
         q, k, v = self.in_proj(x)
         gate = None
@@ -64,21 +66,26 @@ class Attention(nn.Module):
         q = self._rotate(q.view(T, s.heads, s.head_dim), cos, sin, "q")
         k = self._rotate(k.view(T, s.kv_heads, s.head_dim), cos, sin, "k")
         v = v.view(T, s.kv_heads, s.head_dim)
-        keys, values, mask = cache.update(k, v, ctx.graph_position)  # [L, kv_heads, head_dim], mask [T, L] or None
+        parts = [self._attend(q[sl], k[sl], v[sl], None if gate is None else gate[sl], cache, ctx)
+                 for sl, cache in zip(ctx.slices(T), caches)]
+        return self.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def _attend(self, q, k, v, gate, cache, ctx) -> torch.Tensor:
+        """One sequence's n tokens over its cache -> [n, heads * head_dim] (gated where the spec says)."""
+        n = q.shape[0]
+        keys, values, mask = cache.update(k, v, ctx.graph_position)  # [L, kv_heads, head_dim], mask [n, L] or None
         if self.window is not None:
-            mask = window_mask(T, keys.shape[0], self.window, ctx.graph_position, keys.device)
-        sinks = self.sinks if s.sinks else None
-        if T == 1 and kernels.use_kernels(x) and sinks is None and self.window is None:
+            mask = window_mask(n, keys.shape[0], self.window, ctx.graph_position, keys.device)
+        sinks = self.sinks if self.spec.sinks else None
+        if n == 1 and kernels.use_kernels(q) and sinks is None and self.window is None:
             from ..kernels.attention_decode import attention_decode
 
             # No mask needed: inside a graph the kernel reads the last position on the device (and
             # skips the reserved blocks past it); eagerly the cache holds exactly the sequence.
             last = ctx.graph_position if ctx.graph_position is not None else keys.shape[0] - 1
-            return self.o_proj(attention_decode(q[0], None if gate is None else gate[0], keys, values, last))
-        out = attend(q, keys, values, mask, sinks).reshape(T, -1)
-        if gate is not None:
-            out = out * torch.sigmoid(gate.reshape(T, -1))
-        return self.o_proj(out)
+            return attention_decode(q[0], None if gate is None else gate[0], keys, values, last).view(1, -1)
+        out = attend(q, keys, values, mask, sinks).reshape(n, -1)
+        return out if gate is None else out * torch.sigmoid(gate.reshape(n, -1))
 
     def new_state(self, dtype: torch.dtype, device) -> KVCache:
         return KVCache(self.spec.kv_heads, self.spec.head_dim, dtype, device)

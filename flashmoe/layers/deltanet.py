@@ -32,27 +32,34 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(v_dim, eps)
         self.out_proj = nn.Linear(v_heads * v_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, state) -> torch.Tensor:
-        """x [T, hidden]; state: a LinearState (conv window + recurrent state), updated in place."""
+    def forward(self, x: torch.Tensor, states: list, slices: list[slice]) -> torch.Tensor:
+        """x [T, hidden]: the tokens of one or more sequences, sequence i's at slices[i]; states[i]:
+        its LinearState (conv window + recurrent state), updated in place. The projections run on
+        all the tokens at once, the conv and the recurrence per sequence."""
         if x.shape[0] == 1 and kernels.use_kernels(x):
-            return self.decode_fused(x, state)
+            return self.decode_fused(x, states[0])
         T = x.shape[0]
         qkv, z, b, a = self.in_proj(x)
+        out = torch.cat([self._recurrence(qkv[s], b[s], a[s], state) for s, state in zip(slices, states)])
+        return self.out_proj(self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
+
+    def _recurrence(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, state) -> torch.Tensor:
+        """One sequence's conv and gated delta rule over its T tokens -> [T, v_heads, v_dim] (fp32)."""
+        T = qkv.shape[0]
         qkv = self.causal_conv(qkv, state)
         kd = self.k_heads * self.k_dim
         q, k, v = qkv.split([kd, kd, self.v_heads * self.v_dim], dim=-1)
         rep = self.v_heads // self.k_heads  # value head j reads key head j // rep
-        q = l2norm(q.view(T, self.k_heads, self.k_dim).float()).repeat_interleave(rep, dim=1) * self.k_dim**-0.5
-        k = l2norm(k.view(T, self.k_heads, self.k_dim).float()).repeat_interleave(rep, dim=1)
-        v = v.view(T, self.v_heads, self.v_dim).float()
+        q = l2norm(q.reshape(T, self.k_heads, self.k_dim).float()).repeat_interleave(rep, dim=1) * self.k_dim**-0.5
+        k = l2norm(k.reshape(T, self.k_heads, self.k_dim).float()).repeat_interleave(rep, dim=1)
+        v = v.reshape(T, self.v_heads, self.v_dim).float()
         beta = torch.sigmoid(b).float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         heads_first = [t.transpose(0, 1) for t in (q, k, v, g, beta)]  # [H, T, ...]
         rule = delta_rule_recurrent if T == 1 else delta_rule_chunked
         out, new_state = rule(*heads_first, state.recurrent)
         state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
-        out = out.transpose(0, 1).to(x.dtype)  # [T, H, dv]
-        return self.out_proj(self.norm(out, z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
+        return out.transpose(0, 1)  # [T, H, dv]
 
     def new_state(self, dtype: torch.dtype, device) -> LinearState:
         return LinearState(self.conv_kernel, self.conv_dim, self.v_heads, self.k_dim, self.v_dim, dtype, device)

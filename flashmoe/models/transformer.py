@@ -44,10 +44,13 @@ class DecoderLayer(nn.Module):
         """x [T, H]: the step's tokens, each sequence's (one cache each) after the one before."""
         with ctx.section("mixer"):
             h = self.input_layernorm(x)
-            # The mixer runs per sequence (its own cache); everything after it runs on the whole
-            # batch at once: the routed experts then read each expert the batch needs once.
-            parts = [self._mix(h[s], cos[s], sin[s], cache, ctx) for s, cache in zip(ctx.slices(x.shape[0]), caches)]
-            x, h = self.post_attention_layernorm.add(x, parts[0] if len(parts) == 1 else torch.cat(parts))  # x + h, its norm
+            # Every matmul runs on the whole batch at once, the mixers' state per sequence: the
+            # routed experts read each expert the batch needs once.
+            if self.is_linear:
+                h = self.linear_attn(h, caches, ctx.slices(x.shape[0]))
+            else:
+                h = self.self_attn(h, cos, sin, caches, ctx)
+            x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
         if not isinstance(self.mlp, MoEBlock):
             with ctx.section("dense_mlp"):
                 return x + self.mlp(h)
@@ -60,9 +63,6 @@ class DecoderLayer(nn.Module):
             with ctx.section("routing"):  # one read of this layer's routing brings the next layer's guess too
                 ids = torch.cat([ids, guess], dim=-1)
         return ctx.run_experts(self.index, h, ids, weights, residual=x)
-
-    def _mix(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, ctx: StepContext) -> torch.Tensor:
-        return self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cos, sin, cache, ctx)
 
     def new_state(self, dtype: torch.dtype, device) -> object:
         """This layer's part of a sequence's state: a KV cache, or the DeltaNet's conv and recurrent state."""

@@ -131,6 +131,25 @@ def test_releases_the_gil(experts):
     assert longest < duration / 2, (longest, duration)
 
 
+def test_several_tokens_read_each_expert_once_and_match_the_reference(experts):
+    """Three tokens sharing some experts (a batch's decode step): each token's weighted sum as the
+    reference computes it; a token's pairs summed in the order given."""
+    layout = RecordLayout.build(128, 64, 4, 32)
+    pool = random_pool(layout, 6, seed=21)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(22))
+    slots, tokens = [4, 0, 5, 0, 2, 4, 1], [0, 0, 1, 1, 1, 2, 2]
+    weights = [0.6, 0.4, 0.5, 0.3, 0.2, 0.7, 0.3]
+    y = experts(layout)(pool, slots, weights, x, tokens)
+    assert y.shape == (3, 128)
+    for t in range(3):
+        mine = [j for j, tok in enumerate(tokens) if tok == t]
+        ref = reference(layout, pool, [slots[j] for j in mine], [weights[j] for j in mine], x[t])
+        assert rel(y[t], ref) < 1e-5
+        assert torch.equal(y[t], experts(layout)(pool, [slots[j] for j in mine], [weights[j] for j in mine], x[t]))
+    with pytest.raises(ValueError, match="tokens must name one of x's 3 rows for each of the 7 slots"):
+        experts(layout)(pool, slots, weights, x, [0] * 6 + [3])
+
+
 def biased_pool(layout: RecordLayout, slots: int, seed: int) -> torch.Tensor:
     """`random_pool`'s records (MXFP4: random codes, scale bytes 2^-8 .. 2^-4) with small random expert biases."""
     g = torch.Generator().manual_seed(seed)

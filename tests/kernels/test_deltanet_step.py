@@ -54,9 +54,9 @@ def test_the_step_reads_the_fused_projections(device):
 def eager_forward(layer, x, state):
     """The eager path, on a CPU copy when on a GPU (there, one-token calls dispatch to the kernels)."""
     if not x.is_cuda:
-        return layer(x, state)
+        return layer(x, [state], [slice(0, x.shape[0])])
     cpu_state = State(state.conv.cpu(), state.recurrent.cpu())
-    out = copy.deepcopy(layer).cpu()(x.cpu(), cpu_state)
+    out = copy.deepcopy(layer).cpu()(x.cpu(), [cpu_state], [slice(0, x.shape[0])])
     state.conv.copy_(cpu_state.conv)
     state.recurrent.copy_(cpu_state.recurrent)
     return out.to(x.device)

@@ -95,15 +95,15 @@ def test_attention_in_a_graph_reads_the_position_on_the_device(monkeypatch):
     eager_ctx, graph_ctx = StepContext([]), StepContext([], graph_position=position)
     with torch.no_grad():
         cos, sin = rotary(torch.arange(5))
-        layer(x[:5], cos, sin, eager, eager_ctx)
-        layer(x[:5], cos, sin, graphed, eager_ctx)
+        layer(x[:5], cos, sin, [eager], eager_ctx)
+        layer(x[:5], cos, sin, [graphed], eager_ctx)
         graphed.reserve(40)
         for t in range(5, 9):
             cos, sin = rotary(torch.tensor([t]))
-            ref = layer(x[t : t + 1], cos, sin, eager, eager_ctx)
+            ref = layer(x[t : t + 1], cos, sin, [eager], eager_ctx)
             with monkeypatch.context() as m:
                 m.setattr(kernels, "use_kernels", lambda x: True)
                 position.fill_(t)
-                got = layer(x[t : t + 1], cos, sin, graphed, graph_ctx)
+                got = layer(x[t : t + 1], cos, sin, [graphed], graph_ctx)
                 graphed.length += 1
             assert float((got - ref).norm() / ref.norm()) < 1e-5, t
