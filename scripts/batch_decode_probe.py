@@ -3,7 +3,8 @@ with the bundled demo model (issue: continuous batching; docs/EXPERIMENTS.md ent
 
 B sequences (prompts of the held-out text, 32 tokens each) are prefilled, then decoded greedily in
 steps of one token each, every sequence in one forward_batch call; B = 1 runs through the same
-call. Prints tokens per second summed over the sequences and the experts read per step.
+call; rounds alternate the batch sizes. Prints tokens per second summed over the sequences (median
+of the rounds, and its ratio to the first batch size) and the expert records read per step.
 
 Usage: python3 scripts/batch_decode_probe.py [--batch 1 2 4 8] [--steps 48] [--threads 2] [--host-mem 4M]
 """
@@ -30,13 +31,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--host-mem", default="4M", help="expert cache (the demo's default: smaller than its experts)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
     engine = Engine(DEMO_MODEL, EngineConfig(threads=a.threads, host_mem=parse_size(a.host_mem)))
     text = engine.tokenizer.encode(HELDOUT_TEXT.read_text()[:20000])
-    for batch in a.batch:
-        rates, reads = [], []
-        for r in range(a.repeats):
+    rates, reads = {b: [] for b in a.batch}, {b: [] for b in a.batch}
+    for r in range(a.repeats):  # rounds over the batch sizes: a noisy machine slows them alike
+        for batch in a.batch:
             prompts = [text[(r * 8 + i) * 40 : (r * 8 + i) * 40 + 32] for i in range(batch)]
             states = [engine.new_state() for _ in prompts]
             logits = engine.forward_batch(prompts, states)
@@ -44,10 +45,13 @@ def main() -> None:
             start = time.perf_counter()
             for _ in range(a.steps):
                 logits = engine.forward_batch([[int(t)] for t in logits.argmax(-1)], states)
-            rates.append(batch * a.steps / (time.perf_counter() - start))
-            reads.append((engine.store.stats.hits + engine.store.stats.misses - before) / a.steps)
-        print(f"batch {batch:>2}: {statistics.median(rates):7.1f} tok/s aggregate (runs {', '.join(f'{x:.1f}' for x in rates)}); "
-              f"{statistics.median(reads):.0f} expert records per step")
+            rates[batch].append(batch * a.steps / (time.perf_counter() - start))
+            reads[batch].append((engine.store.stats.hits + engine.store.stats.misses - before) / a.steps)
+    one = statistics.median(rates[a.batch[0]])
+    for batch in a.batch:
+        median = statistics.median(rates[batch])
+        print(f"batch {batch:>2}: {median:7.1f} tok/s aggregate, {median / one:.2f}x batch {a.batch[0]} "
+              f"(runs {', '.join(f'{x:.1f}' for x in rates[batch])}); {statistics.median(reads[batch]):.0f} expert records per step")
 
 
 if __name__ == "__main__":

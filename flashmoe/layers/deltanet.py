@@ -40,13 +40,36 @@ class GatedDeltaNet(nn.Module):
             return self.decode_fused(x, states[0])
         T = x.shape[0]
         qkv, z, b, a = self.in_proj(x)
-        out = torch.cat([self._recurrence(qkv[s], b[s], a[s], state) for s, state in zip(slices, states)])
+        if len(states) > 1 and T == len(states):  # a batch's decode step: one recurrence step over [B, ...]
+            out = self._steps(qkv, b, a, states)
+        else:
+            out = torch.cat([self._recurrence(qkv[s], b[s], a[s], state) for s, state in zip(slices, states)])
         return self.out_proj(self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
 
     def _recurrence(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, state) -> torch.Tensor:
         """One sequence's conv and gated delta rule over its T tokens -> [T, v_heads, v_dim] (fp32)."""
+        heads_first = [t.transpose(0, 1) for t in self._heads(self.causal_conv(qkv, state), b, a)]  # [H, T, ...]
+        rule = delta_rule_recurrent if qkv.shape[0] == 1 else delta_rule_chunked
+        out, new_state = rule(*heads_first, state.recurrent)
+        state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
+        return out.transpose(0, 1)  # [T, H, dv]
+
+    def _steps(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, states: list) -> torch.Tensor:
+        """One token of each of B sequences: their conv windows and recurrent states stacked, one
+        step of both for all -> [B, v_heads, v_dim] (fp32); each state written back in place."""
+        windows = torch.stack([torch.cat([s.conv.to(qkv.dtype), qkv[i : i + 1]]) for i, s in enumerate(states)])  # [B, K, C]
+        conv = F.silu((windows * self.conv1d.weight[:, 0, :].t()).sum(1))  # the depthwise conv's one output each
+        q, k, v, g, beta = (t.unsqueeze(2) for t in self._heads(conv, b, a))  # [B, H, 1, ...]
+        out, new = delta_rule_recurrent(q, k, v, g, beta, torch.stack([s.recurrent for s in states]))
+        for i, s in enumerate(states):
+            s.conv.copy_(windows[i, 1:])
+            s.recurrent.copy_(new[i])
+        return out[:, :, 0]
+
+    def _heads(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Convolved qkv [T, C] and b, a [T, v_heads] -> q, k [T, H, dk], v [T, H, dv], g, beta [T, H]
+        (fp32; key heads repeated for the value heads that read them, q scaled)."""
         T = qkv.shape[0]
-        qkv = self.causal_conv(qkv, state)
         kd = self.k_heads * self.k_dim
         q, k, v = qkv.split([kd, kd, self.v_heads * self.v_dim], dim=-1)
         rep = self.v_heads // self.k_heads  # value head j reads key head j // rep
@@ -55,11 +78,7 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(T, self.v_heads, self.v_dim).float()
         beta = torch.sigmoid(b).float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        heads_first = [t.transpose(0, 1) for t in (q, k, v, g, beta)]  # [H, T, ...]
-        rule = delta_rule_recurrent if T == 1 else delta_rule_chunked
-        out, new_state = rule(*heads_first, state.recurrent)
-        state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
-        return out.transpose(0, 1)  # [T, H, dv]
+        return q, k, v, g, beta
 
     def new_state(self, dtype: torch.dtype, device) -> LinearState:
         return LinearState(self.conv_kernel, self.conv_dim, self.v_heads, self.k_dim, self.v_dim, dtype, device)
@@ -87,14 +106,15 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def delta_rule_recurrent(q, k, v, g, beta, state):
-    """One token at a time. q, k [H, T, dk]; v [H, T, dv]; g, beta [H, T]; state [H, dk, dv] -> (o [H, T, dv], state)."""
+    """One token at a time. q, k [..., H, T, dk]; v [..., H, T, dv]; g, beta [..., H, T]; state
+    [..., H, dk, dv] -> (o [..., H, T, dv], state); leading dims: sequences stepped side by side."""
     out = torch.empty_like(v)
-    for t in range(q.shape[1]):
-        state = state * g[:, t].exp()[:, None, None]
-        kv = torch.einsum("hkv,hk->hv", state, k[:, t])
-        delta = (v[:, t] - kv) * beta[:, t, None]
-        state = state + k[:, t, :, None] * delta[:, None, :]
-        out[:, t] = torch.einsum("hkv,hk->hv", state, q[:, t])
+    for t in range(q.shape[-2]):
+        state = state * g[..., t].exp()[..., None, None]
+        kv = torch.einsum("...kv,...k->...v", state, k[..., t, :])
+        delta = (v[..., t, :] - kv) * beta[..., t, None]
+        state = state + k[..., t, :, None] * delta[..., None, :]
+        out[..., t, :] = torch.einsum("...kv,...k->...v", state, q[..., t, :])
     return out, state
 
 
