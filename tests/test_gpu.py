@@ -350,3 +350,10 @@ def test_a_dead_graph_in_a_reference_cycle_is_not_collected_mid_capture():
     finally:
         gc.set_threshold(*thresholds)
         gc.collect()
+
+
+def test_a_batch_decodes_on_the_gpu_as_each_alone(packed4):
+    """forward_batch on the GPU path (gathered kernels, eager: graphs record one sequence)."""
+    from .test_engine import check_batched_decode
+
+    check_batched_decode(Engine(packed4, EngineConfig(device="cuda", dtype="float32", cuda_graphs=False)))
