@@ -438,6 +438,7 @@ class Engine:
         params: SamplingParams | None = None,
         state: SequenceState | None = None,
         logits_processor: LogitsProcessor | None = None,
+        batched: bool = False,
     ) -> Generation:
         """Iterate the result for a Step per generated token; it also carries timing statistics.
 
@@ -445,8 +446,10 @@ class Engine:
         conversation). `state` continues an earlier sequence (the prompt's ids then follow its
         tokens); `logits_processor(generated_ids, logits) -> logits` sees each next-token
         distribution (fp32, on the CPU) before sampling: the hook for grammar-constrained decoding.
-        It gets the same list every step, grown by one token: read it, do not keep or change it."""
-        return Generation(self, prompt, params or SamplingParams(), state, logits_processor)
+        It gets the same list every step, grown by one token: read it, do not keep or change it.
+        `batched`: between two steps the iteration yields a DecodeRequest for the caller to run
+        (with other generations' through forward_batch, or alone) before resuming it."""
+        return Generation(self, prompt, params or SamplingParams(), state, logits_processor, batched)
 
     def close(self) -> None:
         if self.gpu_tier is not None:

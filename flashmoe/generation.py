@@ -27,6 +27,20 @@ class ContextLengthError(ValueError):
 
 
 @dataclass(slots=True)
+class DecodeRequest:
+    """What a batched generation yields in place of running a decode step itself: its next token
+    and state, for a caller that runs the steps of several generations at once (the server's
+    scheduler, through Engine.forward_batch) and fills in `logits` [1, vocab] before resuming it.
+    `alone()` runs the step as the generation would by itself (CUDA graphs on the GPU): for a
+    request that has no company."""
+
+    token: int
+    state: "SequenceState"
+    alone: Callable[[], torch.Tensor]
+    logits: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
 class Step:
     """One generated token: its id, the text it completes (may be empty while a character or a
     possible stop string is still incomplete), and why generation ended, if it did."""
@@ -62,8 +76,9 @@ class GenerationStats:
 
 
 class Generation:
-    def __init__(self, engine: Engine, prompt, params: SamplingParams, state: SequenceState | None, logits_processor):
-        self.engine, self.params, self.logits_processor = engine, params, logits_processor
+    def __init__(self, engine: Engine, prompt, params: SamplingParams, state: SequenceState | None, logits_processor,
+                 batched: bool = False):
+        self.engine, self.params, self.logits_processor, self.batched = engine, params, logits_processor, batched
         self.ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.state = state or engine.new_state()
         if not self.ids:
@@ -77,10 +92,11 @@ class Generation:
         self.max_tokens = min(params.max_tokens, limit - used)
         self.stats = GenerationStats(prompt_tokens=len(self.ids))
 
-    def __iter__(self) -> Iterator[Step]:
+    def __iter__(self) -> Iterator[Step | DecodeRequest]:
+        """Steps; with `batched`, a DecodeRequest between two steps, to be run by the caller."""
         return self._run()
 
-    def _run(self) -> Iterator[Step]:
+    def _run(self) -> Iterator[Step | DecodeRequest]:
         eng = self.engine
         sampler = Sampler(self.params, eng.args.vocab_size, eng.device, seen=self.ids)
         generated: list[int] = []
@@ -113,13 +129,23 @@ class Generation:
                 yield step  # outside the measured block: the consumer's time is not ours
                 if step.finish_reason:
                     return
-                with self._measured(prefill=False):
-                    if graphs is None and eng.cuda_graphs:
-                        from .runtime.graphs import DecodeGraph
 
-                        graphs = DecodeGraph(eng, self.state, self.state.position + self.max_tokens - n)
-                    logits = graphs.step(token) if graphs is not None else eng.forward([token], self.state)
-                    self.stats.decode_tokens += 1
+                def decode(token=token, n=n) -> torch.Tensor:
+                    nonlocal graphs
+                    with self._measured(prefill=False):
+                        if graphs is None and eng.cuda_graphs:
+                            from .runtime.graphs import DecodeGraph
+
+                            graphs = DecodeGraph(eng, self.state, self.state.position + self.max_tokens - n)
+                        return graphs.step(token) if graphs is not None else eng.forward([token], self.state)
+
+                if self.batched:  # the caller runs the step, alone or with other generations'
+                    request = DecodeRequest(token, self.state, decode)
+                    yield request
+                    logits = request.logits
+                else:
+                    logits = decode()
+                self.stats.decode_tokens += 1
         finally:
             self.stats.peak_rss = peak_rss_bytes()
 

@@ -13,8 +13,9 @@ from .store import ExpertStore
 
 
 # Up to this many tokens the kernel computes them (a matvec per token, each expert read once for all
-# of its tokens); more are multiplied by PyTorch from each expert dequantized once (entry 68).
-KERNEL_MAX_TOKENS = 8
+# of its tokens); more are multiplied by PyTorch from each expert dequantized once. On the demo model
+# 16 tokens ran 2.2x faster through the kernel than through PyTorch (entry 71).
+KERNEL_MAX_TOKENS = 32
 
 
 class StreamedExperts:

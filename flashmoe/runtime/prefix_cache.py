@@ -111,11 +111,13 @@ def cached_generate(
     params: SamplingParams,
     checkpoints: Iterable[int] = (),
     logits_processor: LogitsProcessor | None = None,
+    batched: bool = False,
 ) -> tuple[Generation, int]:
     """The generation for prompt `ids`, resumed from the longest cached prefix, and how many prompt
     tokens that prefix covered. The states at `checkpoints` (token counts) are cached on the way.
 
-    The prefill work up to the last checkpoint runs here, before returning."""
+    The prefill work up to the last checkpoint runs here, before returning. `batched`: as
+    Engine.generate's."""
     reused, state = cache.lookup(ids) if cache is not None else (0, None)
     state = state or engine.new_state()
     done = reused
@@ -124,7 +126,7 @@ def cached_generate(
             engine.forward(list(ids[done:point]), state)
             cache.store(ids[:point], state.clone())
             done = point
-    return engine.generate(list(ids[done:]), params, state, logits_processor), reused
+    return engine.generate(list(ids[done:]), params, state, logits_processor, batched), reused
 
 
 def chat_checkpoints(tokenizer: Tokenizer, messages: list[dict[str, Any]], prompt_ids: Sequence[int],

@@ -26,7 +26,7 @@ def serve_command(
         help="Listen on a non-loopback --host without an API key: anyone who can reach it can use the model.",
     ),
     name: Optional[str] = typer.Option(None, "--name", help="Model id reported by /v1/models (default: the directory name)."),
-    parallel: int = typer.Option(4, help="Generations in progress at once, taking turns token slice by token slice."),
+    parallel: int = typer.Option(8, help="Generations in progress at once: each step decodes one token of each, as one batch."),
     max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting beyond --parallel; past it the answer is 503."),
     prefix_cache: str = typer.Option("2G", "--prefix-cache", help="Memory for states of conversation prefixes reused by the next turn (0 = off)."),
     max_body: str = typer.Option("8M", "--max-body", help="Largest request body accepted (413 past it)."),

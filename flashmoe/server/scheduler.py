@@ -1,10 +1,14 @@
-"""The generation thread: the engine runs one step at a time, for one job at a time.
+"""The generation thread: continuous batching over the engine, which is not thread-safe.
 
-The engine is single-sequence and not thread-safe, so every generation runs on this one thread.
-Jobs wait in a bounded FIFO queue (a full queue is the caller's 503); up to `parallel` admitted
-jobs take turns, a slice of tokens each, so a long answer does not hold back everyone else's
-first tokens. A slice of several tokens rather than one keeps each sequence's experts warm in
-the cache between its steps. A job's events reach its asyncio consumer through `Job.events`.
+Every generation runs on this one thread. Jobs wait in a bounded FIFO queue (a full queue is the
+caller's 503); up to `parallel` of them run at once. Each round admits waiting jobs into the free
+places, advances every running job to its next decode step (a DecodeRequest: its next token,
+after the events before it went out) and runs those steps together through the engine's
+`forward_batch`, so a layer reads each expert the round's tokens need once; a lone step runs as
+its generation would alone (CUDA graphs on the GPU). A job that ends or is cancelled (a client
+gone) leaves at the end of its round. A new job's prompt is prefilled within its first round, so
+it delays that round's steps by its prefill. A job's events reach its asyncio consumer through
+`Job.events`.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from ..generation import DecodeRequest
 
 log = logging.getLogger("flashmoe.server")
 
-SLICE_TOKENS = 16
+SLICE_TOKENS = 16  # events a job may post in one round without reaching a decode step (work that does not batch)
 
 
 class QueueFullError(Exception):
@@ -71,18 +77,22 @@ class SchedulerStats:
     cancelled: int
     failed: int
     rejected: int
+    decode_steps: int  # rounds that ran decode steps
+    largest_batch: int  # the most sequences one of them advanced
 
 
 class Scheduler:
-    def __init__(self, parallel: int = 4, max_queue: int = 32) -> None:
+    def __init__(self, parallel: int = 4, max_queue: int = 32,
+                 forward_batch: Callable[[list[list[int]], list[Any]], Any] | None = None) -> None:
+        """forward_batch: the engine's (Engine.forward_batch), which runs a round's decode steps."""
         if parallel < 1 or max_queue < 0:
             raise ValueError("parallel must be at least 1 and max_queue at least 0")
-        self.parallel, self.max_queue = parallel, max_queue
+        self.parallel, self.max_queue, self.forward_batch = parallel, max_queue, forward_batch
         self._waiting: deque[Job] = deque()
         self._active: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
-        self._completed = self._cancelled = self._failed = self._rejected = 0
+        self._completed = self._cancelled = self._failed = self._rejected = self._decode_steps = self._largest_batch = 0
         self._thread = threading.Thread(target=self._run, name="flashmoe-generate", daemon=True)
         self._thread.start()
 
@@ -99,8 +109,8 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._cv:
-            return SchedulerStats(len(self._active), len(self._waiting), self.parallel, self.max_queue,
-                                  self._completed, self._cancelled, self._failed, self._rejected)
+            return SchedulerStats(len(self._active), len(self._waiting), self.parallel, self.max_queue, self._completed,
+                                  self._cancelled, self._failed, self._rejected, self._decode_steps, self._largest_batch)
 
     def close(self) -> None:
         with self._cv:
@@ -119,20 +129,49 @@ class Scheduler:
                     return
                 while self._waiting and len(self._active) < self.parallel:
                     self._active.append(self._waiting.popleft())
-                job = self._active[0]
-            finished = self._advance(job)
+                jobs = list(self._active)
+            ended, steps = [], []
+            for job in jobs:
+                outcome = self._advance(job)
+                if isinstance(outcome, DecodeRequest):
+                    steps.append((job, outcome))
+                elif outcome:
+                    ended.append(job)
+            ended += self._decode(steps)
             with self._cv:
-                self._active.popleft()
-                if not finished:
-                    self._active.append(job)
+                for job in ended:
+                    self._active.remove(job)
 
-    def _advance(self, job: Job) -> bool:
-        """Runs up to SLICE_TOKENS steps of `job`; True once it has ended (or was cancelled)."""
+    def _decode(self, steps: list[tuple[Job, DecodeRequest]]) -> list[Job]:
+        """Run the round's decode steps, together where there are several; the jobs whose step failed."""
+        if not steps:
+            return []
+        with self._cv:
+            self._decode_steps += 1
+            self._largest_batch = max(self._largest_batch, len(steps))
+        try:
+            if len(steps) == 1 or self.forward_batch is None:
+                for _, request in steps:
+                    request.logits = request.alone()
+            else:
+                logits = self.forward_batch([[r.token] for _, r in steps], [r.state for _, r in steps])
+                for i, (_, request) in enumerate(steps):
+                    request.logits = logits[i : i + 1]
+            return []
+        except Exception as e:  # reported to each client whose step it was; the thread goes on
+            log.exception("decode step failed")
+            for job, _ in steps:
+                job.post(Failed(e))
+                self._close(job)
+                self._count("_failed")
+            return [job for job, _ in steps]
+
+    def _advance(self, job: Job) -> bool | DecodeRequest:
+        """Runs `job` to its next decode step (returned, for `_decode`), or up to SLICE_TOKENS
+        events of work that does not batch; True once it has ended (or was cancelled)."""
         for _ in range(SLICE_TOKENS):
             if job.cancelled:
-                close = getattr(job.work, "close", None)
-                if close is not None:
-                    close()  # runs the work's cleanup now, on this thread
+                self._close(job)
                 self._count("_cancelled")
                 return True
             try:
@@ -146,8 +185,16 @@ class Scheduler:
                 job.post(Failed(e))
                 self._count("_failed")
                 return True
+            if isinstance(event, DecodeRequest):
+                return event
             job.post(event)
         return False
+
+    @staticmethod
+    def _close(job: Job) -> None:
+        close = getattr(job.work, "close", None)
+        if close is not None:
+            close()  # runs the work's cleanup now, on this thread
 
     def _count(self, name: str) -> None:
         with self._cv:

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Iterator
 from jinja2 import TemplateError
 
 from ..engine import Engine
-from ..generation import ContextLengthError, Step
+from ..generation import ContextLengthError, DecodeRequest, Step
 from ..runtime.prefix_cache import PrefixCache, cached_generate, chat_checkpoints
 from ..runtime.sampling import SamplingParams
 from ..tool_calls import Content, Event, OutputParser
@@ -76,7 +76,7 @@ class ModelService:
         self.grammars = Grammars.for_engine(engine)
         self.token_text = TokenText(engine.tokenizer)
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.scheduler = Scheduler(parallel, max_queue)
+        self.scheduler = Scheduler(parallel, max_queue, engine.forward_batch)
 
     # -- planning (in a worker thread, as tokenizing is slow; APIError for the client's mistakes) --
     def chat_plan(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, params: dict[str, Any],
@@ -153,10 +153,15 @@ class ModelService:
 
     def _work(self, plan: Plan, processor: GrammarProcessor | None) -> Iterator[Any]:
         """Runs on the generation thread, one step per next(); closing it drops the state."""
-        gen, reused = cached_generate(self.engine, self.cache, plan.ids, plan.params, plan.checkpoints, processor)
+        gen, reused = cached_generate(self.engine, self.cache, plan.ids, plan.params, plan.checkpoints, processor,
+                                      batched=True)
         yield Started(len(plan.ids), reused)
         tokens, text, last = [], [], None
-        for last in gen:
+        for item in gen:
+            if isinstance(item, DecodeRequest):  # the scheduler runs it, with the other jobs' steps
+                yield item
+                continue
+            last = item
             tokens.append(last.token)
             text.append(last.text)
             yield last

@@ -104,6 +104,7 @@ def test_sixteen_clients_some_disconnecting_among_rude_ones(server, http):
         assert r["text"] == expected[i % 4], f"client {i} got another answer"
     after = _wait_idle(server)
     assert after["cancelled"] - before["cancelled"] == 4 and after["failed"] == before["failed"]
+    assert after["largest_batch"] > 1  # concurrent requests' decode steps ran together
     assert http.post("/v1/chat/completions", json={"messages": PROMPTS[0], **greedy}).json()["choices"][0]["message"][
         "content"] == expected[0]
 
