@@ -27,6 +27,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from . import quant
 from .formats.packed import DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, PackedFormatError, RecordLayout, check_quantization
+from .formats.fp8 import SCALE_SUFFIX as FP8_SCALE_SUFFIX
+from .formats.fp8 import block_size as fp8_block_size
+from .formats.fp8 import dequantize as fp8_dequantize
 from .formats.mlx import MlxQuantization
 from .formats.mlx import dequantize as mlx_dequantize
 from .formats.safetensors import Checkpoint, SafetensorsWriter
@@ -77,6 +80,7 @@ class _Plan:
     mxfp4: bool  # the experts are MXFP4 blocks and scales (gpt-oss's release)
     mlx: MlxQuantization | None = None  # an mlx-lm quantized checkpoint's quantization
     mlx_experts: tuple[int, int] | None = None  # its experts' (bits, group size), where they are quantized
+    fp8: tuple[int, int] | None = None  # a block-FP8 checkpoint's blocks (weights with `weight_scale_inv`)
 
 
 def convert(
@@ -95,11 +99,12 @@ def convert(
     _clean_up_dead_runs(dst)  # first: a model a killed --force run set aside goes back to dst
     _check_destination(dst, force)
     cfg = read_args(src)
-    mlx = MlxQuantization.from_config(read_json(src / "config.json", ConversionError, ""))
+    raw = read_json(src / "config.json", ConversionError, "")
+    mlx, fp8 = MlxQuantization.from_config(raw), fp8_block_size(raw)
     report = ConversionReport(dst, warnings=_check_tokenizer(src, dst, cfg))
     started = time.perf_counter()
     with Checkpoint(src) as ckpt:
-        plan = _plan(cfg, ckpt, mlx)
+        plan = _plan(cfg, ckpt, mlx, fp8)
         layout = _layout(cfg, plan, bits, group_size)
         report.experts = _experts_summary(plan, layout)
         tmp = _sibling(dst, "partial")
@@ -231,13 +236,14 @@ def _experts_summary(plan: _Plan, layout: RecordLayout) -> str:
     """What the convert summary says became of the experts: kept as stored, or converted from what."""
     if layout.scheme == "mxfp4":
         return "MXFP4, kept as released"
-    source = "MXFP4" if plan.mxfp4 else f"MLX {plan.mlx_experts[0]}-bit" if plan.mlx_experts else None
+    source = ("MXFP4" if plan.mxfp4 else f"MLX {plan.mlx_experts[0]}-bit" if plan.mlx_experts else
+              "FP8" if plan.fp8 else None)
     if source and plan.mlx_experts == (layout.bits, layout.group_size):
         return f"{source} groups of {layout.group_size}, repacked bit for bit"
     return f"{source} dequantized, then stored {layout.bits}-bit" if source else f"stored {layout.bits}-bit"
 
 
-def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None) -> _Plan:
+def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None, fp8: tuple[int, int] | None = None) -> _Plan:
     naming = names(cfg)
     dense, experts, total = [], defaultdict(lambda: {"fused": {}, "split": {}}), 0
     for name in ckpt.names():
@@ -248,7 +254,7 @@ def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None) 
         if canon == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints store the head anyway; the embedding is the head
         total += ckpt.info(name).nbytes
-        if parsed is None and _is_mlx_companion(ckpt, name, mlx):
+        if parsed is None and (_is_mlx_companion(ckpt, name, mlx) or _is_fp8_scale(ckpt, name)):
             continue  # read with its weight
         if parsed is None:
             dense.append(name)
@@ -260,10 +266,42 @@ def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None) 
             experts[layer]["split"][(expert, proj)] = name
     mxfp4 = any(proj.endswith(".blocks") for found in experts.values() for proj in found["fused"])
     mlx_experts = _mlx_experts(ckpt, experts, mlx)
-    plan = _Plan(dense, dict(experts), total, mxfp4, mlx, mlx_experts)
+    plan = _Plan(dense, dict(experts), total, mxfp4, mlx, mlx_experts, fp8)
+    _check_fp8(ckpt, plan)
     _check_dense(cfg, ckpt, plan)
     _check_experts(cfg, ckpt, experts, mxfp4, mlx_experts)
     return plan
+
+
+def _is_fp8_scale(ckpt: Checkpoint, name: str) -> bool:
+    """Whether `name` is the block scales of an FP8 weight (read together with it)."""
+    weight = name.removesuffix(FP8_SCALE_SUFFIX)
+    return name.endswith(FP8_SCALE_SUFFIX) and weight in ckpt.where and ckpt.info(weight).dtype == torch.float8_e4m3fn
+
+
+def _check_fp8(ckpt: Checkpoint, plan: _Plan) -> None:
+    """Every FP8 tensor must come with its block scales, in a checkpoint that says it is FP8, and
+    not as fused experts (which no release stores)."""
+    fused = [n for e in plan.experts.values() for n in e["fused"].values()]
+    split = [n for e in plan.experts.values() for n in e["split"].values()]
+    for name in plan.dense + split + fused:
+        if ckpt.info(name).dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            continue
+        if plan.fp8 is None or ckpt.info(name).dtype != torch.float8_e4m3fn:
+            raise ConversionError(f"{name} is {ckpt.info(name).dtype}, but config.json declares no block-FP8 (e4m3) "
+                                  "quantization_config: restore the config.json that came with these weights")
+        if name + FP8_SCALE_SUFFIX not in ckpt.where:
+            raise ConversionError(f"{name} is FP8 but {name}{FP8_SCALE_SUFFIX} is missing: is the download complete?")
+        if name in fused:
+            raise ConversionError(f"{name}: fused FP8 experts are not supported; convert the 16-bit checkpoint")
+
+
+def _read_weight(ckpt: Checkpoint, name: str, plan: _Plan) -> torch.Tensor:
+    """A tensor as its 16-bit or fp32 values: FP8 weights dequantized with their block scales."""
+    t = ckpt.read(name)
+    if t.dtype == torch.float8_e4m3fn and plan.fp8 is not None:
+        return fp8_dequantize(t, ckpt.read(name + FP8_SCALE_SUFFIX), plan.fp8, name)
+    return t
 
 
 def _is_mlx_companion(ckpt: Checkpoint, name: str, mlx: MlxQuantization | None) -> bool:
@@ -304,6 +342,8 @@ def _sanitized_meta(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan) -> list[tuple
         shape, dtype = info.shape, info.dtype
         if (packed := _mlx_bits(ckpt, name, plan.mlx)) is not None:  # dequantized: [..., out, in]
             shape, dtype = (*shape[:-1], shape[-1] * 32 // packed[0]), torch.bfloat16
+        elif dtype == torch.float8_e4m3fn:  # dequantized
+            dtype = torch.bfloat16
         meta = torch.empty(shape, dtype=dtype, device="meta")
         for new_name, t in sanitize(cfg, naming.canonical(name, cfg.num_hidden_layers), meta):
             out.append((new_name, t.dtype, tuple(t.shape)))
@@ -410,7 +450,7 @@ def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advan
     entries = [(n, _stored_dtype(n, dtype), s) for n, _, s in _sanitized_meta(cfg, ckpt, plan)]
     writer = SafetensorsWriter(out_dir / DENSE_FILE, entries, {"format": "pt"})
     for name in plan.dense:
-        source = ckpt.read(name)
+        source = _read_weight(ckpt, name, plan)
         if (packed := _mlx_bits(ckpt, name, plan.mlx)) is not None:
             module = name.removesuffix(".weight")
             scales, biases = ckpt.read(module + ".scales"), ckpt.read(module + ".biases")
@@ -428,12 +468,12 @@ def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advan
     return str(dtype).removeprefix("torch.")
 
 
-def _read_expert(ckpt: Checkpoint, found: dict, expert: int, naming: CheckpointNames, keep_mxfp4: bool,
+def _read_expert(ckpt: Checkpoint, plan: _Plan, found: dict, expert: int, naming: CheckpointNames, keep_mxfp4: bool,
                  mlx: tuple[int, int, bool] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """({gate_up_proj: [2I, H], down_proj: [H, I], and biases where the experts have them}, source
     bytes) of one expert from any checkpoint layout, in the record's order (gate rows, then up).
     MXFP4 experts come as {P.blocks [N, K/2], P.scales [N, K/32]} with `keep_mxfp4`, else dequantized;
-    MLX ones (mlx: bits, group size, keep) as {P.weight, P.scales, P.biases} where kept."""
+    MLX ones (mlx: bits, group size, keep) as {P.weight, P.scales, P.biases} where kept; FP8 ones dequantized."""
     if found["fused"]:
         tensors = {proj: ckpt.read_row(name, expert) for proj, name in found["fused"].items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -449,9 +489,11 @@ def _read_expert(ckpt: Checkpoint, found: dict, expert: int, naming: CheckpointN
                     tensors[proj] = torch.cat([tensors[proj][0::2], tensors[proj][1::2]])
     else:
         split = found["split"]
-        tensors = {"gate_up_proj": torch.cat([ckpt.read(split[(expert, "gate_proj")]), ckpt.read(split[(expert, "up_proj")])]),
-                   "down_proj": ckpt.read(split[(expert, "down_proj")])}
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        def read(proj: str) -> torch.Tensor:
+            return _read_weight(ckpt, split[(expert, proj)], plan)
+
+        tensors = {"gate_up_proj": torch.cat([read("gate_proj"), read("up_proj")]), "down_proj": read("down_proj")}
+        nbytes = sum(ckpt.info(name).nbytes for (e, _), name in split.items() if e == expert)
     return tensors, nbytes
 
 
@@ -531,7 +573,7 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
         with open(out_dir / rel, "wb") as f:
             for expert in range(cfg.moe.num_experts):
                 mlx = None if plan.mlx_experts is None else (*plan.mlx_experts, plan.mlx_experts == (layout.bits, layout.group_size))
-                tensors, nbytes = _read_expert(ckpt, plan.experts[layer], expert, names(cfg), layout.scheme == "mxfp4", mlx)
+                tensors, nbytes = _read_expert(ckpt, plan, plan.experts[layer], expert, names(cfg), layout.scheme == "mxfp4", mlx)
                 record = _encode_expert(layout, tensors, report)
                 data = record.numpy()
                 crcs.append(zlib.crc32(data))
