@@ -439,6 +439,7 @@ class Engine:
         state: SequenceState | None = None,
         logits_processor: LogitsProcessor | None = None,
         batched: bool = False,
+        checkpoints: dict[int, Callable[[], None]] | None = None,
     ) -> Generation:
         """Iterate the result for a Step per generated token; it also carries timing statistics.
 
@@ -448,8 +449,9 @@ class Engine:
         distribution (fp32, on the CPU) before sampling: the hook for grammar-constrained decoding.
         It gets the same list every step, grown by one token: read it, do not keep or change it.
         `batched`: between two steps the iteration yields a DecodeRequest for the caller to run
-        (with other generations' through forward_batch, or alone) before resuming it."""
-        return Generation(self, prompt, params or SamplingParams(), state, logits_processor, batched)
+        (with other generations' through forward_batch, or alone) before resuming it, and PAUSED
+        between slices of the prefill. `checkpoints[n]()` is called once n prompt tokens are in."""
+        return Generation(self, prompt, params or SamplingParams(), state, logits_processor, batched, checkpoints)
 
     def close(self) -> None:
         if self.gpu_tier is not None:

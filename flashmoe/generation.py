@@ -26,6 +26,19 @@ class ContextLengthError(ValueError):
     pass
 
 
+# Prompt tokens a batched generation prefills before it pauses: the other sequences' decode steps
+# wait for at most this much of a newcomer's prompt between two of theirs.
+PREFILL_SLICE = 256
+
+
+class Paused:
+    """What a batched generation yields between two slices of its prompt's prefill: nothing to
+    run, its turn in the round is over."""
+
+
+PAUSED = Paused()
+
+
 @dataclass(slots=True)
 class DecodeRequest:
     """What a batched generation yields in place of running a decode step itself: its next token
@@ -77,8 +90,9 @@ class GenerationStats:
 
 class Generation:
     def __init__(self, engine: Engine, prompt, params: SamplingParams, state: SequenceState | None, logits_processor,
-                 batched: bool = False):
+                 batched: bool = False, checkpoints: dict[int, Callable[[], None]] | None = None):
         self.engine, self.params, self.logits_processor, self.batched = engine, params, logits_processor, batched
+        self.checkpoints = checkpoints or {}  # prompt tokens -> called once the prefill has fed that many
         self.ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.state = state or engine.new_state()
         if not self.ids:
@@ -92,19 +106,30 @@ class Generation:
         self.max_tokens = min(params.max_tokens, limit - used)
         self.stats = GenerationStats(prompt_tokens=len(self.ids))
 
-    def __iter__(self) -> Iterator[Step | DecodeRequest]:
-        """Steps; with `batched`, a DecodeRequest between two steps, to be run by the caller."""
+    def __iter__(self) -> Iterator[Step | DecodeRequest | Paused]:
+        """Steps; with `batched`, a DecodeRequest between two steps, to be run by the caller, and
+        PAUSED between two slices of the prefill."""
         return self._run()
 
-    def _run(self) -> Iterator[Step | DecodeRequest]:
+    def _run(self) -> Iterator[Step | DecodeRequest | Paused]:
         eng = self.engine
         sampler = Sampler(self.params, eng.args.vocab_size, eng.device, seen=self.ids)
         generated: list[int] = []
         text = _StopStrings(self.params.stop)
         decoder = eng.tokenizer.stream_decoder()
         graphs = None
-        with self._measured(prefill=True):
-            logits = eng.forward(self.ids, self.state)
+        # The prefill in segments that end at each checkpoint (the prefix cache keeps the state there)
+        # and, batched, every PREFILL_SLICE tokens, pausing between them for the other sequences.
+        ends = set(self.checkpoints) | (set(range(PREFILL_SLICE, len(self.ids), PREFILL_SLICE)) if self.batched else set())
+        start = 0
+        for end in sorted(e for e in ends if 0 < e < len(self.ids)) + [len(self.ids)]:
+            with self._measured(prefill=True):
+                logits = eng.forward(self.ids[start:end], self.state)
+            if end in self.checkpoints:
+                self.checkpoints[end]()
+            start = end
+            if self.batched and end < len(self.ids):
+                yield PAUSED
         try:
             for n in range(self.max_tokens):
                 with self._measured(prefill=False, forward=False):

@@ -40,9 +40,9 @@ def scripted_engine(model, config):
                 f.write(json.dumps(text) + "\n")
         return text
 
-    def scripted(prompt, params=None, state=None, logits_processor=None, batched=False):
+    def scripted(prompt, params=None, state=None, logits_processor=None, batched=False, checkpoints=None):
         if params is None or params.max_tokens == 1:  # a prefill segment: nothing to script
-            return generate(prompt, params, state, logits_processor, batched)
+            return generate(prompt, params, state, logits_processor, batched, checkpoints)
         ids = tok.encode(next(answers)) + [end]
 
         def force(generated, logits):
@@ -51,7 +51,7 @@ def scripted_engine(model, config):
             forced[ids[len(generated)]] = 0.0
             return forced
 
-        return generate(prompt, params, state, force, batched)
+        return generate(prompt, params, state, force, batched, checkpoints)
 
     tok.apply_chat_template, engine.generate = record, scripted
     return engine

@@ -186,3 +186,25 @@ def test_forward_batch_refuses_what_is_not_a_batch(engine):
             engine.forward_batch(ids, states)
     with pytest.raises(ContextLengthError, match="exceed the model's context length"):
         engine.forward_batch([[1] * (engine.context_length + 1)], [state])
+
+
+def test_a_batched_generation_prefills_a_slice_at_a_time(packed16, monkeypatch):
+    """Batched, a long prompt is prefilled PREFILL_SLICE tokens per turn, pausing between slices,
+    and the generation then decodes what it decodes unbatched (fp32); its steps are the caller's."""
+    from flashmoe import generation
+    from flashmoe.generation import PAUSED, DecodeRequest
+
+    monkeypatch.setattr(generation, "PREFILL_SLICE", 4)
+    engine = Engine(packed16, EngineConfig(dtype="float32", threads=1))
+    prompt, params = list(range(3, 13)), SamplingParams(max_tokens=4, temperature=0)
+    plain = [s.token for s in engine.generate(prompt, params)]
+    tokens, pauses, requests = [], 0, 0
+    for item in engine.generate(prompt, params, batched=True):
+        if item is PAUSED:
+            pauses += 1
+        elif isinstance(item, DecodeRequest):
+            requests += 1
+            item.logits = item.alone()
+        else:
+            tokens.append(item.token)
+    assert (pauses, requests) == (2, 3) and tokens == plain  # slices 4 + 4 + 2; a step between every two tokens

@@ -3,8 +3,8 @@ under a memory budget, so that a conversation's next turn, or any request that s
 prompt with an earlier one, prefills only the tokens after the longest prefix already seen.
 
 A state exists only at the end of what was fed through the model, so prefixes are cached at
-chosen checkpoints: `cached_generate` prefills up to each checkpoint in its own segment, keeps a
-copy of the state there, and goes on. Chat prompts use `chat_checkpoints`: the end of the system
+chosen checkpoints: the generation `cached_generate` returns prefills up to each checkpoint in its
+own segment, keeps a copy of the state there, and goes on. Chat prompts use `chat_checkpoints`: the end of the system
 block and the end of the conversation so far, which is where the next turn's prompt diverges.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from jinja2 import TemplateError
@@ -116,17 +116,16 @@ def cached_generate(
     """The generation for prompt `ids`, resumed from the longest cached prefix, and how many prompt
     tokens that prefix covered. The states at `checkpoints` (token counts) are cached on the way.
 
-    The prefill work up to the last checkpoint runs here, before returning. `batched`: as
-    Engine.generate's."""
+    The generation's prefill stops at each checkpoint for the cache to keep a copy of the state.
+    `batched`: as Engine.generate's."""
     reused, state = cache.lookup(ids) if cache is not None else (0, None)
     state = state or engine.new_state()
-    done = reused
-    for point in sorted(set(checkpoints)):
-        if cache is not None and done < point < len(ids):
-            engine.forward(list(ids[done:point]), state)
-            cache.store(ids[:point], state.clone())
-            done = point
-    return engine.generate(list(ids[done:]), params, state, logits_processor, batched), reused
+
+    def keep(point: int) -> Callable[[], None]:
+        return lambda: cache.store(ids[:point], state.clone())
+
+    points = {p - reused: keep(p) for p in set(checkpoints) if cache is not None and reused < p < len(ids)}
+    return engine.generate(list(ids[reused:]), params, state, logits_processor, batched, points), reused
 
 
 def chat_checkpoints(tokenizer: Tokenizer, messages: list[dict[str, Any]], prompt_ids: Sequence[int],

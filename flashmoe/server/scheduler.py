@@ -6,9 +6,9 @@ places, advances every running job to its next decode step (a DecodeRequest: its
 after the events before it went out) and runs those steps together through the engine's
 `forward_batch`, so a layer reads each expert the round's tokens need once; a lone step runs as
 its generation would alone (CUDA graphs on the GPU). A job that ends or is cancelled (a client
-gone) leaves at the end of its round. A new job's prompt is prefilled within its first round, so
-it delays that round's steps by its prefill. A job's events reach its asyncio consumer through
-`Job.events`.
+gone) leaves at the end of its round. A new job's prompt is prefilled a slice per round
+(generation.PREFILL_SLICE tokens), so a long prompt delays the others' steps by one slice at a
+time. A job's events reach its asyncio consumer through `Job.events`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from ..generation import DecodeRequest
+from ..generation import DecodeRequest, Paused
 
 log = logging.getLogger("flashmoe.server")
 
@@ -187,6 +187,8 @@ class Scheduler:
                 return True
             if isinstance(event, DecodeRequest):
                 return event
+            if isinstance(event, Paused):  # a slice of its prefill done: the others' turn
+                return False
             job.post(event)
         return False
 

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Iterator
 from jinja2 import TemplateError
 
 from ..engine import Engine
-from ..generation import ContextLengthError, DecodeRequest, Step
+from ..generation import ContextLengthError, Step
 from ..runtime.prefix_cache import PrefixCache, cached_generate, chat_checkpoints
 from ..runtime.sampling import SamplingParams
 from ..tool_calls import Content, Event, OutputParser
@@ -158,7 +158,7 @@ class ModelService:
         yield Started(len(plan.ids), reused)
         tokens, text, last = [], [], None
         for item in gen:
-            if isinstance(item, DecodeRequest):  # the scheduler runs it, with the other jobs' steps
+            if not isinstance(item, Step):  # a DecodeRequest (the scheduler runs it with the other jobs') or PAUSED
                 yield item
                 continue
             last = item
