@@ -27,8 +27,10 @@ class ContextLengthError(ValueError):
 
 
 # Prompt tokens a batched generation prefills before it pauses: the other sequences' decode steps
-# wait for at most this much of a newcomer's prompt between two of theirs.
-PREFILL_SLICE = 256
+# wait for at most this much of a newcomer's prompt between two of theirs. Each slice reads its
+# experts again: a 3000-token prompt of the demo model took 1.52 s whole, 1.71 s in slices of 1024,
+# 3.01 s in slices of 256 (docs/EXPERIMENTS.md entry 72).
+PREFILL_SLICE = 1024
 
 
 class Paused:
