@@ -41,7 +41,7 @@ def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors shards)."),
     dst: Path = typer.Argument(..., help="Output directory for the packed model (must not exist, nor be or hold SRC)."),
     bits: Optional[int] = typer.Option(
-        None, help="Expert weight bits: 16 (unquantized), 8, 4 or 2. Default: 4, or MXFP4 experts (gpt-oss) kept as released."
+        None, help="Expert weight bits: 16 (unquantized), 8, 4 or 2. Default: quantized experts kept as stored (gpt-oss's MXFP4, mlx-lm's groups), others 4."
     ),
     group_size: int = typer.Option(
         64, help="Weights per quantization group (one 16-bit scale and bias each): a power of two, e.g. 32, 64 or 128."

@@ -91,7 +91,8 @@ def convert(
     force: bool = False,
     console: Console | None = None,
 ) -> ConversionReport:
-    """`bits` None: MXFP4 experts (gpt-oss's release) are kept as released, others quantized to 4 bits."""
+    """`bits` None: quantized experts are kept as stored (gpt-oss's MXFP4 release; mlx-lm's affine
+    groups, repacked), others quantized to 4 bits."""
     src, dst = Path(src), Path(dst)
     console = console or Console(stderr=True)
     check_quantization(4 if bits is None else bits, group_size)
