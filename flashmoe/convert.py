@@ -254,9 +254,9 @@ def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None, 
         parsed = naming.expert(canon)
         if canon == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints store the head anyway; the embedding is the head
-        total += ckpt.info(name).nbytes
         if parsed is None and (_is_mlx_companion(ckpt, name, mlx) or _is_fp8_scale(ckpt, name)):
-            continue  # read with its weight
+            continue  # read with its weight (and counted there: progress advances by the weights' bytes)
+        total += ckpt.info(name).nbytes
         if parsed is None:
             dense.append(name)
             continue
@@ -298,8 +298,12 @@ def _check_fp8(ckpt: Checkpoint, plan: _Plan) -> None:
 
 
 def _read_weight(ckpt: Checkpoint, name: str, plan: _Plan) -> torch.Tensor:
-    """A tensor as its 16-bit or fp32 values: FP8 weights dequantized with their block scales."""
+    """A tensor as its 16-bit or fp32 values: FP8 and MLX-packed weights dequantized with the scales
+    (and biases) stored beside them."""
     t = ckpt.read(name)
+    if (packed := _mlx_bits(ckpt, name, plan.mlx)) is not None:
+        module = name.removesuffix(".weight")
+        return mlx_dequantize(t, ckpt.read(module + ".scales"), ckpt.read(module + ".biases"), *packed, name)
     if t.dtype == torch.float8_e4m3fn and plan.fp8 is not None:
         return fp8_dequantize(t, ckpt.read(name + FP8_SCALE_SUFFIX), plan.fp8, name)
     return t
@@ -452,11 +456,6 @@ def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advan
     writer = SafetensorsWriter(out_dir / DENSE_FILE, entries, {"format": "pt"})
     for name in plan.dense:
         source = _read_weight(ckpt, name, plan)
-        if (packed := _mlx_bits(ckpt, name, plan.mlx)) is not None:
-            module = name.removesuffix(".weight")
-            scales, biases = ckpt.read(module + ".scales"), ckpt.read(module + ".biases")
-            source = mlx_dequantize(source, scales, biases, *packed, name)
-            advance(ckpt.info(module + ".scales").nbytes + ckpt.info(module + ".biases").nbytes)
         for new_name, t in sanitize(cfg, naming.canonical(name, cfg.num_hidden_layers), source):
             stored = t.to(_stored_dtype(new_name, dtype))
             sums = report.error_sums["dense"]
@@ -469,19 +468,20 @@ def _write_dense(cfg, ckpt, plan, out_dir: Path, report: ConversionReport, advan
     return str(dtype).removeprefix("torch.")
 
 
-def _read_expert(ckpt: Checkpoint, plan: _Plan, found: dict, expert: int, naming: CheckpointNames, keep_mxfp4: bool,
-                 mlx: tuple[int, int, bool] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+def _read_expert(ckpt: Checkpoint, plan: _Plan, layout: RecordLayout, found: dict, expert: int, naming: CheckpointNames
+                 ) -> tuple[dict[str, torch.Tensor], int]:
     """({gate_up_proj: [2I, H], down_proj: [H, I], and biases where the experts have them}, source
     bytes) of one expert from any checkpoint layout, in the record's order (gate rows, then up).
-    MXFP4 experts come as {P.blocks [N, K/2], P.scales [N, K/32]} with `keep_mxfp4`, else dequantized;
-    MLX ones (mlx: bits, group size, keep) as {P.weight, P.scales, P.biases} where kept; FP8 ones dequantized."""
+    Quantized experts the layout keeps as stored come as their parts (MXFP4: {P.blocks, P.scales};
+    MLX: {P.weight, P.scales, P.biases}); other quantized ones (FP8 too) dequantized."""
     if found["fused"]:
         tensors = {proj: ckpt.read_row(name, expert) for proj, name in found["fused"].items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if "gate_up_proj.blocks" in tensors:
-            tensors = _mxfp4_expert(tensors, found["fused"], expert, keep_mxfp4)
+            tensors = _mxfp4_expert(tensors, found["fused"], expert, keep=layout.scheme == "mxfp4")
         elif "gate_proj.weight" in tensors:
-            tensors = _switch_mlp_expert(tensors, found["fused"], mlx)
+            keep = plan.mlx_experts == (layout.bits, layout.group_size)
+            tensors = _switch_mlp_expert(tensors, found["fused"], plan.mlx_experts, keep)
         elif naming.fused_in_out:
             tensors["gate_up_proj"], tensors["down_proj"] = tensors["gate_up_proj"].t().contiguous(), tensors["down_proj"].t().contiguous()
         if naming.gate_up_interleaved:  # gate, up, gate, up, ... -> gate rows, then up rows
@@ -489,24 +489,22 @@ def _read_expert(ckpt: Checkpoint, plan: _Plan, found: dict, expert: int, naming
                 if proj in tensors:
                     tensors[proj] = torch.cat([tensors[proj][0::2], tensors[proj][1::2]])
     else:
-        split = found["split"]
-        def read(proj: str) -> torch.Tensor:
-            return _read_weight(ckpt, split[(expert, proj)], plan)
-
-        tensors = {"gate_up_proj": torch.cat([read("gate_proj"), read("up_proj")]), "down_proj": read("down_proj")}
-        nbytes = sum(ckpt.info(name).nbytes for (e, _), name in split.items() if e == expert)
+        names_of = {proj: found["split"][(expert, proj)] for proj in ("gate_proj", "up_proj", "down_proj")}
+        read = {proj: _read_weight(ckpt, name, plan) for proj, name in names_of.items()}
+        tensors = {"gate_up_proj": torch.cat([read["gate_proj"], read["up_proj"]]), "down_proj": read["down_proj"]}
+        nbytes = sum(ckpt.info(name).nbytes for name in names_of.values())
     return tensors, nbytes
 
 
-def _switch_mlp_expert(tensors: dict[str, torch.Tensor], source: dict[str, str], mlx: tuple[int, int, bool] | None
-                       ) -> dict[str, torch.Tensor]:
+def _switch_mlp_expert(tensors: dict[str, torch.Tensor], source: dict[str, str], mlx: tuple[int, int] | None,
+                       keep: bool) -> dict[str, torch.Tensor]:
     """One expert of mlx-lm's stacked projections: gate and up rows joined into gate_up; packed codes
-    kept with their scales and biases (`mlx` keep: bit for bit, so the scales must be exact in
-    bfloat16), or dequantized; 16-bit ones as they are."""
+    (`mlx`: their bits and group size) kept with their scales and biases (`keep`: bit for bit, so the
+    scales must be exact in bfloat16), or dequantized; 16-bit ones as they are."""
     joined = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
     if mlx is None:
         return {ours: torch.cat([tensors[f"{p}.weight"] for p in theirs]) for ours, theirs in joined.items()}
-    bits, group, keep = mlx
+    bits, group = mlx
     out = {}
     for ours, theirs in joined.items():
         if not keep:
@@ -573,8 +571,7 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
         crcs = []
         with open(out_dir / rel, "wb") as f:
             for expert in range(cfg.moe.num_experts):
-                mlx = None if plan.mlx_experts is None else (*plan.mlx_experts, plan.mlx_experts == (layout.bits, layout.group_size))
-                tensors, nbytes = _read_expert(ckpt, plan, plan.experts[layer], expert, names(cfg), layout.scheme == "mxfp4", mlx)
+                tensors, nbytes = _read_expert(ckpt, plan, layout, plan.experts[layer], expert, names(cfg))
                 record = _encode_expert(layout, tensors, report)
                 data = record.numpy()
                 crcs.append(zlib.crc32(data))

@@ -3,6 +3,7 @@ with timing and cache statistics. Decode steps replay CUDA graphs on the GPU (ru
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,6 +121,17 @@ class Generation:
         text = _StopStrings(self.params.stop)
         decoder = eng.tokenizer.stream_decoder()
         graphs = None
+
+        def decode(token: int, n: int) -> torch.Tensor:
+            """The decode step of `token`, the n-th generated, as this generation runs it alone."""
+            nonlocal graphs
+            with self._measured(prefill=False):
+                if graphs is None and eng.cuda_graphs:
+                    from .runtime.graphs import DecodeGraph
+
+                    graphs = DecodeGraph(eng, self.state, self.state.position + self.max_tokens - n)
+                return graphs.step(token) if graphs is not None else eng.forward([token], self.state)
+
         # The prefill in segments that end at each checkpoint (the prefix cache keeps the state there)
         # and, batched, every PREFILL_SLICE tokens, pausing between them for the other sequences.
         ends = set(self.checkpoints) | (set(range(PREFILL_SLICE, len(self.ids), PREFILL_SLICE)) if self.batched else set())
@@ -156,22 +168,12 @@ class Generation:
                 yield step  # outside the measured block: the consumer's time is not ours
                 if step.finish_reason:
                     return
-
-                def decode(token=token, n=n) -> torch.Tensor:
-                    nonlocal graphs
-                    with self._measured(prefill=False):
-                        if graphs is None and eng.cuda_graphs:
-                            from .runtime.graphs import DecodeGraph
-
-                            graphs = DecodeGraph(eng, self.state, self.state.position + self.max_tokens - n)
-                        return graphs.step(token) if graphs is not None else eng.forward([token], self.state)
-
-                if self.batched:  # the caller runs the step, alone or with other generations'
-                    request = DecodeRequest(token, self.state, decode)
+                if self.batched:  # the caller runs the step, alone or with other generations' (untimed here)
+                    request = DecodeRequest(token, self.state, functools.partial(decode, token, n))
                     yield request
                     logits = request.logits
                 else:
-                    logits = decode()
+                    logits = decode(token, n)
                 self.stats.decode_tokens += 1
         finally:
             self.stats.peak_rss = peak_rss_bytes()

@@ -134,8 +134,8 @@ def _keep_cheap(body: dict) -> None:
 
 
 def _encode(body: dict, raw_unicode: bool) -> bytes:
-    """JSON text; escaped (\\uXXXX, lone surrogates as such) or raw UTF-8 (surrogates then as the
-    invalid bytes they encode to); Raw values put in as they are."""
+    """JSON text; escaped (non-ASCII as \\u and four hex digits, lone surrogates as such) or raw
+    UTF-8 (surrogates then as the invalid bytes they encode to); Raw values put in as they are."""
     raws: list[str] = []
 
     def stash(value: Raw) -> str:
