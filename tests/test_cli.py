@@ -275,3 +275,10 @@ def test_convert_and_generate_every_family_end_to_end(model_type, tmp_path):
     assert out.returncode == 0, out.stderr
     engine = Engine(tmp_path / "q4", EngineConfig(threads=1))
     assert out.stdout == "".join(s.text for s in engine.generate("abc", SamplingParams(max_tokens=5))) + "\n"
+
+
+def test_bench_help_names_every_preset():
+    from flashmoe.bench.presets import PRESETS
+
+    text = " ".join(CliRunner().invoke(app, ["bench", "--help"], terminal_width=400).output.split())
+    assert [name for name in PRESETS if name not in text] == []
