@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..formats.packed import RecordLayout
-from .cpu_experts import ROWS_PER_BLOCK, SUPPORTED_BITS, CpuExperts, _jit, _offsets, _permute, _plane, _rows, _sums, numba
+from .cpu_experts import ROWS_PER_BLOCK, SUPPORTED_BITS, CpuExperts, numba_jit, _offsets, _permute, _plane, _rows, _sums, numba
 
 # Mailbox words (int32; fp32 where noted). The flags the two sides spin on sit on lines of their own.
 REQUEST = 0  # seq of the newest request, written by the GPU after the fields below
@@ -123,7 +123,7 @@ if numba is not None:
         return types.void(), codegen
 
 
-@_jit()
+@numba_jit()
 def _ticks() -> int:
     return cycles()
 
@@ -136,13 +136,13 @@ def tsc_hz() -> float:
     return (_ticks() - c0) / (time.perf_counter() - t0)
 
 
-@_jit(inline="always")
+@numba_jit(inline="always")
 def _share(total, part, parts):
     """Rows [lo, hi) of `total` for thread `part` of `parts`: equal shares."""
     return total * part // parts, total * (part + 1) // parts
 
 
-@_jit(inline="always")
+@numba_jit(inline="always")
 def _wait_for(counts, idx, target):
     """Arrive at the barrier counts[idx] and spin until every thread has (it counts arrivals over
     all requests, so it needs no reset)."""
@@ -155,7 +155,7 @@ def _wait_for(counts, idx, target):
 def _server(bits: int, group: int):
     """The threads' loop for one record format (constants of the closure, as in cpu_experts._kernel)."""
 
-    @_jit()
+    @numba_jit()
     def serve(part, parts, served, last, mail, mailf, counts, p8, p16, offs, hidden, inter, act, phases):
         """Thread `part` of `parts`, which has answered `served` requests, the last one `last`:
         answer the ones that follow until STOP or IDLE_CYCLES without one -> (served, last). act

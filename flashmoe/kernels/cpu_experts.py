@@ -49,6 +49,7 @@ except ImportError:
     numba = None
 
 ROWS_PER_BLOCK = 32  # rows one parallel task computes
+PARALLEL_MIN_BYTES = 1 << 20  # records read by a call below which its loops run on one thread (entry 73)
 PREFETCH_BYTES = 1024  # how far ahead of the row being read its codes are prefetched (512-2048 measured alike)
 SUPPORTED_BITS = (8, 4, 2)
 
@@ -58,7 +59,7 @@ def cpu_experts_available() -> bool:
     return numba is not None
 
 
-def _jit(**options):
+def numba_jit(**options):
     """numba.njit for these kernels. cache=True compiles once per machine, into __pycache__ or,
     where the package is read-only, numba's user cache directory; where neither is writable, once
     per process. Without numba the functions stay plain Python (CpuExperts refuses to start)."""
@@ -96,7 +97,7 @@ if numba is not None:
         return types.void(arr, types.intp), codegen
 
 
-@_jit(inline="always")
+@numba_jit(inline="always")
 def _plane(c, bits, k):
     """Where input c of k lies in `_permute`'s layout, and the factor it is stored times there."""
     per_word = 32 // bits
@@ -104,7 +105,7 @@ def _plane(c, bits, k):
     return p * (k // per_word) + c // per_word, np.float32(1.0) / np.float32(1 << (bits * p))
 
 
-@_jit(inline="always")
+@numba_jit(inline="always")
 def _sums(vp, bits, group, vs):
     """vs [K / group] = the group sums of the input that vp [K] holds in `_permute`'s layout."""
     k = vp.shape[0]
@@ -116,7 +117,7 @@ def _sums(vp, bits, group, vs):
         vs[g] = acc
 
 
-@_jit()
+@numba_jit()
 def _permute(v, bits, group, vp, vs):
     """v [K] -> vp [K]: v as the planes `_rows` reads (module docstring); vs [K / group]: its group sums."""
     for c in range(v.shape[0]):
@@ -125,7 +126,7 @@ def _permute(v, bits, group, vp, vs):
     _sums(vp, bits, group, vs)
 
 
-@_jit(inline="always")
+@numba_jit(inline="always")
 def _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out):
     """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 (up to ROWS_PER_BLOCK) of one projection of one
     record, read as bytes (rec8) and as halfwords (rec16). offs: the codes' byte offset, the
@@ -169,7 +170,7 @@ def _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out):
         out[r] = acc
 
 
-@_jit(inline="always")
+@numba_jit(inline="always")
 def _fp4(c):
     """2x the E2M1 value of code c (bits s e1 e0 m), by integer arithmetic that vectorizes (a table
     lookup per code measured 2.5x slower): magnitude (2 [e != 0] + m) << (e - [e != 0]), i.e. 0, 1,
@@ -180,7 +181,7 @@ def _fp4(c):
     return magnitude * (np.float32(1.0) - np.float32(2.0) * np.float32(c >> np.uint32(3)))
 
 
-@_jit(inline="always")
+@numba_jit(inline="always")
 def _mxfp4_rows(rec8, offs, k, r0, r1, x, half_pow2, out):
     """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 of one MXFP4 projection of one record: offs
     holds the blocks' and the scales' byte offsets; x [2, K/2]: the even inputs, then the odd ones
@@ -206,13 +207,14 @@ def _mxfp4_rows(rec8, offs, k, r0, r1, x, half_pow2, out):
 
 
 @functools.cache
-def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float):
+def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float, parallel: bool):
     """`experts` for one record format and activation, compiled on first use. The format and the
     activation are constants of its closure and `_rows` is inlined into it (numba IR), so LLVM sees
     constant masks and plane-loop trip counts (given as arguments, the kernel is ~1.5x slower) and
-    drops the branches a format does not take. limit > 0: gpt-oss's clamped SwiGLU (layers/mlp.py)."""
+    drops the branches a format does not take. limit > 0: gpt-oss's clamped SwiGLU (layers/mlp.py).
+    parallel=False: the same loops on the calling thread (`prange` is then `range`)."""
 
-    @_jit(parallel=True)
+    @numba_jit(parallel=parallel)
     def experts(p8, p16, slots, weights, tokens, by_expert, starts, offs, inter, x, out, half_pow2):
         """out [T, H] = for each token t, the sum over its pairs p (tokens[p] == t, in pair order) of
         weights[p] * expert(record slots[p], x[t]). by_expert lists the pairs expert after expert,
@@ -297,7 +299,7 @@ def _offsets(layout: RecordLayout) -> np.ndarray:
     return np.array(offs, np.int64)
 
 
-@_jit(inline="always")
+@numba_jit(inline="always")
 def _even_odd(v, out):
     """out [K] = v's even elements, then its odd ones (the inputs of a byte's low and high codes)."""
     half = v.shape[0] // 2
@@ -348,8 +350,8 @@ class CpuExperts:
         default = max(1, (os.cpu_count() or 1) - 1)  # a core left for the thread that drives the GPU
         self.threads = max(1, min(threads or default, numba.config.NUMBA_NUM_THREADS))
         self._offsets = _offsets(layout)
-        self._kernel = _kernel(layout.bits, layout.group_size, layout.scheme == "mxfp4", layout.with_bias,
-                               act.limit or 0.0, act.alpha)
+        variant = (layout.bits, layout.group_size, layout.scheme == "mxfp4", layout.with_bias, act.limit or 0.0, act.alpha)
+        self._kernels = _kernel(*variant, parallel=False), _kernel(*variant, parallel=True)
         self._half_pow2 = _half_pow2()
 
     def __call__(self, pool: torch.Tensor, slots: Sequence[int], weights: Sequence[float] | torch.Tensor, x: torch.Tensor,
@@ -401,8 +403,11 @@ class CpuExperts:
 
     def _run(self, p8, p16, slots, weights, tokens, by_expert, starts, x, one) -> torch.Tensor:
         out = np.empty_like(x)
+        # A parallel launch costs ~100 us per loop on a 2-core VM (entry 73): a call reading little
+        # runs on the calling thread, where 8 of the demo's experts take 55 us instead of 260.
+        parallel = self.threads > 1 and (starts.shape[0] - 1) * self.layout.record_size >= PARALLEL_MIN_BYTES
         with _RUNNING:
             numba.set_num_threads(self.threads)  # numba keeps the count per calling thread
-            self._kernel(p8, p16, slots, weights, tokens, by_expert, starts, self._offsets, self.layout.intermediate_size,
-                         x, out, self._half_pow2)
+            self._kernels[parallel](p8, p16, slots, weights, tokens, by_expert, starts, self._offsets,
+                                    self.layout.intermediate_size, x, out, self._half_pow2)
         return torch.from_numpy(out[0] if one else out)

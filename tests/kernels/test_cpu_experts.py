@@ -68,6 +68,23 @@ def test_matches_the_reference_on_fresh_records(experts, hidden, inter, bits, gr
     assert rel(y, reference(layout, pool, slots, weights, x)) < 1e-5  # measured 1e-7 .. 5e-7 (fp32 sums)
 
 
+@pytest.mark.parametrize("hidden,inter,bits,group", [(256, 128, 4, 64), (112, 48, 8, 16)])
+def test_the_parallel_loops_give_the_one_thread_result(experts, monkeypatch, hidden, inter, bits, group):
+    """A call reading less than PARALLEL_MIN_BYTES runs the loops on its thread, a larger one in
+    parallel: the same sums in the same order, so the same bits, for one token and for several."""
+    layout = RecordLayout.build(hidden, inter, bits, group)
+    pool = random_pool(layout, 6, seed=7)
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(8))
+    slots, weights, tokens = [4, 0, 5, 2, 0, 1], [0.45, 0.3, -0.15, 0.1, 0.2, 0.7], [0, 0, 1, 1, 2, 2]
+    ex = experts(layout)
+    results = []
+    for threshold in (1 << 40, 0):  # on the calling thread, then in parallel
+        monkeypatch.setattr(cpu_experts, "PARALLEL_MIN_BYTES", threshold)
+        results.append((ex(pool, slots[:2], weights[:2], x[0]), ex(pool, slots, weights, x, tokens)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert rel(results[0][0], reference(layout, pool, slots[:2], weights[:2], x[0])) < 1e-5
+
+
 @pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (8, 16), (2, 64), (2, 16)])
 def test_rows_read_codes_in_place_on_any_range_of_rows(bits, group):
     """`_rows` alone, on an odd range of rows (the server's shares are any size), for random codes
@@ -113,7 +130,7 @@ def test_releases_the_gil(experts):
     pool = random_pool(layout, 1, seed=3)
     x = torch.randn(1024, generator=torch.Generator().manual_seed(4))
     ex = experts(layout, threads=1)
-    assert ex._kernel.targetoptions["nogil"]
+    assert all(kernel.targetoptions["nogil"] for kernel in ex._kernels)
     ex(pool, [0] * 20, [1.0] * 20, x)  # loaded or compiled: not part of the timing below
     t0 = time.perf_counter()
     ex(pool, [0] * 20, [1.0] * 20, x)

@@ -1,8 +1,10 @@
 import copy
+from unittest import mock
 
 import pytest
 import torch
 
+from flashmoe import kernels
 from flashmoe.layers.deltanet import GatedDeltaNet
 
 
@@ -52,9 +54,11 @@ def test_the_step_reads_the_fused_projections(device):
 
 
 def eager_forward(layer, x, state):
-    """The eager path, on a CPU copy when on a GPU (there, one-token calls dispatch to the kernels)."""
+    """The eager path, on a CPU copy when on a GPU (there, one-token calls dispatch to the kernels),
+    with the CPU's numba step turned off."""
     if not x.is_cuda:
-        return layer(x, [state], [slice(0, x.shape[0])])
+        with mock.patch.object(kernels, "use_cpu_kernels", lambda x: False):
+            return layer(x, [state], [slice(0, x.shape[0])])
     cpu_state = State(state.conv.cpu(), state.recurrent.cpu())
     out = copy.deepcopy(layer).cpu()(x.cpu(), [cpu_state], [slice(0, x.shape[0])])
     state.conv.copy_(cpu_state.conv)

@@ -1,0 +1,90 @@
+"""One-token decode steps of the dense layers on the CPU, compiled by numba: what the Triton
+kernels do on the GPU (deltanet_step.py), for fp32 tensors. A decode step of the eager PyTorch
+path spends its time launching small operators (~5 us each; the DeltaNet step alone is ~70 of
+them, 430 us per layer on the demo model: EXPERIMENTS entry 73); here each is one call.
+
+The reference is the eager PyTorch path (layers/deltanet.py), which tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .cpu_experts import numba, numba_jit
+
+
+def cpu_kernels_available() -> bool:
+    return numba is not None
+
+
+@numba_jit()
+def _deltanet_step(qkv, z, b, a, conv_state, conv_w, a_log, dt_bias, norm_w, state, key_heads, eps, out):
+    C = qkv.shape[0]
+    K = conv_w.shape[1]
+    # the depthwise causal conv over (the kept K-1 inputs, this one) + SiLU; the window shifts in place
+    conv = np.empty(C, np.float32)
+    for c in range(C):
+        acc = qkv[c] * conv_w[c, K - 1]
+        for i in range(K - 1):
+            acc += conv_state[i, c] * conv_w[c, i]
+        for i in range(K - 2):
+            conv_state[i, c] = conv_state[i + 1, c]
+        conv_state[K - 2, c] = qkv[c]
+        conv[c] = acc / (np.float32(1.0) + np.exp(-acc))
+    value_heads, dk, dv = state.shape
+    rep = value_heads // key_heads
+    q_scale = np.float32(1.0 / math.sqrt(dk))
+    for j in range(value_heads):
+        kh = j // rep
+        q = conv[kh * dk : (kh + 1) * dk]
+        k = conv[(key_heads + kh) * dk : (key_heads + kh + 1) * dk]
+        v = conv[2 * key_heads * dk + j * dv : 2 * key_heads * dk + (j + 1) * dv]
+        qn, kn = np.float32(0.0), np.float32(0.0)
+        for i in range(dk):
+            qn += q[i] * q[i]
+            kn += k[i] * k[i]
+        qn = q_scale / np.sqrt(qn + np.float32(1e-6))
+        kn = np.float32(1.0) / np.sqrt(kn + np.float32(1e-6))
+        beta = np.float32(1.0) / (np.float32(1.0) + np.exp(-b[j]))
+        x = a[j] + dt_bias[j]
+        softplus = x if x > 20.0 else np.log1p(np.exp(x))
+        decay = np.exp(-np.exp(a_log[j]) * softplus)
+        S = state[j]
+        # S *= exp(g); delta = (v - S^T k) * beta; S += k (x) delta; o = S^T q
+        kv = np.zeros(dv, np.float32)
+        for r in range(dk):
+            kr = k[r] * kn
+            for c in range(dv):
+                S[r, c] *= decay
+                kv[c] += S[r, c] * kr
+        o = np.zeros(dv, np.float32)
+        for c in range(dv):
+            kv[c] = (v[c] - kv[c]) * beta
+        for r in range(dk):
+            kr, qr = k[r] * kn, q[r] * qn
+            for c in range(dv):
+                S[r, c] += kr * kv[c]
+                o[c] += S[r, c] * qr
+        # the gated RMSNorm of o with z
+        ms = np.float32(0.0)
+        for c in range(dv):
+            ms += o[c] * o[c]
+        inv = np.float32(1.0) / np.sqrt(ms / dv + eps)
+        for c in range(dv):
+            zc = z[j * dv + c]
+            out[j * dv + c] = norm_w[c] * o[c] * inv * (zc / (np.float32(1.0) + np.exp(-zc)))
+
+
+def deltanet_step(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor, conv_state: torch.Tensor,
+                  conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+                  state: torch.Tensor, key_heads: int, eps: float) -> torch.Tensor:
+    """One token, fp32 CPU tensors: qkv [2*Hk*dk + Hv*dv] (before the conv), z [Hv*dv], b, a [Hv];
+    conv_state [K-1, C] (oldest first) and state [Hv, dk, dv] updated in place; conv_weight
+    [C, 1, K] -> the gated-normed output [Hv*dv]."""
+    out = torch.empty_like(z)
+    arrays = (t.detach().numpy() for t in (qkv, z, b, a, conv_state, conv_weight[:, 0], A_log, dt_bias, norm_weight, state))
+    _deltanet_step(*arrays, key_heads, eps, out.numpy())
+    return out
