@@ -56,6 +56,10 @@ class Engine:
         if config.gpu_path and (moe.expert_bias or moe.act != SILU) and self.manifest.layout.scheme != "mxfp4":
             raise ValueError(f"on the GPU, {self.args.model_type}'s experts (biases, clamped SwiGLU) are computed from MXFP4 "
                              "records only: convert the release without --bits (MXFP4 kept), or use --device cpu")
+        if config.gpu_path and self.args.hyper_connections() is not None:
+            # QSA's selection changes shape as blocks complete, which a recorded decode graph cannot
+            # follow, and the GPU kernels know neither the streams nor the n-gram embeddings.
+            raise ValueError(f"{self.args.model_type} runs on the CPU path only for now: use --device cpu")
         self.tokenizer = Tokenizer.from_dir(self.dir)
         self.args.check_tokenizer(self.tokenizer.vocab_size, self.dir / "tokenizer.json")
         self.device = torch.device(config.device)

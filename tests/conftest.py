@@ -67,12 +67,27 @@ FAMILY_CONFIGS = {
         max_position_embeddings=512, rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0,
                                                       "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64},
     ),
+    # The released VLM layout (a vision tower to skip). Three streams; n-gram embeddings of orders 2
+    # and 3 before both DeltaNet layers, their tables in 12 row blocks (shard_10 sorts before
+    # shard_2); QSA keeping 2 blocks of 4 (+ the tail) of the parity prompt's 24 positions.
+    "qwen4_exp": dict(
+        text_config=dict(
+            TEXT_CONFIG, layer_types=["linear_attention", "indexed_attention", "linear_attention", "indexed_attention"],
+            eos_token_id=7, hc_count=3, hc_lowrank=16, ple_layer_ids=[1, 3], ple_embed_dim=32, ple_conv_kernel_size=3,
+            ngram_size=3, heads_per_ngram=4, ngram_vocab_size_base=50, make_ngram_vocab_size_divisible_by=16, seed=7,
+            split_ngram_parts=12, indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+            indexer_compress_ratio=4,
+        ),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+    ),
 }
-GPU_FAMILIES = sorted(set(FAMILY_CONFIGS) - {"gpt_oss"})  # gpt-oss: MXFP4 records only on the GPU (tests/models/test_gpt_oss.py)
+# gpt-oss: MXFP4 records only on the GPU (tests/models/test_gpt_oss.py); qwen4_exp: the CPU path only
+GPU_FAMILIES = sorted(set(FAMILY_CONFIGS) - {"gpt_oss", "qwen4_exp"})
 FAMILY_CLASSES = {"qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig"),
                   "minimax_m2": ("MiniMaxM2ForCausalLM", "MiniMaxM2Config"),
                   "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig"),
-                  "gpt_oss": ("GptOssForCausalLM", "GptOssConfig")}
+                  "gpt_oss": ("GptOssForCausalLM", "GptOssConfig"),
+                  "qwen4_exp": ("Qwen4ExpForConditionalGeneration", "Qwen4ExpConfig")}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

@@ -2,7 +2,8 @@
 an output gate (Qwen3.5: q_proj yields [q_h | gate_h] per head, out * sigmoid(gate)), q/k RMSNorm
 per head or across all heads (MiniMax), biases on q/k/v (GLM) and on o, and gpt-oss's sinks (a
 learned logit per head that joins each softmax and takes its share of the mass, then is dropped)
-and sliding windows (a layer that sees only its last `window` positions)."""
+and sliding windows (a layer that sees only its last `window` positions), and Qwen4-Exp's QSA
+(a token indexer choosing the positions each query sees, layers/indexer.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from torch import nn
 
 from .. import kernels
 from .fused import Projections
+from .indexer import IndexerSpec, TokenIndexer
 from .norm import RMSNorm
-from .state import KVCache
-from .rotary import apply_rotary
+from .state import IndexedKVCache, KVCache
+from .rotary import RotaryEmbedding, apply_rotary
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +34,13 @@ class AttentionSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     sinks: bool = False  # gpt-oss: a learned logit per head in every softmax (`sinks`)
+    indexer: IndexerSpec | None = None  # Qwen4-Exp's QSA: each query sees the positions its indexer selects
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, spec: AttentionSpec, eps: float, zero_centred_norms: bool, window: int | None = None):
+    def __init__(self, hidden: int, spec: AttentionSpec, eps: float, zero_centred_norms: bool, window: int | None = None,
+                 rotary: RotaryEmbedding | None = None):
+        """rotary: the model's, for an indexer (it rotates each block's key at the block's start)."""
         super().__init__()
         self.spec, self.window = spec, window
         heads, kv, d = spec.heads, spec.kv_heads, spec.head_dim
@@ -50,6 +55,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(width[1], eps, zero_centred_norms)
         if spec.sinks:
             self.sinks = nn.Parameter(torch.zeros(heads), requires_grad=False)
+        if spec.indexer is not None:
+            self.indexer = TokenIndexer(hidden, spec.indexer, eps, zero_centred_norms, rotary)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx) -> torch.Tensor:
         """x [T, hidden]: the tokens of one or more sequences (ctx.slices says where each lies);
@@ -66,18 +73,23 @@ class Attention(nn.Module):
         q = self._rotate(q.view(T, s.heads, s.head_dim), cos, sin, "q")
         k = self._rotate(k.view(T, s.kv_heads, s.head_dim), cos, sin, "k")
         v = v.view(T, s.kv_heads, s.head_dim)
-        parts = [self._attend(q[sl], k[sl], v[sl], None if gate is None else gate[sl], cache, ctx)
+        index = self.indexer.project(x, cos, sin) if s.indexer is not None else None
+        parts = [self._attend(q[sl], k[sl], v[sl], None if gate is None else gate[sl], cache, ctx,
+                              None if index is None else (index[0][sl], index[1][sl]))
                  for sl, cache in zip(ctx.slices(T), caches)]
         return self.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
 
-    def _attend(self, q, k, v, gate, cache, ctx) -> torch.Tensor:
-        """One sequence's n tokens over its cache -> [n, heads * head_dim] (gated where the spec says)."""
-        n = q.shape[0]
+    def _attend(self, q, k, v, gate, cache, ctx, index=None) -> torch.Tensor:
+        """One sequence's n tokens over its cache -> [n, heads * head_dim] (gated where the spec
+        says); index: their index queries and keys, where an indexer selects what they see."""
+        n, start = q.shape[0], cache.length
         keys, values, mask = cache.update(k, v, ctx.graph_position)  # [L, kv_heads, head_dim], mask [n, L] or None
         if self.window is not None:
             mask = window_mask(n, keys.shape[0], self.window, ctx.graph_position, keys.device)
+        if index is not None:
+            mask = self.indexer.select(*index, cache, start)
         sinks = self.sinks if self.spec.sinks else None
-        if n == 1 and kernels.use_kernels(q) and sinks is None and self.window is None:
+        if n == 1 and kernels.use_kernels(q) and sinks is None and self.window is None and index is None:
             from ..kernels.attention_decode import attention_decode
 
             # No mask needed: inside a graph the kernel reads the last position on the device (and
@@ -88,7 +100,10 @@ class Attention(nn.Module):
         return out if gate is None else out * torch.sigmoid(gate.reshape(n, -1))
 
     def new_state(self, dtype: torch.dtype, device) -> KVCache:
-        return KVCache(self.spec.kv_heads, self.spec.head_dim, dtype, device)
+        s = self.spec
+        if s.indexer is not None:
+            return IndexedKVCache(s.kv_heads, s.head_dim, s.indexer.head_dim, dtype, device)
+        return KVCache(s.kv_heads, s.head_dim, dtype, device)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, which: str) -> torch.Tensor:
         """The rotary embedding of q or k [T, heads, d], after its per-head norm where there is one."""

@@ -50,7 +50,7 @@ class GatedDeltaNet(nn.Module):
 
     def _recurrence(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, state) -> torch.Tensor:
         """One sequence's conv and gated delta rule over its T tokens -> [T, v_heads, v_dim] (fp32)."""
-        heads_first = [t.transpose(0, 1) for t in self._heads(self.causal_conv(qkv, state), b, a)]  # [H, T, ...]
+        heads_first = [t.transpose(0, 1) for t in self._heads(causal_conv(qkv, state, self.conv1d.weight), b, a)]  # [H, T, ...]
         rule = delta_rule_recurrent if qkv.shape[0] == 1 else delta_rule_chunked
         out, new_state = rule(*heads_first, state.recurrent)
         state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
@@ -105,12 +105,14 @@ class GatedDeltaNet(nn.Module):
                             state.recurrent, self.k_heads, self.norm.eps)
         return self.out_proj(out[None])
 
-    def causal_conv(self, x: torch.Tensor, state) -> torch.Tensor:
-        """Depthwise causal conv over time, continuing from the last kernel-1 inputs kept in state; then SiLU."""
-        window = torch.cat([state.conv.to(x.dtype), x], dim=0)  # [K-1+T, C]
-        state.conv.copy_(window[-(self.conv_kernel - 1) :])
-        out = F.conv1d(window.t().unsqueeze(0), self.conv1d.weight, groups=self.conv_dim)  # [1, C, T]
-        return F.silu(out[0].t())
+
+def causal_conv(x: torch.Tensor, state, weight: torch.Tensor, dilation: int = 1) -> torch.Tensor:
+    """Depthwise causal conv over time of x [T, C] (weight [C, 1, K]), continuing from the last
+    (K-1) * dilation inputs kept in state.conv (updated in place); then SiLU."""
+    window = torch.cat([state.conv.to(x.dtype), x], dim=0)  # [(K-1)*dilation + T, C]
+    state.conv.copy_(window[-state.conv.shape[0] :])
+    out = F.conv1d(window.t().unsqueeze(0), weight, groups=weight.shape[0], dilation=dilation)  # [1, C, T]
+    return F.silu(out[0].t())
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

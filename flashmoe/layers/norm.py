@@ -14,20 +14,23 @@ from .. import kernels
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, or * (1 + w) with `zero_centred` (w stored, init 0)."""
+    """x * rsqrt(mean(x^2) + eps) * weight, or * (1 + w) with `zero_centred` (w stored, init 0).
+    With `group`, each run of `group` values is normalised on its own (the hyper-connection
+    streams, layers/hyper.py), the weight still spanning all `dim`."""
 
-    def __init__(self, dim: int, eps: float, zero_centred: bool = False):
+    def __init__(self, dim: int, eps: float, zero_centred: bool = False, group: int | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim), requires_grad=False)
-        self.eps, self.zero_centred = eps, zero_centred
+        self.eps, self.zero_centred, self.group = eps, zero_centred, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.use_kernels(x):
+        if kernels.use_kernels(x) and self.group is None:
             from ..kernels.norms import rms_norm
 
             return rms_norm(x, self.weight, self.eps, self.zero_centred)
-        xf = x.float()
+        xf = x.float() if self.group is None else x.float().unflatten(-1, (-1, self.group))
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = out if self.group is None else out.flatten(-2)
         if self.zero_centred:
             return (out * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * out.to(x.dtype)

@@ -1,5 +1,7 @@
-"""Per-sequence decoding state: a KV cache per attention layer, conv window + recurrent state per
-linear-attention layer, and the position. Cloneable, so a prefix can be reused by the next turn."""
+"""Per-sequence decoding state: a KV cache per attention layer (with QSA's index keys where the
+layer selects what it attends to), conv window + recurrent state per linear-attention layer, the
+n-gram embeddings' token history, and the position. Cloneable, so a prefix can be reused by the
+next turn."""
 
 from __future__ import annotations
 
@@ -59,6 +61,26 @@ class KVCache:
         return new
 
 
+class IndexedKVCache(KVCache):
+    """A KV cache with the QSA indexer's keys (layers/indexer.py): one compressed key per complete
+    block of positions (pooled, normed, rotated at the block's first position), and the raw index
+    keys of the block still filling. Each block is compressed once, when its last position arrives."""
+
+    def __init__(self, kv_heads: int, head_dim: int, index_dim: int, dtype: torch.dtype, device):
+        super().__init__(kv_heads, head_dim, dtype, device)
+        self.blocks = torch.zeros(0, index_dim, dtype=dtype, device=device)
+        self.pending = torch.zeros(0, index_dim, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + (self.blocks.numel() + self.pending.numel()) * self.blocks.element_size()
+
+    def clone(self) -> "IndexedKVCache":
+        new = super().clone()
+        new.blocks, new.pending = self.blocks.clone(), self.pending.clone()
+        return new
+
+
 class LinearState:
     """Gated DeltaNet state: the last kernel-1 conv inputs and the fp32 recurrent state [Hv, dk, dv]."""
 
@@ -76,12 +98,32 @@ class LinearState:
         return new
 
 
-class SequenceState:
-    """One sequence: its position and each layer's state (the model's new_state builds it)."""
+class NgramState:
+    """A per-layer embedding's history (layers/ple.py): the last order-1 token ids (EOS before the
+    sequence's start), and its dilated conv's last inputs."""
 
-    def __init__(self, layers: list):
+    def __init__(self, context: int, eos: int, conv_window: int, channels: int, dtype: torch.dtype, device):
+        self.ids = torch.full((context,), eos, dtype=torch.long, device=device)
+        self.conv = torch.zeros(conv_window, channels, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.numel() * 8 + self.conv.numel() * self.conv.element_size()
+
+    def clone(self) -> "NgramState":
+        new = copy.copy(self)
+        new.ids, new.conv = self.ids.clone(), self.conv.clone()
+        return new
+
+
+class SequenceState:
+    """One sequence: its position, each layer's mixer state, and the n-gram history of the layers
+    with per-layer embeddings, by layer index (the model's new_state builds it)."""
+
+    def __init__(self, layers: list, ngrams: dict[int, NgramState] | None = None):
         self.position = 0
         self.layers = layers
+        self.ngrams = ngrams or {}
 
     def advance_graphed(self) -> None:
         """One token written by a replayed graph: eager writes advance the KV caches themselves."""
@@ -93,8 +135,9 @@ class SequenceState:
     def clone(self) -> "SequenceState":
         new = copy.copy(self)
         new.layers = [layer.clone() for layer in self.layers]
+        new.ngrams = {i: state.clone() for i, state in self.ngrams.items()}
         return new
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(layer.nbytes for layer in [*self.layers, *self.ngrams.values()])

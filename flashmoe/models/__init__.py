@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from . import glm4_moe, gpt_oss, minimax_m2, qwen3_5_moe, qwen3_moe, qwen3_next
+from . import glm4_moe, gpt_oss, minimax_m2, qwen3_5_moe, qwen3_moe, qwen3_next, qwen4_exp
 from ..utils import read_json
 from .args import CONFIG_FIX, ConfigError, ModelArgs
 from .names import CheckpointNames
 
-FAMILIES: dict[str, ModuleType] = {t: m for m in (qwen3_5_moe, qwen3_next, qwen3_moe, minimax_m2, glm4_moe, gpt_oss)
+FAMILIES: dict[str, ModuleType] = {t: m for m in (qwen3_5_moe, qwen3_next, qwen3_moe, minimax_m2, glm4_moe, gpt_oss, qwen4_exp)
                                    for t in m.Args.MODEL_TYPES}
 
 

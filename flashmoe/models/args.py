@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 from ..layers.attention import AttentionSpec
+from ..layers.hyper import HyperSpec
+from ..layers.ple import NgramSpec
 from ..layers.rotary import Yarn
 from ..moe.block import MoESpec
 from ..utils import is_int, short_repr
@@ -49,7 +51,9 @@ _POSITIVE = {
     "linear_num_key_heads", "linear_num_value_heads", "num_experts", "num_local_experts", "n_routed_experts",
     "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "rms_norm_eps", "rope_theta",
     "partial_rotary_factor", "full_attention_interval", "n_group", "topk_group", "routed_scaling_factor", "rotary_dim",
-    "sliding_window", "swiglu_alpha", "swiglu_limit",
+    "sliding_window", "swiglu_alpha", "swiglu_limit", "hc_count", "hc_lowrank", "ple_embed_dim", "ple_conv_kernel_size",
+    "ngram_size", "heads_per_ngram", "ngram_vocab_size_base", "make_ngram_vocab_size_divisible_by", "split_ngram_parts",
+    "indexer_n_heads", "indexer_kv_heads", "indexer_head_dim", "indexer_budget", "indexer_compress_ratio",
 }
 _NON_NEGATIVE = {"shared_expert_intermediate_size", "intermediate_size", "n_shared_experts", "first_k_dense_replace"}
 
@@ -84,6 +88,7 @@ class LayerSpec:
     mixer: Literal["attention", "linear_attention"]
     mlp: MoESpec | int
     window: int | None = None  # attention sees only the last `window` positions (gpt-oss's sliding layers)
+    ple: NgramSpec | None = None  # hashed n-gram embeddings added to the residual first (Qwen4-Exp, layers/ple.py)
 
 
 @dataclass(kw_only=True)
@@ -176,6 +181,10 @@ class ModelArgs(ABC):
 
     def deltanet(self) -> DeltaNetSpec:
         raise ConfigError(f"{self.model_type} models have no linear-attention layers")
+
+    def hyper_connections(self) -> HyperSpec | None:
+        """The residual's streams where it has several (Qwen4-Exp, layers/hyper.py); None: one residual, normed."""
+        return None
 
     @property
     def head_size(self) -> int:

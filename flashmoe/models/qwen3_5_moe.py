@@ -22,8 +22,9 @@ NAMES = CheckpointNames(
 
 @dataclass(kw_only=True)
 class Args(ModelArgs):
-    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen3_5_moe", "qwen3_5_moe_text")
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen3_5_moe", "qwen3_5_moe_text")  # the VLM's, its text model's
     ZERO_CENTRED_NORMS: ClassVar[bool] = True
+    MIXER_TYPES: ClassVar[tuple[str, ...]] = ("linear_attention", "full_attention")  # the layer_types it reads
 
     num_experts: int
     num_experts_per_tok: int
@@ -42,21 +43,22 @@ class Args(ModelArgs):
 
     @classmethod
     def text_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        if config.get("model_type") != "qwen3_5_moe":
+        vlm = config.get("model_type")
+        if f"{vlm}_text" not in cls.MODEL_TYPES:  # a text model's own config (or Qwen3-Next's, which has no VLM)
             return config
         text = config.get("text_config") or {}  # the composite VLM config
         if not isinstance(text, dict):
             raise ConfigError(f"config.json: text_config must be an object, not {type(text).__name__}{CONFIG_FIX}")
         text = dict(text)
         text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
-        return {**text, "model_type": "qwen3_5_moe"}
+        return {**text, "model_type": vlm}
 
     def check(self) -> None:
         types = self.mixers()
         if len(types) != self.num_hidden_layers:
             raise ConfigError(f"config.json: layer_types has {len(types)} entries for {self.num_hidden_layers} layers")
-        if bad := sorted(set(types) - {"linear_attention", "full_attention"}):
-            raise ConfigError(f"config.json: unknown layer types {bad}; expected linear_attention / full_attention")
+        if bad := sorted(set(types) - set(self.MIXER_TYPES)):
+            raise ConfigError(f"config.json: unknown layer types {bad}; expected {' / '.join(self.MIXER_TYPES)}")
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise ConfigError("config.json: linear_num_value_heads must be a multiple of linear_num_key_heads")
         if self.attention_bias:

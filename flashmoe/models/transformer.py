@@ -1,6 +1,8 @@
 """The decoder every family builds: embedding, layers (a mixer, full attention or Gated DeltaNet,
 then a dense MLP or the MoE block), final norm, head. What differs by family comes from its Args
-(models/args.py): the layer plan, the attention variant, the norms' weight form, the routing.
+(models/args.py): the layer plan, the attention variant, the norms' weight form, the routing, and
+for Qwen4-Exp a residual of several streams (hyper-connections, which take the norms' places) and
+hashed n-gram embeddings added to it before some layers.
 Module names equal the checkpoint's tensor names after the family's `sanitize`, so dense weights
 load by name.
 """
@@ -12,8 +14,10 @@ from torch import nn
 
 from ..layers.attention import Attention
 from ..layers.deltanet import GatedDeltaNet
+from ..layers.hyper import HyperConnection
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
+from ..layers.ple import PerLayerEmbedding
 from ..layers.rotary import RotaryEmbedding
 from ..moe.block import MoEBlock, MoESpec
 from ..layers.state import SequenceState
@@ -22,50 +26,75 @@ from .context import StepContext
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, index: int):
+    def __init__(self, args: ModelArgs, index: int, rotary: RotaryEmbedding):
         super().__init__()
         spec, H, eps, zero_centred = args.layer(index), args.hidden_size, args.rms_norm_eps, args.ZERO_CENTRED_NORMS
+        hyper = args.hyper_connections()
         self.index = index
         self.is_linear = spec.mixer == "linear_attention"
         if self.is_linear:
             d = args.deltanet()
             self.linear_attn = GatedDeltaNet(H, d.k_heads, d.v_heads, d.k_dim, d.v_dim, d.conv_kernel, eps)
         else:
-            self.self_attn = Attention(H, args.attention(), eps, zero_centred, spec.window)
+            self.self_attn = Attention(H, args.attention(), eps, zero_centred, spec.window, rotary)
         self.mlp = MoEBlock(H, spec.mlp) if isinstance(spec.mlp, MoESpec) else MLP(H, spec.mlp)
-        self.input_layernorm = RMSNorm(H, eps, zero_centred)
-        self.post_attention_layernorm = RMSNorm(H, eps, zero_centred)
+        self.ple = None if spec.ple is None else PerLayerEmbedding(H, hyper.streams, spec.ple, eps, zero_centred)
+        self.hyper = hyper is not None
+        if self.hyper:
+            self.attn_hyper_connection = HyperConnection(H, hyper, eps, zero_centred)
+            self.mlp_hyper_connection = HyperConnection(H, hyper, eps, zero_centred)
+        else:
+            self.input_layernorm = RMSNorm(H, eps, zero_centred)
+            self.post_attention_layernorm = RMSNorm(H, eps, zero_centred)
 
     @property
     def mixer(self) -> nn.Module:
         return self.linear_attn if self.is_linear else self.self_attn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx: StepContext) -> torch.Tensor:
-        """x [T, H]: the step's tokens, each sequence's (one cache each) after the one before."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx: StepContext,
+                tokens: torch.Tensor) -> torch.Tensor:
+        """x [T, H] (hyper-connections: [T, streams * H]): the step's tokens, each sequence's (one
+        cache each) after the one before; tokens [T]: their ids (the n-gram embeddings read them)."""
+        T = x.shape[0]
         with ctx.section("mixer"):
-            h = self.input_layernorm(x)
+            if self.ple is not None:
+                x = x + self.ple(x, tokens, [state.ngrams[self.index] for state in ctx.states], ctx.slices(T))
+            if self.hyper:
+                h, shares = self.attn_hyper_connection(x)
+            else:
+                h = self.input_layernorm(x)
             # Every matmul runs on the whole batch at once, the mixers' state per sequence: the
             # routed experts read each expert the batch needs once.
             if self.is_linear:
-                h = self.linear_attn(h, caches, ctx.slices(x.shape[0]))
+                h = self.linear_attn(h, caches, ctx.slices(T))
             else:
                 h = self.self_attn(h, cos, sin, caches, ctx)
-            x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
+            if self.hyper:
+                x = HyperConnection.inject(x, h, shares)
+                h, shares = self.mlp_hyper_connection(x)
+            else:
+                x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
+        if self.hyper:  # the MLP's output alone (added to zeros), then a share of it to each stream
+            return HyperConnection.inject(x, self._mlp(h, h.new_zeros(h.shape), ctx), shares)
+        return self._mlp(h, x, ctx)
+
+    def _mlp(self, h: torch.Tensor, residual: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """residual + the MLP of its normed input h."""
         if not isinstance(self.mlp, MoEBlock):
             with ctx.section("dense_mlp"):
-                return x + self.mlp(h)
+                return residual + self.mlp(h)
         with ctx.section("routing"):  # the router's matmul also computes the shared expert's inputs
             logits, shared_inputs = self.mlp.project(h)
             weights, ids = self.mlp.route(logits)
         with ctx.section("shared_expert"):
-            x = self.mlp.add_shared(x, shared_inputs)
-        if (guess := ctx.guess_next(self.index, x)) is not None:
+            residual = self.mlp.add_shared(residual, shared_inputs)
+        if (guess := ctx.guess_next(self.index, residual)) is not None:
             with ctx.section("routing"):  # one read of this layer's routing brings the next layer's guess too
                 ids = torch.cat([ids, guess], dim=-1)
-        return ctx.run_experts(self.index, h, ids, weights, residual=x)
+        return ctx.run_experts(self.index, h, ids, weights, residual=residual)
 
     def new_state(self, dtype: torch.dtype, device) -> object:
-        """This layer's part of a sequence's state: a KV cache, or the DeltaNet's conv and recurrent state."""
+        """This layer's mixer's part of a sequence's state: a KV cache, or the DeltaNet's conv and recurrent state."""
         return self.mixer.new_state(dtype, device)
 
 
@@ -73,13 +102,18 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
-        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.ZERO_CENTRED_NORMS)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        H, eps, zero_centred = args.hidden_size, args.rms_norm_eps, args.ZERO_CENTRED_NORMS
+        self.hyper = args.hyper_connections()
         self.rotary = RotaryEmbedding(*args.rotary(), args.yarn())
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, H)
+        self.model.layers = nn.ModuleList(DecoderLayer(args, i, self.rotary) for i in range(args.num_hidden_layers))
+        if self.hyper is not None:  # the streams' last mix is the head's input: no final norm
+            self.model.hyper_connection_mixer = HyperConnection(H, self.hyper, eps, zero_centred, injects=False)
+        else:
+            self.model.norm = RMSNorm(H, eps, zero_centred)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(H, args.vocab_size, bias=False)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -93,7 +127,8 @@ class Model(nn.Module):
             layer.mlp.in_proj.fuse()
 
     def new_state(self, dtype: torch.dtype, device) -> SequenceState:
-        return SequenceState([layer.new_state(dtype, device) for layer in self.layers])
+        ngrams = {i: layer.ple.new_state(dtype, device) for i, layer in enumerate(self.layers) if layer.ple is not None}
+        return SequenceState([layer.new_state(dtype, device) for layer in self.layers], ngrams)
 
     def forward(self, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """ids [T] continue the sequences in ctx.states, each's tokens after the one before (their
@@ -102,13 +137,15 @@ class Model(nn.Module):
         T = ids.shape[0]
         cos, sin = self.rotary(ctx.positions(T, ids.device))
         x = self.model.embed_tokens(ids)
+        if self.hyper is not None:
+            x = x.repeat(1, self.hyper.streams)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, [state.layers[i] for state in ctx.states], ctx)
+            x = layer(x, cos, sin, [state.layers[i] for state in ctx.states], ctx, ids)
         with ctx.section("head"):
             return self.logits(x[ctx.last_positions(T)] if ctx.last_only else x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.model.norm(x)
+        x = self.model.norm(x) if self.hyper is None else self.model.hyper_connection_mixer(x)[0]
         if self.args.tie_word_embeddings:  # the embedding table, kept 16-bit even with --dense-bits 8
             return (x @ self.model.embed_tokens.weight.t()).float()
         return self.lm_head(x).float()  # an nn.Linear, or an Int8Linear with --dense-bits 8

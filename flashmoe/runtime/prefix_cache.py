@@ -32,7 +32,7 @@ def state_bytes(state: SequenceState) -> int:
     to twice the used bytes that `state.nbytes` counts."""
     return sum(
         value.untyped_storage().nbytes()
-        for layer in state.layers
+        for layer in [*state.layers, *state.ngrams.values()]
         for value in vars(layer).values()
         if isinstance(value, torch.Tensor)
     )
