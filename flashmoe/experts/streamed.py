@@ -68,6 +68,14 @@ class StreamedExperts:
         chose it. Each token's experts are summed in routing order (fp32), chunk after chunk."""
         rows = ids.tolist()
         needed = sorted({e for row in rows for e in row})
+        if len(needed) <= self.store.batch:  # the usual step: one load, every pair in routing order
+            with closing(self.store.load(self.layer, needed)) as records:
+                with self.timer.section("expert_io"):
+                    slots = {e: self.store.slot_of(record) for e, record in itertools.islice(records, len(needed))}
+                with self.timer.section("expert_compute"):
+                    tokens = [t for t, row in enumerate(rows) for _ in row]
+                    return self.kernel(self.store.pool, [slots[e] for row in rows for e in row], weights, x,
+                                       tokens).to(x.dtype)
         out = torch.zeros(x.shape, dtype=torch.float32)
         for start in range(0, len(needed), self.store.batch):
             chunk = needed[start : start + self.store.batch]

@@ -307,6 +307,28 @@ def _even_odd(v, out):
         out[i], out[half + i] = v[2 * i], v[2 * i + 1]
 
 
+@numba_jit()
+def _group_pairs(slots, rows, tokens, T):
+    """The pairs listed expert after expert (a stable order) and where each expert's start, after
+    checking every slot and token index: (by_expert, starts, 0), or 1 / 2 for a slot / a token
+    out of range."""
+    n = slots.shape[0]
+    for p in range(n):
+        if not (0 <= slots[p] < rows):
+            return np.empty(0, np.int64), np.empty(0, np.int64), 1
+        if not (0 <= tokens[p] < T):
+            return np.empty(0, np.int64), np.empty(0, np.int64), 2
+    by_expert = np.argsort(slots, kind="mergesort")
+    starts = np.empty(n + 1, np.int64)
+    count = 0
+    for q in range(n):
+        if q == 0 or slots[by_expert[q]] != slots[by_expert[q - 1]]:
+            starts[count] = q
+            count += 1
+    starts[count] = n
+    return by_expert, starts[: count + 1].copy(), 0
+
+
 def _half_pow2() -> np.ndarray:
     """2^(s - 128) for each E8M0 byte s (the E2M1 values' factor 1/2 folded in; 255, NaN, as inf)."""
     with np.errstate(over="ignore"):
@@ -373,7 +395,8 @@ class CpuExperts:
 
     def _arguments(self, pool, slots, weights, x, tokens) -> tuple:
         """Checked numpy arrays of the arguments: a view of the pool, copies of the small ones (the
-        caller may reuse its buffers once submit returns); the pairs grouped by expert."""
+        caller may reuse its buffers once submit returns); the pairs grouped by expert. A decode
+        step makes this call once per layer: it is kept to a few numpy calls (entry 73)."""
         lay = self.layout
         if pool.device.type != "cpu" or pool.dtype != torch.uint8 or pool.dim() != 2 or not pool.is_contiguous():
             raise ValueError(
@@ -383,21 +406,25 @@ class CpuExperts:
         if pool.shape[1] != lay.record_size:
             raise ValueError(f"pool rows are {pool.shape[1]} bytes, records of this layout {lay.record_size}")
         slots = np.array(slots, np.int64).reshape(-1)
-        weights = torch.as_tensor(weights).to("cpu", torch.float32, copy=True).reshape(-1).numpy()
+        if isinstance(weights, torch.Tensor):
+            weights = weights.detach().to("cpu", torch.float32, copy=True).reshape(-1).numpy()
+        else:
+            weights = np.array(weights, np.float32).reshape(-1)
         if slots.shape != weights.shape:
             raise ValueError(f"{slots.size} slots but {weights.size} weights")
-        if slots.size and not (slots.min() >= 0 and slots.max() < pool.shape[0]):
-            raise IndexError(f"slots {slots.tolist()} outside the pool's {pool.shape[0]} rows")
         one = x.dim() == 1
         if x.shape[-1] != lay.hidden_size or x.dim() not in (1, 2):
             raise ValueError(f"x must be [{lay.hidden_size}] or [tokens, {lay.hidden_size}], got {list(x.shape)}")
         xs = x.detach().to("cpu", torch.float32, copy=True).reshape(-1, lay.hidden_size).numpy()
         tokens = np.zeros(slots.size, np.int64) if tokens is None else np.array(tokens, np.int64).reshape(-1)
-        if tokens.shape != slots.shape or (tokens.size and not (tokens.min() >= 0 and tokens.max() < xs.shape[0])):
+        if tokens.shape != slots.shape:
             raise ValueError(f"tokens must name one of x's {xs.shape[0]} rows for each of the {slots.size} slots")
-        by_expert = np.argsort(slots, kind="stable")  # the kernel does not check bounds: every index is valid
-        starts = np.r_[0, np.flatnonzero(np.diff(slots[by_expert])) + 1, slots.size] if slots.size else np.zeros(1)
-        starts = starts.astype(np.int64)
+        # the kernel does not check bounds: every index is checked here
+        by_expert, starts, bad = _group_pairs(slots, pool.shape[0], tokens, xs.shape[0])
+        if bad == 1:
+            raise IndexError(f"slots {slots.tolist()} outside the pool's {pool.shape[0]} rows")
+        if bad == 2:
+            raise ValueError(f"tokens must name one of x's {xs.shape[0]} rows for each of the {slots.size} slots")
         p8 = pool.numpy()
         return p8, p8.view(np.uint16), slots, weights, tokens, by_expert, starts, xs, one
 
