@@ -161,7 +161,7 @@ def generate(
 
 
 @app.command()
-@engine_options(host_mem="4M")  # below the model's 14 MiB of experts, so they stream
+@engine_options(host_mem="4M", device="cpu")  # below the model's 14 MiB of experts, so they stream
 def demo(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt (default: the start of a Python function)."),
     tokens: int = typer.Option(96, "--tokens", "-n", help="Maximum new tokens."),

@@ -72,9 +72,10 @@ def _engine_option(name: str, annotation, default, *decls: str, help: str) -> in
 
 
 ENGINE_OPTIONS = [
-    _engine_option("device", str, "cpu", "--device", help="cpu, cuda or cuda:N."),
-    _engine_option("dtype", str, "auto", "--dtype", help="Compute dtype: auto (bfloat16 on GPUs and CPUs with native bf16, "
-                   "else float32), bfloat16, float16, float32."),
+    _engine_option("device", str, "auto", "--device",
+                   help="auto (the GPU where PyTorch sees one and the model runs there, else the CPU), cpu, cuda or cuda:N."),
+    _engine_option("dtype", str, "auto", "--dtype", help="Compute dtype: auto (bfloat16 on GPUs; float32 on the CPU unless "
+                   "the dense weights would take over an eighth of the RAM), bfloat16, float16, float32."),
     _engine_option("host_mem", Optional[str], None, "--host-mem",
                    help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
     _engine_option("gpu_mem", Optional[str], None, "--gpu-mem",
@@ -177,14 +178,18 @@ def sampling_defaults(model: Path) -> dict:
 
 
 def open_engine(model: Path, config):
-    """The Engine of `model` under `config` (an EngineConfig), with a progress bar while --preload reads."""
+    """The Engine of `model` under `config` (an EngineConfig), with a progress bar while --preload
+    reads; one line on stderr says what it chose (device, dtype, expert cache) and why."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from .engine import Engine
 
     if not config.preload:
-        return Engine(model, config)
-    columns = (TextColumn("preloading experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("preload", total=None)
-        return Engine(model, config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        engine = Engine(model, config)
+    else:
+        columns = (TextColumn("preloading experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("preload", total=None)
+            engine = Engine(model, config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    err.print(f"[dim]running on {escape(', '.join(engine.choices))}[/]", highlight=False, soft_wrap=True)
+    return engine

@@ -16,8 +16,8 @@ CACHE_POLICIES = ("mix", "lru", "lfu", "static")
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    device: str = "cpu"  # cpu or cuda
-    dtype: str = "auto"  # auto: bfloat16 on GPUs and CPUs with native bf16, else float32
+    device: str = "cpu"  # cpu, cuda, cuda:N, or auto: the GPU where there is one and the model runs there (Engine decides)
+    dtype: str = "auto"  # auto: bfloat16 on GPUs; float32 on CPUs unless its dense weights would crowd the RAM
     host_mem: int | None = None  # bytes of RAM for the expert cache; None: half the free RAM
     gpu_mem: int | None = None  # bytes of GPU memory for cached experts; None: what is free minus a margin
     k: int | None = None  # routed experts per token; None: the model's own
@@ -40,8 +40,8 @@ class EngineConfig:
     gpu_path_on_cpu: bool = False
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
-            raise ValueError(f"--device must be cpu, cuda or cuda:N (a GPU's index), not {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N (a GPU's index), not {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.cache_policy not in CACHE_POLICIES:
@@ -61,7 +61,7 @@ class EngineConfig:
             raise ValueError("io_threads and prefill_chunk must be at least 1")
         gpu_only = [flag for flag, on in (("--prefetch", self.prefetch), ("--cpu-experts", self.cpu_experts),
                                           ("--preload", self.preload), ("--gpu-mem", self.gpu_mem is not None)) if on]
-        if not self.gpu_path and gpu_only:
+        if not self.gpu_path and gpu_only and self.device != "auto":  # auto: checked again once decided
             raise ValueError(
                 f"{gpu_only[0]} is for the GPU path (--device cuda): it arranges host-to-GPU traffic. On the CPU every "
                 "expert is computed from RAM already (with numba installed, straight from the packed records); drop it"
@@ -78,13 +78,19 @@ class EngineConfig:
         """Whether routed experts go through the GPU tier and the Triton kernels."""
         return self.on_gpu or self.gpu_path_on_cpu
 
-    def torch_dtype(self, native_bf16: bool) -> torch.dtype:
-        """The compute dtype: the named one, or for auto bfloat16 where it is native (GPUs; CPUs
-        with `native_bf16`), else float32."""
+    def torch_dtype(self, dense_fp32_bytes: int, ram_bytes: int) -> tuple[torch.dtype, str]:
+        """The compute dtype and why: the named one, or for auto bfloat16 on GPUs and float32 on the
+        CPU (its one-token step kernels are fp32, and bf16 decoded slower there and left
+        transformers' greedy path: EXPERIMENTS entry 74) unless the dense weights in fp32 would take
+        more than an eighth of the RAM (bfloat16 then halves them)."""
         chosen = DTYPES[self.dtype]
         if chosen is not None:
-            return chosen
-        return torch.bfloat16 if self.on_gpu or native_bf16 else torch.float32
+            return chosen, "--dtype"
+        if self.on_gpu:
+            return torch.bfloat16, "the GPU's default"
+        if dense_fp32_bytes > ram_bytes // 8:
+            return torch.bfloat16, "the dense weights in float32 would take over an eighth of the RAM"
+        return torch.float32, "the CPU's default"
 
     def but(self, **changes) -> "EngineConfig":
         """A copy with some options changed (and checked again)."""

@@ -32,7 +32,7 @@ from .runtime.sampling import SamplingParams
 from .runtime.stats import GpuTierStats, Timer
 from .runtime.threads import ThreadBudget
 from .tokenizer import Tokenizer
-from .utils import available_memory_bytes, cpu_has_native_bf16, format_bytes
+from .utils import available_memory_bytes, format_bytes, total_memory_bytes
 
 __all__ = ["ContextLengthError", "Engine", "EngineConfig", "GpuMemoryError"]
 
@@ -48,24 +48,22 @@ class Engine:
         caches (docs/FORMAT.md; flashmoe/config.py says what each option does). `progress(done,
         total)` hears of the bytes of expert records read while loading (--preload)."""
         config = config or EngineConfig()
-        self.dir, self.config = Path(model_dir), config
+        self.dir = Path(model_dir)
         self.manifest = Manifest.load(self.dir)
         self.args = read_args(self.dir)
         moe = self.args.moe
         self.manifest.check(self.args.hidden_size, moe.intermediate, moe.num_experts, self.args.moe_layers, moe.expert_bias)
-        if config.gpu_path and (moe.expert_bias or moe.act != SILU) and self.manifest.layout.scheme != "mxfp4":
-            raise ValueError(f"on the GPU, {self.args.model_type}'s experts (biases, clamped SwiGLU) are computed from MXFP4 "
-                             "records only: convert the release without --bits (MXFP4 kept), or use --device cpu")
-        if config.gpu_path and self.args.hyper_connections() is not None:
-            # QSA's selection changes shape as blocks complete, which a recorded decode graph cannot
-            # follow, and the GPU kernels know neither the streams nor the n-gram embeddings.
-            raise ValueError(f"{self.args.model_type} runs on the CPU path only for now: use --device cpu")
+        self.config = config = self._decide_device(config)
+        if config.gpu_path and (refusal := self._gpu_refusal()):
+            raise ValueError(refusal)
         self.tokenizer = Tokenizer.from_dir(self.dir)
         self.args.check_tokenizer(self.tokenizer.vocab_size, self.dir / "tokenizer.json")
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
-        self.dtype = config.torch_dtype(cpu_has_native_bf16())
+        self.dtype, why_dtype = config.torch_dtype(2 * (self.dir / self.manifest.dense_file).stat().st_size,
+                                                   total_memory_bytes())
+        self.choices.append(f"{str(self.dtype).removeprefix('torch.')} ({why_dtype})")
         self.top_k = moe.top_k if config.k is None else config.k
         if not 1 <= self.top_k <= moe.num_experts:
             raise ValueError(f"--k must be between 1 and {moe.num_experts} (the model has {moe.num_experts} experts)")
@@ -75,6 +73,9 @@ class Engine:
         self.moe_layers = self.args.moe_layers
         budget = config.host_mem if config.host_mem is not None else min(
             self.manifest.total_expert_bytes, available_memory_bytes() // 2)
+        self.choices.append(f"experts cached in {format_bytes(budget)} of RAM ("
+                            + ("--host-mem" if config.host_mem is not None else "all of them" if budget == self.manifest.total_expert_bytes
+                               else "half the free RAM") + ")")
         self.store = ExpertStore(self.dir, self.manifest, budget, self.top_k, config.io_threads, config.verify,
                                  self.device.type == "cuda", config.direct_io, config.cache_policy)
         self.gpu_tier = None
@@ -103,6 +104,33 @@ class Engine:
         }
 
     # -- loading ---------------------------------------------------------------------------------
+    def _decide_device(self, config: EngineConfig) -> EngineConfig:
+        """`config` with --device auto decided (a GPU where PyTorch sees one and the model runs on the
+        GPU path), and the choice with its reason in `choices`, the line the CLI prints."""
+        if config.device != "auto":
+            self.choices = [f"{config.device} (--device)"]
+            return config
+        if not torch.cuda.is_available():
+            device, why = "cpu", "no CUDA GPU"
+        elif refusal := self._gpu_refusal():
+            device, why = "cpu", refusal.split(":")[0]
+        else:
+            device, why = "cuda", torch.cuda.get_device_name()
+        self.choices = [f"{device} (auto: {why})"]
+        return config.but(device=device)  # checked again: a GPU-only option on a CPU-only machine fails here
+
+    def _gpu_refusal(self) -> str | None:
+        """Why this model cannot run on the GPU path, or None."""
+        moe = self.args.moe
+        if (moe.expert_bias or moe.act != SILU) and self.manifest.layout.scheme != "mxfp4":
+            return (f"on the GPU, {self.args.model_type}'s experts (biases, clamped SwiGLU) are computed from MXFP4 "
+                    "records only: convert the release without --bits (MXFP4 kept), or use --device cpu")
+        if self.args.hyper_connections() is not None:
+            # QSA's selection changes shape as blocks complete, which a recorded decode graph cannot
+            # follow, and the GPU kernels know neither the streams nor the n-gram embeddings.
+            return f"{self.args.model_type} runs on the CPU path only for now: use --device cpu"
+        return None
+
     def _load_dense(self) -> Model:
         with torch.device("meta"):
             model = Model(self.args)

@@ -94,20 +94,6 @@ def available_memory_bytes() -> int:
     return 4 << 30
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where bf16 compute is
-    faster than fp32 and halves the resident dense weights; elsewhere bf16 matmuls are emulated."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def total_memory_bytes() -> int:
     """MemTotal from /proc/meminfo."""
     with open("/proc/meminfo") as f:

@@ -186,7 +186,7 @@ IN_PROCESS_BAD_INPUTS = {
     "--host-mem -1G": (["generate", "-m", "{model}", "-p", "x", "--host-mem", "-1G"], "cannot read '-1G' as a size"),
     "--host-mem abc": (["generate", "-m", "{model}", "-p", "x", "--host-mem", "abc"], "cannot read 'abc' as a size"),
     "--host-mem empty": (["generate", "-m", "{model}", "-p", "x", "--host-mem", ""], "cannot read '' as a size"),
-    "--device foo": (["generate", "-m", "{model}", "-p", "x", "--device", "foo"], "--device must be cpu, cuda or cuda:N"),
+    "--device foo": (["generate", "-m", "{model}", "-p", "x", "--device", "foo"], "--device must be auto, cpu, cuda or cuda:N"),
     "--model missing": (["generate", "-m", "{root}/missing", "-p", "x"], "missing does not exist: it is not a flashmoe model"),
     "--model a file": (["generate", "-m", "{file}", "-p", "x"], "notes.txt is a file: it is not a flashmoe model"),
     "generation_config.json of the wrong type": (["generate", "-m", "{hot}", "-p", "x"],

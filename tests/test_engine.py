@@ -208,3 +208,35 @@ def test_a_batched_generation_prefills_a_slice_at_a_time(packed16, monkeypatch):
         else:
             tokens.append(item.token)
     assert (pauses, requests) == (2, 3) and tokens == plain  # slices 4 + 4 + 2; a step between every two tokens
+
+
+def test_auto_dtype_is_float32_on_the_cpu_unless_the_dense_weights_crowd_the_ram():
+    cpu, gpu = EngineConfig(), EngineConfig(device="cuda")
+    assert cpu.torch_dtype(1 << 20, 8 << 30) == (torch.float32, "the CPU's default")
+    assert cpu.torch_dtype(2 << 30, 8 << 30)[0] == torch.bfloat16  # 2 GiB of fp32 dense weights > 8 GiB / 8
+    assert gpu.torch_dtype(1 << 20, 8 << 30)[0] == torch.bfloat16
+    assert EngineConfig(dtype="bfloat16").torch_dtype(1 << 20, 8 << 30) == (torch.bfloat16, "--dtype")
+
+
+def test_auto_device_takes_the_cpu_where_there_is_no_gpu_and_says_why(packed16, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    engine = Engine(packed16, EngineConfig(device="auto"))
+    assert engine.device.type == "cpu" and engine.config.device == "cpu" and engine.dtype == torch.float32
+    assert engine.choices[:2] == ["cpu (auto: no CUDA GPU)", "float32 (the CPU's default)"]
+    with pytest.raises(ValueError, match="--preload is for the GPU path"):  # a GPU-only option, and no GPU
+        Engine(packed16, EngineConfig(device="auto", preload=True))
+
+
+def test_auto_device_keeps_a_model_the_gpu_path_refuses_on_the_cpu(tmp_path, monkeypatch):
+    """gpt-oss converted to 16 bits runs on the CPU only (its GPU path takes MXFP4 records): with a GPU
+    present, auto picks the CPU and names the reason; --device cuda is refused with the fix."""
+    from .conftest import build_hf_model
+
+    build_hf_model("gpt_oss", tmp_path / "hf", seed=1)
+    convert(tmp_path / "hf", tmp_path / "q16", bits=16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    engine = Engine(tmp_path / "q16", EngineConfig(device="auto"))
+    assert engine.device.type == "cpu"
+    assert engine.choices[0] == "cpu (auto: on the GPU, gpt_oss's experts (biases, clamped SwiGLU) are computed from MXFP4 records only)"
+    with pytest.raises(ValueError, match="convert the release without --bits"):
+        Engine(tmp_path / "q16", EngineConfig(device="cuda"))
