@@ -1,7 +1,8 @@
 """One-token decode steps of the dense layers on the CPU, compiled by numba: what the Triton
-kernels do on the GPU (deltanet_step.py), for fp32 tensors. A decode step of the eager PyTorch
-path spends its time launching small operators (~5 us each; the DeltaNet step alone is ~70 of
-them, 430 us per layer on the demo model: EXPERIMENTS entry 73); here each is one call.
+kernels do on the GPU (deltanet_step.py, gemv16.py, int8_gemv.py), for fp32 tensors. A decode step
+of the eager PyTorch path spends its time launching small operators (~5 us each; the DeltaNet step
+alone is ~70 of them, 430 us per layer on the demo model) and in one-row matmuls that PyTorch runs
+at a fraction of the memory bandwidth (EXPERIMENTS entry 73); here each is one call.
 
 The reference is the eager PyTorch path (layers/deltanet.py), which tests compare against.
 """
@@ -13,11 +14,8 @@ import math
 import numpy as np
 import torch
 
+from .. import kernels
 from .cpu_experts import numba, numba_jit
-
-
-def cpu_kernels_available() -> bool:
-    return numba is not None
 
 
 @numba_jit()
@@ -88,3 +86,37 @@ def deltanet_step(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.
     arrays = (t.detach().numpy() for t in (qkv, z, b, a, conv_state, conv_weight[:, 0], A_log, dt_bias, norm_weight, state))
     _deltanet_step(*arrays, key_heads, eps, out.numpy())
     return out
+
+
+# Up to this many weight bytes a one-row projection runs in `gemv` on the calling thread; larger ones
+# (a big model's projections, its lm_head) go to PyTorch's multithreaded matmul.
+GEMV_MAX_BYTES = 16 << 20
+
+
+@numba_jit()
+def _gemv(w, x, out):
+    """out[r] = sum_i w[r, i] x[i] (fp32 sums; w float32 or int8). Written as plain loops: LLVM
+    vectorizes them, and unlike a library call for one row they need no packing or threading:
+    EXPERIMENTS entry 73 measured 42 us against PyTorch's 104 for a [784, 256] fp32 weight out of cache."""
+    n, k = w.shape
+    for r in range(n):
+        row = w[r]
+        acc = np.float32(0.0)
+        for i in range(k):
+            acc += np.float32(row[i]) * x[i]
+        out[r] = acc
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] fp32 and weight [N, K] (fp32, or int8 codes with a per-row fp32 scale [N]) on the CPU
+    -> x @ weight^T [1, N] fp32 (times scale)."""
+    out = torch.empty(1, weight.shape[0], dtype=torch.float32)
+    _gemv(weight.detach().numpy(), x.detach().reshape(-1).numpy(), out[0].numpy())
+    return out if scale is None else out * scale
+
+
+def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight^T goes through `gemv`: one fp32 row on the CPU (numba installed), a
+    contiguous fp32 or int8 weight of at most GEMV_MAX_BYTES."""
+    return (x.numel() == weight.shape[1] and weight.dtype in (torch.float32, torch.int8) and weight.is_contiguous()
+            and weight.numel() * weight.element_size() <= GEMV_MAX_BYTES and kernels.use_cpu_kernels(x))

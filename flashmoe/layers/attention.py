@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .fused import Projections
+from .fused import Projections, project
 from .indexer import IndexerSpec, TokenIndexer
 from .norm import RMSNorm
 from .state import IndexedKVCache, KVCache
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         parts = [self._attend(q[sl], k[sl], v[sl], None if gate is None else gate[sl], cache, ctx,
                               None if index is None else (index[0][sl], index[1][sl]))
                  for sl, cache in zip(ctx.slices(T), caches)]
-        return self.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return project(self.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def _attend(self, q, k, v, gate, cache, ctx, index=None) -> torch.Tensor:
         """One sequence's n tokens over its cache -> [n, heads * head_dim] (gated where the spec

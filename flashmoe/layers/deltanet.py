@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import kernels
 from .state import LinearState
-from .fused import Projections
+from .fused import Projections, project
 from .norm import GatedRMSNorm
 
 
@@ -46,7 +46,7 @@ class GatedDeltaNet(nn.Module):
             out = self._steps(qkv, b, a, states)
         else:
             out = torch.cat([self._recurrence(qkv[s], b[s], a[s], state) for s, state in zip(slices, states)])
-        return self.out_proj(self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
+        return project(self.out_proj, self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
 
     def _recurrence(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, state) -> torch.Tensor:
         """One sequence's conv and gated delta rule over its T tokens -> [T, v_heads, v_dim] (fp32)."""
@@ -103,7 +103,7 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = (y[0] for y in self.in_proj(x))
         out = deltanet_step(qkv, z, b, a, state.conv, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
                             state.recurrent, self.k_heads, self.norm.eps)
-        return self.out_proj(out[None])
+        return project(self.out_proj, out[None])
 
 
 def causal_conv(x: torch.Tensor, state, weight: torch.Tensor, dilation: int = 1) -> torch.Tensor:

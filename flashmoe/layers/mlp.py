@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .fused import Projections
+from .fused import Projections, project
 
 
 class MLP(nn.Module):
@@ -27,7 +27,7 @@ class MLP(nn.Module):
             from ..kernels.shared_expert import swiglu
 
             return self.down_proj(swiglu(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 @dataclass(frozen=True, slots=True)

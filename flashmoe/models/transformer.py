@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.cpu_step import gemv, takes_gemv
 from ..layers.attention import Attention
 from ..layers.deltanet import GatedDeltaNet
+from ..layers.fused import project
 from ..layers.hyper import HyperConnection
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
@@ -147,5 +149,8 @@ class Model(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.model.norm(x) if self.hyper is None else self.model.hyper_connection_mixer(x)[0]
         if self.args.tie_word_embeddings:  # the embedding table, kept 16-bit even with --dense-bits 8
-            return (x @ self.model.embed_tokens.weight.t()).float()
-        return self.lm_head(x).float()  # an nn.Linear, or an Int8Linear with --dense-bits 8
+            table = self.model.embed_tokens.weight
+            if takes_gemv(x, table):  # one row on the CPU
+                return gemv(x, table)
+            return (x @ table.t()).float()
+        return project(self.lm_head, x).float()  # an nn.Linear, or an Int8Linear with --dense-bits 8
