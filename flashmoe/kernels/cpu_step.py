@@ -120,3 +120,32 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     contiguous fp32 or int8 weight of at most GEMV_MAX_BYTES."""
     return (x.numel() == weight.shape[1] and weight.dtype in (torch.float32, torch.int8) and weight.is_contiguous()
             and weight.numel() * weight.element_size() <= GEMV_MAX_BYTES and kernels.use_cpu_kernels(x))
+
+
+ROWS_MAX_ELEMENTS = 1 << 16  # a decode step's rows (a batch's, the q/k heads'); a prefill's go to PyTorch's threads
+
+
+@numba_jit()
+def _rms_norm(x, weight, eps, zero_centred, out):
+    rows, dim = x.shape
+    for r in range(rows):
+        ms = np.float32(0.0)
+        for i in range(dim):
+            ms += x[r, i] * x[r, i]
+        inv = np.float32(1.0) / np.sqrt(ms / dim + eps)
+        for i in range(dim):
+            out[r, i] = x[r, i] * inv * (np.float32(1.0) + weight[i] if zero_centred else weight[i])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centred: bool) -> torch.Tensor:
+    """x [..., D] fp32 normalised over its last dim (layers/norm.py's RMSNorm) -> [..., D]."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape, dtype=torch.float32)
+    _rms_norm(np.ascontiguousarray(rows.numpy()), weight.detach().numpy(), np.float32(eps), zero_centred, out.numpy())
+    return out.view(x.shape)
+
+
+def takes_rows(x: torch.Tensor) -> bool:
+    """Whether an elementwise step over x goes through these kernels: fp32 on the CPU, a decode
+    step's few rows."""
+    return x.numel() <= ROWS_MAX_ELEMENTS and kernels.use_cpu_kernels(x)

@@ -64,3 +64,19 @@ def test_projections_of_one_row_take_the_gemv(monkeypatch):
             x = torch.randn(rows, 64)
             assert torch.allclose(project(layer, x), layer(x), atol=1e-6)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("zero_centred", [False, True])
+def test_the_cpu_rms_norm_matches_the_eager_norm(zero_centred, monkeypatch):
+    """Both weight forms, over the last dim of a [T, heads, d] input (the q/k norms' shape)."""
+    from flashmoe.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(9)
+    norm = RMSNorm(16, 1e-6, zero_centred)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g))
+    x = torch.randn(2, 4, 16, generator=g) * 3
+    got = norm(x)
+    monkeypatch.setattr(kernels, "use_cpu_kernels", lambda x: False)
+    want = norm(x)
+    assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 1e-6
