@@ -64,6 +64,7 @@ def convert(
     err.print(
         f"wrote {escape(str(dst))} in {report.seconds:.1f} s: experts {format_bytes(report.expert_bytes)}, "
         f"dense {format_bytes(report.dense_bytes)}"
+        + (f", n-gram tables {format_bytes(report.ngram_bytes)}" if report.ngram_bytes else "")
     )
     err.print(f"experts: {report.experts}; relative error ||w - stored|| / ||w|| by tensor kind:")
     for kind, e in sorted(report.relative_errors().items()):
@@ -92,6 +93,7 @@ def _stream(engine, prompt, params) -> None:
 
 
 LAYER_SECTIONS = [
+    ("ngram_wait", "n-gram wait"),
     ("mixer", "mixer"),
     ("routing", "routing"),
     ("shared_expert", "shared expert"),
@@ -128,6 +130,13 @@ def print_summary(engine, stats) -> None:
         f"   [dim]peak RSS[/] {format_bytes(stats.peak_rss)}",
         soft_wrap=True,
     )
+    if (g := stats.ngrams).rows:
+        err.print(
+            f"[dim]n-gram rows[/] {g.reads / n:.1f} reads, {format_bytes(g.bytes_read / n)} per token, "
+            f"{g.hits / g.rows:.1%} cached, {s.get('ngram_wait', 0.0) * 1e3 / n:.2f} ms waited per token, "
+            f"budget {format_bytes(engine.ngram_rows.cached_bytes)}",
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -236,7 +245,7 @@ def trace(
 def bench(
     preset: str = typer.Option("qwen3.5-397b-a17b", help="Model shape, a released model: qwen3.5-397b-a17b, qwen3.5-122b-a10b, qwen3.6-35b-a3b, "
         "qwen3-next-80b-a3b, qwen3-30b-a3b, qwen3-235b-a22b, qwen3-coder-480b-a35b, minimax-m2, glm-4.5, "
-        "gpt-oss-120b or gpt-oss-20b."),
+        "gpt-oss-120b or gpt-oss-20b; qwen3.8-flash-next is listed, but bench does not synthesize its n-gram tables yet."),
     layers: int = typer.Option(8, help="Slice of the first L layers (budgets scale by L / all layers)."),
     bits: int = typer.Option(4, help="Expert bits: 8, 4, 2 or 16."),
     k: list[int] = typer.Option([10, 4], "--k", help="Experts per token to run (repeatable)."),

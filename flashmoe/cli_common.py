@@ -78,6 +78,8 @@ ENGINE_OPTIONS = [
                    "the dense weights would take over an eighth of the RAM), bfloat16, float16, float32."),
     _engine_option("host_mem", Optional[str], None, "--host-mem",
                    help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
+    _engine_option("ngram_mem", Optional[str], None, "--ngram-mem",
+                   help="Of the host budget, RAM for cached n-gram table rows (qwen4_exp), e.g. 1G (default: a sixteenth)."),
     _engine_option("gpu_mem", Optional[str], None, "--gpu-mem",
                    help="With --device cuda: GPU memory for cached experts (default: free memory minus a margin)."),
     _engine_option("k", Optional[int], None, "--k", help="Experts per token (default: the model's own)."),
@@ -130,12 +132,13 @@ def engine_options(**defaults: Any) -> Callable:
     return decorate
 
 
-def engine_config(host_mem: str | None = None, gpu_mem: str | None = None, **values: Any):
+def engine_config(host_mem: str | None = None, gpu_mem: str | None = None, ngram_mem: str | None = None, **values: Any):
     """EngineConfig from command-line values (sizes as text: "" is an error, not the default)."""
     from .config import EngineConfig
 
-    return EngineConfig(host_mem=None if host_mem is None else parse_size(host_mem),
-                        gpu_mem=None if gpu_mem is None else parse_size(gpu_mem), **values)
+    sizes = {name: None if text is None else parse_size(text)
+             for name, text in (("host_mem", host_mem), ("gpu_mem", gpu_mem), ("ngram_mem", ngram_mem))}
+    return EngineConfig(**sizes, **values)
 
 
 TEMPERATURE_OPTION = typer.Option(None, help="0 = greedy. Default: generation_config.json, else 0.")

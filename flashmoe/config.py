@@ -19,6 +19,8 @@ class EngineConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto: the GPU where there is one and the model runs there (Engine decides)
     dtype: str = "auto"  # auto: bfloat16 on GPUs; float32 on CPUs unless its dense weights would crowd the RAM
     host_mem: int | None = None  # bytes of RAM for the expert cache; None: half the free RAM
+    # bytes of the host budget for the n-gram row cache (qwen4_exp); None: a sixteenth, at most the tables
+    ngram_mem: int | None = None
     gpu_mem: int | None = None  # bytes of GPU memory for cached experts; None: what is free minus a margin
     k: int | None = None  # routed experts per token; None: the model's own
     cache_policy: str = "mix"
@@ -48,7 +50,7 @@ class EngineConfig:
             raise ValueError(f"--cache-policy must be one of {', '.join(CACHE_POLICIES)}, not {self.cache_policy!r}")
         if self.dense_bits not in (16, 8):
             raise ValueError(f"--dense-bits must be 16 or 8, got {self.dense_bits}")
-        for flag, value in (("--host-mem", self.host_mem), ("--gpu-mem", self.gpu_mem)):
+        for flag, value in (("--host-mem", self.host_mem), ("--gpu-mem", self.gpu_mem), ("--ngram-mem", self.ngram_mem)):
             if value is not None and value < 0:
                 raise ValueError(f"{flag} must be a size of at least 0, got {value}")
         if self.k is not None and self.k < 1:

@@ -21,18 +21,21 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from . import quant
-from .formats.packed import DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, PackedFormatError, RecordLayout, check_quantization
+from .formats.packed import (DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, NgramFile, PackedFormatError, RecordLayout,
+                              check_quantization)
 from .formats.fp8 import SCALE_SUFFIX as FP8_SCALE_SUFFIX
 from .formats.fp8 import block_size as fp8_block_size
 from .formats.fp8 import dequantize as fp8_dequantize
 from .formats.mlx import MlxQuantization
 from .formats.mlx import dequantize as mlx_dequantize
 from .formats.safetensors import Checkpoint, SafetensorsWriter
+from .layers.ple import NGRAM_SHARD, shard_rows, table_rows
 from .models import ModelArgs, names, read_args, sanitize
 from .models.names import CheckpointNames
 from .models.transformer import Model
@@ -63,6 +66,7 @@ class ConversionReport:
     seconds: float = 0.0
     expert_bytes: int = 0
     dense_bytes: int = 0
+    ngram_bytes: int = 0  # n-gram table files (qwen4_exp), padding and checksums included
     # per tensor kind: [sum of squared error, sum of squared weights]
     error_sums: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
     warnings: list[str] = field(default_factory=list)  # what the user must still do before the model is usable
@@ -81,6 +85,7 @@ class _Plan:
     mlx: MlxQuantization | None = None  # an mlx-lm quantized checkpoint's quantization
     mlx_experts: tuple[int, int] | None = None  # its experts' (bits, group size), where they are quantized
     fp8: tuple[int, int] | None = None  # a block-FP8 checkpoint's blocks (weights with `weight_scale_inv`)
+    ngrams: dict[int, dict[int, str]] = field(default_factory=dict)  # layer -> shard -> name of its n-gram table's blocks
 
 
 def convert(
@@ -141,10 +146,11 @@ def _write_model(src: Path, cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, layou
         task = progress.add_task("converting", total=plan.bytes_total)
         dense_dtype = _write_dense(cfg, ckpt, plan, out_dir, report, lambda n: progress.advance(task, n))
         files = _write_experts(cfg, ckpt, plan, layout, out_dir, report, lambda n: progress.advance(task, n))
+        ngrams = _write_ngrams(cfg, ckpt, plan, out_dir, report, lambda n: progress.advance(task, n))
     for name in COPIED_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, out_dir / name)
-    Manifest(layout, tuple(files), DENSE_FILE, dense_dtype, str(src)).save(out_dir)
+    Manifest(layout, tuple(files), DENSE_FILE, dense_dtype, str(src), tuple(ngrams)).save(out_dir)
 
 
 def _check_apart(src: Path, dst: Path) -> None:
@@ -194,7 +200,8 @@ def _first(names: list[str], shown: int = 4) -> str:
 
 def _foreign_files(model_dir: Path, manifest: Manifest) -> list[str]:
     """Files (and links) under a model directory that no conversion writes: the user's own."""
-    ours = {MANIFEST_FILE, *COPIED_FILES, manifest.dense_file, *(f.file for f in manifest.expert_files)}
+    ours = {MANIFEST_FILE, *COPIED_FILES, manifest.dense_file, *(f.file for f in manifest.expert_files),
+            *(f.file for f in manifest.ngram_files)}
     ours = {Path(name).as_posix() for name in ours}  # "experts/./x" and "experts/x" are one file
     foreign = []
     for root, dirs, files in os.walk(model_dir):  # links to directories are listed, never followed
@@ -247,9 +254,14 @@ def _experts_summary(plan: _Plan, layout: RecordLayout) -> str:
 def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None, fp8: tuple[int, int] | None = None) -> _Plan:
     naming = names(cfg)
     dense, experts, total = [], defaultdict(lambda: {"fused": {}, "split": {}}), 0
+    ngrams = defaultdict(dict)
     for name in ckpt.names():
         canon = naming.canonical(name, cfg.num_hidden_layers)
         if canon is None:
+            continue
+        if shard := NGRAM_SHARD.fullmatch(canon):  # the n-gram tables get files of their own
+            ngrams[int(shard[1])][int(shard[2])] = name
+            total += ckpt.info(name).nbytes
             continue
         parsed = naming.expert(canon)
         if canon == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -267,11 +279,39 @@ def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None, 
             experts[layer]["split"][(expert, proj)] = name
     mxfp4 = any(proj.endswith(".blocks") for found in experts.values() for proj in found["fused"])
     mlx_experts = _mlx_experts(ckpt, experts, mlx)
-    plan = _Plan(dense, dict(experts), total, mxfp4, mlx, mlx_experts, fp8)
+    plan = _Plan(dense, dict(experts), total, mxfp4, mlx, mlx_experts, fp8, dict(ngrams))
+    _check_ngrams(cfg, ckpt, plan)
     _check_fp8(ckpt, plan)
     _check_dense(cfg, ckpt, plan)
     _check_experts(cfg, ckpt, experts, mxfp4, mlx_experts)
     return plan
+
+
+def _ngram_tables(cfg: ModelArgs) -> dict[int, tuple[list[int], int]]:
+    """Layer -> (rows of each block the checkpoint stores its n-gram table in, row width)."""
+    specs = {i: cfg.layer(i).ple for i in range(cfg.num_hidden_layers)}
+    return {i: (shard_rows(spec), spec.dim // spec.heads) for i, spec in specs.items() if spec is not None}
+
+
+def _check_ngrams(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan) -> None:
+    """Every layer with n-gram embeddings needs its table's blocks shard_0.. in the checkpoint, each of
+    the shape config.json gives; no other layer may have any."""
+    expected = _ngram_tables(cfg)
+    if extra := sorted(set(plan.ngrams) - set(expected)):
+        raise ConversionError(f"the checkpoint holds n-gram tables for layer {extra[0]}, but config.json's ple_layer_ids "
+                              f"do not name layer {extra[0] + 1}: is config.json the one that belongs to these weights?")
+    for layer, (rows, width) in expected.items():
+        found = plan.ngrams.get(layer, {})
+        for i, n in enumerate(rows):
+            name = found.get(i, f"model.layers.{layer}.ple.ple_embedding.ngram_embedding.shard_{i}.weight")
+            if i not in found:
+                raise ConversionError(f"{name} is missing (layer {layer}'s n-gram table is stored in {len(rows)} blocks): "
+                                      "is the download complete?")
+            if (shape := tuple(ckpt.info(name).shape)) != (n, width):
+                raise ConversionError(f"{name} has shape {list(shape)}; config.json implies {[n, width]}")
+        if len(found) > len(rows):
+            raise ConversionError(f"layer {layer}'s n-gram table is stored in {len(found)} blocks, config.json's "
+                                  f"split_ngram_parts gives {len(rows)}: is config.json the one that belongs to these weights?")
 
 
 def _is_fp8_scale(ckpt: Checkpoint, name: str) -> bool:
@@ -580,6 +620,52 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
                 advance(nbytes)
         files.append(ExpertFile(layer, rel, cfg.moe.num_experts, tuple(crcs)))
     return files
+
+
+def _write_ngrams(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, out_dir: Path, report: ConversionReport, advance
+                  ) -> list[NgramFile]:
+    """Each n-gram table to ngrams/layer_NNN.bin (docs/FORMAT.md): its blocks' rows packed into
+    page-sized blocks, then one CRC-32 per block. 16-bit tables keep their values; wider ones become
+    bfloat16."""
+    if not plan.ngrams:
+        return []
+    (out_dir / "ngrams").mkdir()
+    files = []
+    for layer, (rows, width) in sorted(_ngram_tables(cfg).items()):
+        names_in_order = [plan.ngrams[layer][i] for i in range(len(rows))]
+        dtype = ckpt.info(names_in_order[0]).dtype
+        dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        table = NgramFile(layer, f"ngrams/layer_{layer:03d}.bin", sum(rows), width, str(dtype).removeprefix("torch."))
+        crcs, carried = [], torch.empty(0, table.row_bytes, dtype=torch.uint8)
+        with open(out_dir / table.file, "wb") as f:
+            for name in names_in_order:
+                source = _read_weight(ckpt, name, plan)
+                stored = source.to(dtype)
+                sums = report.error_sums["ngrams"]
+                sums[0] += float((source.double() - stored.double()).pow(2).sum())
+                sums[1] += float(source.double().pow(2).sum())
+                carried = torch.cat([carried, stored.contiguous().view(torch.uint8)])
+                whole = carried.shape[0] // table.rows_per_block * table.rows_per_block  # rows that fill blocks
+                crcs.append(_write_ngram_blocks(f, table, carried[:whole]))
+                carried = carried[whole:]
+                advance(ckpt.info(name).nbytes)
+            crcs.append(_write_ngram_blocks(f, table, carried))
+            f.write(np.concatenate(crcs).astype("<u4").tobytes())
+        report.ngram_bytes += table.file_size
+        files.append(table)
+    return files
+
+
+def _write_ngram_blocks(f, table: NgramFile, rows: torch.Tensor) -> np.ndarray:
+    """Write rows [n, row_bytes] (uint8) as ceil(n / rows_per_block) zero-padded blocks -> their CRC-32s."""
+    count = -(-rows.shape[0] // table.rows_per_block)
+    packed = torch.zeros(count * table.rows_per_block, table.row_bytes, dtype=torch.uint8)
+    packed[: rows.shape[0]] = rows
+    blocks = torch.zeros(count, table.block_bytes, dtype=torch.uint8)
+    blocks[:, : table.rows_per_block * table.row_bytes] = packed.view(count, table.rows_per_block * table.row_bytes)
+    data = blocks.numpy()
+    f.write(data.data)
+    return np.fromiter((zlib.crc32(block) for block in data), dtype=np.uint32, count=count)
 
 
 def _sibling(dst: Path, role: str) -> Path:

@@ -20,6 +20,7 @@ from .formats.safetensors import SafetensorsFile
 from .generation import ContextLengthError, Generation, LogitsProcessor
 from .layers.int8_linear import use_int8_linears
 from .layers.mlp import SILU
+from .layers.ple import table_rows
 from .layers.state import SequenceState
 from .models import read_args
 from .models.context import StepContext
@@ -28,6 +29,7 @@ from .moe.block import FP32_TENSORS, MoEBlock, RoutedExperts
 from .quant import quantize_int8_rows
 from .experts.streamed import StreamedExperts
 from .experts.store import BudgetError, ExpertStore, StoreStats
+from .runtime.ngram_rows import NgramRowStore, NgramStats
 from .runtime.sampling import SamplingParams
 from .runtime.stats import GpuTierStats, Timer
 from .runtime.threads import ThreadBudget
@@ -72,7 +74,8 @@ class Engine:
         self.model = self._load_dense()
         self.moe_layers = self.args.moe_layers
         budget = config.host_mem if config.host_mem is not None else min(
-            self.manifest.total_expert_bytes, available_memory_bytes() // 2)
+            self.manifest.total_expert_bytes + self.manifest.total_ngram_bytes, available_memory_bytes() // 2)
+        budget -= self._open_ngram_tables(budget)
         self.choices.append(f"experts cached in {format_bytes(budget)} of RAM ("
                             + ("--host-mem" if config.host_mem is not None else "all of them" if budget == self.manifest.total_expert_bytes
                                else "half the free RAM") + ")")
@@ -150,6 +153,22 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the copies fusing freed: the GPU tier is sized by what the driver reports free
         return model.eval()
+
+    def _open_ngram_tables(self, host_budget: int) -> int:
+        """Attach the n-gram tables' files (families with per-layer embeddings) behind a row cache
+        taken from the host budget (--ngram-mem, or a sixteenth of it, at most the tables); -> its bytes."""
+        tables = {i: (table_rows(ple.spec), ple.spec.dim // ple.spec.heads) for i, ple in self.model.ngram_layers.items()}
+        self.manifest.check_ngrams(tables)
+        ngram_mem = self.config.ngram_mem
+        budget = min(self.manifest.total_ngram_bytes, host_budget // 16) if ngram_mem is None else ngram_mem
+        self.ngram_rows = NgramRowStore(self.dir, self.manifest.ngram_files, budget, self.config.io_threads,
+                                        self.config.verify, self.config.direct_io)
+        if tables:
+            self.model.attach_ngram_tables(self.ngram_rows.fetch)
+            self.choices.append(f"n-gram rows cached in {format_bytes(self.ngram_rows.cached_bytes)} of RAM ("
+                                + ("--ngram-mem" if ngram_mem is not None else "a sixteenth of the host budget"
+                                   if budget < self.manifest.total_ngram_bytes else "all of them") + ")")
+        return self.ngram_rows.cached_bytes
 
     def _cpu_kernel(self, threads: int | None = None, required: bool = False):
         """The numba kernel that computes routed experts from their packed records on the CPU
@@ -439,10 +458,11 @@ class Engine:
         """RAM the expert cache holds records in (--host-mem, rounded down to whole records)."""
         return self.store.capacity * self.store.record_size
 
-    def counters(self) -> tuple[StoreStats, GpuTierStats | None]:
-        """Copies of the expert store's and the GPU tier's counters: the difference of two readings
-        is what happened between them (after `settle`)."""
-        return replace(self.store.stats), replace(self.gpu_tier.stats) if self.gpu_tier is not None else None
+    def counters(self) -> tuple[StoreStats, GpuTierStats | None, NgramStats]:
+        """Copies of the expert store's, the GPU tier's and the n-gram rows' counters: the difference
+        of two readings is what happened between them (after `settle`)."""
+        gpu = replace(self.gpu_tier.stats) if self.gpu_tier is not None else None
+        return replace(self.store.stats), gpu, replace(self.ngram_rows.stats)
 
     def settle(self, phase: str) -> None:
         """Bring the GPU tier's counters up to date after a phase of generation. Resident decode
@@ -489,3 +509,4 @@ class Engine:
         if self.gpu_tier is not None:
             self.gpu_tier.set_cpu_share(None)
         self.store.close()
+        self.ngram_rows.close()

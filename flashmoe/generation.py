@@ -13,6 +13,7 @@ import torch
 
 from .experts.store import StoreStats
 from .runtime.sampling import Sampler, SamplingParams, token_logprobs
+from .runtime.ngram_rows import NgramStats
 from .runtime.stats import GpuTierStats
 from .utils import peak_rss_bytes
 
@@ -80,6 +81,8 @@ class GenerationStats:
     prefill_cache: StoreStats = field(default_factory=StoreStats)  # expert-store counters during prefill
     cache: StoreStats = field(default_factory=StoreStats)  # ... and during decode
     gpu_cache: GpuTierStats = field(default_factory=GpuTierStats)  # GPU tier counters during decode (GPU path)
+    prefill_ngrams: NgramStats = field(default_factory=NgramStats)  # n-gram row reads during prefill (qwen4_exp)
+    ngrams: NgramStats = field(default_factory=NgramStats)  # ... and during decode
     peak_rss: int = 0
 
     @property
@@ -189,19 +192,21 @@ class Generation:
         token has waited for the GPU anyway (and where the placement adapts, swaps experts by them
         before the next step). No yield comes between the two, so the counts stay this generation's."""
         eng, stats = self.engine, self.stats
-        t0, sections, (cache, gpu) = time.perf_counter(), dict(eng.timer.seconds), eng.counters()
+        t0, sections, (cache, gpu, ngrams) = time.perf_counter(), dict(eng.timer.seconds), eng.counters()
         try:
             yield
         finally:
             eng.settle("sampled" if not forward else "prefill" if prefill else "decode")
-            cache_now, gpu_now = eng.counters()
+            cache_now, gpu_now, ngrams_now = eng.counters()
             seconds = time.perf_counter() - t0
             if prefill:
                 stats.prefill_seconds += seconds
                 stats.prefill_cache += cache_now - cache
+                stats.prefill_ngrams += ngrams_now - ngrams
             else:
                 stats.decode_seconds += seconds
                 stats.cache += cache_now - cache
+                stats.ngrams += ngrams_now - ngrams
                 if gpu is not None:
                     stats.gpu_cache += gpu_now - gpu
                 for name, total in eng.timer.seconds.items():

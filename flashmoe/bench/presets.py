@@ -54,6 +54,24 @@ PRESETS: dict[str, dict] = {
         eos_token_id=[151329, 151336, 151338],
     ),
 }
+# Qwen3.8-Flash-Next (Qwen4-Exp's text model), the text_config of Qwen/Qwen3.8-Flash-Next-FP8 as
+# transcribed in several public inference projects' test fixtures (an SGLang patch test, a Go and a
+# Rust config parser: the same values in each); 2560 hidden, 48 layers, 512 experts of 640, one PLE
+# layer (2, counted from 1) with 3-gram tables of 20M-row heads. Qwen's own model card was not in
+# the search corpus. Left out: output_gate_type "sigmoid" (flashmoe computes the DeltaNet output gate
+# with silu only; it changes no shape), the MTP layer (not run) and mrope (text positions only).
+PRESETS["qwen3.8-flash-next"] = dict(
+    model_type="qwen4_exp_text", vocab_size=248320, hidden_size=2560, num_hidden_layers=48, num_attention_heads=24,
+    num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48, linear_key_head_dim=128,
+    linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10,
+    moe_intermediate_size=640, shared_expert_intermediate_size=640, norm_topk_prob=True, rms_norm_eps=1e-6,
+    max_position_embeddings=262144, tie_word_embeddings=False, eos_token_id=248044,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    hc_count=4, hc_lowrank=320, ple_layer_ids=[2], ple_embed_dim=2560, ple_conv_kernel_size=4, ngram_size=3,
+    heads_per_ngram=8, ngram_vocab_size_base=20_000_000, make_ngram_vocab_size_divisible_by=128, seed=1234,
+    split_ngram_parts=128, indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=128, indexer_budget=2048,
+    indexer_compress_ratio=4,
+)
 _GPT_OSS = dict(
     model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
     num_key_value_heads=8, head_dim=64, num_experts_per_tok=4, sliding_window=128, swiglu_limit=7.0,

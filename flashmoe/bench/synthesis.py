@@ -68,6 +68,9 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
     """Write a packed model of this shape with random weights straight into `out` (skipped if it is
     already there with the same shape and quantization)."""
     args = args_from_dict(cfg)
+    if ple := [i + 1 for i in range(args.num_hidden_layers) if args.layer(i).ple is not None]:
+        raise ValueError(f"bench does not synthesize n-gram embedding tables yet ({args.model_type}'s, at layers {ple} "
+                         "counted from 1): convert the released checkpoint and run it with flashmoe generate instead")
     E = args.moe.num_experts
     layout = record_layout(args, bits, group_size)
     stamp = {"bench_config": cfg, "bits": bits, "group_size": group_size, "seed": seed}

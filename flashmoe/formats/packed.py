@@ -1,4 +1,5 @@
-"""The packed model format: manifest, expert record layout, atomic writes. Spec: docs/FORMAT.md."""
+"""The packed model format: manifest, expert record layout, n-gram table files, atomic writes.
+Spec: docs/FORMAT.md."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ MANIFEST_FILE = "flashmoe.json"
 DENSE_FILE = "dense.safetensors"
 RECORD_ALIGN = 4096  # one record = whole pages, so a record read is page-aligned (O_DIRECT-able)
 SEGMENT_ALIGN = 256  # each tensor inside a record starts on a 256-byte boundary (coalesced GPU loads)
+# An n-gram table is read a page at a time: hashed rows are scattered, so a token's rows lie on as
+# many pages as it has rows, and a page is the least a disk (or O_DIRECT) reads anyway.
+NGRAM_BLOCK = 4096
 DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32, "uint8": torch.uint8}
 SCHEMES = ("affine", "mxfp4")
 DENSE_DTYPES = ("bfloat16", "float16")
@@ -199,12 +203,52 @@ class ExpertFile:
 
 
 @dataclass(frozen=True, slots=True)
+class NgramFile:
+    """One layer's n-gram embedding table (Qwen4-Exp's per-layer embeddings): `rows` rows of `width`
+    16-bit values, packed into NGRAM_BLOCK-byte blocks of `rows_per_block` whole rows (zero padding
+    after them), block b at byte b * NGRAM_BLOCK; after the last block, one little-endian CRC-32
+    per block."""
+
+    layer: int
+    file: str  # relative to the model directory
+    rows: int
+    width: int
+    dtype: str  # "bfloat16" or "float16"
+
+    @property
+    def row_bytes(self) -> int:
+        return self.width * DTYPE_BY_NAME[self.dtype].itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        """Whole pages holding at least one row (one page unless a row is wider)."""
+        return _align(self.row_bytes, NGRAM_BLOCK)
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.block_bytes // self.row_bytes
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.rows // self.rows_per_block)
+
+    @property
+    def crc_offset(self) -> int:
+        return self.blocks * self.block_bytes
+
+    @property
+    def file_size(self) -> int:
+        return self.crc_offset + 4 * self.blocks
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     layout: RecordLayout
     expert_files: tuple[ExpertFile, ...]
     dense_file: str
     dense_dtype: str
     source: str
+    ngram_files: tuple[NgramFile, ...] = ()  # families with n-gram embeddings (qwen4_exp) only
 
     def expert_file(self, layer: int) -> ExpertFile:
         for f in self.expert_files:
@@ -229,6 +273,24 @@ class Manifest:
             raise PackedFormatError(f"{MANIFEST_FILE} does not match config.json: {'; '.join(problems)}. "
                                     "Convert the checkpoint again (or restore the config.json that came with it)")
 
+    def check_ngrams(self, tables: dict[int, tuple[int, int]]) -> None:
+        """Raise PackedFormatError unless the n-gram files hold exactly these tables: layer -> (rows,
+        width), what config.json gives."""
+        stored = {f.layer: (f.rows, f.width) for f in self.ngram_files}
+        if stored == tables:
+            return
+        if tables and not stored:
+            problem = (f"it stores no n-gram tables, but config.json's model reads them at layers {sorted(tables)} "
+                       "(a model converted before they moved to files of their own keeps them in its dense weights)")
+        else:
+            problem = f"it stores n-gram tables (layer: rows, width) {stored}, config.json gives {tables}"
+        raise PackedFormatError(f"{MANIFEST_FILE} does not match config.json: {problem}. Convert the checkpoint again")
+
+    @property
+    def total_ngram_bytes(self) -> int:
+        """Bytes of n-gram rows (without padding or checksums)."""
+        return sum(f.rows * f.row_bytes for f in self.ngram_files)
+
     @property
     def total_expert_bytes(self) -> int:
         return sum(f.num_experts for f in self.expert_files) * self.layout.record_size
@@ -245,6 +307,8 @@ class Manifest:
                 "checksum": "crc32",
             },
         }
+        if self.ngram_files:  # left out otherwise: manifests of other families read back unchanged
+            doc["ngrams"] = {"block_bytes": NGRAM_BLOCK, "files": [asdict(f) for f in self.ngram_files], "checksum": "crc32"}
         atomic_write_text(model_dir / MANIFEST_FILE, json.dumps(doc, indent=1))
 
     @classmethod
@@ -276,7 +340,8 @@ class Manifest:
         if len({f.layer for f in files}) != len(files):
             raise ValueError("experts.files lists a layer twice")
         layout = RecordLayout.from_json(experts.get("layout"))
-        return cls(layout, files, _file_inside(dense.get("file"), "dense.file"), dense["dtype"], source)
+        ngrams = _ngram_files(doc.get("ngrams", {"block_bytes": NGRAM_BLOCK, "files": []}))
+        return cls(layout, files, _file_inside(dense.get("file"), "dense.file"), dense["dtype"], source, ngrams)
 
 
 def _not_a_model(model_dir: Path) -> PackedFormatError:
@@ -314,3 +379,19 @@ def _expert_file(f: Any, i: int) -> ExpertFile:
     if not (isinstance(crcs, list) and len(crcs) == count and all(is_int(c) and 0 <= c < 2**32 for c in crcs)):
         raise ValueError(f"{key}.crc32 is not a list of {count} CRC-32 values, one per expert")
     return ExpertFile(layer, _file_inside(f.get("file"), f"{key}.file"), count, tuple(crcs))
+
+
+def _ngram_files(doc: Any) -> tuple[NgramFile, ...]:
+    """The manifest's `ngrams`: which layer's table each file holds, and its shape."""
+    if not isinstance(doc, dict) or doc.get("block_bytes") != NGRAM_BLOCK or not isinstance(doc.get("files"), list):
+        raise ValueError(f"ngrams is {short_repr(doc)}, not an object with block_bytes {NGRAM_BLOCK} and a list of files")
+    files = []
+    for i, f in enumerate(doc["files"]):
+        key = f"ngrams.files[{i}]"
+        sizes = [f.get(k) for k in ("layer", "rows", "width")] if isinstance(f, dict) else [None]
+        if not all(is_int(n) for n in sizes) or sizes[0] < 0 or min(sizes[1:]) < 1 or f.get("dtype") not in DENSE_DTYPES:
+            raise ValueError(f"{key} is {short_repr(f)}: not {{layer, file, rows, width}} counts and a 16-bit dtype")
+        files.append(NgramFile(sizes[0], _file_inside(f.get("file"), f"{key}.file"), sizes[1], sizes[2], f["dtype"]))
+    if len({f.layer for f in files}) != len(files):
+        raise ValueError("ngrams.files lists a layer twice")
+    return tuple(files)

@@ -9,6 +9,9 @@ of all heads, concatenated, are the token's n-gram embedding. An EOS ends a docu
 the latest EOS read as EOS, and so do the positions before the sequence's start, so a token's
 n-grams depend on its last order-1 tokens only (the state a decode step carries).
 
+The tables are too large for memory at the released size (51B values): their rows are read from
+disk as each step starts (runtime/ngram_rows.py) and collected here.
+
 The embedding then feeds the streams: a key per stream and one shared value are projected from it;
 each stream's gate is the scaled dot product of its key with the RMS-normed stream (square-rooted
 with its sign kept), the gated values are added to the streams, and so is a causal depthwise
@@ -18,7 +21,9 @@ convolution (dilated by `order`, then SiLU) over their normed form.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -109,46 +114,51 @@ def ngram_rows(history: torch.Tensor, spec: NgramSpec, multipliers: list[int], s
     return torch.cat(rows, dim=-1)
 
 
-class NgramTable(nn.ModuleDict):
-    """A layer's n-gram embedding table, as the checkpoint stores it: consecutive row blocks
-    `shard_<i>` (torch.chunk's split of the rows into `spec.shards`: equal blocks, the last one
-    shorter). `rows` is the one lookup, so a table on disk can take its place."""
+def table_rows(spec: NgramSpec) -> int:
+    """Rows of the layer's concatenated table: its heads' tables, padded to spec.table_multiple."""
+    return -(-sum(head_table_sizes(spec)) // spec.table_multiple) * spec.table_multiple
 
-    def __init__(self, spec: NgramSpec):
-        super().__init__()
-        total = sum(head_table_sizes(spec))
-        total = -(-total // spec.table_multiple) * spec.table_multiple
-        self.block = -(-total // spec.shards)
-        for i, start in enumerate(range(0, total, self.block)):
-            self[f"shard_{i}"] = nn.Embedding(min(self.block, total - start), spec.dim // spec.heads)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Table rows of ids (any shape) -> [*ids.shape, row width]."""
-        shard, row = ids // self.block, ids % self.block
-        first = self["shard_0"].weight
-        out = first.new_empty(*ids.shape, first.shape[1])
-        for i in shard.unique().tolist():
-            hit = shard == i
-            out[hit] = self[f"shard_{i}"].weight[row[hit]]
-        return out
+def shard_rows(spec: NgramSpec) -> list[int]:
+    """The rows of each block the checkpoint stores the table in (`...ngram_embedding.shard_<i>`):
+    torch.chunk's split into spec.shards, equal blocks with the last one shorter (or fewer blocks)."""
+    total = table_rows(spec)
+    block = -(-total // spec.shards)
+    return [min(block, total - start) for start in range(0, total, block)]
+
+
+NGRAM_SHARD = re.compile(r"model\.layers\.(\d+)\.ple\.ple_embedding\.ngram_embedding\.shard_(\d+)\.weight")
+
+
+class PendingRows(Protocol):
+    """Table rows being read: `result()` waits for them -> [*rows.shape, row width]."""
+
+    def result(self) -> torch.Tensor: ...
 
 
 class NgramEmbedding(nn.Module):
-    """Hash each new token's n-grams and read their rows: [T, dim]."""
+    """Hash each new token's n-grams and read their rows: [T, dim]. The table is no module weight:
+    at its real size (51B values) it stays on disk, and `fetch_rows` (attached once the model is
+    loaded: Model.attach_ngram_tables) starts reading rows that `result()` later collects."""
 
     def __init__(self, spec: NgramSpec):
         super().__init__()
         self.spec = spec
         # Plain ints, not buffers: the model is built on the meta device and only loaded weights materialise.
         self.multipliers, self.sizes = hash_multipliers(spec), head_table_sizes(spec)
-        self.ngram_embedding = NgramTable(spec)
+        self.fetch_rows: Callable[[torch.Tensor], PendingRows] | None = None
 
-    def forward(self, ids: torch.Tensor, state: NgramState) -> torch.Tensor:
-        """One sequence's new ids [T], its history in state (advanced in place)."""
-        history = torch.cat([state.ids, ids])
-        state.ids.copy_(history[-state.ids.shape[0] :])
-        rows = ngram_rows(history, self.spec, self.multipliers, self.sizes)
-        return self.ngram_embedding.rows(rows).flatten(-2)
+    def start(self, ids: torch.Tensor, states: list[NgramState], slices: list[slice]) -> PendingRows:
+        """Start reading the rows of the new ids [T] (sequence i's at slices[i], its history in
+        states[i], advanced in place)."""
+        if self.fetch_rows is None:
+            raise RuntimeError("the n-gram tables are not attached: load the model with flashmoe.Engine")
+        rows = []
+        for s, state in zip(slices, states):
+            history = torch.cat([state.ids, ids[s]])
+            state.ids.copy_(history[-state.ids.shape[0] :])
+            rows.append(ngram_rows(history, self.spec, self.multipliers, self.sizes))
+        return self.fetch_rows(torch.cat(rows))
 
 
 class PerLayerEmbedding(nn.Module):
@@ -162,10 +172,16 @@ class PerLayerEmbedding(nn.Module):
         self.norm_key, self.norm_query, self.norm_conv = (RMSNorm(width, eps, zero_centred_norms, group=hidden) for _ in range(3))
         self.conv1d = nn.Conv1d(width, width, spec.conv_kernel, groups=width, dilation=spec.order, bias=False)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, states: list[NgramState], slices: list[slice]) -> torch.Tensor:
-        """x [T, streams * H], the residual streams; ids [T]: the tokens of one or more sequences,
-        sequence i's at slices[i] with its history in states[i] -> what to add to the streams."""
-        embedded = torch.cat([self.ple_embedding(ids[s], state) for s, state in zip(slices, states)])
+    def start(self, ids: torch.Tensor, states: list[NgramState], slices: list[slice]) -> PendingRows:
+        """Start reading the n-gram rows of ids [T], the tokens of one or more sequences (sequence
+        i's at slices[i], its history in states[i]): as soon as the step's ids are known, so the
+        reads overlap the layers before this one."""
+        return self.ple_embedding.start(ids, states, slices)
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, states: list[NgramState], slices: list[slice]) -> torch.Tensor:
+        """x [T, streams * H], the residual streams; rows [T, heads, row width]: the table rows that
+        `start` read for the step's tokens -> what to add to the streams."""
+        embedded = rows.flatten(-2).to(self.key_proj.weight.dtype)
         key = self.norm_key(self.key_proj(embedded)).unflatten(-1, (self.streams, self.hidden))
         query = self.norm_query(x).unflatten(-1, (self.streams, self.hidden))
         gate = (key * query).sum(-1, keepdim=True) / math.sqrt(self.hidden)

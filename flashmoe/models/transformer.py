@@ -9,6 +9,9 @@ load by name.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -19,7 +22,7 @@ from ..layers.fused import project
 from ..layers.hyper import HyperConnection
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
-from ..layers.ple import PerLayerEmbedding
+from ..layers.ple import PendingRows, PerLayerEmbedding
 from ..layers.rotary import RotaryEmbedding
 from ..moe.block import MoEBlock, MoESpec
 from ..layers.state import SequenceState
@@ -54,13 +57,17 @@ class DecoderLayer(nn.Module):
         return self.linear_attn if self.is_linear else self.self_attn
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx: StepContext,
-                tokens: torch.Tensor) -> torch.Tensor:
+                ngram_rows: PendingRows | None = None) -> torch.Tensor:
         """x [T, H] (hyper-connections: [T, streams * H]): the step's tokens, each sequence's (one
-        cache each) after the one before; tokens [T]: their ids (the n-gram embeddings read them)."""
+        cache each) after the one before; ngram_rows: the reads of their n-gram rows, started with
+        the step (layers with per-layer embeddings)."""
         T = x.shape[0]
+        if self.ple is not None:
+            with ctx.section("ngram_wait"):  # what the reads add to the step: their time not overlapped
+                rows = ngram_rows.result()
+            with ctx.section("mixer"):
+                x = x + self.ple(x, rows, [state.ngrams[self.index] for state in ctx.states], ctx.slices(T))
         with ctx.section("mixer"):
-            if self.ple is not None:
-                x = x + self.ple(x, tokens, [state.ngrams[self.index] for state in ctx.states], ctx.slices(T))
             if self.hyper:
                 h, shares = self.attn_hyper_connection(x)
             else:
@@ -128,6 +135,16 @@ class Model(nn.Module):
             layer.mixer.in_proj.fuse()
             layer.mlp.in_proj.fuse()
 
+    @property
+    def ngram_layers(self) -> dict[int, PerLayerEmbedding]:
+        """The layers with per-layer n-gram embeddings, by index."""
+        return {i: layer.ple for i, layer in enumerate(self.layers) if layer.ple is not None}
+
+    def attach_ngram_tables(self, fetch: Callable[[int, torch.Tensor], PendingRows]) -> None:
+        """Read layer i's n-gram rows with fetch(i, rows) (the engine's: from their files on disk)."""
+        for i, ple in self.ngram_layers.items():
+            ple.ple_embedding.fetch_rows = functools.partial(fetch, i)
+
     def new_state(self, dtype: torch.dtype, device) -> SequenceState:
         ngrams = {i: layer.ple.new_state(dtype, device) for i, layer in enumerate(self.layers) if layer.ple is not None}
         return SequenceState([layer.new_state(dtype, device) for layer in self.layers], ngrams)
@@ -141,8 +158,11 @@ class Model(nn.Module):
         x = self.model.embed_tokens(ids)
         if self.hyper is not None:
             x = x.repeat(1, self.hyper.streams)
+        with ctx.section("ngram_start"):  # the n-gram rows' reads, overlapping the layers before theirs
+            ngram_rows = {i: ple.start(ids, [state.ngrams[i] for state in ctx.states], ctx.slices(T))
+                          for i, ple in self.ngram_layers.items()}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, [state.layers[i] for state in ctx.states], ctx, ids)
+            x = layer(x, cos, sin, [state.layers[i] for state in ctx.states], ctx, ngram_rows.get(i))
         with ctx.section("head"):
             return self.logits(x[ctx.last_positions(T)] if ctx.last_only else x)
 

@@ -196,7 +196,7 @@ class ModelService:
         yield usage
 
     def health(self) -> dict[str, Any]:
-        store, gpu = self.engine.counters()
+        store, gpu, _ = self.engine.counters()
         return {
             "status": "ok",
             "model": self.name,

@@ -8,11 +8,13 @@ import torch
 
 from flashmoe.bench.presets import PRESETS, preset_args, preset_config
 from flashmoe.bench.synthesis import dense_tensors
+from flashmoe.layers.ple import table_rows
 
 SIZES = {  # billions of parameters, from the names (GLM-4.5's 355B counts its MTP layer, which is not run)
     "qwen3.5-397b-a17b": 397, "qwen3.5-122b-a10b": 122, "qwen3.6-35b-a3b": 35, "qwen3-next-80b-a3b": 80,
     "qwen3-30b-a3b": 30.5, "qwen3-235b-a22b": 235, "qwen3-coder-480b-a35b": 480, "minimax-m2": 230, "glm-4.5": 355,
     "gpt-oss-120b": 116.8, "gpt-oss-20b": 20.9,  # the model card's counts: the names round them
+    "qwen3.8-flash-next": 125,  # without its n-gram tables (test_qwen3_8_flash_next_counts_its_tables_apart)
 }
 
 
@@ -23,6 +25,19 @@ def test_preset_has_the_size_of_the_released_model(name):
     experts = len(args.moe_layers) * moe.num_experts * 3 * args.hidden_size * moe.intermediate
     dense = sum(math.prod(shape) for _, shape, _, _ in dense_tensors(args))
     assert (experts + dense) / 1e9 == pytest.approx(SIZES[name], rel=0.015)
+
+
+def test_qwen3_8_flash_next_counts_its_tables_apart():
+    """125B without the n-gram tables (51.2B more, 354 GB in all at 16 bits, as the release's BF16
+    weights), ~6B active: the dense weights but the embedding and the head, and 10 experts a layer."""
+    args = preset_args("qwen3.8-flash-next")
+    specs = [args.layer(i).ple for i in range(args.num_hidden_layers) if args.layer(i).ple is not None]
+    tables = sum(table_rows(spec) * spec.dim // spec.heads for spec in specs)
+    assert tables / 1e9 == pytest.approx(51.2, rel=0.01)
+    moe, H = args.moe, args.hidden_size
+    dense = sum(math.prod(shape) for name, shape, _, _ in dense_tensors(args) if name not in ("model.embed_tokens.weight", "lm_head.weight"))
+    active = dense + len(args.moe_layers) * moe.top_k * 3 * H * moe.intermediate
+    assert active / 1e9 == pytest.approx(6, rel=0.015)
 
 
 def test_gpt_oss_synthesizes_mxfp4_records_with_biases():
@@ -44,3 +59,11 @@ def test_a_slice_keeps_the_first_layers():
         preset_config("minimax-m2", layers=63)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("llama")
+
+
+def test_bench_refuses_to_synthesize_ngram_tables_for_now(tmp_path):
+    from flashmoe.bench.synthesis import synthesize
+
+    with pytest.raises(ValueError, match=r"bench does not synthesize n-gram embedding tables yet \(qwen4_exp_text's, at layers \[2\]"):
+        synthesize(tmp_path / "m", preset_config("qwen3.8-flash-next", layers=4), bits=4)
+    assert not (tmp_path / "m").exists()

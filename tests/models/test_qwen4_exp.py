@@ -1,14 +1,20 @@
 """Qwen4-Exp beyond 16-bit parity (tests/test_parity.py): documents (EOS) in the n-gram history,
 prefill in pieces and decode continuing it exactly, batched decode, the checkpoint's MTP head and
-hash constants, and the configs it refuses."""
+hash constants, the n-gram tables on disk (their files, row cache and counters, and the damage
+named), and the configs it refuses."""
+
+import os
+import shutil
 
 import pytest
 import torch
 
-from flashmoe.convert import convert
+from flashmoe.convert import ConversionError, convert
 from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.safetensors import Checkpoint, save_file
 from flashmoe.models import ConfigError, args_from_dict
+from flashmoe.runtime.ngram_rows import NgramTableError
+from flashmoe.runtime.sampling import SamplingParams
 
 from ..conftest import FAMILY_CONFIGS, build_hf_model
 from ..test_parity import rel_err
@@ -122,3 +128,66 @@ def test_release_names_for_indexed_layers_and_defaults():
     assert [args.layer(i).mixer for i in range(4)] == ["linear_attention", "attention"] * 2
     assert args.ple_dim == 64 and args.layer(0).ple.index == 0 and args.layer(2).ple.index == 1
     assert args.attention().indexer.top_blocks == 2
+
+
+def test_the_ngram_tables_live_on_disk_not_in_the_dense_weights(qwen4):
+    d, _, engine = qwen4
+    with Checkpoint(d / "q16") as dense:
+        assert not [name for name in dense.names() if "ngram_embedding" in name]
+    tables = engine.manifest.ngram_files
+    assert [t.layer for t in tables] == [0, 2] and all((d / "q16" / t.file).is_file() for t in tables)
+    resident = {name for name, _ in engine.model.named_parameters()} | {name for name, _ in engine.model.named_buffers()}
+    assert not [name for name in resident if "ngram" in name]
+    assert engine.ngram_rows.cached_bytes <= engine.manifest.total_ngram_bytes  # rows as read, never a whole table
+
+
+def test_the_row_cache_stays_within_its_budget_and_reads_count_per_token(qwen4):
+    d, _, engine = qwen4
+    ids = prompt_with_documents()
+    expected = engine.forward(ids, engine.new_state(), last_only=False)
+    small = Engine(d / "q16", EngineConfig(dtype="float32", ngram_mem=10 * 8))  # ten 8-byte rows
+    store = small.ngram_rows
+    assert store.capacity == 10 and store.pool.numel() <= 80
+    state = small.new_state()
+    assert rel_err(small.forward(ids, state, last_only=False), expected) <= 1e-6  # the same rows (sums may round otherwise)
+    assert len(store.slots) <= store.capacity
+    gen = small.generate(ids[:5].tolist(), SamplingParams(max_tokens=4, temperature=0))
+    list(gen)
+    stats = gen.stats.ngrams
+    # two PLE layers, 8 heads each: 16 rows a token, on whole 4 KiB blocks (512 of these rows each)
+    assert stats.rows == 16 * gen.stats.decode_tokens and stats.bytes_read == 4096 * stats.reads
+    assert 0 < stats.reads <= 4 * gen.stats.decode_tokens and len(store.slots) <= store.capacity
+    small.close()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.unlink(), r"n-gram table file .*layer_000.bin \(layer 0's n-gram embeddings\) is missing; re-run flashmoe convert"),
+    (lambda path: os.truncate(path, 4096), r"n-gram table file .*layer_000.bin has 4096 bytes but layer 0's table needs 8200 \(2 blocks of 4096 and their CRC-32s\): the file is truncated"),
+])
+def test_a_missing_or_truncated_table_file_is_named(qwen4, tmp_path, damage, message):
+    d, _, _ = qwen4
+    shutil.copytree(d / "q16", tmp_path / "model")
+    damage(tmp_path / "model" / "ngrams" / "layer_000.bin")
+    with pytest.raises(NgramTableError, match=message):
+        Engine(tmp_path / "model", EngineConfig(dtype="float32"))
+
+
+def test_a_corrupt_table_block_fails_its_checksum(qwen4, tmp_path):
+    d, _, _ = qwen4
+    shutil.copytree(d / "q16", tmp_path / "model")
+    with open(tmp_path / "model" / "ngrams" / "layer_002.bin", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    engine = Engine(tmp_path / "model", EngineConfig(dtype="float32"))
+    with pytest.raises(NgramTableError, match=r"n-gram table block 0 in .*layer_002.bin failed its checksum"):
+        engine.forward(prompt_with_documents(), engine.new_state())
+
+
+def test_a_missing_table_block_in_the_checkpoint_is_named(qwen4, tmp_path):
+    d, _, _ = qwen4
+    name = "model.language_model.layers.2.ple.ple_embedding.ngram_embedding.shard_3.weight"
+    with_tensors(d / "hf", tmp_path / "hf", lambda tensors: tensors.pop(name))
+    with pytest.raises(ConversionError, match=r"model.layers.2.ple.ple_embedding.ngram_embedding.shard_3.weight is missing"):
+        convert(tmp_path / "hf", tmp_path / "out", bits=16)
