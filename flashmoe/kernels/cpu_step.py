@@ -19,7 +19,7 @@ from .cpu_experts import numba, numba_jit
 
 
 @numba_jit()
-def _deltanet_step(qkv, z, b, a, conv_state, conv_w, a_log, dt_bias, norm_w, state, key_heads, eps, out):
+def _deltanet_step(qkv, z, b, a, conv_state, conv_w, a_log, dt_bias, norm_w, state, key_heads, eps, sigmoid_gate, out):
     C = qkv.shape[0]
     K = conv_w.shape[1]
     # the depthwise causal conv over (the kept K-1 inputs, this one) + SiLU; the window shifts in place
@@ -73,18 +73,19 @@ def _deltanet_step(qkv, z, b, a, conv_state, conv_w, a_log, dt_bias, norm_w, sta
         inv = np.float32(1.0) / np.sqrt(ms / dv + eps)
         for c in range(dv):
             zc = z[j * dv + c]
-            out[j * dv + c] = norm_w[c] * o[c] * inv * (zc / (np.float32(1.0) + np.exp(-zc)))
+            gate = np.float32(1.0) / (np.float32(1.0) + np.exp(-zc))
+            out[j * dv + c] = norm_w[c] * o[c] * inv * (gate if sigmoid_gate else zc * gate)
 
 
 def deltanet_step(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor, conv_state: torch.Tensor,
                   conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
-                  state: torch.Tensor, key_heads: int, eps: float) -> torch.Tensor:
+                  state: torch.Tensor, key_heads: int, eps: float, sigmoid_gate: bool = False) -> torch.Tensor:
     """One token, fp32 CPU tensors: qkv [2*Hk*dk + Hv*dv] (before the conv), z [Hv*dv], b, a [Hv];
     conv_state [K-1, C] (oldest first) and state [Hv, dk, dv] updated in place; conv_weight
-    [C, 1, K] -> the gated-normed output [Hv*dv]."""
+    [C, 1, K] -> the gated-normed output [Hv*dv] (gated by silu(z), or sigmoid(z) with sigmoid_gate)."""
     out = torch.empty_like(z)
     arrays = (t.detach().numpy() for t in (qkv, z, b, a, conv_state, conv_weight[:, 0], A_log, dt_bias, norm_weight, state))
-    _deltanet_step(*arrays, key_heads, eps, out.numpy())
+    _deltanet_step(*arrays, key_heads, eps, sigmoid_gate, out.numpy())
     return out
 
 

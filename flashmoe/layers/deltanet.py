@@ -16,7 +16,8 @@ from .norm import GatedRMSNorm
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, hidden: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, conv_kernel: int, eps: float):
+    def __init__(self, hidden: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, conv_kernel: int, eps: float,
+                 output_gate: str = "silu"):
         super().__init__()
         self.k_heads, self.v_heads, self.k_dim, self.v_dim = k_heads, v_heads, k_dim, v_dim
         self.conv_dim = 2 * k_heads * k_dim + v_heads * v_dim
@@ -29,14 +30,14 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(v_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(v_heads), requires_grad=False)
-        self.norm = GatedRMSNorm(v_dim, eps)
+        self.norm = GatedRMSNorm(v_dim, eps, output_gate)
         self.out_proj = nn.Linear(v_heads * v_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, states: list, slices: list[slice]) -> torch.Tensor:
         """x [T, hidden]: the tokens of one or more sequences, sequence i's at slices[i]; states[i]:
         its LinearState (conv window + recurrent state), updated in place. The projections run on
         all the tokens at once, the conv and the recurrence per sequence."""
-        if x.shape[0] == 1 and kernels.use_kernels(x):
+        if x.shape[0] == 1 and kernels.use_kernels(x) and self.norm.gate == "silu":  # the Triton step gates by silu
             return self.decode_fused(x, states[0])
         if x.shape[0] == 1 and kernels.use_cpu_kernels(x):
             return self.decode_cpu(x, states[0])
@@ -102,7 +103,7 @@ class GatedDeltaNet(nn.Module):
 
         qkv, z, b, a = (y[0] for y in self.in_proj(x))
         out = deltanet_step(qkv, z, b, a, state.conv, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
-                            state.recurrent, self.k_heads, self.norm.eps)
+                            state.recurrent, self.k_heads, self.norm.eps, self.norm.gate == "sigmoid")
         return project(self.out_proj, out[None])
 
 

@@ -51,14 +51,16 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm with a plain weight, then times silu(gate): the DeltaNet output norm."""
+    """RMSNorm with a plain weight, then times silu(gate), or sigmoid(gate) with gate="sigmoid"
+    (Qwen4-Exp's output_gate_type): the DeltaNet output norm."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gate: str = "silu"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.eps = eps
+        self.eps, self.gate = eps, gate
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return (self.weight * normed * F.silu(gate.float())).to(x.dtype)
+        act = torch.sigmoid if self.gate == "sigmoid" else F.silu
+        return (self.weight * normed * act(gate.float())).to(x.dtype)

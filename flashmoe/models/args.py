@@ -79,6 +79,7 @@ class DeltaNetSpec:
     k_dim: int
     v_dim: int
     conv_kernel: int
+    output_gate: str = "silu"  # the gated output norm's activation: silu, or sigmoid (Qwen4-Exp's output_gate_type)
 
 
 @dataclass(frozen=True, slots=True)

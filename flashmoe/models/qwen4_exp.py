@@ -12,6 +12,7 @@ constants are recomputed from config.json, and `sanitize` checks the stored ones
 from __future__ import annotations
 
 import re
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,7 +23,7 @@ from ..layers.hyper import HyperSpec
 from ..layers.indexer import IndexerSpec
 from ..layers.ple import NgramSpec, hash_multipliers, head_table_sizes
 from . import qwen3_5_moe
-from .args import CONFIG_FIX, ConfigError, LayerSpec
+from .args import CONFIG_FIX, ConfigError, DeltaNetSpec, LayerSpec
 
 NAMES = qwen3_5_moe.NAMES
 
@@ -57,8 +58,8 @@ class Args(qwen3_5_moe.Args):
     def check(self) -> None:
         if self.hc_count < 2:
             raise ConfigError(f"config.json: hc_count must be 2 or more (the residual's streams), not {self.hc_count}{CONFIG_FIX}")
-        if (gate := self.output_gate_type or self.hidden_act) != "silu":
-            raise ConfigError(f"config.json: output_gate_type {gate!r} is not supported (only silu)")
+        if (gate := self.output_gate_type or self.hidden_act) not in ("silu", "sigmoid"):
+            raise ConfigError(f"config.json: output_gate_type {gate!r} is not supported (silu or sigmoid){CONFIG_FIX}")
         layers = self.num_hidden_layers
         if bad := [i for i in self.ple_layer_ids or [] if not 1 <= i <= layers]:
             raise ConfigError(f"config.json: ple_layer_ids {bad} are not layers: they count from 1 to num_hidden_layers "
@@ -115,6 +116,9 @@ class Args(qwen3_5_moe.Args):
 
     def hyper_connections(self) -> HyperSpec:
         return HyperSpec(self.hc_count, self.hc_lowrank)
+
+    def deltanet(self) -> DeltaNetSpec:
+        return dataclasses.replace(super().deltanet(), output_gate=self.output_gate_type or self.hidden_act)
 
 
 def sanitize(args: Args, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
         self.is_linear = spec.mixer == "linear_attention"
         if self.is_linear:
             d = args.deltanet()
-            self.linear_attn = GatedDeltaNet(H, d.k_heads, d.v_heads, d.k_dim, d.v_dim, d.conv_kernel, eps)
+            self.linear_attn = GatedDeltaNet(H, d.k_heads, d.v_heads, d.k_dim, d.v_dim, d.conv_kernel, eps, d.output_gate)
         else:
             self.self_attn = Attention(H, args.attention(), eps, zero_centred, spec.window, rotary)
         self.mlp = MoEBlock(H, spec.mlp) if isinstance(spec.mlp, MoESpec) else MLP(H, spec.mlp)

@@ -10,11 +10,14 @@ from flashmoe import kernels
 from .test_deltanet_step import eager_forward, random_layer_and_state
 
 
-def test_the_cpu_deltanet_step_matches_the_eager_step():
+@pytest.mark.parametrize("gate", ["silu", "sigmoid"])
+def test_the_cpu_deltanet_step_matches_the_eager_step(gate):
     """The numba step against the PyTorch path on fresh random weights and state, several tokens
-    (the conv window and the recurrent state carry over), through the layer's own dispatch."""
+    (the conv window and the recurrent state carry over), through the layer's own dispatch; the
+    output norm gated by silu or (Qwen4-Exp) sigmoid."""
     g = torch.Generator().manual_seed(2)
     layer, state = random_layer_and_state("cpu", torch.float32, g)
+    layer.norm.gate = gate
     layer.in_proj.fuse()  # as the engine runs it
     eager_state = copy.deepcopy(state)
     x = torch.randn(1, 64, generator=g)

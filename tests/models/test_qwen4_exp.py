@@ -114,7 +114,7 @@ def test_the_gpu_path_is_refused(qwen4):
     ({"indexer_head_dim": 2}, r"the rotary embedding turns 4 values per head, more than indexer_head_dim \(2\)"),
     ({"indexer_compress_ratio": 0}, "indexer_compress_ratio must be greater than 0"),
     ({"hc_count": 1}, "hc_count must be 2 or more"),
-    ({"output_gate_type": "sigmoid"}, "output_gate_type 'sigmoid' is not supported"),
+    ({"output_gate_type": "gelu"}, r"output_gate_type 'gelu' is not supported \(silu or sigmoid\)"),
     ({"layer_types": ["linear_attention", "sparse_attention"] * 2}, "unknown layer types.*linear_attention / indexed_attention"),
 ])
 def test_configs_it_cannot_run_are_refused_naming_the_key(change, message):
@@ -191,3 +191,13 @@ def test_a_missing_table_block_in_the_checkpoint_is_named(qwen4, tmp_path):
     with_tensors(d / "hf", tmp_path / "hf", lambda tensors: tensors.pop(name))
     with pytest.raises(ConversionError, match=r"model.layers.2.ple.ple_embedding.ngram_embedding.shard_3.weight is missing"):
         convert(tmp_path / "hf", tmp_path / "out", bits=16)
+
+
+def test_the_sigmoid_output_gate_gives_transformers_logits(tmp_path):
+    """The released config's output_gate_type: DeltaNet's output norm gated by sigmoid(z), not silu(z)."""
+    from ..test_parity import check_parity
+
+    reference = build_hf_model("qwen4_exp", tmp_path / "hf", seed=12,
+                               text_config={**TEXT, "output_gate_type": "sigmoid"})
+    engine, _ = check_parity(tmp_path / "hf", reference, tmp_path)
+    assert {layer.linear_attn.norm.gate for layer in engine.model.layers if layer.is_linear} == {"sigmoid"}
