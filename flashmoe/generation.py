@@ -47,14 +47,17 @@ PAUSED = Paused()
 class DecodeRequest:
     """What a batched generation yields in place of running a decode step itself: its next token
     and state, for a caller that runs the steps of several generations at once (the server's
-    scheduler, through Engine.forward_batch) and fills in `logits` [1, vocab] before resuming it.
-    `alone()` runs the step as the generation would by itself (CUDA graphs on the GPU): for a
-    request that has no company."""
+    scheduler, through Engine.forward_batch) and fills in `logits` [1, vocab] before resuming it,
+    and `seconds`: the wall time of the batched step, which the generation's statistics charge to
+    its decode (each sequence of a batch waited the whole step for its token). `alone()` runs the
+    step as the generation would by itself (CUDA graphs on the GPU; timed by the generation): for
+    a request that has no company."""
 
     token: int
     state: "SequenceState"
     alone: Callable[[], torch.Tensor]
     logits: torch.Tensor | None = None
+    seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -171,10 +174,11 @@ class Generation:
                 yield step  # outside the measured block: the consumer's time is not ours
                 if step.finish_reason:
                     return
-                if self.batched:  # the caller runs the step, alone or with other generations' (untimed here)
+                if self.batched:  # the caller runs the step, alone (timed in `decode`) or with others' (timed by it)
                     request = DecodeRequest(token, self.state, functools.partial(decode, token, n))
                     yield request
                     logits = request.logits
+                    self.stats.decode_seconds += request.seconds
                 else:
                     logits = decode(token, n)
                 self.stats.decode_tokens += 1

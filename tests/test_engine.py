@@ -240,3 +240,25 @@ def test_auto_device_keeps_a_model_the_gpu_path_refuses_on_the_cpu(tmp_path, mon
     assert engine.choices[0] == "cpu (auto: on the GPU, gpt_oss's experts (biases, clamped SwiGLU) are computed from MXFP4 records only)"
     with pytest.raises(ValueError, match="convert the release without --bits"):
         Engine(tmp_path / "q16", EngineConfig(device="cuda"))
+
+
+def test_a_batched_steps_time_is_charged_to_each_generation(engine):
+    """Two batched generations whose steps the caller runs together: each one's decode time is
+    what the caller says the batch took, per step (the scheduler's forward_batch timing)."""
+    from flashmoe.generation import DecodeRequest
+
+    params = SamplingParams(max_tokens=4, temperature=0)
+    runs = [engine.generate(p, params, batched=True) for p in PROMPTS[:2]]
+    streams = [iter(g) for g in runs]
+    steps = 0
+    while True:
+        requests = [next((i for i in s if isinstance(i, DecodeRequest)), None) for s in streams]
+        if any(r is None for r in requests):
+            break
+        logits = engine.forward_batch([[r.token] for r in requests], [r.state for r in requests])
+        for i, r in enumerate(requests):
+            r.logits, r.seconds = logits[i : i + 1], 0.25
+        steps += 1
+    assert steps == 3  # a step between every two of the 4 tokens
+    for g in runs:
+        assert g.stats.decode_tokens == 3 and 0.75 <= g.stats.decode_seconds < 0.75 + 0.5  # + its own sampling

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -154,9 +155,10 @@ class Scheduler:
                 for _, request in steps:
                     request.logits = request.alone()
             else:
+                start = time.perf_counter()
                 logits = self.forward_batch([[r.token] for _, r in steps], [r.state for _, r in steps])
                 for i, (_, request) in enumerate(steps):
-                    request.logits = logits[i : i + 1]
+                    request.logits, request.seconds = logits[i : i + 1], time.perf_counter() - start
             return []
         except Exception as e:  # reported to each client whose step it was; the thread goes on
             log.exception("decode step failed")
