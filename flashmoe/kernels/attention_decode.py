@@ -39,25 +39,27 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _bounds(last_ptr, n_arg, SPLITS, BLOCK_N: tl.constexpr, N_ON_DEVICE: tl.constexpr):
-    """(n, split length): the positions to attend and how many each split takes (whole blocks)."""
+def _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N: tl.constexpr, N_ON_DEVICE: tl.constexpr):
+    """(first, n, split length): the positions to attend, first .. n-1 (the last `window` with a
+    sliding window, window > 0), and how many each split takes (whole blocks)."""
     if N_ON_DEVICE:
         n = tl.load(last_ptr).to(tl.int32) + 1
     else:
         n = n_arg
-    return n, tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
+    first = tl.where(window > 0, tl.maximum(n - window, 0), 0)
+    return first, n, tl.cdiv(tl.cdiv(n - first, SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit(do_not_specialize=["n_arg"])
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, n_arg, pos_stride, head_stride, G, qk_scale, SPLITS,
+    q_ptr, k_ptr, v_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, n_arg, window, pos_stride, head_stride, G, qk_scale, SPLITS,
     N_ON_DEVICE: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
 ):
     kv = tl.program_id(0)
     split = tl.program_id(1)
-    n, split_len = _bounds(last_ptr, n_arg, SPLITS, BLOCK_N, N_ON_DEVICE)
-    lo = split * split_len
+    first, n, split_len = _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N, N_ON_DEVICE)
+    lo = first + split * split_len
     hi = tl.minimum(lo + split_len, n)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
@@ -93,18 +95,25 @@ def _split_kernel(
 
 @triton.jit(do_not_specialize=["n_arg"])
 def _combine_kernel(
-    m_ptr, l_ptr, acc_ptr, gate_ptr, out_ptr, last_ptr, n_arg, gate_stride, SPLITS,
+    m_ptr, l_ptr, acc_ptr, gate_ptr, sinks_ptr, out_ptr, last_ptr, n_arg, window, gate_stride, SPLITS,
     N_ON_DEVICE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     h = tl.program_id(0)
     dt = out_ptr.dtype.element_ty
-    n, split_len = _bounds(last_ptr, n_arg, SPLITS, BLOCK_N, N_ON_DEVICE)
+    first, n, split_len = _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N, N_ON_DEVICE)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)
-    live = s < tl.cdiv(n, split_len)
+    live = s < tl.cdiv(n - first, split_len)
     m = tl.load(m_ptr + h * SPLITS + s, mask=live, other=float("-inf"))
-    w = tl.exp2(m - tl.max(m, axis=0))  # 0 for the splits that are not live
+    top = tl.max(m, axis=0)
+    if SINKS:  # the head's sink logit joins the softmax's denominator (log2 units, as the scores)
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        top = tl.maximum(top, sink)
+    w = tl.exp2(m - top)  # 0 for the splits that are not live
     l = tl.sum(w * tl.load(l_ptr + h * SPLITS + s, mask=live, other=0.0), axis=0)
+    if SINKS:
+        l += tl.exp2(sink - top)
     acc = tl.load(acc_ptr + (h * SPLITS + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
     o = (tl.sum(w[:, None] * acc, axis=0) / l).to(dt)
     if GATED:
@@ -115,13 +124,15 @@ def _combine_kernel(
 
 def attention_decode(
     q: torch.Tensor, gate: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, last: int | torch.Tensor,
-    block_n: int | None = None, splits: int = MAX_SPLITS,
+    block_n: int | None = None, splits: int = MAX_SPLITS, sinks: torch.Tensor | None = None, window: int | None = None,
 ) -> torch.Tensor:
     """q [heads, d] contiguous, gate [heads, d] (unit stride along d) or None, keys / values [L, kv_heads, d]
     (same strides, unit along d; d a power of two >= 16); last: the last position to attend, as
     an int, or a 1-element int64 device tensor (then L is the reserved capacity) -> softmax(q k^T /
     sqrt(d)) v (* sigmoid(gate)) over positions 0..last, as [1, heads * d] in q's dtype. `splits`
-    programs per KV head share the positions (the grid, fixed whatever n is), `block_n` at a time."""
+    programs per KV head share the positions (the grid, fixed whatever n is), `block_n` at a time.
+    gpt-oss's variants: sinks [heads], a logit per head in each softmax's denominator (`attend`);
+    window, the last `window` positions only (`window_mask`)."""
     heads, D = q.shape
     L, kv_heads, _ = keys.shape
     G = heads // kv_heads
@@ -139,20 +150,23 @@ def attention_decode(
     block_n = block_n or (32 if q.dtype == torch.float32 else 64)
     # Eagerly n is known: no more splits than blocks (a graph keeps the full grid, as n grows under it).
     # The compiled variants are those of the requested count, so a shorter grid compiles nothing new.
-    live = splits if on_device else min(splits, triton.cdiv(n, block_n))
+    span = min(n, window) if window else n
+    live = splits if on_device else min(splits, triton.cdiv(span, block_n))
+    window = window or 0
     m = torch.empty(heads, live, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(heads, live, D, dtype=torch.float32, device=q.device)
     out = torch.empty(1, heads * D, dtype=q.dtype, device=q.device)
     last_ptr = last if on_device else m  # a pointer the kernels never read when n is given
     _split_kernel[(kv_heads, live)](
-        q, keys, values, last_ptr, m, l, acc, n, keys.stride(0), keys.stride(1), G, _LOG2E / D**0.5,
+        q, keys, values, last_ptr, m, l, acc, n, window, keys.stride(0), keys.stride(1), G, _LOG2E / D**0.5,
         live, N_ON_DEVICE=on_device, FP32_DOT=fp32, PRECISION="ieee" if fp32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=D, num_warps=8 if D >= 128 else 4,
     )
     _combine_kernel[(heads,)](
-        m, l, acc, q if gate is None else gate, out, last_ptr, n, 0 if gate is None else gate.stride(0), live,
-        N_ON_DEVICE=on_device, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), D=D, GATED=gate is not None,
+        m, l, acc, q if gate is None else gate, q if sinks is None else sinks, out, last_ptr, n, window,
+        0 if gate is None else gate.stride(0), live, N_ON_DEVICE=on_device, BLOCK_N=block_n,
+        BLOCK_S=triton.next_power_of_2(splits), D=D, GATED=gate is not None, SINKS=sinks is not None,
         num_warps=8 if splits * D >= 8192 else 4,
     )
     return out

@@ -89,13 +89,15 @@ class Attention(nn.Module):
         if index is not None:
             mask = self.indexer.select(*index, cache, start)
         sinks = self.sinks if self.spec.sinks else None
-        if n == 1 and kernels.use_kernels(q) and sinks is None and self.window is None and index is None:
+        if n == 1 and kernels.use_kernels(q) and index is None:
             from ..kernels.attention_decode import attention_decode
 
             # No mask needed: inside a graph the kernel reads the last position on the device (and
-            # skips the reserved blocks past it); eagerly the cache holds exactly the sequence.
+            # skips the reserved blocks past it); eagerly the cache holds exactly the sequence. A
+            # sliding window is the kernel's first position, sinks join its softmax's denominator.
             last = ctx.graph_position if ctx.graph_position is not None else keys.shape[0] - 1
-            return attention_decode(q[0], None if gate is None else gate[0], keys, values, last).view(1, -1)
+            return attention_decode(q[0], None if gate is None else gate[0], keys, values, last, sinks=sinks,
+                                    window=self.window).view(1, -1)
         out = attend(q, keys, values, mask, sinks).reshape(n, -1)
         return out if gate is None else out * torch.sigmoid(gate.reshape(n, -1))
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flashmoe.kernels.attention_decode import attention_decode
-from flashmoe.layers.attention import attend
+from flashmoe.layers.attention import attend, window_mask
 
 from .conftest import rel
 
@@ -58,6 +58,22 @@ def test_attention_without_an_output_gate(device, poison, dtype, tol):
     q, _, keys, values = case(8, 2, 32, 45, 45, dtype, seed=17)
     out = attention_decode(q.to(device), None, keys.to(device), values.to(device), 44, 16, 4)
     assert rel(out, reference(q, None, keys, values, 45)) < tol
+
+
+@pytest.mark.parametrize("window", [None, 7, 40, 200])
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_sinks_and_sliding_windows(device, poison, window, in_graph):
+    """gpt-oss's attention: a sink logit per head in each softmax's denominator, and a window of
+    the last `window` positions (7: inside one split's first block; 40: across splits; 200:
+    longer than the sequence), against `attend` under `window_mask`."""
+    n, capacity = 70, 70 + (29 if in_graph else 0)
+    q, _, keys, values = case(8, 2, 16, n, capacity, torch.float32, seed=23)
+    sinks = torch.randn(8, generator=torch.Generator().manual_seed(24)) * 3
+    mask = None if window is None else window_mask(1, n, window, None, "cpu")
+    want = attend(q[None], keys[:n], values[:n], mask, sinks).reshape(1, -1)
+    last = torch.tensor([n - 1], device=device) if in_graph else n - 1
+    out = attention_decode(q.to(device), None, keys.to(device), values.to(device), last, 16, 4, sinks.to(device), window)
+    assert rel(out, want) < 1e-5
 
 
 def test_shapes_it_cannot_take_are_refused(device):

@@ -52,6 +52,7 @@ FAMILY_KERNELS = {
     "qwen3_moe": {"swiglu"},  # a dense-MLP layer
     "minimax_m2": set(),  # no shared expert, q/k norm across heads (rms_norm), rotary alone
     "glm4_moe": {"swiglu"},  # plain shared expert and a dense layer, q/k norm per head
+    "gpt_oss": set(),  # sinks and sliding windows in the decode attention, biased router
 }
 
 
