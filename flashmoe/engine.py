@@ -287,7 +287,7 @@ class Engine:
         if self.resident:
             if n and tier.cpu_share is not None and tier.cpu_share.handoff.max_cpu == n:
                 return
-            tier.set_cpu_share(ResidentCpuShare(tier, self.store, n) if n else None)
+            tier.set_cpu_share(ResidentCpuShare(tier, self.store, n, self.args.moe.act) if n else None)
             return
         if n:
             if self._host_compute is None:

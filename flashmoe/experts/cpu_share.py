@@ -20,6 +20,7 @@ import torch
 from ..kernels.cpu_expert_server import ExpertServer
 from ..kernels.cpu_experts import CpuExperts
 from ..kernels.host_handoff import DEFAULT_SHARE, HostHandoff
+from ..layers.mlp import SILU, Swiglu
 from .store import ExpertStore
 
 if TYPE_CHECKING:
@@ -65,10 +66,10 @@ class ResidentCpuShare:
     """The CPU's share of resident decode: server threads over the host tier's records, asked by
     each layer's publish and waited for by its join, both inside the step's graph (no host sync).
     Up to `per_layer` of a layer's host-resident experts, DEFAULT_SHARE of them (host_handoff.py),
-    on all cores but one."""
+    on all cores but one; `act`: the family's expert activation."""
 
-    def __init__(self, tier: "GpuExpertTier", store: ExpertStore, per_layer: int):
-        self.server = ExpertServer(tier.layout, store.pool)
+    def __init__(self, tier: "GpuExpertTier", store: ExpertStore, per_layer: int, act: Swiglu = SILU):
+        self.server = ExpertServer(tier.layout, store.pool, act=act)
         # slot 0 stands in for the CPU's experts in the GPU's list: any GPU-resident record will do
         self.handoff = HostHandoff(self.server.mail, tier.capacity, tier.host_slot0, 0, per_layer, DEFAULT_SHARE,
                                    tier.pool.device)

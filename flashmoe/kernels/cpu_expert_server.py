@@ -19,8 +19,9 @@ the CPU's answer. They spin while requests come, which takes their cores (all bu
 and after IDLE_CYCLES without one go back to Python and sleep, polling every IDLE_POLL_S: the
 first request after a pause waits that long, the next ones not at all.
 
-The arithmetic is kernels/cpu_experts.py's (`_rows`, `_permute`), so the definition it is tested
-against is the same: `layout.weights` + `swiglu_expert` in fp32.
+The arithmetic is kernels/cpu_experts.py's (`_lay_out`, `_project`, `_swiglu`: affine and MXFP4
+records, expert biases, gpt-oss's clamped SwiGLU), so the definition it is tested against is the
+same: `layout.weights` (+ `layout.biases`) and `swiglu_expert` in fp32.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import numpy as np
 import torch
 
 from ..formats.packed import RecordLayout
-from .cpu_experts import ROWS_PER_BLOCK, SUPPORTED_BITS, CpuExperts, numba_jit, _offsets, _permute, _plane, _rows, _sums, numba
+from ..layers.mlp import SILU, Swiglu
+from .cpu_experts import (ROWS_PER_BLOCK, SUPPORTED_BITS, CpuExperts, numba_jit, _bf16, _half_pow2, _input_at, _lay_out,
+                          _offsets, _project, _sums, _swiglu, _variant, numba)
 
 # Mailbox words (int32; fp32 where noted). The flags the two sides spin on sit on lines of their own.
 REQUEST = 0  # seq of the newest request, written by the GPU after the fields below
@@ -152,18 +155,20 @@ def _wait_for(counts, idx, target):
 
 
 @functools.cache
-def _server(bits: int, group: int):
-    """The threads' loop for one record format (constants of the closure, as in cpu_experts._kernel)."""
+def _server(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float):
+    """The threads' loop for one record format and activation (constants of the closure, as in
+    cpu_experts._kernel, whose arguments these are)."""
 
     @numba_jit()
-    def serve(part, parts, served, last, mail, mailf, counts, p8, p16, offs, hidden, inter, act, phases):
+    def serve(part, parts, served, last, mail, mailf, counts, p8, p16, offs, hidden, inter, act, half_pow2, phases):
         """Thread `part` of `parts`, which has answered `served` requests, the last one `last`:
         answer the ones that follow until STOP or IDLE_CYCLES without one -> (served, last). act
-        [MAX_EXPERTS, inter] is shared: each expert's SwiGLU activation, laid out for down by `_permute`.
+        [MAX_EXPERTS, inter] is shared: each expert's SwiGLU activation, laid out for down by `_lay_out`.
         phases[part, :4] += this thread's time-stamp ticks per phase of each request (PHASES), and 1."""
         xp, xs = np.empty(hidden, np.float32), np.empty(hidden // group, np.float32)
         h, y = np.empty(2 * inter, np.float32), np.empty(hidden, np.float32)
         act_sums = np.empty((MAX_EXPERTS, inter // group), np.float32)
+        bf16_buf = np.empty(1, np.uint32)
         since = cycles()
         while True:
             seq = atomic_load(mail, REQUEST)
@@ -175,34 +180,36 @@ def _server(bits: int, group: int):
             last, served = seq, served + 1
             t0 = cycles()
             n = mail[COUNT]
-            _permute(mailf[X : X + hidden], bits, group, xp, xs)
+            _lay_out(mailf[X : X + hidden], bits, group, mxfp4, xp, xs)
             # gate_up and SwiGLU: this thread's share of the n x inter activations
             lo, hi = _share(n * inter, part, parts)
             for j in range(lo // inter, (hi + inter - 1) // inter):
-                rec = mail[SLOTS + j]
+                rec8, rec16 = p8[mail[SLOTS + j]], p16[mail[SLOTS + j]]
                 i0, i1 = max(lo - j * inter, 0), min(hi - j * inter, inter)
                 for r0 in range(i0, i1, ROWS_PER_BLOCK):
                     r1 = min(r0 + ROWS_PER_BLOCK, i1)
-                    _rows(p8[rec], p16[rec], offs[0:3], hidden, bits, group, r0, r1, xp, xs, h)  # gate
-                    _rows(p8[rec], p16[rec], offs[0:3], hidden, bits, group, inter + r0, inter + r1, xp, xs, h)  # up
+                    _project(rec8, rec16, offs[0:3], hidden, bits, group, mxfp4, r0, r1, xp, xs, half_pow2, h)  # gate
+                    _project(rec8, rec16, offs[0:3], hidden, bits, group, mxfp4, inter + r0, inter + r1, xp, xs, half_pow2, h)  # up
                 for i in range(i0, i1):
-                    gate = h[i]
-                    c, f = _plane(i, bits, inter)
-                    act[j, c] = gate / (np.float32(1.0) + np.exp(-gate)) * h[inter + i] * f
+                    c, f = _input_at(i, inter, bits, mxfp4)
+                    act[j, c] = _swiglu(h, i, inter, rec16, offs[4], with_bias, limit, alpha, bf16_buf) * f
             t1 = cycles()
             _wait_for(counts, 0, parts * served)
             t2 = cycles()
             # down and the weighted sum: this thread's share of the output rows, experts in order
-            for j in range(n):
-                _sums(act[j], bits, group, act_sums[j])
+            if not mxfp4:  # the affine bias term's group sums (module cpu_experts' docstring)
+                for j in range(n):
+                    _sums(act[j], bits, group, act_sums[j])
             lo, hi = _share(hidden, part, parts)
             result = mailf[X + hidden : X + 2 * hidden]
             for j in range(n):
-                rec, w = mail[SLOTS + j], mailf[WEIGHTS + j]
+                rec8, rec16, w = p8[mail[SLOTS + j]], p16[mail[SLOTS + j]], mailf[WEIGHTS + j]
                 for r0 in range(lo, hi, ROWS_PER_BLOCK):
                     r1 = min(r0 + ROWS_PER_BLOCK, hi)
-                    _rows(p8[rec], p16[rec], offs[5:8], inter, bits, group, r0, r1, act[j], act_sums[j], y)
+                    _project(rec8, rec16, offs[5:8], inter, bits, group, mxfp4, r0, r1, act[j], act_sums[j], half_pow2, y)
                     for r in range(r0, r1):
+                        if with_bias:
+                            y[r] += _bf16(rec16[offs[9] + r], bf16_buf)
                         result[r] = w * y[r] if j == 0 else result[r] + w * y[r]
             since = cycles()
             phases[part, 0] += t1 - t0
@@ -222,13 +229,12 @@ class ExpertServer:
     from the host instead (tests, timing the CPU alone). The pool's records must not change while
     the server runs."""
 
-    def __init__(self, layout: RecordLayout, pool: torch.Tensor, threads: int | None = None):
+    def __init__(self, layout: RecordLayout, pool: torch.Tensor, threads: int | None = None, act: Swiglu = SILU):
         if numba is None:
             raise RuntimeError("the CPU's share of resident experts needs numba: pip install 'flashmoe[cpu-experts]'")
-        if not CpuExperts.supports(layout) or layout.scheme != "affine" or layout.with_bias:
-            raise ValueError(f"the CPU's share computes {'/'.join(map(str, SUPPORTED_BITS))}-bit affine records without "
-                             f"expert biases, in groups of whole 32-bit words, not {layout.scheme} {layout.bits}-bit "
-                             f"records{' with biases' if layout.with_bias else ''} in groups of {layout.group_size}")
+        if not CpuExperts.supports(layout):
+            raise ValueError(f"the CPU's share computes MXFP4 and {'/'.join(map(str, SUPPORTED_BITS))}-bit records in "
+                             f"groups of whole 32-bit words, not {layout.bits}-bit records in groups of {layout.group_size}")
         if pool.device.type != "cpu" or pool.dtype != torch.uint8 or pool.dim() != 2 or pool.shape[1] != layout.record_size:
             raise ValueError(f"pool must be the host tier's uint8 [slots, {layout.record_size}] tensor")
         self.layout, self.pool = layout, pool
@@ -240,8 +246,8 @@ class ExpertServer:
         self._phases = np.zeros((self.threads, 8), np.int64)  # a cache line per thread
         p8 = pool.numpy()
         self._args = (self._mail, self._mail.view(np.float32), self._barriers, p8, p8.view(np.uint16),
-                      _offsets(layout), H, I, np.zeros((MAX_EXPERTS, I), np.float32), self._phases)
-        self._serve = _server(layout.bits, layout.group_size)
+                      _offsets(layout), H, I, np.zeros((MAX_EXPERTS, I), np.float32), _half_pow2(), self._phases)
+        self._serve = _server(*_variant(layout, act))
         self._running: list[threading.Thread] = []
 
     def start(self) -> None:

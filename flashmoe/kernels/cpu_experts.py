@@ -206,6 +206,72 @@ def _mxfp4_rows(rec8, offs, k, r0, r1, x, half_pow2, out):
         out[r] = acc
 
 
+@numba_jit(inline="always")
+def _even_odd_at(c, k):
+    """Where input c of k lies in `_even_odd`'s layout."""
+    return c % 2 * (k // 2) + c // 2
+
+
+@numba_jit(inline="always")
+def _even_odd(v, out):
+    """out [K] = v's even elements, then its odd ones (the inputs of a byte's low and high codes)."""
+    for c in range(v.shape[0]):
+        out[_even_odd_at(c, v.shape[0])] = v[c]
+
+
+# The record format (affine bits and group, or mxfp4) is a constant of the kernels that call the
+# helpers below: inlined, each branch on it folds away.
+@numba_jit(inline="always")
+def _lay_out(v, bits, group, mxfp4, vp, vs):
+    """vp [K]: v [K] as `_project` reads a projection's input (MXFP4: `_even_odd`; affine: `_permute`,
+    with vs [K / group] its group sums)."""
+    if mxfp4:
+        _even_odd(v, vp)
+    else:
+        _permute(v, bits, group, vp, vs)
+
+
+@numba_jit(inline="always")
+def _input_at(c, k, bits, mxfp4):
+    """Where input c of k lies in `_lay_out`'s layout, and the factor it is stored times there."""
+    if mxfp4:
+        return _even_odd_at(c, k), np.float32(1.0)
+    return _plane(c, bits, k)
+
+
+@numba_jit(inline="always")
+def _project(rec8, rec16, offs, k, bits, group, mxfp4, r0, r1, xp, xs, half_pow2, out):
+    """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 of one projection of one record in either
+    format: x as `_lay_out` gives it (xp, xs), offs the projection's three of `_offsets`."""
+    if mxfp4:
+        _mxfp4_rows(rec8, offs, k, r0, r1, xp.reshape(2, k // 2), half_pow2, out)
+    else:
+        _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out)
+
+
+@numba_jit(inline="always")
+def _bf16(half, buf):
+    """The bf16 whose bits are `half`, as fp32: shifted into the high half of buf, a uint32 [1]
+    (numba cannot bit-cast a scalar)."""
+    buf[0] = np.uint32(half) << 16
+    return buf.view(np.float32)[0]
+
+
+@numba_jit(inline="always")
+def _swiglu(h, c, inter, rec16, bias_at, with_bias, limit, alpha, buf):
+    """Activation c of an expert from h [2 * inter], its gate_up output (gate rows, then up rows):
+    with_bias, the expert's gate_up biases added first (halfwords from bias_at of rec16, through buf
+    as in `_bf16`); limit > 0, gpt-oss's clamped SwiGLU (layers/mlp.py `Swiglu`), else silu(gate) * up."""
+    gate, up = h[c], h[inter + c]
+    if with_bias:
+        gate += _bf16(rec16[bias_at + c], buf)
+        up += _bf16(rec16[bias_at + inter + c], buf)
+    if limit > 0:
+        gate, up = min(gate, np.float32(limit)), max(min(up, np.float32(limit)), np.float32(-limit))
+        return gate / (np.float32(1.0) + np.exp(-np.float32(alpha) * gate)) * (up + np.float32(1.0))
+    return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
 @functools.cache
 def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float, parallel: bool):
     """`experts` for one record format and activation, compiled on first use. The format and the
@@ -223,38 +289,22 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
         and as halfwords; offs: `_offsets(layout)`."""
         T, hidden = x.shape
         pairs, experts_n = slots.shape[0], starts.shape[0] - 1
-        # Projection inputs as `_permute` lays them out (affine records; MXFP4 rows read them as
-        # even and odd planes): each token's x for gate_up, each pair's activation for down.
+        # Projection inputs as `_lay_out` gives them: each token's x for gate_up, each pair's
+        # activation for down.
         xp, xs = np.empty((T, hidden), np.float32), np.empty((T, hidden // group), np.float32)
         for t in range(T):
-            if mxfp4:
-                _even_odd(x[t], xp[t])
-            else:
-                _permute(x[t], bits, group, xp[t], xs[t])
+            _lay_out(x[t], bits, group, mxfp4, xp[t], xs[t])
         ap, asum = np.empty((pairs, inter), np.float32), np.empty((pairs, inter // group), np.float32)
         h, y = np.empty((pairs, 2 * inter), np.float32), np.empty((pairs, hidden), np.float32)
         act = np.empty(inter, np.float32)
-        bias_bits = np.empty(1, np.uint32)  # bf16 -> fp32 through a buffer, as in `_rows`
-        bias = bias_bits.view(np.float32)
+        bf16_buf = np.empty(1, np.uint32)
         for proj in range(2):  # gate_up, then down, through one parallel loop: compiled once
             if proj == 1:
                 for p in range(pairs):
+                    rec16 = p16[slots[p]]
                     for c in range(inter):
-                        gate, up = h[p, c], h[p, inter + c]
-                        if with_bias:
-                            bias_bits[0] = np.uint32(p16[slots[p], offs[4] + c]) << 16
-                            gate += bias[0]
-                            bias_bits[0] = np.uint32(p16[slots[p], offs[4] + inter + c]) << 16
-                            up += bias[0]
-                        if limit > 0:
-                            gate, up = min(gate, np.float32(limit)), max(min(up, np.float32(limit)), np.float32(-limit))
-                            act[c] = gate / (np.float32(1.0) + np.exp(-np.float32(alpha) * gate)) * (up + np.float32(1.0))
-                        else:
-                            act[c] = gate / (np.float32(1.0) + np.exp(-gate)) * up
-                    if mxfp4:
-                        _even_odd(act, ap[p])
-                    else:
-                        _permute(act, bits, group, ap[p], asum[p])
+                        act[c] = _swiglu(h[p], c, inter, rec16, offs[4], with_bias, limit, alpha, bf16_buf)
+                    _lay_out(act, bits, group, mxfp4, ap[p], asum[p])
             dst, k = (h, hidden) if proj == 0 else (y, inter)
             blocks = (dst.shape[1] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
             for task in prange(experts_n * blocks):
@@ -267,21 +317,23 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
                     rec = slots[p]
                     # input: the pair's token's x for gate_up, the pair's own activation for down
                     src, src_sums = (xp[tokens[p]], xs[tokens[p]]) if proj == 0 else (ap[p], asum[p])
-                    if mxfp4:
-                        _mxfp4_rows(p8[rec], offs_p, k, r0, r1, src.reshape(2, k // 2), half_pow2, dst[p])
-                    else:
-                        _rows(p8[rec], p16[rec], offs_p, k, bits, group, r0, r1, src, src_sums, dst[p])
+                    _project(p8[rec], p16[rec], offs_p, k, bits, group, mxfp4, r0, r1, src, src_sums, half_pow2, dst[p])
         out[:, :] = 0.0
         for p in range(pairs):
             t = tokens[p]
             for r in range(hidden):
                 term = y[p, r]
                 if with_bias:
-                    bias_bits[0] = np.uint32(p16[slots[p], offs[9] + r]) << 16
-                    term += bias[0]
+                    term += _bf16(p16[slots[p], offs[9] + r], bf16_buf)
                 out[t, r] += weights[p] * term
 
     return experts
+
+
+def _variant(layout: RecordLayout, act: Swiglu) -> tuple:
+    """What a kernel is compiled for (`_kernel`'s first arguments): the record format, whether the
+    experts have biases, and the activation (limit 0: plain SwiGLU)."""
+    return layout.bits, layout.group_size, layout.scheme == "mxfp4", layout.with_bias, act.limit or 0.0, act.alpha
 
 
 def _offsets(layout: RecordLayout) -> np.ndarray:
@@ -297,14 +349,6 @@ def _offsets(layout: RecordLayout) -> np.ndarray:
             offs += [seg[f"{proj}.{t}"].offset // 2 for t in ("scales", "biases")]
         offs += [0, seg[f"{proj}.bias"].offset // 2 if layout.with_bias else -1]
     return np.array(offs, np.int64)
-
-
-@numba_jit(inline="always")
-def _even_odd(v, out):
-    """out [K] = v's even elements, then its odd ones (the inputs of a byte's low and high codes)."""
-    half = v.shape[0] // 2
-    for i in range(half):
-        out[i], out[half + i] = v[2 * i], v[2 * i + 1]
 
 
 @numba_jit()
@@ -372,7 +416,7 @@ class CpuExperts:
         default = max(1, (os.cpu_count() or 1) - 1)  # a core left for the thread that drives the GPU
         self.threads = max(1, min(threads or default, numba.config.NUMBA_NUM_THREADS))
         self._offsets = _offsets(layout)
-        variant = (layout.bits, layout.group_size, layout.scheme == "mxfp4", layout.with_bias, act.limit or 0.0, act.alpha)
+        variant = _variant(layout, act)
         self._kernels = _kernel(*variant, parallel=False), _kernel(*variant, parallel=True)
         self._half_pow2 = _half_pow2()
 

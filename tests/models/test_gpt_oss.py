@@ -6,6 +6,7 @@ import torch
 
 from flashmoe.convert import ConversionError, convert
 from flashmoe.engine import Engine, EngineConfig
+from flashmoe.formats.packed import Manifest
 from flashmoe.formats.safetensors import Checkpoint, save_file
 
 from ..conftest import build_hf_model
@@ -45,6 +46,36 @@ def test_the_gpu_path_decodes_mxfp4_as_the_cpu_path(mxfp4_release, tmp_path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = our_run(Engine(tmp_path / "mx", EngineConfig(device=device, dtype="float32", gpu_path_on_cpu=device == "cpu")), prompt, 3)
     assert rel_err(gpu[0].cpu(), cpu[0]) < 1e-5 and rel_err(gpu[1].cpu(), cpu[1]) < 1e-5 and gpu[2] == cpu[2]
+
+
+def test_the_cpu_share_of_mxfp4_experts_changes_no_result(mxfp4_release, tmp_path):
+    """--cpu-experts on MXFP4 records (biases, the clamped SwiGLU), both ways: copying decode's
+    host-resident misses computed by CpuExperts instead, and preloaded, the expert server's share
+    through the mailbox. Each run's logits match the same placement's without the CPU (the GPU
+    path's logic and kernels in Triton's interpreter here)."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numba")
+    src, _ = mxfp4_release
+    convert(src, tmp_path / "mx")
+    record = Manifest.load(tmp_path / "mx").layout.record_size
+    prompt = torch.randint(0, 256, (4,), generator=torch.Generator().manual_seed(5))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for resident in (False, True):
+        engine = Engine(tmp_path / "mx", EngineConfig(device=device, dtype="float32", host_mem=32 * record,
+                                                       gpu_path_on_cpu=device == "cpu"))
+        engine.use_gpu_experts(gpu_mem=6 * record, policy="static")  # 2 of 8 experts per layer on the GPU
+        engine.preload() if resident else engine.place_experts(2, 6)
+        runs = {}
+        for per_layer in (0, 1):
+            engine.set_cpu_experts(per_layer)
+            computed = engine.gpu_tier.stats.cpu_computed
+            runs[per_layer] = our_run(engine, prompt, 3)
+            engine.settle("prefill")
+            assert (engine.gpu_tier.stats.cpu_computed > computed) == bool(per_layer)
+        engine.set_cpu_experts(0)  # stops the server's threads
+        (plain_prompt, plain_steps, plain_tokens), (prompt_logits, steps, tokens) = runs[0], runs[1]
+        assert torch.equal(prompt_logits, plain_prompt)  # prefill copies: no CPU share
+        assert rel_err(steps.cpu(), plain_steps.cpu()) < 1e-5 and tokens == plain_tokens  # measured 1.2e-7 both ways
 
 
 def test_a_checkpoint_without_expert_biases_is_refused_naming_them(gpt_oss, tmp_path):
