@@ -389,11 +389,27 @@ class Engine:
         every expert it needs once per layer -> logits of the last position [1, vocab] (of every
         position [T, vocab] with last_only False). Inference mode per call, never across a
         generator's yield."""
-        ids = torch.as_tensor(ids, dtype=torch.long).to(self.device)
+        ids = torch.as_tensor(ids, dtype=torch.long)
         self._check_context(state, ids.shape[0])
         chunk = self.config.prefill_chunk
-        logits = [self._step(ids[start : start + chunk], [state], (), last_only) for start in range(0, ids.shape[0], chunk)]
+        tokens, ids = ids.tolist(), ids.to(self.device)
+        logits = []
+        for start in range(0, ids.shape[0], chunk):
+            logits.append(self._step(ids[start : start + chunk], [state], (), last_only))
+            state.tokens += tokens[start : start + chunk]
         return logits[-1] if last_only else torch.cat(logits)
+
+    def release(self, state: SequenceState) -> None:
+        """Free a sequence's caches (a preempted one's), keeping its tokens for `recompute`."""
+        state.layers, state.ngrams = [], {}
+
+    def recompute(self, state: SequenceState) -> None:
+        """Rebuild a released sequence's caches in place by prefilling its tokens again: the state
+        continues as before (up to the prefill's fp32 rounding, as a prefix cache's states do)."""
+        fresh = self.new_state()
+        self.forward(state.tokens, fresh)
+        state.layers, state.ngrams, state.position = fresh.layers, fresh.ngrams, fresh.position
+        state.rebuilds += 1
 
     @torch.inference_mode()
     def forward_batch(self, ids: list[list[int]], states: list[SequenceState]) -> torch.Tensor:
@@ -406,7 +422,10 @@ class Engine:
         for seq, state in zip(ids, states):
             self._check_context(state, len(seq))
         flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long).to(self.device)
-        return self._step(flat, states, [len(seq) for seq in ids], last_only=True)
+        logits = self._step(flat, states, [len(seq) for seq in ids], last_only=True)
+        for seq, state in zip(ids, states):
+            state.tokens += seq
+        return logits
 
     def _check_context(self, state: SequenceState, tokens: int) -> None:
         if state.position + tokens > self.context_length:

@@ -132,6 +132,8 @@ class Generation:
             """The decode step of `token`, the n-th generated, as this generation runs it alone."""
             nonlocal graphs
             with self._measured(prefill=False):
+                if graphs is not None and graphs.rebuilds != self.state.rebuilds:  # preempted since: new buffers
+                    graphs = None
                 if graphs is None and eng.cuda_graphs:
                     from .runtime.graphs import DecodeGraph
 

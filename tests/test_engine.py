@@ -262,3 +262,18 @@ def test_a_batched_steps_time_is_charged_to_each_generation(engine):
     assert steps == 3  # a step between every two of the 4 tokens
     for g in runs:
         assert g.stats.decode_tokens == 3 and 0.75 <= g.stats.decode_seconds < 0.75 + 0.5  # + its own sampling
+
+
+def test_a_released_state_recomputed_from_its_tokens_continues_as_before(engine):
+    """Preemption's two halves: release frees the caches and keeps the tokens; recompute prefills
+    them again into the same state object, which then decodes what it would have."""
+    state = engine.new_state()
+    engine.forward([5, 6, 7, 8, 9, 10], state)
+    engine.forward([11], state)
+    kept = state.clone()
+    engine.release(state)
+    assert state.layers == [] and state.tokens == list(range(5, 12))
+    engine.recompute(state)
+    assert state.position == kept.position == 7 and state.rebuilds == 1
+    got, want = engine.forward([12], state), engine.forward([12], kept)
+    assert float((got - want).norm() / want.norm()) < 1e-5  # a prefill's fp32 sums against steps'

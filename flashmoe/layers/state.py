@@ -118,16 +118,21 @@ class NgramState:
 
 class SequenceState:
     """One sequence: its position, each layer's mixer state, and the n-gram history of the layers
-    with per-layer embeddings, by layer index (the model's new_state builds it)."""
+    with per-layer embeddings, by layer index (the model's new_state builds it). `tokens`: every id
+    fed so far, from which Engine.recompute rebuilds the rest after Engine.release freed it (a
+    preempted sequence); `rebuilds` counts those, so a decode graph captured before one is not replayed."""
 
     def __init__(self, layers: list, ngrams: dict[int, NgramState] | None = None):
         self.position = 0
         self.layers = layers
         self.ngrams = ngrams or {}
+        self.tokens: list[int] = []
+        self.rebuilds = 0
 
-    def advance_graphed(self) -> None:
-        """One token written by a replayed graph: eager writes advance the KV caches themselves."""
+    def advance_graphed(self, token: int) -> None:
+        """`token` written by a replayed graph: eager writes advance the KV caches themselves."""
         self.position += 1
+        self.tokens.append(token)
         for cache in self.layers:
             if isinstance(cache, KVCache):
                 cache.length += 1
@@ -136,6 +141,7 @@ class SequenceState:
         new = copy.copy(self)
         new.layers = [layer.clone() for layer in self.layers]
         new.ngrams = {i: state.clone() for i, state in self.ngrams.items()}
+        new.tokens = list(self.tokens)
         return new
 
     @property

@@ -97,6 +97,7 @@ class DecodeGraph:
 
     def __init__(self, engine, state: SequenceState, capacity: int):
         self.engine, self.state, self.capacity = engine, state, capacity
+        self.rebuilds = state.rebuilds  # the state's buffers this graph was captured on
         for cache in state.layers:
             if isinstance(cache, KVCache):
                 cache.reserve(capacity)
@@ -147,5 +148,5 @@ class DecodeGraph:
                     segment.replay()
             else:
                 segment()  # host-driven experts time their own sections (expert_io, expert_compute)
-        self.state.advance_graphed()
+        self.state.advance_graphed(token)
         return self.logits

@@ -29,6 +29,10 @@ def serve_command(
     parallel: int = typer.Option(8, help="Generations in progress at once: each step decodes one token of each, as one batch."),
     max_queue: int = typer.Option(32, "--max-queue", help="Requests waiting beyond --parallel; past it the answer is 503."),
     prefix_cache: str = typer.Option("2G", "--prefix-cache", help="Memory for states of conversation prefixes reused by the next turn (0 = off)."),
+    state_mem: Optional[str] = typer.Option(
+        None, "--state-mem",
+        help="Memory the running generations' states (KV caches, DeltaNet states) may take, e.g. 4G: past it the newest "
+        "are preempted (state freed) and resumed, recomputed from their tokens, when there is room (default: no limit)."),
     max_body: str = typer.Option("8M", "--max-body", help="Largest request body accepted (413 past it)."),
     config: EngineConfig = None,
 ):
@@ -45,9 +49,12 @@ def serve_command(
         fail(ValueError(f"--host {host} exposes the model beyond this machine: set an API key (FLASHMOE_API_KEY or "
                         "--api-key), or pass --insecure-no-key to serve anyone who can reach it"))
     try:
+        state_bytes = None if state_mem is None else parse_size(state_mem)
+        if state_bytes == 0:
+            raise ValueError("--state-mem must be a size above 0 (leave it out for no limit)")
         engine = open_engine(model, config)
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
-                               parse_size(prefix_cache), parallel, max_queue)
+                               parse_size(prefix_cache), parallel, max_queue, state_bytes)
         app = create_app(service, api_key, parse_size(max_body), host, port)
     except USER_ERRORS as e:
         fail(e)

@@ -14,6 +14,7 @@ time. A job's events reach its asyncio consumer through `Job.events`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -49,6 +50,7 @@ class Job:
 
     def __init__(self, work: Iterator[Any], loop: asyncio.AbstractEventLoop) -> None:
         self.work = work
+        self.order = -1  # when it was first admitted (the scheduler's count)
         self.events: asyncio.Queue[Any] = asyncio.Queue()
         self._loop = loop
         self._cancelled = threading.Event()
@@ -80,20 +82,29 @@ class SchedulerStats:
     rejected: int
     decode_steps: int  # rounds that ran decode steps
     largest_batch: int  # the most sequences one of them advanced
+    preempted: int  # sequences set aside (their state freed) for want of state memory, since the start
+    paused: int  # ... and set aside now, to be recomputed when there is room
 
 
 class Scheduler:
-    def __init__(self, parallel: int = 4, max_queue: int = 32,
-                 forward_batch: Callable[[list[list[int]], list[Any]], Any] | None = None) -> None:
-        """forward_batch: the engine's (Engine.forward_batch), which runs a round's decode steps."""
+    def __init__(self, parallel: int = 4, max_queue: int = 32, engine: Any = None, state_mem: int | None = None) -> None:
+        """engine: runs a round's decode steps together (Engine.forward_batch), and frees and rebuilds
+        a preempted sequence's state (release, recompute). state_mem: bytes the running sequences'
+        states may take at a decode step; past it the newest are preempted, their state freed,
+        and brought back (prefilled again from their tokens) oldest first when they fit."""
         if parallel < 1 or max_queue < 0:
             raise ValueError("parallel must be at least 1 and max_queue at least 0")
-        self.parallel, self.max_queue, self.forward_batch = parallel, max_queue, forward_batch
+        if state_mem is not None and (state_mem <= 0 or engine is None):
+            raise ValueError("state_mem must be a positive size, with an engine to free and rebuild states")
+        self.parallel, self.max_queue, self.engine, self.state_mem = parallel, max_queue, engine, state_mem
         self._waiting: deque[Job] = deque()
-        self._active: deque[Job] = deque()
+        self._active: list[Job] = []  # in order of first admission: the newest last
+        self._preempted: deque[tuple[Job, DecodeRequest, int]] = deque()  # (job, its step, its state's bytes then)
+        self._admitted = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
         self._completed = self._cancelled = self._failed = self._rejected = self._decode_steps = self._largest_batch = 0
+        self._preemptions = 0
         self._thread = threading.Thread(target=self._run, name="flashmoe-generate", daemon=True)
         self._thread.start()
 
@@ -101,7 +112,8 @@ class Scheduler:
         """Queues `work`; QueueFullError when `parallel` jobs run and `max_queue` more wait already."""
         job = Job(work, loop)
         with self._cv:
-            if self._closed or len(self._active) + len(self._waiting) >= self.parallel + self.max_queue:
+            queued = len(self._active) + len(self._preempted) + len(self._waiting)
+            if self._closed or queued >= self.parallel + self.max_queue:
                 self._rejected += 1
                 raise QueueFullError
             self._waiting.append(job)
@@ -111,12 +123,13 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         with self._cv:
             return SchedulerStats(len(self._active), len(self._waiting), self.parallel, self.max_queue, self._completed,
-                                  self._cancelled, self._failed, self._rejected, self._decode_steps, self._largest_batch)
+                                  self._cancelled, self._failed, self._rejected, self._decode_steps, self._largest_batch,
+                                  self._preemptions, len(self._preempted))
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
-            for job in (*self._active, *self._waiting):
+            for job in (*self._active, *(job for job, _, _ in self._preempted), *self._waiting):
                 job.cancel()
             self._cv.notify()
         self._thread.join(timeout=10)
@@ -124,12 +137,15 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._active and not self._waiting and not self._closed:
+                while not self._active and not self._preempted and not self._waiting and not self._closed:
                     self._cv.wait()
-                if self._closed and not self._active and not self._waiting:
+                if self._closed and not self._active and not self._preempted and not self._waiting:
                     return
-                while self._waiting and len(self._active) < self.parallel:
-                    self._active.append(self._waiting.popleft())
+                # a newcomer waits while a preempted sequence does: it would take the room that one needs
+                while self._waiting and not self._preempted and len(self._active) < self.parallel:
+                    job = self._waiting.popleft()
+                    job.order = next(self._admitted)
+                    self._active.append(job)
                 jobs = list(self._active)
             ended, steps = [], []
             for job in jobs:
@@ -138,10 +154,53 @@ class Scheduler:
                     steps.append((job, outcome))
                 elif outcome:
                     ended.append(job)
+            if self.state_mem is not None:
+                steps = self._within_state_memory(steps)
             ended += self._decode(steps)
             with self._cv:
                 for job in ended:
                     self._active.remove(job)
+
+    def _within_state_memory(self, steps: list[tuple[Job, DecodeRequest]]) -> list[tuple[Job, DecodeRequest]]:
+        """The round's decode steps with the preempted sequences that fit back in (oldest first,
+        their states recomputed) and without the newest while the states exceed state_mem (one
+        always runs); those are set aside, their states freed."""
+        from ..runtime.prefix_cache import state_bytes
+
+        used = sum(state_bytes(request.state) for _, request in steps)
+        while self._preempted:
+            job, request, size = self._preempted[0]
+            if job.cancelled:
+                self._preempted.popleft()
+                self._close(job)
+                self._count("_cancelled")
+                continue
+            if steps and used + size > self.state_mem:
+                break
+            self._preempted.popleft()
+            try:
+                self.engine.recompute(request.state)
+            except Exception as e:  # reported to its client; the others go on
+                log.exception("recomputing a preempted sequence failed")
+                job.post(Failed(e))
+                self._count("_failed")
+                continue
+            used += state_bytes(request.state)
+            with self._cv:
+                self._active.append(job)
+                self._active.sort(key=lambda j: j.order)
+            steps.append((job, request))
+        steps.sort(key=lambda step: step[0].order)
+        while len(steps) > 1 and used > self.state_mem:
+            job, request = steps.pop()  # the newest
+            size = state_bytes(request.state)
+            used -= size
+            self.engine.release(request.state)
+            with self._cv:
+                self._active.remove(job)
+                self._preempted.appendleft((job, request, size))  # brought back in order: oldest first
+                self._preemptions += 1
+        return steps
 
     def _decode(self, steps: list[tuple[Job, DecodeRequest]]) -> list[Job]:
         """Run the round's decode steps, together where there are several; the jobs whose step failed."""
@@ -151,12 +210,12 @@ class Scheduler:
             self._decode_steps += 1
             self._largest_batch = max(self._largest_batch, len(steps))
         try:
-            if len(steps) == 1 or self.forward_batch is None:
+            if len(steps) == 1 or self.engine is None:
                 for _, request in steps:
                     request.logits = request.alone()
             else:
                 start = time.perf_counter()
-                logits = self.forward_batch([[r.token] for _, r in steps], [r.state for _, r in steps])
+                logits = self.engine.forward_batch([[r.token] for _, r in steps], [r.state for _, r in steps])
                 for i, (_, request) in enumerate(steps):
                     request.logits, request.seconds = logits[i : i + 1], time.perf_counter() - start
             return []

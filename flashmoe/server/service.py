@@ -69,14 +69,14 @@ class ModelService:
     """One loaded model serving requests: plans them, queues them, and reports on them."""
 
     def __init__(self, engine: Engine, name: str, sampling_defaults: dict[str, float],
-                 prefix_cache_bytes: int, parallel: int, max_queue: int) -> None:
+                 prefix_cache_bytes: int, parallel: int, max_queue: int, state_mem: int | None = None) -> None:
         self.engine, self.tokenizer, self.name = engine, engine.tokenizer, name
         self.defaults = sampling_defaults
         self.created = int(time.time())
         self.grammars = Grammars.for_engine(engine)
         self.token_text = TokenText(engine.tokenizer)
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.scheduler = Scheduler(parallel, max_queue, engine.forward_batch)
+        self.scheduler = Scheduler(parallel, max_queue, engine, state_mem)
 
     # -- planning (in a worker thread, as tokenizing is slow; APIError for the client's mistakes) --
     def chat_plan(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, params: dict[str, Any],

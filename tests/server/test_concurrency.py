@@ -139,3 +139,27 @@ def test_full_queue_is_503(small_server):
             assert r.json()["error"]["type"] == "server_overloaded" and "busy" in r.json()["error"]["message"]
     queue = _wait_idle(small_server)
     assert (queue["rejected"], queue["cancelled"], queue["failed"]) == (1, 2, 0)
+
+
+def test_preempted_generations_resume_with_their_own_answers(tiny_model, engine):
+    """With state memory for about two of four sequences, the newest are preempted (their states
+    freed) and resumed, recomputed from their tokens, and every client still gets, token for token,
+    what its prompt gives alone."""
+    from flashmoe.runtime.prefix_cache import state_bytes
+
+    state = engine.new_state()
+    engine.forward(list(range(3, 60)), state)
+    budget = int(2.5 * state_bytes(state.clone()))  # as the server's: cloned from its prefix cache, KV caches trimmed
+    greedy = {"max_tokens": 24, "temperature": 0}
+    server = Server(tiny_model, "--dtype", "float32", "--parallel", "4", "--state-mem", str(budget))
+    try:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as http:
+            expected = [http.post("/v1/chat/completions", json={"messages": p, **greedy}).json()["choices"][0]["message"][
+                "content"] for p in PROMPTS]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda p: _stream(server.url, {"messages": p, **greedy}), PROMPTS))
+        assert [r["text"] for r in results] == expected
+        queue = _wait_idle(server)
+        assert queue["preempted"] > 0 and queue["paused"] == 0 and queue["failed"] == 0, json.dumps([queue, budget])
+    finally:
+        server.stop()
