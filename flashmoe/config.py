@@ -14,12 +14,18 @@ DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "f
 CACHE_POLICIES = ("mix", "lru", "lfu", "static")
 
 
+def default_ngram_mem(table_bytes: int, host_budget: int) -> int:
+    """The n-gram row cache without --ngram-mem: a sixteenth of the host budget, at most the tables'
+    rows (table_bytes); the experts' cache keeps the rest."""
+    return min(table_bytes, host_budget // 16)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto: the GPU where there is one and the model runs there (Engine decides)
     dtype: str = "auto"  # auto: bfloat16 on GPUs; float32 on CPUs unless its dense weights would crowd the RAM
     host_mem: int | None = None  # bytes of RAM for the expert cache; None: half the free RAM
-    # bytes of the host budget for the n-gram row cache (qwen4_exp); None: a sixteenth, at most the tables
+    # bytes of the host budget for the n-gram row cache (qwen4_exp); None: default_ngram_mem
     ngram_mem: int | None = None
     gpu_mem: int | None = None  # bytes of GPU memory for cached experts; None: what is free minus a margin
     k: int | None = None  # routed experts per token; None: the model's own

@@ -21,14 +21,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from . import quant
-from .formats.packed import (DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, NgramFile, PackedFormatError, RecordLayout,
-                              check_quantization)
+from .formats.packed import (DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, NgramFile, NgramTableWriter, PackedFormatError,
+                              RecordLayout, check_quantization)
 from .formats.fp8 import SCALE_SUFFIX as FP8_SCALE_SUFFIX
 from .formats.fp8 import block_size as fp8_block_size
 from .formats.fp8 import dequantize as fp8_dequantize
@@ -290,7 +289,7 @@ def _plan(cfg: ModelArgs, ckpt: Checkpoint, mlx: MlxQuantization | None = None, 
 def _ngram_tables(cfg: ModelArgs) -> dict[int, tuple[list[int], int]]:
     """Layer -> (rows of each block the checkpoint stores its n-gram table in, row width)."""
     specs = {i: cfg.layer(i).ple for i in range(cfg.num_hidden_layers)}
-    return {i: (shard_rows(spec), spec.dim // spec.heads) for i, spec in specs.items() if spec is not None}
+    return {i: (shard_rows(spec), spec.width) for i, spec in specs.items() if spec is not None}
 
 
 def _check_ngrams(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan) -> None:
@@ -635,37 +634,21 @@ def _write_ngrams(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, out_dir: Path, 
         names_in_order = [plan.ngrams[layer][i] for i in range(len(rows))]
         dtype = ckpt.info(names_in_order[0]).dtype
         dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        table = NgramFile(layer, f"ngrams/layer_{layer:03d}.bin", sum(rows), width, str(dtype).removeprefix("torch."))
-        crcs, carried = [], torch.empty(0, table.row_bytes, dtype=torch.uint8)
+        table = NgramFile.for_layer(layer, sum(rows), width, str(dtype).removeprefix("torch."))
         with open(out_dir / table.file, "wb") as f:
+            writer = NgramTableWriter(f, table)
             for name in names_in_order:
                 source = _read_weight(ckpt, name, plan)
                 stored = source.to(dtype)
                 sums = report.error_sums["ngrams"]
                 sums[0] += float((source.double() - stored.double()).pow(2).sum())
                 sums[1] += float(source.double().pow(2).sum())
-                carried = torch.cat([carried, stored.contiguous().view(torch.uint8)])
-                whole = carried.shape[0] // table.rows_per_block * table.rows_per_block  # rows that fill blocks
-                crcs.append(_write_ngram_blocks(f, table, carried[:whole]))
-                carried = carried[whole:]
+                writer.write(stored.contiguous().view(torch.uint8))
                 advance(ckpt.info(name).nbytes)
-            crcs.append(_write_ngram_blocks(f, table, carried))
-            f.write(np.concatenate(crcs).astype("<u4").tobytes())
+            writer.close()
         report.ngram_bytes += table.file_size
         files.append(table)
     return files
-
-
-def _write_ngram_blocks(f, table: NgramFile, rows: torch.Tensor) -> np.ndarray:
-    """Write rows [n, row_bytes] (uint8) as ceil(n / rows_per_block) zero-padded blocks -> their CRC-32s."""
-    count = -(-rows.shape[0] // table.rows_per_block)
-    packed = torch.zeros(count * table.rows_per_block, table.row_bytes, dtype=torch.uint8)
-    packed[: rows.shape[0]] = rows
-    blocks = torch.zeros(count, table.block_bytes, dtype=torch.uint8)
-    blocks[:, : table.rows_per_block * table.row_bytes] = packed.view(count, table.rows_per_block * table.row_bytes)
-    data = blocks.numpy()
-    f.write(data.data)
-    return np.fromiter((zlib.crc32(block) for block in data), dtype=np.uint32, count=count)
 
 
 def _sibling(dst: Path, role: str) -> Path:

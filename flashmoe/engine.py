@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import EngineConfig
+from .config import EngineConfig, default_ngram_mem
 from .formats.packed import Manifest
 from .formats.safetensors import SafetensorsFile
 from .generation import ContextLengthError, Generation, LogitsProcessor
@@ -157,10 +157,10 @@ class Engine:
     def _open_ngram_tables(self, host_budget: int) -> int:
         """Attach the n-gram tables' files (families with per-layer embeddings) behind a row cache
         taken from the host budget (--ngram-mem, or a sixteenth of it, at most the tables); -> its bytes."""
-        tables = {i: (table_rows(ple.spec), ple.spec.dim // ple.spec.heads) for i, ple in self.model.ngram_layers.items()}
+        tables = {i: (table_rows(ple.spec), ple.spec.width) for i, ple in self.model.ngram_layers.items()}
         self.manifest.check_ngrams(tables)
         ngram_mem = self.config.ngram_mem
-        budget = min(self.manifest.total_ngram_bytes, host_budget // 16) if ngram_mem is None else ngram_mem
+        budget = default_ngram_mem(self.manifest.total_ngram_bytes, host_budget) if ngram_mem is None else ngram_mem
         self.ngram_rows = NgramRowStore(self.dir, self.manifest.ngram_files, budget, self.config.io_threads,
                                         self.config.verify, self.config.direct_io)
         if tables:

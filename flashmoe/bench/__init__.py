@@ -8,6 +8,8 @@ page cache). Both tiers use the static policy: random routing has no locality, s
 the cache; `adaptive` rows let resident decode swap experts between the tiers by their use (what
 the default policy does with --preload). Reported beside each measurement (scenarios): the roofline
 from the bytes each tier moved per token and bandwidths measured in the same run (probes).
+N-gram tables (qwen4_exp) are synthesized at an eighth of their rows (presets.NGRAM_TABLE_DIVISOR:
+the released one cannot fit the disk), the report saying so; the footprint counts them at full size.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import torch
 from ..analysis.routing_trace import RoutingTrace
 from ..models import args_from_dict
 from ..utils import total_memory_bytes
-from .presets import preset_args, preset_config
+from .presets import preset_args, preset_config, shrink_ngram_tables
 from .probes import measure_bandwidths
 from .scenarios import fit_trace_replays, log_decode, run_decode, run_prefill, run_replayed_decode
-from .synthesis import record_layout, synthesize
+from .synthesis import ngram_tables_report, record_layout, synthesize
 from .tiers import place_tiers, plan_tiers, slice_engine
 
 
@@ -74,13 +76,18 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     decode_rows, the adaptive replays timed after `warmup` tokens) and S2 for each prompt length
     (also resident). Returns the report. Replayed routing runs without prefetch: its ids come from
     a stream the router's guess cannot know."""
-    full, cfg = preset_args(preset), preset_config(preset, layers)
+    full, cfg = preset_args(preset), shrink_ngram_tables(preset_config(preset, layers))
     sliced = args_from_dict(cfg)
     replays, trace_stats = ({}, None)
     if trace is not None:  # before the slow parts: a bad trace fails at once
         replays, trace_stats = fit_trace_replays(RoutingTrace.load(trace), full.moe.num_experts, ks, log)
     out = workdir / f"{preset}-L{layers}-{bits}bit"
     log(f"synthesizing {preset} (first {layers} of {full.num_hidden_layers} layers, {bits}-bit experts) in {out}")
+    ngram_tables = ngram_tables_report(full, sliced)
+    for t in ngram_tables:
+        log(f"n-gram table of layer {t['layer']} at {t['row_share']:.1%} of the release's rows: {t['rows']:,} of "
+            f"{t['released_rows']:,}, {t['file_bytes'] / 2**30:.1f} of {t['released_file_bytes'] / 2**30:.1f} GiB as stored "
+            "(each head's table shrunk alike, the hash taken modulo it; a token still reads a row per head)")
     synthesize(out, cfg, bits, device="cuda", log=log)
     layout = record_layout(full, bits)
     bw = measure_bandwidths(out, layout)
@@ -92,6 +99,8 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     engine = slice_engine(out, sliced, layout, tiers, k_max, dense_bits, prefetch)
     report = {"preset": preset, "layers": layers, "bits": bits, "dense_bits": dense_bits, "device": torch.cuda.get_device_name(0),
               "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
+    if ngram_tables:
+        report["ngram_tables"] = ngram_tables
     if trace_stats:
         report["trace"] = trace_stats
     if resident and tiers.disk_fraction > 0:
@@ -121,5 +130,6 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
             p = run_prefill(engine, n, full.num_hidden_layers)
             report["prefill"].append(p)
             log(f"S2 prefill {n}{' resident' if held else ''}: {p['tps']:.0f} tok/s, TTFT {p['ttft_s']:.2f} s; "
-                f"extrapolated {p['tps_extrapolated']:.0f} tok/s, TTFT {p['ttft_s_extrapolated']:.2f} s")
+                f"extrapolated {p['tps_extrapolated']:.0f} tok/s, TTFT {p['ttft_s_extrapolated']:.2f} s"
+                + (f"; n-gram reads {p['ngram_reads']} ({p['ngram_bytes_read'] / 2**20:.1f} MiB)" if p["ngram_reads"] else ""))
     return report

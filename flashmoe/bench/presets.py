@@ -97,7 +97,27 @@ def preset_config(name: str, layers: int | None = None) -> dict:
         cfg["num_hidden_layers"] = layers
         if "layer_types" in cfg:
             cfg["layer_types"] = cfg["layer_types"][:layers]
+        if "ple_layer_ids" in cfg:  # one-indexed; a PLE layer keeps its place (and its tables) among those left
+            cfg["ple_layer_ids"] = [i for i in cfg["ple_layer_ids"] if i <= layers]
     return cfg
+
+
+# The release's n-gram table (Qwen3.8-Flash-Next: 320M rows for its one PLE layer, 95 GiB of values,
+# 102 GiB as stored) cannot fit the bench machines' 64 GB disks: bench synthesizes every head's table
+# at an eighth of its rows (12.7 GiB as stored; an 8-layer slice adds 10.5 GiB of 4-bit experts and
+# 3.6 GiB of dense weights). Per token the engine still reads one row, one 4 KiB block, per head;
+# only the share of the table a row cache of a given size holds changes, and the slice's row cache
+# is scaled with the table (tiers.py) so that share is the full model's.
+NGRAM_TABLE_DIVISOR = 8
+
+
+def shrink_ngram_tables(cfg: dict, divisor: int = NGRAM_TABLE_DIVISOR) -> dict:
+    """cfg with each n-gram head's table 1/divisor of its rows: the base of the heads' table sizes
+    divided, so the heads' tables are the primes from there on, and the hash is taken modulo them
+    (the model reads every row it hashes to; docs/BENCHMARKS.md). Configs without tables unchanged."""
+    if not cfg.get("ple_layer_ids"):
+        return cfg
+    return {**cfg, "ngram_vocab_size_base": cfg["ngram_vocab_size_base"] // divisor}
 
 
 def preset_args(name: str, layers: int | None = None) -> ModelArgs:

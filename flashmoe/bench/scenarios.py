@@ -49,6 +49,12 @@ class DecodeResult:
     ms_per_layer: float = 0.0  # (t_token - t_token over the first L/2 layers) / (L - L/2)
     ms_outside_layers_profiled: float = 0.0  # the earlier estimate: what the profiled pass's sections leave
     tps_extrapolated_profiled: float = 0.0  # t60 with that estimate (the rows of earlier sessions)
+    # N-gram table rows (qwen4_exp), read a 4 KiB block each: random reads, bound by the disk's IOPS
+    # rather than the bandwidth the rooflines divide by, so in no roofline term.
+    ngram_rows_per_token: float = 0.0  # distinct rows looked up (one per head of each PLE layer a step)
+    ngram_reads_per_token: float = 0.0  # ... blocks read from disk for them (the row cache's misses)
+    ngram_bytes_per_token: float = 0.0
+    ngram_hit_rate: float = 0.0  # share of the rows found in the row cache
 
 
 def steady_seconds_per_token(engine, prompt: list[int], params) -> tuple[float, "Generation"]:
@@ -140,6 +146,10 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
         resident=engine.resident,
         adaptive=engine.adaptive,
         swaps_per_token=gpu.swapped / n,
+        ngram_rows_per_token=s.ngrams.rows / n,
+        ngram_reads_per_token=s.ngrams.reads / n,
+        ngram_bytes_per_token=s.ngrams.bytes_read / n,
+        ngram_hit_rate=s.ngrams.hits / s.ngrams.rows if s.ngrams.rows else 0.0,
     )
 
 
@@ -160,6 +170,8 @@ def run_prefill(engine, prompt_len: int, layers_full: int) -> dict:
         "ttft_s_extrapolated": ttft * layers_full / L,
         "tps_extrapolated": prompt_len / (ttft * layers_full / L),
         "host_reads_bytes": s.prefill_cache.bytes_read,
+        "ngram_reads": s.prefill_ngrams.reads,  # n-gram table blocks read from disk (qwen4_exp)
+        "ngram_bytes_read": s.prefill_ngrams.bytes_read,
         "resident": engine.resident,
     }
 
@@ -236,5 +248,7 @@ def log_decode(r: DecodeResult, log=print) -> None:
         + (f"; prefetch: guessed {r.prefetch_accuracy:.1%} of experts, {r.prefetch_hits_per_token:.1f} copies/token "
            f"ahead of need, {r.prefetch_wasted_bytes_per_token / 2**20:.0f} MiB/token wasted" if r.prefetch else "")
         + (f"; swaps {r.swaps_per_token:.2f}/token ({r.warmup_swaps} in {r.warmup_tokens} warm-up tokens)" if r.adaptive else "")
+        + (f"; n-gram rows {r.ngram_rows_per_token:.1f}/token, {r.ngram_hit_rate:.1%} cached, {r.ngram_reads_per_token:.1f} "
+           f"reads ({r.ngram_bytes_per_token / 2**10:.0f} KiB)/token" if r.ngram_rows_per_token else "")
     )
     log("  per layer (ms): " + " | ".join(f"{n} {v:.3f}" for n, v in r.breakdown_ms_per_layer.items()))

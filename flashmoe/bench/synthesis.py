@@ -1,6 +1,7 @@
 """A packed model of a preset's shape with random weights (fixed seed), written straight into the
 packed format: what `flashmoe bench` measures. Dense weights come from the family's own modules
-(their names, shapes and kinds), experts as random records of the requested bits."""
+(their names, shapes and kinds), experts as random records of the requested bits, n-gram tables
+(qwen4_exp) as random rows in their own files."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..formats.packed import DENSE_FILE, ExpertFile, Manifest, RecordLayout
+from ..formats.packed import DENSE_FILE, ExpertFile, Manifest, NgramFile, NgramTableWriter, RecordLayout
 from ..formats.safetensors import SafetensorsWriter
+from ..layers.ple import table_rows
 from ..models import ModelArgs, args_from_dict
 from ..models.transformer import Model
 from ..moe.block import FP32_TENSORS
@@ -41,7 +43,7 @@ def _kind(name: str, args: ModelArgs) -> str:
     """How random_init fills a tensor, by its role."""
     if name.endswith("linear_attn.norm.weight"):
         return "ones"  # the DeltaNet output norm's plain weight
-    if name.endswith("norm.weight"):
+    if "norm" in name.split(".")[-2]:  # input_layernorm, hc_norm, the PLE's norm_key, ...
         return "norm" if args.ZERO_CENTRED_NORMS else "unit_norm"
     for suffix, kind in (("A_log", "a_log"), ("dt_bias", "ones"), ("conv1d.weight", "conv"),
                          ("e_score_correction_bias", "zeros"), (".bias", "zeros")):
@@ -68,16 +70,15 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
     """Write a packed model of this shape with random weights straight into `out` (skipped if it is
     already there with the same shape and quantization)."""
     args = args_from_dict(cfg)
-    if ple := [i + 1 for i in range(args.num_hidden_layers) if args.layer(i).ple is not None]:
-        raise ValueError(f"bench does not synthesize n-gram embedding tables yet ({args.model_type}'s, at layers {ple} "
-                         "counted from 1): convert the released checkpoint and run it with flashmoe generate instead")
     E = args.moe.num_experts
     layout = record_layout(args, bits, group_size)
     stamp = {"bench_config": cfg, "bits": bits, "group_size": group_size, "seed": seed}
     if (out / "bench.json").exists() and json.loads((out / "bench.json").read_text()) == stamp:
         return out
     dense = dense_tensors(args)
-    need = len(args.moe_layers) * E * layout.record_size + sum(math.prod(s) * d.itemsize for _, s, d, _ in dense)
+    tables = ngram_table_files(args)
+    need = (len(args.moe_layers) * E * layout.record_size + sum(math.prod(s) * d.itemsize for _, s, d, _ in dense)
+            + sum(t.file_size for t in tables))
     _check_disk(out, need)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -106,9 +107,46 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
             os.fsync(f.fileno())  # written back now: the disk probe that follows must not race the writeback
         files.append(ExpertFile(layer, rel, E, tuple(crcs)))
         log(f"  synthesized layer {layer}: {E} experts ({time.perf_counter() - t0:.0f} s)")
-    Manifest(layout, tuple(files), DENSE_FILE, "bfloat16", "flashmoe bench (random weights)").save(out)
+    if tables:
+        (out / "ngrams").mkdir(exist_ok=True)
+    for table in tables:
+        write_random_ngram_table(out, table, gen)
+        log(f"  synthesized layer {table.layer}'s n-gram table: {table.rows:,} rows of {table.width} values, "
+            f"{table.file_size / 2**30:.2f} GiB ({time.perf_counter() - t0:.0f} s)")
+    Manifest(layout, tuple(files), DENSE_FILE, "bfloat16", "flashmoe bench (random weights)", tables).save(out)
     (out / "bench.json").write_text(json.dumps(stamp))
     return out
+
+
+def ngram_table_files(args: ModelArgs) -> tuple[NgramFile, ...]:
+    """The n-gram table files of a model of this shape (none for families without them), bfloat16."""
+    specs = {i: args.layer(i).ple for i in range(args.num_hidden_layers)}
+    return tuple(NgramFile.for_layer(i, table_rows(spec), spec.width) for i, spec in specs.items() if spec is not None)
+
+
+def write_random_ngram_table(out: Path, table: NgramFile, gen: torch.Generator, piece_bytes: int = 64 << 20) -> None:
+    """Random rows of unit variance (what a unit-gain projection of them expects), generated and
+    written a piece of whole blocks at a time (none carried between pieces), in the format the
+    converter writes."""
+    rows_per_piece = table.rows_per_block * max(1, piece_bytes // table.block_bytes)
+    with open(out / table.file, "wb") as f:
+        writer = NgramTableWriter(f, table)
+        for start in range(0, table.rows, rows_per_piece):
+            n = min(rows_per_piece, table.rows - start)
+            rows = torch.randn(n, table.width, generator=gen, device=gen.device).to(torch.bfloat16)
+            writer.write(rows.cpu().view(torch.uint8))
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())  # as the experts: written back before anything is timed
+
+
+def ngram_tables_report(full: ModelArgs, sliced: ModelArgs) -> list[dict]:
+    """What a synthesis holds of each n-gram table in the slice, beside the released model's: rows
+    and bytes as stored, and the share of the rows."""
+    released = {t.layer: t for t in ngram_table_files(full)}
+    return [{"layer": t.layer, "rows": t.rows, "released_rows": released[t.layer].rows,
+             "row_share": t.rows / released[t.layer].rows, "file_bytes": t.file_size,
+             "released_file_bytes": released[t.layer].file_size} for t in ngram_table_files(sliced)]
 
 
 def _tree_bytes(path: Path) -> int:

@@ -1,6 +1,6 @@
 """Where a benchmark's experts lie: tiers planned for the full model from the machine (GPU memory
-less the dense weights and a margin, RAM less a reserve, the rest on disk) and scaled to the slice
-by placing whole experts of each layer; the engine built over them."""
+less the dense weights and a margin, RAM less a reserve and the n-gram row cache, the rest on disk)
+and scaled to the slice by placing whole experts of each layer; the engine built over them."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, default_ngram_mem
 from ..formats.packed import RecordLayout
 from ..layers.int8_linear import is_int8_linear
 from ..models import ModelArgs
-from .synthesis import dense_tensors
+from .synthesis import dense_tensors, ngram_table_files
 
 GPU_MARGIN = 6 << 30  # KV/state, activations, staging slots, CUDA context (full model)
 RAM_RESERVE = 24 << 30  # OS, the process, dense weights in flight
@@ -41,25 +41,37 @@ class Tiers:
     host_fraction: float
     disk_fraction: float
     notes: str
+    ngram_table_bytes: int = 0  # the full model's n-gram tables as stored (on disk; qwen4_exp)
+    ngram_cache_bytes: int = 0  # ... their row cache, taken from the host tier (default_ngram_mem)
+    ngram_cache_share: float = 0.0  # ... the share of the tables' rows it holds, kept in the slice (slice_engine)
 
 
 def plan_tiers(full: ModelArgs, layout: RecordLayout, gpu_total: int, ram_total: int, gpu_mem=None, host_mem=None,
                dense_bits: int = 16) -> Tiers:
-    """Tiers for the full model, as fractions of its experts, from the machine (or given budgets)."""
+    """Tiers for the full model, as fractions of its experts, from the machine (or given budgets).
+    N-gram tables (qwen4_exp) stay on disk; their row cache takes the engine's default share of the
+    host tier."""
     n_moe, E = len(full.moe_layers), full.moe.num_experts
     all_experts = n_moe * E * layout.record_size
     dense = dense_bytes(full, dense_bits)
     gpu = gpu_mem if gpu_mem is not None else max(0, gpu_total - dense - GPU_MARGIN)
     host = host_mem if host_mem is not None else max(0, ram_total - RAM_RESERVE)
+    tables = ngram_table_files(full)
+    table_rows_bytes = sum(t.rows * t.row_bytes for t in tables)
+    ngram_cache = default_ngram_mem(table_rows_bytes, host)  # the engine's rule, the host budget being the host tier
     per_layer = n_moe * layout.record_size  # bytes of one expert index across all layers
     g = min(E, gpu // per_layer)
-    h = min(E - g, host // per_layer)
+    h = min(E - g, (host - ngram_cache) // per_layer)
     notes = (
         f"full model: experts {all_experts / 2**30:.1f} GiB, dense {dense / 2**30:.1f} GiB ({dense_bits}-bit); "
         f"GPU tier = GPU {gpu_total / 2**30:.0f} GiB - dense - {GPU_MARGIN >> 30} GiB margin = {gpu / 2**30:.1f} GiB; "
         f"host tier = RAM {ram_total / 2**30:.0f} GiB - {RAM_RESERVE >> 30} GiB reserve = {host / 2**30:.1f} GiB"
     )
-    return Tiers(g, h, E, g / E, h / E, 1 - (g + h) / E, notes)
+    table_bytes, cache_share = sum(t.file_size for t in tables), ngram_cache / table_rows_bytes if tables else 0.0
+    if tables:
+        notes += (f"; n-gram tables {table_bytes / 2**30:.1f} GiB on disk, their row cache {ngram_cache / 2**30:.1f} GiB "
+                  f"of the host tier ({cache_share:.1%} of their rows), experts the rest")
+    return Tiers(g, h, E, g / E, h / E, 1 - (g + h) / E, notes, table_bytes, ngram_cache, cache_share)
 
 
 def place_tiers(engine, tiers: Tiers, resident: bool = False, adaptive: bool = False) -> None:
@@ -73,12 +85,16 @@ def place_tiers(engine, tiers: Tiers, resident: bool = False, adaptive: bool = F
 
 def slice_engine(out: Path, args: ModelArgs, layout: RecordLayout, tiers: Tiers, k_max: int, dense_bits: int = 16,
                  prefetch: bool = False):
-    """An engine over the synthesized slice with tier budgets for `tiers` (place_tiers fills them)."""
+    """An engine over the synthesized slice with tier budgets for `tiers` (place_tiers fills them),
+    and a row cache holding the share of the slice's n-gram tables the full model's would (taken
+    from the host budget by the engine, so added to it)."""
     from ..engine import Engine
 
     rs, moe_layers = layout.record_size, len(args.moe_layers)
+    tables = ngram_table_files(args)
+    ngram_mem = int(tiers.ngram_cache_share * sum(t.rows * t.row_bytes for t in tables)) if tables else None
     return Engine(out, EngineConfig(
         device="cuda", k=k_max, cache_policy="static", direct_io=True, verify=False,
-        host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs, gpu_mem=tiers.gpu_per_layer * moe_layers * rs,
-        dense_bits=dense_bits, prefetch=prefetch,
+        host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs + (ngram_mem or 0),
+        ngram_mem=ngram_mem, gpu_mem=tiers.gpu_per_layer * moe_layers * rs, dense_bits=dense_bits, prefetch=prefetch,
     ))

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from .. import quant
@@ -239,6 +241,55 @@ class NgramFile:
     @property
     def file_size(self) -> int:
         return self.crc_offset + 4 * self.blocks
+
+    @classmethod
+    def for_layer(cls, layer: int, rows: int, width: int, dtype: str = "bfloat16") -> "NgramFile":
+        """Layer `layer`'s table, in the file a packed model keeps it in."""
+        return cls(layer, f"ngrams/layer_{layer:03d}.bin", rows, width, dtype)
+
+
+class NgramTableWriter:
+    """Writes one n-gram table file from rows streamed in order, in pieces of any size: whole
+    blocks are written as they fill (a partial one is carried to the next piece), the CRC-32s at
+    close. Memory: a few copies of one piece, however large the table."""
+
+    def __init__(self, f: BinaryIO, table: NgramFile):
+        self.f, self.table = f, table
+        self.carried = torch.empty(0, table.row_bytes, dtype=torch.uint8)
+        self.crcs: list[np.ndarray] = []
+        self.rows_written = 0
+
+    def write(self, rows: torch.Tensor) -> None:
+        """The next rows [n, row_bytes] (uint8, the values' little-endian bytes)."""
+        self.rows_written += rows.shape[0]
+        if self.rows_written > self.table.rows:
+            raise ValueError(f"layer {self.table.layer}'s n-gram table has {self.table.rows} rows; {self.rows_written} were written")
+        rows = torch.cat([self.carried, rows]) if self.carried.shape[0] else rows
+        whole = rows.shape[0] // self.table.rows_per_block * self.table.rows_per_block  # rows that fill blocks
+        self._write_blocks(rows[:whole])
+        self.carried = rows[whole:].clone()  # not a view: the caller may reuse its buffer
+
+    def close(self) -> None:
+        """The last (zero-padded) block, then one CRC-32 per block."""
+        if self.rows_written != self.table.rows:
+            raise ValueError(f"layer {self.table.layer}'s n-gram table has {self.table.rows} rows; {self.rows_written} were written")
+        self._write_blocks(self.carried)
+        self.f.write(np.concatenate(self.crcs).astype("<u4").tobytes())
+
+    def _write_blocks(self, rows: torch.Tensor) -> None:
+        """Rows [n, row_bytes] as ceil(n / rows_per_block) zero-padded blocks, their CRC-32s kept."""
+        t, n = self.table, rows.shape[0]
+        count, whole = -(-n // t.rows_per_block), n // t.rows_per_block
+        blocks = torch.empty(count, t.block_bytes, dtype=torch.uint8)  # each byte written once: no zeroing pass
+        blocks[:, t.rows_per_block * t.row_bytes :] = 0
+        slots = blocks[:, : t.rows_per_block * t.row_bytes].unflatten(1, (t.rows_per_block, t.row_bytes))
+        slots[:whole] = rows[: whole * t.rows_per_block].reshape(whole, t.rows_per_block, t.row_bytes)
+        if whole < count:  # the table's last rows: a block part filled
+            slots[whole, : n - whole * t.rows_per_block] = rows[whole * t.rows_per_block :]
+            slots[whole, n - whole * t.rows_per_block :] = 0
+        data = blocks.numpy()
+        self.f.write(data.data)
+        self.crcs.append(np.fromiter((zlib.crc32(block) for block in data), dtype=np.uint32, count=count))
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,11 @@ class NgramSpec:
     def heads(self) -> int:
         return (self.order - 1) * self.heads_per_order
 
+    @property
+    def width(self) -> int:
+        """Values of one table row: each head's share of the concatenated embedding."""
+        return self.dim // self.heads
+
 
 def _splitmix64(value: int) -> int:
     value = (value + _GOLDEN_GAMMA) & _MASK64

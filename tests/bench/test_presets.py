@@ -60,10 +60,3 @@ def test_a_slice_keeps_the_first_layers():
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("llama")
 
-
-def test_bench_refuses_to_synthesize_ngram_tables_for_now(tmp_path):
-    from flashmoe.bench.synthesis import synthesize
-
-    with pytest.raises(ValueError, match=r"bench does not synthesize n-gram embedding tables yet \(qwen4_exp_text's, at layers \[2\]"):
-        synthesize(tmp_path / "m", preset_config("qwen3.8-flash-next", layers=4), bits=4)
-    assert not (tmp_path / "m").exists()

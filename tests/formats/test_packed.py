@@ -8,7 +8,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from flashmoe import quant
-from flashmoe.formats.packed import DTYPE_BY_NAME, ExpertFile, Manifest, PackedFormatError, RecordLayout
+from flashmoe.formats.packed import (DTYPE_BY_NAME, ExpertFile, Manifest, NgramFile, NgramTableWriter, PackedFormatError,
+                                    RecordLayout)
 
 from ..hostile_json import FUZZ, JSON_VALUES, mutated
 
@@ -131,3 +132,37 @@ def test_a_manifest_of_random_bytes_is_refused_naming_the_file(tmp_path, data):
     (tmp_path / "flashmoe.json").write_bytes(data)
     with pytest.raises(PackedFormatError, match=str(tmp_path / "flashmoe.json")):
         Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("width", [8, 160, 3000])  # 256 rows to a block, 12 (and padding), a row over two pages
+def test_an_ngram_table_is_the_same_file_however_its_rows_are_streamed(tmp_path, width):
+    """The blocks, their padding and the CRC-32s after them (docs/FORMAT.md), from rows written
+    whole or in pieces that end mid-block; a table fed more or fewer rows than it has is refused."""
+    import io
+    import zlib
+
+    table = NgramFile.for_layer(3, 1000, width)
+    rows = torch.randint(0, 256, (1000, table.row_bytes), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    files = []
+    for pieces in ([1000], [1, 254, 300, 445]):
+        f = io.BytesIO()
+        writer = NgramTableWriter(f, table)
+        for piece in rows.split(pieces):
+            writer.write(piece)
+        writer.close()
+        files.append(f.getvalue())
+    assert files[0] == files[1] and len(files[0]) == table.file_size and table.file == "ngrams/layer_003.bin"
+    data = files[0]
+    for r in (0, 999, table.rows_per_block, table.rows_per_block - 1):
+        at = r // table.rows_per_block * table.block_bytes + r % table.rows_per_block * table.row_bytes
+        assert data[at : at + table.row_bytes] == rows[r].numpy().tobytes()
+    crcs = torch.frombuffer(bytearray(data[table.crc_offset :]), dtype=torch.int32).view(torch.uint32)
+    blocks = [data[b * table.block_bytes : (b + 1) * table.block_bytes] for b in range(table.blocks)]
+    assert [int(c) for c in crcs] == [zlib.crc32(b) for b in blocks]
+    assert not any(blocks[0][table.rows_per_block * table.row_bytes :]) and not any(data[table.crc_offset - 1 : table.crc_offset])
+    writer = NgramTableWriter(io.BytesIO(), table)
+    writer.write(rows[:999])
+    with pytest.raises(ValueError, match="layer 3's n-gram table has 1000 rows; 999 were written"):
+        writer.close()
+    with pytest.raises(ValueError, match="1000 rows; 1001 were written"):
+        writer.write(rows[:2])
