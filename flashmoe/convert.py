@@ -34,7 +34,7 @@ from .formats.fp8 import dequantize as fp8_dequantize
 from .formats.mlx import MlxQuantization
 from .formats.mlx import dequantize as mlx_dequantize
 from .formats.safetensors import Checkpoint, SafetensorsWriter
-from .layers.ple import NGRAM_SHARD, shard_rows, table_rows
+from .layers.ple import NGRAM_SHARD, shard_rows
 from .models import ModelArgs, names, read_args, sanitize
 from .models.names import CheckpointNames
 from .models.transformer import Model
