@@ -74,8 +74,8 @@ def _engine_option(name: str, annotation, default, *decls: str, help: str) -> in
 ENGINE_OPTIONS = [
     _engine_option("device", str, "auto", "--device",
                    help="auto (the GPU where PyTorch sees one and the model runs there, else the CPU), cpu, cuda or cuda:N."),
-    _engine_option("dtype", str, "auto", "--dtype", help="Compute dtype: auto (bfloat16 on GPUs; float32 on the CPU unless "
-                   "the dense weights would take over an eighth of the RAM), bfloat16, float16, float32."),
+    _engine_option("dtype", str, "auto", "--dtype", help="Compute dtype: auto (bfloat16 on GPUs, float32 on the CPU, where "
+                   "the projections keep their 16-bit values), bfloat16, float16, float32."),
     _engine_option("host_mem", Optional[str], None, "--host-mem",
                    help="Expert cache budget in RAM, e.g. 2G (default: half the free RAM)."),
     _engine_option("ngram_mem", Optional[str], None, "--ngram-mem",

@@ -23,7 +23,7 @@ def default_ngram_mem(table_bytes: int, host_budget: int) -> int:
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto: the GPU where there is one and the model runs there (Engine decides)
-    dtype: str = "auto"  # auto: bfloat16 on GPUs; float32 on CPUs unless its dense weights would crowd the RAM
+    dtype: str = "auto"  # auto: bfloat16 on GPUs, float32 on the CPU
     host_mem: int | None = None  # bytes of RAM for the expert cache; None: half the free RAM
     # bytes of the host budget for the n-gram row cache (qwen4_exp); None: default_ngram_mem
     ngram_mem: int | None = None
@@ -86,19 +86,15 @@ class EngineConfig:
         """Whether routed experts go through the GPU tier and the Triton kernels."""
         return self.on_gpu or self.gpu_path_on_cpu
 
-    def torch_dtype(self, dense_fp32_bytes: int, ram_bytes: int) -> tuple[torch.dtype, str]:
+    def torch_dtype(self) -> tuple[torch.dtype, str]:
         """The compute dtype and why: the named one, or for auto bfloat16 on GPUs and float32 on the
         CPU (its one-token step kernels are fp32, and bf16 decoded slower there and left
-        transformers' greedy path: EXPERIMENTS entry 74) unless the dense weights in fp32 would take
-        more than an eighth of the RAM (bfloat16 then halves them)."""
+        transformers' greedy path: EXPERIMENTS entry 74; the projections keep their 16-bit values
+        all the same, layers/int8_linear.Bf16Linear)."""
         chosen = DTYPES[self.dtype]
         if chosen is not None:
             return chosen, "--dtype"
-        if self.on_gpu:
-            return torch.bfloat16, "the GPU's default"
-        if dense_fp32_bytes > ram_bytes // 8:
-            return torch.bfloat16, "the dense weights in float32 would take over an eighth of the RAM"
-        return torch.float32, "the CPU's default"
+        return (torch.bfloat16, "the GPU's default") if self.on_gpu else (torch.float32, "the CPU's default")
 
     def but(self, **changes) -> "EngineConfig":
         """A copy with some options changed (and checked again)."""

@@ -18,7 +18,8 @@ from .config import EngineConfig, default_ngram_mem
 from .formats.packed import Manifest
 from .formats.safetensors import SafetensorsFile
 from .generation import ContextLengthError, Generation, LogitsProcessor
-from .layers.int8_linear import use_int8_linears
+from . import kernels
+from .layers.int8_linear import use_bf16_linears, use_int8_linears
 from .layers.mlp import SILU
 from .layers.ple import table_rows
 from .layers.state import SequenceState
@@ -34,7 +35,7 @@ from .runtime.sampling import SamplingParams
 from .runtime.stats import GpuTierStats, Timer
 from .runtime.threads import ThreadBudget
 from .tokenizer import Tokenizer
-from .utils import available_memory_bytes, format_bytes, total_memory_bytes
+from .utils import available_memory_bytes, format_bytes
 
 __all__ = ["ContextLengthError", "Engine", "EngineConfig", "GpuMemoryError"]
 
@@ -63,8 +64,7 @@ class Engine:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
-        self.dtype, why_dtype = config.torch_dtype(2 * (self.dir / self.manifest.dense_file).stat().st_size,
-                                                   total_memory_bytes())
+        self.dtype, why_dtype = config.torch_dtype()
         self.choices.append(f"{str(self.dtype).removeprefix('torch.')} ({why_dtype})")
         self.top_k = moe.top_k if config.k is None else config.k
         if not 1 <= self.top_k <= moe.num_experts:
@@ -138,12 +138,19 @@ class Engine:
         with torch.device("meta"):
             model = Model(self.args)
         int8 = set(use_int8_linears(model)) if self.config.dense_bits == 8 else set()
+        # fp32 on the CPU: the projections keep the file's bf16 values (exact, half the bytes a decode
+        # step reads and half the RAM), computed in fp32 (layers/int8_linear.Bf16Linear).
+        stored16 = (self.device.type == "cpu" and self.dtype == torch.float32 and self.manifest.dense_dtype == "bfloat16"
+                    and kernels.use_cpu_kernels(torch.empty(0)))
+        bf16 = set(use_bf16_linears(model)) if stored16 else set()
         weights = {}
         with SafetensorsFile(self.dir / self.manifest.dense_file) as f:
             for name in f.tensors:
                 module, _, kind = name.rpartition(".")
                 if module in int8 and kind == "weight":  # quantized from the stored 16-bit values, on the device
                     weights[name], weights[f"{module}.scale"] = quantize_int8_rows(f.read(name).to(self.device))
+                elif module in bf16 and kind == "weight":
+                    weights[name] = f.read(name)
                 else:
                     dtype = torch.float32 if kind in FP32_TENSORS else self.dtype
                     weights[name] = f.read(name).to(self.device, dtype)

@@ -210,12 +210,13 @@ def test_a_batched_generation_prefills_a_slice_at_a_time(packed16, monkeypatch):
     assert (pauses, requests) == (2, 3) and tokens == plain  # slices 4 + 4 + 2; a step between every two tokens
 
 
-def test_auto_dtype_is_float32_on_the_cpu_unless_the_dense_weights_crowd_the_ram():
-    cpu, gpu = EngineConfig(), EngineConfig(device="cuda")
-    assert cpu.torch_dtype(1 << 20, 8 << 30) == (torch.float32, "the CPU's default")
-    assert cpu.torch_dtype(2 << 30, 8 << 30)[0] == torch.bfloat16  # 2 GiB of fp32 dense weights > 8 GiB / 8
-    assert gpu.torch_dtype(1 << 20, 8 << 30)[0] == torch.bfloat16
-    assert EngineConfig(dtype="bfloat16").torch_dtype(1 << 20, 8 << 30) == (torch.bfloat16, "--dtype")
+def test_auto_dtype_is_float32_on_the_cpu_with_the_projections_kept_16_bit(engine):
+    assert EngineConfig().torch_dtype() == (torch.float32, "the CPU's default")
+    assert EngineConfig(device="cuda").torch_dtype() == (torch.bfloat16, "the GPU's default")
+    assert EngineConfig(dtype="bfloat16").torch_dtype() == (torch.bfloat16, "--dtype")
+    # an fp32 CPU engine holds the file's bf16 projections as they are: half the bytes of fp32
+    projections = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "scale")]
+    assert projections and all(m.weight.dtype == torch.bfloat16 for m in projections)
 
 
 def test_auto_device_takes_the_cpu_where_there_is_no_gpu_and_says_why(packed16, monkeypatch):

@@ -108,18 +108,40 @@ def _gemv(w, x, out):
         out[r] = acc
 
 
+@numba_jit()
+def _gemv_bf16(w16, x, out):
+    """`_gemv` over bfloat16 weights (as uint16): each row widened to fp32 through a buffer (numba
+    cannot bit-cast a scalar), which LLVM vectorizes; half the bytes of fp32 to read."""
+    n, k = w16.shape
+    bits = np.empty(k, np.uint32)
+    values = bits.view(np.float32)
+    for r in range(n):
+        row = w16[r]
+        for i in range(k):
+            bits[i] = np.uint32(row[i]) << 16
+        acc = np.float32(0.0)
+        for i in range(k):
+            acc += values[i] * x[i]
+        out[r] = acc
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] fp32 and weight [N, K] (fp32, or int8 codes with a per-row fp32 scale [N]) on the CPU
-    -> x @ weight^T [1, N] fp32 (times scale)."""
+    """x [1, K] fp32 and weight [N, K] (fp32, bf16, or int8 codes with a per-row fp32 scale [N]) on
+    the CPU -> x @ weight^T [1, N] fp32 (times scale)."""
     out = torch.empty(1, weight.shape[0], dtype=torch.float32)
-    _gemv(weight.detach().numpy(), x.detach().reshape(-1).numpy(), out[0].numpy())
+    x, weight = x.detach().reshape(-1).numpy(), weight.detach()
+    if weight.dtype == torch.bfloat16:
+        _gemv_bf16(weight.view(torch.uint16).numpy(), x, out[0].numpy())
+    else:
+        _gemv(weight.numpy(), x, out[0].numpy())
     return out if scale is None else out * scale
 
 
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight^T goes through `gemv`: one fp32 row on the CPU (numba installed), a
-    contiguous fp32 or int8 weight of at most GEMV_MAX_BYTES."""
-    return (x.numel() == weight.shape[1] and weight.dtype in (torch.float32, torch.int8) and weight.is_contiguous()
+    contiguous fp32, bf16 or int8 weight of at most GEMV_MAX_BYTES."""
+    return (x.numel() == weight.shape[1] and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
+            and weight.is_contiguous()
             and weight.numel() * weight.element_size() <= GEMV_MAX_BYTES and kernels.use_cpu_kernels(x))
 
 

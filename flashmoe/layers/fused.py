@@ -75,8 +75,8 @@ def concatenated(layers: list[nn.Module]) -> nn.Module:
     become row views of its own."""
     first, out = layers[0], sum(m.out_features for m in layers)
     with torch.device("meta"):  # shapes only: the tensors are assigned below
-        if isinstance(first, Int8Linear):
-            fused = Int8Linear(first.in_features, out, first.bias is not None)
+        if isinstance(first, Int8Linear):  # or its 16-bit kind, Bf16Linear
+            fused = type(first)(first.in_features, out, first.bias is not None)
         else:
             fused = nn.Linear(first.in_features, out, bias=first.bias is not None)
     for name, _ in [*first.named_parameters(recurse=False), *first.named_buffers(recurse=False)]:

@@ -71,16 +71,43 @@ class Int8Linear(nn.Module):
         out = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype, device=rows.device)
         for start in range(0, self.out_features, DEQUANT_ROWS):
             block = slice(start, start + DEQUANT_ROWS)
-            out[:, block] = F.linear(rows, self.weight[block].to(rows.dtype)) * self.scale[block]
+            y = F.linear(rows, self.weight[block].to(rows.dtype))
+            out[:, block] = y if self.scale is None else y * self.scale[block]
         return out
+
+
+class Bf16Linear(Int8Linear):
+    """y = x @ weight^T (+ bias) for fp32 x on the CPU, the weight kept as the checkpoint stores it,
+    bfloat16 (exactly its values, in half the bytes of fp32): a decode row reads it through the
+    numba GEMV (kernels/cpu_step.py, via layers/fused.project), more rows convert it a block at a
+    time for the library matmul. No scale: the values are the weights themselves."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.bfloat16))
+        self.register_buffer("scale", None)
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    def takes_gemv(self, rows: torch.Tensor) -> bool:
+        return False  # the GPU's int8 GEMV: not for these
 
 
 def use_int8_linears(model: nn.Module) -> list[str]:
     """Swap the model's quantizable nn.Linear layers for (empty) Int8Linear ones, in place, on the
     device the model was built on (meta, before loading) -> the swapped modules' names."""
-    swapped = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_int8_linear(name)]
+    return _swap(model, Int8Linear, is_int8_linear)
+
+
+def use_bf16_linears(model: nn.Module) -> list[str]:
+    """Swap every (remaining) nn.Linear layer for an empty Bf16Linear, as use_int8_linears does."""
+    return _swap(model, Bf16Linear, lambda name: True)
+
+
+def _swap(model: nn.Module, kind: type, chosen) -> list[str]:
+    swapped = [name for name, m in model.named_modules() if type(m) is nn.Linear and chosen(name)]
     for name in swapped:
         parent, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None))
+        setattr(model.get_submodule(parent), child, kind(linear.in_features, linear.out_features, linear.bias is not None))
     return swapped

@@ -186,7 +186,7 @@ class PerLayerEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, rows: torch.Tensor, states: list[NgramState], slices: list[slice]) -> torch.Tensor:
         """x [T, streams * H], the residual streams; rows [T, heads, row width]: the table rows that
         `start` read for the step's tokens -> what to add to the streams."""
-        embedded = rows.flatten(-2).to(self.key_proj.weight.dtype)
+        embedded = rows.flatten(-2).to(x.dtype)  # the compute dtype (the projections may store another)
         key = self.norm_key(self.key_proj(embedded)).unflatten(-1, (self.streams, self.hidden))
         query = self.norm_query(x).unflatten(-1, (self.streams, self.hidden))
         gate = (key * query).sum(-1, keepdim=True) / math.sqrt(self.hidden)

@@ -32,10 +32,11 @@ def test_the_cpu_deltanet_step_matches_the_eager_step(gate):
     assert float((state.recurrent - eager_state.recurrent).norm() / eager_state.recurrent.norm()) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_gemv_matches_the_matmul(dtype):
-    """One row through the numba GEMV against PyTorch's matmul, for fp32 weights and int8 codes
-    with per-row scales (--dense-bits 8), on fresh random inputs of an odd width."""
+    """One row through the numba GEMV against PyTorch's matmul, for fp32 and bf16 weights (the CPU's
+    Bf16Linear) and int8 codes with per-row scales (--dense-bits 8), on fresh random inputs of an
+    odd width."""
     from flashmoe.kernels.cpu_step import gemv, takes_gemv
 
     g = torch.Generator().manual_seed(5)
@@ -45,8 +46,8 @@ def test_gemv_matches_the_matmul(dtype):
         scale = torch.rand(77, generator=g) / 100
         want = (x @ weight.float().t()) * scale
     else:
-        weight, scale = torch.randn(77, 200, generator=g), None
-        want = x @ weight.t()
+        weight, scale = torch.randn(77, 200, generator=g).to(dtype), None
+        want = x @ weight.float().t()
     assert takes_gemv(x, weight) and not takes_gemv(torch.randn(2, 200), weight)  # one row only
     got = gemv(x, weight, scale)
     assert got.shape == (1, 77) and float((got - want).norm() / want.norm()) < 1e-6
@@ -83,3 +84,20 @@ def test_the_cpu_rms_norm_matches_the_eager_norm(zero_centred, monkeypatch):
     monkeypatch.setattr(kernels, "use_cpu_kernels", lambda x: False)
     want = norm(x)
     assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 1e-6
+
+
+def test_a_bf16_linear_computes_its_stored_values_in_fp32():
+    """Bf16Linear (the CPU's fp32 engines keep the checkpoint's bf16 weights): one row through the
+    GEMV and several through the converted matmul both give x @ w.float()^T + bias in fp32."""
+    from flashmoe.layers.fused import project
+    from flashmoe.layers.int8_linear import Bf16Linear
+
+    g = torch.Generator().manual_seed(13)
+    layer = Bf16Linear(96, 40, bias=True)
+    layer.weight = torch.randn(40, 96, generator=g).bfloat16()
+    layer.bias = torch.randn(40, generator=g)
+    for rows in (1, 5):
+        x = torch.randn(rows, 96, generator=g)
+        want = x @ layer.weight.float().t() + layer.bias
+        for got in (project(layer, x), layer(x)):
+            assert got.dtype == torch.float32 and float((got - want).norm() / want.norm()) < 1e-6

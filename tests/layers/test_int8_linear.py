@@ -3,14 +3,13 @@ are in tests/kernels/test_int8_gemv.py; the GPU engine is in tests/test_gpu.py).
 
 import pytest
 import torch
-from torch import nn
 
 from flashmoe.bench.presets import preset_args
 from flashmoe.bench.synthesis import synthesize
 from flashmoe.bench.tiers import dense_bytes
 from flashmoe.models import args_from_dict
 from flashmoe.engine import Engine, EngineConfig
-from flashmoe.layers.int8_linear import Int8Linear
+from flashmoe.layers.int8_linear import Bf16Linear, Int8Linear
 from flashmoe.runtime.sampling import SamplingParams
 
 from tests.bench.test_bench import TINY
@@ -29,8 +28,8 @@ def test_only_the_large_projections_are_int8(engines):
     for m in (linear.in_proj_qkv, linear.in_proj_z, linear.out_proj, attention.q_proj, attention.o_proj,
               moe.shared_expert.gate_proj, moe.shared_expert.down_proj, model.lm_head):
         assert isinstance(m, Int8Linear) and m.weight.dtype == torch.int8
-    for m in (linear.in_proj_a, linear.in_proj_b, moe.gate, moe.shared_expert_gate):
-        assert type(m) is nn.Linear and m.weight.dtype == torch.float32
+    for m in (linear.in_proj_a, linear.in_proj_b, moe.gate, moe.shared_expert_gate):  # 16-bit, computed in fp32
+        assert isinstance(m, Bf16Linear) and m.weight.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.float32
 
 
