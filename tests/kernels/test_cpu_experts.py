@@ -74,7 +74,8 @@ def test_matches_the_reference_on_fresh_records(experts, hidden, inter, bits, gr
 @pytest.mark.parametrize("hidden,inter,bits,group", [(256, 128, 4, 64), (112, 48, 8, 16)])
 def test_the_parallel_loops_give_the_one_thread_result(experts, monkeypatch, hidden, inter, bits, group):
     """A call reading less than PARALLEL_MIN_BYTES runs the loops on its thread, a larger one in
-    parallel: the same sums in the same order, so the same bits, for one token and for several."""
+    parallel: the same sums, for one token and for several (up to fp32 rounding: the two are
+    compiled apart, and LLVM may vectorize a row's sum differently in each)."""
     layout = RecordLayout.build(hidden, inter, bits, group)
     pool = random_pool(layout, 6, seed=7)
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(8))
@@ -84,7 +85,7 @@ def test_the_parallel_loops_give_the_one_thread_result(experts, monkeypatch, hid
     for threshold in (1 << 40, 0):  # on the calling thread, then in parallel
         monkeypatch.setattr(cpu_experts, "PARALLEL_MIN_BYTES", threshold)
         results.append((ex(pool, slots[:2], weights[:2], x[0]), ex(pool, slots, weights, x, tokens)))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(rel(a, b) < 1e-6 for a, b in zip(*results))
     assert rel(results[0][0], reference(layout, pool, slots[:2], weights[:2], x[0])) < 1e-5
 
 
