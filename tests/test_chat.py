@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,9 +35,16 @@ def spawn(tmp_path: Path, args: list[str], script: list[str] | None = None, dela
            "FLASHMOE_CHAT_SCRIPT": json.dumps(script or [])}
     program = [str(SCRIPT)] if script is not None else ["-m", "flashmoe"]
     child = pexpect.spawn(sys.executable, program + ["chat", *args], env=env, encoding="utf-8", timeout=120,
-                          dimensions=(50, 200))
+                          dimensions=(50, 200), preexec_fn=_default_sigint)
     child.expect_exact(PROMPT)
     return child
+
+
+def _default_sigint() -> None:
+    """In the child, before exec: Ctrl-C delivered and at its default (Python then raises
+    KeyboardInterrupt), whatever the test process's thread had blocked or ignored."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def prompts(tmp_path: Path) -> list[str]:
