@@ -19,7 +19,7 @@ from .formats.packed import Manifest
 from .formats.safetensors import SafetensorsFile
 from .generation import ContextLengthError, Generation, LogitsProcessor
 from . import kernels
-from .layers.int8_linear import use_bf16_weights, use_int8_linears
+from .layers.int8_linear import use_bf16_linears, use_int8_linears
 from .layers.mlp import SILU
 from .layers.ple import table_rows
 from .layers.state import SequenceState
@@ -138,11 +138,11 @@ class Engine:
         with torch.device("meta"):
             model = Model(self.args)
         int8 = set(use_int8_linears(model)) if self.config.dense_bits == 8 else set()
-        # fp32 on the CPU: the projections and the token table keep the file's bf16 values (exact, half
-        # the bytes a decode step reads and half the RAM), computed in fp32 (layers/int8_linear.py).
+        # fp32 on the CPU: the projections keep the file's bf16 values (exact, half the bytes a decode
+        # step reads and half the RAM), computed in fp32 (layers/int8_linear.Bf16Linear).
         stored16 = (self.device.type == "cpu" and self.dtype == torch.float32 and self.manifest.dense_dtype == "bfloat16"
                     and kernels.use_cpu_kernels(torch.empty(0)))
-        bf16 = set(use_bf16_weights(model, self.dtype)) if stored16 else set()
+        bf16 = set(use_bf16_linears(model)) if stored16 else set()
         weights = {}
         with SafetensorsFile(self.dir / self.manifest.dense_file) as f:
             for name in f.tensors:

@@ -9,9 +9,6 @@ and the embedding table (a lookup: one row per token is read).
 
 The swap comes before loading, and fusing the projections of one input (layers/fused.py) after it:
 int8 layers are fused with int8 ones only.
-
-On the CPU an fp32 engine keeps 16-bit weights as stored instead of widening them: `Bf16Linear`
-(the projections) and `Bf16Embedding` (the token table, which is also a tied head's weight).
 """
 
 from __future__ import annotations
@@ -96,29 +93,15 @@ class Bf16Linear(Int8Linear):
         return False  # the GPU's int8 GEMV: not for these
 
 
-class Bf16Embedding(nn.Embedding):
-    """nn.Embedding whose table stays bfloat16 (as stored) and whose rows come out in `dtype`."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype):
-        super().__init__(num_embeddings, embedding_dim, dtype=torch.bfloat16)
-        self.out_dtype = dtype
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).to(self.out_dtype)
-
-
 def use_int8_linears(model: nn.Module) -> list[str]:
     """Swap the model's quantizable nn.Linear layers for (empty) Int8Linear ones, in place, on the
     device the model was built on (meta, before loading) -> the swapped modules' names."""
     return _swap(model, Int8Linear, is_int8_linear)
 
 
-def use_bf16_weights(model: nn.Module, dtype: torch.dtype) -> list[str]:
-    """Swap every (remaining) nn.Linear layer for an empty Bf16Linear, as use_int8_linears does, and
-    the token table for a Bf16Embedding giving `dtype` rows -> the swapped modules' names."""
-    table = model.model.embed_tokens
-    model.model.embed_tokens = Bf16Embedding(table.num_embeddings, table.embedding_dim, dtype)
-    return [*_swap(model, Bf16Linear, lambda name: True), "model.embed_tokens"]
+def use_bf16_linears(model: nn.Module) -> list[str]:
+    """Swap every (remaining) nn.Linear layer for an empty Bf16Linear, as use_int8_linears does."""
+    return _swap(model, Bf16Linear, lambda name: True)
 
 
 def _swap(model: nn.Module, kind: type, chosen) -> list[str]:

@@ -172,5 +172,5 @@ class Model(nn.Module):
             table = self.model.embed_tokens.weight
             if takes_gemv(x, table):  # one row on the CPU
                 return gemv(x, table)
-            return (x @ table.t().to(x.dtype)).float()  # the table may be stored 16-bit (Bf16Embedding)
+            return (x @ table.t()).float()
         return project(self.lm_head, x).float()  # an nn.Linear, or an Int8Linear with --dense-bits 8

@@ -30,7 +30,7 @@ def test_only_the_large_projections_are_int8(engines):
         assert isinstance(m, Int8Linear) and m.weight.dtype == torch.int8
     for m in (linear.in_proj_a, linear.in_proj_b, moe.gate, moe.shared_expert_gate):  # 16-bit, computed in fp32
         assert isinstance(m, Bf16Linear) and m.weight.dtype == torch.bfloat16
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # as stored (the CPU's fp32 engines)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
 
 
 def test_logits_and_greedy_tokens_track_16_bit(engines):
