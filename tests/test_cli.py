@@ -30,7 +30,7 @@ def test_help(command):
 def test_generate_streams_only_the_continuation_to_stdout(packed16):
     out = flashmoe("generate", "--model", packed16, "--prompt", "Hello", "--tokens", 6, "--temperature", 0, "--host-mem", "64K")
     assert out.returncode == 0, out.stderr
-    from flashmoe.engine import Engine, EngineConfig
+    from flashmoe.engine import Engine
     from flashmoe.runtime.sampling import SamplingParams
 
     expected = "".join(s.text for s in Engine(packed16).generate("Hello", SamplingParams(max_tokens=6)))

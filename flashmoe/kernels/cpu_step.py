@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from .cpu_experts import numba, numba_jit
+from .cpu_experts import numba_jit
 
 
 @numba_jit()

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .deltanet import causal_conv

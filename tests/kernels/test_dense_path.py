@@ -15,7 +15,7 @@ from flashmoe.layers.rotary import RotaryEmbedding
 from flashmoe.layers.state import KVCache
 from flashmoe.models.context import StepContext
 
-from ..conftest import FAMILY_CONFIGS, build_hf_model
+from ..conftest import build_hf_model
 from ..test_parity import our_run, rel_err
 
 # Kernels on CPU tensors need the interpreter, which tests/conftest.py sets only without a GPU;
