@@ -67,28 +67,43 @@ def main() -> None:
         mxfp4(args, hbm)
 
 
+# MoeMxfp4's launch configurations (block_n, warps, stages), the first its default.
+MXFP4_CONFIGS = [(32, 4, 3), (16, 4, 3), (64, 4, 3), (32, 4, 4), (32, 4, 2), (32, 2, 3), (32, 8, 3), (64, 8, 4)]
+
+
 def mxfp4(args, hbm: float) -> None:
     """gpt-oss's MXFP4 experts (biases, clamped SwiGLU): relative error against the reference on one
-    token, then us per call for k = 1 and 4 (entry 66 of docs/EXPERIMENTS.md predicts 30-50% of copy)."""
-    from flashmoe.kernels.moe_mxfp4 import MoeMxfp4
-    from flashmoe.layers.mlp import Swiglu, swiglu_expert
+    token, us per decode call for k = 1 and 4 per launch configuration, then prefill (grouped) at
+    2048 tokens x 4 experts over 128 (entry 81 of docs/EXPERIMENTS.md predicts the decode's share of copy)."""
+    from flashmoe.kernels.moe_mxfp4 import MoeMxfp4, mxfp4_reference
+    from flashmoe.layers.mlp import Swiglu
 
     act = Swiglu(1.702, 7.0)
     layout = RecordLayout.build(args.hidden, args.intermediate, 4, 32, with_bias=True, scheme="mxfp4")
     gen = torch.Generator(device="cuda").manual_seed(3)
     pool = torch.cat([random_records(layout, 32, gen) for _ in range(args.slots // 32)])
-    kernel, x = MoeMxfp4(layout, act), torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
     slots, w = torch.randperm(args.slots, device="cuda")[:4].view(1, 4).to(torch.int32), torch.full((1, 4), 0.25, device="cuda")
-    ref = sum(0.25 * swiglu_expert(x.float(), *layout.weights(pool[int(s)], torch.float32), act,
-                                   layout.biases(pool[int(s)], torch.float32)) for s in slots[0])
-    err = float((kernel(x, pool, slots, w) - ref).norm() / ref.norm())
-    print(f"mxfp4 experts {args.hidden} x {args.intermediate}:  k  us/call   GB/s  % of copy   rel.err")
-    for k in (1, 4):
-        wk = torch.full((1, k), 1 / k, device="cuda")
-        sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
-        us = per_call_us(lambda: [kernel(x, pool, s, wk) for s in sets], len(sets))
-        gbs = k * layout.payload_bytes / us / 1e3
-        print(f"{'':>29}{k:>2} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>9.1e}")
+    ref = sum(0.25 * mxfp4_reference(layout, act, x, pool[int(s)]) for s in slots[0])
+    print(f"mxfp4 experts {args.hidden} x {args.intermediate}, decode: block_n warps stages  k  us/call   GB/s  % of copy  rel.err")
+    for bn, warps, stages in MXFP4_CONFIGS:
+        kernel = MoeMxfp4(layout, act, block_n=bn, num_warps=warps, stages=stages)
+        err = float((kernel(x, pool, slots, w) - ref).norm() / ref.norm())
+        for k in (1, 4):
+            wk = torch.full((1, k), 1 / k, device="cuda")
+            sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
+            us = per_call_us(lambda: [kernel(x, pool, s, wk) for s in sets], len(sets))
+            gbs = k * layout.payload_bytes / us / 1e3
+            print(f"{'':>42}{bn:>7} {warps:>5} {stages:>6} {k:>2} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>8.1e}")
+    tokens, k, experts = 2048, 4, min(128, args.slots)
+    counts = [tokens * k // experts] * experts
+    xs = torch.randn(tokens * k, args.hidden, device="cuda")
+    flops = 2 * tokens * k * 3 * args.hidden * args.intermediate
+    print(f"mxfp4 prefill, {experts} experts x {counts[0]} rows: block_m block_n warps stages    ms  TFLOP/s")
+    for bm, bn, warps, stages in ((64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)):
+        kernel = MoeMxfp4(layout, act, block_n=bn, block_m=bm, num_warps=warps, stages=stages)
+        ms = triton.testing.do_bench(lambda: kernel.grouped(xs, pool, list(range(experts)), counts), return_mode="median")
+        print(f"{'':>44}{bm:>7} {bn:>7} {warps:>5} {stages:>6} {ms:>6.2f} {flops / ms / 1e9:>8.0f}")
 
 
 def grouped_sweep(args) -> None:
