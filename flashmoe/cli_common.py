@@ -95,9 +95,10 @@ ENGINE_OPTIONS = [
                    help="With --device cuda: compute up to N of each decode layer's RAM-resident experts on the CPU "
                    "(needs numba). With --preload, server threads on all cores but one take a share of those the GPU "
                    "would read over PCIe; without, misses the CPU computes are not copied."),
-    _engine_option("preload", bool, False, "--preload",
-                   help="With --device cuda: read every expert into GPU or host memory at start (they must hold the "
-                   "model), then read each where it lies: no copies and no host sync per layer, one CUDA graph per token."),
+    _engine_option("preload", Optional[bool], None, "--preload/--no-preload",
+                   help="On the GPU: read every expert into GPU or host memory at start, then read each where it lies: "
+                   "no copies and no host sync per layer, one CUDA graph per token (default: when the GPU and host "
+                   "budgets hold every expert and --prefetch is off; --no-preload streams them)."),
     _engine_option("verify", bool, True, "--verify/--no-verify",
                    help="Check each expert record's CRC32 the first time it is read."),
     _engine_option("profile", bool, False, "--profile",
@@ -187,12 +188,20 @@ def open_engine(model: Path, config):
 
     from .engine import Engine
 
-    if not config.preload:
-        engine = Engine(model, config)
-    else:
-        columns = (TextColumn("preloading experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("preload", total=None)
-            engine = Engine(model, config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    columns = (TextColumn("preloading experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=err, transient=True)
+    task = None
+
+    def progress(done: int, total: int) -> None:  # shown once a preload (asked for or chosen) starts reading
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("preload", total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        engine = Engine(model, config, progress=progress)
+    finally:
+        bar.stop()
     err.print(f"[dim]running on {escape(', '.join(engine.choices))}[/]", highlight=False, soft_wrap=True)
     return engine

@@ -33,7 +33,9 @@ class EngineConfig:
     dense_bits: int = 16  # 16, or 8: the large dense projections as int8 (layers/int8_linear.py)
     prefetch: bool = False  # GPU: guess each layer's experts one layer ahead and copy them early
     cpu_experts: int = 0  # GPU: up to this many of a layer's host-resident experts computed on the CPU
-    preload: bool = False  # GPU: every expert in GPU or host memory, read where it lies
+    # GPU: every expert in GPU or host memory, read where it lies; None (auto): when the two tiers'
+    # budgets hold every expert and --prefetch is off (Engine decides), else streamed
+    preload: bool | None = None
     verify: bool = True  # CRC32 of each expert record on its first read
     profile: bool = False  # GPU: synchronize at every timed section (exact breakdown, slower)
     # CPU compute threads; None: the cores other processes leave free (runtime/threads.py). PyTorch's
@@ -68,13 +70,13 @@ class EngineConfig:
         if self.io_threads < 1 or self.prefill_chunk < 1:
             raise ValueError("io_threads and prefill_chunk must be at least 1")
         gpu_only = [flag for flag, on in (("--prefetch", self.prefetch), ("--cpu-experts", self.cpu_experts),
-                                          ("--preload", self.preload), ("--gpu-mem", self.gpu_mem is not None)) if on]
+                                          ("--preload", self.preload is True), ("--gpu-mem", self.gpu_mem is not None)) if on]
         if not self.gpu_path and gpu_only and self.device != "auto":  # auto: checked again once decided
             raise ValueError(
                 f"{gpu_only[0]} is for the GPU path (--device cuda): it arranges host-to-GPU traffic. On the CPU every "
                 "expert is computed from RAM already (with numba installed, straight from the packed records); drop it"
             )
-        if self.prefetch and self.preload:
+        if self.prefetch and self.preload is True:
             raise ValueError("--prefetch and --preload exclude each other: preloaded experts are read in place, never copied")
 
     @property

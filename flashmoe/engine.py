@@ -93,7 +93,7 @@ class Engine:
         self.set_top_k(self.top_k)
         if config.gpu_path:
             self.use_gpu_experts(config.gpu_mem, config.cache_policy)
-            if config.preload:
+            if self._decide_preload():
                 total = self.manifest.total_expert_bytes
                 done = [0]
 
@@ -337,17 +337,45 @@ class Engine:
                 progress(len(experts) * rs)
         self.store.stats = StoreStats()
 
+    def _decide_preload(self) -> bool:
+        """Whether to preload (the GPU path): --preload / --no-preload, or auto: when the GPU and
+        host tiers' budgets hold every expert and --prefetch is off (read in place, nothing is copied
+        per token: the fastest placement there is); the choice joins `choices`."""
+        if self.config.preload is not None:
+            if self.config.preload:
+                self.choices.append("experts preloaded (--preload)")
+            return self.config.preload
+        if self.config.prefetch:
+            self.choices.append("experts streamed (--prefetch)")
+            return False
+        g, host_needed, short = self._preload_split()
+        rs = self.manifest.layout.record_size
+        if short:
+            self.choices.append(f"experts streamed (auto: GPU and host budgets are {format_bytes(short * rs)} short of "
+                                "holding them all)")
+            return False
+        self.choices.append(f"experts preloaded (auto: {format_bytes(len(self.moe_layers) * g * rs)} on the GPU, "
+                            f"{format_bytes(host_needed * rs)} in RAM)")
+        return True
+
+    def _preload_split(self, gpu_per_layer: int | None = None) -> tuple[int, int, int]:
+        """(experts per MoE layer in the GPU tier, experts the host tier must then hold, how many of
+        those it cannot: 0 when the preload fits) of a preload."""
+        moe, E = self.moe_layers, self.args.moe.num_experts
+        g = min(E, self.gpu_tier.capacity // len(moe)) if gpu_per_layer is None else gpu_per_layer
+        host_needed = len(moe) * (E - g)
+        return g, host_needed, max(0, host_needed - (self.store.capacity - self.store.batch))
+
     def preload(self, gpu_per_layer: int | None = None, progress: Callable[[int], None] | None = None) -> None:
         """Every expert into the GPU tier (the first `gpu_per_layer` of each MoE layer: default, an
         equal share of its slots) or the host tier (the rest); then decode and prefill read each
         where it lies (set_resident). Raises if the two tiers cannot hold the model."""
         if self.gpu_tier is None:
             raise ValueError("--preload needs the GPU expert path (--device cuda)")
-        moe, E, rs = self.moe_layers, self.args.moe.num_experts, self.manifest.layout.record_size
-        g = min(E, self.gpu_tier.capacity // len(moe)) if gpu_per_layer is None else gpu_per_layer
-        host_needed = len(moe) * (E - g)
-        if host_needed > self.store.capacity - self.store.batch:
-            gpu = format_bytes(len(moe) * g * rs)
+        E, rs = self.args.moe.num_experts, self.manifest.layout.record_size
+        g, host_needed, short = self._preload_split(gpu_per_layer)
+        if short:
+            gpu = format_bytes(len(self.moe_layers) * g * rs)
             raise BudgetError(
                 f"--preload needs every expert in GPU or host memory: {format_bytes(self.manifest.total_expert_bytes)} of "
                 f"experts, {gpu} in GPU slots, so the host tier must hold {format_bytes(host_needed * rs)}; raise --host-mem "

@@ -2,7 +2,7 @@
 tokens (after one warm-up), as wall tok/s and CPU time per token (the latter holds up when another
 process shares the machine). EXPERIMENTS entries 73-74.
 
-Usage: python3 scripts/cpu_decode_probe.py [--dtype float32] [--threads 1]"""
+Usage: python3 scripts/cpu_decode_probe.py [--dtype float32] [--threads 1] [--dense-bits 16]"""
 
 import argparse
 import statistics
@@ -18,8 +18,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dense-bits", type=int, default=16)
     args = ap.parse_args()
-    engine = Engine(DEMO_MODEL, EngineConfig(dtype=args.dtype, threads=args.threads))
+    engine = Engine(DEMO_MODEL, EngineConfig(dtype=args.dtype, threads=args.threads, dense_bits=args.dense_bits))
     prompt = engine.tokenizer.encode("import os\ndef walk(path):")
     rates, cpu_ms = [], []
     for run in range(6):
@@ -30,7 +31,7 @@ def main() -> None:
         if run:  # the first run warms caches and compiles
             rates.append(n / (time.perf_counter() - wall0))
             cpu_ms.append((time.process_time() - cpu0) / n * 1e3)
-    print(f"{args.dtype}, threads={args.threads}: decode {statistics.median(rates):.1f} tok/s, "
+    print(f"{args.dtype}, threads={args.threads}, dense bits {args.dense_bits}: decode {statistics.median(rates):.1f} tok/s, "
           f"{statistics.median(cpu_ms):.2f} ms CPU per token")
 
 

@@ -46,7 +46,7 @@ def test_graphed_decode_equals_eager_decode_and_hands_the_state_back(packed16, g
     state = cpu_engine.new_state()
     ref = [s.token for s in cpu_engine.generate(prompt, params, state=state)]
     ref += [s.token for s in cpu_engine.generate([7, 8], params, state=state)]  # continue the sequence
-    engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs))
+    engine = Engine(packed16, EngineConfig(device="cuda", preload=False, dtype="float32", cuda_graphs=graphs))
     state = engine.new_state()
     got = [s.token for s in engine.generate(prompt, params, state=state)]
     got += [s.token for s in engine.generate([7, 8], params, state=state)]
@@ -96,7 +96,7 @@ def test_one_397b_shape_layer_matches_the_cpu_path(tmp_path):
     out = synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
     ids = torch.randint(0, 150000, (12,), generator=torch.Generator().manual_seed(2))
     cpu = logits(Engine(out, EngineConfig(dtype="float32", host_mem=8 << 30)), ids, steps=3)
-    gpu = logits(Engine(out, EngineConfig(device="cuda", dtype="float32", host_mem=1 << 30, gpu_mem=2 << 30)), ids, steps=3)
+    gpu = logits(Engine(out, EngineConfig(device="cuda", preload=False, dtype="float32", host_mem=1 << 30, gpu_mem=2 << 30)), ids, steps=3)
     assert float((gpu - cpu).norm() / cpu.norm()) < 5e-3
     assert torch.equal(gpu.argmax(-1), cpu.argmax(-1))
 
@@ -108,7 +108,7 @@ def test_replayed_routing_reaches_the_gpu_tier_through_the_graphed_decode(packed
     stream = torch.tensor([[0, 1], [1, 2], [0, 2]])  # layer i gets stream + i, cycled
     runs = []
     for graphs in (True, False):
-        engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs))
+        engine = Engine(packed16, EngineConfig(device="cuda", preload=False, dtype="float32", cuda_graphs=graphs))
         with wrapped_experts(engine, lambda i, inner: ReplayExperts(inner, stream + i, engine.timer)):
             runs.append([s.token for s in engine.generate([1, 2, 3], SamplingParams(max_tokens=6, temperature=0))])
         assert set(engine.gpu_tier.slots.slot_of) == {(i, e) for i in range(4) for e in range(i, i + 3)}
@@ -132,7 +132,7 @@ def test_8_bit_dense_decode_in_cuda_graphs_equals_the_cpu_path(packed16, graphs)
     prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(6)).tolist()
     params = SamplingParams(max_tokens=20, temperature=0)
     ref = [s.token for s in Engine(packed16, EngineConfig(dtype="float32", dense_bits=8)).generate(prompt, params)]
-    engine = Engine(packed16, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, dense_bits=8))
+    engine = Engine(packed16, EngineConfig(device="cuda", preload=False, dtype="float32", cuda_graphs=graphs, dense_bits=8))
     assert [s.token for s in engine.generate(prompt, params)] == ref
 
 
@@ -167,7 +167,7 @@ def test_cpu_experts_decode_equals_the_plain_gpu_path(packed4, graphs):
     params = SamplingParams(max_tokens=24, temperature=0)
     tokens = {}
     for per_layer in (0, 2):
-        engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, cpu_experts=per_layer, gpu_mem=3 * record, cache_policy="static"))
+        engine = Engine(packed4, EngineConfig(device="cuda", preload=False, dtype="float32", cuda_graphs=graphs, cpu_experts=per_layer, gpu_mem=3 * record, cache_policy="static"))
         gen = engine.generate(prompt, params)
         tokens[per_layer] = [s.token for s in gen]
     assert tokens[2] == tokens[0]
@@ -252,7 +252,7 @@ def test_one_397b_shape_layer_resident_matches_the_copying_path(tmp_path):
     cfg = preset_config("qwen3.5-397b-a17b", layers=1)
     out = synthesize(tmp_path / "m", cfg, bits=4, device="cuda", log=lambda *_: None)
     ids = torch.randint(0, 150000, (12,), generator=torch.Generator().manual_seed(3))
-    copying = Engine(out, EngineConfig(device="cuda", host_mem=4 << 30, gpu_mem=2 << 30))
+    copying = Engine(out, EngineConfig(device="cuda", preload=False, host_mem=4 << 30, gpu_mem=2 << 30))
     copying.place_experts(2 * 1024**3 // copying.manifest.layout.record_size, 512)
     ref = logits(copying, ids, steps=3)
     resident = Engine(out, EngineConfig(device="cuda", host_mem=4 << 30, gpu_mem=2 << 30, preload=True))

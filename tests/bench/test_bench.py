@@ -49,7 +49,7 @@ def test_synthesized_model_runs_with_placed_tiers(tiny_bench_model):
     out = tiny_bench_model
     assert synthesize(out, TINY, bits=4, group_size=32) == out  # reused, not rewritten
     layout = LAYOUT
-    engine = Engine(out, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size, prefetch=True, gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(out, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 6 + 2) * layout.record_size, prefetch=True, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=2 * 5 * layout.record_size, policy="static")
     engine.set_prefetch(False)  # the plain row first, as bench --prefetch runs them
     tiers = Tiers(5, 6, 16, 5 / 16, 6 / 16, 5 / 16, "")
@@ -75,7 +75,7 @@ def test_resident_rows_read_host_experts_in_place(tiny_bench_model):
     """With no disk tier the bench can run every expert where it lies: no copies, the host tier's
     share counted as PCIe reads, the same placement as the copying rows."""
     rs = LAYOUT.record_size
-    engine = Engine(tiny_bench_model, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 11 + 2) * rs, gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(tiny_bench_model, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 11 + 2) * rs, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
     tiers = Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
     place_tiers(engine, tiers, resident=True)
@@ -97,7 +97,7 @@ def test_adaptive_replay_row_learns_during_its_warmup_and_leaves_the_placement_a
 
     monkeypatch.setattr(resident, "AdaptivePlacement", functools.partial(resident.AdaptivePlacement, confidence=0.5))
     rs = LAYOUT.record_size
-    engine = Engine(tiny_bench_model, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 11 + 2) * rs, gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(tiny_bench_model, EngineConfig(device=DEVICE, dtype="float32", cache_policy="static", host_mem=(2 * 11 + 2) * rs, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=2 * 5 * rs, policy="static")
     tiers = Tiers(5, 11, 16, 5 / 16, 11 / 16, 0.0, "")
     shares = np.tile(np.array([8.0] * 4 + [1.0] * 12) / 44, (2, 1))  # 4 of 16 experts draw 73% of the load

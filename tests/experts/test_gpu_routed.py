@@ -25,7 +25,7 @@ def test_gpu_path_matches_cpu_path_under_cache_pressure(packed16, policy):
     ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(2))  # > 8 tokens: grouped prefill
     reference = run(Engine(packed16, EngineConfig(dtype="float32")), ids)
     record = Manifest.load(packed16).layout.record_size
-    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=4 * record, gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=4 * record, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=3 * record, policy=policy)  # 3 of 32 experts cached on the "GPU"
     got = run(engine, ids)
     assert float((got - reference).norm() / reference.norm()) < 1e-4
@@ -37,7 +37,7 @@ def test_gpu_path_matches_cpu_path_under_cache_pressure(packed16, policy):
 
 def test_preload_places_experts_and_counts_start_fresh(packed16):
     record = Manifest.load(packed16).layout.record_size
-    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=10 * record, policy="static")
     engine.gpu_tier.preload(0, [0, 1, 2, 3, 4, 5, 6, 7], engine.store)
     engine.gpu_tier.preload(1, [0, 1], engine.store)
@@ -52,7 +52,7 @@ def test_gpu_out_of_memory_names_the_budget_to_lower(packed16, monkeypatch):
     from flashmoe.engine import GpuMemoryError
     from flashmoe.experts import tier
 
-    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu", preload=False))
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -89,7 +89,7 @@ def test_prefetch_changes_no_result_under_cache_pressure(packed16, policy, guess
     record = Manifest.load(packed16).layout.record_size
     runs = {}
     for prefetch in (False, True):
-        engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=4 * record, prefetch=prefetch, gpu_path_on_cpu=DEVICE == "cpu"))
+        engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=4 * record, prefetch=prefetch, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
         engine.use_gpu_experts(gpu_mem=3 * record, policy=policy)
         if prefetch and guess == "wrong":  # always the same two experts in decode: mostly wrong, often evicted
             for i in engine.guesses:
@@ -107,7 +107,7 @@ def test_prefetch_changes_no_result_under_cache_pressure(packed16, policy, guess
 
 
 def test_prefetch_is_refused_without_its_slots(packed16):
-    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=None)
     with pytest.raises(ValueError, match="prefetch=True"):
         engine.set_prefetch(True)
@@ -121,7 +121,7 @@ def test_cpu_experts_change_no_result_and_take_misses_off_the_copies(packed4):
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for per_layer in (0, 2):
-        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", cpu_experts=per_layer, gpu_path_on_cpu=DEVICE == "cpu"))
+        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", cpu_experts=per_layer, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
         engine.use_gpu_experts(gpu_mem=3 * record, policy="static")
         runs[per_layer] = decode_with_tier_stats(engine, ids, steps=4)
     (plain, off, lookups), (got, on, lookups_on) = runs[0], runs[2]
@@ -138,7 +138,7 @@ def test_cpu_experts_refuse_what_they_cannot_do(packed16, packed4):
     pytest.importorskip("numba")
     with pytest.raises(ValueError, match="GPU expert path"):
         Engine(packed4, EngineConfig(dtype="float32")).set_cpu_experts(1)
-    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=None)
     with pytest.raises(ValueError, match="quantized experts only"):
         engine.set_cpu_experts(1)
@@ -155,7 +155,7 @@ def test_resident_experts_read_in_place_match_the_copying_path(packed4):
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for resident in (False, True):
-        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu"))
+        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
         engine.use_gpu_experts(gpu_mem=8 * record, policy="lru")  # lru would admit every miss, if allowed
         engine.preload() if resident else engine.place_experts(2, 6)  # the same placement: 2 of 8 per layer on the GPU
         assert engine.resident == resident
@@ -184,7 +184,7 @@ def test_generation_counts_every_resident_lookup_once_with_queued_reads(packed4)
     from flashmoe.runtime.sampling import SamplingParams
 
     record = Manifest.load(packed4).layout.record_size
-    engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
     engine.preload()
     assert engine.resident
@@ -211,7 +211,7 @@ def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for per_layer in (0, 1):
-        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, cpu_experts=per_layer, gpu_path_on_cpu=DEVICE == "cpu"))
+        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, cpu_experts=per_layer, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
         engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
         engine.preload()  # 2 of 8 experts per layer on the GPU: most routed experts lie in the host tier
         tier = engine.gpu_tier
@@ -238,7 +238,7 @@ def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
 
 def test_resident_table_points_every_expert_at_its_record(packed4):
     record = Manifest.load(packed4).layout.record_size
-    engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=9 * record, policy="static")  # 9 // 4 layers: 2 each on the GPU
     engine.preload()
     tier, store = engine.gpu_tier, engine.store
@@ -255,11 +255,11 @@ def test_preload_refuses_what_it_cannot_do(packed16):
     from flashmoe.experts.store import BudgetError
 
     record = Manifest.load(packed16).layout.record_size
-    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=10 * record, gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", host_mem=10 * record, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=8 * record, policy="static")
     with pytest.raises(BudgetError, match=r"host tier must hold .*raise --host-mem to at least"):
         engine.preload()  # 4 layers x 6 experts do not fit 10 host slots
-    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", prefetch=True, gpu_path_on_cpu=DEVICE == "cpu"))
+    engine = Engine(packed16, EngineConfig(device=DEVICE, dtype="float32", prefetch=True, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
     engine.use_gpu_experts(gpu_mem=None)
     with pytest.raises(ValueError, match="excludes --prefetch"):
         engine.preload()
@@ -283,7 +283,7 @@ def test_adaptive_placement_swaps_by_use_and_changes_no_result(packed4):
     record = Manifest.load(packed4).layout.record_size
     runs = {}
     for adaptive in (False, True):
-        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu"))
+        engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record, gpu_path_on_cpu=DEVICE == "cpu", preload=False))
         engine.use_gpu_experts(gpu_mem=8 * record, policy="mix")
         engine.place_experts(2, 6)
         engine.set_resident(True, adaptive)
@@ -323,3 +323,18 @@ def test_adaptive_placement_swaps_by_use_and_changes_no_result(packed4):
     engine.place_experts(2, 6)
     assert set(tier.slots.slot_of) == {(layer, e) for layer in range(4) for e in range(2)}
     assert not reads  # every record moved between the tiers, none read again
+
+
+def test_preload_is_chosen_when_the_tiers_hold_every_expert(packed4):
+    """Without --preload / --no-preload the engine preloads when the GPU and host budgets hold every
+    expert (and streams otherwise, or with --prefetch), and says which and why; --no-preload streams."""
+    record = Manifest.load(packed4).layout.record_size
+    gpu = dict(device=DEVICE, dtype="float32", gpu_path_on_cpu=DEVICE == "cpu")
+    chosen = Engine(packed4, EngineConfig(**gpu, gpu_mem=8 * record, host_mem=64 * record))
+    assert chosen.resident and any(c.startswith("experts preloaded (auto: ") for c in chosen.choices)
+    assert chosen.store.stats.bytes_read == 0  # the preload's reads are not decode's
+    short = Engine(packed4, EngineConfig(**gpu, gpu_mem=2 * record, host_mem=8 * record))
+    assert not short.resident and any("experts streamed (auto: GPU and host budgets are" in c for c in short.choices)
+    for flags, why in ((dict(preload=False), None), (dict(prefetch=True), "experts streamed (--prefetch)")):
+        engine = Engine(packed4, EngineConfig(**gpu, **flags))
+        assert not engine.resident and (why is None or why in engine.choices)
