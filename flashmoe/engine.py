@@ -20,7 +20,6 @@ from .formats.safetensors import SafetensorsFile
 from .generation import ContextLengthError, Generation, LogitsProcessor
 from . import kernels
 from .layers.int8_linear import use_bf16_linears, use_int8_linears
-from .layers.mlp import SILU
 from .layers.ple import table_rows
 from .layers.state import SequenceState
 from .models import read_args
@@ -124,10 +123,6 @@ class Engine:
 
     def _gpu_refusal(self) -> str | None:
         """Why this model cannot run on the GPU path, or None."""
-        moe = self.args.moe
-        if (moe.expert_bias or moe.act != SILU) and self.manifest.layout.scheme != "mxfp4":
-            return (f"on the GPU, {self.args.model_type}'s experts (biases, clamped SwiGLU) are computed from MXFP4 "
-                    "records only: convert the release without --bits (MXFP4 kept), or use --device cpu")
         if self.args.hyper_connections() is not None:
             # QSA's selection changes shape as blocks complete, which a recorded decode graph cannot
             # follow, and the GPU kernels know neither the streams nor the n-gram embeddings.
@@ -251,7 +246,8 @@ class Engine:
             mxfp4 = MoeMxfp4(layout, self.args.moe.act)
             gemv, grouped = mxfp4, mxfp4.grouped
         else:
-            gemv, grouped = MoeGemv(layout), MoeGrouped(layout)
+            act = self.args.moe.act
+            gemv, grouped = MoeGemv(layout, act=act), MoeGrouped(layout, act=act)
         moe = self.moe_layers
         for i, nxt in zip(moe, moe[1:] + [None]):
             self.experts[i] = GpuRoutedExperts(self.gpu_tier, self.store, i, gemv, grouped, self.timer, nxt)

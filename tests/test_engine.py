@@ -229,17 +229,17 @@ def test_auto_device_takes_the_cpu_where_there_is_no_gpu_and_says_why(packed16, 
 
 
 def test_auto_device_keeps_a_model_the_gpu_path_refuses_on_the_cpu(tmp_path, monkeypatch):
-    """gpt-oss converted to 16 bits runs on the CPU only (its GPU path takes MXFP4 records): with a GPU
-    present, auto picks the CPU and names the reason; --device cuda is refused with the fix."""
+    """Qwen4-Exp runs on the CPU path only: with a GPU present, auto picks the CPU and names the
+    reason; --device cuda is refused with the fix."""
     from .conftest import build_hf_model
 
-    build_hf_model("gpt_oss", tmp_path / "hf", seed=1)
+    build_hf_model("qwen4_exp", tmp_path / "hf", seed=1)
     convert(tmp_path / "hf", tmp_path / "q16", bits=16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     engine = Engine(tmp_path / "q16", EngineConfig(device="auto"))
     assert engine.device.type == "cpu"
-    assert engine.choices[0] == "cpu (auto: on the GPU, gpt_oss's experts (biases, clamped SwiGLU) are computed from MXFP4 records only)"
-    with pytest.raises(ValueError, match="convert the release without --bits"):
+    assert engine.choices[0] == "cpu (auto: qwen4_exp runs on the CPU path only for now)"
+    with pytest.raises(ValueError, match="use --device cpu"):
         Engine(tmp_path / "q16", EngineConfig(device="cuda"))
 
 

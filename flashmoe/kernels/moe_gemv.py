@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from ..formats.packed import RecordLayout
+from ..layers.mlp import SILU, Swiglu, swiglu_expert
 from . import INTERPRETED
 from .codes import after_previous_kernel, byte_plane, dp2a, layout_xq, use_pdl
 
@@ -62,6 +63,32 @@ def record_bases(slot, record_words, record_halves, w_off, s_off, b_off, BITS: t
     else:
         w = slot * record_words + w_off
     return w, slot * record_halves + s_off, slot * record_halves + b_off
+
+
+@triton.jit
+def expert_act(gate, up, limit, alpha, CLAMPED: tl.constexpr):
+    """A routed expert's activation (layers/mlp.py `Swiglu`): silu(gate) * up, or with CLAMPED
+    gpt-oss's form: gate clamped above at limit, up to [-limit, limit], gate * sigmoid(alpha *
+    gate) * (up + 1)."""
+    if CLAMPED:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        h = gate / (1.0 + tl.exp(-alpha * gate)) * (up + 1.0)
+    else:
+        h = gate / (1.0 + tl.exp(-gate)) * up
+    return h
+
+
+@triton.jit
+def out_bias(halves_ptr, slot, record_halves, bias_off, rows, live=None):
+    """An expert's output bias (bf16, at half-word `bias_off` of its record) for `rows`, as fp32
+    (0 where not `live`)."""
+    at = halves_ptr + slot * record_halves + bias_off + rows
+    if live is None:
+        b = tl.load(at)
+    else:
+        b = tl.load(at, mask=live, other=0.0)
+    return b.to(tl.float32)
 
 
 @triton.jit
@@ -80,33 +107,41 @@ def _dot_rows(
 
 @triton.jit
 def _gate_up_swiglu_kernel(
-    x_ptr, halves_ptr, slots_ptr, h_ptr, H, I, record_halves, w_off,
-    K_ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, halves_ptr, slots_ptr, h_ptr, H, I, record_halves, w_off, bias_off, limit, alpha,
+    K_ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CLAMPED: tl.constexpr,
 ):
     pair = tl.program_id(0)  # token * K_ROUTED + j
     token = pair // K_ROUTED
-    w = tl.load(slots_ptr + pair).to(tl.int64) * record_halves + w_off
+    slot = tl.load(slots_ptr + pair).to(tl.int64)
+    w = slot * record_halves + w_off
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     x = x_ptr + token * H
     gate = _dot_rows(x, halves_ptr, w, rows, H, BLOCK_K, BLOCK_N)
     up = _dot_rows(x, halves_ptr, w, rows + I, H, BLOCK_K, BLOCK_N)
-    h = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(h_ptr + pair * I + rows, h)
+    if HAS_BIAS:
+        gate += out_bias(halves_ptr, slot, record_halves, bias_off, rows)
+        up += out_bias(halves_ptr, slot, record_halves, bias_off, rows + I)
+    tl.store(h_ptr + pair * I + rows, expert_act(gate, up, limit, alpha, CLAMPED))
 
 
 @triton.jit
 def _down_sum_kernel(
-    h_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr, H, I, record_halves, w_off,
+    h_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr, H, I, record_halves, w_off, bias_off,
     K_ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in range(K_ROUTED):  # experts summed in routing order inside one program: deterministic
         pair = token * K_ROUTED + j
-        w = tl.load(slots_ptr + pair).to(tl.int64) * record_halves + w_off
+        slot = tl.load(slots_ptr + pair).to(tl.int64)
         weight = tl.load(weights_ptr + pair).to(tl.float32)
-        acc += weight * _dot_rows(h_ptr + pair * I, halves_ptr, w, rows, I, BLOCK_K, BLOCK_N)
+        y = _dot_rows(h_ptr + pair * I, halves_ptr, slot * record_halves + w_off, rows, I, BLOCK_K, BLOCK_N)
+        if HAS_BIAS:
+            y += out_bias(halves_ptr, slot, record_halves, bias_off, rows)
+        acc += weight * y
     if HAS_RESIDUAL:  # the layer's residual add, fused: y = residual + routed sum
         acc += tl.load(residual_ptr + token * H + rows).to(tl.float32)
     tl.store(y_ptr + token * H + rows, acc.to(y_ptr.dtype.element_ty))
@@ -172,9 +207,9 @@ def _accumulate(acc, block, xq_ptrs, sx_ptrs, sum_ptrs, live, g0: tl.constexpr, 
 @triton.jit
 def _gate_up_v4_kernel(
     xq_ptr, sx_ptr, xsum_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, h_ptr,
-    record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
+    record_words, record_halves, w_off, s_off, b_off, bias_off, limit, alpha, H: tl.constexpr, I: tl.constexpr,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr, ASM: tl.constexpr,
+    PDL: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr,
 ):
     pair = tl.program_id(0)
     NGB: tl.constexpr = BLOCK_K // GROUP
@@ -197,17 +232,23 @@ def _gate_up_v4_kernel(
             after_previous_kernel(PDL)  # xq
         acc = _accumulate(acc, block, *x, live, st * NGB, H, BITS, GROUP, NGB, ASM)
     gate, up = tl.split(tl.reshape(tl.sum(tl.sum(acc, axis=1), axis=0), (BLOCK_N, 2)))
+    n = r0 + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        slot = tl.load(slots_ptr + pair).to(tl.int64)
+        gate += out_bias(halves_ptr, slot, record_halves, bias_off, n)
+        up += out_bias(halves_ptr, slot, record_halves, bias_off, n + I)
     # h, times the expert's routing weight (down then sums its experts unweighted)
-    h = gate / (1.0 + tl.exp(-gate)) * up * tl.load(weights_ptr + pair).to(tl.float32)
-    tl.store(h_ptr + pair * I + r0 + tl.arange(0, BLOCK_N), h)
+    h = expert_act(gate, up, limit, alpha, CLAMPED) * tl.load(weights_ptr + pair).to(tl.float32)
+    tl.store(h_ptr + pair * I + n, h)
 
 
 @triton.jit
 def _down_v4_kernel(
-    hq_ptr, sh_ptr, hsum_ptr, codes_ptr, halves_ptr, slots_ptr, residual_ptr, y_ptr,
-    record_words, record_halves, w_off, s_off, b_off, H: tl.constexpr, I: tl.constexpr,
+    hq_ptr, sh_ptr, hsum_ptr, codes_ptr, halves_ptr, slots_ptr, weights_ptr, residual_ptr, y_ptr,
+    record_words, record_halves, w_off, s_off, b_off, bias_off, limit, alpha, H: tl.constexpr, I: tl.constexpr,
     K_ROUTED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr,
 ):
     """EXPERTS experts at a time (one per warp when the row fits one warp), each in routing order."""
     token = tl.program_id(0)
@@ -233,6 +274,11 @@ def _down_v4_kernel(
         h = (hq_ptr + pair * (I // 2), sh_ptr + pair * (I // GROUP), hsum_ptr + pair * (I // GROUP))
         acc = _accumulate(acc, block, *h, j < K_ROUTED, it % STEPS * NGB, I, BITS, GROUP, NGB, ASM)
     y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if HAS_BIAS:  # each expert's output bias times its routing weight (h carried the weights)
+        for j in range(K_ROUTED):
+            pair = token * K_ROUTED + j
+            slot = tl.load(slots_ptr + pair).to(tl.int64)
+            y += tl.load(weights_ptr + pair).to(tl.float32) * out_bias(halves_ptr, slot, record_halves, bias_off, rows)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + token * H + rows).to(tl.float32)
     tl.store(y_ptr + token * H + rows, y.to(y_ptr.dtype.element_ty))
@@ -251,8 +297,8 @@ class MoeGemv:
     slows further, entry 56), so the default stays one per warp."""
 
     def __init__(self, layout: RecordLayout, block_n: int | None = None, block_k: int = 1024, num_warps: int = 2,
-                 down_block_n: int | None = None, pdl: bool = True, down_experts: int | None = None):
-        self.layout = layout
+                 down_block_n: int | None = None, pdl: bool = True, down_experts: int | None = None, act: Swiglu = SILU):
+        self.layout, self.act = layout, act
         seg = {s.name: s for s in layout.segments}
         H, I = layout.hidden_size, layout.intermediate_size
         self.quantized = layout.bits != 16  # 16-bit records: plain tiles (93% of the copy rate)
@@ -276,6 +322,8 @@ class MoeGemv:
             return w, s, b
 
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
+        # the experts' output biases (gpt-oss), in half-words
+        self.out_bias = tuple(seg[f"{p}.bias"].offset // 2 if layout.with_bias else 0 for p in ("gate_up_proj", "down_proj"))
         self.group = layout.group_size if layout.bits != 16 else 1
         self.num_warps = num_warps
         self.pdl = pdl
@@ -323,20 +371,23 @@ class MoeGemv:
         y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
         if not self.quantized:  # 16-bit records
             halves = pool.view(torch.bfloat16)
-            blocks = dict(K_ROUTED=k, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps)
+            blocks = dict(K_ROUTED=k, BLOCK_N=self.block_n, BLOCK_K=self.block_k, HAS_BIAS=L.with_bias,
+                          num_warps=self.num_warps)
             h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
             rh = L.record_size // 2
-            _gate_up_swiglu_kernel[(T * k, I // self.block_n)](x, halves, slots, h, H, I, rh, self.gate_up[0], **blocks)
+            _gate_up_swiglu_kernel[(T * k, I // self.block_n)](x, halves, slots, h, H, I, rh, self.gate_up[0],
+                                                               self.out_bias[0], *self._act_args(),
+                                                               CLAMPED=self.act.limit is not None, **blocks)
             _down_sum_kernel[(T, H // self.block_n)](
                 h, halves, slots, weights, y if residual is None else residual, y, H, I, rh, self.down[0],
-                HAS_RESIDUAL=residual is not None, **blocks,
+                self.out_bias[1], HAS_RESIDUAL=residual is not None, **blocks,
             )
             return y
         # Programmatic dependent launch (Hopper on): each kernel's programs start, and read their
         # codes, while the previous kernel finishes; they wait for its output where they need it.
         pdl = self._pdl(x)
         h = self.gate_up_step(layout_xq(x, L.bits, self.group, pdl), pool, slots, weights)
-        return self.down_step(layout_xq(h, L.bits, self.group, pdl), pool, slots, residual, y)
+        return self.down_step(layout_xq(h, L.bits, self.group, pdl), pool, slots, residual, y, weights)
 
     # The quantized call's two matvec launches, each from its laid-out input (codes.layout_xq's
     # triple); scripts/bench_kernels.py times each alone.
@@ -348,39 +399,50 @@ class MoeGemv:
         (block_k, warps), _ = self.tile_blocks(k)
         _gate_up_v4_kernel[(T * k, self.layout.intermediate_size // self.block_n)](
             *xq, pool.view(torch.int32), pool.view(torch.bfloat16), slots, weights, h,
-            **self._launch_meta(self.gate_up, k, pool), BLOCK_N=self.block_n, BLOCK_K=block_k, num_warps=warps,
+            **self._launch_meta(self.gate_up, self.out_bias[0], k, pool), BLOCK_N=self.block_n, BLOCK_K=block_k,
+            num_warps=warps,
         )
         return h
 
     def down_step(self, hq: tuple[torch.Tensor, ...], pool: torch.Tensor, slots: torch.Tensor,
-                  residual: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-        """y [T, H] = sum_j down_j . h_j (+ residual), h laid out."""
+                  residual: torch.Tensor | None, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """y [T, H] = sum_j down_j . h_j (+ sum_j w_j bias_j with biased experts: `weights` then
+        needed) (+ residual), h laid out."""
         T, k = slots.shape
         _, (block_k, warps, experts) = self.tile_blocks(k)
+        if self.layout.with_bias and weights is None:
+            raise ValueError("experts with output biases need the routing weights in down_step")
         _down_v4_kernel[(T, self.layout.hidden_size // self.down_block_n)](
-            *hq, pool.view(torch.int32), pool.view(torch.bfloat16), slots, y if residual is None else residual, y,
-            **self._launch_meta(self.down, k, pool), BLOCK_N=self.down_block_n, BLOCK_K=block_k, EXPERTS=experts,
-            HAS_RESIDUAL=residual is not None, num_warps=warps,
+            *hq, pool.view(torch.int32), pool.view(torch.bfloat16), slots, slots if weights is None else weights,
+            y if residual is None else residual, y, **self._launch_meta(self.down, self.out_bias[1], k, pool),
+            BLOCK_N=self.down_block_n, BLOCK_K=block_k, EXPERTS=experts, HAS_RESIDUAL=residual is not None,
+            num_warps=warps,
         )
         return y
+
+    def _act_args(self) -> tuple[float, float]:
+        return float(self.act.limit or 0.0), float(self.act.alpha)
 
     def _pdl(self, t: torch.Tensor) -> bool:
         return self.pdl and use_pdl(t)
 
-    def _launch_meta(self, offsets: tuple[int, int, int], k: int, pool: torch.Tensor) -> dict:
+    def _launch_meta(self, offsets: tuple[int, int, int], bias_off: int, k: int, pool: torch.Tensor) -> dict:
         L = self.layout
         pdl = self._pdl(pool)
-        return dict(zip(("w_off", "s_off", "b_off"), offsets), record_words=L.record_size // 4,
-                    record_halves=L.record_size // 2, K_ROUTED=k, BITS=L.bits, GROUP=self.group,
-                    H=L.hidden_size, I=L.intermediate_size, PDL=pdl, ASM=not INTERPRETED, launch_pdl=pdl)
+        limit, alpha = self._act_args()
+        return dict(zip(("w_off", "s_off", "b_off"), offsets), bias_off=bias_off, limit=limit, alpha=alpha,
+                    record_words=L.record_size // 4, record_halves=L.record_size // 2, K_ROUTED=k, BITS=L.bits,
+                    GROUP=self.group, H=L.hidden_size, I=L.intermediate_size, PDL=pdl, ASM=not INTERPRETED,
+                    HAS_BIAS=L.with_bias, CLAMPED=self.act.limit is not None, launch_pdl=pdl)
 
 
-def moe_gemv_reference(layout, x, pool, slots, weights) -> torch.Tensor:
+def moe_gemv_reference(layout, x, pool, slots, weights, act: Swiglu = SILU) -> torch.Tensor:
     """The same function in plain PyTorch (fp32)."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for t in range(slots.shape[0]):
         for j in range(slots.shape[1]):
-            gate_up, down = layout.weights(pool[int(slots[t, j])], torch.float32)
-            g, u = (gate_up @ x[t].float()).chunk(2)
-            y[t] += weights[t, j].float() * (down @ (torch.nn.functional.silu(g) * u))
+            record = pool[int(slots[t, j])]
+            expert = swiglu_expert(x[t : t + 1].float(), *layout.weights(record, torch.float32), act,
+                                   layout.biases(record, torch.float32))
+            y[t] += weights[t, j].float() * expert[0]
     return y

@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from ..formats.packed import RecordLayout
-from ..layers.mlp import swiglu_expert
+from ..layers.mlp import SILU, Swiglu, swiglu_expert
 from . import INTERPRETED
-from .moe_gemv import record_bases
+from .moe_gemv import out_bias, expert_act, record_bases
 
 
 @triton.jit
@@ -48,10 +48,10 @@ def _weight_tile(codes_ptr, halves_ptr, w_base, s_base, b_base, rows, k0, K,
 @triton.jit
 def _grouped_kernel(
     x_ptr, codes_ptr, halves_ptr, tile_slot_ptr, tile_row_ptr, tile_end_ptr, out_ptr,
-    K, N, record_words, record_halves, w_off, s_off, b_off, up_rows,
+    K, N, record_words, record_halves, w_off, s_off, b_off, up_rows, bias_off, limit, alpha,
     SWIGLU: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
@@ -73,8 +73,12 @@ def _grouped_kernel(
             w_up = _weight_tile(codes_ptr, halves_ptr, w_base, s_base, b_base, rows_n + up_rows, k0, K,
                                 BITS, GROUP, BLOCK_N, BLOCK_K, DTYPE)
             acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision=PRECISION)
+    if HAS_BIAS:  # the experts' output biases (gpt-oss)
+        acc += out_bias(halves_ptr, slot, record_halves, bias_off, rows_n)[None, :]
+        if SWIGLU:
+            acc_up += out_bias(halves_ptr, slot, record_halves, bias_off, rows_n + up_rows)[None, :]
     if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        acc = expert_act(acc, acc_up, limit, alpha, CLAMPED)
     tl.store(out_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
@@ -82,8 +86,8 @@ class MoeGrouped:
     """Launch parameters for one record layout."""
 
     def __init__(self, layout: RecordLayout, block_m: int = 64, block_n: int = 64, block_k: int = 64,
-                 num_warps: int = 4, num_stages: int = 3):
-        self.layout = layout
+                 num_warps: int = 4, num_stages: int = 3, act: Swiglu = SILU):
+        self.layout, self.act = layout, act
         H, I = layout.hidden_size, layout.intermediate_size
         self.block_m, self.block_n, self.block_k = block_m, min(block_n, H, I), min(block_k, H, I)
         if H % self.block_n or I % self.block_n or H % self.block_k or I % self.block_k:
@@ -99,6 +103,7 @@ class MoeGrouped:
             return (seg[f"{proj}.weight"].offset // unit, seg[f"{proj}.scales"].offset // 2, seg[f"{proj}.biases"].offset // 2)
 
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
+        self.out_bias = tuple(seg[f"{p}.bias"].offset // 2 if layout.with_bias else 0 for p in ("gate_up_proj", "down_proj"))
         self.group = layout.group_size if layout.bits != 16 else 1
 
     def tiles(self, slots: list[int], counts: list[int], device) -> tuple[torch.Tensor, ...]:
@@ -131,23 +136,26 @@ class MoeGrouped:
         fp32 = x_sorted.dtype == torch.float32 or INTERPRETED
         meta = dict(BITS=L.bits, GROUP=self.group, BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                     PRECISION="ieee" if x_sorted.dtype == torch.float32 else "tf32", DTYPE=tl.float32 if fp32 else tl.bfloat16,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+                    HAS_BIAS=L.with_bias, CLAMPED=self.act.limit is not None, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+        act = (float(self.act.limit or 0.0), float(self.act.alpha))
         rw, rh = L.record_size // 4, L.record_size // 2
         _grouped_kernel[(n_tiles, I // self.block_n)](
             x_sorted.contiguous(), codes, halves, tile_slot, tile_row, tile_end, h, H, I, rw, rh, *self.gate_up, I,
-            SWIGLU=True, **meta,
+            self.out_bias[0], *act, SWIGLU=True, **meta,
         )
         _grouped_kernel[(n_tiles, H // self.block_n)](
-            h, codes, halves, tile_slot, tile_row, tile_end, y, I, H, rw, rh, *self.down, 0, SWIGLU=False, **meta,
+            h, codes, halves, tile_slot, tile_row, tile_end, y, I, H, rw, rh, *self.down, 0, self.out_bias[1], *act,
+            SWIGLU=False, **meta,
         )
         return y
 
 
-def moe_grouped_reference(layout: RecordLayout, x_sorted, pool, slots, counts) -> torch.Tensor:
+def moe_grouped_reference(layout: RecordLayout, x_sorted, pool, slots, counts, act: Swiglu = SILU) -> torch.Tensor:
     """The same in plain PyTorch (fp32), one expert at a time."""
     out, start = [], 0
     for slot, count in zip(slots, counts):
-        gate_up, down = layout.weights(pool[slot], torch.float32)
-        out.append(swiglu_expert(x_sorted[start : start + count].float(), gate_up, down))
+        out.append(swiglu_expert(x_sorted[start : start + count].float(), *layout.weights(pool[slot], torch.float32), act,
+                                 layout.biases(pool[slot], torch.float32)))
         start += count
     return torch.cat(out)

@@ -40,6 +40,7 @@ import triton.language as tl
 from ..formats.packed import RecordLayout
 from ..layers.mlp import SILU, Swiglu, swiglu_expert
 from . import INTERPRETED
+from .moe_gemv import expert_act, out_bias
 
 GROUP = 32  # inputs per E8M0 scale: 16 bytes of codes
 
@@ -90,12 +91,6 @@ def _mx_tile(a_ptr, a_rows, a_live, pool_ptr, blocks, scales, n, n_live, K: tl.c
 
 
 @triton.jit
-def _bias(halves_ptr, at, n, n_live):
-    """A record's bf16 bias values at half-word offset `at` + n, as fp32 (0 past the rows)."""
-    return tl.load(halves_ptr + at + n, mask=n_live, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _tile(tile, slots_ptr, tile_row_ptr, tile_end_ptr, K_ROUTED: tl.constexpr, GATHERED: tl.constexpr):
     """A tile's (slot, first row, end row, its first input row): decode's tile is one pair (token *
     K_ROUTED + j) whose input is its token's row; prefill's is rows [first, end) of x_sorted."""
@@ -122,15 +117,9 @@ def _gate_up_kernel(x_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, pool_ptr, halv
     gate = _mx_tile(x_ptr, a_rows, a_live, pool_ptr, blocks, scales, n, n_live, H, BLOCK_M, BLOCK_N, GROUPS, STAGES, DOT)
     up = _mx_tile(x_ptr, a_rows, a_live, pool_ptr, blocks, scales, n + I, n_live, H, BLOCK_M, BLOCK_N, GROUPS, STAGES, DOT)
     if HAS_BIAS:
-        at = slot * (record_size // 2) + bias_off
-        gate += _bias(halves_ptr, at, n, n_live)[None, :]
-        up += _bias(halves_ptr, at, n + I, n_live)[None, :]
-    if CLAMPED:
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        h = gate / (1.0 + tl.exp(-alpha * gate)) * (up + 1.0)
-    else:
-        h = gate / (1.0 + tl.exp(-gate)) * up
+        gate += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)[None, :]
+        up += out_bias(halves_ptr, slot, record_size // 2, bias_off, n + I, n_live)[None, :]
+    h = expert_act(gate, up, limit, alpha, CLAMPED)
     tl.store(h_ptr + (first + m).to(tl.int64)[:, None] * I + n[None, :], h, mask=a_live[:, None] & n_live[None, :])
 
 
@@ -150,7 +139,7 @@ def _down_kernel(h_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, weights_ptr, pool
     y = _mx_tile(h_ptr, rows * I, live, pool_ptr, base + blocks_off, base + scales_off, n, n_live, I, BLOCK_M,
                  BLOCK_N, GROUPS, STAGES, DOT)
     if HAS_BIAS:
-        y += _bias(halves_ptr, slot * (record_size // 2) + bias_off, n, n_live)[None, :]
+        y += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)[None, :]
     if GATHERED:
         y *= tl.load(weights_ptr + rows, mask=live, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rows[:, None] * H + n[None, :], y, mask=live[:, None] & n_live[None, :])

@@ -4,6 +4,7 @@ import torch
 from flashmoe import quant
 from flashmoe.formats.packed import RecordLayout
 from flashmoe.kernels.moe_gemv import MoeGemv, moe_gemv_reference
+from flashmoe.layers.mlp import Swiglu
 
 
 def random_pool(layout: RecordLayout, slots: int, seed: int) -> torch.Tensor:
@@ -19,6 +20,8 @@ def random_pool(layout: RecordLayout, slots: int, seed: int) -> torch.Tensor:
             else:
                 q, s, b = quant.quantize(w, layout.bits, layout.group_size)
                 tensors.update({f"{proj}.weight": q, f"{proj}.scales": s, f"{proj}.biases": b})
+            if layout.with_bias:  # gpt-oss's output biases
+                tensors[f"{proj}.bias"] = (torch.rand(shape[0], generator=g) - 0.5).to(torch.bfloat16)
         records.append(layout.pack(tensors))
     return torch.stack(records)
 
@@ -158,3 +161,16 @@ def test_the_call_is_its_two_steps_from_laid_out_inputs(device):
     h = gemv.gate_up_step(layout_xq(x, 4, 32, False), pool, slots, weights)
     y = gemv.down_step(layout_xq(h, 4, 32, False), pool, slots, None, torch.empty(1, 128, device=device))
     assert torch.equal(y, gemv(x, pool, slots, weights))
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_biased_experts_with_the_clamped_swiglu(device, bits):
+    """gpt-oss's experts converted to affine or 16-bit records: output biases on both projections
+    (the down one weighted with its expert) and the clamped SwiGLU, at a limit the inputs cross."""
+    act = Swiglu(1.702, 0.3)
+    layout = RecordLayout.build(128, 64, bits, 32, with_bias=True)
+    pool = random_pool(layout, 5, 23)
+    x, slots, weights = routed(2, 3, 5, 128, 24, x_scale=4.0)
+    ref = moe_gemv_reference(layout, x, pool, slots, weights, act)
+    y = MoeGemv(layout, block_n=16, act=act)(x.to(device), pool.to(device), slots.to(device), weights.to(device))
+    assert rel_err(y, ref) < tolerance(bits)

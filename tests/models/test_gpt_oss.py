@@ -1,5 +1,5 @@
 """gpt-oss beyond 16-bit parity (tests/test_parity.py): its biased, clamped experts quantized, its
-MXFP4 release kept as released, the GPU path's clear refusal, and damaged or incomplete checkpoints."""
+MXFP4 release kept as released, the GPU path for every record kind, and damaged or incomplete checkpoints."""
 
 import pytest
 import torch
@@ -31,9 +31,18 @@ def test_4bit_experts_with_biases_stay_close_to_16bit(gpt_oss):
     assert rel_err(got_prompt, ref_prompt) < 0.05 and rel_err(got_steps, ref_steps) < 0.05  # measured 0.014, 0.013; seeds 12, 13 up to 0.040
 
 
-def test_the_gpu_path_refuses_other_records_than_mxfp4_naming_the_way_out(gpt_oss):
-    with pytest.raises(ValueError, match="gpt_oss's experts .* MXFP4 records only: convert the release without --bits"):
-        Engine(gpt_oss / "q16", EngineConfig(gpu_path_on_cpu=True))
+@pytest.mark.parametrize("bits,tol", [(16, 1e-5), (4, 5e-3)])
+def test_the_gpu_path_decodes_affine_and_16_bit_records_as_the_cpu_path(gpt_oss, tmp_path, bits, tol):
+    """Converted gpt-oss experts (biases, the clamped SwiGLU) through the gathered and grouped affine
+    kernels (Triton's interpreter here): the CPU path's logits, to fp32 rounding at 16 bits and the
+    kernels' 16-bit fixed-point inputs at 4, and its greedy tokens."""
+    pytest.importorskip("triton")
+    convert(gpt_oss / "hf", tmp_path / "q", bits=bits, group_size=32)
+    prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(4))
+    cpu = our_run(Engine(tmp_path / "q", EngineConfig(dtype="float32", threads=1)), prompt, 3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = our_run(Engine(tmp_path / "q", EngineConfig(device=device, dtype="float32", gpu_path_on_cpu=device == "cpu")), prompt, 3)
+    assert rel_err(gpu[0].cpu(), cpu[0]) < tol and rel_err(gpu[1].cpu(), cpu[1]) < tol and gpu[2] == cpu[2]
 
 
 def test_the_gpu_path_decodes_mxfp4_as_the_cpu_path(mxfp4_release, tmp_path):
