@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--ab", nargs="+", metavar="LABEL",
                     help="interleaved A/B of these quantized configurations (labels as the sweep prints them) "
                          "against the default, at the first --bits: the call at k=10 and 4, each step alone")
+    ap.add_argument("--quick", action="store_true", help="mxfp4: the first four launch configurations, no prefill")
     ap.add_argument("--rounds", type=int, default=8, help="--ab: rounds, the order reversed every other one")
     ap.add_argument("--once", action="store_true",
                     help="only three untimed calls of the default gathered-experts kernels (first --bits, k=10), "
@@ -86,7 +87,7 @@ def mxfp4(args, hbm: float) -> None:
     slots, w = torch.randperm(args.slots, device="cuda")[:4].view(1, 4).to(torch.int32), torch.full((1, 4), 0.25, device="cuda")
     ref = sum(0.25 * mxfp4_reference(layout, act, x, pool[int(s)]) for s in slots[0])
     print(f"mxfp4 experts {args.hidden} x {args.intermediate}, decode: block_n warps groups stages  k  us/call   GB/s  % of copy  rel.err")
-    for bn, warps, groups, stages in MXFP4_CONFIGS:
+    for bn, warps, groups, stages in MXFP4_CONFIGS[:4] if args.quick else MXFP4_CONFIGS:
         kernel = MoeMxfp4(layout, act, block_n=bn, num_warps=warps, groups=groups, stages=stages)
         err = float((kernel(x, pool, slots, w) - ref).norm() / ref.norm())
         for k in (1, 4):
@@ -95,6 +96,8 @@ def mxfp4(args, hbm: float) -> None:
             us = per_call_us(lambda: [kernel(x, pool, s, wk) for s in sets], len(sets))
             gbs = k * layout.payload_bytes / us / 1e3
             print(f"{'':>42}{bn:>7} {warps:>5} {groups:>6} {stages:>6} {k:>2} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>8.1e}")
+    if args.quick:
+        return
     tokens, k, experts = 2048, 4, min(128, args.slots)
     counts = [tokens * k // experts] * experts
     xs = torch.randn(tokens * k, args.hidden, device="cuda")
