@@ -246,7 +246,7 @@ def bench(
     preset: str = typer.Option("qwen3.5-397b-a17b", help="Model shape, a released model: qwen3.5-397b-a17b, qwen3.5-122b-a10b, qwen3.6-35b-a3b, "
         "qwen3-next-80b-a3b, qwen3-30b-a3b, qwen3-235b-a22b, qwen3-coder-480b-a35b, minimax-m2, glm-4.5, "
         "gpt-oss-120b, gpt-oss-20b or qwen3.8-flash-next (its n-gram table synthesized at 1/8 of its rows, so it fits "
-        "the disk; the engine runs this family on the CPU only for now, so bench stops at the GPU engine)."),
+        "the disk; its decode runs eagerly, without CUDA graphs)."),
     layers: int = typer.Option(8, help="Slice of the first L layers (budgets scale by L / all layers)."),
     bits: int = typer.Option(4, help="Expert bits: 8, 4, 2 or 16."),
     k: list[int] = typer.Option([10, 4], "--k", help="Experts per token to run (repeatable)."),

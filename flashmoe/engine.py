@@ -56,8 +56,6 @@ class Engine:
         moe = self.args.moe
         self.manifest.check(self.args.hidden_size, moe.intermediate, moe.num_experts, self.args.moe_layers, moe.expert_bias)
         self.config = config = self._decide_device(config)
-        if config.gpu_path and (refusal := self._gpu_refusal()):
-            raise ValueError(refusal)
         self.tokenizer = Tokenizer.from_dir(self.dir)
         self.args.check_tokenizer(self.tokenizer.vocab_size, self.dir / "tokenizer.json")
         self.device = torch.device(config.device)
@@ -68,9 +66,12 @@ class Engine:
         self.top_k = moe.top_k if config.k is None else config.k
         if not 1 <= self.top_k <= moe.num_experts:
             raise ValueError(f"--k must be between 1 and {moe.num_experts} (the model has {moe.num_experts} experts)")
-        self.cuda_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.timer = Timer(sync=torch.cuda.synchronize if self.device.type == "cuda" and config.profile else None)
         self.model = self._load_dense()
+        self.cuda_graphs = config.cuda_graphs and self.device.type == "cuda"
+        if self.cuda_graphs and (obstacle := self.model.graph_obstacle()):
+            self.cuda_graphs = False
+            self.choices.append(f"eager decode, no CUDA graphs ({obstacle})")
         self.moe_layers = self.args.moe_layers
         budget = config.host_mem if config.host_mem is not None else min(
             self.manifest.total_expert_bytes + self.manifest.total_ngram_bytes, available_memory_bytes() // 2)
@@ -107,27 +108,17 @@ class Engine:
 
     # -- loading ---------------------------------------------------------------------------------
     def _decide_device(self, config: EngineConfig) -> EngineConfig:
-        """`config` with --device auto decided (a GPU where PyTorch sees one and the model runs on the
+        """`config` with --device auto decided (a GPU where PyTorch sees one: every family runs on the
         GPU path), and the choice with its reason in `choices`, the line the CLI prints."""
         if config.device != "auto":
             self.choices = [f"{config.device} (--device)"]
             return config
         if not torch.cuda.is_available():
             device, why = "cpu", "no CUDA GPU"
-        elif refusal := self._gpu_refusal():
-            device, why = "cpu", refusal.split(":")[0]
         else:
             device, why = "cuda", torch.cuda.get_device_name()
         self.choices = [f"{device} (auto: {why})"]
         return config.but(device=device)  # checked again: a GPU-only option on a CPU-only machine fails here
-
-    def _gpu_refusal(self) -> str | None:
-        """Why this model cannot run on the GPU path, or None."""
-        if self.args.hyper_connections() is not None:
-            # QSA's selection changes shape as blocks complete, which a recorded decode graph cannot
-            # follow, and the GPU kernels know neither the streams nor the n-gram embeddings.
-            return f"{self.args.model_type} runs on the CPU path only for now: use --device cpu"
-        return None
 
     def _load_dense(self) -> Model:
         with torch.device("meta"):
@@ -260,6 +251,9 @@ class Engine:
         still reads the routing; needs the GPU path loaded with prefetch (its prefetch slots)."""
         from .experts.gpu_routed import NextLayerGuess
 
+        if on and self.args.hyper_connections() is not None:
+            raise ValueError(f"--prefetch guesses a layer's experts through its post-attention norm, which "
+                             f"{self.args.model_type}'s hyper-connections replace: drop --prefetch")
         if on and not (self.gpu_tier is not None and self.gpu_tier.prefetch_slots):
             raise ValueError("prefetch needs the GPU expert path, loaded with prefetch=True")
         if on and self.resident:

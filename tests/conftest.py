@@ -86,8 +86,6 @@ FAMILY_CONFIGS = {
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
     ),
 }
-# qwen4_exp: the CPU path only
-GPU_FAMILIES = sorted(set(FAMILY_CONFIGS) - {"qwen4_exp"})
 FAMILY_CLASSES = {"qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig"),
                   "minimax_m2": ("MiniMaxM2ForCausalLM", "MiniMaxM2Config"),
                   "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig"),

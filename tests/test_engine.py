@@ -228,21 +228,6 @@ def test_auto_device_takes_the_cpu_where_there_is_no_gpu_and_says_why(packed16, 
         Engine(packed16, EngineConfig(device="auto", preload=True))
 
 
-def test_auto_device_keeps_a_model_the_gpu_path_refuses_on_the_cpu(tmp_path, monkeypatch):
-    """Qwen4-Exp runs on the CPU path only: with a GPU present, auto picks the CPU and names the
-    reason; --device cuda is refused with the fix."""
-    from .conftest import build_hf_model
-
-    build_hf_model("qwen4_exp", tmp_path / "hf", seed=1)
-    convert(tmp_path / "hf", tmp_path / "q16", bits=16)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    engine = Engine(tmp_path / "q16", EngineConfig(device="auto"))
-    assert engine.device.type == "cpu"
-    assert engine.choices[0] == "cpu (auto: qwen4_exp runs on the CPU path only for now)"
-    with pytest.raises(ValueError, match="use --device cpu"):
-        Engine(tmp_path / "q16", EngineConfig(device="cuda"))
-
-
 def test_a_batched_steps_time_is_charged_to_each_generation(engine):
     """Two batched generations whose steps the caller runs together: each one's decode time is
     what the caller says the batch took, per step (the scheduler's forward_batch timing)."""

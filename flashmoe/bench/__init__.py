@@ -98,7 +98,9 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     k_max = max(ks)
     engine = slice_engine(out, sliced, layout, tiers, k_max, dense_bits, prefetch)
     report = {"preset": preset, "layers": layers, "bits": bits, "dense_bits": dense_bits, "device": torch.cuda.get_device_name(0),
-              "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
+              "cuda_graphs": engine.cuda_graphs, "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
+    if obstacle := engine.model.graph_obstacle():  # decode's launches cost host time that graphed rows do not pay
+        log(f"decode runs eagerly, without CUDA graphs: {obstacle}")
     if ngram_tables:
         report["ngram_tables"] = ngram_tables
     if trace_stats:

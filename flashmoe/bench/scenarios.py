@@ -59,9 +59,9 @@ class DecodeResult:
 
 def steady_seconds_per_token(engine, prompt: list[int], params) -> tuple[float, "Generation"]:
     """Wall seconds per decoded token from the second decode step on (the first captures the
-    decode graphs), and the generation (its stats count every step)."""
+    decode graphs, where the engine uses them), and the generation (its stats count every step)."""
     if params.max_tokens < 4:
-        raise ValueError("S1 needs at least 4 tokens: the first decode step captures graphs and is not timed")
+        raise ValueError("S1 needs at least 4 tokens: the first decode step (which captures graphs) is not timed")
     gen = engine.generate(prompt, params)
     stamps = [time.perf_counter() for _ in gen]  # after each token is sampled
     return (stamps[-1] - stamps[1]) / (len(stamps) - 2), gen
@@ -69,7 +69,7 @@ def steady_seconds_per_token(engine, prompt: list[int], params) -> tuple[float, 
 
 def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandwidths, routing: str = "uniform",
                repeats: int = 3) -> DecodeResult:
-    """Greedy decode, timed from its second step (the first captures the decode graphs), and the
+    """Greedy decode, timed from its second step (the first may capture decode graphs), and the
     same over the first half of the layers, alternating, `repeats` times each: the difference of
     the medians gives the time per layer and, by subtraction, the time outside the layers. Then
     once more with per-section synchronization for the breakdown (whose own remainder,

@@ -145,6 +145,16 @@ class Model(nn.Module):
         for i, ple in self.ngram_layers.items():
             ple.ple_embedding.fetch_rows = functools.partial(fetch, i)
 
+    def graph_obstacle(self) -> str | None:
+        """Why a decode step of this model cannot be recorded as CUDA graphs (runtime/graphs.py), or
+        None: a recording replays fixed shapes, and hands the host only the routed experts' calls."""
+        reasons = []
+        if any(hasattr(layer.mixer, "indexer") for layer in self.layers):
+            reasons.append("QSA's block selection changes shape as blocks complete")
+        if self.ngram_layers:
+            reasons.append("the host reads the n-gram rows at every step")
+        return ", and ".join(reasons) or None
+
     def new_state(self, dtype: torch.dtype, device) -> SequenceState:
         ngrams = {i: layer.ple.new_state(dtype, device) for i, layer in enumerate(self.layers) if layer.ple is not None}
         return SequenceState([layer.new_state(dtype, device) for layer in self.layers], ngrams)

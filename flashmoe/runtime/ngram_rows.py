@@ -8,6 +8,10 @@ so caching whole blocks would spend the budget on them. `fetch` copies cached ro
 submits the reads of the rest; `PendingRows.result()` waits for them, checks each block's CRC-32
 and admits the rows it read (least recently used rows leave first). Cache bookkeeping happens on
 the caller's thread only; reader threads fill buffers that belong to one fetch.
+
+Row ids may live on the GPU (the engine hashes the n-grams where its states are): the host takes
+them back to read, and `result()` hands the rows to their device in one copy per fetch (a layer's
+rows for the step), from pinned memory without blocking the host.
 """
 
 from __future__ import annotations
@@ -46,12 +50,13 @@ class PendingRows:
 
     def __init__(self, store: "NgramRowStore", table: NgramFile, out: torch.Tensor, inverse: torch.Tensor,
                  shape: torch.Size, missed: list[tuple[int, int]], blocks: dict[int, int], staging: torch.Tensor,
-                 reads: list[Future]):
+                 reads: list[Future], device: torch.device):
         self.store, self.table, self.out, self.inverse, self.shape = store, table, out, inverse, shape
-        self.missed, self.blocks, self.staging, self.reads = missed, blocks, staging, reads
+        self.missed, self.blocks, self.staging, self.reads, self.device = missed, blocks, staging, reads, device
 
     def result(self) -> torch.Tensor:
-        """The rows [*rows.shape, width] in the table's dtype, once every read is in."""
+        """The rows [*rows.shape, width] in the table's dtype, on the row ids' device, once every
+        read is in."""
         for read in self.reads:
             read.result()  # a failed read raises here, on the caller's thread
         if self.missed:
@@ -62,7 +67,13 @@ class PendingRows:
             self.out[where] = rows[block, torch.tensor([row % table.rows_per_block for _, row in self.missed])]
             self.store._admit(table.layer, self.missed, self.out)
             self.missed = []
-        return self.out.view(DTYPE_BY_NAME[self.table.dtype])[self.inverse].view(*self.shape, self.table.width)
+        values = self.out.view(DTYPE_BY_NAME[self.table.dtype])
+        # Gathered into pinned memory for a GPU: the copy then leaves the host free to queue the
+        # layers before the one that reads these rows (the host allocator keeps the buffer until
+        # the copy is done).
+        rows = torch.empty(self.inverse.numel(), self.table.width, dtype=values.dtype, pin_memory=self.device.type == "cuda")
+        torch.index_select(values, 0, self.inverse, out=rows)
+        return rows.view(*self.shape, self.table.width).to(self.device, non_blocking=True)
 
 
 class NgramRowStore:
@@ -107,10 +118,12 @@ class NgramRowStore:
         return self.pool.numel()
 
     def fetch(self, layer: int, rows: torch.Tensor) -> PendingRows:
-        """Start reading rows (int64 ids of any shape) of layer's table: cached ones are copied now,
-        the others' blocks are read on the reader threads."""
+        """Start reading rows (int64 ids of any shape, on any device) of layer's table: cached ones
+        are copied now, the others' blocks are read on the reader threads."""
         table = self.tables[layer]
-        unique, inverse = torch.unique(rows.reshape(-1), return_inverse=True)
+        # The host reads the blocks, so it needs the ids: a GPU's wait here costs little, at the
+        # start of a step, before its layers are queued.
+        unique, inverse = torch.unique(rows.reshape(-1).cpu(), return_inverse=True)
         if unique.numel() and not 0 <= int(unique[0]) <= int(unique[-1]) < table.rows:  # unique sorts
             raise NgramTableError(f"layer {layer}'s n-gram table has {table.rows} rows; row {int(unique[-1])} does not exist")
         out = torch.empty(unique.numel(), table.row_bytes, dtype=torch.uint8)
@@ -132,7 +145,7 @@ class NgramRowStore:
         self.stats.hits += len(hits)
         self.stats.reads += len(blocks)
         self.stats.bytes_read += len(blocks) * table.block_bytes
-        return PendingRows(self, table, out, inverse, rows.shape, missed, blocks, staging, reads)
+        return PendingRows(self, table, out, inverse, rows.shape, missed, blocks, staging, reads, rows.device)
 
     def _read(self, table: NgramFile, block: int, buf: torch.Tensor) -> None:
         """Runs on a reader thread: one block into this fetch's own buffer, its CRC-32 checked."""

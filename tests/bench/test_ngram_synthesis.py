@@ -1,7 +1,8 @@
 """Bench on Qwen3.8-Flash-Next's shape (qwen4_exp) on the CPU: a tiny slice synthesized with its
 n-gram table in the converter's format, which the CPU engine loads and decodes; the tables in the
-full model's footprint; the engine's GPU refusal as bench meets it."""
+full model's footprint; the bench's scenarios on the GPU path."""
 
+import functools
 import json
 
 import pytest
@@ -13,7 +14,6 @@ from flashmoe.bench.probes import Bandwidths
 from flashmoe.bench.scenarios import run_decode, run_prefill
 from flashmoe.bench.synthesis import ngram_table_files, ngram_tables_report, record_layout, synthesize
 from flashmoe.bench.tiers import plan_tiers, slice_engine
-from flashmoe.cli_common import USER_ERRORS
 from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.packed import Manifest, RecordLayout
 from flashmoe.models import args_from_dict
@@ -95,20 +95,30 @@ def test_bench_synthesizes_an_eighth_of_the_released_table_and_says_so():
     assert ngram_tables_report(full, preset_args("qwen3.8-flash-next", 1)) == []
 
 
-def test_bench_run_stops_at_the_engines_gpu_refusal(tmp_path, monkeypatch):
-    """bench on this family synthesizes, plans, then meets the engine's refusal of the GPU path as
-    a user error (one line from the CLI), not a crash; what it synthesized is stated first."""
+def test_bench_runs_the_scenarios_on_the_gpu_path(tmp_path, monkeypatch):
+    """bench on this family synthesizes (stating the table's share), plans, and runs S1 and S2 on
+    the GPU path: here its logic on the CPU, the kernels in Triton's interpreter, one repeat."""
+    pytest.importorskip("triton")
     monkeypatch.setitem(PRESETS, "tiny-qwen4", {k: v for k, v in TINY_QWEN4.items() if k != "layer_types"})
     monkeypatch.setattr("flashmoe.bench.synthesize", lambda *a, **kw: synthesize(*a, **{**kw, "device": "cpu"}))
     monkeypatch.setattr("flashmoe.bench.measure_bandwidths", lambda out, layout: Bandwidths(1e10, 1e11, 1e9))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("Props", (), {"total_memory": 1 << 30}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "the CPU")
+    # the engine slice_engine builds, on the GPU path's logic (page-cache reads: tmp_path may refuse O_DIRECT)
+    monkeypatch.setattr("flashmoe.bench.tiers.EngineConfig", lambda **kw: EngineConfig(
+        **{**kw, "device": "cpu", "dtype": "float32", "gpu_path_on_cpu": True, "direct_io": False}))
+    monkeypatch.setattr("flashmoe.bench.run_decode", functools.partial(run_decode, repeats=1))
     lines = []
-    with pytest.raises(ValueError, match="qwen4_exp_text runs on the CPU path only for now") as refusal:
-        run("tiny-qwen4", 2, 4, [2], 8, 4, [], tmp_path, log=lines.append)
-    assert isinstance(refusal.value, USER_ERRORS)
+    report = run("tiny-qwen4", 2, 4, [1], 4, 4, [9], tmp_path, log=lines.append)
     assert any(line.startswith("n-gram table of layer 1 at 13.4% of the release's rows: 544 of 4,064") for line in lines)
+    assert "decode runs eagerly, without CUDA graphs: the host reads the n-gram rows at every step" in lines
     stamp = json.loads((tmp_path / "tiny-qwen4-L2-4bit" / "bench.json").read_text())
     assert stamp["bench_config"]["ngram_vocab_size_base"] == 1000 // presets.NGRAM_TABLE_DIVISOR
+    (decode,) = report["decode"]
+    assert decode.tokens == 3 and decode.tps > 0 and decode.ngram_rows_per_token == 4  # a row per head
+    assert decode.bytes_per_token["pcie"] > 0  # experts copied into the GPU tier's slots
+    (prefill,) = report["prefill"]
+    assert prefill["prompt_tokens"] == 9 and prefill["ngram_reads"] > 0  # 9 tokens: the grouped kernels
 
 
 def test_slice_engine_keeps_the_row_cache_out_of_the_expert_budget(tiny_qwen4, monkeypatch):

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from flashmoe import kernels
 from flashmoe.convert import ConversionError, convert
 from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.safetensors import Checkpoint, save_file
@@ -17,7 +18,7 @@ from flashmoe.runtime.ngram_rows import NgramTableError
 from flashmoe.runtime.sampling import SamplingParams
 
 from ..conftest import FAMILY_CONFIGS, build_hf_model
-from ..test_parity import rel_err
+from ..test_parity import our_run, rel_err
 
 TEXT = FAMILY_CONFIGS["qwen4_exp"]["text_config"]
 EOS = TEXT["eos_token_id"]
@@ -97,10 +98,39 @@ def test_stored_hash_constants_must_be_the_configs(qwen4, tmp_path):
         convert(tmp_path / "hf", tmp_path / "out", bits=16)
 
 
-def test_the_gpu_path_is_refused(qwen4):
+def test_the_gpu_path_decodes_as_the_cpu_path(qwen4, monkeypatch):
+    """The GPU path (its expert tier and the Triton kernels, the dense part's included; without a
+    GPU on the CPU, the kernels in Triton's interpreter) against the CPU path: a prompt past QSA's
+    budget (the indexer selects blocks) with documents in the n-gram history, three streams, a
+    grouped prefill, then gathered decode steps."""
+    pytest.importorskip("triton")
+    d, _, engine = qwen4
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompt = prompt_with_documents()[:20]  # 5 blocks of 4, of which QSA keeps 2 and the tail
+    cpu_prompt, cpu_steps, cpu_tokens = our_run(engine, prompt, 3)
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "use_kernels", lambda x: True)  # as on a GPU (tests/kernels/test_dense_path.py)
+    gpu = Engine(d / "q16", EngineConfig(device=device, dtype="float32", preload=False, gpu_path_on_cpu=device == "cpu"))
+    got_prompt, got_steps, got_tokens = our_run(gpu, prompt, 3)
+    assert rel_err(got_prompt.cpu(), cpu_prompt) <= 1e-4 and rel_err(got_steps.cpu(), cpu_steps) <= 1e-4
+    assert got_tokens == cpu_tokens
+    assert gpu.gpu_tier.stats.misses > 0 and gpu.ngram_rows.stats.rows > 0
+
+
+def test_decode_runs_eagerly_saying_why(qwen4, packed16):
+    """QSA's selection and the host's n-gram reads keep this family's decode out of CUDA graphs
+    (the engine turns them off on a GPU and says so, tests/test_gpu.py); the other families record."""
+    _, _, engine = qwen4
+    assert engine.model.graph_obstacle() == ("QSA's block selection changes shape as blocks complete, and the host reads "
+                                             "the n-gram rows at every step")
+    assert Engine(packed16, EngineConfig(dtype="float32")).model.graph_obstacle() is None
+
+
+def test_prefetch_is_refused_naming_the_hyper_connections(qwen4):
     d, _, _ = qwen4
-    with pytest.raises(ValueError, match="qwen4_exp runs on the CPU path only for now: use --device cpu"):
-        Engine(d / "q16", EngineConfig(gpu_path_on_cpu=True))
+    with pytest.raises(ValueError, match="--prefetch guesses a layer's experts through its post-attention norm, which "
+                                         "qwen4_exp's hyper-connections replace: drop --prefetch"):
+        Engine(d / "q16", EngineConfig(dtype="float32", gpu_path_on_cpu=True, prefetch=True))
 
 
 @pytest.mark.parametrize("change, message", [
