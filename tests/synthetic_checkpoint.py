@@ -4,10 +4,6 @@ without building a transformers model."""
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 
 SMALL_TEXT_CONFIG = {  # hidden 256, 8 layers, 64 experts: small, yet every tensor kind of the real model
     "model_type": "qwen3_5_moe_text",
