@@ -58,8 +58,8 @@ PRESETS: dict[str, dict] = {
 # transcribed in several public inference projects' test fixtures (an SGLang patch test, a Go and a
 # Rust config parser: the same values in each); 2560 hidden, 48 layers, 512 experts of 640, one PLE
 # layer (2, counted from 1) with 3-gram tables of 20M-row heads. Qwen's own model card was not in
-# the search corpus. Left out: output_gate_type "sigmoid" (flashmoe computes the DeltaNet output gate
-# with silu only; it changes no shape), the MTP layer (not run) and mrope (text positions only).
+# the search corpus. Left out: output_gate_type "sigmoid" (it changes no shape; the released
+# checkpoint's config carries it), the MTP layer (not run) and mrope (text positions only).
 PRESETS["qwen3.8-flash-next"] = dict(
     model_type="qwen4_exp_text", vocab_size=248320, hidden_size=2560, num_hidden_layers=48, num_attention_heads=24,
     num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48, linear_key_head_dim=128,
