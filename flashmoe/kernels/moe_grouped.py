@@ -82,6 +82,21 @@ def _grouped_kernel(
     tl.store(out_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
+def expert_tiles(slots: list[int], counts: list[int], block_m: int, device) -> tuple[torch.Tensor, ...]:
+    """The grouped kernels' work list: one tile per block_m rows of each expert (rows sorted by
+    expert, expert i's `counts[i]` rows in pool slot `slots[i]`) -> (slot, first row, end row)."""
+    tile_slot, tile_row, tile_end, start = [], [], [], 0
+    for slot, count in zip(slots, counts):
+        for row in range(start, start + count, block_m):
+            tile_slot.append(slot)
+            tile_row.append(row)
+            tile_end.append(start + count)
+        start += count
+    # Slots are int64: a resident tier's slot numbers also address pinned host records (experts/tier.py).
+    return tuple(torch.tensor(t, dtype=d).to(device, non_blocking=True)
+                 for t, d in ((tile_slot, torch.int64), (tile_row, torch.int32), (tile_end, torch.int32)))
+
+
 class MoeGrouped:
     """Launch parameters for one record layout."""
 
@@ -106,19 +121,6 @@ class MoeGrouped:
         self.out_bias = tuple(seg[f"{p}.bias"].offset // 2 if layout.with_bias else 0 for p in ("gate_up_proj", "down_proj"))
         self.group = layout.group_size if layout.bits != 16 else 1
 
-    def tiles(self, slots: list[int], counts: list[int], device) -> tuple[torch.Tensor, ...]:
-        """The work list: one tile per BLOCK_M tokens of each expert -> (slot, first row, end row)."""
-        tile_slot, tile_row, tile_end, start = [], [], [], 0
-        for slot, count in zip(slots, counts):
-            for row in range(start, start + count, self.block_m):
-                tile_slot.append(slot)
-                tile_row.append(row)
-                tile_end.append(start + count)
-            start += count
-        # Slots are int64: a resident tier's slot numbers also address pinned host records (experts/tier.py).
-        return tuple(torch.tensor(t, dtype=d).to(device, non_blocking=True)
-                     for t, d in ((tile_slot, torch.int64), (tile_row, torch.int32), (tile_end, torch.int32)))
-
     def __call__(self, x_sorted: torch.Tensor, pool: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """x_sorted [M, H] (rows grouped by expert, in the order of `slots`), pool [S, record_size] uint8,
         slots / counts: each expert's pool slot and number of rows -> y_sorted [M, H] fp32."""
@@ -127,7 +129,7 @@ class MoeGrouped:
         M = x_sorted.shape[0]
         assert sum(counts) == M and x_sorted.shape[1] == H
         codes, halves = pool.view(torch.int32), pool.view(torch.bfloat16)
-        tile_slot, tile_row, tile_end = self.tiles(slots, counts, x_sorted.device)
+        tile_slot, tile_row, tile_end = expert_tiles(slots, counts, self.block_m, x_sorted.device)
         n_tiles = tile_slot.numel()
         h = torch.empty(M, I, device=x_sorted.device, dtype=x_sorted.dtype)
         y = torch.empty(M, H, device=x_sorted.device, dtype=torch.float32)

@@ -41,6 +41,7 @@ from ..formats.packed import RecordLayout
 from ..layers.mlp import SILU, Swiglu, swiglu_expert
 from . import INTERPRETED
 from .moe_gemv import expert_act, out_bias
+from .moe_grouped import expert_tiles
 
 GROUP = 32  # inputs per E8M0 scale: 16 bytes of codes
 
@@ -224,23 +225,11 @@ class MoeMxfp4:
                                                       BLOCK=block, HAS_RESIDUAL=residual is not None)
         return y
 
-    def tiles(self, slots: list[int], counts: list[int], device) -> tuple[torch.Tensor, ...]:
-        """One tile per block_m rows of each expert -> (slot, first row, end row) tensors."""
-        tile_slot, tile_row, tile_end, start = [], [], [], 0
-        for slot, count in zip(slots, counts):
-            for row in range(start, start + count, self.block_m):
-                tile_slot.append(slot)
-                tile_row.append(row)
-                tile_end.append(start + count)
-            start += count
-        return tuple(torch.tensor(t, dtype=d).to(device, non_blocking=True)
-                     for t, d in ((tile_slot, torch.int64), (tile_row, torch.int32), (tile_end, torch.int32)))
-
     def grouped(self, x_sorted: torch.Tensor, pool: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """x_sorted [M, H] (rows grouped by expert, in the order of `slots`), each expert's slot and
         row count -> y_sorted [M, H] fp32, unweighted: each expert's codes read once per block_m rows."""
         assert sum(counts) == x_sorted.shape[0] and x_sorted.shape[1] == self.layout.hidden_size
-        tile_slot, tile_row, tile_end = self.tiles(slots, counts, x_sorted.device)
+        tile_slot, tile_row, tile_end = expert_tiles(slots, counts, self.block_m, x_sorted.device)
         # (prefill's outputs are unweighted: the weights argument is not read)
         return self._launch(x_sorted.contiguous(), pool, tile_slot, tile_row, tile_end, tile_slot, 1, False, self.block_m)
 
