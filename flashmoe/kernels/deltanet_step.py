@@ -3,7 +3,7 @@
   conv_step:  the depthwise causal conv over (kept window, new input) + SiLU; the window shifts in place.
   delta_step: per value head, l2-normalise q and k, the gates beta = sigmoid(b) and
               g = -exp(A_log) * softplus(a + dt_bias), the state update S = S*exp(g) + k (x) (v - S^T k)*beta
-              in place, o = S^T q, then the gated RMSNorm of o with z.
+              in place, o = S^T q, then the gated RMSNorm of o with z (silu(z), or sigmoid(z): Qwen4-Exp).
 
 The reference is the eager PyTorch path (layers/deltanet.py), which tests compare against.
 """
@@ -46,6 +46,7 @@ def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tor
 def _delta_step_kernel(
     qkv_ptr, z_ptr, b_ptr, a_ptr, alog_ptr, dtb_ptr, normw_ptr, state_ptr, out_ptr,
     eps, KEY_HEADS: tl.constexpr, VALUE_HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    SIGMOID_GATE: tl.constexpr,
 ):
     j = tl.program_id(0)  # value head
     kh = j // (VALUE_HEADS // KEY_HEADS)
@@ -71,16 +72,21 @@ def _delta_step_kernel(
     normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
     z = tl.load(z_ptr + j * DV + dv).to(tl.float32)
     w = tl.load(normw_ptr + dv).to(tl.float32)
-    tl.store(out_ptr + j * DV + dv, (w * normed * (z / (1.0 + tl.exp(-z)))).to(out_ptr.dtype.element_ty))
+    gate = 1.0 / (1.0 + tl.exp(-z))  # sigmoid(z): Qwen4-Exp's output gate; silu(z) = z * sigmoid(z)
+    if not SIGMOID_GATE:
+        gate = z * gate
+    tl.store(out_ptr + j * DV + dv, (w * normed * gate).to(out_ptr.dtype.element_ty))
 
 
-def delta_step(qkv, z, b, a, A_log, dt_bias, norm_weight, state, key_heads: int, eps: float) -> torch.Tensor:
+def delta_step(qkv, z, b, a, A_log, dt_bias, norm_weight, state, key_heads: int, eps: float,
+               sigmoid_gate: bool = False) -> torch.Tensor:
     """One token: qkv [2*Hk*dk + Hv*dv] (after conv), z [Hv*dv], b, a [Hv]; state [Hv, dk, dv] fp32,
-    updated in place -> gated-normed output [Hv*dv] in qkv's dtype."""
+    updated in place -> gated-normed output [Hv*dv] in qkv's dtype, gated by silu(z) (or sigmoid(z))."""
     Hv, DK, DV = state.shape
     out = torch.empty_like(z)
     _delta_step_kernel[(Hv,)](
         qkv, z, b, a, A_log, dt_bias, norm_weight, state, out, eps,
-        KEY_HEADS=key_heads, VALUE_HEADS=Hv, DK=DK, DV=DV, num_warps=8 if DK * DV >= 16384 else 4,
+        KEY_HEADS=key_heads, VALUE_HEADS=Hv, DK=DK, DV=DV, SIGMOID_GATE=sigmoid_gate,
+        num_warps=8 if DK * DV >= 16384 else 4,
     )
     return out

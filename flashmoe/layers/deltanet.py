@@ -37,7 +37,7 @@ class GatedDeltaNet(nn.Module):
         """x [T, hidden]: the tokens of one or more sequences, sequence i's at slices[i]; states[i]:
         its LinearState (conv window + recurrent state), updated in place. The projections run on
         all the tokens at once, the conv and the recurrence per sequence."""
-        if x.shape[0] == 1 and kernels.use_kernels(x) and self.norm.gate == "silu":  # the Triton step gates by silu
+        if x.shape[0] == 1 and kernels.use_kernels(x):
             return self.decode_fused(x, states[0])
         if x.shape[0] == 1 and kernels.use_cpu_kernels(x):
             return self.decode_cpu(x, states[0])
@@ -94,7 +94,8 @@ class GatedDeltaNet(nn.Module):
 
         qkv, z, b, a = (y[0] for y in self.in_proj(x))
         qkv = conv_step(qkv, state.conv, self.conv1d.weight)
-        out = delta_step(qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, state.recurrent, self.k_heads, self.norm.eps)
+        out = delta_step(qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, state.recurrent, self.k_heads,
+                         self.norm.eps, self.norm.gate == "sigmoid")
         return self.out_proj(out[None])
 
     def decode_cpu(self, x: torch.Tensor, state) -> torch.Tensor:

@@ -13,8 +13,8 @@ class State:
         self.conv, self.recurrent = conv, recurrent
 
 
-def random_layer_and_state(device, dtype, g: torch.Generator) -> tuple[GatedDeltaNet, State]:
-    layer = GatedDeltaNet(hidden=64, k_heads=2, v_heads=4, k_dim=16, v_dim=32, conv_kernel=4, eps=1e-6)
+def random_layer_and_state(device, dtype, g: torch.Generator, gate: str = "silu") -> tuple[GatedDeltaNet, State]:
+    layer = GatedDeltaNet(hidden=64, k_heads=2, v_heads=4, k_dim=16, v_dim=32, conv_kernel=4, eps=1e-6, output_gate=gate)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 1.0))
@@ -24,10 +24,12 @@ def random_layer_and_state(device, dtype, g: torch.Generator) -> tuple[GatedDelt
     return layer, State(torch.randn(3, conv_dim, generator=g).to(device, dtype), torch.randn(4, 16, 32, generator=g).to(device))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_fused_step_matches_the_eager_step(device, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,gate", [(torch.float32, 1e-5, "silu"), (torch.bfloat16, 2e-2, "silu"),
+                                            (torch.float32, 1e-5, "sigmoid")])
+def test_fused_step_matches_the_eager_step(device, dtype, tol, gate):
+    """Qwen3.5's output gate silu(z), and Qwen4-Exp's sigmoid(z)."""
     g = torch.Generator().manual_seed(0)
-    layer, state = random_layer_and_state(device, dtype, g)
+    layer, state = random_layer_and_state(device, dtype, g, gate)
     eager_state = copy.deepcopy(state)
     with torch.no_grad():
         for step in range(3):  # several steps: the conv window and the state carry over
