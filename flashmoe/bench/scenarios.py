@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,9 @@ from ..analysis.locality import WINDOWS, StreamGenerator, fit_replay, load_entro
 from ..analysis.routing_trace import ReplayExperts, RoutingTrace, wrapped_experts
 from ..runtime.sampling import SamplingParams
 from .probes import Bandwidths
+
+if TYPE_CHECKING:
+    from ..generation import Generation
 
 
 @dataclass
