@@ -284,14 +284,29 @@ class Engine:
         if self.resident:
             if n and tier.cpu_share is not None and tier.cpu_share.handoff.max_cpu == n:
                 return
-            tier.set_cpu_share(ResidentCpuShare(tier, self.store, n, self.args.moe.act) if n else None)
+            tier.set_cpu_share(ResidentCpuShare(tier, self.store, n, self.top_k, self.args.moe.act) if n else None)
+            if n:
+                self._say_split(tier.cpu_share.split)
             return
         if n:
             if self._host_compute is None:
                 self.cpu_kernel = self.cpu_kernel or self._cpu_kernel(required=True)  # default threads: all cores but one
-                self._host_compute = HostCompute(self.cpu_kernel, self.top_k, self.dtype, self.device, n)
+                self._host_compute = HostCompute(self.cpu_kernel, self.store, self.top_k, self.dtype, self.device, n)
+                self._say_split(self._host_compute.split)
             self._host_compute.per_layer = n
             tier.host_compute = self._host_compute
+
+    @property
+    def cpu_split(self):
+        """The CPU's share's split in use (experts/cpu_share.Split), or None without one."""
+        tier = self.gpu_tier
+        if tier is None or not self.cpu_experts:
+            return None
+        share = tier.cpu_share if self.resident else tier.host_compute
+        return share.split if share is not None else None
+
+    def _say_split(self, split) -> None:
+        self.choices = [c for c in self.choices if not c.startswith("CPU share")] + [split.describe(self.manifest.layout.record_size)]
 
     @property
     def resident(self) -> bool:

@@ -85,7 +85,7 @@ def main() -> None:
             # ones in each of the 10 layers (so that the CPU reads them from DRAM, not from its caches)
             tables = [torch.tensor(list(range(k - n_host)) + [host0 + p for p in torch.randperm(host_records, generator=g)[:n_host]],
                                    dtype=torch.int64, device="cuda") for _ in range(10)]
-            handoff = HostHandoff(server.mail, k, host0, 0, max_cpu=max(c, 1), share=1.0 if c else 0.0, device="cuda")
+            handoff = HostHandoff(server.mail, k, host0, 0, max_cpu=max(c, 1), counts=[min(n, c) for n in range(k + 1)], device="cuda")
 
             def layer(table):
                 slots, w = handoff.publish(table, uses, ids, weights, x)

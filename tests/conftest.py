@@ -146,6 +146,16 @@ def build_hf_model(kind: str, out: Path, seed: int = 0, wide_init: bool = True, 
     return model.float().eval()
 
 
+@pytest.fixture
+def slow_link(monkeypatch):
+    """The CPU's share of host-resident experts takes as many as --cpu-experts lets it: the link's
+    measured time per record made a second, so that tests of the share's mechanics do not hang on
+    how this machine's CPU compares with its copies (experts/cpu_share.py measure_split)."""
+    from flashmoe.experts import cpu_share
+
+    monkeypatch.setattr(cpu_share, "link_seconds", lambda *_: 1.0)
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory):
     """(hf_dir, reference model in fp32) for the released-layout VLM checkpoint."""

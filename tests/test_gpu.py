@@ -160,7 +160,7 @@ def test_prefetch_decode_equals_the_cpu_path_under_cache_pressure(packed16, grap
 
 
 @pytest.mark.parametrize("graphs", [True, False])
-def test_cpu_experts_decode_equals_the_plain_gpu_path(packed4, graphs):
+def test_cpu_experts_decode_equals_the_plain_gpu_path(packed4, graphs, slow_link):
     """Two of each layer's host-resident misses computed on the CPU (input and weights from the
     routing sync, the sum added after the GPU's experts; graphed and eager): the same tokens as
     without, under a 3-expert tier."""
@@ -266,7 +266,7 @@ def test_one_397b_shape_layer_resident_matches_the_copying_path(tmp_path):
 
 
 @pytest.mark.parametrize("graphs, profile", [(True, False), (True, True), (False, False)])
-def test_resident_cpu_share_decode_equals_resident_decode(packed4, graphs, profile):
+def test_resident_cpu_share_decode_equals_resident_decode(packed4, graphs, profile, slow_link):
     """Preloaded with --cpu-experts: the CPU's server takes a share of each layer's host-resident
     experts through the mailbox, inside the step's one graph, the per-piece graphs of a profile,
     and eager decode alike: the same greedy tokens as without, and the experts call still needs
@@ -299,7 +299,7 @@ def test_resident_cpu_share_decode_equals_resident_decode(packed4, graphs, profi
     assert float((y - ref).norm() / ref.norm()) < 5e-4
 
 
-def test_one_397b_shape_layer_with_the_cpu_share_matches_resident_decode(tmp_path):
+def test_one_397b_shape_layer_with_the_cpu_share_matches_resident_decode(tmp_path, slow_link):
     """Real shapes: 200-odd of 512 experts in pinned host memory; one decode token routed to 8 of
     them and 2 GPU-resident ones, fp32 input. With --cpu-experts 2 the CPU computes 2 of the 8 and
     the GPU reads 6 over PCIe: the layer's expert output matches the GPU reading all 8, up to the GPU

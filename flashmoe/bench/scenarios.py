@@ -45,6 +45,7 @@ class DecodeResult:
     prefetch_wasted_bytes_per_token: float = 0.0  # experts copied ahead that it did not use
     cpu_experts: int = 0  # up to this many host-resident misses per layer computed on the CPU
     cpu_experts_per_token: float = 0.0  # ... how many were, per token
+    cpu_split: list[int] = field(default_factory=list)  # of n host-resident experts the CPU took cpu_split[n] (measured rates)
     resident: bool = False  # every expert read where it lies, host-resident ones in place over PCIe (preload)
     adaptive: bool = False  # ... and swapped between the tiers by use (ResidentTable.revise)
     swaps_per_token: float = 0.0  # experts moved to the GPU per timed token (each swap moves two records)
@@ -147,6 +148,7 @@ def run_decode(engine, prompt_len: int, tokens: int, layers_full: int, bw: Bandw
         prefetch_wasted_bytes_per_token=(gpu.prefetched - gpu.prefetch_hits) * rs / n,
         cpu_experts=engine.cpu_experts,
         cpu_experts_per_token=gpu.cpu_computed / n,
+        cpu_split=list(engine.cpu_split.counts) if engine.cpu_split else [],
         resident=engine.resident,
         adaptive=engine.adaptive,
         swaps_per_token=gpu.swapped / n,
@@ -243,7 +245,7 @@ def log_decode(r: DecodeResult, log=print) -> None:
     log(
         f"S1 K={r.k} {r.routing}{' resident' if r.resident else ''}{' adaptive' if r.adaptive else ''}"
         f"{' prefetch' if r.prefetch else ''}"
-        f"{f' cpu-experts {r.cpu_experts}' if r.cpu_experts else ''}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
+        f"{f' cpu-experts {r.cpu_experts} (split {r.cpu_split}, {r.cpu_experts_per_token:.1f} a token)' if r.cpu_experts else ''}: {r.tps:.2f} tok/s measured ({r.ms_per_token:.2f} ms/token, {r.ms_outside_layers:.2f} outside "
         f"layers), {r.tps_extrapolated:.2f} tok/s extrapolated to {r.layers_full} layers; GPU hits "
         f"{r.gpu_hit_rate:.1%}, host hits {r.host_hit_rate:.1%}; bytes/token "
         + ", ".join(f"{t} {v / 2**20:.0f} MiB" for t, v in r.bytes_per_token.items())

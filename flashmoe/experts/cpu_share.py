@@ -12,14 +12,21 @@ the GPU reads the others over PCIe meanwhile.
 
 from __future__ import annotations
 
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..kernels.cpu_expert_server import ExpertServer
 from ..kernels.cpu_experts import CpuExperts
-from ..kernels.host_handoff import DEFAULT_SHARE, HostHandoff
+from ..kernels.cpu_expert_server import MAX_EXPERTS
+from ..kernels.host_handoff import HostHandoff
+from ..utils import format_bytes
 from ..layers.mlp import SILU, Swiglu
 from .store import ExpertStore
 
@@ -27,19 +34,115 @@ if TYPE_CHECKING:
     from .tier import GpuExpertTier
 
 
+# A CPU expert beats another record over the link only by this margin: a split the measurement's
+# noise could reverse is not worth a thread.
+SPLIT_MARGIN = 0.95
+
+
+@dataclass(frozen=True)
+class Split:
+    """counts[n]: how many of a layer's n host-resident experts the CPU computes, from the measured
+    cpu_seconds[c - 1] (one call of c experts) and link_seconds (one more record over the link)."""
+
+    counts: tuple[int, ...]
+    cpu_seconds: tuple[float, ...]
+    link_seconds: float
+
+    def take(self, n: int, limit: int) -> int:
+        return min(self.counts[min(n, len(self.counts) - 1)], limit)
+
+    def describe(self, record_size: int) -> str:
+        return (f"CPU share by measured rates: an expert {self.cpu_seconds[0] * 1e3:.2f} ms on the CPU, a record "
+                f"{self.link_seconds * 1e3:.2f} ms over the link ({format_bytes(record_size / self.link_seconds)}/s); "
+                f"of n = 0 .. {len(self.counts) - 1} host-resident experts the CPU takes {list(self.counts)}")
+
+
+def split_counts(cpu_seconds: Sequence[float], link_seconds: float, k: int) -> tuple[int, ...]:
+    """counts[n], n = 0 .. k: the c <= n whose slower side, the CPU's c experts or the link's
+    n - c records, finishes first; a larger c only where it wins by SPLIT_MARGIN."""
+    counts = []
+    for n in range(k + 1):
+        best, best_time = 0, n * link_seconds
+        for c in range(1, min(n, len(cpu_seconds)) + 1):
+            t = max(cpu_seconds[c - 1], (n - c) * link_seconds)
+            if t < SPLIT_MARGIN * best_time:
+                best, best_time = c, t
+        counts.append(best)
+    return tuple(counts)
+
+
+def measure_split(compute: Callable[[list[int]], object], pool: torch.Tensor, records: list[int], device, k: int,
+                  repeats: int = 5) -> Split:
+    """Time `compute(slots)` (the CPU's experts, synchronously) on random records of `pool` for 1 ..
+    min(k, MAX_EXPERTS) experts, and the link's copy of records from `pool` to `device`."""
+    rng = random.Random(0)
+    most = min(k, MAX_EXPERTS, len(records))
+    cpu = []
+    for c in range(1, most + 1):
+        times = []
+        for _ in range(repeats):
+            slots = rng.sample(records, c)
+            t0 = time.perf_counter()
+            compute(slots)
+            times.append(time.perf_counter() - t0)
+        cpu.append(statistics.median(times))
+    link = link_seconds(pool, device, repeats)
+    return Split(split_counts(cpu, link, k), tuple(cpu), link)
+
+
+def link_seconds(pool: torch.Tensor, device, repeats: int) -> float:
+    """Seconds one more record of the pinned pool takes to reach `device`: the slope between copies
+    of one record and of up to eight (a copy's fixed cost is paid once per layer, not per record)."""
+    m = min(8, pool.shape[0])
+    dst = torch.empty(m, pool.shape[1], dtype=pool.dtype, device=device)
+
+    def copy(n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            dst[:n].copy_(pool[:n], non_blocking=True)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    one = copy(1)
+    return max((copy(m) - one) / (m - 1), 1e-9) if m > 1 else one
+
+
+def measured_records(store: ExpertStore, k: int) -> list[int]:
+    """Host records to time the CPU on: those the store holds, or every row of its pool while it
+    holds fewer than k (a cold cache; the rows' contents do not change the time)."""
+    held = list(store.slots.slot_of.values())
+    return held if len(held) >= k else list(range(store.pool.shape[0]))
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class HostCompute:
     """The CPU's share of each decode layer's misses: the CpuExperts kernel on its worker thread
-    (numba, GIL released), pinned buffers for its input and result."""
+    (numba, GIL released), pinned buffers for its input and result; up to `per_layer` of them, as
+    many as the split measured here says."""
 
-    def __init__(self, kernel: CpuExperts, top_k: int, dtype: torch.dtype, device, per_layer: int):
+    def __init__(self, kernel: CpuExperts, store: ExpertStore, top_k: int, dtype: torch.dtype, device, per_layer: int):
         self.kernel = kernel
         self.per_layer = per_layer
         H, pin = kernel.layout.hidden_size, torch.device(device).type == "cuda"  # pinned: the copies are asynchronous
+        x = torch.zeros(H)
+        self.split = measure_split(lambda slots: kernel(store.pool, slots, [0.0] * len(slots), x), store.pool,
+                                   measured_records(store, top_k), device, top_k)
         self.x = torch.empty(H, dtype=dtype, pin_memory=pin)  # the layer's expert input, from its routing sync
         self.weights = torch.empty(top_k, dtype=dtype, pin_memory=pin)  # its routing weights, likewise
         self.gpu_weights = torch.empty(top_k, dtype=torch.float32, pin_memory=pin)  # those of the GPU's share
         self.sum_host = torch.empty(H, dtype=torch.float32, pin_memory=pin)
         self.sum = torch.empty(1, H, dtype=torch.float32, device=device)
+
+    def take(self, n: int) -> int:
+        """How many of n host-resident misses the CPU computes."""
+        return self.split.take(n, self.per_layer)
 
     def fetch_inputs(self, x: torch.Tensor, weights: torch.Tensor) -> None:
         """Queue the copies of x [1, H] and weights [1, k] to the host; the routing sync that
@@ -65,15 +168,18 @@ class HostCompute:
 class ResidentCpuShare:
     """The CPU's share of resident decode: server threads over the host tier's records, asked by
     each layer's publish and waited for by its join, both inside the step's graph (no host sync).
-    Up to `per_layer` of a layer's host-resident experts, DEFAULT_SHARE of them (host_handoff.py),
+    Up to `per_layer` of a layer's host-resident experts, as many as the split measured here says,
     on all cores but one; `act`: the family's expert activation."""
 
-    def __init__(self, tier: "GpuExpertTier", store: ExpertStore, per_layer: int, act: Swiglu = SILU):
+    def __init__(self, tier: "GpuExpertTier", store: ExpertStore, per_layer: int, top_k: int, act: Swiglu = SILU):
         self.server = ExpertServer(tier.layout, store.pool, act=act)
-        # slot 0 stands in for the CPU's experts in the GPU's list: any GPU-resident record will do
-        self.handoff = HostHandoff(self.server.mail, tier.capacity, tier.host_slot0, 0, per_layer, DEFAULT_SHARE,
-                                   tier.pool.device)
         self.server.start()
+        x = torch.zeros(tier.layout.hidden_size)
+        self.split = measure_split(lambda slots: self.server.request(slots, [0.0] * len(slots), x), store.pool,
+                                   measured_records(store, top_k), tier.pool.device, top_k)
+        # slot 0 stands in for the CPU's experts in the GPU's list: any GPU-resident record will do
+        self.handoff = HostHandoff(self.server.mail, tier.capacity, tier.host_slot0, 0, per_layer, self.split.counts,
+                                   tier.pool.device)
 
     def check(self) -> None:
         """Raise if a layer's join gave up waiting for the CPU (its output then lacks the CPU's experts)."""

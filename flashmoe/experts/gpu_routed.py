@@ -90,7 +90,8 @@ class GpuRoutedExperts:
         experts = sorted(set(ids_host.flatten().tolist()))
         host = self.tier.host_compute if T == 1 else None
         candidates = self.tier.absent(self.layer, experts) if host is not None else []
-        with self.store.resident(self.layer, candidates, host.per_layer if host else 0) as on_cpu:
+        in_ram = sum((self.layer, e) in self.store.slots for e in candidates)
+        with self.store.resident(self.layer, candidates, host.take(in_ram) if host else 0) as on_cpu:
             if on_cpu:  # started first: the CPU computes while the host queues copies and kernels
                 with self.timer.section("expert_io"):
                     cpu_sum, keep, weights = host.start(self.store, on_cpu, ids_host[0].tolist(), x.device)

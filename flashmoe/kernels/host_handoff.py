@@ -2,7 +2,7 @@
 mailbox and the CPU's side). Two one-program launches per decode layer, both capturable:
 
   publish: the layer's slots looked up on the device and counted (slot_lookup.lookup_counted); of the
-           routed experts whose records lie in host memory, the last `share(n)` in routing order
+           routed experts whose records lie in host memory, the last counts[n] in routing order
            go to the CPU: their slots and weights, and the input x, are written to the mailbox and
            the request is released; in the GPU's own list they become a GPU-resident slot with
            weight zero (the gathered kernels apply the weight to each expert's finite activation,
@@ -10,15 +10,17 @@ mailbox and the CPU's side). Two one-program launches per decode layer, both cap
   join:    if the layer asked the CPU, spin (bounded) until the mailbox says done, then
            out += the CPU's sum.
 
-How many the CPU takes from n host-resident experts: round(n * share), at most `max_cpu` (and at
-most cpu_expert_server.MAX_EXPERTS). share is the CPU's part of the combined rate at which the two
-read host memory, the CPU computing and PCIe feeding the GPU: on the H200's host 31 GB/s (15
-threads) beside 52 GB/s, so DEFAULT_SHARE = 0.4, which scripts/cpu_share_probe.py found the best
-split for 2 to 6 host-resident experts (docs/EXPERIMENTS.md entry 39).
+How many the CPU takes from n host-resident experts: `counts[n]` (a device table, so a new split
+needs no new graph), at most `max_cpu` (and at most cpu_expert_server.MAX_EXPERTS). The engine
+builds the table from the CPU's and the link's rates measured at start (experts/cpu_share.py
+split_counts) so that both finish together; `counts_for_share` is the fixed-fraction table the
+first version used (round(n * 0.4): the H200's 31 GB/s of CPU beside 52 GB/s of PCIe, entry 39).
 `host_share_reference` is the plain PyTorch definition of publish's choice.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -31,14 +33,13 @@ from .slot_lookup import lookup_counted
 # the mailbox's words, as constants the kernels can read
 COUNT, DONE, ERROR, REQUEST = (tl.constexpr(v) for v in (mailbox.COUNT, mailbox.DONE, mailbox.ERROR, mailbox.REQUEST))
 SLOTS, WEIGHTS, X = (tl.constexpr(v) for v in (mailbox.SLOTS, mailbox.WEIGHTS, mailbox.X))
-DEFAULT_SHARE = 0.4
 JOIN_SPINS = 1 << 22  # polls of the mailbox before join gives up (each a PCIe read of ~1 us): seconds
 
 
 @triton.jit
 def _publish_kernel(
     ids_ptr, weights_ptr, x_ptr, table_ptr, uses_ptr, slots_ptr, gpu_weights_ptr, state_ptr, computed_ptr,
-    mail_ptr, mailf_ptr, capacity, host_slot0, idle_slot, max_cpu, share,
+    mail_ptr, mailf_ptr, counts_ptr, capacity, host_slot0, idle_slot, max_cpu, last_count,
     K: tl.constexpr, KP: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
 ):
     j = tl.arange(0, KP)
@@ -47,7 +48,7 @@ def _publish_kernel(
     w = tl.load(weights_ptr + j, mask=live, other=0.0).to(tl.float32)
     host = live & ((slot < 0) | (slot >= capacity))
     n_host = tl.sum(host.to(tl.int32), axis=0)
-    c = tl.minimum(tl.floor(n_host * share + 0.5).to(tl.int32), max_cpu)
+    c = tl.minimum(tl.load(counts_ptr + tl.minimum(n_host, last_count)), max_cpu)
     # host-resident experts at or after position j: the CPU takes the last c (ranks 1 .. c)
     rank = n_host - tl.cumsum(host.to(tl.int32), axis=0) + host.to(tl.int32)
     to_cpu = host & (rank <= c)
@@ -94,16 +95,24 @@ class HostHandoff:
     handed to the CPU so far (`computed`)."""
 
     def __init__(self, mail: torch.Tensor, capacity: int, host_slot0: int, idle_slot: int, max_cpu: int,
-                 share: float, device):
+                 counts: Sequence[int], device):
         if not 0 < max_cpu <= MAX_EXPERTS:
             raise ValueError(f"the CPU takes 1 to {MAX_EXPERTS} experts per layer, not {max_cpu}")
         if not 0 <= idle_slot < capacity:
             raise ValueError("the CPU's share needs at least one expert in a GPU slot")
         self.mail, self.mailf = mail, mail.view(torch.float32)
-        self.capacity, self.host_slot0, self.idle_slot = capacity, host_slot0, idle_slot
-        self.max_cpu, self.share = max_cpu, share
+        self.capacity, self.host_slot0, self.idle_slot, self.max_cpu = capacity, host_slot0, idle_slot, max_cpu
+        self.counts = torch.zeros(MAX_EXPERTS + 1, dtype=torch.int32, device=device)
+        self.set_counts(counts)
         self.state = torch.zeros(2, dtype=torch.int32, device=device)
         self.computed = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def set_counts(self, counts: Sequence[int]) -> None:
+        """counts[n]: how many of n host-resident experts the CPU takes (n past the table: its last
+        entry). Written in place: graphs captured before see the new split."""
+        check_counts(counts)
+        self.last_count = len(counts) - 1
+        self.counts[: len(counts)] = torch.tensor(counts, dtype=torch.int32)
 
     def publish(self, table_row: torch.Tensor, uses_row: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +123,7 @@ class HostHandoff:
         gpu_weights = torch.empty(1, k, dtype=torch.float32, device=ids.device)
         _publish_kernel[(1,)](
             ids, weights, x, table_row, uses_row, slots, gpu_weights, self.state, self.computed, self.mail, self.mailf,
-            self.capacity, self.host_slot0, self.idle_slot, self.max_cpu, self.share,
+            self.counts, self.capacity, self.host_slot0, self.idle_slot, self.max_cpu, self.last_count,
             K=k, KP=triton.next_power_of_2(k), H=H, HP=triton.next_power_of_2(H),
         )
         return slots, gpu_weights
@@ -129,8 +138,18 @@ class HostHandoff:
         return int(self.mail[mailbox.ERROR])
 
 
-def host_share_reference(slots: list[int], capacity: int, max_cpu: int, share: float) -> list[int]:
+def check_counts(counts: Sequence[int]) -> None:
+    if not counts or counts[0] != 0 or any(not 0 <= c <= n for n, c in enumerate(counts)) or len(counts) > MAX_EXPERTS + 1:
+        raise ValueError(f"counts[n] must lie in 0 .. n for n = 0 .. at most {MAX_EXPERTS}, got {list(counts)}")
+
+
+def counts_for_share(share: float, k: int) -> list[int]:
+    """The table that hands the CPU round(n * share) of n host-resident experts, n = 0 .. k."""
+    return [min(n, int(n * share + 0.5)) for n in range(min(k, MAX_EXPERTS) + 1)]
+
+
+def host_share_reference(slots: list[int], capacity: int, max_cpu: int, counts: Sequence[int]) -> list[int]:
     """Positions (in routing order) of the routed experts publish hands to the CPU, given their slots."""
     host = [j for j, s in enumerate(slots) if not 0 <= s < capacity]
-    c = min(int(len(host) * share + 0.5), max_cpu)
+    c = min(counts[min(len(host), len(counts) - 1)], max_cpu)
     return host[len(host) - c :] if c else []

@@ -113,7 +113,7 @@ def test_prefetch_is_refused_without_its_slots(packed16):
         engine.set_prefetch(True)
 
 
-def test_cpu_experts_change_no_result_and_take_misses_off_the_copies(packed4):
+def test_cpu_experts_change_no_result_and_take_misses_off_the_copies(packed4, slow_link):
     """Host-resident misses computed by the CPU kernel instead of copied: the logits match the
     plain GPU path's, and under a static 3-expert tier each CPU-computed expert is one copy fewer."""
     pytest.importorskip("numba")
@@ -201,7 +201,7 @@ def test_generation_counts_every_resident_lookup_once_with_queued_reads(packed4)
         assert tier.hits > 0 and tier.hits + tier.host_reads == moe_layers * k * g.stats.decode_tokens
 
 
-def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
+def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4, slow_link):
     """Preloaded, with --cpu-experts 1: each decode layer hands some of its host-resident experts to
     the CPU's server through the mailbox (no host sync). Logits match resident decode without it
     (the CPU's sum is rounded apart), every lookup is counted once, as a GPU hit, a read over PCIe
@@ -216,6 +216,9 @@ def test_resident_cpu_share_changes_no_result_and_takes_reads_off_pcie(packed4):
         engine.preload()  # 2 of 8 experts per layer on the GPU: most routed experts lie in the host tier
         tier = engine.gpu_tier
         assert (tier.cpu_share is not None) == bool(per_layer)
+        if per_layer:  # the split measured at start (a slow link here: the CPU takes all it may) is said and reported
+            assert engine.cpu_split.counts == (0, 1, 2) and engine.cpu_split is tier.cpu_share.split
+            assert any(c.startswith("CPU share by measured rates") for c in engine.choices)
         state = engine.new_state()
         with torch.inference_mode():
             out = [engine.forward(ids.to(engine.device), state, last_only=False).cpu()]  # prefill: copies, no CPU share

@@ -58,7 +58,7 @@ def test_the_gpu_path_decodes_mxfp4_as_the_cpu_path(mxfp4_release, tmp_path):
     assert rel_err(gpu[0].cpu(), cpu[0]) < 1e-5 and rel_err(gpu[1].cpu(), cpu[1]) < 1e-5 and gpu[2] == cpu[2]
 
 
-def test_the_cpu_share_of_mxfp4_experts_changes_no_result(mxfp4_release, tmp_path):
+def test_the_cpu_share_of_mxfp4_experts_changes_no_result(mxfp4_release, tmp_path, slow_link):
     """--cpu-experts on MXFP4 records (biases, the clamped SwiGLU), both ways: copying decode's
     host-resident misses computed by CpuExperts instead, and preloaded, the expert server's share
     through the mailbox. Each run's logits match the same placement's without the CPU (the GPU
