@@ -336,9 +336,16 @@ def chat_command(
                               max_call_chars)
     except USER_ERRORS as e:
         fail(e)
+    try:
+        _repl(session, console, model.name)
+    finally:
+        engine.close()  # saves what adaptive placement learned, for the next run
+
+
+def _repl(session: ChatSession, console: Console, model_name: str) -> None:
     _setup_readline()
     names = ", ".join(session.tools) or "none"
-    console.print(f"[bold]flashmoe chat[/] with {escape(model.name)}: tools {escape(names)}. "
+    console.print(f"[bold]flashmoe chat[/] with {escape(model_name)}: tools {escape(names)}. "
                   "/help for commands, Ctrl-D to leave.")
     while True:
         try:

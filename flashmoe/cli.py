@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Optional
 
@@ -161,10 +162,10 @@ def generate(
         params = sampling_params(  # before the model loads: a bad value fails at once
             model, temperature, top_p, top_k, max_tokens=tokens, repetition_penalty=repetition_penalty, seed=seed, stop=stop
         )
-        engine = open_engine(model, config)
-        if chat:
-            prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}], enable_thinking=think)
-        _stream(engine, prompt, params)
+        with closing(open_engine(model, config)) as engine:
+            if chat:
+                prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}], enable_thinking=think)
+            _stream(engine, prompt, params)
     except USER_ERRORS as e:
         fail(e)
 

@@ -99,6 +99,9 @@ ENGINE_OPTIONS = [
                    help="On the GPU: read every expert into GPU or host memory at start, then read each where it lies: "
                    "no copies and no host sync per layer, one CUDA graph per token (default: when the GPU and host "
                    "budgets hold every expert and --prefetch is off; --no-preload streams them)."),
+    _engine_option("placement_heat", bool, True, "--placement-heat/--no-placement-heat",
+                   help="With preloaded experts: start each layer's GPU slots with the experts the last run found "
+                   "hottest (placement_heat.safetensors beside the model), and save what this run learns at exit."),
     _engine_option("verify", bool, True, "--verify/--no-verify",
                    help="Check each expert record's CRC32 the first time it is read."),
     _engine_option("profile", bool, False, "--profile",

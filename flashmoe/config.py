@@ -36,6 +36,8 @@ class EngineConfig:
     # GPU: every expert in GPU or host memory, read where it lies; None (auto): when the two tiers'
     # budgets hold every expert and --prefetch is off (Engine decides), else streamed
     preload: bool | None = None
+    # GPU, preloaded: start from the placement heat saved beside the model, and save it at close
+    placement_heat: bool = True
     verify: bool = True  # CRC32 of each expert record on its first read
     profile: bool = False  # GPU: synchronize at every timed section (exact breakdown, slower)
     # CPU compute threads; None: the cores other processes leave free (runtime/threads.py). PyTorch's

@@ -6,12 +6,14 @@ thin layers over it."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from .config import EngineConfig, default_ngram_mem
@@ -27,6 +29,7 @@ from .models.context import StepContext
 from .models.transformer import Model
 from .moe.block import FP32_TENSORS, MoEBlock, RoutedExperts
 from .quant import quantize_int8_rows
+from .experts.heat import hottest_first, read_heat, write_heat
 from .experts.streamed import StreamedExperts
 from .experts.store import BudgetError, ExpertStore, StoreStats
 from .runtime.ngram_rows import NgramRowStore, NgramStats
@@ -313,30 +316,34 @@ class Engine:
         """Whether every expert is read where it lies in the GPU or host tier (preload)."""
         return self.gpu_tier is not None and self.gpu_tier.resident is not None
 
-    def place_experts(self, gpu_per_layer: int, host_per_layer: int, progress: Callable[[int], None] | None = None) -> None:
-        """Read experts [0, g) of each MoE layer into GPU slots and [g, g + h) into the host tier
-        (`progress(bytes)` after each batch of reads). Experts an earlier placement left in the
-        other tier (adaptive placement moves them) trade places first, without reading the disk."""
+    def place_experts(self, gpu_per_layer: int, host_per_layer: int, progress: Callable[[int], None] | None = None,
+                      heat: np.ndarray | None = None) -> None:
+        """Read g = gpu_per_layer experts of each MoE layer into GPU slots and the next h into the
+        host tier (`progress(bytes)` after each batch of reads): experts [0, g) and [g, g + h), or
+        with `heat` [layers, experts] each layer's hottest first. Experts an earlier placement left
+        in the other tier (adaptive placement moves them) trade places first, without reading the disk."""
         E, rs, batch = self.args.moe.num_experts, self.manifest.layout.record_size, self.store.batch
+        order = {layer: hottest_first(heat, layer, E) for layer in self.moe_layers}
+        on_gpu = {layer: set(order[layer][:gpu_per_layer]) for layer in self.moe_layers}
         tier, misplaced = self.gpu_tier, defaultdict(list)
         for layer, e in list(tier.slots.slot_of):
-            if e >= gpu_per_layer:
+            if e not in on_gpu[layer]:
                 misplaced[layer].append(e)
         for layer, to_host in misplaced.items():
-            to_gpu = [e for e in range(min(E, gpu_per_layer)) if (layer, e) in self.store.slots and (layer, e) not in tier.slots]
+            to_gpu = [e for e in order[layer][:gpu_per_layer] if (layer, e) in self.store.slots and (layer, e) not in tier.slots]
             for up, down in zip(to_gpu, to_host):
                 tier.swap(self.store, layer, up, down)
         if misplaced and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the CPU reads host records unordered with the stream's copies
         for layer in self.moe_layers:
-            host = list(range(gpu_per_layer, min(E, gpu_per_layer + host_per_layer)))
+            host = order[layer][gpu_per_layer : gpu_per_layer + host_per_layer]
             for start in range(0, len(host), batch):
                 for _ in self.store.load(layer, host[start : start + batch]):
                     pass
                 if progress:
                     progress(len(host[start : start + batch]) * rs)
         for layer in self.moe_layers:
-            experts = list(range(min(E, gpu_per_layer)))
+            experts = order[layer][:gpu_per_layer]
             self.gpu_tier.preload(layer, experts, self.store)
             if progress:
                 progress(len(experts) * rs)
@@ -386,8 +393,14 @@ class Engine:
                 f"experts, {gpu} in GPU slots, so the host tier must hold {format_bytes(host_needed * rs)}; raise --host-mem "
                 f"to at least {format_bytes((host_needed + self.store.batch) * rs)} (or --gpu-mem), or drop --preload"
             )
-        self.place_experts(g, E - g, progress)
+        heat, note = (read_heat(self.dir, (max(self.moe_layers) + 1, E)) if self.config.placement_heat
+                      else (None, ""))
+        if note:
+            self.choices.append(note)
+        self.place_experts(g, E - g, progress, heat)
         self.set_resident(True)
+        if heat is not None and self.adaptive:  # it goes on learning from where the last run left off
+            self.gpu_tier.resident.placement.heat[:] = heat
 
     def set_resident(self, on: bool, adaptive: bool | None = None) -> None:
         """Read every expert where it lies (on) or go back to copying misses into GPU slots (off).
@@ -564,7 +577,21 @@ class Engine:
         between slices of the prefill. `checkpoints[n]()` is called once n prompt tokens are in."""
         return Generation(self, prompt, params or SamplingParams(), state, logits_processor, batched, checkpoints)
 
+    def _save_heat(self, heat: np.ndarray) -> None:
+        if not heat.any():  # nothing decoded: keep what an earlier run saved
+            return
+        try:
+            write_heat(self.dir, heat)
+        except OSError as e:
+            warnings.warn(f"placement heat not saved in {self.dir} ({e}): the next run's placement starts cold; "
+                          "--no-placement-heat stops this warning", stacklevel=3)
+
     def close(self) -> None:
+        """Stop the CPU share's threads and close the files; with --placement-heat, save what
+        adaptive placement learned beside the model (experts/heat.py), for the next preload."""
+        if self.config.placement_heat and self.adaptive:
+            self.gpu_tier.resident.collect()
+            self._save_heat(self.gpu_tier.resident.placement.current_heat())
         if self.gpu_tier is not None:
             self.gpu_tier.set_cpu_share(None)
         self.store.close()

@@ -98,4 +98,5 @@ def slice_engine(out: Path, args: ModelArgs, layout: RecordLayout, tiers: Tiers,
         host_mem=(tiers.host_per_layer * moe_layers + k_max) * rs + (ngram_mem or 0),
         ngram_mem=ngram_mem, gpu_mem=tiers.gpu_per_layer * moe_layers * rs, dense_bits=dense_bits, prefetch=prefetch,
         preload=False,  # the scenarios place the experts themselves (place_tiers)
+        placement_heat=False,  # ... from the same first placement every run, whatever an earlier one learned
     ))

@@ -194,5 +194,9 @@ class AdaptivePlacement:
                 break
         return out
 
+    def current_heat(self) -> np.ndarray:
+        """The heat as of now: the folded heat decayed to this step, plus the counts since."""
+        return self.heat * self.decay**self.steps + self.recent
+
     def _significant(self, hot, cold):
         return hot - cold > self.confidence * np.sqrt((hot + cold) / 2 + 1)

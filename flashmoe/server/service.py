@@ -214,6 +214,7 @@ class ModelService:
         self.scheduler.close()
         if self.cache is not None:
             self.cache.clear()
+        self.engine.close()  # after the scheduler's thread: saves what adaptive placement learned
 
 
 def vars_of(obj: Any) -> dict[str, Any]:
