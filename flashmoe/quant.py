@@ -35,13 +35,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """[N, W] packed words -> [N, W * 32 / bits] codes (int32, or uint8 for 8-bit)."""
+    """[..., N, W] packed words -> [..., N, W * 32 / bits] codes (int32, or uint8 for 8-bit)."""
     if bits == 8:  # in a little-endian word each byte is one code, in order
         return words.contiguous().view(torch.uint8)
     per_word = 32 // bits
     shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * bits
     codes = (words.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(words.shape[0], -1)
+    return codes.reshape(*words.shape[:-1], -1)
 
 
 def quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,12 +64,12 @@ def quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
 def dequantize(
     words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int, dtype=torch.float32
 ) -> torch.Tensor:
-    """Inverse of `quantize`: [N, K] weights in `dtype`."""
+    """Inverse of `quantize`: [N, K] weights in `dtype` (or [..., N, K]: a batch of tensors at once)."""
     codes = unpack(words, bits)
-    n, k = codes.shape
-    groups = codes.view(n, k // group_size, group_size).to(torch.float32)
+    *lead, n, k = codes.shape
+    groups = codes.view(*lead, n, k // group_size, group_size).to(torch.float32)
     w = torch.addcmul(biases.float().unsqueeze(-1), groups, scales.float().unsqueeze(-1))
-    return w.view(n, k).to(dtype)
+    return w.view(*lead, n, k).to(dtype)
 
 
 def quantize_int8_rows(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,12 +99,13 @@ E8M0_NAN = 255
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """[N, K / 2] uint8 codes and [N, K / 32] uint8 scales -> [N, K] weights in `dtype` (exact in fp32)."""
-    n = blocks.shape[0]
+    """[..., N, K / 2] uint8 codes and [..., N, K / 32] uint8 scales -> [..., N, K] weights in `dtype`
+    (exact in fp32)."""
+    lead = blocks.shape[:-1]
     lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).view(n, -1, MXFP4_GROUP).long()
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).view(*lead, -1, MXFP4_GROUP).long()
     w = torch.ldexp(lut[codes], scales.to(torch.int32).unsqueeze(-1) - 127)
-    return w.view(n, -1).to(dtype)
+    return w.view(*lead, -1).to(dtype)
 
 
 def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:

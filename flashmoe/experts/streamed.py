@@ -35,23 +35,29 @@ class StreamedExperts:
         return y if residual is None else residual + y
 
     def _computed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each needed record dequantized by PyTorch and multiplied with its tokens."""
+        """Each needed record dequantized by PyTorch and multiplied with its tokens: the records of
+        one store batch dequantized together (a few operators per batch, not per expert: entry 87),
+        each expert's tokens found by one sort of the routing."""
         needed = torch.unique(ids).tolist()  # ascending
+        k = ids.shape[1]
+        order = torch.argsort(ids.flatten(), stable=True)  # (token, slot) pairs grouped by expert, ascending
+        ends = torch.bincount(ids.flatten(), minlength=needed[-1] + 1).cumsum(0).tolist()
+        layout = self.store.layout
         results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         cap = self.store.batch
         for start in range(0, len(needed), cap):
             with closing(self.store.load(self.layer, needed[start : start + cap])) as records:
-                while True:
-                    with self.timer.section("expert_io"):
-                        item = next(records, None)
-                    if item is None:
-                        break
-                    expert, record = item
-                    with self.timer.section("expert_compute"):
-                        tokens, slot = (ids == expert).nonzero(as_tuple=True)
-                        layout = self.store.layout
-                        gate_up, down = layout.weights(record, x.dtype)
-                        y = swiglu_expert(x[tokens], gate_up, down, self.act, layout.biases(record, x.dtype))
+                with self.timer.section("expert_io"):
+                    batch = list(records)
+                with self.timer.section("expert_compute"):
+                    stacked = torch.stack([record for _, record in batch])
+                    gate_ups, downs = layout.weights(stacked, x.dtype)
+                    biases = layout.biases(stacked, x.dtype)
+                    for j, (expert, _) in enumerate(batch):
+                        pairs = order[(ends[expert - 1] if expert else 0) : ends[expert]]
+                        tokens, slot = pairs // k, pairs % k
+                        y = swiglu_expert(x[tokens], gate_ups[j], downs[j], self.act,
+                                          None if biases is None else (biases[0][j], biases[1][j]))
                         # weights may be fp32 (a router in fp32, GLM's): the product is cast back, as transformers does
                         results[expert] = tokens, (y * weights[tokens, slot, None]).to(x.dtype)
         # Sum in ascending expert order, whatever order the reads completed in: the result is then

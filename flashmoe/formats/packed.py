@@ -129,15 +129,17 @@ class RecordLayout:
         return sum(s.nbytes for s in self.segments)
 
     def views(self, record: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Zero-copy typed views of a record's tensors; `record` is a uint8 tensor of record_size bytes."""
+        """Zero-copy typed views of a record's tensors; `record` is a uint8 tensor of record_size bytes
+        (or [n, record_size]: n records, each view then [n, ...])."""
         out = {}
         for s in self.segments:
-            raw = record[s.offset : s.offset + s.nbytes]
-            out[s.name] = raw.view(DTYPE_BY_NAME[s.dtype]).view(s.shape)
+            raw = record[..., s.offset : s.offset + s.nbytes]
+            out[s.name] = raw.view(DTYPE_BY_NAME[s.dtype]).view(*record.shape[:-1], *s.shape)
         return out
 
     def weights(self, record: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) in `dtype`, dequantized if the record is quantized."""
+        """(gate_up [2I, H], down [H, I]) in `dtype`, dequantized if the record is quantized; for
+        records [n, record_size], [n, 2I, H] and [n, H, I] in one pass."""
         v = self.views(record)
         if self.bits == 16:
             return v["gate_up_proj.weight"].to(dtype), v["down_proj.weight"].to(dtype)

@@ -166,3 +166,21 @@ def test_an_ngram_table_is_the_same_file_however_its_rows_are_streamed(tmp_path,
         writer.close()
     with pytest.raises(ValueError, match="1000 rows; 1001 were written"):
         writer.write(rows[:2])
+
+
+@pytest.mark.parametrize("bits,scheme,bias", [(2, "affine", False), (4, "affine", True), (8, "affine", False),
+                                              (16, "affine", True), (4, "mxfp4", True)])
+def test_a_batch_of_records_gives_each_record_s_weights(bits, scheme, bias):
+    """layout.weights / biases of records [n, record_size] (the CPU prefill's one pass per batch)
+    equal each record's own, exactly."""
+    from flashmoe.bench.synthesis import random_records
+
+    layout = RecordLayout.build(128, 64, bits, 32, with_bias=bias, scheme=scheme)
+    records = random_records(layout, 3, torch.Generator().manual_seed(bits))
+    gate_ups, downs = layout.weights(records, torch.float32)
+    assert gate_ups.shape == (3, 128, 128) and downs.shape == (3, 128, 64)
+    for j in range(3):
+        gate_up, down = layout.weights(records[j], torch.float32)
+        assert torch.equal(gate_ups[j], gate_up) and torch.equal(downs[j], down)
+        if bias:
+            assert all(torch.equal(b[j], one) for b, one in zip(layout.biases(records, torch.float32), layout.biases(records[j], torch.float32)))
