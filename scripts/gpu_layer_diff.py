@@ -3,7 +3,10 @@ converted at 16 bits, run by both engines in fp32 (prefill, then decode steps); 
 mixer's and dense MLP's output compared, first the step, then the module where the relative error
 passes 1e-5. A device-run diagnostic, for tests/test_gpu.py failures.
 
-Usage: python3 scripts/gpu_layer_diff.py [family ...] [--graphs]"""
+tests/test_gpu.py's family test runs the copying path (--no-preload) against a CPU engine on every
+core, 8 decode steps: --no-preload --steps 8 --cpu-threads 0 reproduce that.
+
+Usage: python3 scripts/gpu_layer_diff.py [family ...] [--graphs] [--no-preload] [--steps N] [--cpu-threads N]"""
 
 import argparse
 import sys
@@ -44,8 +47,11 @@ def traced(engine: Engine, ids: torch.Tensor, steps: int) -> list[dict[str, torc
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("families", nargs="*", default=["qwen3_moe", "glm4_moe", "qwen3_5_moe"])
+    ap.add_argument("families", nargs="*", default=["qwen3_moe", "glm4_moe", "gpt_oss"])
     ap.add_argument("--graphs", action="store_true")
+    ap.add_argument("--no-preload", action="store_true", help="the GPU engine copies experts (preload=False)")
+    ap.add_argument("--steps", type=int, default=4, help="decode steps after the prefill")
+    ap.add_argument("--cpu-threads", type=int, default=1, help="the CPU engine's threads (0: its default)")
     args = ap.parse_args()
     print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32, "precision", torch.get_float32_matmul_precision(),
           "cudnn tf32", torch.backends.cudnn.allow_tf32)
@@ -55,8 +61,9 @@ def main() -> None:
             d = Path(d)
             build_hf_model(family, d / "hf", seed=10)
             convert(d / "hf", d / "q16", bits=16)
-            cpu = traced(Engine(d / "q16", EngineConfig(dtype="float32", threads=1)), ids, 4)
-            gpu = traced(Engine(d / "q16", EngineConfig(device="cuda", dtype="float32", cuda_graphs=args.graphs)), ids, 4)
+            cpu = traced(Engine(d / "q16", EngineConfig(dtype="float32", threads=args.cpu_threads or None)), ids, args.steps)
+            gpu = traced(Engine(d / "q16", EngineConfig(device="cuda", dtype="float32", cuda_graphs=args.graphs,
+                                                        preload=False if args.no_preload else None)), ids, args.steps)
         print(f"== {family}")
         for step, (c, g) in enumerate(zip(cpu, gpu)):
             errs = {name: float((g[name] - ref).norm() / ref.norm().clamp_min(1e-30)) for name, ref in c.items() if name in g}

@@ -39,11 +39,10 @@ import triton.language as tl
 
 from ..formats.packed import RecordLayout
 from ..layers.mlp import SILU, Swiglu, swiglu_expert
+from ..quant import MXFP4_GROUP
 from . import INTERPRETED
 from .moe_gemv import expert_act, out_bias
 from .moe_grouped import expert_tiles
-
-GROUP = 32  # inputs per E8M0 scale: 16 bytes of codes
 
 
 @triton.jit
@@ -54,7 +53,7 @@ def _e2m1_f16(n):
 
 @triton.jit
 def _mx_tile(a_ptr, a_rows, a_live, pool_ptr, blocks, scales, n, n_live, K: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr):
+             BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr):
     """A[a_rows, :K] (fp32/bf16 rows, element offsets `a_rows` [BLOCK_M], zero where not a_live) times
     W[n, :K]^T of the MXFP4 projection whose codes start at byte `blocks` and scales at byte `scales`
     of the pool (rows n [BLOCK_N], zero where not n_live) -> [BLOCK_M, BLOCK_N] fp32. GROUPS groups
@@ -106,7 +105,7 @@ def _tile(tile, slots_ptr, tile_row_ptr, tile_end_ptr, K_ROUTED: tl.constexpr, G
 def _gate_up_kernel(x_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, pool_ptr, halves_ptr, h_ptr, record_size,
                     blocks_off, scales_off, bias_off, limit, alpha, H: tl.constexpr, I: tl.constexpr,
                     K_ROUTED: tl.constexpr, GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GROUPS: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     CLAMPED: tl.constexpr):
     slot, first, end, x_row = _tile(tl.program_id(0), slots_ptr, tile_row_ptr, tile_end_ptr, K_ROUTED, GATHERED)
     m = tl.arange(0, BLOCK_M)
@@ -115,8 +114,8 @@ def _gate_up_kernel(x_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, pool_ptr, halv
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = n < I
     blocks, scales = slot * record_size + blocks_off, slot * record_size + scales_off
-    gate = _mx_tile(x_ptr, a_rows, a_live, pool_ptr, blocks, scales, n, n_live, H, BLOCK_M, BLOCK_N, GROUPS, STAGES, DOT)
-    up = _mx_tile(x_ptr, a_rows, a_live, pool_ptr, blocks, scales, n + I, n_live, H, BLOCK_M, BLOCK_N, GROUPS, STAGES, DOT)
+    gate = _mx_tile(x_ptr, a_rows, a_live, pool_ptr, blocks, scales, n, n_live, H, BLOCK_M, BLOCK_N, GROUP, GROUPS, STAGES, DOT)
+    up = _mx_tile(x_ptr, a_rows, a_live, pool_ptr, blocks, scales, n + I, n_live, H, BLOCK_M, BLOCK_N, GROUP, GROUPS, STAGES, DOT)
     if HAS_BIAS:
         gate += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)[None, :]
         up += out_bias(halves_ptr, slot, record_size // 2, bias_off, n + I, n_live)[None, :]
@@ -127,7 +126,7 @@ def _gate_up_kernel(x_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, pool_ptr, halv
 @triton.jit
 def _down_kernel(h_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, weights_ptr, pool_ptr, halves_ptr, y_ptr, record_size,
                  blocks_off, scales_off, bias_off, H: tl.constexpr, I: tl.constexpr, K_ROUTED: tl.constexpr,
-                 GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                 GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
                  STAGES: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Each row's expert output (+ bias): times its routing weight in decode, unweighted in prefill."""
     slot, first, end, _ = _tile(tl.program_id(0), slots_ptr, tile_row_ptr, tile_end_ptr, K_ROUTED, GATHERED)
@@ -138,7 +137,7 @@ def _down_kernel(h_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, weights_ptr, pool
     n_live = n < H
     base = slot * record_size
     y = _mx_tile(h_ptr, rows * I, live, pool_ptr, base + blocks_off, base + scales_off, n, n_live, I, BLOCK_M,
-                 BLOCK_N, GROUPS, STAGES, DOT)
+                 BLOCK_N, GROUP, GROUPS, STAGES, DOT)
     if HAS_BIAS:
         y += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)[None, :]
     if GATHERED:
@@ -171,8 +170,8 @@ class MoeMxfp4:
                  groups: int = 2, num_warps: int = 4, stages: int = 3):
         if layout.scheme != "mxfp4":
             raise ValueError(f"MoeMxfp4 computes MXFP4 records, not {layout.scheme} ones")
-        if layout.hidden_size % GROUP or layout.intermediate_size % GROUP:
-            raise ValueError(f"MXFP4 rows are whole groups of {GROUP}: hidden {layout.hidden_size}, "
+        if layout.hidden_size % MXFP4_GROUP or layout.intermediate_size % MXFP4_GROUP:
+            raise ValueError(f"MXFP4 rows are whole groups of {MXFP4_GROUP}: hidden {layout.hidden_size}, "
                              f"intermediate {layout.intermediate_size}")
         self.layout, self.act = layout, act
         seg = {s.name: s for s in layout.segments}
@@ -195,8 +194,8 @@ class MoeMxfp4:
         L = self.layout
         H, I = L.hidden_size, L.intermediate_size
         rows = x.shape[0] * k if gathered else x.shape[0]
-        meta = dict(H=H, I=I, K_ROUTED=k, GATHERED=gathered, BLOCK_M=block_m, BLOCK_N=self.block_n, GROUPS=self.groups,
-                    STAGES=self.stages, DOT=self.dot, HAS_BIAS=L.with_bias, num_warps=self.num_warps)
+        meta = dict(H=H, I=I, K_ROUTED=k, GATHERED=gathered, BLOCK_M=block_m, BLOCK_N=self.block_n, GROUP=MXFP4_GROUP,
+                    GROUPS=self.groups, STAGES=self.stages, DOT=self.dot, HAS_BIAS=L.with_bias, num_warps=self.num_warps)
         halves = pool.view(torch.bfloat16)
         h = torch.empty(rows, I, device=x.device, dtype=torch.float32)
         _gate_up_kernel[(slots.numel(), triton.cdiv(I, self.block_n))](
