@@ -9,9 +9,9 @@ submits the reads of the rest; `PendingRows.result()` waits for them, checks eac
 and admits the rows it read (least recently used rows leave first). Cache bookkeeping happens on
 the caller's thread only; reader threads fill buffers that belong to one fetch.
 
-Row ids may live on the GPU (the engine hashes the n-grams where its states are): the host takes
-them back to read, and `result()` hands the rows to their device in one copy per fetch (a layer's
-rows for the step), from pinned memory without blocking the host.
+Row ids are on the host (it hashes the n-grams from the ids it fed: models/transformer.py,
+Model.start_ngram_reads), and `result()` hands the rows to the model's device in one copy per fetch
+(a layer's rows for the step), from pinned memory without blocking the host.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class PendingRows:
         self.missed, self.blocks, self.staging, self.reads, self.device = missed, blocks, staging, reads, device
 
     def result(self) -> torch.Tensor:
-        """The rows [*rows.shape, width] in the table's dtype, on the row ids' device, once every
-        read is in."""
+        """The rows [*rows.shape, width] in the table's dtype, on the store's device, once every read
+        is in."""
         for read in self.reads:
             read.result()  # a failed read raises here, on the caller's thread
         if self.missed:
@@ -77,10 +77,11 @@ class PendingRows:
 
 
 class NgramRowStore:
-    def __init__(self, model_dir: str | Path, tables: tuple[NgramFile, ...], budget_bytes: int, io_threads: int = 8,
-                 verify: bool = True, direct_io: bool = False):
-        """Open each layer's table file (checking its size) and a row cache of at most budget_bytes."""
-        self.dir = Path(model_dir)
+    def __init__(self, model_dir: str | Path, tables: tuple[NgramFile, ...], budget_bytes: int,
+                 device: torch.device | str = "cpu", io_threads: int = 8, verify: bool = True, direct_io: bool = False):
+        """Open each layer's table file (checking its size) and a row cache of at most budget_bytes;
+        rows are handed to `device`."""
+        self.dir, self.device = Path(model_dir), torch.device(device)
         self.tables = {t.layer: t for t in tables}
         self.fds: dict[int, int] = {}
         self.crcs: dict[int, np.ndarray] = {}
@@ -118,12 +119,10 @@ class NgramRowStore:
         return self.pool.numel()
 
     def fetch(self, layer: int, rows: torch.Tensor) -> PendingRows:
-        """Start reading rows (int64 ids of any shape, on any device) of layer's table: cached ones
+        """Start reading rows (int64 ids of any shape, on the host) of layer's table: cached ones
         are copied now, the others' blocks are read on the reader threads."""
         table = self.tables[layer]
-        # The host reads the blocks, so it needs the ids: a GPU's wait here costs little, at the
-        # start of a step, before its layers are queued.
-        unique, inverse = torch.unique(rows.reshape(-1).cpu(), return_inverse=True)
+        unique, inverse = torch.unique(rows.reshape(-1), return_inverse=True)
         if unique.numel() and not 0 <= int(unique[0]) <= int(unique[-1]) < table.rows:  # unique sorts
             raise NgramTableError(f"layer {layer}'s n-gram table has {table.rows} rows; row {int(unique[-1])} does not exist")
         out = torch.empty(unique.numel(), table.row_bytes, dtype=torch.uint8)
@@ -145,7 +144,7 @@ class NgramRowStore:
         self.stats.hits += len(hits)
         self.stats.reads += len(blocks)
         self.stats.bytes_read += len(blocks) * table.block_bytes
-        return PendingRows(self, table, out, inverse, rows.shape, missed, blocks, staging, reads, rows.device)
+        return PendingRows(self, table, out, inverse, rows.shape, missed, blocks, staging, reads, self.device)
 
     def _read(self, table: NgramFile, block: int, buf: torch.Tensor) -> None:
         """Runs on a reader thread: one block into this fetch's own buffer, its CRC-32 checked."""
