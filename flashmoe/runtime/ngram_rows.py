@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..formats.packed import DTYPE_BY_NAME, NGRAM_BLOCK, NgramFile
+from ..formats.packed import NGRAM_BLOCK, NgramFile
 from ..formats.safetensors import read_into
 from .stats import Counters
 
@@ -55,8 +55,8 @@ class PendingRows:
         self.missed, self.blocks, self.staging, self.reads, self.device = missed, blocks, staging, reads, device
 
     def result(self) -> torch.Tensor:
-        """The rows [*rows.shape, width] in the table's dtype, on the store's device, once every read
-        is in."""
+        """The rows' values [*rows.shape, width] (16-bit as stored, 8-bit decoded to float32), on
+        the store's device, once every read is in."""
         for read in self.reads:
             read.result()  # a failed read raises here, on the caller's thread
         if self.missed:
@@ -67,13 +67,12 @@ class PendingRows:
             self.out[where] = rows[block, torch.tensor([row % table.rows_per_block for _, row in self.missed])]
             self.store._admit(table.layer, self.missed, self.out)
             self.missed = []
-        values = self.out.view(DTYPE_BY_NAME[self.table.dtype])
-        # Gathered into pinned memory for a GPU: the copy then leaves the host free to queue the
-        # layers before the one that reads these rows (the host allocator keeps the buffer until
-        # the copy is done).
-        rows = torch.empty(self.inverse.numel(), self.table.width, dtype=values.dtype, pin_memory=self.device.type == "cuda")
-        torch.index_select(values, 0, self.inverse, out=rows)
-        return rows.view(*self.shape, self.table.width).to(self.device, non_blocking=True)
+        # The stored bytes, gathered into pinned memory for a GPU: the copy then leaves the host free
+        # to queue the layers before the one that reads these rows (the host allocator keeps the
+        # buffer until the copy is done); 8-bit rows cross as codes and scales, decoded there.
+        rows = torch.empty(self.inverse.numel(), self.table.row_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        torch.index_select(self.out, 0, self.inverse, out=rows)
+        return self.table.decode(rows.to(self.device, non_blocking=True)).view(*self.shape, self.table.width)
 
 
 class NgramRowStore:
@@ -106,7 +105,8 @@ class NgramRowStore:
         if (size := path.stat().st_size) != table.file_size:
             raise NgramTableError(
                 f"n-gram table file {path} has {size} bytes but layer {table.layer}'s table needs {table.file_size} "
-                f"({table.blocks} blocks of {table.block_bytes} and their CRC-32s): the file is truncated or corrupt; {REBUILD}"
+                f"({table.blocks} blocks of {table.block_bytes}, each {table.rows_per_block} rows of {table.row_contents}, "
+                f"and their CRC-32s): the file is truncated or corrupt; {REBUILD}"
             )
         # O_DIRECT bypasses the page cache: every miss is a real disk read (honest cold numbers).
         self.fds[table.layer] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct_io else 0))
