@@ -127,7 +127,8 @@ def test_bench_runs_the_scenarios_on_the_gpu_path(tmp_path, monkeypatch):
     monkeypatch.setattr("flashmoe.bench.run_decode", functools.partial(run_decode, repeats=1))
     lines = []
     report = run("tiny-qwen4", 2, 4, [1], 4, 4, [9], tmp_path, log=lines.append)
-    assert any(line.startswith("n-gram table of layer 1 at 13.4% of the release's rows: 544 of 4,064") for line in lines)
+    assert any(line.startswith("n-gram table of layer 1 at 13.4% of the release's rows: 544 of 4,064")
+               and "8-bit rows of 12 bytes" in line for line in lines)
     assert "decode runs eagerly, without CUDA graphs: the host reads the n-gram rows at every step" in lines
     stamp = json.loads((tmp_path / "tiny-qwen4-L2-4bit-ngram8" / "bench.json").read_text())
     assert stamp["bench_config"]["ngram_vocab_size_base"] == 1000 // presets.NGRAM_TABLE_DIVISOR
