@@ -98,11 +98,34 @@ def test_stored_hash_constants_must_be_the_configs(qwen4, tmp_path):
         convert(tmp_path / "hf", tmp_path / "out", bits=16)
 
 
-def test_the_gpu_path_decodes_as_the_cpu_path(qwen4, monkeypatch):
+class DeviceIds(torch.Tensor):
+    """The step's ids as a GPU holds them: counts each read back to the host (a wait for the GPU) of
+    them or of anything computed from them, but their embedding (the hidden states' own reads are
+    not the ids') and what a read brought back (on the host already)."""
+
+    HOST_READS = {torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.numpy, torch.Tensor.__int__,
+                  torch.Tensor.__index__, torch.Tensor.__bool__, torch.Tensor.__float__}
+    host_reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.HOST_READS:
+            cls.host_reads += 1
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out.as_subclass(torch.Tensor) if func in (torch.nn.functional.embedding, torch.Tensor.cpu) else out
+
+
+
+def test_the_gpu_path_decodes_as_the_cpu_path_never_reading_its_ids_back(qwen4, monkeypatch):
     """The GPU path (its expert tier and the Triton kernels, the dense part's included; without a
     GPU on the CPU, the kernels in Triton's interpreter) against the CPU path: a prompt past QSA's
     budget (the indexer selects blocks) with documents in the n-gram history, three streams, a
-    grouped prefill, then gathered decode steps."""
+    grouped prefill, then gathered decode steps. The host hashes each step's n-grams from the ids
+    it fed (the prompt, the sampled token) and starts their rows' reads before the layers run:
+    nothing reads the device's ids back (before, each PLE layer waited for them once a step: 8
+    reads here, 2 layers in 4 steps)."""
+    from flashmoe.models.transformer import Model
+
     pytest.importorskip("triton")
     d, _, engine = qwen4
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,10 +134,14 @@ def test_the_gpu_path_decodes_as_the_cpu_path(qwen4, monkeypatch):
     if device == "cpu":
         monkeypatch.setattr(kernels, "use_kernels", lambda x: True)  # as on a GPU (tests/kernels/test_dense_path.py)
     gpu = Engine(d / "q16", EngineConfig(device=device, dtype="float32", preload=False, gpu_path_on_cpu=device == "cpu"))
+    forward = Model.forward
+    monkeypatch.setattr(Model, "forward", lambda self, ids, ctx: forward(self, ids.as_subclass(DeviceIds), ctx))
+    monkeypatch.setattr(DeviceIds, "host_reads", 0)
     got_prompt, got_steps, got_tokens = our_run(gpu, prompt, 3)
     assert rel_err(got_prompt.cpu(), cpu_prompt) <= 1e-4 and rel_err(got_steps.cpu(), cpu_steps) <= 1e-4
     assert got_tokens == cpu_tokens
     assert gpu.gpu_tier.stats.misses > 0 and gpu.ngram_rows.stats.rows > 0
+    assert DeviceIds.host_reads == 0
 
 
 def test_decode_runs_eagerly_saying_why(qwen4, packed16):
@@ -262,35 +289,3 @@ def test_the_sigmoid_output_gate_gives_transformers_logits(tmp_path):
     engine, _ = check_parity(tmp_path / "hf", reference, tmp_path)
     assert {layer.linear_attn.norm.gate for layer in engine.model.layers if layer.is_linear} == {"sigmoid"}
 
-
-class DeviceIds(torch.Tensor):
-    """The step's ids as a GPU holds them: counts each read back to the host (a wait for the GPU) of
-    them or of anything computed from them, but their embedding (the hidden states' own reads are
-    not the ids') and what a read brought back (on the host already)."""
-
-    HOST_READS = {torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.numpy, torch.Tensor.__int__,
-                  torch.Tensor.__index__, torch.Tensor.__bool__, torch.Tensor.__float__}
-    host_reads = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func in cls.HOST_READS:
-            cls.host_reads += 1
-        out = super().__torch_function__(func, types, args, kwargs or {})
-        return out.as_subclass(torch.Tensor) if func in (torch.nn.functional.embedding, torch.Tensor.cpu) else out
-
-
-def test_the_gpu_paths_step_never_reads_its_ids_back_for_the_ngrams(qwen4, monkeypatch):
-    """The host hashes each step's n-grams from the ids it fed (a prompt, the sampler's token) and
-    starts their rows' reads before the layers run: nothing reads the device's ids back (before,
-    every PLE layer waited for them once a step: 6 reads here, 2 layers in 3 steps)."""
-    from flashmoe.models.transformer import Model
-
-    d, _, _ = qwen4
-    gpu = Engine(d / "q16", EngineConfig(dtype="float32", preload=False, gpu_path_on_cpu=True))
-    forward = Model.forward
-    monkeypatch.setattr(Model, "forward", lambda self, ids, ctx: forward(self, ids.as_subclass(DeviceIds), ctx))
-    monkeypatch.setattr(DeviceIds, "host_reads", 0)
-    gen = gpu.generate(prompt_with_documents()[:9].tolist(), SamplingParams(max_tokens=3, temperature=0))
-    assert len(list(gen)) == 3 and gpu.ngram_rows.stats.rows > 0
-    assert DeviceIds.host_reads == 0
