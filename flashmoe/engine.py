@@ -414,7 +414,7 @@ class Engine:
         every expert it needs once per layer -> logits of the last position [1, vocab] (of every
         position [T, vocab] with last_only False). Inference mode per call, never across a
         generator's yield."""
-        ids = torch.as_tensor(ids, dtype=torch.long)
+        ids = torch.as_tensor(ids, dtype=torch.long).cpu()  # on the host, which hashes the n-grams and keeps the tokens
         self._check_context(state, ids.shape[0])
         chunk = self.config.prefill_chunk
         tokens, logits = ids.tolist(), []
