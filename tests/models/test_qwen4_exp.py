@@ -1,6 +1,6 @@
 """Qwen4-Exp beyond 16-bit parity (tests/test_parity.py): documents (EOS) in the n-gram history,
 prefill in pieces and decode continuing it exactly, batched decode, the checkpoint's MTP head and
-hash constants, the n-gram tables on disk (their files, row cache and counters, and the damage
+hash constants, the n-gram tables on disk (their files, row cache and counters, 8-bit rows, the damage
 named), and the configs it refuses."""
 
 import os
