@@ -47,6 +47,9 @@ def convert(
     group_size: int = typer.Option(
         64, help="Weights per quantization group (one 16-bit scale and bias each): a power of two, e.g. 32, 64 or 128."
     ),
+    ngram_bits: Optional[int] = typer.Option(
+        None, help="N-gram table rows (Qwen3.8-Flash-Next): 16 (the checkpoint's values) or 8 (int8 and a scale per row: half the disk). Default: 16 with --bits 16, else 8."
+    ),
     force: bool = typer.Option(
         False,
         help="Replace DST if it is a model an earlier convert wrote, holding nothing else (swapped once the new one is complete).",
@@ -56,7 +59,7 @@ def convert(
     from .convert import convert as run_convert
 
     try:
-        report = run_convert(src, dst, bits=bits, group_size=group_size, force=force, console=err)
+        report = run_convert(src, dst, bits=bits, group_size=group_size, force=force, console=err, ngram_bits=ngram_bits)
     except KeyboardInterrupt:
         err.print("interrupted: no partial model was left (a model at DST is replaced only by a complete one)")
         raise typer.Exit(130)
@@ -267,6 +270,7 @@ def bench(
     preload: bool = typer.Option(False, "--preload", help="Also run S1/S2 with every expert read where it lies (no disk tier only), beside the plain rows."),
     adaptive: bool = typer.Option(False, "--adaptive", help="With --preload: also run resident rows whose placement adapts to use (what --cache-policy mix does with --preload): uniform, and with --trace the replay with shuffled expert ids, static and adaptive."),
     warmup: int = typer.Option(2048, "--warmup", help="Tokens decoded before timing an adaptive replay row (its placement learns meanwhile)."),
+    ngram_bits: Optional[int] = typer.Option(None, "--ngram-bits", help="N-gram table rows (qwen3.8-flash-next): 16 or 8, as flashmoe convert --ngram-bits (default as its: 16 with --bits 16, else 8)."),
 ):
     """Benchmark scenarios S1 (decode) and S2 (prefill) on a synthesized model of a named shape (GPU)."""
     import torch
@@ -281,7 +285,7 @@ def bench(
         report = run(
             preset, layers, bits, k, prompt_tokens, tokens, [n for n in prefill if n], workdir,
             None if gpu_mem is None else parse_size(gpu_mem), None if host_mem is None else parse_size(host_mem), trace_file,
-            dense_bits, prefetch, cpu_experts, preload, adaptive, warmup, log=lambda line: err.print(line, soft_wrap=True),
+            dense_bits, prefetch, cpu_experts, preload, adaptive, warmup, ngram_bits, log=lambda line: err.print(line, soft_wrap=True),
         )
     except USER_ERRORS as e:
         fail(e)

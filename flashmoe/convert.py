@@ -27,7 +27,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from . import quant
 from .formats.packed import (DENSE_FILE, MANIFEST_FILE, ExpertFile, Manifest, NgramFile, NgramTableWriter, PackedFormatError,
-                              RecordLayout, check_quantization)
+                              RecordLayout, check_ngram_bits, check_quantization,
+                              default_ngram_bits)
 from .formats.fp8 import SCALE_SUFFIX as FP8_SCALE_SUFFIX
 from .formats.fp8 import block_size as fp8_block_size
 from .formats.fp8 import dequantize as fp8_dequantize
@@ -94,12 +95,16 @@ def convert(
     group_size: int = 64,
     force: bool = False,
     console: Console | None = None,
+    ngram_bits: int | None = None,
 ) -> ConversionReport:
     """`bits` None: quantized experts are kept as stored (gpt-oss's MXFP4 release; mlx-lm's affine
-    groups, repacked), others quantized to 4 bits."""
+    groups, repacked), others quantized to 4 bits. `ngram_bits`: the n-gram tables' rows (qwen4_exp),
+    16-bit as the checkpoint's or 8-bit with a scale per row; None: default_ngram_bits."""
     src, dst = Path(src), Path(dst)
     console = console or Console(stderr=True)
     check_quantization(4 if bits is None else bits, group_size)
+    ngram_bits = default_ngram_bits(bits) if ngram_bits is None else ngram_bits
+    check_ngram_bits(ngram_bits)
     _check_apart(src, dst)  # before anything is read or removed
     _clean_up_dead_runs(dst)  # first: a model a killed --force run set aside goes back to dst
     _check_destination(dst, force)
@@ -116,7 +121,7 @@ def convert(
         created = _make_parents(dst.parent)
         tmp.mkdir()  # before the try: what exists already is not ours to remove
         try:
-            _write_model(src, cfg, ckpt, plan, layout, tmp, report, console)
+            _write_model(src, cfg, ckpt, plan, layout, ngram_bits, tmp, report, console)
             _move_into_place(tmp, dst, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -129,8 +134,8 @@ def convert(
     return report
 
 
-def _write_model(src: Path, cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, layout: RecordLayout, out_dir: Path,
-                 report: ConversionReport, console: Console) -> None:
+def _write_model(src: Path, cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, layout: RecordLayout, ngram_bits: int,
+                 out_dir: Path, report: ConversionReport, console: Console) -> None:
     """Write the whole packed model into out_dir, the manifest last (a directory without one is no model)."""
     progress = Progress(
         TextColumn("{task.description}"),
@@ -145,7 +150,7 @@ def _write_model(src: Path, cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, layou
         task = progress.add_task("converting", total=plan.bytes_total)
         dense_dtype = _write_dense(cfg, ckpt, plan, out_dir, report, lambda n: progress.advance(task, n))
         files = _write_experts(cfg, ckpt, plan, layout, out_dir, report, lambda n: progress.advance(task, n))
-        ngrams = _write_ngrams(cfg, ckpt, plan, out_dir, report, lambda n: progress.advance(task, n))
+        ngrams = _write_ngrams(cfg, ckpt, plan, ngram_bits, out_dir, report, lambda n: progress.advance(task, n))
     for name in COPIED_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, out_dir / name)
@@ -621,11 +626,11 @@ def _write_experts(cfg, ckpt, plan, layout: RecordLayout, out_dir: Path, report,
     return files
 
 
-def _write_ngrams(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, out_dir: Path, report: ConversionReport, advance
-                  ) -> list[NgramFile]:
+def _write_ngrams(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, bits: int, out_dir: Path, report: ConversionReport,
+                  advance) -> list[NgramFile]:
     """Each n-gram table to ngrams/layer_NNN.bin (docs/FORMAT.md): its blocks' rows packed into
-    page-sized blocks, then one CRC-32 per block. 16-bit tables keep their values; wider ones become
-    bfloat16."""
+    page-sized blocks, then one CRC-32 per block. At 16 bits, 16-bit tables keep their values and
+    wider ones become bfloat16; at 8, int8 codes with a scale per row."""
     if not plan.ngrams:
         return []
     (out_dir / "ngrams").mkdir()
@@ -633,17 +638,17 @@ def _write_ngrams(cfg: ModelArgs, ckpt: Checkpoint, plan: _Plan, out_dir: Path, 
     for layer, (rows, width) in sorted(_ngram_tables(cfg).items()):
         names_in_order = [plan.ngrams[layer][i] for i in range(len(rows))]
         dtype = ckpt.info(names_in_order[0]).dtype
-        dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        table = NgramFile.for_layer(layer, sum(rows), width, str(dtype).removeprefix("torch."))
+        dtype = "int8" if bits == 8 else str(dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        table = NgramFile.for_layer(layer, sum(rows), width, dtype.removeprefix("torch."))
         with open(out_dir / table.file, "wb") as f:
             writer = NgramTableWriter(f, table)
             for name in names_in_order:
                 source = _read_weight(ckpt, name, plan)
-                stored = source.to(dtype)
+                stored = table.encode(source)
                 sums = report.error_sums["ngrams"]
-                sums[0] += float((source.double() - stored.double()).pow(2).sum())
+                sums[0] += float((source.double() - table.decode(stored).double()).pow(2).sum())
                 sums[1] += float(source.double().pow(2).sum())
-                writer.write(stored.contiguous().view(torch.uint8))
+                writer.write(stored)
                 advance(ckpt.info(name).nbytes)
             writer.close()
         report.ngram_bytes += table.file_size

@@ -157,7 +157,7 @@ class Engine:
         self.manifest.check_ngrams(tables)
         ngram_mem = self.config.ngram_mem
         budget = default_ngram_mem(self.manifest.total_ngram_bytes, host_budget) if ngram_mem is None else ngram_mem
-        self.ngram_rows = NgramRowStore(self.dir, self.manifest.ngram_files, budget, self.config.io_threads,
+        self.ngram_rows = NgramRowStore(self.dir, self.manifest.ngram_files, budget, self.device, self.config.io_threads,
                                         self.config.verify, self.config.direct_io)
         if tables:
             self.model.attach_ngram_tables(self.ngram_rows.fetch)
@@ -442,11 +442,10 @@ class Engine:
         every expert it needs once per layer -> logits of the last position [1, vocab] (of every
         position [T, vocab] with last_only False). Inference mode per call, never across a
         generator's yield."""
-        ids = torch.as_tensor(ids, dtype=torch.long)
+        ids = torch.as_tensor(ids, dtype=torch.long).cpu()  # on the host, which hashes the n-grams and keeps the tokens
         self._check_context(state, ids.shape[0])
         chunk = self.config.prefill_chunk
-        tokens, ids = ids.tolist(), ids.to(self.device)
-        logits = []
+        tokens, logits = ids.tolist(), []
         for start in range(0, ids.shape[0], chunk):
             logits.append(self._step(ids[start : start + chunk], [state], (), last_only))
             state.tokens += tokens[start : start + chunk]
@@ -474,7 +473,7 @@ class Engine:
             raise ValueError("forward_batch takes one non-empty list of ids for each of several distinct states")
         for seq, state in zip(ids, states):
             self._check_context(state, len(seq))
-        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long).to(self.device)
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
         logits = self._step(flat, states, [len(seq) for seq in ids], last_only=True)
         for seq, state in zip(ids, states):
             state.tokens += seq
@@ -485,12 +484,14 @@ class Engine:
             raise ContextLengthError(f"{state.position + tokens} tokens exceed the model's context length of {self.context_length}")
 
     def _step(self, ids: torch.Tensor, states: list[SequenceState], lengths: list[int], last_only: bool) -> torch.Tensor:
-        """One forward of the model over ids [T], the tokens of `states` one after another; their
-        positions advanced."""
+        """One forward of the model over ids [T] (on the host), the tokens of `states` one after
+        another; their positions advanced."""
         if self.threads is not None:
             self.threads.update()
+        ctx = self.context(states, lengths, last_only)
+        self.model.start_ngram_reads(ids, ctx)  # from the host's ids, before they go to the device
         try:
-            logits = self.model(ids, self.context(states, lengths, last_only))
+            logits = self.model(ids.to(self.device), ctx)
         except torch.cuda.OutOfMemoryError:
             # Cached experts stay valid (a slot is filled before it is used); the sequences' states
             # are incomplete and must not be continued.

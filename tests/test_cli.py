@@ -204,6 +204,8 @@ IN_PROCESS_BAD_INPUTS = {
     "convert --force onto a user's file": (["convert", "{src}", "{file}", "--force"], "is a file"),
     "convert --group-size 0": (["convert", "{src}", "{root}/out", "--group-size", "0"], "--group-size 0 cannot quantize"),
     "convert --bits 3": (["convert", "{src}", "{root}/out", "--bits", "3"], "--bits must be 16, 8, 4 or 2, not 3"),
+    "convert --ngram-bits 4": (["convert", "{src}", "{root}/out", "--ngram-bits", "4"],
+                               "--ngram-bits must be 16 (the checkpoint's values) or 8 (int8 codes and a float32 scale per row), not 4"),
     "convert --group-size 48": (["convert", "{src}", "{root}/out", "--group-size", "48"], "use a power of two of at least 8"),
     "a config.json that is not JSON": (["convert", "{config_not_json}", "{root}/out", "--bits", "16"],
                                        "config.json is not valid JSON: Expecting value at line 2 column 17"),

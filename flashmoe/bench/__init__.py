@@ -10,6 +10,7 @@ the default policy does with --preload). Reported beside each measurement (scena
 from the bytes each tier moved per token and bandwidths measured in the same run (probes).
 N-gram tables (qwen4_exp) are synthesized at an eighth of their rows (presets.NGRAM_TABLE_DIVISOR:
 the released one cannot fit the disk), the report saying so; the footprint counts them at full size.
+Their rows are 16- or 8-bit as `flashmoe convert --ngram-bits` writes them (the same default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ..analysis.routing_trace import RoutingTrace
+from ..formats.packed import check_ngram_bits, default_ngram_bits
 from ..models import args_from_dict
 from ..utils import total_memory_bytes
 from .presets import preset_args, preset_config, shrink_ngram_tables
@@ -67,7 +69,7 @@ def decode_rows(cpu_experts: list[int], prefetch: bool, resident: bool, replay: 
 def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, tokens: int, prefills: list[int],
         workdir: Path, gpu_mem: int | None = None, host_mem: int | None = None, trace: Path | None = None,
         dense_bits: int = 16, prefetch: bool = False, cpu_experts: list[int] = (), resident: bool = False,
-        adaptive: bool = False, warmup: int = 2048, log=print) -> dict:
+        adaptive: bool = False, warmup: int = 2048, ngram_bits: int | None = None, log=print) -> dict:
     """The whole benchmark: synthesize (or reuse) the slice, measure the bandwidths, place the
     tiers, then S1 for each k (uniform routing; with `prefetch` again with next-layer prefetch; with
     each of `cpu_experts` again with that many misses per layer on the CPU (in the resident rows
@@ -75,34 +77,37 @@ def run(preset: str, layers: int, bits: int, ks: list[int], prompt_tokens: int, 
     it lies; then replayed from `trace` if given, also resident; with `adaptive` the rows of
     decode_rows, the adaptive replays timed after `warmup` tokens) and S2 for each prompt length
     (also resident). Returns the report. Replayed routing runs without prefetch: its ids come from
-    a stream the router's guess cannot know."""
+    a stream the router's guess cannot know. N-gram rows of ngram_bits (None: the converter's default)."""
+    ngram_bits = default_ngram_bits(bits) if ngram_bits is None else ngram_bits
+    check_ngram_bits(ngram_bits)
     full, cfg = preset_args(preset), shrink_ngram_tables(preset_config(preset, layers))
     sliced = args_from_dict(cfg)
     replays, trace_stats = ({}, None)
     if trace is not None:  # before the slow parts: a bad trace fails at once
         replays, trace_stats = fit_trace_replays(RoutingTrace.load(trace), full.moe.num_experts, ks, log)
-    out = workdir / f"{preset}-L{layers}-{bits}bit"
+    ngram_tables = ngram_tables_report(full, sliced, ngram_bits)
+    out = workdir / (f"{preset}-L{layers}-{bits}bit" + (f"-ngram{ngram_bits}" if ngram_tables else ""))
     log(f"synthesizing {preset} (first {layers} of {full.num_hidden_layers} layers, {bits}-bit experts) in {out}")
-    ngram_tables = ngram_tables_report(full, sliced)
     for t in ngram_tables:
         log(f"n-gram table of layer {t['layer']} at {t['row_share']:.1%} of the release's rows: {t['rows']:,} of "
-            f"{t['released_rows']:,}, {t['file_bytes'] / 2**30:.1f} of {t['released_file_bytes'] / 2**30:.1f} GiB as stored "
-            "(each head's table shrunk alike, the hash taken modulo it; a token still reads a row per head)")
-    synthesize(out, cfg, bits, device="cuda", log=log)
+            f"{t['released_rows']:,}, {t['file_bytes'] / 2**30:.1f} of {t['released_file_bytes'] / 2**30:.1f} GiB as stored, "
+            f"{ngram_bits}-bit rows of {t['row_bytes']} bytes (each head's table shrunk alike, the hash taken modulo it; a "
+            "token still reads a row per head)")
+    synthesize(out, cfg, bits, device="cuda", log=log, ngram_bits=ngram_bits)
     layout = record_layout(full, bits)
     bw = measure_bandwidths(out, layout)
     log(f"bandwidths: PCIe H2D {bw.pcie_h2d / 1e9:.1f} GB/s, HBM copy {bw.hbm_copy / 1e9:.0f} GB/s, disk {bw.disk_read / 1e9:.2f} GB/s")
     gpu_total = torch.cuda.get_device_properties(0).total_memory
-    tiers = plan_tiers(full, layout, gpu_total, total_memory_bytes(), gpu_mem, host_mem, dense_bits)
+    tiers = plan_tiers(full, layout, gpu_total, total_memory_bytes(), gpu_mem, host_mem, dense_bits, ngram_bits)
     log(f"tiers: GPU {tiers.gpu_fraction:.1%}, host {tiers.host_fraction:.1%}, disk {tiers.disk_fraction:.1%} ({tiers.notes})")
     k_max = max(ks)
-    engine = slice_engine(out, sliced, layout, tiers, k_max, dense_bits, prefetch)
+    engine = slice_engine(out, sliced, layout, tiers, k_max, dense_bits, prefetch, ngram_bits)
     report = {"preset": preset, "layers": layers, "bits": bits, "dense_bits": dense_bits, "device": torch.cuda.get_device_name(0),
               "cuda_graphs": engine.cuda_graphs, "bandwidths": bw, "tiers": tiers, "decode": [], "prefill": []}
     if obstacle := engine.model.graph_obstacle():  # decode's launches cost host time that graphed rows do not pay
         log(f"decode runs eagerly, without CUDA graphs: {obstacle}")
     if ngram_tables:
-        report["ngram_tables"] = ngram_tables
+        report["ngram_tables"], report["ngram_bits"] = ngram_tables, ngram_bits
     if trace_stats:
         report["trace"] = trace_stats
     if resident and tiers.disk_fraction > 0:

@@ -66,17 +66,18 @@ def random_init(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torc
     return torch.empty(shape, device=dev).uniform_(1, 16, generator=gen).log()  # a_log
 
 
-def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int = 0, device="cpu", log=print) -> Path:
+def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int = 0, device="cpu", log=print,
+               ngram_bits: int = 16) -> Path:
     """Write a packed model of this shape with random weights straight into `out` (skipped if it is
-    already there with the same shape and quantization)."""
+    already there with the same shape and quantization); n-gram rows (qwen4_exp) of ngram_bits."""
     args = args_from_dict(cfg)
     E = args.moe.num_experts
     layout = record_layout(args, bits, group_size)
-    stamp = {"bench_config": cfg, "bits": bits, "group_size": group_size, "seed": seed}
+    stamp = {"bench_config": cfg, "bits": bits, "group_size": group_size, "seed": seed, "ngram_bits": ngram_bits}
     if (out / "bench.json").exists() and json.loads((out / "bench.json").read_text()) == stamp:
         return out
     dense = dense_tensors(args)
-    tables = ngram_table_files(args)
+    tables = ngram_table_files(args, ngram_bits)
     need = (len(args.moe_layers) * E * layout.record_size + sum(math.prod(s) * d.itemsize for _, s, d, _ in dense)
             + sum(t.file_size for t in tables))
     _check_disk(out, need)
@@ -111,17 +112,19 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
         (out / "ngrams").mkdir(exist_ok=True)
     for table in tables:
         write_random_ngram_table(out, table, gen)
-        log(f"  synthesized layer {table.layer}'s n-gram table: {table.rows:,} rows of {table.width} values, "
+        log(f"  synthesized layer {table.layer}'s n-gram table: {table.rows:,} rows of {table.row_contents}, "
             f"{table.file_size / 2**30:.2f} GiB ({time.perf_counter() - t0:.0f} s)")
     Manifest(layout, tuple(files), DENSE_FILE, "bfloat16", "flashmoe bench (random weights)", tables).save(out)
     (out / "bench.json").write_text(json.dumps(stamp))
     return out
 
 
-def ngram_table_files(args: ModelArgs) -> tuple[NgramFile, ...]:
-    """The n-gram table files of a model of this shape (none for families without them), bfloat16."""
+def ngram_table_files(args: ModelArgs, bits: int = 16) -> tuple[NgramFile, ...]:
+    """The n-gram table files of a model of this shape (none for families without them): bfloat16
+    rows, or at 8 bits int8 ones with their scales."""
     specs = {i: args.layer(i).ple for i in range(args.num_hidden_layers)}
-    return tuple(NgramFile.for_layer(i, table_rows(spec), spec.width) for i, spec in specs.items() if spec is not None)
+    dtype = "int8" if bits == 8 else "bfloat16"
+    return tuple(NgramFile.for_layer(i, table_rows(spec), spec.width, dtype) for i, spec in specs.items() if spec is not None)
 
 
 def write_random_ngram_table(out: Path, table: NgramFile, gen: torch.Generator, piece_bytes: int = 64 << 20) -> None:
@@ -133,20 +136,21 @@ def write_random_ngram_table(out: Path, table: NgramFile, gen: torch.Generator, 
         writer = NgramTableWriter(f, table)
         for start in range(0, table.rows, rows_per_piece):
             n = min(rows_per_piece, table.rows - start)
-            rows = torch.randn(n, table.width, generator=gen, device=gen.device).to(torch.bfloat16)
-            writer.write(rows.cpu().view(torch.uint8))
+            rows = torch.randn(n, table.width, generator=gen, device=gen.device)
+            writer.write(table.encode(rows).cpu())
         writer.close()
         f.flush()
         os.fsync(f.fileno())  # as the experts: written back before anything is timed
 
 
-def ngram_tables_report(full: ModelArgs, sliced: ModelArgs) -> list[dict]:
-    """What a synthesis holds of each n-gram table in the slice, beside the released model's: rows
-    and bytes as stored, and the share of the rows."""
-    released = {t.layer: t for t in ngram_table_files(full)}
+def ngram_tables_report(full: ModelArgs, sliced: ModelArgs, bits: int = 16) -> list[dict]:
+    """What a synthesis holds of each n-gram table in the slice, beside the released model's (both
+    with rows of `bits`): rows and bytes as stored, and the share of the rows."""
+    released = {t.layer: t for t in ngram_table_files(full, bits)}
     return [{"layer": t.layer, "rows": t.rows, "released_rows": released[t.layer].rows,
              "row_share": t.rows / released[t.layer].rows, "file_bytes": t.file_size,
-             "released_file_bytes": released[t.layer].file_size} for t in ngram_table_files(sliced)]
+             "released_file_bytes": released[t.layer].file_size, "row_bytes": t.row_bytes}
+            for t in ngram_table_files(sliced, bits)]
 
 
 def _tree_bytes(path: Path) -> int:

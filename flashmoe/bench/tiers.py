@@ -47,16 +47,16 @@ class Tiers:
 
 
 def plan_tiers(full: ModelArgs, layout: RecordLayout, gpu_total: int, ram_total: int, gpu_mem=None, host_mem=None,
-               dense_bits: int = 16) -> Tiers:
+               dense_bits: int = 16, ngram_bits: int = 16) -> Tiers:
     """Tiers for the full model, as fractions of its experts, from the machine (or given budgets).
-    N-gram tables (qwen4_exp) stay on disk; their row cache takes the engine's default share of the
-    host tier."""
+    N-gram tables (qwen4_exp, rows of ngram_bits) stay on disk; their row cache takes the engine's
+    default share of the host tier."""
     n_moe, E = len(full.moe_layers), full.moe.num_experts
     all_experts = n_moe * E * layout.record_size
     dense = dense_bytes(full, dense_bits)
     gpu = gpu_mem if gpu_mem is not None else max(0, gpu_total - dense - GPU_MARGIN)
     host = host_mem if host_mem is not None else max(0, ram_total - RAM_RESERVE)
-    tables = ngram_table_files(full)
+    tables = ngram_table_files(full, ngram_bits)
     table_rows_bytes = sum(t.rows * t.row_bytes for t in tables)
     ngram_cache = default_ngram_mem(table_rows_bytes, host)  # the engine's rule, the host budget being the host tier
     per_layer = n_moe * layout.record_size  # bytes of one expert index across all layers
@@ -84,14 +84,14 @@ def place_tiers(engine, tiers: Tiers, resident: bool = False, adaptive: bool = F
 
 
 def slice_engine(out: Path, args: ModelArgs, layout: RecordLayout, tiers: Tiers, k_max: int, dense_bits: int = 16,
-                 prefetch: bool = False):
+                 prefetch: bool = False, ngram_bits: int = 16):
     """An engine over the synthesized slice with tier budgets for `tiers` (place_tiers fills them),
     and a row cache holding the share of the slice's n-gram tables the full model's would (taken
     from the host budget by the engine, so added to it)."""
     from ..engine import Engine
 
     rs, moe_layers = layout.record_size, len(args.moe_layers)
-    tables = ngram_table_files(args)
+    tables = ngram_table_files(args, ngram_bits)
     ngram_mem = int(tiers.ngram_cache_share * sum(t.rows * t.row_bytes for t in tables)) if tables else None
     return Engine(out, EngineConfig(
         device="cuda", k=k_max, cache_policy="static", direct_io=True, verify=False,

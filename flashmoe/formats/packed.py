@@ -25,9 +25,13 @@ SEGMENT_ALIGN = 256  # each tensor inside a record starts on a 256-byte boundary
 # An n-gram table is read a page at a time: hashed rows are scattered, so a token's rows lie on as
 # many pages as it has rows, and a page is the least a disk (or O_DIRECT) reads anyway.
 NGRAM_BLOCK = 4096
-DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32, "uint8": torch.uint8}
+DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32, "uint8": torch.uint8,
+                 "int8": torch.int8, "float32": torch.float32}
 SCHEMES = ("affine", "mxfp4")
 DENSE_DTYPES = ("bfloat16", "float16")
+NGRAM_BITS = (16, 8)
+NGRAM_DTYPES = (*DENSE_DTYPES, "int8")
+NGRAM_SCALE_DTYPE = "float32"  # 8-bit rows' scale: exact, whatever the row's magnitude (fp16 underflows)
 REBUILD = "; run flashmoe convert again to rebuild the model"
 
 
@@ -42,6 +46,18 @@ def _align(n: int, to: int) -> int:
 def _check_bits(bits: int) -> None:
     if bits not in (16, *quant.QUANT_BITS):
         raise ValueError(f"--bits must be 16, 8, 4 or 2, not {bits}")
+
+
+def default_ngram_bits(expert_bits: int | None) -> int:
+    """N-gram rows' bits when none are asked for: 16 beside 16-bit experts (a reference keeps every
+    value), else 8 (half the disk and twice the rows a row cache holds; the error: docs/FORMAT.md)."""
+    return 16 if expert_bits == 16 else 8
+
+
+def check_ngram_bits(bits: int) -> None:
+    if bits not in NGRAM_BITS:
+        raise ValueError(f"--ngram-bits must be 16 (the checkpoint's values) or 8 (int8 codes and a float32 scale per "
+                         f"row), not {bits}")
 
 
 def check_quantization(bits: int, group_size: int) -> None:
@@ -209,19 +225,44 @@ class ExpertFile:
 @dataclass(frozen=True, slots=True)
 class NgramFile:
     """One layer's n-gram embedding table (Qwen4-Exp's per-layer embeddings): `rows` rows of `width`
-    16-bit values, packed into NGRAM_BLOCK-byte blocks of `rows_per_block` whole rows (zero padding
-    after them), block b at byte b * NGRAM_BLOCK; after the last block, one little-endian CRC-32
-    per block."""
+    values, 16-bit, or int8 codes followed by the row's float32 scale, packed into NGRAM_BLOCK-byte
+    blocks of `rows_per_block` whole rows (zero padding after them), block b at byte b * NGRAM_BLOCK;
+    after the last block, one little-endian CRC-32 per block."""
 
     layer: int
     file: str  # relative to the model directory
     rows: int
     width: int
-    dtype: str  # "bfloat16" or "float16"
+    dtype: str  # "bfloat16" or "float16"; "int8" with a scale per row
+    scale_dtype: str | None = None  # NGRAM_SCALE_DTYPE for int8 rows, None for 16-bit ones
 
     @property
     def row_bytes(self) -> int:
-        return self.width * DTYPE_BY_NAME[self.dtype].itemsize
+        scale = DTYPE_BY_NAME[self.scale_dtype].itemsize if self.scale_dtype else 0
+        return self.width * DTYPE_BY_NAME[self.dtype].itemsize + scale
+
+    @property
+    def row_contents(self) -> str:
+        """What a stored row holds, in words (for errors)."""
+        return f"{self.width} {self.dtype} " + (f"codes and a {self.scale_dtype} scale" if self.scale_dtype else "values")
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        """Rows of values [n, width] (any float dtype) -> as stored [n, row_bytes] uint8. 8-bit:
+        symmetric absmax per row, codes round(v / scale) in [-127, 127], scale = max |v| / 127."""
+        if self.dtype != "int8":
+            return values.to(DTYPE_BY_NAME[self.dtype]).contiguous().view(torch.uint8)
+        values = values.float()
+        scale = values.abs().amax(1, keepdim=True) / 127
+        codes = torch.round(values / torch.where(scale > 0, scale, 1)).clamp(-127, 127).to(torch.int8)
+        return torch.cat([codes.view(torch.uint8), scale.view(torch.uint8)], 1)
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows [..., row_bytes] (uint8, on any device) -> their values [..., width]: 16-bit
+        ones as stored, 8-bit ones in float32."""
+        if self.dtype != "int8":
+            return rows.view(DTYPE_BY_NAME[self.dtype])
+        scale = rows[..., self.width :].contiguous().view(DTYPE_BY_NAME[self.scale_dtype])
+        return rows[..., : self.width].view(torch.int8).float() * scale
 
     @property
     def block_bytes(self) -> int:
@@ -246,8 +287,11 @@ class NgramFile:
 
     @classmethod
     def for_layer(cls, layer: int, rows: int, width: int, dtype: str = "bfloat16") -> "NgramFile":
-        """Layer `layer`'s table, in the file a packed model keeps it in."""
-        return cls(layer, f"ngrams/layer_{layer:03d}.bin", rows, width, dtype)
+        """Layer `layer`'s table, in the file a packed model keeps it in (int8 rows with their scale)."""
+        return cls(layer, f"ngrams/layer_{layer:03d}.bin", rows, width, dtype, NGRAM_SCALE_DTYPE if dtype == "int8" else None)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}  # 16-bit tables: no scale_dtype
 
 
 class NgramTableWriter:
@@ -361,7 +405,7 @@ class Manifest:
             },
         }
         if self.ngram_files:  # left out otherwise: manifests of other families read back unchanged
-            doc["ngrams"] = {"block_bytes": NGRAM_BLOCK, "files": [asdict(f) for f in self.ngram_files], "checksum": "crc32"}
+            doc["ngrams"] = {"block_bytes": NGRAM_BLOCK, "files": [f.to_json() for f in self.ngram_files], "checksum": "crc32"}
         atomic_write_text(model_dir / MANIFEST_FILE, json.dumps(doc, indent=1))
 
     @classmethod
@@ -442,9 +486,13 @@ def _ngram_files(doc: Any) -> tuple[NgramFile, ...]:
     for i, f in enumerate(doc["files"]):
         key = f"ngrams.files[{i}]"
         sizes = [f.get(k) for k in ("layer", "rows", "width")] if isinstance(f, dict) else [None]
-        if not all(is_int(n) for n in sizes) or sizes[0] < 0 or min(sizes[1:]) < 1 or f.get("dtype") not in DENSE_DTYPES:
-            raise ValueError(f"{key} is {short_repr(f)}: not {{layer, file, rows, width}} counts and a 16-bit dtype")
-        files.append(NgramFile(sizes[0], _file_inside(f.get("file"), f"{key}.file"), sizes[1], sizes[2], f["dtype"]))
+        if not all(is_int(n) for n in sizes) or sizes[0] < 0 or min(sizes[1:]) < 1 or f.get("dtype") not in NGRAM_DTYPES:
+            raise ValueError(f"{key} is {short_repr(f)}: not {{layer, file, rows, width}} counts and a dtype, 16-bit or int8")
+        scale = f.get("scale_dtype")
+        if scale != (NGRAM_SCALE_DTYPE if f["dtype"] == "int8" else None):
+            raise ValueError(f"{key} has dtype {f['dtype']} and scale_dtype {short_repr(scale)}: int8 rows need scale_dtype "
+                             f"{NGRAM_SCALE_DTYPE!r} (each row ends with its scale), 16-bit rows none")
+        files.append(NgramFile(sizes[0], _file_inside(f.get("file"), f"{key}.file"), sizes[1], sizes[2], f["dtype"], scale))
     if len({f.layer for f in files}) != len(files):
         raise ValueError("ngrams.files lists a layer twice")
     return tuple(files)

@@ -153,8 +153,8 @@ class NgramEmbedding(nn.Module):
         self.fetch_rows: Callable[[torch.Tensor], PendingRows] | None = None
 
     def start(self, ids: torch.Tensor, states: list[NgramState], slices: list[slice]) -> PendingRows:
-        """Start reading the rows of the new ids [T] (sequence i's at slices[i], its history in
-        states[i], advanced in place)."""
+        """Start reading the rows of the new ids [T], on the host (sequence i's at slices[i], its
+        history in states[i], advanced in place)."""
         if self.fetch_rows is None:
             raise RuntimeError("the n-gram tables are not attached: load the model with flashmoe.Engine")
         rows = []

@@ -100,10 +100,11 @@ class LinearState:
 
 class NgramState:
     """A per-layer embedding's history (layers/ple.py): the last order-1 token ids (EOS before the
-    sequence's start), and its dilated conv's last inputs."""
+    sequence's start), and its dilated conv's last inputs. The ids stay on the host whatever the
+    device: the host hashes the n-grams (it reads their rows), from ids it fed itself."""
 
     def __init__(self, context: int, eos: int, conv_window: int, channels: int, dtype: torch.dtype, device):
-        self.ids = torch.full((context,), eos, dtype=torch.long, device=device)
+        self.ids = torch.full((context,), eos, dtype=torch.long)
         self.conv = torch.zeros(conv_window, channels, dtype=dtype, device=device)
 
     @property

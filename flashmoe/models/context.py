@@ -1,7 +1,8 @@
 """What one forward pass needs beside its token ids, in one object the layers read: the sequence
 states it continues (one, or a batch whose tokens lie one sequence after another), where each
-layer's routed experts come from, the timer, the next-layer guesses (prefetch), and inside a CUDA
-graph the device tensor of the position being written.
+layer's routed experts come from, the timer, the next-layer guesses (prefetch), the n-gram rows
+being read for the per-layer embeddings, and inside a CUDA graph the device tensor of the position
+being written.
 
 The model's code is the same eagerly and under capture: `runtime/graphs.py` records a decode step
 by running the model with a context whose `section` and `run_experts` mark where the recorded
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 if TYPE_CHECKING:
-    from ..moe.block import RoutedExperts
+    from ..layers.ple import PendingRows
     from ..layers.state import SequenceState
+    from ..moe.block import RoutedExperts
 
 # Residual [T, H] after layer i's dense part -> the next MoE layer's guessed expert ids [T, k], or None.
 NextLayerGuess = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -54,6 +56,9 @@ class StepContext:
     guesses: dict[int, NextLayerGuess] = field(default_factory=dict)  # prefetch: layer i -> next MoE layer's guess
     graph_position: torch.Tensor | None = None  # [1] int64 on the device, while a graph is recorded
     last_only: bool = True  # logits of the last position only
+    # PLE layer i -> the reads of its n-gram rows, started from the host's ids before the layers run
+    # (Model.start_ngram_reads)
+    ngram_rows: dict[int, PendingRows] = field(default_factory=dict)
 
     def positions(self, tokens: int, device: torch.device) -> torch.Tensor:
         """The positions of this step's tokens [T], each in its own sequence: read on the device

@@ -56,15 +56,14 @@ class DecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.linear_attn if self.is_linear else self.self_attn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx: StepContext,
-                ngram_rows: PendingRows | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx: StepContext) -> torch.Tensor:
         """x [T, H] (hyper-connections: [T, streams * H]): the step's tokens, each sequence's (one
-        cache each) after the one before; ngram_rows: the reads of their n-gram rows, started with
-        the step (layers with per-layer embeddings)."""
+        cache each) after the one before. A layer with per-layer embeddings collects its n-gram
+        rows from ctx.ngram_rows (their reads started with the step)."""
         T = x.shape[0]
         if self.ple is not None:
             with ctx.section("ngram_wait"):  # what the reads add to the step: their time not overlapped
-                rows = ngram_rows.result()
+                rows = ctx.ngram_rows[self.index].result()
             with ctx.section("mixer"):
                 x = x + self.ple(x, rows, [state.ngrams[self.index] for state in ctx.states], ctx.slices(T))
         with ctx.section("mixer"):
@@ -159,20 +158,27 @@ class Model(nn.Module):
         ngrams = {i: layer.ple.new_state(dtype, device) for i, layer in enumerate(self.layers) if layer.ple is not None}
         return SequenceState([layer.new_state(dtype, device) for layer in self.layers], ngrams)
 
+    def start_ngram_reads(self, ids: torch.Tensor, ctx: StepContext) -> None:
+        """Hash the n-grams of the step's ids [T] and start reading their rows into ctx.ngram_rows
+        (layers with per-layer embeddings; their histories advance). Before `forward`, from the ids
+        on the host (a prompt's, the sampler's): no layer then waits for the GPU to hand them back,
+        and the reads overlap the layers before the first PLE layer."""
+        with ctx.section("ngram_start"):
+            ctx.ngram_rows = {i: ple.start(ids, [state.ngrams[i] for state in ctx.states], ctx.slices(ids.shape[0]))
+                              for i, ple in self.ngram_layers.items()}
+
     def forward(self, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """ids [T] continue the sequences in ctx.states, each's tokens after the one before (their
-        caches written in place; the caller advances their positions) -> logits [T, vocab] (fp32),
-        or with ctx.last_only each sequence's last position's [sequences, vocab]."""
+        caches written in place; the caller advances their positions; with per-layer embeddings,
+        the caller has started the step's n-gram reads: start_ngram_reads) -> logits [T, vocab]
+        (fp32), or with ctx.last_only each sequence's last position's [sequences, vocab]."""
         T = ids.shape[0]
         cos, sin = self.rotary(ctx.positions(T, ids.device))
         x = self.model.embed_tokens(ids)
         if self.hyper is not None:
             x = x.repeat(1, self.hyper.streams)
-        with ctx.section("ngram_start"):  # the n-gram rows' reads, overlapping the layers before theirs
-            ngram_rows = {i: ple.start(ids, [state.ngrams[i] for state in ctx.states], ctx.slices(T))
-                          for i, ple in self.ngram_layers.items()}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, [state.layers[i] for state in ctx.states], ctx, ngram_rows.get(i))
+            x = layer(x, cos, sin, [state.layers[i] for state in ctx.states], ctx)
         with ctx.section("head"):
             return self.logits(x[ctx.last_positions(T)] if ctx.last_only else x)
 

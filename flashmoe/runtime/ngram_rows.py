@@ -9,9 +9,9 @@ submits the reads of the rest; `PendingRows.result()` waits for them, checks eac
 and admits the rows it read (least recently used rows leave first). Cache bookkeeping happens on
 the caller's thread only; reader threads fill buffers that belong to one fetch.
 
-Row ids may live on the GPU (the engine hashes the n-grams where its states are): the host takes
-them back to read, and `result()` hands the rows to their device in one copy per fetch (a layer's
-rows for the step), from pinned memory without blocking the host.
+Row ids are on the host (it hashes the n-grams from the ids it fed: models/transformer.py,
+Model.start_ngram_reads), and `result()` hands the rows to the model's device in one copy per fetch
+(a layer's rows for the step), from pinned memory without blocking the host.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..formats.packed import DTYPE_BY_NAME, NGRAM_BLOCK, NgramFile
+from ..formats.packed import NGRAM_BLOCK, NgramFile
 from ..formats.safetensors import read_into
 from .stats import Counters
 
@@ -55,8 +55,8 @@ class PendingRows:
         self.missed, self.blocks, self.staging, self.reads, self.device = missed, blocks, staging, reads, device
 
     def result(self) -> torch.Tensor:
-        """The rows [*rows.shape, width] in the table's dtype, on the row ids' device, once every
-        read is in."""
+        """The rows' values [*rows.shape, width] (16-bit as stored, 8-bit decoded to float32), on
+        the store's device, once every read is in."""
         for read in self.reads:
             read.result()  # a failed read raises here, on the caller's thread
         if self.missed:
@@ -67,20 +67,20 @@ class PendingRows:
             self.out[where] = rows[block, torch.tensor([row % table.rows_per_block for _, row in self.missed])]
             self.store._admit(table.layer, self.missed, self.out)
             self.missed = []
-        values = self.out.view(DTYPE_BY_NAME[self.table.dtype])
-        # Gathered into pinned memory for a GPU: the copy then leaves the host free to queue the
-        # layers before the one that reads these rows (the host allocator keeps the buffer until
-        # the copy is done).
-        rows = torch.empty(self.inverse.numel(), self.table.width, dtype=values.dtype, pin_memory=self.device.type == "cuda")
-        torch.index_select(values, 0, self.inverse, out=rows)
-        return rows.view(*self.shape, self.table.width).to(self.device, non_blocking=True)
+        # The stored bytes, gathered into pinned memory for a GPU: the copy then leaves the host free
+        # to queue the layers before the one that reads these rows (the host allocator keeps the
+        # buffer until the copy is done); 8-bit rows cross as codes and scales, decoded there.
+        rows = torch.empty(self.inverse.numel(), self.table.row_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        torch.index_select(self.out, 0, self.inverse, out=rows)
+        return self.table.decode(rows.to(self.device, non_blocking=True)).view(*self.shape, self.table.width)
 
 
 class NgramRowStore:
-    def __init__(self, model_dir: str | Path, tables: tuple[NgramFile, ...], budget_bytes: int, io_threads: int = 8,
-                 verify: bool = True, direct_io: bool = False):
-        """Open each layer's table file (checking its size) and a row cache of at most budget_bytes."""
-        self.dir = Path(model_dir)
+    def __init__(self, model_dir: str | Path, tables: tuple[NgramFile, ...], budget_bytes: int,
+                 device: torch.device | str = "cpu", io_threads: int = 8, verify: bool = True, direct_io: bool = False):
+        """Open each layer's table file (checking its size) and a row cache of at most budget_bytes;
+        rows are handed to `device`."""
+        self.dir, self.device = Path(model_dir), torch.device(device)
         self.tables = {t.layer: t for t in tables}
         self.fds: dict[int, int] = {}
         self.crcs: dict[int, np.ndarray] = {}
@@ -105,7 +105,8 @@ class NgramRowStore:
         if (size := path.stat().st_size) != table.file_size:
             raise NgramTableError(
                 f"n-gram table file {path} has {size} bytes but layer {table.layer}'s table needs {table.file_size} "
-                f"({table.blocks} blocks of {table.block_bytes} and their CRC-32s): the file is truncated or corrupt; {REBUILD}"
+                f"({table.blocks} blocks of {table.block_bytes}, each {table.rows_per_block} rows of {table.row_contents}, "
+                f"and their CRC-32s): the file is truncated or corrupt; {REBUILD}"
             )
         # O_DIRECT bypasses the page cache: every miss is a real disk read (honest cold numbers).
         self.fds[table.layer] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct_io else 0))
@@ -118,12 +119,10 @@ class NgramRowStore:
         return self.pool.numel()
 
     def fetch(self, layer: int, rows: torch.Tensor) -> PendingRows:
-        """Start reading rows (int64 ids of any shape, on any device) of layer's table: cached ones
+        """Start reading rows (int64 ids of any shape, on the host) of layer's table: cached ones
         are copied now, the others' blocks are read on the reader threads."""
         table = self.tables[layer]
-        # The host reads the blocks, so it needs the ids: a GPU's wait here costs little, at the
-        # start of a step, before its layers are queued.
-        unique, inverse = torch.unique(rows.reshape(-1).cpu(), return_inverse=True)
+        unique, inverse = torch.unique(rows.reshape(-1), return_inverse=True)
         if unique.numel() and not 0 <= int(unique[0]) <= int(unique[-1]) < table.rows:  # unique sorts
             raise NgramTableError(f"layer {layer}'s n-gram table has {table.rows} rows; row {int(unique[-1])} does not exist")
         out = torch.empty(unique.numel(), table.row_bytes, dtype=torch.uint8)
@@ -145,7 +144,7 @@ class NgramRowStore:
         self.stats.hits += len(hits)
         self.stats.reads += len(blocks)
         self.stats.bytes_read += len(blocks) * table.block_bytes
-        return PendingRows(self, table, out, inverse, rows.shape, missed, blocks, staging, reads, rows.device)
+        return PendingRows(self, table, out, inverse, rows.shape, missed, blocks, staging, reads, self.device)
 
     def _read(self, table: NgramFile, block: int, buf: torch.Tensor) -> None:
         """Runs on a reader thread: one block into this fetch's own buffer, its CRC-32 checked."""

@@ -71,8 +71,8 @@ def test_the_cpu_engine_decodes_the_slice_reading_its_table(tiny_qwen4):
 
 
 def test_the_full_models_footprint_counts_its_tables():
-    """Qwen3.8-Flash-Next's table: 102 GiB on disk; its row cache the engine's sixteenth of the host
-    tier, the experts' host tier the rest."""
+    """Qwen3.8-Flash-Next's table: 102 GiB on disk (51 GiB in 8-bit rows); its row cache the
+    engine's sixteenth of the host tier, the experts' host tier the rest."""
     full = preset_args("qwen3.8-flash-next")
     layout = RecordLayout.build(2560, 640, 4, 64)
     host = 32 << 30
@@ -83,6 +83,23 @@ def test_the_full_models_footprint_counts_its_tables():
     per_expert = len(full.moe_layers) * layout.record_size
     assert tiers.host_per_layer == (host - host // 16) // per_expert
     assert "n-gram tables 101.8 GiB on disk, their row cache 2.0 GiB of the host tier" in tiers.notes
+    eight = plan_tiers(full, layout, 80 << 30, 128 << 30, gpu_mem=0, host_mem=host, ngram_bits=8)
+    assert eight.ngram_table_bytes / 2**30 == pytest.approx(50.9, abs=0.1)
+    assert eight.ngram_cache_share == pytest.approx(tiers.ngram_cache_share * 320 / 164)  # the same RAM holds more rows
+
+
+def test_bench_synthesizes_8bit_rows_the_store_reads_back(tmp_path):
+    """At --ngram-bits 8 the table is int8 codes and a scale per row, in the converter's format:
+    every block passes its CRC-32 check and the rows read back unit-variance values."""
+    out = synthesize(tmp_path / "q4", TINY_QWEN4, bits=4, log=lambda _: None, ngram_bits=8)
+    (table,) = Manifest.load(out).ngram_files
+    assert table == ngram_table_files(args_from_dict(TINY_QWEN4), 8)[0] and (table.dtype, table.row_bytes) == ("int8", 12)
+    store = NgramRowStore(out, (table,), budget_bytes=0)
+    try:
+        rows = store.fetch(1, torch.arange(table.rows)).result()
+    finally:
+        store.close()
+    assert rows.shape == (table.rows, 8) and rows.dtype == torch.float32 and 0.9 < float(rows.std()) < 1.1
 
 
 def test_bench_synthesizes_an_eighth_of_the_released_table_and_says_so():
@@ -110,10 +127,12 @@ def test_bench_runs_the_scenarios_on_the_gpu_path(tmp_path, monkeypatch):
     monkeypatch.setattr("flashmoe.bench.run_decode", functools.partial(run_decode, repeats=1))
     lines = []
     report = run("tiny-qwen4", 2, 4, [1], 4, 4, [9], tmp_path, log=lines.append)
-    assert any(line.startswith("n-gram table of layer 1 at 13.4% of the release's rows: 544 of 4,064") for line in lines)
+    assert any(line.startswith("n-gram table of layer 1 at 13.4% of the release's rows: 544 of 4,064")
+               and "8-bit rows of 12 bytes" in line for line in lines)
     assert "decode runs eagerly, without CUDA graphs: the host reads the n-gram rows at every step" in lines
-    stamp = json.loads((tmp_path / "tiny-qwen4-L2-4bit" / "bench.json").read_text())
+    stamp = json.loads((tmp_path / "tiny-qwen4-L2-4bit-ngram8" / "bench.json").read_text())
     assert stamp["bench_config"]["ngram_vocab_size_base"] == 1000 // presets.NGRAM_TABLE_DIVISOR
+    assert stamp["ngram_bits"] == report["ngram_bits"] == 8  # 4-bit experts: the converter's default rows
     (decode,) = report["decode"]
     assert decode.tokens == 3 and decode.tps > 0 and decode.ngram_rows_per_token == 4  # a row per head
     assert decode.bytes_per_token["pcie"] > 0  # experts copied into the GPU tier's slots

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from flashmoe import quant
 from flashmoe.formats.packed import (DTYPE_BY_NAME, ExpertFile, Manifest, NgramFile, NgramTableWriter, PackedFormatError,
-                                    RecordLayout)
+                                    RecordLayout, check_ngram_bits, default_ngram_bits)
 
 from ..hostile_json import FUZZ, JSON_VALUES, mutated
 
@@ -184,3 +184,56 @@ def test_a_batch_of_records_gives_each_record_s_weights(bits, scheme, bias):
         assert torch.equal(gate_ups[j], gate_up) and torch.equal(downs[j], down)
         if bias:
             assert all(torch.equal(b[j], one) for b, one in zip(layout.biases(records, torch.float32), layout.biases(records[j], torch.float32)))
+
+
+def test_8bit_ngram_rows_are_codes_and_a_scale_within_half_a_step():
+    """Rows of the release's width (160): int8 codes, then the row's float32 scale (164 bytes, 24
+    to a block: half the 16-bit table's blocks); each value within half a step (max |v| / 254) of
+    its own; a zero row stays zero. Gaussian rows' relative error: measured 0.66% (mean over rows),
+    1.02% (worst of 4096)."""
+    table = NgramFile.for_layer(1, 4096, 160, "int8")
+    assert (table.scale_dtype, table.row_bytes, table.rows_per_block) == ("float32", 164, 24)
+    assert NgramFile.for_layer(1, 4096, 160).rows_per_block == 12
+    values = torch.randn(4096, 160, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    values[1] = 0
+    values[2, 7] = 1000  # an outlier: the row's other values round to zero
+    stored = table.encode(values)
+    assert stored.shape == (4096, 164) and stored.dtype == torch.uint8
+    absmax = values.float().abs().amax(1)
+    assert torch.equal(stored[:, 160:].contiguous().view(torch.float32)[:, 0], absmax / 127)
+    decoded = table.decode(stored)
+    assert decoded.dtype == torch.float32 and not decoded[1].any() and decoded[2, 7] == 1000
+    assert ((decoded - values.float()).abs().amax(1) <= absmax / 254 * (1 + 1e-4)).all()  # ties, up to fp32 rounding
+    per_row = (decoded - values.float()).norm(dim=1) / values.float().norm(dim=1).clamp_min(1e-30)
+    gaussian = torch.cat([per_row[:1], per_row[3:]])
+    assert gaussian.mean() <= 0.0070 and gaussian.max() <= 0.012
+    sixteen = NgramFile.for_layer(1, 4096, 160)
+    assert torch.equal(sixteen.decode(sixteen.encode(values)), values)  # 16-bit rows keep their values
+
+
+def test_ngram_bits_are_16_or_8_and_default_to_8_beside_quantized_experts():
+    assert [default_ngram_bits(bits) for bits in (16, 8, 4, 2, None)] == [16, 8, 8, 8, 8]
+    check_ngram_bits(8)
+    with pytest.raises(ValueError, match=r"--ngram-bits must be 16 \(the checkpoint's values\) or 8 \(int8 codes and a "
+                                         r"float32 scale per row\), not 4"):
+        check_ngram_bits(4)
+
+
+def test_a_manifests_8bit_ngram_table_needs_its_scale(tmp_path):
+    """An int8 table is stored with scale_dtype, and read back; one without it (or a 16-bit table
+    with one) is refused, naming the entry."""
+    tables = (NgramFile.for_layer(0, 100, 160, "int8"), NgramFile.for_layer(2, 100, 160, "float16"))
+    Manifest(RecordLayout.build(64, 32, 4, 32), (), "dense.safetensors", "bfloat16", "/src", tables).save(tmp_path)
+    doc = json.loads((tmp_path / "flashmoe.json").read_text())
+    assert [f.get("scale_dtype") for f in doc["ngrams"]["files"]] == ["float32", None]
+    assert "scale_dtype" not in doc["ngrams"]["files"][1]  # 16-bit tables' entries are as before
+    assert Manifest.load(tmp_path).ngram_files == tables
+    for i, scale in ((0, None), (0, "float16"), (1, "float32")):
+        entry = {k: v for k, v in doc["ngrams"]["files"][i].items() if k != "scale_dtype"}
+        files = [entry if j == i else f for j, f in enumerate(doc["ngrams"]["files"])]
+        if scale:
+            entry["scale_dtype"] = scale
+        (tmp_path / "flashmoe.json").write_text(json.dumps({**doc, "ngrams": {**doc["ngrams"], "files": files}}))
+        with pytest.raises(PackedFormatError, match=rf"ngrams.files\[{i}\] has dtype .* and scale_dtype .*: int8 rows need "
+                                                    "scale_dtype 'float32' \\(each row ends with its scale\\), 16-bit rows none"):
+            Manifest.load(tmp_path)
