@@ -78,10 +78,13 @@ def quantize_int8_rows(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor
     codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for start in range(0, w.shape[0], chunk):
-        rows = w[start : start + chunk].float()
+        # In float64, where every operation here is correctly rounded on any device: in fp32 the
+        # CPU's division by 127 and the GPU's could differ by an ulp, and so a code that rounds at a
+        # tie (the H100 quantized 2 of a tiny model's o_proj codes apart from the CPU: logits 1.7e-4).
+        rows = w[start : start + chunk].double()
         s = rows.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # an all-zero row gets codes 0
         scales[start : start + chunk] = s
-        codes[start : start + chunk] = (rows / s[:, None]).round_().clamp_(-127, 127)
+        codes[start : start + chunk] = (rows / s.float().double()[:, None]).round_().clamp_(-127, 127)
     return codes, scales
 
 

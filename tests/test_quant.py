@@ -62,6 +62,19 @@ def test_int8_rows_keep_representable_weights_and_zero_rows_exactly():
     assert torch.equal(quant.dequantize_int8_rows(codes, scales), w)
 
 
+def test_int8_rows_are_the_correctly_rounded_codes_of_their_fp32_scales():
+    """The codes any device must produce: scale = fp32(max|w| / 127) rounded once, code = the
+    nearest integer to w / scale, exactly (float64 arithmetic, correctly rounded everywhere). fp32
+    arithmetic let the CPU and the H100 disagree on 2 codes of a tiny model (EXPERIMENTS entry 89)."""
+    w = (torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    w[3, :2] = torch.tensor([0.5, -63.5 / 127 * 0.5])  # a row whose second value lies on a tie of its scale
+    codes, scales = quant.quantize_int8_rows(w)
+    w64 = w.double()
+    want_scales = (w64.abs().amax(1) / 127).float()
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(codes, (w64 / want_scales.double()[:, None]).round().to(torch.int8))
+
+
 def test_mxfp4_dequantization_is_transformers_on_random_bytes():
     """Every code and a wide range of scale bytes (not 255, E8M0's NaN), against transformers' own
     dequantization of released gpt-oss blocks ([E, N, K/32, 16] -> [E, K, N])."""

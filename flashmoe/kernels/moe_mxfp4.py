@@ -95,10 +95,13 @@ def _tile(tile, slots_ptr, tile_row_ptr, tile_end_ptr, K_ROUTED: tl.constexpr, G
     """A tile's (slot, first row, end row, its first input row): decode's tile is one pair (token *
     K_ROUTED + j) whose input is its token's row; prefill's is rows [first, end) of x_sorted."""
     slot = tl.load(slots_ptr + tile).to(tl.int64)
+    # both branches return int64s: the compiler checks both whatever GATHERED is (the H100 refused
+    # a decode branch of int32 program ids beside prefill's int64 rows)
     if GATHERED:
-        return slot, tile, tile + 1, tile // K_ROUTED
-    first = tl.load(tile_row_ptr + tile)
-    return slot, first, tl.load(tile_end_ptr + tile), first
+        pair = tile.to(tl.int64)
+        return slot, pair, pair + 1, pair // K_ROUTED
+    first = tl.load(tile_row_ptr + tile).to(tl.int64)
+    return slot, first, tl.load(tile_end_ptr + tile).to(tl.int64), first
 
 
 @triton.jit
