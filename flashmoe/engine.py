@@ -90,6 +90,7 @@ class Engine:
         self.experts: list[RoutedExperts | None] = [None] * self.args.num_hidden_layers
         for i in self.moe_layers:
             self.experts[i] = StreamedExperts(self.store, i, self.timer, self.cpu_kernel, moe.act)
+        self.moe_steps = self._cpu_moe_steps()
         self.set_top_k(self.top_k)
         if config.gpu_path:
             self.use_gpu_experts(config.gpu_mem, config.cache_policy)
@@ -181,6 +182,18 @@ class Engine:
         kernel.warmup()
         return kernel
 
+    def _cpu_moe_steps(self) -> list:
+        """Per layer, the CPU path's MoE half of a decode token in one call where the kernel covers
+        the layer (experts/cpu_moe_step.py), else None; [] without the expert kernel (the GPU path,
+        no numba, 16-bit records) or where the model computes in 16 bits."""
+        if self.cpu_kernel is None or self.dtype != torch.float32:
+            return []
+        from .experts.cpu_moe_step import CpuMoEStep
+
+        layers = self.model.layers
+        return [CpuMoEStep(layers[i], self.store, self.cpu_kernel)
+                if i in self.moe_layers and CpuMoEStep.obstacle(layers[i]) is None else None for i in range(len(layers))]
+
     def _set_threads(self, n: int) -> None:
         """Compute on the CPU with n threads: PyTorch's pool and the expert kernel's."""
         torch.set_num_threads(n)
@@ -206,6 +219,7 @@ class Engine:
         from .experts.gpu_routed import DECODE_MAX_TOKENS, GpuRoutedExperts
         from .experts.tier import GpuExpertTier
 
+        self.moe_steps = []  # the CPU path's: its experts come from the store
         layout = self.manifest.layout
         staging = min(self.args.moe.num_experts, DECODE_MAX_TOKENS * self.top_k)
         prefetch = self.top_k if self.config.prefetch else 0  # slots per region (two regions)
@@ -406,7 +420,7 @@ class Engine:
 
     def context(self, states: list[SequenceState], lengths: list[int] = (), last_only: bool = True) -> StepContext:
         """The context of one step of the model over `states` (models/context.py)."""
-        return StepContext(states, lengths, self.experts, self.timer, self.guesses, last_only=last_only)
+        return StepContext(states, lengths, self.experts, self.moe_steps, self.timer, self.guesses, last_only=last_only)
 
     @torch.inference_mode()
     def forward(self, ids: list[int] | torch.Tensor, state: SequenceState, last_only: bool = True) -> torch.Tensor:

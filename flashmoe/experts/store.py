@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..formats.packed import Manifest
@@ -157,6 +158,19 @@ class ExpertStore:
     def slot_of(self, record: torch.Tensor) -> int:
         """The pool slot of a record that load() yielded."""
         return (record.data_ptr() - self.pool.data_ptr()) // self.record_size
+
+    def slot_table(self) -> np.ndarray:
+        """[layers, experts] -> the pool slot caching each record, -1 where none: kept up to date in
+        place as the cache changes (policy.SlotMap.table)."""
+        return self.slots.table((max(self.files) + 1, max(f.num_experts for f in self.files.values())))
+
+    def used_in_place(self, layer: int, experts: list[int]) -> None:
+        """Count a use of cached records that a kernel found in `slot_table` and read in place, as
+        `load` counts its hits: one step of the policy's clock, each record touched."""
+        self.slots.policy.tick()
+        for e in experts:
+            self.slots.policy.touch((layer, e))
+        self.stats.hits += len(experts)
 
     @contextmanager
     def resident(self, layer: int, experts: list[int], limit: int) -> Iterator[dict[int, int]]:

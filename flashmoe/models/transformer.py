@@ -81,10 +81,12 @@ class DecoderLayer(nn.Module):
             if self.hyper:
                 x = HyperConnection.inject(x, h, shares)
                 h, shares = self.mlp_hyper_connection(x)
-            else:
-                x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
         if self.hyper:  # the MLP's output alone (added to zeros), then a share of it to each stream
             return HyperConnection.inject(x, self._mlp(h, h.new_zeros(h.shape), ctx), shares)
+        if (out := ctx.moe_step(self.index, x, h)) is not None:  # the rest of the layer in one call
+            return out
+        with ctx.section("mixer"):
+            x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
         return self._mlp(h, x, ctx)
 
     def _mlp(self, h: torch.Tensor, residual: torch.Tensor, ctx: StepContext) -> torch.Tensor:
