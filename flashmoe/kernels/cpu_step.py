@@ -145,6 +145,79 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.numel() * weight.element_size() <= GEMV_MAX_BYTES and kernels.use_cpu_kernels(x))
 
 
+@numba_jit(inline="always")
+def _rotate_half(x, cos, sin):
+    """x [heads, d] rotated in place by the partial NeoX rotary of one position: its first
+    rot = len(cos) dims (layers/rotary.apply_rotary; cos and sin repeat their first half)."""
+    half = cos.shape[0] // 2
+    for j in range(x.shape[0]):
+        for i in range(half):
+            a, b = x[j, i], x[j, half + i]
+            x[j, i] = a * cos[i] - b * sin[i]
+            x[j, half + i] = b * cos[half + i] + a * sin[half + i]
+
+
+@numba_jit()
+def _attention_step(h, w_qkv, gated, q_norm, k_norm, eps, zero_centred, cos, sin, k_cache, v_cache, position, w_o, out):
+    """One token of a gated (or plain) GQA attention layer with per-head q/k RMSNorms and partial
+    rotary; layers/attention.py's arithmetic. h [H]: the layer's normed input; w_qkv: the fused
+    q_proj (per head: d query rows, then d gate rows where gated), k_proj and v_proj rows as bf16
+    bits; k_cache, v_cache [capacity, kv_heads, d]: this token's key and value are written at
+    `position`, and it attends over positions 0 .. position; w_o: o_proj as bf16 bits -> out [H]."""
+    kv_heads, d = k_cache.shape[1], k_cache.shape[2]
+    heads, width = w_o.shape[1] // d, 2 * d if gated else d
+    proj = np.empty(w_qkv.shape[0], np.float32)
+    _gemv_bf16(w_qkv, h, proj)
+    q = np.empty((heads, d), np.float32)
+    for j in range(heads):
+        q[j] = proj[j * width : j * width + d]
+    k, v = k_cache[position], v_cache[position]
+    for j in range(kv_heads):
+        k[j] = proj[heads * width + j * d : heads * width + (j + 1) * d]
+        v[j] = proj[heads * width + (kv_heads + j) * d : heads * width + (kv_heads + j + 1) * d]
+    _rms_norm(q, q_norm, eps, zero_centred, q)
+    _rms_norm(k, k_norm, eps, zero_centred, k)
+    _rotate_half(q, cos, sin)
+    _rotate_half(k, cos, sin)
+    scale = np.float32(1.0 / math.sqrt(d))
+    scores, attended = np.empty(position + 1, np.float32), np.empty(heads * d, np.float32)
+    for j in range(heads):
+        kv = j // (heads // kv_heads)
+        top = np.float32(-np.inf)
+        for t in range(position + 1):
+            s = np.float32(0.0)
+            for i in range(d):
+                s += q[j, i] * k_cache[t, kv, i]
+            scores[t] = s * scale
+            top = max(top, scores[t])
+        total = np.float32(0.0)
+        o = np.zeros(d, np.float32)
+        for t in range(position + 1):
+            p = np.exp(scores[t] - top)
+            total += p
+            for i in range(d):
+                o[i] += p * v_cache[t, kv, i]
+        for i in range(d):
+            a = o[i] / total
+            if gated:
+                a *= np.float32(1.0) / (np.float32(1.0) + np.exp(-proj[j * width + d + i]))
+            attended[j * d + i] = a
+    _gemv_bf16(w_o, attended, out)
+
+
+def attention_step(h: torch.Tensor, w_qkv: torch.Tensor, gated: bool, q_norm: torch.Tensor, k_norm: torch.Tensor,
+                   eps: float, zero_centred: bool, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, position: int, w_o: torch.Tensor) -> torch.Tensor:
+    """One token's attention layer on the CPU in one call (`_attention_step`): h [1, H] fp32, the
+    weights bf16, cos/sin [1, rot], the caches fp32 [capacity, kv_heads, d] with room at
+    `position` -> [1, H] fp32."""
+    out = torch.empty(1, w_o.shape[0], dtype=torch.float32)
+    _attention_step(h[0].numpy(), w_qkv.view(torch.uint16).numpy(), gated, q_norm.numpy(), k_norm.numpy(),
+                    np.float32(eps), zero_centred, cos[0].numpy(), sin[0].numpy(), k_cache.numpy(), v_cache.numpy(),
+                    position, w_o.view(torch.uint16).numpy(), out[0].numpy())
+    return out
+
+
 ROWS_MAX_ELEMENTS = 1 << 16  # a decode step's rows (a batch's, the q/k heads'); a prefill's go to PyTorch's threads
 
 

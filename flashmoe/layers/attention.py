@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import kernels
 from .fused import Projections, project
+from .int8_linear import Bf16Linear
 from .indexer import IndexerSpec, TokenIndexer
 from .norm import RMSNorm
 from .state import IndexedKVCache, KVCache
@@ -64,6 +65,8 @@ class Attention(nn.Module):
         the step's context (models/context.py). The projections run on all the tokens at once, the
         attention per sequence over its own cache."""
         T, s = x.shape[0], self.spec
+        if T == 1 and ctx.graph_position is None and self.takes_cpu_step(x):
+            return self.decode_cpu(x, cos, sin, caches[0])
         q, k, v = self.in_proj(x)
         gate = None
         if s.gated:
@@ -78,6 +81,28 @@ class Attention(nn.Module):
                               None if index is None else (index[0][sl], index[1][sl]))
                  for sl, cache in zip(ctx.slices(T), caches)]
         return project(self.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def takes_cpu_step(self, x: torch.Tensor) -> bool:
+        """Whether a decode token goes through `decode_cpu`: fp32 on the CPU (numba installed), the
+        projections stored as bf16 and fused into one (the engine's CPU path), q/k normed per head,
+        none of biases, sinks, a window or an indexer."""
+        s, fused = self.spec, self.in_proj.fused
+        return (kernels.use_cpu_kernels(x) and s.qk_norm == "head" and not (s.qkv_bias or s.o_bias or s.sinks)
+                and self.window is None and s.indexer is None and fused is not None and len(fused) == 1
+                and type(fused[0][0]) is Bf16Linear and type(self.o_proj) is Bf16Linear)
+
+    def decode_cpu(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token of one sequence on the CPU in one numba call (kernels/cpu_step.attention_step):
+        the eager path's projections, norms, rotary, cache append, attention and gate, ~40 calls."""
+        from ..kernels.cpu_step import attention_step
+
+        position = cache.length
+        cache.make_room(position + 1)
+        out = attention_step(x, self.in_proj.fused[0][0].weight, self.spec.gated, self.q_norm.weight, self.k_norm.weight,
+                             self.q_norm.eps, self.q_norm.zero_centred, cos, sin, cache.k, cache.v, position,
+                             self.o_proj.weight)
+        cache.length = position + 1
+        return out
 
     def _attend(self, q, k, v, gate, cache, ctx, index=None) -> torch.Tensor:
         """One sequence's n tokens over its cache -> [n, heads * head_dim] (gated where the spec

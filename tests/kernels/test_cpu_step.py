@@ -101,3 +101,39 @@ def test_a_bf16_linear_computes_its_stored_values_in_fp32():
         want = x @ layer.weight.float().t() + layer.bias
         for got in (project(layer, x), layer(x)):
             assert got.dtype == torch.float32 and float((got - want).norm() / want.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_the_cpu_attention_step_matches_the_eager_attention(gated, monkeypatch):
+    """A decode token's attention in one numba call (Qwen3.5's gated form with zero-centred q/k
+    norms, and Qwen3's plain one) against the layer's eager path on fresh random bf16 weights,
+    several tokens after a prefill, the caches included (the one-call step writes its own)."""
+    from flashmoe.layers.attention import Attention, AttentionSpec
+    from flashmoe.layers.int8_linear import use_bf16_linears
+    from flashmoe.layers.rotary import RotaryEmbedding
+    from flashmoe.models.context import StepContext
+
+    g = torch.Generator().manual_seed(21)
+    layer = Attention(64, AttentionSpec(4, 2, 16, gated=gated, qk_norm="head"), 1e-6, zero_centred_norms=gated)
+    with torch.no_grad():
+        weights = {n: torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 for n, p in layer.named_parameters()}
+        use_bf16_linears(layer)
+        for name, w in weights.items():
+            module, _, kind = name.rpartition(".")
+            setattr(layer.get_submodule(module), kind, w.bfloat16() if module.endswith("proj") else torch.nn.Parameter(w))
+    layer.in_proj.fuse()
+    rotary, ctx = RotaryEmbedding(8, 10000.0), StepContext([None])
+    caches = [layer.new_state(torch.float32, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        for position in range(6):
+            tokens = 3 if position == 0 else 1  # a prefill first (PyTorch), then decode tokens
+            x = torch.randn(tokens, 64, generator=g)
+            cos, sin = rotary(torch.arange(caches[0].length, caches[0].length + tokens))
+            assert layer.takes_cpu_step(x[:1])
+            got = layer(x, cos, sin, caches[:1], ctx)
+            with monkeypatch.context() as m:
+                m.setattr(Attention, "takes_cpu_step", lambda self, x: False)
+                want = layer(x, cos, sin, caches[1:], ctx)
+            assert float((got - want).norm() / want.norm()) < 1e-5, position  # measured ~1e-7
+    assert caches[0].length == caches[1].length == 8
+    assert torch.allclose(caches[0].k[:8], caches[1].k[:8], atol=1e-6) and torch.equal(caches[0].v[:8], caches[1].v[:8])
