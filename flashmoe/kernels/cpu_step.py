@@ -157,17 +157,28 @@ def _rotate_half(x, cos, sin):
             x[j, half + i] = b * cos[half + i] + a * sin[half + i]
 
 
+@numba_jit(inline="always")
+def _normed_projection(x, norm_weight, eps, zero_centred, w16):
+    """The one-token steps' start: w16 (bf16 bits) @ rms_norm(x [1, H]) -> [rows] fp32."""
+    h = np.empty_like(x)
+    _rms_norm(x, norm_weight, eps, zero_centred, h)
+    proj = np.empty(w16.shape[0], np.float32)
+    _gemv_bf16(w16, h[0], proj)
+    return proj
+
+
 @numba_jit()
-def _attention_step(h, w_qkv, gated, q_norm, k_norm, eps, zero_centred, cos, sin, k_cache, v_cache, position, w_o, out):
+def _attention_step(x, norm_weight, eps, zero_centred, w_qkv, gated, q_norm, k_norm, qk_eps, qk_zero_centred, cos, sin,
+                    k_cache, v_cache, position, w_o, out):
     """One token of a gated (or plain) GQA attention layer with per-head q/k RMSNorms and partial
-    rotary; layers/attention.py's arithmetic. h [H]: the layer's normed input; w_qkv: the fused
+    rotary; layers/attention.py's arithmetic. x [1, H]: the layer's input, normed first by
+    norm_weight (the layer's input norm); q_norm, k_norm [d]: the per-head norms; w_qkv: the fused
     q_proj (per head: d query rows, then d gate rows where gated), k_proj and v_proj rows as bf16
     bits; k_cache, v_cache [capacity, kv_heads, d]: this token's key and value are written at
     `position`, and it attends over positions 0 .. position; w_o: o_proj as bf16 bits -> out [H]."""
     kv_heads, d = k_cache.shape[1], k_cache.shape[2]
     heads, width = w_o.shape[1] // d, 2 * d if gated else d
-    proj = np.empty(w_qkv.shape[0], np.float32)
-    _gemv_bf16(w_qkv, h, proj)
+    proj = _normed_projection(x, norm_weight, eps, zero_centred, w_qkv)
     q = np.empty((heads, d), np.float32)
     for j in range(heads):
         q[j] = proj[j * width : j * width + d]
@@ -175,8 +186,8 @@ def _attention_step(h, w_qkv, gated, q_norm, k_norm, eps, zero_centred, cos, sin
     for j in range(kv_heads):
         k[j] = proj[heads * width + j * d : heads * width + (j + 1) * d]
         v[j] = proj[heads * width + (kv_heads + j) * d : heads * width + (kv_heads + j + 1) * d]
-    _rms_norm(q, q_norm, eps, zero_centred, q)
-    _rms_norm(k, k_norm, eps, zero_centred, k)
+    _rms_norm(q, q_norm, qk_eps, qk_zero_centred, q)
+    _rms_norm(k, k_norm, qk_eps, qk_zero_centred, k)
     _rotate_half(q, cos, sin)
     _rotate_half(k, cos, sin)
     scale = np.float32(1.0 / math.sqrt(d))
@@ -205,16 +216,47 @@ def _attention_step(h, w_qkv, gated, q_norm, k_norm, eps, zero_centred, cos, sin
     _gemv_bf16(w_o, attended, out)
 
 
-def attention_step(h: torch.Tensor, w_qkv: torch.Tensor, gated: bool, q_norm: torch.Tensor, k_norm: torch.Tensor,
-                   eps: float, zero_centred: bool, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, position: int, w_o: torch.Tensor) -> torch.Tensor:
-    """One token's attention layer on the CPU in one call (`_attention_step`): h [1, H] fp32, the
-    weights bf16, cos/sin [1, rot], the caches fp32 [capacity, kv_heads, d] with room at
-    `position` -> [1, H] fp32."""
+def attention_step(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_qkv: torch.Tensor,
+                   gated: bool, q_norm: torch.Tensor, k_norm: torch.Tensor, qk_eps: float, qk_zero_centred: bool,
+                   cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int,
+                   w_o: torch.Tensor) -> torch.Tensor:
+    """One token's attention layer on the CPU in one call (`_attention_step`): x [1, H] fp32 before
+    the input norm, the projections bf16, cos/sin [1, rot], the caches fp32 [capacity, kv_heads, d]
+    with room at `position` -> [1, H] fp32."""
     out = torch.empty(1, w_o.shape[0], dtype=torch.float32)
-    _attention_step(h[0].numpy(), w_qkv.view(torch.uint16).numpy(), gated, q_norm.numpy(), k_norm.numpy(),
-                    np.float32(eps), zero_centred, cos[0].numpy(), sin[0].numpy(), k_cache.numpy(), v_cache.numpy(),
-                    position, w_o.view(torch.uint16).numpy(), out[0].numpy())
+    _attention_step(x.numpy(), norm_weight.numpy(), np.float32(eps), zero_centred, w_qkv.view(torch.uint16).numpy(),
+                    gated, q_norm.numpy(), k_norm.numpy(), np.float32(qk_eps), qk_zero_centred, cos[0].numpy(),
+                    sin[0].numpy(), k_cache.numpy(), v_cache.numpy(), position, w_o.view(torch.uint16).numpy(),
+                    out[0].numpy())
+    return out
+
+
+@numba_jit()
+def _deltanet_layer_step(x, norm_weight, eps, zero_centred, w_in, conv_state, conv_w, a_log, dt_bias, out_norm,
+                         out_eps, state, key_heads, sigmoid_gate, w_out, out):
+    """One token of a Gated DeltaNet layer: x [1, H] normed by norm_weight (the layer's input
+    norm), the fused in_proj (qkv, z, b, a rows as bf16 bits), `_deltanet_step` (its output norm
+    out_norm, out_eps), out_proj (bf16 bits) -> out [H]."""
+    proj = _normed_projection(x, norm_weight, eps, zero_centred, w_in)
+    channels, value_heads, values = conv_state.shape[1], state.shape[0], state.shape[0] * state.shape[2]
+    z, b = proj[channels : channels + values], proj[channels + values : channels + values + value_heads]
+    normed = np.empty(values, np.float32)
+    _deltanet_step(proj[:channels], z, b, proj[channels + values + value_heads :], conv_state, conv_w, a_log, dt_bias,
+                   out_norm, state, key_heads, out_eps, sigmoid_gate, normed)
+    _gemv_bf16(w_out, normed, out)
+
+
+def deltanet_layer_step(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_in: torch.Tensor,
+                        conv_state: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+                        out_norm: torch.Tensor, out_eps: float, state: torch.Tensor, key_heads: int,
+                        sigmoid_gate: bool, w_out: torch.Tensor) -> torch.Tensor:
+    """One token's Gated DeltaNet layer on the CPU in one call (`_deltanet_layer_step`): x [1, H]
+    fp32 before the input norm, the projections bf16, the states as `deltanet_step` takes them -> [1, H]."""
+    out = torch.empty(1, w_out.shape[0], dtype=torch.float32)
+    _deltanet_layer_step(x.numpy(), norm_weight.numpy(), np.float32(eps), zero_centred, w_in.view(torch.uint16).numpy(),
+                         conv_state.numpy(), conv_weight[:, 0].numpy(), A_log.numpy(), dt_bias.numpy(), out_norm.numpy(),
+                         float(out_eps), state.numpy(), key_heads, sigmoid_gate, w_out.view(torch.uint16).numpy(),
+                         out[0].numpy())
     return out
 
 

@@ -69,15 +69,15 @@ class DecoderLayer(nn.Module):
                 x = x + self.ple(x, rows, [state.ngrams[self.index] for state in ctx.states], ctx.slices(T))
         with ctx.section("mixer"):
             if self.hyper:
-                h, shares = self.attn_hyper_connection(x)
-            else:
-                h = self.input_layernorm(x)
+                (h, shares), norm = self.attn_hyper_connection(x), None
+            else:  # the mixer norms its input: its one-call CPU decode step does it inside
+                h, norm = x, self.input_layernorm
             # Every matmul runs on the whole batch at once, the mixers' state per sequence: the
             # routed experts read each expert the batch needs once.
             if self.is_linear:
-                h = self.linear_attn(h, caches, ctx.slices(T))
+                h = self.linear_attn(h, caches, ctx.slices(T), norm)
             else:
-                h = self.self_attn(h, cos, sin, caches, ctx)
+                h = self.self_attn(h, cos, sin, caches, ctx, norm)
             if self.hyper:
                 x = HyperConnection.inject(x, h, shares)
                 h, shares = self.mlp_hyper_connection(x)
