@@ -125,8 +125,9 @@ class Engine:
         with torch.device("meta"):
             model = Model(self.args)
         int8 = set(use_int8_linears(model)) if self.config.dense_bits == 8 else set()
-        # fp32 on the CPU: the projections keep the file's bf16 values (exact, half the bytes a decode
-        # step reads and half the RAM), computed in fp32 (layers/int8_linear.Bf16Linear).
+        # fp32 on the CPU: the projections and the embedding table keep the file's bf16 values (exact,
+        # half the bytes a decode step reads and half the RAM), computed in fp32
+        # (layers/int8_linear.Bf16Linear, Bf16Embedding).
         stored16 = (self.device.type == "cpu" and self.dtype == torch.float32 and self.manifest.dense_dtype == "bfloat16"
                     and kernels.use_cpu_kernels(torch.empty(0)))
         bf16 = set(use_bf16_linears(model)) if stored16 else set()

@@ -20,6 +20,7 @@ from ..layers.attention import Attention
 from ..layers.deltanet import GatedDeltaNet
 from ..layers.fused import project
 from ..layers.hyper import HyperConnection
+from ..layers.int8_linear import dequantized_matmul
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
 from ..layers.ple import PendingRows, PerLayerEmbedding
@@ -184,5 +185,7 @@ class Model(nn.Module):
             table = self.model.embed_tokens.weight
             if takes_gemv(x, table):  # one row on the CPU
                 return gemv(x, table)
+            if table.dtype != x.dtype:  # bf16 in an fp32 CPU engine (layers/int8_linear.Bf16Embedding)
+                return dequantized_matmul(x, table)
             return (x @ table.t()).float()
         return project(self.lm_head, x).float()  # an nn.Linear, or an Int8Linear with --dense-bits 8
