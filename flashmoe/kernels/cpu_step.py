@@ -168,14 +168,14 @@ def _normed_projection(x, norm_weight, eps, zero_centred, w16):
 
 
 @numba_jit()
-def _attention_step(x, norm_weight, eps, zero_centred, w_qkv, gated, q_norm, k_norm, qk_eps, qk_zero_centred, cos, sin,
-                    k_cache, v_cache, position, w_o, out):
+def _attention_step(x, cos, sin, k_cache, v_cache, position, out, norm_weight, eps, zero_centred, w_qkv, gated, q_norm,
+                    k_norm, qk_eps, qk_zero_centred, w_o):
     """One token of a gated (or plain) GQA attention layer with per-head q/k RMSNorms and partial
     rotary; layers/attention.py's arithmetic. x [1, H]: the layer's input, normed first by
-    norm_weight (the layer's input norm); q_norm, k_norm [d]: the per-head norms; w_qkv: the fused
-    q_proj (per head: d query rows, then d gate rows where gated), k_proj and v_proj rows as bf16
-    bits; k_cache, v_cache [capacity, kv_heads, d]: this token's key and value are written at
-    `position`, and it attends over positions 0 .. position; w_o: o_proj as bf16 bits -> out [H]."""
+    norm_weight (the layer's input norm); k_cache, v_cache [capacity, kv_heads, d]: this token's key
+    and value are written at `position`, and it attends over positions 0 .. position -> out [H].
+    The weights: q_norm, k_norm [d], the per-head norms; w_qkv, the fused q_proj (per head: d query
+    rows, then d gate rows where gated), k_proj and v_proj rows as bf16 bits; w_o, o_proj's."""
     kv_heads, d = k_cache.shape[1], k_cache.shape[2]
     heads, width = w_o.shape[1] // d, 2 * d if gated else d
     proj = _normed_projection(x, norm_weight, eps, zero_centred, w_qkv)
@@ -216,27 +216,32 @@ def _attention_step(x, norm_weight, eps, zero_centred, w_qkv, gated, q_norm, k_n
     _gemv_bf16(w_o, attended, out)
 
 
-def attention_step(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_qkv: torch.Tensor,
-                   gated: bool, q_norm: torch.Tensor, k_norm: torch.Tensor, qk_eps: float, qk_zero_centred: bool,
-                   cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int,
-                   w_o: torch.Tensor) -> torch.Tensor:
+def attention_weights(norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_qkv: torch.Tensor, gated: bool,
+                      q_norm: torch.Tensor, k_norm: torch.Tensor, qk_eps: float, qk_zero_centred: bool,
+                      w_o: torch.Tensor) -> tuple:
+    """`attention_step`'s weights as its kernel reads them (numpy views, bf16 tensors as their bits):
+    made once per layer, since each conversion costs about a microsecond per call."""
+    return (norm_weight.numpy(), np.float32(eps), zero_centred, w_qkv.view(torch.uint16).numpy(), gated, q_norm.numpy(),
+            k_norm.numpy(), np.float32(qk_eps), qk_zero_centred, w_o.view(torch.uint16).numpy())
+
+
+def attention_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   position: int, weights: tuple) -> torch.Tensor:
     """One token's attention layer on the CPU in one call (`_attention_step`): x [1, H] fp32 before
-    the input norm, the projections bf16, cos/sin [1, rot], the caches fp32 [capacity, kv_heads, d]
-    with room at `position` -> [1, H] fp32."""
-    out = torch.empty(1, w_o.shape[0], dtype=torch.float32)
-    _attention_step(x.numpy(), norm_weight.numpy(), np.float32(eps), zero_centred, w_qkv.view(torch.uint16).numpy(),
-                    gated, q_norm.numpy(), k_norm.numpy(), np.float32(qk_eps), qk_zero_centred, cos[0].numpy(),
-                    sin[0].numpy(), k_cache.numpy(), v_cache.numpy(), position, w_o.view(torch.uint16).numpy(),
-                    out[0].numpy())
+    the input norm, cos/sin [1, rot], the caches fp32 [capacity, kv_heads, d] with room at
+    `position`, `attention_weights` -> [1, H] fp32."""
+    out = torch.empty(1, weights[-1].shape[0], dtype=torch.float32)
+    _attention_step(x.numpy(), cos[0].numpy(), sin[0].numpy(), k_cache.numpy(), v_cache.numpy(), position,
+                    out[0].numpy(), *weights)
     return out
 
 
 @numba_jit()
-def _deltanet_layer_step(x, norm_weight, eps, zero_centred, w_in, conv_state, conv_w, a_log, dt_bias, out_norm,
-                         out_eps, state, key_heads, sigmoid_gate, w_out, out):
+def _deltanet_layer_step(x, conv_state, state, out, norm_weight, eps, zero_centred, w_in, conv_w, a_log, dt_bias,
+                         out_norm, out_eps, key_heads, sigmoid_gate, w_out):
     """One token of a Gated DeltaNet layer: x [1, H] normed by norm_weight (the layer's input
-    norm), the fused in_proj (qkv, z, b, a rows as bf16 bits), `_deltanet_step` (its output norm
-    out_norm, out_eps), out_proj (bf16 bits) -> out [H]."""
+    norm), the fused in_proj (qkv, z, b, a rows as bf16 bits), `_deltanet_step` on the states (its
+    output norm out_norm, out_eps), out_proj (bf16 bits) -> out [H]."""
     proj = _normed_projection(x, norm_weight, eps, zero_centred, w_in)
     channels, value_heads, values = conv_state.shape[1], state.shape[0], state.shape[0] * state.shape[2]
     z, b = proj[channels : channels + values], proj[channels + values : channels + values + value_heads]
@@ -246,17 +251,21 @@ def _deltanet_layer_step(x, norm_weight, eps, zero_centred, w_in, conv_state, co
     _gemv_bf16(w_out, normed, out)
 
 
-def deltanet_layer_step(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_in: torch.Tensor,
-                        conv_state: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-                        out_norm: torch.Tensor, out_eps: float, state: torch.Tensor, key_heads: int,
-                        sigmoid_gate: bool, w_out: torch.Tensor) -> torch.Tensor:
+def deltanet_layer_weights(norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_in: torch.Tensor,
+                           conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, out_norm: torch.Tensor,
+                           out_eps: float, key_heads: int, sigmoid_gate: bool, w_out: torch.Tensor) -> tuple:
+    """`deltanet_layer_step`'s weights as its kernel reads them, made once per layer (`attention_weights`)."""
+    return (norm_weight.numpy(), np.float32(eps), zero_centred, w_in.view(torch.uint16).numpy(),
+            conv_weight[:, 0].numpy(), A_log.numpy(), dt_bias.numpy(), out_norm.numpy(), float(out_eps), key_heads,
+            sigmoid_gate, w_out.view(torch.uint16).numpy())
+
+
+def deltanet_layer_step(x: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor, weights: tuple) -> torch.Tensor:
     """One token's Gated DeltaNet layer on the CPU in one call (`_deltanet_layer_step`): x [1, H]
-    fp32 before the input norm, the projections bf16, the states as `deltanet_step` takes them -> [1, H]."""
-    out = torch.empty(1, w_out.shape[0], dtype=torch.float32)
-    _deltanet_layer_step(x.numpy(), norm_weight.numpy(), np.float32(eps), zero_centred, w_in.view(torch.uint16).numpy(),
-                         conv_state.numpy(), conv_weight[:, 0].numpy(), A_log.numpy(), dt_bias.numpy(), out_norm.numpy(),
-                         float(out_eps), state.numpy(), key_heads, sigmoid_gate, w_out.view(torch.uint16).numpy(),
-                         out[0].numpy())
+    fp32 before the input norm, the states as `deltanet_step` takes them (updated in place),
+    `deltanet_layer_weights` -> [1, H]."""
+    out = torch.empty(1, weights[-1].shape[0], dtype=torch.float32)
+    _deltanet_layer_step(x.numpy(), conv_state.numpy(), state.numpy(), out[0].numpy(), *weights)
     return out
 
 

@@ -58,6 +58,7 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(heads), requires_grad=False)
         if spec.indexer is not None:
             self.indexer = TokenIndexer(hidden, spec.indexer, eps, zero_centred_norms, rotary)
+        self._cpu_step_weights: tuple | None = None  # (input norm, decode_cpu's weights)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx,
                 norm: RMSNorm | None = None) -> torch.Tensor:
@@ -101,13 +102,17 @@ class Attention(nn.Module):
         """One token of one sequence on the CPU in one numba call (kernels/cpu_step.attention_step):
         the eager path's input norm, projections, q/k norms, rotary, cache append, attention and
         gate, ~40 calls."""
-        from ..kernels.cpu_step import attention_step
+        from ..kernels.cpu_step import attention_step, attention_weights
 
+        # the weights as the kernel reads them, made at the first decode step (once loaded and
+        # fused, they are not replaced)
+        if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
+            self._cpu_step_weights = norm, attention_weights(
+                norm.weight, norm.eps, norm.zero_centred, self.in_proj.fused[0][0].weight, self.spec.gated,
+                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.zero_centred, self.o_proj.weight)
         position = cache.length
         cache.make_room(position + 1)
-        out = attention_step(x, norm.weight, norm.eps, norm.zero_centred, self.in_proj.fused[0][0].weight,
-                             self.spec.gated, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                             self.q_norm.zero_centred, cos, sin, cache.k, cache.v, position, self.o_proj.weight)
+        out = attention_step(x, cos, sin, cache.k, cache.v, position, self._cpu_step_weights[1])
         cache.length = position + 1
         return out
 

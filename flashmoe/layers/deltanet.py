@@ -33,6 +33,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(v_heads), requires_grad=False)
         self.norm = GatedRMSNorm(v_dim, eps, output_gate)
         self.out_proj = nn.Linear(v_heads * v_dim, hidden, bias=False)
+        self._cpu_step_weights: tuple | None = None  # (input norm, decode_cpu_layer's weights)
 
     def forward(self, x: torch.Tensor, states: list, slices: list[slice], norm: RMSNorm | None = None) -> torch.Tensor:
         """x [T, hidden]: the tokens of one or more sequences, sequence i's at slices[i], normed
@@ -115,12 +116,16 @@ class GatedDeltaNet(nn.Module):
     def decode_cpu_layer(self, x: torch.Tensor, norm: RMSNorm, state) -> torch.Tensor:
         """The input norm, the projections and `decode_cpu`'s step in one numba call
         (kernels/cpu_step.deltanet_layer_step)."""
-        from ..kernels.cpu_step import deltanet_layer_step
+        from ..kernels.cpu_step import deltanet_layer_step, deltanet_layer_weights
 
-        return deltanet_layer_step(x, norm.weight, norm.eps, norm.zero_centred, self.in_proj.fused[0][0].weight,
-                                   state.conv, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
-                                   self.norm.eps, state.recurrent, self.k_heads, self.norm.gate == "sigmoid",
-                                   self.out_proj.weight)
+        # the weights as the kernel reads them, made at the first decode step (once loaded and
+        # fused, they are not replaced)
+        if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
+            self._cpu_step_weights = norm, deltanet_layer_weights(
+                norm.weight, norm.eps, norm.zero_centred, self.in_proj.fused[0][0].weight, self.conv1d.weight,
+                self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, self.k_heads, self.norm.gate == "sigmoid",
+                self.out_proj.weight)
+        return deltanet_layer_step(x, state.conv, state.recurrent, self._cpu_step_weights[1])
 
     def decode_cpu(self, x: torch.Tensor, state) -> torch.Tensor:
         """The same step on the CPU (fp32), the conv, the rule and the norm in one numba call; the
