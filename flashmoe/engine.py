@@ -73,11 +73,13 @@ class Engine:
             self.cuda_graphs = False
             self.choices.append(f"eager decode, no CUDA graphs ({obstacle})")
         self.moe_layers = self.args.moe_layers
+        # every record, and the store's staging slots for a load's misses (ExpertStore.batch = top_k) beside them
+        every_expert = self.manifest.total_expert_bytes + self.top_k * self.manifest.layout.record_size
         budget = config.host_mem if config.host_mem is not None else min(
-            self.manifest.total_expert_bytes + self.manifest.total_ngram_bytes, available_memory_bytes() // 2)
+            every_expert + self.manifest.total_ngram_bytes, available_memory_bytes() // 2)
         budget -= self._open_ngram_tables(budget)
         self.choices.append(f"experts cached in {format_bytes(budget)} of RAM ("
-                            + ("--host-mem" if config.host_mem is not None else "all of them" if budget == self.manifest.total_expert_bytes
+                            + ("--host-mem" if config.host_mem is not None else "all of them" if budget >= every_expert
                                else "half the free RAM") + ")")
         self.store = ExpertStore(self.dir, self.manifest, budget, self.top_k, config.io_threads, config.verify,
                                  self.device.type == "cuda", config.direct_io, config.cache_policy)

@@ -67,7 +67,8 @@ class ExpertStore:
         self.layout = manifest.layout
         self.record_size = rs = manifest.layout.record_size
         total = sum(f.num_experts for f in manifest.expert_files)
-        self.capacity = min(budget_bytes // rs, total)
+        # At most every record plus the `batch` staging slots: a budget that covers both keeps every expert.
+        self.capacity = min(budget_bytes // rs, total + min_records)
         if self.capacity < min_records:
             raise BudgetError(
                 f"the expert cache budget of {format_bytes(budget_bytes)} holds {budget_bytes // rs} expert records of "
