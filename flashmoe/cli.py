@@ -99,6 +99,7 @@ def _stream(engine, prompt, params) -> None:
 LAYER_SECTIONS = [
     ("ngram_wait", "n-gram wait"),
     ("mixer", "mixer"),
+    ("moe_step", "MoE step"),
     ("routing", "routing"),
     ("shared_expert", "shared expert"),
     ("dense_mlp", "dense MLP"),

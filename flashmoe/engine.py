@@ -76,11 +76,13 @@ class Engine:
             self.cuda_graphs = False
             self.choices.append(f"eager decode, no CUDA graphs ({obstacle})")
         self.moe_layers = self.args.moe_layers
+        # every record, and the store's staging slots for a load's misses (ExpertStore.batch = top_k) beside them
+        every_expert = self.manifest.total_expert_bytes + self.top_k * self.manifest.layout.record_size
         budget = config.host_mem if config.host_mem is not None else min(
-            self.manifest.total_expert_bytes + self.manifest.total_ngram_bytes, available_memory_bytes() // 2)
+            every_expert + self.manifest.total_ngram_bytes, available_memory_bytes() // 2)
         budget -= self._open_ngram_tables(budget)
         self.choices.append(f"experts cached in {format_bytes(budget)} of RAM ("
-                            + ("--host-mem" if config.host_mem is not None else "all of them" if budget == self.manifest.total_expert_bytes
+                            + ("--host-mem" if config.host_mem is not None else "all of them" if budget >= every_expert
                                else "half the free RAM") + ")")
         self.store = ExpertStore(self.dir, self.manifest, budget, self.top_k, config.io_threads, config.verify,
                                  self.device.type == "cuda", config.direct_io, config.cache_policy)
@@ -93,6 +95,7 @@ class Engine:
         self.experts: list[RoutedExperts | None] = [None] * self.args.num_hidden_layers
         for i in self.moe_layers:
             self.experts[i] = StreamedExperts(self.store, i, self.timer, self.cpu_kernel, moe.act)
+        self.moe_steps = self._cpu_moe_steps()
         self.set_top_k(self.top_k)
         if config.gpu_path:
             self.use_gpu_experts(config.gpu_mem, config.cache_policy)
@@ -127,8 +130,9 @@ class Engine:
         with torch.device("meta"):
             model = Model(self.args)
         int8 = set(use_int8_linears(model)) if self.config.dense_bits == 8 else set()
-        # fp32 on the CPU: the projections keep the file's bf16 values (exact, half the bytes a decode
-        # step reads and half the RAM), computed in fp32 (layers/int8_linear.Bf16Linear).
+        # fp32 on the CPU: the projections and the embedding table keep the file's bf16 values (exact,
+        # half the bytes a decode step reads and half the RAM), computed in fp32
+        # (layers/int8_linear.Bf16Linear, Bf16Embedding).
         stored16 = (self.device.type == "cpu" and self.dtype == torch.float32 and self.manifest.dense_dtype == "bfloat16"
                     and kernels.use_cpu_kernels(torch.empty(0)))
         bf16 = set(use_bf16_linears(model)) if stored16 else set()
@@ -184,6 +188,18 @@ class Engine:
         kernel.warmup()
         return kernel
 
+    def _cpu_moe_steps(self) -> list:
+        """Per layer, the CPU path's MoE half of a decode token in one call where the kernel covers
+        the layer (experts/cpu_moe_step.py), else None; [] without the expert kernel (the GPU path,
+        no numba, 16-bit records) or where the model computes in 16 bits."""
+        if self.cpu_kernel is None or self.dtype != torch.float32:
+            return []
+        from .experts.cpu_moe_step import CpuMoEStep
+
+        layers = self.model.layers
+        return [CpuMoEStep(layers[i], self.store, self.cpu_kernel)
+                if i in self.moe_layers and CpuMoEStep.obstacle(layers[i]) is None else None for i in range(len(layers))]
+
     def _set_threads(self, n: int) -> None:
         """Compute on the CPU with n threads: PyTorch's pool and the expert kernel's."""
         torch.set_num_threads(n)
@@ -209,6 +225,7 @@ class Engine:
         from .experts.gpu_routed import DECODE_MAX_TOKENS, GpuRoutedExperts
         from .experts.tier import GpuExpertTier
 
+        self.moe_steps = []  # the CPU path's: its experts come from the store
         layout = self.manifest.layout
         staging = min(self.args.moe.num_experts, DECODE_MAX_TOKENS * self.top_k)
         prefetch = self.top_k if self.config.prefetch else 0  # slots per region (two regions)
@@ -434,7 +451,7 @@ class Engine:
 
     def context(self, states: list[SequenceState], lengths: list[int] = (), last_only: bool = True) -> StepContext:
         """The context of one step of the model over `states` (models/context.py)."""
-        return StepContext(states, lengths, self.experts, self.timer, self.guesses, last_only=last_only)
+        return StepContext(states, lengths, self.experts, self.moe_steps, self.timer, self.guesses, last_only=last_only)
 
     @torch.inference_mode()
     def forward(self, ids: list[int] | torch.Tensor, state: SequenceState, last_only: bool = True) -> torch.Tensor:

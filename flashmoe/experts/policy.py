@@ -92,6 +92,27 @@ class SlotMap:
         self.free = list(reversed(slots))
         self.policy = CachePolicy(policy)
         self.evictions = 0
+        self._table: np.ndarray | None = None  # `table`'s array, once asked for
+
+    def table(self, shape: tuple[int, int]) -> np.ndarray:
+        """The map as an array [layers, experts] of slots, -1 where a key has none: what a compiled
+        kernel looks keys up in. Made at the first call, then kept up to date in place."""
+        if self._table is None:
+            self._table = np.full(shape, -1, dtype=np.int64)
+            for key, slot in self.slot_of.items():
+                self._table[key] = slot
+        return self._table
+
+    def _set(self, key: Key, slot: int) -> None:
+        self.slot_of[key] = slot
+        if self._table is not None:
+            self._table[key] = slot
+
+    def _pop(self, key: Key) -> int | None:
+        slot = self.slot_of.pop(key, None)
+        if slot is not None and self._table is not None:
+            self._table[key] = -1
+        return slot
 
     def get(self, key: Key) -> int | None:
         return self.slot_of.get(key)
@@ -111,22 +132,23 @@ class SlotMap:
             victim = self.policy.victim(pinned)
             if victim is None or not self.policy.admit(key, victim):
                 return None
-            slot = self.slot_of.pop(victim)
+            slot = self._pop(victim)
             self.policy.remove(victim)
             self.evictions += 1
-        self.slot_of[key] = slot
+        self._set(key, slot)
         self.policy.insert(key)
         return slot
 
     def replace(self, old: Key, new: Key) -> int:
         """Put `new` in the slot `old` holds (the caller moves the record) -> that slot."""
-        slot = self.slot_of[new] = self.slot_of.pop(old)
+        slot = self._pop(old)
+        self._set(new, slot)
         self.policy.remove(old)
         self.policy.insert(new)
         return slot
 
     def forget(self, key: Key) -> None:
-        slot = self.slot_of.pop(key, None)
+        slot = self._pop(key)
         if slot is not None:
             self.policy.remove(key)
             self.free.append(slot)

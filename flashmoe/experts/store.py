@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..formats.packed import Manifest
@@ -66,7 +67,8 @@ class ExpertStore:
         self.layout = manifest.layout
         self.record_size = rs = manifest.layout.record_size
         total = sum(f.num_experts for f in manifest.expert_files)
-        self.capacity = min(budget_bytes // rs, total)
+        # At most every record plus the `batch` staging slots: a budget that covers both keeps every expert.
+        self.capacity = min(budget_bytes // rs, total + min_records)
         if self.capacity < min_records:
             raise BudgetError(
                 f"the expert cache budget of {format_bytes(budget_bytes)} holds {budget_bytes // rs} expert records of "
@@ -96,6 +98,9 @@ class ExpertStore:
         # `batch` slots are kept back as staging for misses the policy does not keep, so any
         # load() of up to `batch` experts succeeds whatever is cached and pinned.
         self.batch = min_records
+        # Every record has a slot of its own beside the staging ones: nothing is ever evicted, so the
+        # policy's scores decide nothing.
+        self.keeps_every_record = self.capacity - self.batch >= total
         self.slots = SlotMap(range(self.batch, self.capacity), policy)
         self.staging = list(range(self.batch))
         self.pins: dict[tuple[int, int], int] = {}
@@ -157,6 +162,22 @@ class ExpertStore:
     def slot_of(self, record: torch.Tensor) -> int:
         """The pool slot of a record that load() yielded."""
         return (record.data_ptr() - self.pool.data_ptr()) // self.record_size
+
+    def slot_table(self) -> np.ndarray:
+        """[layers, experts] -> the pool slot caching each record, -1 where none: kept up to date in
+        place as the cache changes (policy.SlotMap.table)."""
+        return self.slots.table((max(self.files) + 1, max(f.num_experts for f in self.files.values())))
+
+    def used_in_place(self, layer: int, experts: list[int]) -> None:
+        """Count a use of cached records that a kernel found in `slot_table` and read in place, as
+        `load` counts its hits: one step of the policy's clock, each record touched (~5 us a layer:
+        skipped where the store keeps every record)."""
+        if not self.keeps_every_record:
+            policy = self.slots.policy
+            policy.tick()
+            for e in experts:
+                policy.touch((layer, e))
+        self.stats.hits += len(experts)
 
     @contextmanager
     def resident(self, layer: int, experts: list[int], limit: int) -> Iterator[dict[int, int]]:

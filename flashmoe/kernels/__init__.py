@@ -22,7 +22,8 @@ def use_kernels(x: torch.Tensor) -> bool:
 
 
 def use_cpu_kernels(x: torch.Tensor) -> bool:
-    """Whether a one-token step of x (an fp32 CPU tensor) runs the numba kernels of cpu_step."""
+    """Whether a one-token step of x (an fp32 CPU tensor) runs the numba kernels of cpu_step: not
+    where the Triton ones take it (tests force those onto CPU tensors)."""
     from .cpu_experts import numba
 
-    return numba is not None and not x.is_cuda and x.dtype == torch.float32
+    return numba is not None and not use_kernels(x) and x.dtype == torch.float32

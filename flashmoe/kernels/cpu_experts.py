@@ -272,6 +272,25 @@ def _swiglu(h, c, inter, rec16, bias_at, with_bias, limit, alpha, buf):
     return gate / (np.float32(1.0) + np.exp(-gate)) * up
 
 
+@numba_jit(inline="always")
+def _activation(h, inter, rec16, offs, bits, group, mxfp4, with_bias, limit, alpha, act, ap, asum, buf):
+    """An expert's SwiGLU activation act [inter] from h [2 * inter], its gate_up output (`_swiglu`;
+    offs: `_offsets`), then laid out as down's input (ap, asum: `_lay_out`)."""
+    for c in range(inter):
+        act[c] = _swiglu(h, c, inter, rec16, offs[4], with_bias, limit, alpha, buf)
+    _lay_out(act, bits, group, mxfp4, ap, asum)
+
+
+@numba_jit(inline="always")
+def _add_weighted(out, weight, y, rec16, offs, with_bias, buf):
+    """out [H] += weight * (y + the expert's down bias, where it has one): y [H] its down output."""
+    for r in range(out.shape[0]):
+        term = y[r]
+        if with_bias:
+            term += _bf16(rec16[offs[9] + r], buf)
+        out[r] += weight * term
+
+
 @functools.cache
 def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float, parallel: bool):
     """`experts` for one record format and activation, compiled on first use. The format and the
@@ -301,10 +320,8 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
         for proj in range(2):  # gate_up, then down, through one parallel loop: compiled once
             if proj == 1:
                 for p in range(pairs):
-                    rec16 = p16[slots[p]]
-                    for c in range(inter):
-                        act[c] = _swiglu(h[p], c, inter, rec16, offs[4], with_bias, limit, alpha, bf16_buf)
-                    _lay_out(act, bits, group, mxfp4, ap[p], asum[p])
+                    _activation(h[p], inter, p16[slots[p]], offs, bits, group, mxfp4, with_bias, limit, alpha, act, ap[p],
+                                asum[p], bf16_buf)
             dst, k = (h, hidden) if proj == 0 else (y, inter)
             blocks = (dst.shape[1] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
             for task in prange(experts_n * blocks):
@@ -320,12 +337,7 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
                     _project(p8[rec], p16[rec], offs_p, k, bits, group, mxfp4, r0, r1, src, src_sums, half_pow2, dst[p])
         out[:, :] = 0.0
         for p in range(pairs):
-            t = tokens[p]
-            for r in range(hidden):
-                term = y[p, r]
-                if with_bias:
-                    term += _bf16(p16[slots[p], offs[9] + r], bf16_buf)
-                out[t, r] += weights[p] * term
+            _add_weighted(out[tokens[p]], weights[p], y[p], p16[slots[p]], offs, with_bias, bf16_buf)
 
     return experts
 

@@ -145,6 +145,130 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.numel() * weight.element_size() <= GEMV_MAX_BYTES and kernels.use_cpu_kernels(x))
 
 
+@numba_jit(inline="always")
+def _rotate_half(x, cos, sin):
+    """x [heads, d] rotated in place by the partial NeoX rotary of one position: its first
+    rot = len(cos) dims (layers/rotary.apply_rotary; cos and sin repeat their first half)."""
+    half = cos.shape[0] // 2
+    for j in range(x.shape[0]):
+        for i in range(half):
+            a, b = x[j, i], x[j, half + i]
+            x[j, i] = a * cos[i] - b * sin[i]
+            x[j, half + i] = b * cos[half + i] + a * sin[half + i]
+
+
+@numba_jit(inline="always")
+def _normed_projection(x, norm_weight, eps, zero_centred, w16):
+    """The one-token steps' start: w16 (bf16 bits) @ rms_norm(x [1, H]) -> [rows] fp32."""
+    h = np.empty_like(x)
+    _rms_norm(x, norm_weight, eps, zero_centred, h)
+    proj = np.empty(w16.shape[0], np.float32)
+    _gemv_bf16(w16, h[0], proj)
+    return proj
+
+
+@numba_jit()
+def _attention_step(x, cos, sin, k_cache, v_cache, position, out, norm_weight, eps, zero_centred, w_qkv, gated, q_norm,
+                    k_norm, qk_eps, qk_zero_centred, w_o):
+    """One token of a gated (or plain) GQA attention layer with per-head q/k RMSNorms and partial
+    rotary; layers/attention.py's arithmetic. x [1, H]: the layer's input, normed first by
+    norm_weight (the layer's input norm); k_cache, v_cache [capacity, kv_heads, d]: this token's key
+    and value are written at `position`, and it attends over positions 0 .. position -> out [H].
+    The weights: q_norm, k_norm [d], the per-head norms; w_qkv, the fused q_proj (per head: d query
+    rows, then d gate rows where gated), k_proj and v_proj rows as bf16 bits; w_o, o_proj's."""
+    kv_heads, d = k_cache.shape[1], k_cache.shape[2]
+    heads, width = w_o.shape[1] // d, 2 * d if gated else d
+    proj = _normed_projection(x, norm_weight, eps, zero_centred, w_qkv)
+    q = np.empty((heads, d), np.float32)
+    for j in range(heads):
+        q[j] = proj[j * width : j * width + d]
+    k, v = k_cache[position], v_cache[position]
+    for j in range(kv_heads):
+        k[j] = proj[heads * width + j * d : heads * width + (j + 1) * d]
+        v[j] = proj[heads * width + (kv_heads + j) * d : heads * width + (kv_heads + j + 1) * d]
+    _rms_norm(q, q_norm, qk_eps, qk_zero_centred, q)
+    _rms_norm(k, k_norm, qk_eps, qk_zero_centred, k)
+    _rotate_half(q, cos, sin)
+    _rotate_half(k, cos, sin)
+    scale = np.float32(1.0 / math.sqrt(d))
+    scores, attended = np.empty(position + 1, np.float32), np.empty(heads * d, np.float32)
+    for j in range(heads):
+        kv = j // (heads // kv_heads)
+        top = np.float32(-np.inf)
+        for t in range(position + 1):
+            s = np.float32(0.0)
+            for i in range(d):
+                s += q[j, i] * k_cache[t, kv, i]
+            scores[t] = s * scale
+            top = max(top, scores[t])
+        total = np.float32(0.0)
+        o = np.zeros(d, np.float32)
+        for t in range(position + 1):
+            p = np.exp(scores[t] - top)
+            total += p
+            for i in range(d):
+                o[i] += p * v_cache[t, kv, i]
+        for i in range(d):
+            a = o[i] / total
+            if gated:
+                a *= np.float32(1.0) / (np.float32(1.0) + np.exp(-proj[j * width + d + i]))
+            attended[j * d + i] = a
+    _gemv_bf16(w_o, attended, out)
+
+
+def attention_weights(norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_qkv: torch.Tensor, gated: bool,
+                      q_norm: torch.Tensor, k_norm: torch.Tensor, qk_eps: float, qk_zero_centred: bool,
+                      w_o: torch.Tensor) -> tuple:
+    """`attention_step`'s weights as its kernel reads them (numpy views, bf16 tensors as their bits):
+    made once per layer, since each conversion costs about a microsecond per call."""
+    return (norm_weight.numpy(), np.float32(eps), zero_centred, w_qkv.view(torch.uint16).numpy(), gated, q_norm.numpy(),
+            k_norm.numpy(), np.float32(qk_eps), qk_zero_centred, w_o.view(torch.uint16).numpy())
+
+
+def attention_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   position: int, weights: tuple) -> torch.Tensor:
+    """One token's attention layer on the CPU in one call (`_attention_step`): x [1, H] fp32 before
+    the input norm, cos/sin [1, rot], the caches fp32 [capacity, kv_heads, d] with room at
+    `position`, `attention_weights` -> [1, H] fp32."""
+    out = torch.empty(1, weights[-1].shape[0], dtype=torch.float32)
+    _attention_step(x.numpy(), cos[0].numpy(), sin[0].numpy(), k_cache.numpy(), v_cache.numpy(), position,
+                    out[0].numpy(), *weights)
+    return out
+
+
+@numba_jit()
+def _deltanet_layer_step(x, conv_state, state, out, norm_weight, eps, zero_centred, w_in, conv_w, a_log, dt_bias,
+                         out_norm, out_eps, key_heads, sigmoid_gate, w_out):
+    """One token of a Gated DeltaNet layer: x [1, H] normed by norm_weight (the layer's input
+    norm), the fused in_proj (qkv, z, b, a rows as bf16 bits), `_deltanet_step` on the states (its
+    output norm out_norm, out_eps), out_proj (bf16 bits) -> out [H]."""
+    proj = _normed_projection(x, norm_weight, eps, zero_centred, w_in)
+    channels, value_heads, values = conv_state.shape[1], state.shape[0], state.shape[0] * state.shape[2]
+    z, b = proj[channels : channels + values], proj[channels + values : channels + values + value_heads]
+    normed = np.empty(values, np.float32)
+    _deltanet_step(proj[:channels], z, b, proj[channels + values + value_heads :], conv_state, conv_w, a_log, dt_bias,
+                   out_norm, state, key_heads, out_eps, sigmoid_gate, normed)
+    _gemv_bf16(w_out, normed, out)
+
+
+def deltanet_layer_weights(norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_in: torch.Tensor,
+                           conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, out_norm: torch.Tensor,
+                           out_eps: float, key_heads: int, sigmoid_gate: bool, w_out: torch.Tensor) -> tuple:
+    """`deltanet_layer_step`'s weights as its kernel reads them, made once per layer (`attention_weights`)."""
+    return (norm_weight.numpy(), np.float32(eps), zero_centred, w_in.view(torch.uint16).numpy(),
+            conv_weight[:, 0].numpy(), A_log.numpy(), dt_bias.numpy(), out_norm.numpy(), float(out_eps), key_heads,
+            sigmoid_gate, w_out.view(torch.uint16).numpy())
+
+
+def deltanet_layer_step(x: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """One token's Gated DeltaNet layer on the CPU in one call (`_deltanet_layer_step`): x [1, H]
+    fp32 before the input norm, the states as `deltanet_step` takes them (updated in place),
+    `deltanet_layer_weights` -> [1, H]."""
+    out = torch.empty(1, weights[-1].shape[0], dtype=torch.float32)
+    _deltanet_layer_step(x.numpy(), conv_state.numpy(), state.numpy(), out[0].numpy(), *weights)
+    return out
+
+
 ROWS_MAX_ELEMENTS = 1 << 16  # a decode step's rows (a batch's, the q/k heads'); a prefill's go to PyTorch's threads
 
 

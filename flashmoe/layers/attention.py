@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import kernels
 from .fused import Projections, project
+from .int8_linear import Bf16Linear
 from .indexer import IndexerSpec, TokenIndexer
 from .norm import RMSNorm
 from .state import IndexedKVCache, KVCache
@@ -57,13 +58,20 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(heads), requires_grad=False)
         if spec.indexer is not None:
             self.indexer = TokenIndexer(hidden, spec.indexer, eps, zero_centred_norms, rotary)
+        self._cpu_step_weights: tuple | None = None  # (input norm, decode_cpu's weights)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx) -> torch.Tensor:
-        """x [T, hidden]: the tokens of one or more sequences (ctx.slices says where each lies);
-        cos/sin [T, rotary_dim]; caches: each sequence's KVCache holding its earlier positions; ctx:
-        the step's context (models/context.py). The projections run on all the tokens at once, the
-        attention per sequence over its own cache."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, ctx,
+                norm: RMSNorm | None = None) -> torch.Tensor:
+        """x [T, hidden]: the tokens of one or more sequences (ctx.slices says where each lies),
+        normed first by `norm` where given (the layer's input norm); cos/sin [T, rotary_dim];
+        caches: each sequence's KVCache holding its earlier positions; ctx: the step's context
+        (models/context.py). The projections run on all the tokens at once, the attention per
+        sequence over its own cache."""
         T, s = x.shape[0], self.spec
+        if T == 1 and ctx.graph_position is None and self.takes_cpu_step(x, norm):
+            return self.decode_cpu(x, norm, cos, sin, caches[0])
+        if norm is not None:
+            x = norm(x)
         q, k, v = self.in_proj(x)
         gate = None
         if s.gated:
@@ -78,6 +86,35 @@ class Attention(nn.Module):
                               None if index is None else (index[0][sl], index[1][sl]))
                  for sl, cache in zip(ctx.slices(T), caches)]
         return project(self.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def takes_cpu_step(self, x: torch.Tensor, norm: RMSNorm | None) -> bool:
+        """Whether a decode token goes through `decode_cpu`: fp32 on the CPU (numba installed), an
+        input norm to take in, the projections stored as bf16 and fused into one (the engine's CPU
+        path), q/k normed per head, none of biases, sinks, a window or an indexer."""
+        s, fused = self.spec, self.in_proj.fused
+        return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x) and s.qk_norm == "head"
+                and not (s.qkv_bias or s.o_bias or s.sinks) and self.window is None and s.indexer is None
+                and fused is not None and len(fused) == 1 and type(fused[0][0]) is Bf16Linear
+                and type(self.o_proj) is Bf16Linear)
+
+    def decode_cpu(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+                   ) -> torch.Tensor:
+        """One token of one sequence on the CPU in one numba call (kernels/cpu_step.attention_step):
+        the eager path's input norm, projections, q/k norms, rotary, cache append, attention and
+        gate, ~40 calls."""
+        from ..kernels.cpu_step import attention_step, attention_weights
+
+        # the weights as the kernel reads them, made at the first decode step (once loaded and
+        # fused, they are not replaced)
+        if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
+            self._cpu_step_weights = norm, attention_weights(
+                norm.weight, norm.eps, norm.zero_centred, self.in_proj.fused[0][0].weight, self.spec.gated,
+                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.zero_centred, self.o_proj.weight)
+        position = cache.length
+        cache.make_room(position + 1)
+        out = attention_step(x, cos, sin, cache.k, cache.v, position, self._cpu_step_weights[1])
+        cache.length = position + 1
+        return out
 
     def _attend(self, q, k, v, gate, cache, ctx, index=None) -> torch.Tensor:
         """One sequence's n tokens over its cache -> [n, heads * head_dim] (gated where the spec

@@ -12,7 +12,8 @@ from torch import nn
 from .. import kernels
 from .state import LinearState
 from .fused import Projections, project
-from .norm import GatedRMSNorm
+from .int8_linear import Bf16Linear
+from .norm import GatedRMSNorm, RMSNorm
 
 
 class GatedDeltaNet(nn.Module):
@@ -32,11 +33,17 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(v_heads), requires_grad=False)
         self.norm = GatedRMSNorm(v_dim, eps, output_gate)
         self.out_proj = nn.Linear(v_heads * v_dim, hidden, bias=False)
+        self._cpu_step_weights: tuple | None = None  # (input norm, decode_cpu_layer's weights)
 
-    def forward(self, x: torch.Tensor, states: list, slices: list[slice]) -> torch.Tensor:
-        """x [T, hidden]: the tokens of one or more sequences, sequence i's at slices[i]; states[i]:
-        its LinearState (conv window + recurrent state), updated in place. The projections run on
-        all the tokens at once, the conv and the recurrence per sequence."""
+    def forward(self, x: torch.Tensor, states: list, slices: list[slice], norm: RMSNorm | None = None) -> torch.Tensor:
+        """x [T, hidden]: the tokens of one or more sequences, sequence i's at slices[i], normed
+        first by `norm` where given (the layer's input norm); states[i]: its LinearState (conv
+        window + recurrent state), updated in place. The projections run on all the tokens at once,
+        the conv and the recurrence per sequence."""
+        if x.shape[0] == 1 and self.takes_cpu_step(x, norm):
+            return self.decode_cpu_layer(x, norm, states[0])
+        if norm is not None:
+            x = norm(x)
         if x.shape[0] == 1 and kernels.use_kernels(x):
             return self.decode_fused(x, states[0])
         if x.shape[0] == 1 and kernels.use_cpu_kernels(x):
@@ -98,8 +105,31 @@ class GatedDeltaNet(nn.Module):
                          self.norm.eps, self.norm.gate == "sigmoid")
         return self.out_proj(out[None])
 
+    def takes_cpu_step(self, x: torch.Tensor, norm: RMSNorm | None) -> bool:
+        """Whether a decode token goes through `decode_cpu_layer`: fp32 on the CPU (numba
+        installed), an input norm to take in, the projections stored as bf16 and fused into one
+        (the engine's CPU path)."""
+        fused = self.in_proj.fused
+        return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x) and fused is not None
+                and len(fused) == 1 and type(fused[0][0]) is Bf16Linear and type(self.out_proj) is Bf16Linear)
+
+    def decode_cpu_layer(self, x: torch.Tensor, norm: RMSNorm, state) -> torch.Tensor:
+        """The input norm, the projections and `decode_cpu`'s step in one numba call
+        (kernels/cpu_step.deltanet_layer_step)."""
+        from ..kernels.cpu_step import deltanet_layer_step, deltanet_layer_weights
+
+        # the weights as the kernel reads them, made at the first decode step (once loaded and
+        # fused, they are not replaced)
+        if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
+            self._cpu_step_weights = norm, deltanet_layer_weights(
+                norm.weight, norm.eps, norm.zero_centred, self.in_proj.fused[0][0].weight, self.conv1d.weight,
+                self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, self.k_heads, self.norm.gate == "sigmoid",
+                self.out_proj.weight)
+        return deltanet_layer_step(x, state.conv, state.recurrent, self._cpu_step_weights[1])
+
     def decode_cpu(self, x: torch.Tensor, state) -> torch.Tensor:
-        """The same step on the CPU (fp32), the conv, the rule and the norm in one numba call."""
+        """The same step on the CPU (fp32), the conv, the rule and the norm in one numba call; the
+        projections apart (weights of any kind: int8 with --dense-bits 8, fp32 files)."""
         from ..kernels.cpu_step import deltanet_step
 
         qkv, z, b, a = (y[0] for y in self.in_proj(x))

@@ -65,15 +65,20 @@ class Int8Linear(nn.Module):
         return fits(rows, self.weight)
 
     def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        """Codes converted to the activations' dtype (exact: |code| <= 127) for the library matmul,
-        which is compute-bound here; the scales then multiply its output columns. Converted
-        DEQUANT_ROWS weight rows at a time, so the temporary stays small even for the lm_head."""
-        out = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype, device=rows.device)
-        for start in range(0, self.out_features, DEQUANT_ROWS):
-            block = slice(start, start + DEQUANT_ROWS)
-            y = F.linear(rows, self.weight[block].to(rows.dtype))
-            out[:, block] = y if self.scale is None else y * self.scale[block]
-        return out
+        return dequantized_matmul(rows, self.weight, self.scale)
+
+
+def dequantized_matmul(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [M, K] @ weight^T [K, N] (times scale [N]) for weights stored narrower than the rows
+    (int8 codes, exact as floats since |code| <= 127, or bf16): converted to the rows' dtype for the
+    library matmul, which is compute-bound here, DEQUANT_ROWS weight rows at a time so that the
+    temporary stays small even for an lm_head; the scales then multiply its output columns."""
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
+    for start in range(0, weight.shape[0], DEQUANT_ROWS):
+        block = slice(start, start + DEQUANT_ROWS)
+        y = F.linear(rows, weight[block].to(rows.dtype))
+        out[:, block] = y if scale is None else y * scale[block]
+    return out
 
 
 class Bf16Linear(Int8Linear):
@@ -93,6 +98,19 @@ class Bf16Linear(Int8Linear):
         return False  # the GPU's int8 GEMV: not for these
 
 
+class Bf16Embedding(nn.Module):
+    """An embedding table kept as the checkpoint stores it, bfloat16, in an fp32 engine on the CPU:
+    the rows looked up are widened to fp32 (exact), and as a tied lm_head the table is read at half
+    the bytes of fp32 (the numba GEMV over bf16, models/transformer.Model.logits)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.bfloat16))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
 def use_int8_linears(model: nn.Module) -> list[str]:
     """Swap the model's quantizable nn.Linear layers for (empty) Int8Linear ones, in place, on the
     device the model was built on (meta, before loading) -> the swapped modules' names."""
@@ -100,14 +118,17 @@ def use_int8_linears(model: nn.Module) -> list[str]:
 
 
 def use_bf16_linears(model: nn.Module) -> list[str]:
-    """Swap every (remaining) nn.Linear layer for an empty Bf16Linear, as use_int8_linears does."""
-    return _swap(model, Bf16Linear, lambda name: True)
+    """Swap every (remaining) nn.Linear layer for an empty Bf16Linear, as use_int8_linears does, and
+    every nn.Embedding for an empty Bf16Embedding."""
+    return _swap(model, Bf16Linear, lambda name: True) + _swap(model, Bf16Embedding, lambda name: True, nn.Embedding)
 
 
-def _swap(model: nn.Module, kind: type, chosen) -> list[str]:
-    swapped = [name for name, m in model.named_modules() if type(m) is nn.Linear and chosen(name)]
+def _swap(model: nn.Module, kind: type, chosen, replaced: type = nn.Linear) -> list[str]:
+    swapped = [name for name, m in model.named_modules() if type(m) is replaced and chosen(name)]
     for name in swapped:
         parent, _, child = name.rpartition(".")
-        linear = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child, kind(linear.in_features, linear.out_features, linear.bias is not None))
+        old = model.get_submodule(name)
+        new = (kind(old.num_embeddings, old.embedding_dim) if replaced is nn.Embedding
+               else kind(old.in_features, old.out_features, old.bias is not None))
+        setattr(model.get_submodule(parent), child, new)
     return swapped

@@ -30,6 +30,11 @@ class KVCache:
                 new[: self.length] = old[: self.length]
                 setattr(self, name, new)
 
+    def make_room(self, end: int) -> None:
+        """Storage for positions up to `end` (doubling, so appends stay amortised O(1))."""
+        if end > self.k.shape[0]:
+            self.reserve(max(end, 2 * self.k.shape[0]))
+
     def update(self, k: torch.Tensor, v: torch.Tensor, graph_position: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store the new keys/values (at `graph_position` inside a graph, which leaves `length` to
@@ -40,8 +45,7 @@ class KVCache:
             mask = torch.arange(self.k.shape[0], device=k.device)[None, :] <= graph_position[:, None]
             return self.k, self.v, mask
         start, end = self.length, self.length + k.shape[0]
-        if end > self.k.shape[0]:
-            self.reserve(max(end, 2 * self.k.shape[0]))
+        self.make_room(end)
         self.k[start:end] = k
         self.v[start:end] = v
         self.length = end

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 # Residual [T, H] after layer i's dense part -> the next MoE layer's guessed expert ids [T, k], or None.
 NextLayerGuess = Callable[[torch.Tensor], "torch.Tensor | None"]
+# (residual x [T, H], the mixer's output [T, H]) -> the layer's output [T, H] through its whole MoE
+# half in one call (experts/cpu_moe_step.py), or None where the eager path must run.
+MoEStep = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 class _NullSection:
@@ -52,6 +55,7 @@ class StepContext:
     states: Sequence[SequenceState]  # the sequences the step continues, in the order of their tokens
     lengths: Sequence[int] = ()  # each one's tokens in this step; () with one sequence: all of them
     experts: Sequence[RoutedExperts | None] = ()  # per layer, from the runtime; None for dense layers
+    moe_steps: Sequence[MoEStep | None] = ()  # per layer, from the runtime where it has one (the CPU path)
     timer: object = field(default_factory=NullTimer)  # runtime.stats.Timer, or anything with section(name)
     guesses: dict[int, NextLayerGuess] = field(default_factory=dict)  # prefetch: layer i -> next MoE layer's guess
     graph_position: torch.Tensor | None = None  # [1] int64 on the device, while a graph is recorded
@@ -80,6 +84,15 @@ class StepContext:
     def section(self, name: str) -> AbstractContextManager:
         """Time the enclosed work as `name` (a no-op inside a recorded graph)."""
         return self.timer.section(name)
+
+    def moe_step(self, layer: int, x: torch.Tensor, mixer_out: torch.Tensor) -> torch.Tensor | None:
+        """x + mixer_out through the layer's whole MoE half in one call, where the runtime gives one
+        and it covers this step; else None."""
+        step = self.moe_steps[layer] if self.moe_steps else None
+        if step is None:
+            return None
+        with self.section("moe_step"):
+            return step(x, mixer_out)
 
     def guess_next(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         guess = self.guesses.get(layer)

@@ -20,6 +20,7 @@ from ..layers.attention import Attention
 from ..layers.deltanet import GatedDeltaNet
 from ..layers.fused import project
 from ..layers.hyper import HyperConnection
+from ..layers.int8_linear import dequantized_matmul
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
 from ..layers.ple import PendingRows, PerLayerEmbedding
@@ -68,22 +69,24 @@ class DecoderLayer(nn.Module):
                 x = x + self.ple(x, rows, [state.ngrams[self.index] for state in ctx.states], ctx.slices(T))
         with ctx.section("mixer"):
             if self.hyper:
-                h, shares = self.attn_hyper_connection(x)
-            else:
-                h = self.input_layernorm(x)
+                (h, shares), norm = self.attn_hyper_connection(x), None
+            else:  # the mixer norms its input: its one-call CPU decode step does it inside
+                h, norm = x, self.input_layernorm
             # Every matmul runs on the whole batch at once, the mixers' state per sequence: the
             # routed experts read each expert the batch needs once.
             if self.is_linear:
-                h = self.linear_attn(h, caches, ctx.slices(T))
+                h = self.linear_attn(h, caches, ctx.slices(T), norm)
             else:
-                h = self.self_attn(h, cos, sin, caches, ctx)
+                h = self.self_attn(h, cos, sin, caches, ctx, norm)
             if self.hyper:
                 x = HyperConnection.inject(x, h, shares)
                 h, shares = self.mlp_hyper_connection(x)
-            else:
-                x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
         if self.hyper:  # the MLP's output alone (added to zeros), then a share of it to each stream
             return HyperConnection.inject(x, self._mlp(h, h.new_zeros(h.shape), ctx), shares)
+        if (out := ctx.moe_step(self.index, x, h)) is not None:  # the rest of the layer in one call
+            return out
+        with ctx.section("mixer"):
+            x, h = self.post_attention_layernorm.add(x, h)  # x + h and its norm
         return self._mlp(h, x, ctx)
 
     def _mlp(self, h: torch.Tensor, residual: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -188,5 +191,7 @@ class Model(nn.Module):
             table = self.model.embed_tokens.weight
             if takes_gemv(x, table):  # one row on the CPU
                 return gemv(x, table)
+            if table.dtype != x.dtype:  # bf16 in an fp32 CPU engine (layers/int8_linear.Bf16Embedding)
+                return dequantized_matmul(x, table)
             return (x @ table.t()).float()
         return project(self.lm_head, x).float()  # an nn.Linear, or an Int8Linear with --dense-bits 8

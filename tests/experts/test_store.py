@@ -23,7 +23,7 @@ def test_small_budget_gives_the_same_logits_and_counters_add_up(packed16):
     # one thread each: PyTorch's sums depend on the thread count, which otherwise follows the machine's load
     full = Engine(packed16, EngineConfig(dtype="float32", threads=1))
     small = Engine(packed16, EngineConfig(dtype="float32", host_mem=3 * record, threads=1))  # 3 of 32 experts, top-2
-    assert small.store.capacity == 3
+    assert small.store.capacity == 3 and not small.store.keeps_every_record
     assert torch.equal(logits_for(full, ids), logits_for(small, ids))
     s = small.store.stats
     assert s.evictions > 0 and s.misses > full.store.stats.misses
@@ -110,3 +110,13 @@ def test_result_does_not_depend_on_read_completion_order(packed16, monkeypatch):
 
     monkeypatch.setattr(ExpertStore, "load", reversed_load)
     assert torch.equal(logits_for(engine, ids), first)
+
+
+def test_the_default_budget_keeps_every_expert_beside_the_staging_slots(packed16):
+    """Without --host-mem (and RAM to spare) every record has a slot of its own: the staging slots
+    come on top, so a warm cache never misses (the CPU path's one-call MoE step needs every chosen
+    expert cached)."""
+    engine = Engine(packed16, EngineConfig(dtype="float32", threads=1))
+    records = sum(f.num_experts for f in engine.manifest.expert_files)
+    assert engine.store.capacity - engine.store.batch == records and engine.store.keeps_every_record
+    assert any(c.endswith("(all of them)") for c in engine.choices)

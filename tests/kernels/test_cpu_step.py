@@ -101,3 +101,82 @@ def test_a_bf16_linear_computes_its_stored_values_in_fp32():
         want = x @ layer.weight.float().t() + layer.bias
         for got in (project(layer, x), layer(x)):
             assert got.dtype == torch.float32 and float((got - want).norm() / want.norm()) < 1e-6
+
+
+
+def with_bf16_projections(layer: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
+    """The layer as the CPU engine holds it: fresh random weights, its projections Bf16Linear
+    (the values rounded to bf16), fused."""
+    from flashmoe.layers.int8_linear import use_bf16_linears
+
+    with torch.no_grad():
+        weights = {n: torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 for n, p in layer.named_parameters()}
+        projections = set(use_bf16_linears(layer))
+        for name, w in weights.items():
+            module, _, kind = name.rpartition(".")
+            setattr(layer.get_submodule(module), kind, w.bfloat16() if module in projections else torch.nn.Parameter(w))
+    layer.in_proj.fuse()
+    return layer
+
+
+def random_norm(g: torch.Generator, zero_centred: bool):
+    """A layer's input norm with random weights."""
+    from flashmoe.layers.norm import RMSNorm
+
+    norm = RMSNorm(64, 1e-6, zero_centred)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g) * 0.3)
+    return norm
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_the_cpu_attention_step_matches_the_eager_attention(gated, monkeypatch):
+    """A decode token's input norm and attention in one numba call (Qwen3.5's gated form with
+    zero-centred norms, and Qwen3's plain one) against the layer's eager path on fresh random bf16
+    weights, several tokens after a prefill, the caches included (the one-call step writes its own)."""
+    from flashmoe.layers.attention import Attention, AttentionSpec
+    from flashmoe.layers.rotary import RotaryEmbedding
+    from flashmoe.models.context import StepContext
+
+    g = torch.Generator().manual_seed(21)
+    layer = Attention(64, AttentionSpec(4, 2, 16, gated=gated, qk_norm="head"), 1e-6, zero_centred_norms=gated)
+    layer, norm = with_bf16_projections(layer, g), random_norm(g, gated)
+    rotary, ctx = RotaryEmbedding(8, 10000.0), StepContext([None])
+    caches = [layer.new_state(torch.float32, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        for position in range(6):
+            tokens = 3 if position == 0 else 1  # a prefill first (PyTorch), then decode tokens
+            x = torch.randn(tokens, 64, generator=g)
+            cos, sin = rotary(torch.arange(caches[0].length, caches[0].length + tokens))
+            assert layer.takes_cpu_step(x[:1], norm) and not layer.takes_cpu_step(x[:1], None)
+            got = layer(x, cos, sin, caches[:1], ctx, norm)
+            with monkeypatch.context() as m:
+                m.setattr(Attention, "takes_cpu_step", lambda *args: False)
+                want = layer(x, cos, sin, caches[1:], ctx, norm)
+            assert float((got - want).norm() / want.norm()) < 1e-5, position  # measured ~1e-7
+    assert caches[0].length == caches[1].length == 8
+    assert torch.allclose(caches[0].k[:8], caches[1].k[:8], atol=1e-6) and torch.equal(caches[0].v[:8], caches[1].v[:8])
+
+
+def test_the_cpu_deltanet_layer_step_matches_the_eager_layer(monkeypatch):
+    """A decode token's input norm, projections and DeltaNet step in one numba call, against the
+    layer's eager path (projections apart), on fresh random bf16 weights and state, several tokens."""
+    from flashmoe.layers.deltanet import GatedDeltaNet
+
+    g = torch.Generator().manual_seed(22)
+    layer, state = random_layer_and_state("cpu", torch.float32, g)
+    layer, norm = with_bf16_projections(layer, g), random_norm(g, True)
+    with torch.no_grad():
+        layer.A_log.copy_(torch.rand(4, generator=g) * 2)  # decays of a usable range
+    eager_state = copy.deepcopy(state)
+    with torch.no_grad():
+        for step in range(3):
+            x = torch.randn(1, 64, generator=g)
+            assert layer.takes_cpu_step(x, norm) and not layer.takes_cpu_step(x, None)
+            got = layer(x, [state], [slice(0, 1)], norm)
+            with monkeypatch.context() as m:
+                m.setattr(GatedDeltaNet, "takes_cpu_step", lambda *args: False)
+                want = layer(x, [eager_state], [slice(0, 1)], norm)
+            assert float((got - want).norm() / want.norm()) < 1e-5, step
+    assert float((state.recurrent - eager_state.recurrent).norm() / eager_state.recurrent.norm()) < 1e-5
+    assert torch.allclose(state.conv, eager_state.conv, atol=1e-6)

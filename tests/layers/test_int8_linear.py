@@ -9,7 +9,7 @@ from flashmoe.bench.synthesis import synthesize
 from flashmoe.bench.tiers import dense_bytes
 from flashmoe.models import args_from_dict
 from flashmoe.engine import Engine, EngineConfig
-from flashmoe.layers.int8_linear import Bf16Linear, Int8Linear
+from flashmoe.layers.int8_linear import Bf16Embedding, Bf16Linear, Int8Linear, dequantized_matmul
 from flashmoe.runtime.sampling import SamplingParams
 
 from tests.bench.test_bench import TINY
@@ -30,7 +30,19 @@ def test_only_the_large_projections_are_int8(engines):
         assert isinstance(m, Int8Linear) and m.weight.dtype == torch.int8
     for m in (linear.in_proj_a, linear.in_proj_b, moe.gate, moe.shared_expert_gate):  # 16-bit, computed in fp32
         assert isinstance(m, Bf16Linear) and m.weight.dtype == torch.bfloat16
-    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert isinstance(model.model.embed_tokens, Bf16Embedding) and model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_bf16_table_gives_fp32_rows_and_the_tied_heads_logits():
+    """The CPU engine's embedding table as stored (bf16): rows looked up are its values in fp32, and
+    the tied head over several rows (dequantized_matmul) is x @ table^T in fp32."""
+    g = torch.Generator().manual_seed(4)
+    table = Bf16Embedding(50, 16)
+    table.weight = torch.randn(50, 16, generator=g).bfloat16()
+    ids, x = torch.tensor([3, 0, 49]), torch.randn(3, 16, generator=g)
+    assert torch.equal(table(ids), table.weight[ids].float())
+    want = x @ table.weight.float().t()
+    assert float((dequantized_matmul(x, table.weight) - want).norm() / want.norm()) < 1e-6
 
 
 def test_logits_and_greedy_tokens_track_16_bit(engines):

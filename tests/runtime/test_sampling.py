@@ -1,3 +1,5 @@
+import collections
+
 import pytest
 import torch
 
@@ -21,6 +23,14 @@ def test_seed_reproduces_and_top_k_restricts():
     assert [a[0](LOGITS) for _ in range(20)] == [a[1](LOGITS) for _ in range(20)]
     s = sampler(temperature=5.0, top_k=2, seed=1)
     assert {s(LOGITS) for _ in range(200)} == {1, 2}
+
+
+def test_temperature_alone_draws_each_token_by_its_probability():
+    """No top-k and no top-p: drawn from the softmax over the whole vocabulary, unsorted."""
+    s = sampler(temperature=2.0, seed=3)
+    counts = collections.Counter(s(LOGITS) for _ in range(4000))
+    want = torch.softmax(LOGITS / 2.0, dim=0)
+    assert all(abs(counts[i] / 4000 - float(want[i])) < 0.03 for i in range(5))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
