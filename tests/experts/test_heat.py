@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from flashmoe.engine import Engine, EngineConfig
-from flashmoe.experts import heat as heat_module
 from flashmoe.experts.heat import HEAT_FILE, hottest_first, read_heat, write_heat
 from flashmoe.formats.packed import Manifest
 from flashmoe.runtime.sampling import SamplingParams
