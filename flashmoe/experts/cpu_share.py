@@ -52,6 +52,8 @@ class Split:
         return min(self.counts[min(n, len(self.counts) - 1)], limit)
 
     def describe(self, record_size: int) -> str:
+        if not self.cpu_seconds:
+            return "CPU share: no expert lies in the host tier, so the CPU takes none"
         return (f"CPU share by measured rates: an expert {self.cpu_seconds[0] * 1e3:.2f} ms on the CPU, a record "
                 f"{self.link_seconds * 1e3:.2f} ms over the link ({format_bytes(record_size / self.link_seconds)}/s); "
                 f"of n = 0 .. {len(self.counts) - 1} host-resident experts the CPU takes {list(self.counts)}")
@@ -73,8 +75,8 @@ def split_counts(cpu_seconds: Sequence[float], link_seconds: float, k: int) -> t
 
 def measure_split(compute: Callable[[list[int]], object], pool: torch.Tensor, records: list[int], device, k: int,
                   repeats: int = 5) -> Split:
-    """Time `compute(slots)` (the CPU's experts, synchronously) on random records of `pool` for 1 ..
-    min(k, MAX_EXPERTS) experts, and the link's copy of records from `pool` to `device`."""
+    """Time `compute(slots)` (the CPU's experts, synchronously) on random `records` for 1 ..
+    min(k, MAX_EXPERTS, len(records)) experts, and the link's copy of records from `pool` to `device`."""
     rng = random.Random(0)
     most = min(k, MAX_EXPERTS, len(records))
     cpu = []
@@ -110,11 +112,16 @@ def link_seconds(pool: torch.Tensor, device, repeats: int) -> float:
     return max((copy(m) - one) / (m - 1), 1e-9) if m > 1 else one
 
 
-def measured_records(store: ExpertStore, k: int) -> list[int]:
-    """Host records to time the CPU on: those the store holds, or every row of its pool while it
-    holds fewer than k (a cold cache; the rows' contents do not change the time)."""
+def timing_records(store: ExpertStore, k: int) -> tuple[torch.Tensor, list[int]]:
+    """(pool, rows) to time the CPU's experts on: the records the store holds, or while it holds
+    fewer than k (a cold cache) as many zero records. Unwritten slots may hold anything, NaNs
+    included, and what a record holds does not change the time (zeros stay in the caches of a
+    small model's records, so its split then favours the CPU a little)."""
     held = list(store.slots.slot_of.values())
-    return held if len(held) >= k else list(range(store.pool.shape[0]))
+    if len(held) >= k:
+        return store.pool, held
+    n = min(k, MAX_EXPERTS)
+    return torch.zeros(n, store.pool.shape[1], dtype=torch.uint8), list(range(n))
 
 
 def sync(device) -> None:
@@ -131,9 +138,8 @@ class HostCompute:
         self.kernel = kernel
         self.per_layer = per_layer
         H, pin = kernel.layout.hidden_size, torch.device(device).type == "cuda"  # pinned: the copies are asynchronous
-        x = torch.zeros(H)
-        self.split = measure_split(lambda slots: kernel(store.pool, slots, [0.0] * len(slots), x), store.pool,
-                                   measured_records(store, top_k), device, top_k)
+        x, (pool, rows) = torch.ones(H), timing_records(store, top_k)
+        self.split = measure_split(lambda slots: kernel(pool, slots, [0.0] * len(slots), x), store.pool, rows, device, top_k)
         self.x = torch.empty(H, dtype=dtype, pin_memory=pin)  # the layer's expert input, from its routing sync
         self.weights = torch.empty(top_k, dtype=dtype, pin_memory=pin)  # its routing weights, likewise
         self.gpu_weights = torch.empty(top_k, dtype=torch.float32, pin_memory=pin)  # those of the GPU's share
@@ -174,9 +180,10 @@ class ResidentCpuShare:
     def __init__(self, tier: "GpuExpertTier", store: ExpertStore, per_layer: int, top_k: int, act: Swiglu = SILU):
         self.server = ExpertServer(tier.layout, store.pool, act=act)
         self.server.start()
-        x = torch.zeros(tier.layout.hidden_size)
-        self.split = measure_split(lambda slots: self.server.request(slots, [0.0] * len(slots), x), store.pool,
-                                   measured_records(store, top_k), tier.pool.device, top_k)
+        # preloaded: the host tier holds every expert the GPU does not, so the server's own records
+        x, held = torch.ones(tier.layout.hidden_size), list(store.slots.slot_of.values())
+        self.split = measure_split(lambda slots: self.server.request(slots, [0.0] * len(slots), x), store.pool, held,
+                                   tier.pool.device, top_k)
         # slot 0 stands in for the CPU's experts in the GPU's list: any GPU-resident record will do
         self.handoff = HostHandoff(self.server.mail, tier.capacity, tier.host_slot0, 0, per_layer, self.split.counts,
                                    tier.pool.device)

@@ -305,8 +305,8 @@ class MoeGemv:
         H, I = layout.hidden_size, layout.intermediate_size
         self.quantized = layout.bits != 16  # 16-bit records: plain tiles (93% of the copy rate)
         # Triton's interpreter runs each program as one more Python loop pass: up to 32 rows a
-        # program there (8x fewer programs for the CPU tests of the runtime), the GPU's tiles elsewhere
-        default_n = (math.gcd(H, I, 32) if INTERPRETED else 4) if self.quantized else 8
+        # program there (4-8x fewer programs for the CPU tests of the runtime), the GPU's tiles elsewhere
+        default_n = math.gcd(H, I, 32) if INTERPRETED else 4 if self.quantized else 8
         self.block_n = min(block_n or default_n, H, I)
         self.down_block_n = min(down_block_n or self.block_n, H) if self.quantized else self.block_n
         # 16-bit records: the largest power of two up to block_k that divides both widths (their

@@ -40,6 +40,7 @@ def test_split_takes_from_its_table_up_to_the_limit():
     assert [split.take(n, 4) for n in range(7)] == [0, 1, 1, 2, 2, 2, 2]  # past the table: its last entry
     assert [split.take(n, 1) for n in range(5)] == [0, 1, 1, 1, 1]
     assert "the CPU takes [0, 1, 1, 2]" in split.describe(4096)
+    assert "takes none" in Split((0, 0), (), 1.0).describe(4096)  # nothing in the host tier to time
 
 
 def test_measure_split_times_each_count_on_distinct_records():
@@ -56,3 +57,19 @@ def test_link_seconds_grow_with_the_records_copied():
     small = link_seconds(torch.zeros(8, 1 << 10, dtype=torch.uint8), "cpu", 5)
     large = link_seconds(torch.zeros(8, 1 << 22, dtype=torch.uint8), "cpu", 5)
     assert 0 < small < large
+
+
+def test_a_cold_store_is_timed_on_zero_records_not_on_unwritten_slots():
+    """Unwritten host slots may hold anything (NaN scales made the CPU kernel raise); until the store
+    holds k records the CPU is timed on zero records instead."""
+    from types import SimpleNamespace
+
+    from flashmoe.experts.cpu_share import timing_records
+
+    pool = torch.full((6, 64), 0xFF, dtype=torch.uint8)
+    cold = SimpleNamespace(pool=pool, slots=SimpleNamespace(slot_of={(0, 1): 2}))
+    timed, rows = timing_records(cold, 4)
+    assert timed is not pool and not timed.any() and timed.shape == (4, 64) and rows == [0, 1, 2, 3]
+    warm = SimpleNamespace(pool=pool, slots=SimpleNamespace(slot_of={(0, e): e for e in range(5)}))
+    timed, rows = timing_records(warm, 4)
+    assert timed is pool and rows == [0, 1, 2, 3, 4]
