@@ -62,15 +62,19 @@ def cpu_experts_available() -> bool:
 def numba_jit(**options):
     """numba.njit for these kernels. cache=True compiles once per machine, into __pycache__ or,
     where the package is read-only, numba's user cache directory; where neither is writable, once
-    per process. Without numba the functions stay plain Python (CpuExperts refuses to start)."""
+    per process. Without numba the functions stay plain Python (CpuExperts refuses to start).
+    numpy's error model: a division by zero gives inf or NaN, as PyTorch's would, instead of raising
+    (under fastmath numba's check also fired on NaN divisors: a NaN activation raised
+    ZeroDivisionError in the middle of a decode step), and the divisions lose their branch."""
 
     def decorate(f):
         if numba is None:
             return f
+        flags = dict(fastmath=True, nogil=True, error_model="numpy", **options)
         try:
-            return numba.njit(fastmath=True, nogil=True, cache=True, **options)(f)
+            return numba.njit(cache=True, **flags)(f)
         except RuntimeError:  # numba: "cannot cache function ...: no locator available"
-            return numba.njit(fastmath=True, nogil=True, **options)(f)
+            return numba.njit(**flags)(f)
 
     return decorate
 

@@ -219,3 +219,12 @@ def test_refuses_what_it_does_not_compute(experts, monkeypatch):
     assert not cpu_experts.cpu_experts_available()
     with pytest.raises(RuntimeError, match=r"flashmoe\[cpu-experts\]"):
         CpuExperts(layout)
+
+
+def test_a_nan_record_gives_nan_not_an_exception():
+    """A record of NaN bytes (a corrupt or unwritten slot; a NaN activation alike) propagates NaN as
+    PyTorch would: numba's default error model raised ZeroDivisionError there under fastmath."""
+    layout = RecordLayout.build(64, 32, 4, 32)
+    pool = torch.full((2, layout.record_size), 0xFF, dtype=torch.uint8)
+    out = CpuExperts(layout)(pool, [0, 1], [0.5, 0.5], torch.ones(64))
+    assert out.shape == (64,) and torch.isnan(out).all()
