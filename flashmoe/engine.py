@@ -76,8 +76,7 @@ class Engine:
             self.cuda_graphs = False
             self.choices.append(f"eager decode, no CUDA graphs ({obstacle})")
         self.moe_layers = self.args.moe_layers
-        # every record, and the store's staging slots for a load's misses (ExpertStore.batch = top_k) beside them
-        every_expert = self.manifest.total_expert_bytes + self.top_k * self.manifest.layout.record_size
+        every_expert = ExpertStore.keeping_every_record(self.manifest, self.top_k)
         budget = config.host_mem if config.host_mem is not None else min(
             every_expert + self.manifest.total_ngram_bytes, available_memory_bytes() // 2)
         budget -= self._open_ngram_tables(budget)

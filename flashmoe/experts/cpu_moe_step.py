@@ -41,14 +41,13 @@ class CpuMoEStep:
             return "hyper-connections"
         if spec.routing.scoring != "softmax" or spec.router_fp32 or spec.router_bias:
             return "a routing rule other than softmax top-k over an unbiased router"
-        fused = block.in_proj.fused
+        fused = block.in_proj.one_matrix(Bf16Linear)
         down = block.shared_expert.down_proj if spec.shared_intermediate else None
-        if (fused is None or len(fused) != 1 or type(fused[0][0]) is not Bf16Linear
-                or down is not None and type(down) is not Bf16Linear):
+        if fused is None or down is not None and type(down) is not Bf16Linear:
             return "projections not stored as one bf16 matrix (16-bit weights only, not --dense-bits 8 or fp32 files)"
-        if fused[0][0].bias is not None or down is not None and down.bias is not None:
+        if fused.bias is not None or down is not None and down.bias is not None:
             return "biased projections"
-        if fused[0][0].weight.numel() * 2 > GEMV_MAX_BYTES:
+        if fused.weight.numel() * 2 > GEMV_MAX_BYTES:
             return "projections too large for one thread"
         return None
 
@@ -65,7 +64,7 @@ class CpuMoEStep:
         # The kernel's arguments that do not change between calls, as numpy arrays once (each
         # conversion costs about a microsecond per call).
         self.constants = (norm.weight.detach().numpy(), np.float32(norm.eps), norm.zero_centred,
-                          block.in_proj.fused[0][0].weight.view(torch.uint16).numpy(), down.view(torch.uint16).numpy(),
+                          block.in_proj.one_matrix(Bf16Linear).weight.view(torch.uint16).numpy(), down.view(torch.uint16).numpy(),
                           spec.shared_gate, spec.routing.norm_topk, store.slot_table()[layer.index], pool,
                           pool.view(np.uint16), _offsets(layout), layout.intermediate_size, _half_pow2())
         self.record_size = layout.record_size

@@ -90,8 +90,9 @@ class GpuRoutedExperts:
         experts = sorted(set(ids_host.flatten().tolist()))
         host = self.tier.host_compute if T == 1 else None
         candidates = self.tier.absent(self.layer, experts) if host is not None else []
-        in_ram = sum((self.layer, e) in self.store.slots for e in candidates)
-        with self.store.resident(self.layer, candidates, host.take(in_ram) if host else 0) as on_cpu:
+        # of the misses already in RAM, as many as the measured split gives the CPU
+        limit = host.take(sum((self.layer, e) in self.store.slots for e in candidates)) if host else 0
+        with self.store.resident(self.layer, candidates, limit) as on_cpu:
             if on_cpu:  # started first: the CPU computes while the host queues copies and kernels
                 with self.timer.section("expert_io"):
                     cpu_sum, keep, weights = host.start(self.store, on_cpu, ids_host[0].tolist(), x.device)

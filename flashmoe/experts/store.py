@@ -51,6 +51,12 @@ class StoreStats(Counters):
 
 
 class ExpertStore:
+    @staticmethod
+    def keeping_every_record(manifest: Manifest, min_records: int) -> int:
+        """The budget in bytes that keeps every expert record: a slot each, and the `min_records`
+        staging slots a load's misses go through beside them."""
+        return manifest.total_expert_bytes + min_records * manifest.layout.record_size
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -67,7 +73,7 @@ class ExpertStore:
         self.layout = manifest.layout
         self.record_size = rs = manifest.layout.record_size
         total = sum(f.num_experts for f in manifest.expert_files)
-        # At most every record plus the `batch` staging slots: a budget that covers both keeps every expert.
+        # At most every record plus the `batch` staging slots (keeping_every_record's bytes)
         self.capacity = min(budget_bytes // rs, total + min_records)
         if self.capacity < min_records:
             raise BudgetError(

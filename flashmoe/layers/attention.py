@@ -91,11 +91,10 @@ class Attention(nn.Module):
         """Whether a decode token goes through `decode_cpu`: fp32 on the CPU (numba installed), an
         input norm to take in, the projections stored as bf16 and fused into one (the engine's CPU
         path), q/k normed per head, none of biases, sinks, a window or an indexer."""
-        s, fused = self.spec, self.in_proj.fused
+        s = self.spec
         return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x) and s.qk_norm == "head"
                 and not (s.qkv_bias or s.o_bias or s.sinks) and self.window is None and s.indexer is None
-                and fused is not None and len(fused) == 1 and type(fused[0][0]) is Bf16Linear
-                and type(self.o_proj) is Bf16Linear)
+                and self.in_proj.one_matrix(Bf16Linear) is not None and type(self.o_proj) is Bf16Linear)
 
     def decode_cpu(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
                    ) -> torch.Tensor:
@@ -108,7 +107,7 @@ class Attention(nn.Module):
         # fused, they are not replaced)
         if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
             self._cpu_step_weights = norm, attention_weights(
-                norm.weight, norm.eps, norm.zero_centred, self.in_proj.fused[0][0].weight, self.spec.gated,
+                norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.spec.gated,
                 self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.zero_centred, self.o_proj.weight)
         position = cache.length
         cache.make_room(position + 1)

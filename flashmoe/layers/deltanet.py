@@ -109,9 +109,8 @@ class GatedDeltaNet(nn.Module):
         """Whether a decode token goes through `decode_cpu_layer`: fp32 on the CPU (numba
         installed), an input norm to take in, the projections stored as bf16 and fused into one
         (the engine's CPU path)."""
-        fused = self.in_proj.fused
-        return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x) and fused is not None
-                and len(fused) == 1 and type(fused[0][0]) is Bf16Linear and type(self.out_proj) is Bf16Linear)
+        return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x)
+                and self.in_proj.one_matrix(Bf16Linear) is not None and type(self.out_proj) is Bf16Linear)
 
     def decode_cpu_layer(self, x: torch.Tensor, norm: RMSNorm, state) -> torch.Tensor:
         """The input norm, the projections and `decode_cpu`'s step in one numba call
@@ -122,7 +121,7 @@ class GatedDeltaNet(nn.Module):
         # fused, they are not replaced)
         if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
             self._cpu_step_weights = norm, deltanet_layer_weights(
-                norm.weight, norm.eps, norm.zero_centred, self.in_proj.fused[0][0].weight, self.conv1d.weight,
+                norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.conv1d.weight,
                 self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, self.k_heads, self.norm.gate == "sigmoid",
                 self.out_proj.weight)
         return deltanet_layer_step(x, state.conv, state.recurrent, self._cpu_step_weights[1])

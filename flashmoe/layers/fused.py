@@ -41,6 +41,13 @@ class Projections:
     def layers(self) -> list[nn.Module]:
         return [self.owner.get_submodule(name) for name in self.names]
 
+    def one_matrix(self, kind: type) -> nn.Module | None:
+        """The single fused layer, where fusing made one of exactly this kind (the CPU's one-call
+        decode steps read its weight whole), else None."""
+        if self.fused is None or len(self.fused) != 1 or type(self.fused[0][0]) is not kind:
+            return None
+        return self.fused[0][0]
+
     @torch.no_grad()
     def fuse(self) -> None:
         """Once, with the weights on their final device: moving the model afterwards would copy
