@@ -1,12 +1,16 @@
-"""Aggregate decode throughput of Engine.forward_batch against one sequence at a time, on the CPU
-with the bundled demo model (issue: continuous batching; docs/EXPERIMENTS.md entry 67).
+"""Aggregate decode throughput of Engine.forward_batch against one sequence at a time (issue:
+continuous batching; docs/EXPERIMENTS.md entry 67): the bundled demo model on the CPU by default, any
+packed model on any device with --model/--device.
 
 B sequences (prompts of the held-out text, 32 tokens each) are prefilled, then decoded greedily in
 steps of one token each, every sequence in one forward_batch call; B = 1 runs through the same
 call; rounds alternate the batch sizes. Prints tokens per second summed over the sequences (median
-of the rounds, and its ratio to the first batch size) and the expert records read per step.
+of the rounds, and its ratio to the first batch size) and the expert records read per step. On the
+GPU a lone request decodes through CUDA graphs, not forward_batch: --graphed also times that
+(Engine.generate, greedy, the same steps), the rate a batch must beat.
 
 Usage: python3 scripts/batch_decode_probe.py [--batch 1 2 4 8] [--steps 48] [--threads 2] [--host-mem 4M]
+       python3 scripts/batch_decode_probe.py --model DIR --device cuda --preload --batch 1 4 16 --graphed
 """
 
 from __future__ import annotations
@@ -17,12 +21,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import flashmoe from the repo root
 
 from flashmoe.config import EngineConfig
 from flashmoe.demo import DEMO_MODEL, HELDOUT_TEXT
 from flashmoe.engine import Engine
+from flashmoe.runtime.sampling import SamplingParams
 from flashmoe.utils import parse_size
+
+
+def sync(engine: Engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
 
 
 def main() -> None:
@@ -32,22 +44,39 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--host-mem", default="4M", help="expert cache (the demo's default: smaller than its experts)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--model", type=Path, default=DEMO_MODEL)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu-mem", help="GPU expert slots (default: what is free)")
+    ap.add_argument("--preload", action="store_true", help="GPU: every expert in GPU or host memory from the start")
+    ap.add_argument("--graphed", action="store_true", help="also time one sequence through Engine.generate")
     a = ap.parse_args()
-    engine = Engine(DEMO_MODEL, EngineConfig(threads=a.threads, host_mem=parse_size(a.host_mem)))
+    config = EngineConfig(device=a.device, threads=a.threads, host_mem=parse_size(a.host_mem), preload=a.preload or None,
+                          gpu_mem=parse_size(a.gpu_mem) if a.gpu_mem else None)
+    engine = Engine(a.model, config)
     text = engine.tokenizer.encode(HELDOUT_TEXT.read_text()[:20000])
     rates, reads = {b: [] for b in a.batch}, {b: [] for b in a.batch}
+    graphed: list[float] = []
     for r in range(a.repeats):  # rounds over the batch sizes: a noisy machine slows them alike
+        if a.graphed:
+            stamps = [time.perf_counter() for _ in engine.generate(text[r * 40 : r * 40 + 32],
+                                                                     SamplingParams(max_tokens=a.steps + 1, ignore_eos=True))]
+            graphed.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         for batch in a.batch:
             prompts = [text[(r * 8 + i) * 40 : (r * 8 + i) * 40 + 32] for i in range(batch)]
             states = [engine.new_state() for _ in prompts]
             logits = engine.forward_batch(prompts, states)
+            sync(engine)
             before = engine.store.stats.hits + engine.store.stats.misses
             start = time.perf_counter()
             for _ in range(a.steps):
                 logits = engine.forward_batch([[int(t)] for t in logits.argmax(-1)], states)
+            sync(engine)
             rates[batch].append(batch * a.steps / (time.perf_counter() - start))
             reads[batch].append((engine.store.stats.hits + engine.store.stats.misses - before) / a.steps)
     one = statistics.median(rates[a.batch[0]])
+    if graphed:
+        print(f"one sequence, graphed generate: {statistics.median(graphed):7.1f} tok/s "
+              f"(runs {', '.join(f'{x:.1f}' for x in graphed)})")
     for batch in a.batch:
         median = statistics.median(rates[batch])
         print(f"batch {batch:>2}: {median:7.1f} tok/s aggregate, {median / one:.2f}x batch {a.batch[0]} "
