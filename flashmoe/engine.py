@@ -41,6 +41,8 @@ from .utils import available_memory_bytes, format_bytes
 
 __all__ = ["ContextLengthError", "Engine", "EngineConfig", "GpuMemoryError"]
 
+BATCH_GRAPH_HEADROOM = 256  # positions a batch's decode graph reserves past its longest sequence
+
 
 class GpuMemoryError(RuntimeError):
     """The GPU ran out of memory; the message names the budget to lower."""
@@ -72,6 +74,7 @@ class Engine:
         self.timer = Timer(sync=torch.cuda.synchronize if self.device.type == "cuda" and config.profile else None)
         self.model = self._load_dense()
         self.cuda_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self._batch_graph = None  # forward_batch's last decode graph (runtime/graphs.py)
         if self.cuda_graphs and (obstacle := self.model.graph_obstacle()):
             self.cuda_graphs = False
             self.choices.append(f"eager decode, no CUDA graphs ({obstacle})")
@@ -477,7 +480,6 @@ class Engine:
         fresh = self.new_state()
         self.forward(state.tokens, fresh)
         state.layers, state.ngrams, state.position = fresh.layers, fresh.ngrams, fresh.position
-        state.rebuilds += 1
 
     @torch.inference_mode()
     def forward_batch(self, ids: list[list[int]], states: list[SequenceState]) -> torch.Tensor:
@@ -489,11 +491,28 @@ class Engine:
             raise ValueError("forward_batch takes one non-empty list of ids for each of several distinct states")
         for seq, state in zip(ids, states):
             self._check_context(state, len(seq))
+        if self.cuda_graphs and all(len(seq) == 1 for seq in ids):
+            return self._batch_graph_for(states).step([seq[0] for seq in ids])
         flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
         logits = self._step(flat, states, [len(seq) for seq in ids], last_only=True)
         for seq, state in zip(ids, states):
             state.tokens += seq
         return logits
+
+    def _batch_graph_for(self, states: list[SequenceState]):
+        """The decode graph of these sequences' step (runtime/graphs.py): the last one recorded while
+        the batch, its buffers and its reserve last; else recorded anew, its KV caches reserved
+        BATCH_GRAPH_HEADROOM positions ahead (a batch's sequences end at their own times, so no
+        one length reserves for all of them)."""
+        from .runtime.graphs import DecodeGraph
+
+        graph = self._batch_graph
+        if (graph is None or graph.states != states or not graph.valid()
+                or any(s.position >= graph.capacity for s in states)):
+            self._batch_graph = None  # its memory goes before the next one's is taken
+            capacity = min(max(s.position for s in states) + BATCH_GRAPH_HEADROOM, self.context_length)
+            self._batch_graph = graph = DecodeGraph(self, states, capacity)
+        return graph
 
     def _check_context(self, state: SequenceState, tokens: int) -> None:
         if state.position + tokens > self.context_length:

@@ -132,13 +132,13 @@ class Generation:
             """The decode step of `token`, the n-th generated, as this generation runs it alone."""
             nonlocal graphs
             with self._measured(prefill=False):
-                if graphs is not None and graphs.rebuilds != self.state.rebuilds:  # preempted since: new buffers
+                if graphs is not None and not graphs.valid():  # new buffers since: preempted, or a batch grew them
                     graphs = None
                 if graphs is None and eng.cuda_graphs:
                     from .runtime.graphs import DecodeGraph
 
-                    graphs = DecodeGraph(eng, self.state, self.state.position + self.max_tokens - n)
-                return graphs.step(token) if graphs is not None else eng.forward([token], self.state)
+                    graphs = DecodeGraph(eng, [self.state], self.state.position + self.max_tokens - n)
+                return graphs.step([token]) if graphs is not None else eng.forward([token], self.state)
 
         # The prefill in segments that end at each checkpoint (the prefix cache keeps the state there)
         # and, batched, every PREFILL_SLICE tokens, pausing between them for the other sequences.

@@ -6,8 +6,8 @@ B sequences (prompts of the held-out text, 32 tokens each) are prefilled, then d
 steps of one token each, every sequence in one forward_batch call; B = 1 runs through the same
 call; rounds alternate the batch sizes. Prints tokens per second summed over the sequences (median
 of the rounds, and its ratio to the first batch size) and the expert records read per step. On the
-GPU a lone request decodes through CUDA graphs, not forward_batch: --graphed also times that
-(Engine.generate, greedy, the same steps), the rate a batch must beat.
+GPU forward_batch replays a decode graph per batch (recorded at the first step, untimed); --graphed
+also times a lone Engine.generate (greedy, the same steps), the rate a batch must beat.
 
 Usage: python3 scripts/batch_decode_probe.py [--batch 1 2 4 8] [--steps 48] [--threads 2] [--host-mem 4M]
        python3 scripts/batch_decode_probe.py --model DIR --device cuda --preload --batch 1 4 16 --graphed
@@ -49,9 +49,10 @@ def main() -> None:
     ap.add_argument("--gpu-mem", help="GPU expert slots (default: what is free)")
     ap.add_argument("--preload", action="store_true", help="GPU: every expert in GPU or host memory from the start")
     ap.add_argument("--graphed", action="store_true", help="also time one sequence through Engine.generate")
+    ap.add_argument("--eager", action="store_true", help="GPU: no CUDA graphs")
     a = ap.parse_args()
     config = EngineConfig(device=a.device, threads=a.threads, host_mem=parse_size(a.host_mem), preload=a.preload or None,
-                          gpu_mem=parse_size(a.gpu_mem) if a.gpu_mem else None)
+                          cuda_graphs=not a.eager, gpu_mem=parse_size(a.gpu_mem) if a.gpu_mem else None)
     engine = Engine(a.model, config)
     text = engine.tokenizer.encode(HELDOUT_TEXT.read_text()[:20000])
     rates, reads = {b: [] for b in a.batch}, {b: [] for b in a.batch}
@@ -65,6 +66,7 @@ def main() -> None:
             prompts = [text[(r * 8 + i) * 40 : (r * 8 + i) * 40 + 32] for i in range(batch)]
             states = [engine.new_state() for _ in prompts]
             logits = engine.forward_batch(prompts, states)
+            logits = engine.forward_batch([[int(t)] for t in logits.argmax(-1)], states)  # untimed: records a graph
             sync(engine)
             before = engine.store.stats.hits + engine.store.stats.misses
             start = time.perf_counter()

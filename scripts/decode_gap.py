@@ -55,7 +55,7 @@ def measure(engine, args, k: int, cpu: int) -> None:
     state = engine.new_state()
     logits = engine.forward(prompt, state)
     token = int(logits[-1].argmax())
-    graphs = DecodeGraph(engine, state, state.position + 12 * args.tokens)
+    graphs = DecodeGraph(engine, [state], state.position + 12 * args.tokens)
 
     fed: list[int] = []  # what loop mode decoded: queued mode feeds the same tokens, so routes alike
 
@@ -63,12 +63,12 @@ def measure(engine, args, k: int, cpu: int) -> None:
         nonlocal token
         for _ in range(n):
             fed.append(token)
-            token = int(graphs.step(token)[-1].argmax())
+            token = int(graphs.step([token])[-1].argmax())
 
     def loop_collecting(n: int) -> None:
         nonlocal token
         for _ in range(n):
-            logits = graphs.step(token)
+            logits = graphs.step([token])
             engine.gpu_tier.resident.collect()
             token = int(logits[-1].argmax())
 
@@ -80,7 +80,7 @@ def measure(engine, args, k: int, cpu: int) -> None:
         for start, end in events:
             start.record()
             t0 = time.perf_counter()
-            logits = graphs.step(token)
+            logits = graphs.step([token])
             launch += time.perf_counter() - t0
             end.record()
             token = int(logits[-1].argmax())
@@ -88,7 +88,7 @@ def measure(engine, args, k: int, cpu: int) -> None:
 
     def queued(n: int) -> None:
         for i in range(n):
-            graphs.step(fed[i % len(fed)])
+            graphs.step([fed[i % len(fed)]])
 
     loop(2)
     t_loop, t_collect, t_queued = (per_token(f, args.tokens // 4) for f in (loop, loop_collecting, queued))

@@ -140,9 +140,9 @@ def test_a_batch_of_different_prompts_gives_what_each_gives_alone(family_engine)
     assert [s.position for s in states] == [len(p) + steps for p in PROMPTS]
 
 
-def check_batched_decode(engine: Engine, steps: int = 3) -> None:
-    """Two sequences prefilled one by one, then decoded in batched steps: as each alone."""
-    prompts = [PROMPTS[2], PROMPTS[0]]
+def check_batched_decode(engine: Engine, steps: int = 3, prompts: list[list[int]] | None = None) -> None:
+    """Sequences (two by default) prefilled one by one, then decoded in batched steps: as each alone."""
+    prompts = prompts or [PROMPTS[2], PROMPTS[0]]
     alone = [_alone(engine, p, steps) for p in prompts]
     # Prefilled one by one: a batched prefill past KERNEL_MAX_TOKENS takes another expert path
     # (PyTorch's), whose rounding can flip a near-tied routing choice.
@@ -260,6 +260,6 @@ def test_a_released_state_recomputed_from_its_tokens_continues_as_before(engine)
     engine.release(state)
     assert state.layers == [] and state.tokens == list(range(5, 12))
     engine.recompute(state)
-    assert state.position == kept.position == 7 and state.rebuilds == 1
+    assert state.position == kept.position == 7
     got, want = engine.forward([12], state), engine.forward([12], kept)
     assert float((got - want).norm() / want.norm()) < 1e-5  # a prefill's fp32 sums against steps'

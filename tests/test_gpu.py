@@ -364,7 +364,50 @@ def test_a_dead_graph_in_a_reference_cycle_is_not_collected_mid_capture():
 
 
 def test_a_batch_decodes_on_the_gpu_as_each_alone(packed4):
-    """forward_batch on the GPU path (gathered kernels, eager: graphs record one sequence)."""
+    """forward_batch on the GPU path, eagerly (gathered kernels)."""
     from .test_engine import check_batched_decode
 
     check_batched_decode(Engine(packed4, EngineConfig(device="cuda", dtype="float32", cuda_graphs=False)))
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["copying", "resident"])
+def test_a_batch_decodes_through_its_graph_as_each_alone(packed4, preload):
+    """forward_batch's decode graph (runtime/graphs.py): with copied experts, graphs around the
+    host's expert calls; resident, the whole step one graph, for more sequences than the copying
+    path's gathered kernels take (the resident path's gemv, not the grouped kernels)."""
+    from flashmoe.experts.gpu_routed import DECODE_MAX_TOKENS
+    from .test_engine import PROMPTS, check_batched_decode
+
+    engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", preload=preload))
+    n = DECODE_MAX_TOKENS + 4 if preload else 3
+    check_batched_decode(engine, steps=4, prompts=[[t + i for t in PROMPTS[i % 3]] for i in range(n)])
+    graph = engine._batch_graph
+    assert graph is not None and graph.valid() and len(graph.states) == n
+    if preload:
+        assert [name for name, _ in graph.segments] == ["step (graph)"]
+
+
+def test_a_batch_graph_is_kept_while_its_batch_and_buffers_last(packed4):
+    """Re-recorded when the batch changes or a state's buffers are replaced (preempted and rebuilt),
+    replayed otherwise."""
+    from .test_engine import PROMPTS
+
+    engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", preload=True))
+    states = [engine.new_state() for _ in PROMPTS]
+    for prompt, state in zip(PROMPTS, states):
+        engine.forward(prompt, state)
+    engine.forward_batch([[1], [2], [3]], states)
+    first = engine._batch_graph
+    engine.forward_batch([[4], [5], [6]], states)
+    assert engine._batch_graph is first
+    engine.forward_batch([[7], [8]], states[:2])
+    assert engine._batch_graph is not first and len(engine._batch_graph.states) == 2
+    second = engine._batch_graph
+    engine.release(states[0])
+    engine.recompute(states[0])
+    assert not second.valid()
+    kept = states[1].clone()
+    got = engine.forward_batch([[9], [10]], states[:2])[1]
+    assert engine._batch_graph is not second
+    want = engine.forward([10], kept)[0]
+    assert float((got - want).norm() / want.norm()) < 1e-4

@@ -24,6 +24,9 @@ from .store import ExpertStore
 from .tier import GpuExpertTier
 
 DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the gathered gemv kernels
+# ... and with resident experts, which need no host sync, up to this many (a batch's decode step in
+# one CUDA graph: the grouped kernels read the routing on the host)
+RESIDENT_DECODE_MAX_TOKENS = 32
 
 
 class NextLayerGuess:
@@ -63,13 +66,14 @@ class GpuRoutedExperts:
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-        """(residual +) the routed experts of x [T, H] (into `out` if given: decode only). ids [T, k],
+        """(residual +) the routed experts of x [T, H] (into `out` if given). ids [T, k],
         or [T, 2k] with the next layer's guessed ids after the layer's own (prefetch)."""
-        if ids.shape[0] > DECODE_MAX_TOKENS:
+        if ids.shape[0] > (RESIDENT_DECODE_MAX_TOKENS if self.capturable else DECODE_MAX_TOKENS):
             with self.timer.section("expert_io"):
                 ids_host = self._routing_sync(x, ids, weights)
             y = self._prefill(x, ids, ids_host, weights)
-            return y if residual is None else residual + y
+            y = y if residual is None else residual + y
+            return y if out is None else out.copy_(y)
         if self.capturable:  # no timer section: a profile's sync would break a graph capture
             y = self._resident_decode(x, ids, weights, residual, out)
             return y if out is not None else y.to(x.dtype)

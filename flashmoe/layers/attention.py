@@ -82,8 +82,9 @@ class Attention(nn.Module):
         k = self._rotate(k.view(T, s.kv_heads, s.head_dim), cos, sin, "k")
         v = v.view(T, s.kv_heads, s.head_dim)
         index = self.indexer.project(x, cos, sin) if s.indexer is not None else None
-        parts = [self._attend(q[sl], k[sl], v[sl], None if gate is None else gate[sl], cache, ctx,
-                              None if index is None else (index[0][sl], index[1][sl]))
+        graph = ctx.graph_position  # inside a graph: each sequence's position, one token each
+        parts = [self._attend(q[sl], k[sl], v[sl], None if gate is None else gate[sl], cache,
+                              None if graph is None else graph[sl], None if index is None else (index[0][sl], index[1][sl]))
                  for sl, cache in zip(ctx.slices(T), caches)]
         return project(self.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
 
@@ -115,13 +116,14 @@ class Attention(nn.Module):
         cache.length = position + 1
         return out
 
-    def _attend(self, q, k, v, gate, cache, ctx, index=None) -> torch.Tensor:
+    def _attend(self, q, k, v, gate, cache, graph_position=None, index=None) -> torch.Tensor:
         """One sequence's n tokens over its cache -> [n, heads * head_dim] (gated where the spec
-        says); index: their index queries and keys, where an indexer selects what they see."""
+        says); graph_position: inside a graph, its token's position [1] on the device; index: their
+        index queries and keys, where an indexer selects what they see."""
         n, start = q.shape[0], cache.length
-        keys, values, mask = cache.update(k, v, ctx.graph_position)  # [L, kv_heads, head_dim], mask [n, L] or None
+        keys, values, mask = cache.update(k, v, graph_position)  # [L, kv_heads, head_dim], mask [n, L] or None
         if self.window is not None:
-            mask = window_mask(n, keys.shape[0], self.window, ctx.graph_position, keys.device)
+            mask = window_mask(n, keys.shape[0], self.window, graph_position, keys.device)
         if index is not None:
             mask = self.indexer.select(*index, cache, start)
         sinks = self.sinks if self.spec.sinks else None
@@ -131,7 +133,7 @@ class Attention(nn.Module):
             # No mask needed: inside a graph the kernel reads the last position on the device (and
             # skips the reserved blocks past it); eagerly the cache holds exactly the sequence. A
             # sliding window is the kernel's first position, sinks join its softmax's denominator.
-            last = ctx.graph_position if ctx.graph_position is not None else keys.shape[0] - 1
+            last = graph_position if graph_position is not None else keys.shape[0] - 1
             return attention_decode(q[0], None if gate is None else gate[0], keys, values, last, sinks=sinks,
                                     window=self.window).view(1, -1)
         out = attend(q, keys, values, mask, sinks).reshape(n, -1)

@@ -125,14 +125,13 @@ class SequenceState:
     """One sequence: its position, each layer's mixer state, and the n-gram history of the layers
     with per-layer embeddings, by layer index (the model's new_state builds it). `tokens`: every id
     fed so far, from which Engine.recompute rebuilds the rest after Engine.release freed it (a
-    preempted sequence); `rebuilds` counts those, so a decode graph captured before one is not replayed."""
+    preempted sequence)."""
 
     def __init__(self, layers: list, ngrams: dict[int, NgramState] | None = None):
         self.position = 0
         self.layers = layers
         self.ngrams = ngrams or {}
         self.tokens: list[int] = []
-        self.rebuilds = 0
 
     def advance_graphed(self, token: int) -> None:
         """`token` written by a replayed graph: eager writes advance the KV caches themselves."""

@@ -58,7 +58,7 @@ class StepContext:
     moe_steps: Sequence[MoEStep | None] = ()  # per layer, from the runtime where it has one (the CPU path)
     timer: object = field(default_factory=NullTimer)  # runtime.stats.Timer, or anything with section(name)
     guesses: dict[int, NextLayerGuess] = field(default_factory=dict)  # prefetch: layer i -> next MoE layer's guess
-    graph_position: torch.Tensor | None = None  # [1] int64 on the device, while a graph is recorded
+    graph_position: torch.Tensor | None = None  # [sequences] int64 on the device, while a graph is recorded
     last_only: bool = True  # logits of the last position only
     # PLE layer i -> the reads of its n-gram rows, started from the host's ids before the layers run
     # (Model.start_ngram_reads)

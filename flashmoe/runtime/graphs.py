@@ -93,40 +93,55 @@ class _Recorder(StepContext):
 
 
 class DecodeGraph:
-    """The decode step of one sequence, recorded for up to `capacity` positions, replayed per token."""
+    """The decode step of one or several sequences (one token each, a batch's step), recorded for
+    up to `capacity` positions of each, replayed per step. It holds the sequences' buffers: valid
+    while none was replaced (a cache grown past the reservation, a preempted state rebuilt)."""
 
-    def __init__(self, engine, state: SequenceState, capacity: int):
-        self.engine, self.state, self.capacity = engine, state, capacity
-        self.rebuilds = state.rebuilds  # the state's buffers this graph was captured on
-        for cache in state.layers:
-            if isinstance(cache, KVCache):
-                cache.reserve(capacity)
-        device = engine.device
-        self.token = torch.zeros(1, dtype=torch.long, device=device)
-        self.position = torch.full((1,), state.position, dtype=torch.long, device=device)
+    def __init__(self, engine, states: list[SequenceState], capacity: int):
+        self.engine, self.states, self.capacity = engine, list(states), capacity
+        for state in self.states:
+            for cache in state.layers:
+                if isinstance(cache, KVCache):
+                    cache.reserve(capacity)
+        # what the recording binds: each state's layer list and its KV caches' storage
+        self._layers = [(state, state.layers) for state in self.states]
+        self._storage = [(c, c.k) for state in self.states for c in state.layers if isinstance(c, KVCache)]
+        # each step's tokens and positions, written on the host and sent in one copy
+        self._host = torch.zeros(2, len(self.states), dtype=torch.long, pin_memory=True)
+        self._host[1] = torch.tensor([s.position for s in self.states])
+        self._device = self._host.to(engine.device)
+        self.tokens, self.positions = self._device  # views the recording reads
         self.segments, self.logits = self._record()
 
+    def valid(self) -> bool:
+        """Whether every state still holds the buffers the graphs were recorded on."""
+        return all(s.layers is layers for s, layers in self._layers) and all(c.k is k for c, k in self._storage)
+
+    def _context(self, cls, **kwargs) -> StepContext:
+        eng = self.engine
+        return cls(self.states, [1] * len(self.states), experts=eng.experts, guesses=eng.guesses,
+                   graph_position=self.positions, **kwargs)
+
     def _record(self):
-        eng, state = self.engine, self.state
-        # Warm up on a side stream, then restore the DeltaNet states it advanced: its KV write lands
+        eng = self.engine
+        # Warm up on a side stream, then restore the DeltaNet states it advanced: its KV writes land
         # where the real step writes the same values later.
-        linear = [s for s in state.layers if isinstance(s, LinearState)]
+        linear = [s for state in self.states for s in state.layers if isinstance(s, LinearState)]
         saved = [(s.conv.clone(), s.recurrent.clone()) for s in linear]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(side):
-            eng.model(self.token, _WarmUp([state], experts=eng.experts, guesses=eng.guesses, graph_position=self.position))
+            eng.model(self.tokens, self._context(_WarmUp))
         torch.cuda.current_stream().wait_stream(side)
         for s, (conv, rec) in zip(linear, saved):
             s.conv.copy_(conv)
             s.recurrent.copy_(rec)
         eng.settle("warmup")  # the warm-up's expert lookups are no token's
-        recorder = _Recorder([state], experts=eng.experts, guesses=eng.guesses, graph_position=self.position,
-                             pool=torch.cuda.graph_pool_handle(), split_layers=eng.timer.sync is not None)
+        recorder = self._context(_Recorder, pool=torch.cuda.graph_pool_handle(), split_layers=eng.timer.sync is not None)
         torch.cuda.synchronize()
         with torch.inference_mode(), _no_collection_while_capturing(), torch.cuda.stream(torch.cuda.Stream()):
             recorder.begin()
-            logits = eng.model(self.token, recorder)
+            logits = eng.model(self.tokens, recorder)
             recorder.end("head")
         torch.cuda.synchronize()
         segments = recorder.segments
@@ -135,18 +150,22 @@ class DecodeGraph:
         return segments, logits
 
     @torch.inference_mode()
-    def step(self, token: int) -> torch.Tensor:
-        """Feed one token; return logits [1, vocab] (a static buffer, overwritten by the next step)."""
-        if self.state.position >= self.capacity:
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed each sequence its token; return logits [sequences, vocab] (a static buffer,
+        overwritten by the next step)."""
+        if any(s.position >= self.capacity for s in self.states):
             raise ValueError("the decode graphs were captured for a shorter sequence")
         timer = self.engine.timer
-        self.token.fill_(token)
-        self.position.fill_(self.state.position)
+        # The pinned buffer is free again: the last step's copy finished before its logits were read.
+        self._host[0] = torch.tensor(tokens)
+        self._host[1] = torch.tensor([s.position for s in self.states])
+        self._device.copy_(self._host, non_blocking=True)
         for name, segment in self.segments:
             if isinstance(segment, torch.cuda.CUDAGraph):
                 with timer.section(name):
                     segment.replay()
             else:
                 segment()  # host-driven experts time their own sections (expert_io, expert_compute)
-        self.state.advance_graphed(token)
+        for state, token in zip(self.states, tokens):
+            state.advance_graphed(token)
         return self.logits
