@@ -7,8 +7,8 @@
      cache and without it (`--prefix-cache 0`): the latency of a one-token answer.
   4. The cost of grammar-constrained decoding: tokens of a JSON-schema answer against free text.
 
-Usage: python scripts/bench_server.py [--model ~/.cache/flashmoe/demo/packed-4bit] [--json out.json]
-The demo model (`flashmoe demo` builds it) has random weights: its text is gibberish, its timing real.
+Usage: python scripts/bench_server.py [--model flashmoe/demo_model] [--json out.json]
+The streaming and concurrency helpers here also drive scripts/bench_s5.py (scenario S5).
 """
 
 from __future__ import annotations
@@ -18,35 +18,51 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 
+from flashmoe.demo import DEMO_MODEL
 from flashmoe.engine import Engine
 
-DEMO = Path.home() / ".cache" / "flashmoe" / "demo" / "packed-4bit"
 PROMPT = "The expert weights stream from disk because"
 SYSTEM = " ".join(f"Rule {i}: answer precisely, cite the rule you used, and keep the tone friendly." for i in range(120))
 
 
 class Server:
-    def __init__(self, model: Path, port: int, *args: str) -> None:
+    """`flashmoe serve --model MODEL --port PORT ARGS...`, once /health answers (a large model takes
+    minutes to load: `wait_s`). Its output goes to a temporary file, shown if it exits early."""
+
+    def __init__(self, model: Path, port: int, *args: str, wait_s: float = 120) -> None:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "flashmoe", "serve", "--model", str(model), "--port", str(port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        for _ in range(600):
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                output = self.log.read().decode(errors="replace")[-4000:]
+                raise RuntimeError(f"flashmoe serve exited ({self.proc.returncode}):\n{output}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 time.sleep(0.2)
-        raise RuntimeError("the server did not start")
+        self.stop()
+        raise RuntimeError(f"flashmoe serve did not answer /health within {wait_s:.0f} s")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=30).json()
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.log.close()
 
 
 def direct_run(engine, tokens: int) -> float:
@@ -58,10 +74,11 @@ def direct_run(engine, tokens: int) -> float:
 
 
 def stream(url: str, path: str, body: dict) -> dict:
-    """One streamed request: time to the first token, between tokens, in all; tokens generated."""
+    """One streamed request: time to the first token, between tokens, in all; tokens generated;
+    the arrival time of each chunk that carried text (`stamps`, perf_counter seconds)."""
     t0 = time.perf_counter()
     first = last = None
-    usage = {}
+    usage, stamps = {}, []
     with httpx.stream("POST", url + path, json={**body, "stream": True, "stream_options": {"include_usage": True}},
                       timeout=600) as r:
         for line in r.iter_lines():
@@ -73,8 +90,9 @@ def stream(url: str, path: str, body: dict) -> dict:
             if choice.get("text") or (choice.get("delta") or {}).get("content"):
                 last = time.perf_counter()
                 first = first or last
+                stamps.append(last)
     n = usage.get("completion_tokens", 0)
-    return {"ttft": (first or t0) - t0, "total": time.perf_counter() - t0, "tokens": n,
+    return {"ttft": (first or t0) - t0, "total": time.perf_counter() - t0, "tokens": n, "stamps": stamps, "usage": usage,
             "ms_per_token": (last - first) * 1e3 / (n - 1) if first and n > 1 else float("nan")}
 
 
@@ -89,10 +107,14 @@ def overhead(engine, url: str, tokens: int, repeats: int) -> dict:
             "overhead_ms_per_token": statistics.median(s - d for d, s in pairs)}
 
 
-def concurrency(url: str, clients: int, tokens: int) -> dict:
+def concurrency(url: str, clients: int, tokens: int, **extra) -> dict:
+    """`clients` streamed greedy chat requests of `tokens` tokens at once (`extra`: more request
+    fields, e.g. ignore_eos). tok_per_s: every token over the wall time, prefills included;
+    decode_tok_per_s: the tokens after each stream's first, from the first first token to the last
+    token. Inter-token latency: the gaps between a stream's text chunks, all streams pooled."""
     def one(i: int) -> dict:
         body = {"messages": [{"role": "user", "content": f"Client {i}: tell me about topic {i}."}],
-                "max_tokens": tokens, "temperature": 0}
+                "max_tokens": tokens, "temperature": 0, **extra}
         return stream(url, "/v1/chat/completions", body)
 
     t0 = time.perf_counter()
@@ -100,9 +122,19 @@ def concurrency(url: str, clients: int, tokens: int) -> dict:
         results = list(pool.map(one, range(clients)))
     wall = time.perf_counter() - t0
     latency = sorted(r["total"] for r in results)
-    return {"clients": clients, "tok_per_s": sum(r["tokens"] for r in results) / wall,
+    ttft = [r["ttft"] for r in results]
+    gaps = np.concatenate([np.diff(r["stamps"]) for r in results]) * 1e3
+    stamps = [r["stamps"] for r in results if r["stamps"]]
+    decode_span = max(s[-1] for s in stamps) - min(s[0] for s in stamps) if stamps else 0.0
+    decoded = sum(max(r["tokens"] - 1, 0) for r in results)
+    return {"clients": clients, "tokens": sum(r["tokens"] for r in results),
+            "short_streams": sum(r["tokens"] < tokens for r in results),  # ended before `tokens` (EOS, stop)
+            "tok_per_s": sum(r["tokens"] for r in results) / wall,
+            "decode_tok_per_s": decoded / decode_span if decode_span > 0 else float("nan"),
             "latency_mean_s": statistics.mean(latency), "latency_max_s": latency[-1],
-            "ttft_median_s": statistics.median(r["ttft"] for r in results)}
+            "ttft_median_s": statistics.median(ttft),
+            "ttft_p90_s": float(np.percentile(ttft, 90)),
+            **{f"itl_p{q}_ms": float(np.percentile(gaps, q)) if gaps.size else float("nan") for q in (50, 90, 99)}}
 
 
 def second_turn_ttft(url: str, repeats: int) -> dict:
@@ -133,7 +165,7 @@ def grammar_cost(url: str, tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=DEMO)
+    ap.add_argument("--model", type=Path, default=DEMO_MODEL)
     ap.add_argument("--tokens", type=int, default=48, help="tokens per request")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--port", type=int, default=8321)

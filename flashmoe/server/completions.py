@@ -30,7 +30,8 @@ async def completions(request: Request) -> Response:
     if req.echo and req.logprobs is not None:  # a scorer must not mistake the answer's logprobs for the prompt's
         raise APIError(400, "logprobs of an echoed prompt are not computed: ask for echo or for logprobs", param="logprobs")
     params = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                  repetition_penalty=req.repetition_penalty, stop=req.stop, seed=req.seed, logprobs=req.logprobs)
+                  repetition_penalty=req.repetition_penalty, stop=req.stop, seed=req.seed, logprobs=req.logprobs,
+                  ignore_eos=req.ignore_eos)
     plan = await asyncio.to_thread(service.text_plan, prompt, params)
     job = await service.submit(plan)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": service.name}

@@ -60,7 +60,7 @@ def chat_plan(service: ModelService, req: ChatCompletionRequest) -> Plan:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     params = dict(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                   top_k=req.top_k, repetition_penalty=req.repetition_penalty, stop=req.stop, seed=req.seed,
-                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                  logprobs=(req.top_logprobs or 0) if req.logprobs else None, ignore_eos=req.ignore_eos)
     messages = [_message(m, i) for i, m in enumerate(req.messages)]
     return service.chat_plan(messages, tools, params, grammar, template_vars)
 

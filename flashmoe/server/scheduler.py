@@ -19,10 +19,11 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from ..generation import DecodeRequest, Paused
+from ..runtime.stats import Counters
 
 log = logging.getLogger("flashmoe.server")
 
@@ -86,6 +87,23 @@ class SchedulerStats:
     paused: int  # ... and set aside now, to be recomputed when there is room
 
 
+@dataclass(slots=True)
+class DecodeReads(Counters):
+    """What the rounds' decode steps read, from the engine's counters taken around each step (the
+    prefills between them are not counted): expert bytes per decoded token, which a batch lowers
+    where its tokens share experts."""
+
+    tokens: int = 0  # sequence steps decoded: a round of 8 sequences decodes 8
+    # Expert records the expert store handed out (RAM hits and disk reads): on the CPU path the
+    # records the step computed, each once; on the GPU path the records copied to the GPU. Not
+    # counted: the GPU tier's hits, what resident decode reads in place (its device counters count
+    # lookups per token, not reads) and the records a CPU share computes where they lie.
+    expert_records: int = 0
+    expert_bytes: int = 0  # ... their bytes
+    disk_bytes: int = 0  # ... of them read from disk
+    gpu_bytes_copied: int = 0  # host -> GPU copies of expert records (GPU tier; 0 without one)
+
+
 class Scheduler:
     def __init__(self, parallel: int = 4, max_queue: int = 32, engine: Any = None, state_mem: int | None = None) -> None:
         """engine: runs a round's decode steps together (Engine.forward_batch), and frees and rebuilds
@@ -105,6 +123,7 @@ class Scheduler:
         self._closed = False
         self._completed = self._cancelled = self._failed = self._rejected = self._decode_steps = self._largest_batch = 0
         self._preemptions = 0
+        self._reads = DecodeReads()
         self._thread = threading.Thread(target=self._run, name="flashmoe-generate", daemon=True)
         self._thread.start()
 
@@ -125,6 +144,10 @@ class Scheduler:
             return SchedulerStats(len(self._active), len(self._waiting), self.parallel, self.max_queue, self._completed,
                                   self._cancelled, self._failed, self._rejected, self._decode_steps, self._largest_batch,
                                   self._preemptions, len(self._preempted))
+
+    def decode_reads(self) -> DecodeReads:
+        with self._cv:
+            return replace(self._reads)
 
     def close(self) -> None:
         with self._cv:
@@ -210,6 +233,7 @@ class Scheduler:
             self._decode_steps += 1
             self._largest_batch = max(self._largest_batch, len(steps))
         try:
+            before = self.engine.counters() if self.engine is not None else None
             if len(steps) == 1 or self.engine is None:
                 for _, request in steps:
                     request.logits = request.alone()
@@ -218,6 +242,8 @@ class Scheduler:
                 logits = self.engine.forward_batch([[r.token] for _, r in steps], [r.state for _, r in steps])
                 for i, (_, request) in enumerate(steps):
                     request.logits, request.seconds = logits[i : i + 1], time.perf_counter() - start
+            if before is not None:
+                self._count_reads(before, len(steps))
             return []
         except Exception as e:  # reported to each client whose step it was; the thread goes on
             log.exception("decode step failed")
@@ -226,6 +252,15 @@ class Scheduler:
                 self._close(job)
                 self._count("_failed")
             return [job for job, _ in steps]
+
+    def _count_reads(self, before: tuple, tokens: int) -> None:
+        (store, gpu, _), (store_now, gpu_now, _) = before, self.engine.counters()
+        records = (store_now.hits + store_now.misses) - (store.hits + store.misses)
+        copied = gpu_now.bytes_copied - gpu.bytes_copied if gpu is not None else 0
+        step = DecodeReads(tokens, records, records * self.engine.manifest.layout.record_size,
+                           store_now.bytes_read - store.bytes_read, copied)
+        with self._cv:
+            self._reads += step
 
     def _advance(self, job: Job) -> bool | DecodeRequest:
         """Runs `job` to its next decode step (returned, for `_decode`), or up to SLICE_TOKENS

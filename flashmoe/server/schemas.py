@@ -105,6 +105,7 @@ class _Sampling(_Body):
     stop: OneOrMoreStopStrings | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # the sampler's generator takes 64 bits
     n: int = Field(default=1, ge=1, le=1)
+    ignore_eos: bool = False  # not OpenAI's (vLLM's name): run to max_tokens through end-of-sequence tokens, for benchmarks
 
 
 class ChatCompletionRequest(_Sampling):

@@ -106,9 +106,10 @@ class ModelService:
     def sampling(self, prompt_tokens: int, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                  stop: str | list[str] | None = None, seed: int | None = None,
-                 logprobs: int | None = None) -> SamplingParams:
+                 logprobs: int | None = None, ignore_eos: bool = False) -> SamplingParams:
         """Request settings over the model's defaults; max_tokens is capped by the context left.
-        `logprobs`: report each token's and its N likeliest alternatives' (None: off)."""
+        `logprobs`: report each token's and its N likeliest alternatives' (None: off). `ignore_eos`:
+        generate max_tokens whatever the model says (stop strings still end it)."""
         room = self.engine.context_length - prompt_tokens
         d = self.defaults
         try:
@@ -121,6 +122,7 @@ class ModelService:
                 seed=seed,
                 stop=[stop] if isinstance(stop, str) else list(stop or []),
                 logprobs=logprobs,
+                ignore_eos=ignore_eos,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from e
@@ -202,6 +204,7 @@ class ModelService:
             "model": self.name,
             "context_length": self.engine.context_length,
             "queue": vars_of(self.scheduler.stats()),
+            "decode": vars_of(self.scheduler.decode_reads()),
             "expert_cache": {"hits": store.hits, "misses": store.misses, "hit_rate": round(store.hit_rate, 4),
                              "bytes_read": store.bytes_read, "evictions": store.evictions},
             "gpu_expert_cache": None if gpu is None else {

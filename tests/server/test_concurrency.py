@@ -163,3 +163,24 @@ def test_preempted_generations_resume_with_their_own_answers(tiny_model, engine)
         assert queue["preempted"] > 0 and queue["paused"] == 0 and queue["failed"] == 0, json.dumps([queue, budget])
     finally:
         server.stop()
+
+
+def test_decode_reads_per_token(server, engine):
+    """/health's `decode` counts the expert records the decode steps read: a lone sequence's step
+    reads its top-k experts in every MoE layer; a batch's step each expert its tokens share once."""
+    per_token = len(engine.moe_layers) * engine.top_k
+    greedy = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    _wait_idle(server)
+    before = server.health()["decode"]
+    _stream(server.url, {"messages": PROMPTS[0], **greedy})
+    _wait_idle(server)
+    lone = server.health()["decode"]
+    assert lone["tokens"] - before["tokens"] == 11  # the first token comes from the prefill
+    assert lone["expert_records"] - before["expert_records"] == 11 * per_token
+    assert lone["expert_bytes"] - before["expert_bytes"] == 11 * per_token * engine.manifest.layout.record_size
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda p: _stream(server.url, {"messages": p, **greedy}), PROMPTS))
+    _wait_idle(server)
+    batched = server.health()["decode"]
+    assert batched["tokens"] - lone["tokens"] == 4 * 11
+    assert 0 < batched["expert_records"] - lone["expert_records"] <= 4 * 11 * per_token

@@ -117,6 +117,15 @@ def test_stop_sequence(client):
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[: text.index(stop)]
 
 
+def test_ignore_eos_runs_to_max_tokens(client):
+    # "Say 10" is a prompt whose greedy answer from this tiny model ends with its end-of-sequence token
+    ask = dict(model="m", messages=[{"role": "user", "content": "Say 10"}], max_tokens=64, temperature=0)
+    ended = client.chat.completions.create(**ask)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 64
+    full = client.chat.completions.create(**ask, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 64
+
+
 def test_completions_plain_and_streamed(client):
     plain = client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0)
     assert plain.object == "text_completion" and plain.usage.prompt_tokens == 5
