@@ -55,7 +55,7 @@ def main() -> None:
                           cuda_graphs=not a.eager, gpu_mem=parse_size(a.gpu_mem) if a.gpu_mem else None)
     engine = Engine(a.model, config)
     text = engine.tokenizer.encode(HELDOUT_TEXT.read_text()[:20000])
-    rates, reads = {b: [] for b in a.batch}, {b: [] for b in a.batch}
+    rates, reads, firsts = {b: [] for b in a.batch}, {b: [] for b in a.batch}, {b: [] for b in a.batch}
     graphed: list[float] = []
     for r in range(a.repeats):  # rounds over the batch sizes: a noisy machine slows them alike
         if a.graphed:
@@ -66,8 +66,11 @@ def main() -> None:
             prompts = [text[(r * 8 + i) * 40 : (r * 8 + i) * 40 + 32] for i in range(batch)]
             states = [engine.new_state() for _ in prompts]
             logits = engine.forward_batch(prompts, states)
-            logits = engine.forward_batch([[int(t)] for t in logits.argmax(-1)], states)  # untimed: records a graph
             sync(engine)
+            first = time.perf_counter()
+            logits = engine.forward_batch([[int(t)] for t in logits.argmax(-1)], states)  # apart: records a graph
+            sync(engine)
+            firsts[batch].append(time.perf_counter() - first)
             before = engine.store.stats.hits + engine.store.stats.misses
             start = time.perf_counter()
             for _ in range(a.steps):
@@ -82,7 +85,8 @@ def main() -> None:
     for batch in a.batch:
         median = statistics.median(rates[batch])
         print(f"batch {batch:>2}: {median:7.1f} tok/s aggregate, {median / one:.2f}x batch {a.batch[0]} "
-              f"(runs {', '.join(f'{x:.1f}' for x in rates[batch])}); {statistics.median(reads[batch]):.0f} expert records per step")
+              f"(runs {', '.join(f'{x:.1f}' for x in rates[batch])}); {statistics.median(reads[batch]):.0f} expert records per step; "
+              f"first step {statistics.median(firsts[batch]) * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":
