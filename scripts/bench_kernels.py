@@ -68,8 +68,8 @@ def main() -> None:
         mxfp4(args, hbm)
 
 
-# MoeMxfp4's launch configurations (block_n, warps, groups a step, stages), the first its default.
-MXFP4_CONFIGS = [(32, 4, 2, 3), (32, 4, 1, 3), (32, 4, 4, 3), (32, 4, 2, 1), (32, 4, 2, 6), (16, 4, 2, 4), (64, 4, 2, 3), (64, 8, 4, 4), (32, 2, 2, 4)]
+# MoeMxfp4's decode configurations (block_n, groups a step, stages), the first its default.
+MXFP4_CONFIGS = [(32, 4, 3), (32, 4, 1), (32, 2, 4), (16, 4, 3), (32, 4, 5), (64, 2, 3), (16, 8, 3), (64, 4, 2)]
 
 
 def mxfp4(args, hbm: float) -> None:
@@ -86,16 +86,16 @@ def mxfp4(args, hbm: float) -> None:
     x = torch.randn(1, args.hidden, device="cuda", dtype=torch.bfloat16)
     slots, w = torch.randperm(args.slots, device="cuda")[:4].view(1, 4).to(torch.int32), torch.full((1, 4), 0.25, device="cuda")
     ref = sum(0.25 * mxfp4_reference(layout, act, x, pool[int(s)]) for s in slots[0])
-    print(f"mxfp4 experts {args.hidden} x {args.intermediate}, decode: block_n warps groups stages  k  us/call   GB/s  % of copy  rel.err")
-    for bn, warps, groups, stages in MXFP4_CONFIGS[:4] if args.quick else MXFP4_CONFIGS:
-        kernel = MoeMxfp4(layout, act, block_n=bn, num_warps=warps, groups=groups, stages=stages)
+    print(f"mxfp4 experts {args.hidden} x {args.intermediate}, decode: block_n groups stages  k  us/call   GB/s  % of copy  rel.err")
+    for bn, groups, stages in MXFP4_CONFIGS[:4] if args.quick else MXFP4_CONFIGS:
+        kernel = MoeMxfp4(layout, act, block_n=bn, groups=groups, stages=stages)
         err = float((kernel(x, pool, slots, w) - ref).norm() / ref.norm())
         for k in (1, 4):
             wk = torch.full((1, k), 1 / k, device="cuda")
             sets = [torch.randperm(args.slots, device="cuda")[:k].view(1, k).to(torch.int32) for _ in range(16)]
             us = per_call_us(lambda: [kernel(x, pool, s, wk) for s in sets], len(sets))
             gbs = k * layout.payload_bytes / us / 1e3
-            print(f"{'':>42}{bn:>7} {warps:>5} {groups:>6} {stages:>6} {k:>2} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>8.1e}")
+            print(f"{'':>42}{bn:>7} {groups:>6} {stages:>6} {k:>2} {us:>8.1f} {gbs:>6.0f} {100 * gbs / hbm:>9.0f}%  {err:>8.1e}")
     if args.quick:
         return
     tokens, k, experts = 2048, 4, min(128, args.slots)
@@ -104,7 +104,7 @@ def mxfp4(args, hbm: float) -> None:
     flops = 2 * tokens * k * 3 * args.hidden * args.intermediate
     print(f"mxfp4 prefill, {experts} experts x {counts[0]} rows: block_m block_n warps stages    ms  TFLOP/s")
     for bm, bn, warps, stages in ((64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)):
-        kernel = MoeMxfp4(layout, act, block_n=bn, block_m=bm, num_warps=warps, stages=stages)
+        kernel = MoeMxfp4(layout, act, prefill_block_n=bn, block_m=bm, num_warps=warps, stages=stages)
         ms = triton.testing.do_bench(lambda: kernel.grouped(xs, pool, list(range(experts)), counts), return_mode="median")
         print(f"{'':>44}{bm:>7} {bn:>7} {warps:>5} {stages:>6} {ms:>6.2f} {flops / ms / 1e9:>8.0f}")
 

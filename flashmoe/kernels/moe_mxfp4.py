@@ -1,34 +1,51 @@
-"""Routed experts from MXFP4 records (gpt-oss's experts as released) on the GPU, v2: the E2M1
-codes become fp16 in registers and the tensor cores multiply them; the E8M0 scales, the expert
-biases and the family's SwiGLU (plain, or gpt-oss's clamped one) are applied in fp32. Launches:
+"""Routed experts from MXFP4 records (gpt-oss's experts as released) on the GPU, v3. Decode
+multiplies on the CUDA cores with fp32 inputs, prefill on the tensor cores with fp16 inputs; the
+E8M0 scales, the expert biases and the family's SwiGLU (plain, or gpt-oss's clamped one) in fp32.
 
-  gate_up: grid (tiles, I / BLOCK_N) -> h [rows, I] = act(x . gate^T + b_gate, x . up^T + b_up)
-  down:    grid (tiles, H / BLOCK_N) -> y [rows, H] = h . down^T + b_down (decode: times w_j)
-  decode only, sum_pairs: grid (T, H / 1024) -> y [T, H] = sum_j y[t * k + j] (+ residual)
+Decoding a code: an int32 word holds 8 codes (code c in bits 4c..4c+3). Its two 16-bit halves are
+16 bits apart, like codes c and c + 4, so one shift and one mask place a code in each half at once:
+magnitude (e1 e0 m) to bits 9-11, sign to 15 gives the fp16 whose value is the E2M1 value times
+2^-14, exactly (e = 0 lands on fp16's subnormals: 0.5 = 2^-15 * 2^14). Two codes cost two shifts
+and two LOP3s (one an AND-OR), ~2 integer instructions a code; a 16-entry lookup would cost a
+byte extraction and an index per code before any table read (Triton has no PRMT lookup).
 
-A tile is up to BLOCK_M rows of inputs that one expert multiplies: in decode one (token, expert)
-pair (the tile's other rows masked: the tensor core's 16-row minimum costs no memory traffic, and
-decode is bound by reading the codes), in prefill up to BLOCK_M of an expert's tokens, so each
-code is read once per tile of tokens instead of once per token. Every pair has programs of its
-own, and a token's experts are summed in routing order afterwards: deterministic, no atomics.
+Decode, three launches (every (token, expert) pair in programs of its own; a token's experts
+summed in routing order afterwards: deterministic, no atomics):
 
-Arithmetic, a step of GROUPS groups of 32 inputs (one E8M0 scale byte s per group and row):
-- A code (s e1 e0 m) placed as fp16 bits (s << 15) | (e1 e0 m << 9) is its E2M1 value times
-  2^-14, exactly: e = 0 lands on fp16's subnormals (0.5 = 2^-15 * 2^14), which the tensor cores
-  keep. Three integer operations a code, no table.
-- Each group's codes are multiplied by 2^(s - top + 13), top the largest scale of the row's groups
-  in the step: exact for groups within 2^22 of it (a smaller group's products round below the
-  larger's fp32 rounding). The step's fp32 dot product is scaled by 2^(top - 127 + 1), the float
-  whose exponent field is top + 1 (s = 255, NaN in E8M0, is refused by the converter).
-- The inputs are split into two fp16 parts, hi + lo (hi = fp16(x), lo = fp16(x - hi)), and both
-  are multiplied: products exact, sums in fp32, so the result carries fp32's error, ~1e-6
-  (inputs beyond fp16's range, |x| > 65504, overflow: activations after a norm and gpt-oss's
-  clamped SwiGLU are far inside it).
+  gate_up:   grid (T * k, I / block_n) -> h [T * k, I] fp32 = act(x . gate^T + b, x . up^T + b)
+  down:      grid (T * k, H / block_n) -> y [T * k, H] = w_j * (h . down^T + b)
+  sum_pairs: grid (T, H / 1024)        -> y [T, H] = sum_j y[t * k + j] (+ residual)
+
+- Tile [rows, groups, 4 words], one lane per row and group (`_mx_rows`, the affine kernels'
+  structure, moe_gemv.py v4): a lane's 16-byte load is its row's group of 32 codes, and it reads
+  the group's 32 inputs itself, so codes and inputs meet in registers with no shared-memory
+  layout conversion of the codes (v2's tensor-core tile stored each decoded code to shared
+  memory one by one: Triton puts the joined fp16 tile in a column-major shared layout).
+- One FMA a code in fp32: the fp16 value widened exactly (HADD2.F32), times the fp32 input. One
+  accumulator per lane and word; the group's scale 2^(s - 127) multiplies the group's partial
+  sum in fp32, never the codes: no scale is broadcast across a tile, and every scale exponent is
+  exact (no relative scaling that flushes groups far below a row's largest). Products and sums
+  carry fp32's rounding: 2-3e-7 from the reference (interpreter), as v2's hi + lo split, at half the
+  multiplies. No tensor cores: a token is one row of a 16-row MMA, and the decode is bound by
+  the per-code instructions, not by multiplies.
+- gate and up rows interleaved in one tile: one pass over x, both rows' codes in flight; loads
+  pipelined `stages` steps ahead.
+
+Prefill, two launches over tiles of up to block_m rows of one expert (x_sorted grouped by expert):
+the tensor cores multiply x_sorted and h rounded to fp16 (11 significant bits, |values| up to
+65504: activations after a norm and gpt-oss's clamped SwiGLU are far inside it) by the decoded
+codes (exact in fp16), one dot per group of 32 inputs whose fp32 output is scaled by the group's
+2^(s - 127) per row (`_mx_tile`). Each code is decoded once per tile of tokens.
+
+Triton's `tl.dot_scaled` (e2m1 with e8m0 scales) is not used: Triton 3.6 documents it on Hopper as
+software emulation (both operands upcast to bf16, the scales multiplied into every element: the
+per-code work that made v2 slow, with bf16's 8-bit inputs), and its interpreter does not run it.
 
 `mxfp4_reference` is the plain PyTorch definition (`layout.weights` + `swiglu_expert`) the kernels
 are tested against (tests/kernels/test_moe_mxfp4.py, in Triton's interpreter without a GPU). v1
-(integer decode, an fp32 FMA per weight, byte-wide loads) ran at 6-7% of the copy rate on an H100
-(docs/EXPERIMENTS.md entry 66); v2's prediction and measurement: entry 81.
+(integer decode, an FMA per weight with byte-wide loads) ran at 6-7% of the copy rate on an H100
+(docs/EXPERIMENTS.md entry 66), v2 (tensor cores on fp32 inputs split hi + lo, codes scaled per
+step) at 11-12% (entry 90).
 """
 
 from __future__ import annotations
@@ -46,106 +63,146 @@ from .moe_grouped import expert_tiles
 
 
 @triton.jit
-def _e2m1_f16(n):
-    """int32 E2M1 codes -> their values times 2^-14, as fp16 (exact: e = 0 codes are fp16 subnormals)."""
-    return (((n & 7) << 9) | ((n & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
+def _e2m1_pair(w, P: tl.constexpr):
+    """Codes P and P + 4 of each int32 word w (code i in bits 4i..4i+3) as the two fp16 halves of
+    one word: magnitude bits (e1 e0 m) to 9-11 and 25-27, sign bit to 15 and 31. The word's 16-bit
+    halves stay 16 bits apart, so one shift and one mask place a code of each half at once."""
+    if P == 3:
+        mag = (w >> 3) & 0x0E000E00
+    else:
+        mag = (w << (9 - 4 * P)) & 0x0E000E00
+    return mag | ((w << (12 - 4 * P)) & -0x7FFF8000)  # 0x80008000 as an int32
 
 
 @triton.jit
-def _mx_tile(a_ptr, a_rows, a_live, pool_ptr, blocks, scales, n, n_live, K: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr):
-    """A[a_rows, :K] (fp32/bf16 rows, element offsets `a_rows` [BLOCK_M], zero where not a_live) times
-    W[n, :K]^T of the MXFP4 projection whose codes start at byte `blocks` and scales at byte `scales`
-    of the pool (rows n [BLOCK_N], zero where not n_live) -> [BLOCK_M, BLOCK_N] fp32. GROUPS groups
-    of each row per step: their codes are scaled relative to the largest of their scales (exact for
-    groups within 2^22 of it; a smaller one rounds below the larger's fp32 rounding), the step's dot
-    product by the largest."""
-    STEP: tl.constexpr = GROUPS * GROUP
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    byte = tl.arange(0, STEP // 2)
-    col = tl.arange(0, STEP)
-    group = tl.arange(0, GROUPS)
-    code_rows = pool_ptr + blocks + n.to(tl.int64) * (K // 2)
+def _e2m1_halves(w, P: tl.constexpr):
+    """[R, W] int32 words -> [R, W, 2] fp16: codes P and P + 4 of each word, times 2^-14."""
+    r = _e2m1_pair(w, P)
+    return tl.join(r.to(tl.int16).to(tl.float16, bitcast=True), (r >> 16).to(tl.int16).to(tl.float16, bitcast=True))
+
+
+@triton.jit
+def _e2m1_group(w):
+    """[R, 4] int32 words (a group of 32 codes of each row, code c of a word in bits 4c..4c+3) ->
+    [R, 32] fp16 values times 2^-14, in the codes' order (exact: e = 0 codes are fp16 subnormals)."""
+    # index (h, q, r) of the last three axes holds code 4h + 2q + r: row-major, the codes' own order
+    both = tl.join(tl.join(_e2m1_halves(w, 0), _e2m1_halves(w, 2)), tl.join(_e2m1_halves(w, 1), _e2m1_halves(w, 3)))
+    return tl.reshape(both, (w.shape[0], 32))
+
+
+@triton.jit
+def _e8m0(s):
+    """int32 E8M0 bytes -> 2^(s - 127) as fp32: the byte is the exponent field (s = 0 the subnormal 2^-127)."""
+    return tl.where(s > 0, s << 23, 0x400000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mx_tile(a_ptr, a_rows, a_live, codes_ptr, pool_ptr, blocks, scales, n, n_live, K: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+             STAGES: tl.constexpr, DOT: tl.constexpr):
+    """A[a_rows, :K] (fp16 rows, element offsets `a_rows` [BLOCK_M], zero where not a_live) times
+    W[n, :K]^T of the MXFP4 projection whose codes start at word `blocks` of the pool's int32 view
+    and scales at byte `scales` (rows n [BLOCK_N], zero where not n_live) -> [BLOCK_M, BLOCK_N]
+    fp32. GROUPS groups of 32 inputs per loop step; each group one dot of its own, scaled by its
+    rows' E8M0 factors in fp32."""
+    WORDS: tl.constexpr = GROUP // 8  # int32 words of a group's codes: one 16-byte vector per row
+    # the codes are the dot's first operand (rows x inputs, as they are read): the accumulator is
+    # [rows, tokens], each group's scale a per-row factor, transposed once at the end
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    word = tl.arange(0, WORDS)
+    col = tl.arange(0, GROUP)
+    code_rows = codes_ptr + blocks + n.to(tl.int64) * (K // 8)
     scale_rows = pool_ptr + scales + n.to(tl.int64) * (K // GROUP)
-    for k0 in tl.range(0, K, STEP, num_stages=STAGES):
-        codes = tl.load(code_rows[:, None] + (k0 // 2 + byte)[None, :], mask=n_live[:, None] & (k0 + 2 * byte < K)[None, :],
-                        other=0).to(tl.int32)
-        # byte b holds inputs 2b (low nibble) and 2b + 1 (high nibble): join interleaves them
-        w = tl.reshape(tl.join(_e2m1_f16(codes & 15), _e2m1_f16(codes >> 4)), (BLOCK_N, STEP))
-        s = tl.load(scale_rows[:, None] + (k0 // GROUP + group)[None, :], mask=n_live[:, None] & (k0 + group * GROUP < K)[None, :],
-                    other=0).to(tl.int32)
-        top = tl.max(s, axis=1)
-        # 2^(s - top + 13) as fp16 (0 below fp16's normals): the codes become values * 2^(s - top - 1),
-        # at most 6 * 2^-1, exact down to 2^-24
-        rel = s - top[:, None] + 13
-        rel = tl.where(rel >= -14, (rel + 15) << 10, 0).to(tl.int16).to(tl.float16, bitcast=True)
-        rel = tl.reshape(tl.broadcast_to(rel[:, :, None], (BLOCK_N, GROUPS, GROUP)), (BLOCK_N, STEP))
-        wt = tl.trans((w * rel).to(DOT))
-        a = tl.load(a_ptr + a_rows[:, None] + (k0 + col)[None, :], mask=a_live[:, None] & (k0 + col < K)[None, :], other=0.0)
-        a = a.to(tl.float32)
-        hi = a.to(tl.float16)
-        lo = (a - hi.to(tl.float32)).to(tl.float16)
-        d = tl.dot(lo.to(DOT), wt, tl.dot(hi.to(DOT), wt, input_precision="ieee"), input_precision="ieee")
-        acc += d * ((top + 1) << 23).to(tl.float32, bitcast=True)[None, :]  # 2^(top - 127) * 2^1
-    return acc
+    for k0 in tl.range(0, K, GROUPS * GROUP, num_stages=STAGES):
+        for g in tl.static_range(GROUPS):
+            kg = k0 + g * GROUP
+            inside = kg < K  # the last step of a row that is not whole steps
+            w = tl.load(code_rows[:, None] + (kg // 8 + word)[None, :], mask=n_live[:, None] & inside, other=0)
+            s = tl.load(scale_rows + kg // GROUP, mask=n_live & inside, other=0).to(tl.int32)
+            a = tl.load(a_ptr + a_rows[None, :] + (kg + col)[:, None], mask=a_live[None, :] & inside, other=0.0)
+            d = tl.dot(_e2m1_group(w).to(DOT), a.to(DOT))
+            acc += d * _e8m0(s)[:, None]
+    return tl.trans(acc * 16384.0)  # the codes' 2^-14
 
 
 @triton.jit
-def _tile(tile, slots_ptr, tile_row_ptr, tile_end_ptr, K_ROUTED: tl.constexpr, GATHERED: tl.constexpr):
-    """A tile's (slot, first row, end row, its first input row): decode's tile is one pair (token *
-    K_ROUTED + j) whose input is its token's row; prefill's is rows [first, end) of x_sorted."""
-    slot = tl.load(slots_ptr + tile).to(tl.int64)
-    # both branches return int64s: the compiler checks both whatever GATHERED is (the H100 refused
-    # a decode branch of int32 program ids beside prefill's int64 rows)
-    if GATHERED:
-        pair = tile.to(tl.int64)
-        return slot, pair, pair + 1, pair // K_ROUTED
-    first = tl.load(tile_row_ptr + tile).to(tl.int64)
-    return slot, first, tl.load(tile_end_ptr + tile).to(tl.int64), first
+def _pair_dot(w, P: tl.constexpr, x, acc):
+    """acc + codes P and P + 4 of [R, G, 4] int32 words times their inputs x [G, 4, 2] -> [R, G, 4]
+    fp32: each code's value * 2^-14 (exact in fp16, widened exactly) in one FMA with its input."""
+    r = _e2m1_pair(w, P)
+    lo = r.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (r >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_lo, x_hi = tl.split(x)
+    return hi * x_hi[None, :, :] + (lo * x_lo[None, :, :] + acc)
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, pool_ptr, halves_ptr, h_ptr, record_size,
-                    blocks_off, scales_off, bias_off, limit, alpha, H: tl.constexpr, I: tl.constexpr,
-                    K_ROUTED: tl.constexpr, GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    CLAMPED: tl.constexpr):
-    slot, first, end, x_row = _tile(tl.program_id(0), slots_ptr, tile_row_ptr, tile_end_ptr, K_ROUTED, GATHERED)
-    m = tl.arange(0, BLOCK_M)
-    a_live = first + m < end
-    a_rows = (x_row + m).to(tl.int64) * H
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _mx_rows(x_ptr, codes_ptr, pool_ptr, blocks, scales, n, n_live, K: tl.constexpr, GROUP: tl.constexpr,
+             GROUPS: tl.constexpr, STAGES: tl.constexpr):
+    """Decode's matvec: W[n, :K] . x[:K] (x fp32) of the MXFP4 projection whose codes start at word
+    `blocks` of the pool's int32 view and scales at byte `scales` (rows n [R], zero where not
+    n_live) -> [R] fp32. Tile [R rows, GROUPS groups, 4 words]: each lane reads one group of one
+    row (16 bytes) and all 32 of its inputs, so codes and inputs meet in the lane without a layout
+    conversion; one accumulator per row and group, summed across the lanes once at the end."""
+    WORDS: tl.constexpr = GROUP // 8
+    g = tl.arange(0, GROUPS)
+    word = tl.arange(0, WORDS)
+    acc = tl.zeros([n.shape[0], GROUPS, WORDS], dtype=tl.float32)
+    code_rows = codes_ptr + blocks + n.to(tl.int64) * (K // 8)
+    scale_rows = pool_ptr + scales + n.to(tl.int64) * (K // GROUP)
+    xin = (g * GROUP)[:, None, None] + (8 * word)[None, :, None] + tl.arange(0, 8)[None, None, :]  # [G, 4, 8]
+    for k0 in tl.range(0, K, GROUPS * GROUP, num_stages=STAGES):
+        inside = k0 + g * GROUP < K  # the groups of the row's last step that lie past its end: none read
+        live = n_live[:, None] & inside[None, :]
+        w = tl.load(code_rows[:, None, None] + (k0 // 8 + g * WORDS)[None, :, None] + word[None, None, :],
+                    mask=live[:, :, None], other=0)
+        s = tl.load(scale_rows[:, None] + (k0 // GROUP + g)[None, :], mask=live, other=0).to(tl.int32)
+        x = tl.load(x_ptr + k0 + xin, mask=inside[:, None, None], other=0.0)
+        # input c of a word is x[g, w, c], c = 4h + 2a + b: the pair of codes P = 2a + b (h = 0, 1)
+        x_b0, x_b1 = tl.split(tl.reshape(x, (GROUPS, WORDS, 2, 2, 2)))
+        x_p0, x_p2 = tl.split(x_b0)
+        x_p1, x_p3 = tl.split(x_b1)
+        part = _pair_dot(w, 3, x_p3, _pair_dot(w, 2, x_p2, _pair_dot(w, 1, x_p1, _pair_dot(w, 0, x_p0, 0.0))))
+        # the group's sums, one per word (lanes hold their words), times its scale in fp32
+        acc += part * _e8m0(s)[:, :, None]
+    return tl.sum(tl.sum(acc, axis=2), axis=1) * 16384.0  # the codes' 2^-14
+
+
+@triton.jit
+def _gate_up_rows_kernel(x_ptr, slots_ptr, codes_ptr, pool_ptr, halves_ptr, h_ptr, record_size, record_words,
+                         blocks_off, scales_off, bias_off, limit, alpha, H: tl.constexpr, I: tl.constexpr,
+                         K_ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                         STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
+    """Decode, one (token, expert) pair per program row: h[pair, n] = act(gate_n . x + b, up_n . x + b)."""
+    pair = tl.program_id(0)
+    slot = tl.load(slots_ptr + pair).to(tl.int64)
+    rr = tl.arange(0, 2 * BLOCK_N)
+    n = tl.program_id(1) * BLOCK_N + rr // 2
     n_live = n < I
-    blocks, scales = slot * record_size + blocks_off, slot * record_size + scales_off
-    gate = _mx_tile(x_ptr, a_rows, a_live, pool_ptr, blocks, scales, n, n_live, H, BLOCK_M, BLOCK_N, GROUP, GROUPS, STAGES, DOT)
-    up = _mx_tile(x_ptr, a_rows, a_live, pool_ptr, blocks, scales, n + I, n_live, H, BLOCK_M, BLOCK_N, GROUP, GROUPS, STAGES, DOT)
+    rows = n + (rr % 2) * I  # gate and up rows interleaved: one pass over x, both rows' codes in flight
+    y = _mx_rows(x_ptr + (pair // K_ROUTED).to(tl.int64) * H, codes_ptr, pool_ptr, slot * record_words + blocks_off,
+                 slot * record_size + scales_off, rows, n_live, H, GROUP, GROUPS, STAGES)
     if HAS_BIAS:
-        gate += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)[None, :]
-        up += out_bias(halves_ptr, slot, record_size // 2, bias_off, n + I, n_live)[None, :]
-    h = expert_act(gate, up, limit, alpha, CLAMPED)
-    tl.store(h_ptr + (first + m).to(tl.int64)[:, None] * I + n[None, :], h, mask=a_live[:, None] & n_live[None, :])
+        y += out_bias(halves_ptr, slot, record_size // 2, bias_off, rows, n_live)
+    gate, up = tl.split(tl.reshape(y, (BLOCK_N, 2)))
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(h_ptr + pair.to(tl.int64) * I + n, expert_act(gate, up, limit, alpha, CLAMPED), mask=n < I)
 
 
 @triton.jit
-def _down_kernel(h_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, weights_ptr, pool_ptr, halves_ptr, y_ptr, record_size,
-                 blocks_off, scales_off, bias_off, H: tl.constexpr, I: tl.constexpr, K_ROUTED: tl.constexpr,
-                 GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
-                 STAGES: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Each row's expert output (+ bias): times its routing weight in decode, unweighted in prefill."""
-    slot, first, end, _ = _tile(tl.program_id(0), slots_ptr, tile_row_ptr, tile_end_ptr, K_ROUTED, GATHERED)
-    m = tl.arange(0, BLOCK_M)
-    live = first + m < end
-    rows = (first + m).to(tl.int64)
+def _down_rows_kernel(h_ptr, slots_ptr, weights_ptr, codes_ptr, pool_ptr, halves_ptr, y_ptr, record_size, record_words,
+                      blocks_off, scales_off, bias_off, H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Decode: y[pair, n] = w_pair * (down_n . h[pair] + b)."""
+    pair = tl.program_id(0)
+    slot = tl.load(slots_ptr + pair).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = n < H
-    base = slot * record_size
-    y = _mx_tile(h_ptr, rows * I, live, pool_ptr, base + blocks_off, base + scales_off, n, n_live, I, BLOCK_M,
-                 BLOCK_N, GROUP, GROUPS, STAGES, DOT)
+    y = _mx_rows(h_ptr + pair.to(tl.int64) * I, codes_ptr, pool_ptr, slot * record_words + blocks_off,
+                 slot * record_size + scales_off, n, n_live, I, GROUP, GROUPS, STAGES)
     if HAS_BIAS:
-        y += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)[None, :]
-    if GATHERED:
-        y *= tl.load(weights_ptr + rows, mask=live, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + rows[:, None] * H + n[None, :], y, mask=live[:, None] & n_live[None, :])
+        y += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)
+    tl.store(y_ptr + pair.to(tl.int64) * H + n, y * tl.load(weights_ptr + pair).to(tl.float32), mask=n_live)
 
 
 @triton.jit
@@ -163,14 +220,64 @@ def _sum_pairs_kernel(y_pairs_ptr, residual_ptr, y_ptr, H: tl.constexpr, K_ROUTE
     tl.store(y_ptr + token * H + n, acc.to(y_ptr.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _gate_up_kernel(x_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, codes_ptr, pool_ptr, halves_ptr, h_ptr, record_size,
+                    record_words, blocks_off, scales_off, bias_off, limit, alpha, H: tl.constexpr, I: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                    STAGES: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
+    """Prefill: h [rows, I] fp16 of a tile's rows [first, end) of x_sorted (fp16), one expert's."""
+    tile = tl.program_id(0)
+    slot = tl.load(slots_ptr + tile).to(tl.int64)
+    first = tl.load(tile_row_ptr + tile).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    a_live = first + m < tl.load(tile_end_ptr + tile)
+    a_rows = (first + m) * H
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_live = n < I
+    blocks, scales = slot * record_words + blocks_off, slot * record_size + scales_off
+    gate = _mx_tile(x_ptr, a_rows, a_live, codes_ptr, pool_ptr, blocks, scales, n, n_live, H, BLOCK_M, BLOCK_N, GROUP,
+                    GROUPS, STAGES, DOT)
+    up = _mx_tile(x_ptr, a_rows, a_live, codes_ptr, pool_ptr, blocks, scales, n + I, n_live, H, BLOCK_M, BLOCK_N, GROUP,
+                  GROUPS, STAGES, DOT)
+    if HAS_BIAS:
+        gate += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)[None, :]
+        up += out_bias(halves_ptr, slot, record_size // 2, bias_off, n + I, n_live)[None, :]
+    h = expert_act(gate, up, limit, alpha, CLAMPED)
+    tl.store(h_ptr + (first + m)[:, None] * I + n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=a_live[:, None] & n_live[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, slots_ptr, tile_row_ptr, tile_end_ptr, codes_ptr, pool_ptr, halves_ptr, y_ptr, record_size,
+                 record_words, blocks_off, scales_off, bias_off, H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
+                 DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Prefill: each row's expert output (+ bias), unweighted."""
+    tile = tl.program_id(0)
+    slot = tl.load(slots_ptr + tile).to(tl.int64)
+    first = tl.load(tile_row_ptr + tile).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    live = first + m < tl.load(tile_end_ptr + tile)
+    rows = first + m
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_live = n < H
+    y = _mx_tile(h_ptr, rows * I, live, codes_ptr, pool_ptr, slot * record_words + blocks_off,
+                 slot * record_size + scales_off, n, n_live, I, BLOCK_M, BLOCK_N, GROUP, GROUPS, STAGES, DOT)
+    if HAS_BIAS:
+        y += out_bias(halves_ptr, slot, record_size // 2, bias_off, n, n_live)[None, :]
+    tl.store(y_ptr + rows[:, None] * H + n[None, :], y, mask=live[:, None] & n_live[None, :])
+
+
 class MoeMxfp4:
     """The routed experts of MXFP4 records: `__call__` as MoeGemv's (decode), `grouped` as
-    MoeGrouped's (prefill: per-row outputs, unweighted). block_n rows of each projection per
-    program, `groups` groups of 32 inputs per loop step, `stages` steps' loads in flight;
-    block_m tokens per prefill tile."""
+    MoeGrouped's (prefill: per-row outputs, unweighted). Decode: block_n rows of each projection
+    per program (gate_up: block_n of gate and of up), `groups` groups of 32 inputs per loop step,
+    one lane per row and group (block_n * groups / 32 warps; gate_up twice that). Prefill: tiles of
+    block_m tokens times prefill_block_n rows, `groups` groups a step, `stages` steps' loads in
+    flight, num_warps warps."""
 
-    def __init__(self, layout: RecordLayout, act: Swiglu = SILU, block_n: int | None = None, block_m: int = 64,
-                 groups: int = 2, num_warps: int = 4, stages: int = 3):
+    def __init__(self, layout: RecordLayout, act: Swiglu = SILU, block_n: int = 32, groups: int = 4,
+                 block_m: int = 64, prefill_block_n: int | None = None, num_warps: int = 4, stages: int = 3):
         if layout.scheme != "mxfp4":
             raise ValueError(f"MoeMxfp4 computes MXFP4 records, not {layout.scheme} ones")
         if layout.hidden_size % MXFP4_GROUP or layout.intermediate_size % MXFP4_GROUP:
@@ -181,33 +288,21 @@ class MoeMxfp4:
 
         def offsets(proj: str) -> tuple[int, int, int]:
             bias = seg[f"{proj}.bias"].offset // 2 if layout.with_bias else 0
-            return seg[f"{proj}.blocks"].offset, seg[f"{proj}.scales"].offset, bias
+            # codes in words of the pool's int32 view (segments start 256-byte aligned)
+            return seg[f"{proj}.blocks"].offset // 4, seg[f"{proj}.scales"].offset, bias
 
         self.gate_up, self.down = offsets("gate_up_proj"), offsets("down_proj")
+        self.block_n, self.groups, self.block_m = block_n, groups, block_m
         # the interpreter runs each program as a Python loop pass: fewer, larger programs there
-        self.block_n = block_n or (64 if INTERPRETED else 32)
-        self.block_m, self.groups, self.num_warps, self.stages = block_m, groups, num_warps, stages
-        # Triton 3.6's interpreter multiplies 16-bit dots wrongly: there the fp16 parts are multiplied
+        self.prefill_block_n = prefill_block_n or (64 if INTERPRETED else 32)
+        self.num_warps, self.stages = num_warps, stages
+        # Triton 3.6's interpreter multiplies 16-bit dots wrongly: there the fp16 values are multiplied
         # as fp32 (the same values, so the same products)
         self.dot = tl.float32 if INTERPRETED else tl.float16
 
-    def _launch(self, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, tile_row: torch.Tensor,
-                tile_end: torch.Tensor, weights: torch.Tensor, k: int, gathered: bool, block_m: int) -> torch.Tensor:
-        """gate_up then down over the tiles -> each row's expert output [rows, H] fp32 (decode: weighted)."""
-        L = self.layout
-        H, I = L.hidden_size, L.intermediate_size
-        rows = x.shape[0] * k if gathered else x.shape[0]
-        meta = dict(H=H, I=I, K_ROUTED=k, GATHERED=gathered, BLOCK_M=block_m, BLOCK_N=self.block_n, GROUP=MXFP4_GROUP,
-                    GROUPS=self.groups, STAGES=self.stages, DOT=self.dot, HAS_BIAS=L.with_bias, num_warps=self.num_warps)
-        halves = pool.view(torch.bfloat16)
-        h = torch.empty(rows, I, device=x.device, dtype=torch.float32)
-        _gate_up_kernel[(slots.numel(), triton.cdiv(I, self.block_n))](
-            x, slots, tile_row, tile_end, pool, halves, h, L.record_size, *self.gate_up, float(self.act.limit or 0.0),
-            float(self.act.alpha), CLAMPED=self.act.limit is not None, **meta)
-        y = torch.empty(rows, H, device=x.device, dtype=torch.float32)
-        _down_kernel[(slots.numel(), triton.cdiv(H, self.block_n))](
-            h, slots, tile_row, tile_end, weights, pool, halves, y, L.record_size, *self.down, **meta)
-        return y
+    def _records(self, pool: torch.Tensor) -> tuple:
+        """The pool's int32 (codes), uint8 (scales) and bf16 (biases) views, then record size in bytes and words."""
+        return pool.view(torch.int32), pool, pool.view(torch.bfloat16), self.layout.record_size, self.layout.record_size // 4
 
     def __call__(self, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,12 +310,23 @@ class MoeMxfp4:
         `out`): the weighted expert sum, plus `residual` if given."""
         L = self.layout
         T, k = slots.shape
-        H = L.hidden_size
+        H, I = L.hidden_size, L.intermediate_size
         assert x.shape == (T, H) and weights.shape == (T, k) and pool.shape[1] == L.record_size
-        x, slots, weights = x.contiguous(), slots.contiguous(), weights.contiguous()
-        # one tile per (token, expert) pair: every expert's rows in programs of their own (a token's k
-        # experts summed by one program would leave most SMs idle at one token)
-        y_pairs = self._launch(x, pool, slots, slots, slots, weights, k, True, 16)
+        slots, weights = slots.contiguous(), weights.contiguous()
+        codes, scales, halves, size, words = self._records(pool)
+        meta = dict(GROUP=MXFP4_GROUP, GROUPS=self.groups, BLOCK_N=self.block_n, STAGES=self.stages, HAS_BIAS=L.with_bias)
+        warps = max(1, self.block_n * self.groups // 32)
+        # one program per (token, expert) pair and block of rows: every expert's rows in programs of
+        # their own (a token's k experts summed by one program would leave most SMs idle at one token)
+        h = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+        _gate_up_rows_kernel[(T * k, triton.cdiv(I, self.block_n))](
+            x.float().contiguous(), slots, codes, scales, halves, h, size, words, *self.gate_up,
+            float(self.act.limit or 0.0), float(self.act.alpha), H=H, I=I, K_ROUTED=k,
+            CLAMPED=self.act.limit is not None, num_warps=2 * warps, **meta)
+        y_pairs = torch.empty(T * k, H, device=x.device, dtype=torch.float32)
+        _down_rows_kernel[(T * k, triton.cdiv(H, self.block_n))](
+            h, slots, weights, codes, scales, halves, y_pairs, size, words, *self.down, H=H, I=I, num_warps=warps,
+            **meta)
         y = torch.empty(T, H, device=x.device, dtype=torch.float32) if out is None else out
         block = min(1024, triton.next_power_of_2(H))
         _sum_pairs_kernel[(T, triton.cdiv(H, block))](y_pairs, y if residual is None else residual, y, H=H, K_ROUTED=k,
@@ -229,11 +335,26 @@ class MoeMxfp4:
 
     def grouped(self, x_sorted: torch.Tensor, pool: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """x_sorted [M, H] (rows grouped by expert, in the order of `slots`), each expert's slot and
-        row count -> y_sorted [M, H] fp32, unweighted: each expert's codes read once per block_m rows."""
-        assert sum(counts) == x_sorted.shape[0] and x_sorted.shape[1] == self.layout.hidden_size
+        row count -> y_sorted [M, H] fp32, unweighted: each expert's codes read once per block_m rows.
+        The tensor cores multiply fp16 inputs (x_sorted and h rounded to fp16: |values| up to 65504)."""
+        L = self.layout
+        H, I = L.hidden_size, L.intermediate_size
+        assert sum(counts) == x_sorted.shape[0] and x_sorted.shape[1] == H
         tile_slot, tile_row, tile_end = expert_tiles(slots, counts, self.block_m, x_sorted.device)
-        # (prefill's outputs are unweighted: the weights argument is not read)
-        return self._launch(x_sorted.contiguous(), pool, tile_slot, tile_row, tile_end, tile_slot, 1, False, self.block_m)
+        bn = self.prefill_block_n
+        meta = dict(H=H, I=I, BLOCK_M=self.block_m, BLOCK_N=bn, GROUP=MXFP4_GROUP, GROUPS=self.groups,
+                    STAGES=self.stages, DOT=self.dot, HAS_BIAS=L.with_bias, num_warps=self.num_warps)
+        records = self._records(pool)
+        tiles = tile_slot.numel()
+        h = torch.empty(x_sorted.shape[0], I, device=x_sorted.device, dtype=torch.float16)
+        _gate_up_kernel[(tiles, triton.cdiv(I, bn))](
+            x_sorted.to(torch.float16).contiguous(), tile_slot, tile_row, tile_end, *records[:3], h, *records[3:],
+            *self.gate_up, float(self.act.limit or 0.0), float(self.act.alpha), CLAMPED=self.act.limit is not None,
+            **meta)
+        y = torch.empty(x_sorted.shape[0], H, device=x_sorted.device, dtype=torch.float32)
+        _down_kernel[(tiles, triton.cdiv(H, bn))](h, tile_slot, tile_row, tile_end, *records[:3], y, *records[3:],
+                                                  *self.down, **meta)
+        return y
 
 
 def mxfp4_reference(layout: RecordLayout, act: Swiglu, x: torch.Tensor, record: torch.Tensor) -> torch.Tensor:
