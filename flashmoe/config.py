@@ -47,6 +47,10 @@ class EngineConfig:
     prefill_chunk: int = 2048
     direct_io: bool = False  # read expert records with O_DIRECT, past the page cache
     cuda_graphs: bool = True
+    # GPU, with CUDA graphs: sequences whose states are allocated once (layers/state.StatePool), so a
+    # batch's decode graph is recorded per bucket of slots and replayed as sequences come and go
+    # (serve sets it to --parallel); 0: none, each batch recorded for its own sequences
+    decode_slots: int = 0
     # The GPU path's logic (GPU tier, Triton kernels) on a CPU device, for tests: the kernels run in
     # Triton's interpreter. A GPU device takes that path anyway.
     gpu_path_on_cpu: bool = False
@@ -69,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"--cpu-experts must be >= 0, got {self.cpu_experts}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.decode_slots < 0:
+            raise ValueError(f"decode_slots must be 0 or more, not {self.decode_slots}")
         if self.io_threads < 1 or self.prefill_chunk < 1:
             raise ValueError("io_threads and prefill_chunk must be at least 1")
         gpu_only = [flag for flag, on in (("--prefetch", self.prefetch), ("--cpu-experts", self.cpu_experts),

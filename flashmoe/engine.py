@@ -23,7 +23,7 @@ from .generation import ContextLengthError, Generation, LogitsProcessor
 from . import kernels
 from .layers.int8_linear import use_bf16_linears, use_int8_linears
 from .layers.ple import table_rows
-from .layers.state import SequenceState
+from .layers.state import SequenceState, StatePool
 from .models import read_args
 from .models.context import StepContext
 from .models.transformer import Model
@@ -42,6 +42,7 @@ from .utils import available_memory_bytes, format_bytes
 __all__ = ["ContextLengthError", "Engine", "EngineConfig", "GpuMemoryError"]
 
 BATCH_GRAPH_HEADROOM = 256  # positions a batch's decode graph reserves past its longest sequence
+POOL_CAPACITY = 1024  # positions each StatePool slot holds at first (all of them doubled when one needs more)
 
 
 class GpuMemoryError(RuntimeError):
@@ -75,6 +76,10 @@ class Engine:
         self.model = self._load_dense()
         self.cuda_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._batch_graph = None  # forward_batch's last decode graph (runtime/graphs.py)
+        self.pool = None  # layers/state.StatePool, and its decode graphs by bucket of slots
+        self._pool_graphs: dict = {}
+        if self.cuda_graphs and config.decode_slots:
+            self.pool = StatePool(lambda: self.model.new_state(self.dtype, self.device), config.decode_slots, POOL_CAPACITY)
         if self.cuda_graphs and (obstacle := self.model.graph_obstacle()):
             self.cuda_graphs = False
             self.choices.append(f"eager decode, no CUDA graphs ({obstacle})")
@@ -449,7 +454,24 @@ class Engine:
         return self.args.max_position_embeddings
 
     def new_state(self) -> SequenceState:
+        """A new sequence's state: a StatePool slot's buffers while one is free (batched decode on
+        the GPU), else buffers of its own."""
+        if self.pool is not None:
+            state = SequenceState([])
+            if self.pool.acquire(state):
+                return state
         return self.model.new_state(self.dtype, self.device)
+
+    def pooled(self, state: SequenceState) -> SequenceState:
+        """`state` in a pool slot's buffers (a copy) where the engine pools states and one is free;
+        else `state` itself."""
+        if self.pool is None or state.slot is not None:
+            return state
+        pooled = SequenceState([])
+        if not self.pool.acquire(pooled):
+            return state
+        pooled.load(state)
+        return pooled
 
     def context(self, states: list[SequenceState], lengths: list[int] = (), last_only: bool = True) -> StepContext:
         """The context of one step of the model over `states` (models/context.py)."""
@@ -471,15 +493,19 @@ class Engine:
         return logits[-1] if last_only else torch.cat(logits)
 
     def release(self, state: SequenceState) -> None:
-        """Free a sequence's caches (a preempted one's), keeping its tokens for `recompute`."""
-        state.layers, state.ngrams = [], {}
+        """Free a sequence's caches (a preempted one's; its pool slot given back), keeping its
+        tokens for `recompute`."""
+        state.leave_slot()
+        state.layers, state.ngrams, state.slot = [], {}, None
 
     def recompute(self, state: SequenceState) -> None:
         """Rebuild a released sequence's caches in place by prefilling its tokens again: the state
         continues as before (up to the prefill's fp32 rounding, as a prefix cache's states do)."""
-        fresh = self.new_state()
-        self.forward(state.tokens, fresh)
-        state.layers, state.ngrams, state.position = fresh.layers, fresh.ngrams, fresh.position
+        tokens, state.tokens, state.position = state.tokens, [], 0
+        if self.pool is None or not self.pool.acquire(state):
+            fresh = self.model.new_state(self.dtype, self.device)
+            state.layers, state.ngrams = fresh.layers, fresh.ngrams
+        self.forward(tokens, state)
 
     @torch.inference_mode()
     def forward_batch(self, ids: list[list[int]], states: list[SequenceState]) -> torch.Tensor:
@@ -492,12 +518,36 @@ class Engine:
         for seq, state in zip(ids, states):
             self._check_context(state, len(seq))
         if self.cuda_graphs and all(len(seq) == 1 for seq in ids):
+            if self.pool is not None and all(state.slot is not None for state in states):
+                return self._pooled_step([seq[0] for seq in ids], states)
             return self._batch_graph_for(states).step([seq[0] for seq in ids])
         flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
         logits = self._step(flat, states, [len(seq) for seq in ids], last_only=True)
         for seq, state in zip(ids, states):
             state.tokens += seq
         return logits
+
+    def _pooled_step(self, tokens: list[int], states: list[SequenceState]) -> torch.Tensor:
+        """One decode step of sequences in StatePool slots: the graph of the smallest bucket of
+        slots [0, b) (a power of two, or every slot) that holds them, the other slots idle."""
+        from .runtime.graphs import DecodeGraph
+
+        pool, top = self.pool, max(state.slot for state in states) + 1
+        b = min(1 << (top - 1).bit_length(), len(pool.slots))
+        holders = pool.holders(b)  # an idle slot's holder may have grown too (a prefill)
+        needed = max(h.position for h in holders if h is not None) + 1
+        if needed > pool.capacity:
+            self._pool_graphs.clear()  # recorded on the smaller buffers: their memory goes first
+            pool.reserve(max(needed, 2 * pool.capacity))
+        graph = self._pool_graphs.get(b)
+        if graph is None or not graph.valid() or graph.capacity != pool.capacity:
+            self._pool_graphs.pop(b, None)
+            graph = self._pool_graphs[b] = DecodeGraph(self, pool.slots[:b], pool.capacity, masked=True)
+        feed, running = [0] * b, [None] * b
+        for state, token in zip(states, tokens):
+            feed[state.slot], running[state.slot] = token, state
+        logits = graph.step(feed, running)
+        return logits[[state.slot for state in states]]
 
     def _batch_graph_for(self, states: list[SequenceState]):
         """The decode graph of these sequences' step (runtime/graphs.py): the last one recorded while

@@ -132,6 +132,8 @@ class Generation:
             """The decode step of `token`, the n-th generated, as this generation runs it alone."""
             nonlocal graphs
             with self._measured(prefill=False):
+                if self.state.slot is not None:  # a pool slot's state: the pool's graphs (Engine.forward_batch)
+                    return eng.forward_batch([[token]], [self.state])
                 if graphs is not None and not graphs.valid():  # new buffers since: preempted, or a batch grew them
                     graphs = None
                 if graphs is None and eng.cuda_graphs:

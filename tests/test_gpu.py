@@ -411,3 +411,44 @@ def test_a_batch_graph_is_kept_while_its_batch_and_buffers_last(packed4):
     assert engine._batch_graph is not second
     want = engine.forward([10], kept)[0]
     assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["copying", "resident"])
+def test_pooled_sequences_decode_through_their_bucket_graph_as_each_alone(packed4, preload):
+    """decode_slots: sequences in StatePool slots step through the graph of their bucket of slots,
+    recorded once: with a slot idle between two running ones (its sequence paused, then resumed
+    where it stopped), and with a sequence leaving and another joining the bucket."""
+    from .test_engine import PROMPTS, _alone
+
+    engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", preload=preload, decode_slots=4))
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], [7, 8, 9, 10]]
+    alone = [_alone(engine, p, 6) for p in prompts]
+    states = [engine.new_state() for _ in prompts[:3]]
+    assert [s.slot for s in states] == [0, 1, 2]
+    out = {i: engine.forward(p, s)[-1] for i, (p, s) in enumerate(zip(prompts, states))}
+    done = [0, 0, 0, 0]
+
+    def step(running: list[int]) -> None:
+        for i in running:
+            logits, tokens = alone[i]
+            assert float((out[i].cpu() - logits[done[i]].cpu()).norm() / logits[done[i]].cpu().norm()) < 1e-3, (i, done[i])
+            assert int(out[i].argmax()) == tokens[done[i]]
+        got = engine.forward_batch([[alone[i][1][done[i]]] for i in running], [states[i] for i in running])
+        for row, i in enumerate(running):
+            out[i], done[i] = got[row], done[i] + 1
+
+    step([0, 1, 2])
+    graph = engine._pool_graphs[4]
+    step([0, 2])  # slot 1 idles: its states must not move
+    step([0, 2])
+    step([0, 1, 2])  # slot 1 resumes where it stopped
+    engine.release(states[2])
+    states[2] = None
+    states.append(engine.new_state())  # joins the bucket in the slot the other left
+    assert states[3].slot == 2
+    out[3] = engine.forward(prompts[3], states[3])[-1]
+    step([0, 1, 3])
+    assert engine._pool_graphs[4] is graph  # nobody's coming or going recorded anything
+    params = SamplingParams(max_tokens=8, temperature=0)
+    plain = Engine(packed4, EngineConfig(device="cuda", dtype="float32", preload=preload))
+    assert [s.token for s in engine.generate(prompts[0], params)] == [s.token for s in plain.generate(prompts[0], params)]

@@ -35,23 +35,25 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(v_heads * v_dim, hidden, bias=False)
         self._cpu_step_weights: tuple | None = None  # (input norm, decode_cpu_layer's weights)
 
-    def forward(self, x: torch.Tensor, states: list, slices: list[slice], norm: RMSNorm | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: list, slices: list[slice], norm: RMSNorm | None = None,
+                active: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, hidden]: the tokens of one or more sequences, sequence i's at slices[i], normed
         first by `norm` where given (the layer's input norm); states[i]: its LinearState (conv
         window + recurrent state), updated in place. The projections run on all the tokens at once,
-        the conv and the recurrence per sequence."""
+        the conv and the recurrence per sequence. active [sequences] (a decode step's, on the
+        device): 0 where a sequence's state must stay as it was (StepContext.active)."""
         if x.shape[0] == 1 and self.takes_cpu_step(x, norm):
             return self.decode_cpu_layer(x, norm, states[0])
         if norm is not None:
             x = norm(x)
-        if x.shape[0] == 1 and kernels.use_kernels(x):
+        if x.shape[0] == 1 and kernels.use_kernels(x) and active is None:
             return self.decode_fused(x, states[0])
         if x.shape[0] == 1 and kernels.use_cpu_kernels(x):
             return self.decode_cpu(x, states[0])
         T = x.shape[0]
         qkv, z, b, a = self.in_proj(x)
         if T == len(states):  # a decode step, of one sequence or a batch's: one recurrence step over [B, ...]
-            out = self._steps(qkv, b, a, states)
+            out = self._steps(qkv, b, a, states, active)
         else:
             out = torch.cat([self._recurrence(qkv[s], b[s], a[s], state) for s, state in zip(slices, states)])
         return project(self.out_proj, self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
@@ -64,16 +66,24 @@ class GatedDeltaNet(nn.Module):
         state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
         return out.transpose(0, 1)  # [T, H, dv]
 
-    def _steps(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, states: list) -> torch.Tensor:
+    def _steps(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, states: list,
+               active: torch.Tensor | None = None) -> torch.Tensor:
         """One token of each of B sequences: their conv windows and recurrent states stacked, one
-        step of both for all -> [B, v_heads, v_dim] (fp32); each state written back in place. The
-        conv's one output is a multiply-and-sum (F.conv1d's CPU path took 180 us here; entry 73)."""
+        step of both for all -> [B, v_heads, v_dim] (fp32); each state written back in place, but
+        where `active` is 0. The conv's one output is a multiply-and-sum (F.conv1d's CPU path took
+        180 us here; entry 73)."""
         windows = torch.stack([torch.cat([s.conv.to(qkv.dtype), qkv[i : i + 1]]) for i, s in enumerate(states)])  # [B, K, C]
         conv = F.silu((windows * self.conv1d.weight[:, 0, :].t()).sum(1))  # the depthwise conv's one output each
-        q, k, v, g, beta = (t.unsqueeze(2) for t in self._heads(conv, b, a))  # [B, H, 1, ...]
+        q, k, v, g, beta = self._heads(conv, b, a)
+        shifted = windows[:, 1:]
+        if active is not None:  # an idle slot's step: no decay (g = 0) and no update (beta = 0), the same window
+            keep = active[:, None].to(g.dtype)
+            g, beta = g * keep, beta * keep
+            shifted = torch.where(active[:, None, None] > 0, shifted, windows[:, :-1])
+        q, k, v, g, beta = (t.unsqueeze(2) for t in (q, k, v, g, beta))  # [B, H, 1, ...]
         out, new = delta_rule_recurrent(q, k, v, g, beta, torch.stack([s.recurrent for s in states]))
         for i, s in enumerate(states):
-            s.conv.copy_(windows[i, 1:])
+            s.conv.copy_(shifted[i])
             s.recurrent.copy_(new[i])
         return out[:, :, 0]
 

@@ -6,6 +6,9 @@ next turn."""
 from __future__ import annotations
 
 import copy
+import heapq
+import weakref
+from typing import Callable
 
 import torch
 
@@ -58,6 +61,13 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.length * self.k[0].numel() * self.k.element_size()
 
+    def load(self, other: "KVCache") -> None:
+        """Take `other`'s positions into this cache's storage."""
+        self.make_room(other.length)
+        self.k[: other.length] = other.k[: other.length]
+        self.v[: other.length] = other.v[: other.length]
+        self.length = other.length
+
     def clone(self) -> "KVCache":
         """A copy holding just the used positions (the doubling headroom is not copied)."""
         new = copy.copy(self)
@@ -96,6 +106,10 @@ class LinearState:
     def nbytes(self) -> int:
         return self.conv.numel() * self.conv.element_size() + self.recurrent.numel() * 4
 
+    def load(self, other: "LinearState") -> None:
+        self.conv.copy_(other.conv)
+        self.recurrent.copy_(other.recurrent)
+
     def clone(self) -> "LinearState":
         new = copy.copy(self)
         new.conv, new.recurrent = self.conv.clone(), self.recurrent.clone()
@@ -125,13 +139,15 @@ class SequenceState:
     """One sequence: its position, each layer's mixer state, and the n-gram history of the layers
     with per-layer embeddings, by layer index (the model's new_state builds it). `tokens`: every id
     fed so far, from which Engine.recompute rebuilds the rest after Engine.release freed it (a
-    preempted sequence)."""
+    preempted sequence). `slot`: the StatePool slot whose buffers it holds, if any."""
 
     def __init__(self, layers: list, ngrams: dict[int, NgramState] | None = None):
         self.position = 0
         self.layers = layers
         self.ngrams = ngrams or {}
         self.tokens: list[int] = []
+        self.slot: int | None = None
+        self.leave_slot: Callable[[], None] = _nothing  # gives the slot back (StatePool.acquire sets it)
 
     def advance_graphed(self, token: int) -> None:
         """`token` written by a replayed graph: eager writes advance the KV caches themselves."""
@@ -142,12 +158,79 @@ class SequenceState:
                 cache.length += 1
 
     def clone(self) -> "SequenceState":
+        """A copy in buffers of its own (never a pool slot's)."""
         new = copy.copy(self)
         new.layers = [layer.clone() for layer in self.layers]
         new.ngrams = {i: state.clone() for i, state in self.ngrams.items()}
         new.tokens = list(self.tokens)
+        new.slot, new.leave_slot = None, _nothing
         return new
+
+    def load(self, other: "SequenceState") -> None:
+        """Take `other`'s position, tokens and states into this one's buffers (a cached prefix into
+        a pool slot)."""
+        for mine, theirs in zip([*self.layers, *self.ngrams.values()], [*other.layers, *other.ngrams.values()]):
+            mine.load(theirs)
+        self.position, self.tokens = other.position, list(other.tokens)
 
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in [*self.layers, *self.ngrams.values()])
+
+
+def _nothing() -> None:
+    pass
+
+
+class StatePool:
+    """Decoding states allocated once, for batched decode on the GPU (Engine.forward_batch): `slots`
+    sequences' KV caches, reserved to `capacity` positions and one more (the scratch position of
+    an idle slot's step), and their DeltaNet states. A sequence takes a free slot's buffers
+    (`acquire`, the lowest free slot) and gives them back when released or dropped. A batch's
+    decode graph is recorded per bucket of slots [0, b) and replayed whichever sequences hold them
+    (runtime/graphs.py): a sequence joining or leaving copies nothing and records nothing."""
+
+    def __init__(self, new_state: Callable[[], SequenceState], slots: int, capacity: int):
+        self.slots = [new_state() for _ in range(slots)]  # the buffers, as states the graphs record on
+        self.capacity = 0
+        self.reserve(capacity)
+        self._free = list(range(slots))
+        self._holders: list[weakref.ref | None] = [None] * slots
+
+    def reserve(self, capacity: int) -> None:
+        """Every slot's KV caches to at least `capacity` positions and the scratch one."""
+        self.capacity = max(self.capacity, capacity)
+        for slot in self.slots:
+            for cache in slot.layers:
+                if isinstance(cache, KVCache):
+                    cache.reserve(self.capacity + 1)
+
+    def acquire(self, state: SequenceState) -> bool:
+        """Give `state` (a new sequence's, or a released one's) the lowest free slot's buffers,
+        reset; False if every slot is taken. The slot comes back on release or when `state` is dropped."""
+        if not self._free:
+            return False
+        i = heapq.heappop(self._free)
+        layers = self.slots[i].layers
+        for layer in layers:
+            if isinstance(layer, KVCache):
+                layer.length = 0
+            else:
+                layer.conv.zero_()
+                layer.recurrent.zero_()
+        state.layers, state.ngrams, state.slot = layers, {}, i
+        self._holders[i] = weakref.ref(state)
+        state.leave_slot = weakref.finalize(state, self._give_back, i)
+        return True
+
+    def _give_back(self, i: int) -> None:
+        self._holders[i] = None
+        heapq.heappush(self._free, i)
+
+    def holders(self, slots: int) -> list[SequenceState | None]:
+        """The sequences holding slots 0 .. slots - 1 (None where free)."""
+        return [None if ref is None else ref() for ref in self._holders[:slots]]
+
+    @property
+    def free(self) -> int:
+        return len(self._free)

@@ -59,6 +59,9 @@ class StepContext:
     timer: object = field(default_factory=NullTimer)  # runtime.stats.Timer, or anything with section(name)
     guesses: dict[int, NextLayerGuess] = field(default_factory=dict)  # prefetch: layer i -> next MoE layer's guess
     graph_position: torch.Tensor | None = None  # [sequences] int64 on the device, while a graph is recorded
+    # [sequences] int64 on the device, 1 where a sequence runs, 0 for a pooled graph's idle slot
+    # (runtime/graphs.py: its DeltaNet state must not move)
+    active: torch.Tensor | None = None
     last_only: bool = True  # logits of the last position only
     # PLE layer i -> the reads of its n-gram rows, started from the host's ids before the layers run
     # (Model.start_ngram_reads)

@@ -75,7 +75,7 @@ class DecoderLayer(nn.Module):
             # Every matmul runs on the whole batch at once, the mixers' state per sequence: the
             # routed experts read each expert the batch needs once.
             if self.is_linear:
-                h = self.linear_attn(h, caches, ctx.slices(T), norm)
+                h = self.linear_attn(h, caches, ctx.slices(T), norm, ctx.active)
             else:
                 h = self.self_attn(h, cos, sin, caches, ctx, norm)
             if self.hyper:

@@ -95,22 +95,29 @@ class _Recorder(StepContext):
 class DecodeGraph:
     """The decode step of one or several sequences (one token each, a batch's step), recorded for
     up to `capacity` positions of each, replayed per step. It holds the sequences' buffers: valid
-    while none was replaced (a cache grown past the reservation, a preempted state rebuilt)."""
+    while none was replaced (a cache grown past the reservation, a preempted state rebuilt).
 
-    def __init__(self, engine, states: list[SequenceState], capacity: int):
-        self.engine, self.states, self.capacity = engine, list(states), capacity
+    `masked`: recorded on a StatePool's slots (layers/state.py), replayed for whichever sequences
+    hold them; a step names the slots that run, and the idle ones compute a throwaway token that
+    writes only their scratch KV position (`capacity`) and leaves their DeltaNet states as they were."""
+
+    def __init__(self, engine, states: list[SequenceState], capacity: int, masked: bool = False):
+        self.engine, self.states, self.capacity, self.masked = engine, list(states), capacity, masked
         for state in self.states:
             for cache in state.layers:
                 if isinstance(cache, KVCache):
-                    cache.reserve(capacity)
+                    cache.reserve(capacity + masked)
         # what the recording binds: each state's layer list and its KV caches' storage
         self._layers = [(state, state.layers) for state in self.states]
         self._storage = [(c, c.k) for state in self.states for c in state.layers if isinstance(c, KVCache)]
-        # each step's tokens and positions, written on the host and sent in one copy
-        self._host = torch.zeros(2, len(self.states), dtype=torch.long, pin_memory=True)
-        self._host[1] = torch.tensor([s.position for s in self.states])
+        # each step's tokens, positions and (masked) which slots run, written on the host and sent
+        # in one copy; recorded with every slot idle, so the warm-up run changes no live state
+        self._host = torch.zeros(2 + masked, len(self.states), dtype=torch.long, pin_memory=True)
+        self._host[1] = capacity if masked else torch.tensor([s.position for s in self.states])
         self._device = self._host.to(engine.device)
-        self.tokens, self.positions = self._device  # views the recording reads
+        self.tokens, self.positions = self._device[0], self._device[1]  # views the recording reads
+        # a bucket of one slot runs whenever it is replayed: no mask, so DeltaNet's fused one-token step
+        self.active = self._device[2] if masked and len(self.states) > 1 else None
         self.segments, self.logits = self._record()
 
     def valid(self) -> bool:
@@ -120,13 +127,14 @@ class DecodeGraph:
     def _context(self, cls, **kwargs) -> StepContext:
         eng = self.engine
         return cls(self.states, [1] * len(self.states), experts=eng.experts, guesses=eng.guesses,
-                   graph_position=self.positions, **kwargs)
+                   graph_position=self.positions, active=self.active, **kwargs)
 
     def _record(self):
         eng = self.engine
         # Warm up on a side stream, then restore the DeltaNet states it advanced: its KV writes land
-        # where the real step writes the same values later.
-        linear = [s for state in self.states for s in state.layers if isinstance(s, LinearState)]
+        # where the real step writes the same values later (or, masked, at the scratch position;
+        # with every slot idle it advances no DeltaNet state).
+        linear = [s for state in self.states for s in state.layers if isinstance(s, LinearState) and self.active is None]
         saved = [(s.conv.clone(), s.recurrent.clone()) for s in linear]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -150,15 +158,19 @@ class DecodeGraph:
         return segments, logits
 
     @torch.inference_mode()
-    def step(self, tokens: list[int]) -> torch.Tensor:
+    def step(self, tokens: list[int], running: list[SequenceState | None] | None = None) -> torch.Tensor:
         """Feed each sequence its token; return logits [sequences, vocab] (a static buffer,
-        overwritten by the next step)."""
-        if any(s.position >= self.capacity for s in self.states):
+        overwritten by the next step). Masked: running[i] is the sequence holding slot i, or None
+        where it idles (its token ignored)."""
+        running = self.states if running is None else running
+        if any(s is not None and s.position >= self.capacity for s in running):
             raise ValueError("the decode graphs were captured for a shorter sequence")
         timer = self.engine.timer
         # The pinned buffer is free again: the last step's copy finished before its logits were read.
         self._host[0] = torch.tensor(tokens)
-        self._host[1] = torch.tensor([s.position for s in self.states])
+        self._host[1] = torch.tensor([self.capacity if s is None else s.position for s in running])
+        if self.masked:
+            self._host[2] = torch.tensor([s is not None for s in running])
         self._device.copy_(self._host, non_blocking=True)
         for name, segment in self.segments:
             if isinstance(segment, torch.cuda.CUDAGraph):
@@ -166,6 +178,7 @@ class DecodeGraph:
                     segment.replay()
             else:
                 segment()  # host-driven experts time their own sections (expert_io, expert_compute)
-        for state, token in zip(self.states, tokens):
-            state.advance_graphed(token)
+        for state, token in zip(running, tokens):
+            if state is not None:
+                state.advance_graphed(token)
         return self.logits

@@ -119,7 +119,7 @@ def cached_generate(
     The generation's prefill stops at each checkpoint for the cache to keep a copy of the state.
     `batched`: as Engine.generate's."""
     reused, state = cache.lookup(ids) if cache is not None else (0, None)
-    state = state or engine.new_state()
+    state = engine.pooled(state) if state is not None else engine.new_state()
 
     def keep(point: int) -> Callable[[], None]:
         return lambda: cache.store(ids[:point], state.clone())

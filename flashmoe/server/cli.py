@@ -37,6 +37,8 @@ def serve_command(
     config: EngineConfig = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and Anthropic's Messages API."""
+    from dataclasses import replace
+
     import uvicorn
 
     from ..cli_common import USER_ERRORS, err, fail, open_engine, sampling_defaults
@@ -52,7 +54,7 @@ def serve_command(
         state_bytes = None if state_mem is None else parse_size(state_mem)
         if state_bytes == 0:
             raise ValueError("--state-mem must be a size above 0 (leave it out for no limit)")
-        engine = open_engine(model, config)
+        engine = open_engine(model, replace(config, decode_slots=parallel))  # a batch's states in slots
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
                                parse_size(prefix_cache), parallel, max_queue, state_bytes)
         app = create_app(service, api_key, parse_size(max_body), host, port)

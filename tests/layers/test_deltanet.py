@@ -31,3 +31,27 @@ def test_split_sequence_continues_from_the_state():
     second, end2 = delta_rule_chunked(q[:, 70:], k[:, 70:], v[:, 70:], g[:, 70:], beta[:, 70:], mid)
     assert torch.allclose(torch.cat([first, second], 1), whole, rtol=1e-4, atol=1e-5)
     assert torch.allclose(end2, end, rtol=1e-4, atol=1e-5)
+
+
+def test_an_idle_sequence_of_a_batched_step_keeps_its_state():
+    """A pooled decode graph's idle slot (active 0) computes a throwaway token: its conv window and
+    recurrent state stay exactly as they were, and the running sequences step as without the mask."""
+    from flashmoe.layers.deltanet import GatedDeltaNet
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(hidden=32, k_heads=2, v_heads=4, k_dim=8, v_dim=8, conv_kernel=4, eps=1e-6)
+    for p in (layer.A_log, layer.dt_bias):
+        p.data.normal_()
+    states = [layer.new_state(torch.float32, "cpu") for _ in range(3)]
+    for state in states:
+        state.conv.normal_()
+        state.recurrent.normal_()
+    twins, before = [s.clone() for s in states], states[1].clone()
+    x, slices = torch.randn(3, 32), [slice(i, i + 1) for i in range(3)]
+    masked = layer(x, states, slices, active=torch.tensor([1, 0, 1]))
+    plain = layer(x, twins, slices)
+    assert torch.equal(states[1].conv, before.conv) and torch.equal(states[1].recurrent, before.recurrent)
+    assert not torch.equal(twins[1].recurrent, before.recurrent)  # unmasked, the step moves it
+    for i in (0, 2):
+        assert torch.equal(masked[i], plain[i])
+        assert torch.equal(states[i].conv, twins[i].conv) and torch.equal(states[i].recurrent, twins[i].recurrent)
