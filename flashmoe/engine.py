@@ -534,15 +534,15 @@ class Engine:
 
         pool, top = self.pool, max(state.slot for state in states) + 1
         b = min(1 << (top - 1).bit_length(), len(pool.slots))
-        holders = pool.holders(b)  # an idle slot's holder may have grown too (a prefill)
-        needed = max(h.position for h in holders if h is not None) + 1
-        if needed > pool.capacity:
-            self._pool_graphs.clear()  # recorded on the smaller buffers: their memory goes first
-            pool.reserve(max(needed, 2 * pool.capacity))
+        # A slot whose sequence reached its scratch position grows (an idle one's too, after a
+        # prefill): a new buffer, so the bucket's graph is recorded again.
+        for i, holder in enumerate(pool.holders(b)):
+            if holder is not None and holder.position >= StatePool.limit(holder):
+                pool.make_room(i, holder.position + 1)
         graph = self._pool_graphs.get(b)
-        if graph is None or not graph.valid() or graph.capacity != pool.capacity:
-            self._pool_graphs.pop(b, None)
-            graph = self._pool_graphs[b] = DecodeGraph(self, pool.slots[:b], pool.capacity, masked=True)
+        if graph is None or not graph.valid():
+            self._pool_graphs.pop(b, None)  # its memory goes before the next one's is taken
+            graph = self._pool_graphs[b] = DecodeGraph(self, pool.slots[:b])
         feed, running = [0] * b, [None] * b
         for state, token in zip(states, tokens):
             feed[state.slot], running[state.slot] = token, state
@@ -558,7 +558,7 @@ class Engine:
 
         graph = self._batch_graph
         if (graph is None or graph.states != states or not graph.valid()
-                or any(s.position >= graph.capacity for s in states)):
+                or any(s.position >= limit for s, limit in zip(states, graph.limits))):
             self._batch_graph = None  # its memory goes before the next one's is taken
             capacity = min(max(s.position for s in states) + BATCH_GRAPH_HEADROOM, self.context_length)
             self._batch_graph = graph = DecodeGraph(self, states, capacity)

@@ -6,8 +6,9 @@ B sequences (prompts of the held-out text, 32 tokens each) are prefilled, then d
 steps of one token each, every sequence in one forward_batch call; B = 1 runs through the same
 call; rounds alternate the batch sizes. Prints tokens per second summed over the sequences (median
 of the rounds, and its ratio to the first batch size) and the expert records read per step. On the
-GPU forward_batch replays a decode graph per batch (recorded at the first step, untimed); --graphed
-also times a lone Engine.generate (greedy, the same steps), the rate a batch must beat.
+GPU forward_batch replays the graph of the batch's bucket of state slots (as the server's; recorded
+at the first step, timed apart); --graphed also times a lone Engine.generate (greedy, the same
+steps), the rate a batch must beat.
 
 Usage: python3 scripts/batch_decode_probe.py [--batch 1 2 4 8] [--steps 48] [--threads 2] [--host-mem 4M]
        python3 scripts/batch_decode_probe.py --model DIR --device cuda --preload --batch 1 4 16 --graphed
@@ -52,7 +53,8 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="GPU: no CUDA graphs")
     a = ap.parse_args()
     config = EngineConfig(device=a.device, threads=a.threads, host_mem=parse_size(a.host_mem), preload=a.preload or None,
-                          cuda_graphs=not a.eager, gpu_mem=parse_size(a.gpu_mem) if a.gpu_mem else None)
+                          cuda_graphs=not a.eager, gpu_mem=parse_size(a.gpu_mem) if a.gpu_mem else None,
+                          decode_slots=max(a.batch))  # as the server pools them (--parallel)
     engine = Engine(a.model, config)
     text = engine.tokenizer.encode(HELDOUT_TEXT.read_text()[:20000])
     rates, reads, firsts = {b: [] for b in a.batch}, {b: [] for b in a.batch}, {b: [] for b in a.batch}

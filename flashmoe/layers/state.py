@@ -184,26 +184,32 @@ def _nothing() -> None:
 
 class StatePool:
     """Decoding states allocated once, for batched decode on the GPU (Engine.forward_batch): `slots`
-    sequences' KV caches, reserved to `capacity` positions and one more (the scratch position of
-    an idle slot's step), and their DeltaNet states. A sequence takes a free slot's buffers
+    sequences' KV caches, reserved to `capacity` positions and one more (the scratch position where
+    an idle slot's step writes), and their DeltaNet states. A sequence takes a free slot's buffers
     (`acquire`, the lowest free slot) and gives them back when released or dropped. A batch's
     decode graph is recorded per bucket of slots [0, b) and replayed whichever sequences hold them
-    (runtime/graphs.py): a sequence joining or leaving copies nothing and records nothing."""
+    (runtime/graphs.py): a sequence joining or leaving copies nothing and records nothing. A slot
+    whose sequence outgrows it grows alone (`make_room`), the others keep their size."""
 
     def __init__(self, new_state: Callable[[], SequenceState], slots: int, capacity: int):
         self.slots = [new_state() for _ in range(slots)]  # the buffers, as states the graphs record on
-        self.capacity = 0
-        self.reserve(capacity)
+        for i in range(slots):
+            self.make_room(i, capacity)
         self._free = list(range(slots))
         self._holders: list[weakref.ref | None] = [None] * slots
 
-    def reserve(self, capacity: int) -> None:
-        """Every slot's KV caches to at least `capacity` positions and the scratch one."""
-        self.capacity = max(self.capacity, capacity)
-        for slot in self.slots:
-            for cache in slot.layers:
-                if isinstance(cache, KVCache):
-                    cache.reserve(self.capacity + 1)
+    @staticmethod
+    def limit(state: SequenceState) -> int:
+        """A pooled state's scratch position: the last of its KV buffers (every attention layer's
+        is the same size), below which it decodes."""
+        sizes = {c.k.shape[0] for c in state.layers if isinstance(c, KVCache)}
+        return min(sizes) - 1 if sizes else 1 << 62
+
+    def make_room(self, slot: int, positions: int) -> None:
+        """Slot `slot`'s KV caches for `positions` positions and the scratch one (doubling)."""
+        for cache in self.slots[slot].layers:
+            if isinstance(cache, KVCache):
+                cache.make_room(positions + 1)
 
     def acquire(self, state: SequenceState) -> bool:
         """Give `state` (a new sequence's, or a released one's) the lowest free slot's buffers,

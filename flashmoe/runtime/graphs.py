@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ..layers.state import KVCache, LinearState, SequenceState
+from ..layers.state import KVCache, LinearState, SequenceState, StatePool
 from ..models.context import NullTimer, StepContext
 
 
@@ -97,27 +97,31 @@ class DecodeGraph:
     up to `capacity` positions of each, replayed per step. It holds the sequences' buffers: valid
     while none was replaced (a cache grown past the reservation, a preempted state rebuilt).
 
-    `masked`: recorded on a StatePool's slots (layers/state.py), replayed for whichever sequences
-    hold them; a step names the slots that run, and the idle ones compute a throwaway token that
-    writes only their scratch KV position (`capacity`) and leaves their DeltaNet states as they were."""
+    Without a capacity: recorded on a StatePool's slots (layers/state.py) as their buffers stand,
+    replayed for whichever sequences hold them. A step names the slots that run; an idle one
+    computes a throwaway token that writes only its scratch KV position (the last of its buffer:
+    StatePool.limit) and leaves its DeltaNet states as they were."""
 
-    def __init__(self, engine, states: list[SequenceState], capacity: int, masked: bool = False):
-        self.engine, self.states, self.capacity, self.masked = engine, list(states), capacity, masked
-        for state in self.states:
-            for cache in state.layers:
-                if isinstance(cache, KVCache):
-                    cache.reserve(capacity + masked)
+    def __init__(self, engine, states: list[SequenceState], capacity: int | None = None):
+        self.engine, self.states, self.masked = engine, list(states), capacity is None
+        if capacity is not None:
+            for state in self.states:
+                for cache in state.layers:
+                    if isinstance(cache, KVCache):
+                        cache.reserve(capacity)
+        # the positions each state may decode below (its scratch position, masked)
+        self.limits = [capacity if capacity is not None else StatePool.limit(s) for s in self.states]
         # what the recording binds: each state's layer list and its KV caches' storage
         self._layers = [(state, state.layers) for state in self.states]
         self._storage = [(c, c.k) for state in self.states for c in state.layers if isinstance(c, KVCache)]
         # each step's tokens, positions and (masked) which slots run, written on the host and sent
         # in one copy; recorded with every slot idle, so the warm-up run changes no live state
-        self._host = torch.zeros(2 + masked, len(self.states), dtype=torch.long, pin_memory=True)
-        self._host[1] = capacity if masked else torch.tensor([s.position for s in self.states])
+        self._host = torch.zeros(2 + self.masked, len(self.states), dtype=torch.long, pin_memory=True)
+        self._host[1] = torch.tensor(self.limits if self.masked else [s.position for s in self.states])
         self._device = self._host.to(engine.device)
         self.tokens, self.positions = self._device[0], self._device[1]  # views the recording reads
         # a bucket of one slot runs whenever it is replayed: no mask, so DeltaNet's fused one-token step
-        self.active = self._device[2] if masked and len(self.states) > 1 else None
+        self.active = self._device[2] if self.masked and len(self.states) > 1 else None
         self.segments, self.logits = self._record()
 
     def valid(self) -> bool:
@@ -163,12 +167,12 @@ class DecodeGraph:
         overwritten by the next step). Masked: running[i] is the sequence holding slot i, or None
         where it idles (its token ignored)."""
         running = self.states if running is None else running
-        if any(s is not None and s.position >= self.capacity for s in running):
+        if any(s is not None and s.position >= limit for s, limit in zip(running, self.limits)):
             raise ValueError("the decode graphs were captured for a shorter sequence")
         timer = self.engine.timer
         # The pinned buffer is free again: the last step's copy finished before its logits were read.
         self._host[0] = torch.tensor(tokens)
-        self._host[1] = torch.tensor([self.capacity if s is None else s.position for s in running])
+        self._host[1] = torch.tensor([limit if s is None else s.position for s, limit in zip(running, self.limits)])
         if self.masked:
             self._host[2] = torch.tensor([s is not None for s in running])
         self._device.copy_(self._host, non_blocking=True)
