@@ -71,3 +71,16 @@ def test_a_cached_prefix_is_copied_into_a_slot_and_a_preempted_sequence_rebuilt_
     pooled.recompute(inside)
     assert inside.slot == 0 and inside.position == 4
     assert torch.allclose(pooled.forward([9], inside), pooled.forward([9], kept), rtol=1e-4, atol=1e-5)
+
+
+def test_a_generation_in_a_slot_decodes_through_forward_batch_as_one_of_its_own(pooled, packed16):
+    from flashmoe.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0)
+    plain = Engine(packed16, EngineConfig(dtype="float32", threads=1))
+    calls = []
+    batch = pooled.forward_batch
+    pooled.forward_batch = lambda ids, states: (calls.append(len(ids)), batch(ids, states))[1]
+    got = [s.token for s in pooled.generate([5, 6, 7], params)]
+    assert got == [s.token for s in plain.generate([5, 6, 7], params)] and calls == [1] * 5
+    assert pooled.pool.free == 3  # the generation's slot came back when it ended
