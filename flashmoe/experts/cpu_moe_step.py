@@ -1,8 +1,8 @@
-"""The CPU path's MoE half of a decoder layer for a decode step's tokens (one sequence's, or one per
-sequence of a batch), in one compiled call (kernels/cpu_moe.py) over the expert records the store
-already caches. The engine builds one per MoE layer whose weights and routing the kernel covers
-(`obstacle` says why not); a call returns None for what it does not cover (more tokens than a
-decode step's), and the layer then runs its eager path. Chosen experts that are not cached, or
+"""The CPU path's MoE half of a decoder layer for a few tokens (a decode token, one per sequence of
+a batch, a short prompt), in one compiled call (kernels/cpu_moe.py) over the expert records the
+store already caches. The engine builds one per MoE layer whose weights and routing the kernel
+covers (`obstacle` says why not); a call returns None for more than KERNEL_MAX_TOKENS tokens, and
+the layer then runs its eager path. Chosen experts that are not cached, or
 more than the kernel computes on one thread, go through the layer's StreamedExperts after the
 kernel has done the rest of the layer."""
 

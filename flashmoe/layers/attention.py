@@ -88,9 +88,9 @@ class Attention(nn.Module):
         return project(self.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def takes_cpu_step(self, x: torch.Tensor, norm: RMSNorm | None) -> bool:
-        """Whether a decode token goes through `decode_cpu`: fp32 on the CPU (numba installed), an
-        input norm to take in, the projections stored as bf16 and fused into one (the engine's CPU
-        path), q/k normed per head, none of biases, sinks, a window or an indexer."""
+        """Whether decode tokens (one per sequence) go through `decode_cpu`: fp32 on the CPU (numba
+        installed), an input norm to take in, the projections stored as bf16 and fused into one
+        (the engine's CPU path), q/k normed per head, none of biases, sinks, a window or an indexer."""
         s = self.spec
         return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x) and s.qk_norm == "head"
                 and not (s.qkv_bias or s.o_bias or s.sinks) and self.window is None and s.indexer is None

@@ -106,9 +106,9 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(out[None])
 
     def takes_cpu_step(self, x: torch.Tensor, norm: RMSNorm | None) -> bool:
-        """Whether a decode token goes through `decode_cpu_layer`: fp32 on the CPU (numba
-        installed), an input norm to take in, the projections stored as bf16 and fused into one
-        (the engine's CPU path)."""
+        """Whether decode tokens (one per sequence) go through `decode_cpu_layer`: fp32 on the CPU
+        (numba installed), an input norm to take in, the projections stored as bf16 and fused into
+        one (the engine's CPU path)."""
         return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x)
                 and self.in_proj.one_matrix(Bf16Linear) is not None and type(self.out_proj) is Bf16Linear)
 
