@@ -196,7 +196,7 @@ class Engine:
         return kernel
 
     def _cpu_moe_steps(self) -> list:
-        """Per layer, the CPU path's MoE half of a decode token in one call where the kernel covers
+        """Per layer, the CPU path's MoE half of a decode step in one call where the kernel covers
         the layer (experts/cpu_moe_step.py), else None; [] without the expert kernel (the GPU path,
         no numba, 16-bit records) or where the model computes in 16 bits."""
         if self.cpu_kernel is None or self.dtype != torch.float32:
@@ -204,7 +204,7 @@ class Engine:
         from .experts.cpu_moe_step import CpuMoEStep
 
         layers = self.model.layers
-        return [CpuMoEStep(layers[i], self.store, self.cpu_kernel)
+        return [CpuMoEStep(layers[i], self.experts[i])
                 if i in self.moe_layers and CpuMoEStep.obstacle(layers[i]) is None else None for i in range(len(layers))]
 
     def _set_threads(self, n: int) -> None:

@@ -1,8 +1,10 @@
-"""The CPU path's MoE half of a decoder layer for one decode token, in one compiled call
-(kernels/cpu_moe.py) over the expert records the store already caches. The engine builds one per
-MoE layer whose weights and routing the kernel covers (`obstacle` says why not); a call returns None
-for what it does not cover (several tokens, a chosen expert not cached, records the expert kernel
-would spread over threads), and the layer then runs its eager path."""
+"""The CPU path's MoE half of a decoder layer for a few tokens (a decode token, one per sequence of
+a batch, a short prompt), in one compiled call (kernels/cpu_moe.py) over the expert records the
+store already caches. The engine builds one per MoE layer whose weights and routing the kernel
+covers (`obstacle` says why not); a call returns None for more than KERNEL_MAX_TOKENS tokens, and
+the layer then runs its eager path. Chosen experts that are not cached, or
+more than the kernel computes on one thread, go through the layer's StreamedExperts after the
+kernel has done the rest of the layer."""
 
 from __future__ import annotations
 
@@ -11,12 +13,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..kernels.cpu_experts import PARALLEL_MIN_BYTES, CpuExperts, _half_pow2, _offsets
+from ..kernels.cpu_experts import PARALLEL_MIN_BYTES, _half_pow2, _offsets
 from ..kernels.cpu_moe import moe_kernel
 from ..kernels.cpu_step import GEMV_MAX_BYTES
 from ..layers.int8_linear import Bf16Linear
 from ..moe.block import MoEBlock
-from .store import ExpertStore
+from .streamed import KERNEL_MAX_TOKENS, StreamedExperts
 
 if TYPE_CHECKING:
     from ..models.transformer import DecoderLayer
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 class CpuMoEStep:
     """`step(x, mixer_out)` -> x + mixer_out + the layer's MoE block of its post-attention norm
-    [1, H], as DecoderLayer computes it eagerly, or None where the eager path must run. The chosen
+    [T, H], as DecoderLayer computes it eagerly, or None where the eager path must run. The chosen
     experts count as the store's hits, as a load would count them.
 
     The records are read where they lie in the store's pool without pinning them: the engine's
@@ -51,11 +53,14 @@ class CpuMoEStep:
             return "projections too large for one thread"
         return None
 
-    def __init__(self, layer: DecoderLayer, store: ExpertStore, experts: CpuExperts):
+    def __init__(self, layer: DecoderLayer, routed: StreamedExperts):
+        """routed: the layer's routed experts (the store and the expert kernel it computes them
+        with), which take the chosen experts the store does not cache."""
         if (why := self.obstacle(layer)) is not None:
             raise ValueError(f"layer {layer.index}: the CPU MoE step does not cover {why}")
-        block, norm = layer.mlp, layer.post_attention_layernorm
-        self.block, self.store, self.experts, self.layer = block, store, experts, layer.index
+        block, norm, store = layer.mlp, layer.post_attention_layernorm, routed.store
+        self.block, self.routed, self.store, self.layer = block, routed, store, layer.index
+        self.experts = routed.kernel  # CpuExperts: its thread count follows the engine's budget
         spec, layout = block.spec, store.layout
         self.kernel = moe_kernel(layout, spec.act)
         shared = spec.shared_intermediate
@@ -67,14 +72,19 @@ class CpuMoEStep:
                           block.in_proj.one_matrix(Bf16Linear).weight.view(torch.uint16).numpy(), down.view(torch.uint16).numpy(),
                           spec.shared_gate, spec.routing.norm_topk, store.slot_table()[layer.index], pool,
                           pool.view(np.uint16), _offsets(layout), layout.intermediate_size, _half_pow2())
-        self.record_size = layout.record_size
+        # The most experts the kernel computes on one thread: from there the expert kernel spreads
+        # them over its threads (CpuExperts), where it has several.
+        self.one_thread_records = (PARALLEL_MIN_BYTES - 1) // layout.record_size
 
     def __call__(self, x: torch.Tensor, mixer_out: torch.Tensor) -> torch.Tensor | None:
-        k = self.block.top_k
-        if x.shape[0] != 1 or self.experts.threads > 1 and k * self.record_size >= PARALLEL_MIN_BYTES:
-            return None  # several tokens, or experts that CpuExperts spreads over its threads
-        ids, out = np.empty(k, np.int64), torch.empty(x.shape, dtype=torch.float32)
-        if not self.kernel(x.detach().numpy(), mixer_out.detach().numpy(), *self.constants, ids, out.numpy()):
-            return None
-        self.store.used_in_place(self.layer, ids.tolist())
+        T, k = x.shape[0], self.block.top_k
+        if T > KERNEL_MAX_TOKENS:
+            return None  # a prefill chunk: PyTorch's matmuls, and the experts dequantized once
+        most = self.one_thread_records if self.experts.threads > 1 else T * k
+        h, out = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape, dtype=torch.float32)
+        ids, weights = torch.empty(T, k, dtype=torch.int64), torch.empty(T, k, dtype=torch.float32)
+        if not self.kernel(x.detach().numpy(), mixer_out.detach().numpy(), *self.constants, most, h.numpy(), ids.numpy(),
+                           weights.numpy(), out.numpy()):
+            return self.routed(h, ids, weights, residual=out)  # loads what is not cached
+        self.store.used_in_place(self.layer, list(dict.fromkeys(ids.flatten().tolist())))  # each expert once
         return out

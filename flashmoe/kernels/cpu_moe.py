@@ -1,12 +1,15 @@
-"""The MoE half of a decoder layer for one decode token on the CPU, in one numba call: the residual
-add and post-attention RMSNorm, the router and the shared expert's projections (one GEMV over the
-block's fused bf16 in_proj), softmax top-k routing, the routed experts straight from their packed
-records (cpu_experts.py's helpers), the shared expert and its sigmoid gate, and the residual adds.
-The eager path does the same in ~40 PyTorch and numba calls per layer, most of whose time on a
-small model is the calls themselves (EXPERIMENTS entry 83).
+"""The MoE half of a decoder layer for a few tokens on the CPU (a decode token, or a batch's: one
+per sequence), in one numba call: the residual add and post-attention RMSNorm, the router and the
+shared expert's projections (one pass over the block's fused bf16 in_proj for all the tokens),
+softmax top-k routing, the routed experts straight from their packed records (cpu_experts.py's
+helpers; each chosen expert read once for all the tokens that chose it), the shared expert and its
+sigmoid gate, and the residual adds. The eager path does the same in ~40 PyTorch and numba calls
+per layer, most of whose time on a small model is the calls themselves (EXPERIMENTS entry 83).
 
-It runs only when every chosen expert is in the host cache: the call first routes, then returns
-False (its output untouched) if one of them has no slot, and the caller runs the eager path.
+It computes the routed experts only when every chosen one is in the host cache: the call first
+routes, then returns False if one of them has no slot, with the rest of the layer done (r + the
+shared expert, the routing, the experts' input), and the caller adds the routed experts after
+loading them.
 
 The reference is that eager path (models/transformer.DecoderLayer: RMSNorm.add, MoEBlock.project,
 route_reference, add_shared, StreamedExperts), which tests compare against.
@@ -20,8 +23,8 @@ import numpy as np
 
 from ..formats.packed import RecordLayout
 from ..layers.mlp import Swiglu
-from .cpu_experts import _activation, _add_weighted, _lay_out, _project, _variant, numba_jit
-from .cpu_step import _gemv_bf16, _rms_norm
+from .cpu_experts import ROWS_PER_BLOCK, _activation, _add_weighted, _lay_out, _project, _variant, numba_jit
+from .cpu_step import _gemm_bf16, _rms_norm
 
 
 @numba_jit(inline="always")
@@ -58,50 +61,88 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
 
     @numba_jit()
     def moe_step(x, mixer_out, norm_weight, eps, zero_centred, w_in, w_down, gated, norm_topk, slot_of, p8, p16,
-                 offs, inter, half_pow2, ids, out):
-        """out [1, H] = r + the MoE block of rms_norm(r), r = x + mixer_out [1, H]. w_in: the fused
-        in_proj as bf16 bits [E (+1 gated) + 2 Is, H]: the router's rows, the shared expert's gate
-        row where `gated`, then its gate_proj and up_proj rows; w_down [H, Is] (Is = 0: no shared
-        expert). slot_of [E]: each expert's pool slot, < 0 where it is not cached. ids [k] gets the
-        chosen experts. -> False, out untouched, where one of them is not cached."""
-        hidden, E, shared = x.shape[1], slot_of.shape[0], w_down.shape[1]
-        residual, h = np.empty((1, hidden), np.float32), np.empty((1, hidden), np.float32)
-        for i in range(hidden):
-            residual[0, i] = x[0, i] + mixer_out[0, i]
+                 offs, inter, half_pow2, most, h, ids, weights, out):
+        """out [T, H] = r + the MoE block of h = rms_norm(r), r = x + mixer_out [T, H]. w_in: the
+        fused in_proj as bf16 bits [E (+1 gated) + 2 Is, H]: the router's rows, the shared expert's
+        gate row where `gated`, then its gate_proj and up_proj rows; w_down [H, Is] (Is = 0: no
+        shared expert); both read once for the T tokens. slot_of [E]: each expert's pool slot, < 0
+        where it is not cached. ids, weights [T, k] get each token's chosen experts and their
+        weights, h [T, H] the experts' input. Each chosen expert is read once for all the tokens
+        that chose it. -> False where one of them is not cached or they are more than `most`
+        experts: out then holds r + the shared expert, and the caller adds the routed experts."""
+        T, hidden = x.shape
+        E, shared, k = slot_of.shape[0], w_down.shape[1], ids.shape[1]
+        residual = np.empty((T, hidden), np.float32)
+        for t in range(T):
+            for i in range(hidden):
+                residual[t, i] = x[t, i] + mixer_out[t, i]
         _rms_norm(residual, norm_weight, eps, zero_centred, h)
-        proj = np.empty(w_in.shape[0], np.float32)
-        _gemv_bf16(w_in, h[0], proj)
-        weights = np.empty(ids.shape[0], np.float32)
-        _softmax_top_k(proj[:E], norm_topk, ids, weights)
-        for j in range(ids.shape[0]):
-            if slot_of[ids[j]] < 0:
-                return False
+        proj = np.empty((T, w_in.shape[0]), np.float32)
+        _gemm_bf16(w_in, h, proj)
+        for t in range(T):
+            _softmax_top_k(proj[t, :E], norm_topk, ids[t], weights[t])
         # the shared expert first, then the routed ones: the eager path's order of the adds
-        out[0, :] = residual[0]
+        out[:, :] = residual
         if shared:
             first = E + 1 if gated else E
-            act, y = np.empty(shared, np.float32), np.empty(hidden, np.float32)
-            for c in range(shared):
-                gate = proj[first + c]
-                act[c] = gate / (np.float32(1.0) + np.exp(-gate)) * proj[first + shared + c]
-            _gemv_bf16(w_down, act, y)
-            scale = np.float32(1.0) / (np.float32(1.0) + np.exp(-proj[E])) if gated else np.float32(1.0)
-            for i in range(hidden):
-                out[0, i] += scale * y[i]
-        xp, xs = np.empty(hidden, np.float32), np.empty(hidden // group, np.float32)
-        _lay_out(h[0], bits, group, mxfp4, xp, xs)
-        gate_up, act = np.empty(2 * inter, np.float32), np.empty(inter, np.float32)
-        ap, asum = np.empty(inter, np.float32), np.empty(inter // group, np.float32)
-        y, routed = np.empty(hidden, np.float32), np.zeros(hidden, np.float32)
+            act, y = np.empty((T, shared), np.float32), np.empty((T, hidden), np.float32)
+            for t in range(T):
+                for c in range(shared):
+                    gate = proj[t, first + c]
+                    act[t, c] = gate / (np.float32(1.0) + np.exp(-gate)) * proj[t, first + shared + c]
+            _gemm_bf16(w_down, act, y)
+            for t in range(T):
+                scale = np.float32(1.0) / (np.float32(1.0) + np.exp(-proj[t, E])) if gated else np.float32(1.0)
+                for i in range(hidden):
+                    out[t, i] += scale * y[t, i]
+        # the (token, choice) pairs p = t k + j, expert after expert (stable: tokens in order)
+        pairs = ids.reshape(T * k)
+        by_expert = np.argsort(pairs, kind="mergesort")
+        distinct = 0
+        for q in range(T * k):
+            if slot_of[pairs[by_expert[q]]] < 0:
+                return False
+            if q == 0 or pairs[by_expert[q]] != pairs[by_expert[q - 1]]:
+                distinct += 1
+        if distinct > most:
+            return False
+        xp, xs = np.empty((T, hidden), np.float32), np.empty((T, hidden // group), np.float32)
+        for t in range(T):
+            _lay_out(h[t], bits, group, mxfp4, xp[t], xs[t])
+        gate_up, ys = np.empty((T * k, 2 * inter), np.float32), np.empty((T * k, hidden), np.float32)
+        act = np.empty(inter, np.float32)
+        ap, asum = np.empty((T * k, inter), np.float32), np.empty((T * k, inter // group), np.float32)
         bf16_buf = np.empty(1, np.uint32)
-        for j in range(ids.shape[0]):
-            rec8, rec16 = p8[slot_of[ids[j]]], p16[slot_of[ids[j]]]
-            _project(rec8, rec16, offs[0:3], hidden, bits, group, mxfp4, 0, 2 * inter, xp, xs, half_pow2, gate_up)
-            _activation(gate_up, inter, rec16, offs, bits, group, mxfp4, with_bias, limit, alpha, act, ap, asum, bf16_buf)
-            _project(rec8, rec16, offs[5:8], inter, bits, group, mxfp4, 0, hidden, ap, asum, half_pow2, y)
-            _add_weighted(routed, weights[j], y, rec16, offs, with_bias, bf16_buf)
-        for i in range(hidden):
-            out[0, i] += routed[i]
+        start = 0
+        while start < T * k:  # one expert: its pairs by_expert[start:end]
+            end = start + 1
+            while end < T * k and pairs[by_expert[end]] == pairs[by_expert[start]]:
+                end += 1
+            slot = slot_of[pairs[by_expert[start]]]
+            rec8, rec16 = p8[slot], p16[slot]
+            # a block of the record's rows for each of its tokens before the next block: read once
+            for r0 in range(0, 2 * inter, ROWS_PER_BLOCK):
+                for q in range(start, end):
+                    p = by_expert[q]
+                    _project(rec8, rec16, offs[0:3], hidden, bits, group, mxfp4, r0, min(r0 + ROWS_PER_BLOCK, 2 * inter),
+                             xp[p // k], xs[p // k], half_pow2, gate_up[p])
+            for q in range(start, end):
+                p = by_expert[q]
+                _activation(gate_up[p], inter, rec16, offs, bits, group, mxfp4, with_bias, limit, alpha, act, ap[p], asum[p],
+                            bf16_buf)
+            for r0 in range(0, hidden, ROWS_PER_BLOCK):
+                for q in range(start, end):
+                    p = by_expert[q]
+                    _project(rec8, rec16, offs[5:8], inter, bits, group, mxfp4, r0, min(r0 + ROWS_PER_BLOCK, hidden),
+                             ap[p], asum[p], half_pow2, ys[p])
+            start = end
+        routed = np.empty(hidden, np.float32)
+        for t in range(T):  # each token's experts summed in its routing order
+            routed[:] = 0.0
+            for j in range(k):
+                _add_weighted(routed, weights[t, j], ys[t * k + j], p16[slot_of[ids[t, j]]], offs, with_bias, bf16_buf)
+            for i in range(hidden):
+                out[t, i] += routed[i]
         return True
 
     return moe_step

@@ -89,29 +89,36 @@ def deltanet_step(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.
     return out
 
 
-# Up to this many weight bytes a one-row projection runs in `gemv` on the calling thread; larger ones
-# (a big model's projections, its lm_head) go to PyTorch's multithreaded matmul.
+# Up to this many weight bytes a projection of a few rows runs in `gemv` on the calling thread;
+# larger ones (a big model's projections, its lm_head) go to PyTorch's multithreaded matmul.
 GEMV_MAX_BYTES = 16 << 20
+# Up to this many rows (a decode step's batch) `gemv` reads each weight row once for all of them;
+# more (a prefill chunk) go to the library matmul, which is compute-bound there.
+GEMV_MAX_ROWS = 32
 
 
 @numba_jit()
-def _gemv(w, x, out):
-    """out[r] = sum_i w[r, i] x[i] (fp32 sums; w float32 or int8). Written as plain loops: LLVM
-    vectorizes them, and unlike a library call for one row they need no packing or threading:
-    EXPERIMENTS entry 73 measured 42 us against PyTorch's 104 for a [784, 256] fp32 weight out of cache."""
+def _gemm(w, x, out):
+    """out[t, r] = sum_i w[r, i] x[t, i] for the few rows t of x (fp32 sums; w float32 or int8),
+    each weight row read once for all of them. Written as plain loops: LLVM vectorizes them, and
+    unlike a library call for a few rows they need no packing or threading: EXPERIMENTS entry 73
+    measured 42 us against PyTorch's 104 for one row through a [784, 256] fp32 weight out of cache."""
     n, k = w.shape
     for r in range(n):
         row = w[r]
-        acc = np.float32(0.0)
-        for i in range(k):
-            acc += np.float32(row[i]) * x[i]
-        out[r] = acc
+        for t in range(x.shape[0]):
+            xt = x[t]
+            acc = np.float32(0.0)
+            for i in range(k):
+                acc += np.float32(row[i]) * xt[i]
+            out[t, r] = acc
 
 
 @numba_jit()
 def _gemv_bf16(w16, x, out):
-    """`_gemv` over bfloat16 weights (as uint16): each row widened to fp32 through a buffer (numba
-    cannot bit-cast a scalar), which LLVM vectorizes; half the bytes of fp32 to read."""
+    """out[r] = sum_i w[r, i] x[i] over bfloat16 weights (as uint16): each row widened to fp32
+    through a buffer (numba cannot bit-cast a scalar), which LLVM vectorizes; half the bytes of
+    fp32 to read. The one-token steps'; `_gemm_bf16` is its batch form."""
     n, k = w16.shape
     bits = np.empty(k, np.uint32)
     values = bits.view(np.float32)
@@ -125,23 +132,57 @@ def _gemv_bf16(w16, x, out):
         out[r] = acc
 
 
+@numba_jit()
+def _gemm_bf16(w16, x, out):
+    """out [T, N] = x [T, K] @ w^T for the few rows of a batch, each weight row read and widened
+    once for all of them. Four rows at a time share each widened weight in four sums (1.4x faster
+    than one at a time at T = 4 for the demo's lm_head), the rest one at a time: each row's sum
+    as `_gemv_bf16` adds it (measured equal to the bit)."""
+    n, k = w16.shape
+    T = x.shape[0]
+    bits = np.empty(k, np.uint32)
+    values = bits.view(np.float32)
+    for r in range(n):
+        row = w16[r]
+        for i in range(k):
+            bits[i] = np.uint32(row[i]) << 16
+        t = 0
+        while t + 4 <= T:
+            x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+            a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+            for i in range(k):
+                v = values[i]
+                a0 += v * x0[i]
+                a1 += v * x1[i]
+                a2 += v * x2[i]
+                a3 += v * x3[i]
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+            t += 4
+        for t in range(t, T):
+            xt = x[t]
+            acc = np.float32(0.0)
+            for i in range(k):
+                acc += values[i] * xt[i]
+            out[t, r] = acc
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] fp32 and weight [N, K] (fp32, bf16, or int8 codes with a per-row fp32 scale [N]) on
-    the CPU -> x @ weight^T [1, N] fp32 (times scale)."""
-    out = torch.empty(1, weight.shape[0], dtype=torch.float32)
-    x, weight = x.detach().reshape(-1).numpy(), weight.detach()
+    """x [M, K] fp32 (a few rows: `takes_gemv`) and weight [N, K] (fp32, bf16, or int8 codes with a
+    per-row fp32 scale [N]) on the CPU -> x @ weight^T [M, N] fp32 (times scale)."""
+    x, weight = np.ascontiguousarray(x.detach().reshape(-1, weight.shape[1]).numpy()), weight.detach()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     if weight.dtype == torch.bfloat16:
-        _gemv_bf16(weight.view(torch.uint16).numpy(), x, out[0].numpy())
+        _gemm_bf16(weight.view(torch.uint16).numpy(), x, out.numpy())
     else:
-        _gemv(weight.numpy(), x, out[0].numpy())
+        _gemm(weight.numpy(), x, out.numpy())
     return out if scale is None else out * scale
 
 
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x @ weight^T goes through `gemv`: one fp32 row on the CPU (numba installed), a
-    contiguous fp32, bf16 or int8 weight of at most GEMV_MAX_BYTES."""
-    return (x.numel() == weight.shape[1] and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
-            and weight.is_contiguous()
+    """Whether x @ weight^T goes through `gemv`: up to GEMV_MAX_ROWS fp32 rows on the CPU (numba
+    installed), a contiguous fp32, bf16 or int8 weight of at most GEMV_MAX_BYTES."""
+    return (x.shape[-1] == weight.shape[1] and x.numel() <= GEMV_MAX_ROWS * weight.shape[1]
+            and weight.dtype in (torch.float32, torch.bfloat16, torch.int8) and weight.is_contiguous()
             and weight.numel() * weight.element_size() <= GEMV_MAX_BYTES and kernels.use_cpu_kernels(x))
 
 
@@ -168,17 +209,22 @@ def _normed_projection(x, norm_weight, eps, zero_centred, w16):
 
 
 @numba_jit()
-def _attention_step(x, cos, sin, k_cache, v_cache, position, out, norm_weight, eps, zero_centred, w_qkv, gated, q_norm,
-                    k_norm, qk_eps, qk_zero_centred, w_o):
-    """One token of a gated (or plain) GQA attention layer with per-head q/k RMSNorms and partial
-    rotary; layers/attention.py's arithmetic. x [1, H]: the layer's input, normed first by
-    norm_weight (the layer's input norm); k_cache, v_cache [capacity, kv_heads, d]: this token's key
-    and value are written at `position`, and it attends over positions 0 .. position -> out [H].
-    The weights: q_norm, k_norm [d], the per-head norms; w_qkv, the fused q_proj (per head: d query
-    rows, then d gate rows where gated), k_proj and v_proj rows as bf16 bits; w_o, o_proj's."""
+def _normed_projections(x, norm_weight, eps, zero_centred, w16, proj):
+    """The batched steps' start: proj [B, rows] = w16 (bf16 bits) @ rms_norm(x [B, H]), the weights
+    read once for the batch (`_normed_projection` of each row)."""
+    h = np.empty_like(x)
+    _rms_norm(x, norm_weight, eps, zero_centred, h)
+    _gemm_bf16(w16, h, proj)
+
+
+@numba_jit(inline="always")
+def _attend(proj, cos, sin, k_cache, v_cache, position, gated, q_norm, k_norm, qk_eps, qk_zero_centred, attended):
+    """One token's attention from its projections proj [rows] (the fused q_proj rows, per head d
+    query rows then d gate rows where gated, then k_proj's and v_proj's): per-head q/k RMSNorms,
+    partial rotary (cos, sin [rot]), this token's key and value written at `position` of the caches
+    [capacity, kv_heads, d], attention over positions 0 .. position, the gate -> attended [heads * d]."""
     kv_heads, d = k_cache.shape[1], k_cache.shape[2]
-    heads, width = w_o.shape[1] // d, 2 * d if gated else d
-    proj = _normed_projection(x, norm_weight, eps, zero_centred, w_qkv)
+    heads, width = attended.shape[0] // d, 2 * d if gated else d
     q = np.empty((heads, d), np.float32)
     for j in range(heads):
         q[j] = proj[j * width : j * width + d]
@@ -191,7 +237,7 @@ def _attention_step(x, cos, sin, k_cache, v_cache, position, out, norm_weight, e
     _rotate_half(q, cos, sin)
     _rotate_half(k, cos, sin)
     scale = np.float32(1.0 / math.sqrt(d))
-    scores, attended = np.empty(position + 1, np.float32), np.empty(heads * d, np.float32)
+    scores = np.empty(position + 1, np.float32)
     for j in range(heads):
         kv = j // (heads // kv_heads)
         top = np.float32(-np.inf)
@@ -213,7 +259,27 @@ def _attention_step(x, cos, sin, k_cache, v_cache, position, out, norm_weight, e
             if gated:
                 a *= np.float32(1.0) / (np.float32(1.0) + np.exp(-proj[j * width + d + i]))
             attended[j * d + i] = a
+
+
+@numba_jit()
+def _attention_step(x, cos, sin, k_cache, v_cache, position, out, norm_weight, eps, zero_centred, w_qkv, gated, q_norm,
+                    k_norm, qk_eps, qk_zero_centred, w_o):
+    """One token of a gated (or plain) GQA attention layer with per-head q/k RMSNorms and partial
+    rotary; layers/attention.py's arithmetic. x [1, H]: the layer's input, normed first by
+    norm_weight (the layer's input norm); k_cache, v_cache [capacity, kv_heads, d]: this token's key
+    and value are written at `position`, and it attends over positions 0 .. position -> out [H].
+    The weights: q_norm, k_norm [d], the per-head norms; w_qkv, the fused q_proj (per head: d query
+    rows, then d gate rows where gated), k_proj and v_proj rows as bf16 bits; w_o, o_proj's."""
+    proj = _normed_projection(x, norm_weight, eps, zero_centred, w_qkv)
+    attended = np.empty(w_o.shape[1], np.float32)
+    _attend(proj, cos, sin, k_cache, v_cache, position, gated, q_norm, k_norm, qk_eps, qk_zero_centred, attended)
     _gemv_bf16(w_o, attended, out)
+
+
+@numba_jit()
+def _attend_one(proj, cos, sin, k_cache, v_cache, position, attended, gated, q_norm, k_norm, qk_eps, qk_zero_centred):
+    """`_attend` of one sequence of a batch (its caches are its own arrays)."""
+    _attend(proj, cos, sin, k_cache, v_cache, position, gated, q_norm, k_norm, qk_eps, qk_zero_centred, attended)
 
 
 def attention_weights(norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_qkv: torch.Tensor, gated: bool,
@@ -236,18 +302,44 @@ def attention_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cach
     return out
 
 
+def attention_steps(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor, int]],
+                    weights: tuple) -> torch.Tensor:
+    """One token of each of B sequences through the attention layer: `attention_step`'s arithmetic
+    for each, with the projections of all B in one call that reads their weights once, then each
+    sequence's attention over its own caches (one call each), then o_proj for all B in one call.
+    x [B, H], cos/sin [B, rot]; caches[b]: sequence b's (k, v, position), as `attention_step` takes
+    them -> [B, H] fp32."""
+    norm_weight, eps, zero_centred, w_qkv, *heads, w_o = weights
+    proj = np.empty((x.shape[0], w_qkv.shape[0]), np.float32)
+    _normed_projections(x.numpy(), norm_weight, eps, zero_centred, w_qkv, proj)
+    attended = np.empty((x.shape[0], w_o.shape[1]), np.float32)
+    cos, sin = cos.numpy(), sin.numpy()
+    for b, (k_cache, v_cache, position) in enumerate(caches):
+        _attend_one(proj[b], cos[b], sin[b], k_cache.numpy(), v_cache.numpy(), position, attended[b], *heads)
+    out = torch.empty(x.shape[0], w_o.shape[0], dtype=torch.float32)
+    _gemm_bf16(w_o, attended, out.numpy())
+    return out
+
+
+@numba_jit()
+def _deltanet_mix(proj, conv_state, state, conv_w, a_log, dt_bias, out_norm, out_eps, key_heads, sigmoid_gate, normed):
+    """One token's DeltaNet step from its projections proj [rows] (the fused in_proj's qkv, z, b, a
+    rows): `_deltanet_step` on the states (its output norm out_norm, out_eps) -> normed [Hv * dv]."""
+    channels, value_heads, values = conv_state.shape[1], state.shape[0], state.shape[0] * state.shape[2]
+    z, b = proj[channels : channels + values], proj[channels + values : channels + values + value_heads]
+    _deltanet_step(proj[:channels], z, b, proj[channels + values + value_heads :], conv_state, conv_w, a_log, dt_bias,
+                   out_norm, state, key_heads, out_eps, sigmoid_gate, normed)
+
+
 @numba_jit()
 def _deltanet_layer_step(x, conv_state, state, out, norm_weight, eps, zero_centred, w_in, conv_w, a_log, dt_bias,
                          out_norm, out_eps, key_heads, sigmoid_gate, w_out):
     """One token of a Gated DeltaNet layer: x [1, H] normed by norm_weight (the layer's input
-    norm), the fused in_proj (qkv, z, b, a rows as bf16 bits), `_deltanet_step` on the states (its
-    output norm out_norm, out_eps), out_proj (bf16 bits) -> out [H]."""
+    norm), the fused in_proj (qkv, z, b, a rows as bf16 bits), `_deltanet_mix` on the states,
+    out_proj (bf16 bits) -> out [H]."""
     proj = _normed_projection(x, norm_weight, eps, zero_centred, w_in)
-    channels, value_heads, values = conv_state.shape[1], state.shape[0], state.shape[0] * state.shape[2]
-    z, b = proj[channels : channels + values], proj[channels + values : channels + values + value_heads]
-    normed = np.empty(values, np.float32)
-    _deltanet_step(proj[:channels], z, b, proj[channels + values + value_heads :], conv_state, conv_w, a_log, dt_bias,
-                   out_norm, state, key_heads, out_eps, sigmoid_gate, normed)
+    normed = np.empty(w_out.shape[1], np.float32)
+    _deltanet_mix(proj, conv_state, state, conv_w, a_log, dt_bias, out_norm, out_eps, key_heads, sigmoid_gate, normed)
     _gemv_bf16(w_out, normed, out)
 
 
@@ -266,6 +358,22 @@ def deltanet_layer_step(x: torch.Tensor, conv_state: torch.Tensor, state: torch.
     `deltanet_layer_weights` -> [1, H]."""
     out = torch.empty(1, weights[-1].shape[0], dtype=torch.float32)
     _deltanet_layer_step(x.numpy(), conv_state.numpy(), state.numpy(), out[0].numpy(), *weights)
+    return out
+
+
+def deltanet_layer_steps(x: torch.Tensor, states: list[tuple[torch.Tensor, torch.Tensor]], weights: tuple) -> torch.Tensor:
+    """One token of each of B sequences through the Gated DeltaNet layer: `deltanet_layer_step`'s
+    arithmetic for each, with the projections of all B in one call that reads their weights once,
+    then each sequence's conv and recurrence on its own states (one call each), then out_proj for
+    all B in one call. x [B, H]; states[b]: sequence b's (conv_state, state) -> [B, H] fp32."""
+    norm_weight, eps, zero_centred, w_in, *mix, w_out = weights
+    proj = np.empty((x.shape[0], w_in.shape[0]), np.float32)
+    _normed_projections(x.numpy(), norm_weight, eps, zero_centred, w_in, proj)
+    normed = np.empty((x.shape[0], w_out.shape[1]), np.float32)
+    for b, (conv_state, state) in enumerate(states):
+        _deltanet_mix(proj[b], conv_state.numpy(), state.numpy(), *mix, normed[b])
+    out = torch.empty(x.shape[0], w_out.shape[0], dtype=torch.float32)
+    _gemm_bf16(w_out, normed, out.numpy())
     return out
 
 

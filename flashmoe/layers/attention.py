@@ -68,8 +68,8 @@ class Attention(nn.Module):
         (models/context.py). The projections run on all the tokens at once, the attention per
         sequence over its own cache."""
         T, s = x.shape[0], self.spec
-        if T == 1 and ctx.graph_position is None and self.takes_cpu_step(x, norm):
-            return self.decode_cpu(x, norm, cos, sin, caches[0])
+        if T == len(caches) and ctx.graph_position is None and self.takes_cpu_step(x, norm):  # a token per sequence
+            return self.decode_cpu(x, norm, cos, sin, caches)
         if norm is not None:
             x = norm(x)
         q, k, v = self.in_proj(x)
@@ -89,20 +89,20 @@ class Attention(nn.Module):
         return project(self.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def takes_cpu_step(self, x: torch.Tensor, norm: RMSNorm | None) -> bool:
-        """Whether a decode token goes through `decode_cpu`: fp32 on the CPU (numba installed), an
-        input norm to take in, the projections stored as bf16 and fused into one (the engine's CPU
-        path), q/k normed per head, none of biases, sinks, a window or an indexer."""
+        """Whether decode tokens (one per sequence) go through `decode_cpu`: fp32 on the CPU (numba
+        installed), an input norm to take in, the projections stored as bf16 and fused into one
+        (the engine's CPU path), q/k normed per head, none of biases, sinks, a window or an indexer."""
         s = self.spec
         return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x) and s.qk_norm == "head"
                 and not (s.qkv_bias or s.o_bias or s.sinks) and self.window is None and s.indexer is None
                 and self.in_proj.one_matrix(Bf16Linear) is not None and type(self.o_proj) is Bf16Linear)
 
-    def decode_cpu(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+    def decode_cpu(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache]
                    ) -> torch.Tensor:
-        """One token of one sequence on the CPU in one numba call (kernels/cpu_step.attention_step):
-        the eager path's input norm, projections, q/k norms, rotary, cache append, attention and
-        gate, ~40 calls."""
-        from ..kernels.cpu_step import attention_step, attention_weights
+        """One token of each sequence on the CPU through numba (kernels/cpu_step): the eager path's
+        input norm, projections, q/k norms, rotary, cache append, attention and gate, ~40 calls, in
+        one call for one sequence (attention_step), in 2 + B for a batch of B (attention_steps)."""
+        from ..kernels.cpu_step import attention_step, attention_steps, attention_weights
 
         # the weights as the kernel reads them, made at the first decode step (once loaded and
         # fused, they are not replaced)
@@ -110,10 +110,14 @@ class Attention(nn.Module):
             self._cpu_step_weights = norm, attention_weights(
                 norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.spec.gated,
                 self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.zero_centred, self.o_proj.weight)
-        position = cache.length
-        cache.make_room(position + 1)
-        out = attention_step(x, cos, sin, cache.k, cache.v, position, self._cpu_step_weights[1])
-        cache.length = position + 1
+        for cache in caches:
+            cache.make_room(cache.length + 1)
+        if len(caches) == 1:
+            out = attention_step(x, cos, sin, caches[0].k, caches[0].v, caches[0].length, self._cpu_step_weights[1])
+        else:
+            out = attention_steps(x, cos, sin, [(c.k, c.v, c.length) for c in caches], self._cpu_step_weights[1])
+        for cache in caches:
+            cache.length += 1
         return out
 
     def _attend(self, q, k, v, gate, cache, graph_position=None, index=None) -> torch.Tensor:

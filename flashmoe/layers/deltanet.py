@@ -42,8 +42,8 @@ class GatedDeltaNet(nn.Module):
         window + recurrent state), updated in place. The projections run on all the tokens at once,
         the conv and the recurrence per sequence. active [sequences] (a decode step's, on the
         device): 0 where a sequence's state must stay as it was (StepContext.active)."""
-        if x.shape[0] == 1 and self.takes_cpu_step(x, norm):
-            return self.decode_cpu_layer(x, norm, states[0])
+        if x.shape[0] == len(states) and self.takes_cpu_step(x, norm):  # a token per sequence
+            return self.decode_cpu_layer(x, norm, states)
         if norm is not None:
             x = norm(x)
         if x.shape[0] == 1 and kernels.use_kernels(x) and active is None:
@@ -116,16 +116,17 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(out[None])
 
     def takes_cpu_step(self, x: torch.Tensor, norm: RMSNorm | None) -> bool:
-        """Whether a decode token goes through `decode_cpu_layer`: fp32 on the CPU (numba
-        installed), an input norm to take in, the projections stored as bf16 and fused into one
-        (the engine's CPU path)."""
+        """Whether decode tokens (one per sequence) go through `decode_cpu_layer`: fp32 on the CPU
+        (numba installed), an input norm to take in, the projections stored as bf16 and fused into
+        one (the engine's CPU path)."""
         return (norm is not None and norm.group is None and kernels.use_cpu_kernels(x)
                 and self.in_proj.one_matrix(Bf16Linear) is not None and type(self.out_proj) is Bf16Linear)
 
-    def decode_cpu_layer(self, x: torch.Tensor, norm: RMSNorm, state) -> torch.Tensor:
-        """The input norm, the projections and `decode_cpu`'s step in one numba call
-        (kernels/cpu_step.deltanet_layer_step)."""
-        from ..kernels.cpu_step import deltanet_layer_step, deltanet_layer_weights
+    def decode_cpu_layer(self, x: torch.Tensor, norm: RMSNorm, states: list) -> torch.Tensor:
+        """One token of each sequence: the input norm, the projections and `decode_cpu`'s step,
+        in one numba call for one sequence (kernels/cpu_step.deltanet_layer_step), in 2 + B for a
+        batch of B (deltanet_layer_steps)."""
+        from ..kernels.cpu_step import deltanet_layer_step, deltanet_layer_steps, deltanet_layer_weights
 
         # the weights as the kernel reads them, made at the first decode step (once loaded and
         # fused, they are not replaced)
@@ -134,7 +135,9 @@ class GatedDeltaNet(nn.Module):
                 norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.conv1d.weight,
                 self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, self.k_heads, self.norm.gate == "sigmoid",
                 self.out_proj.weight)
-        return deltanet_layer_step(x, state.conv, state.recurrent, self._cpu_step_weights[1])
+        if len(states) == 1:
+            return deltanet_layer_step(x, states[0].conv, states[0].recurrent, self._cpu_step_weights[1])
+        return deltanet_layer_steps(x, [(s.conv, s.recurrent) for s in states], self._cpu_step_weights[1])
 
     def decode_cpu(self, x: torch.Tensor, state) -> torch.Tensor:
         """The same step on the CPU (fp32), the conv, the rule and the norm in one numba call; the

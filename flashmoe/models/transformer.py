@@ -189,7 +189,7 @@ class Model(nn.Module):
         x = self.model.norm(x) if self.hyper is None else self.model.hyper_connection_mixer(x)[0]
         if self.args.tie_word_embeddings:  # the embedding table, kept 16-bit even with --dense-bits 8
             table = self.model.embed_tokens.weight
-            if takes_gemv(x, table):  # one row on the CPU
+            if takes_gemv(x, table):  # a decode step's rows on the CPU
                 return gemv(x, table)
             if table.dtype != x.dtype:  # bf16 in an fp32 CPU engine (layers/int8_linear.Bf16Embedding)
                 return dequantized_matmul(x, table)

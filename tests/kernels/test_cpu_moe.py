@@ -19,8 +19,9 @@ LAYOUT = RecordLayout.build(H, I, 4, 32)
 
 
 def eager_layer(x, mixer_out, norm_weight, eps, w_in, w_down, gated, norm_topk, pool, slot_of):
-    """The eager path's arithmetic in PyTorch: the residual add, the zero-centred RMSNorm, the fused
-    projections, softmax top-k, the shared expert and its gate, the routed experts' definition."""
+    """The eager path's arithmetic in PyTorch for tokens x [T, H]: the residual add, the
+    zero-centred RMSNorm, the fused projections, softmax top-k, the shared expert and its gate, the
+    routed experts' definition -> (the layer's output, r + the shared expert alone, h, ids, weights)."""
     r = x + mixer_out
     h = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * (1 + norm_weight)
     proj = h @ w_in.float().t()
@@ -31,15 +32,18 @@ def eager_layer(x, mixer_out, norm_weight, eps, w_in, w_down, gated, norm_topk, 
         gate, up = proj[:, first : first + shared], proj[:, first + shared :]
         y = (F.silu(gate) * up) @ w_down.float().t()
         out = out + (torch.sigmoid(proj[:, E : E + 1]) * y if gated else y)
-    slots = [int(slot_of[e]) for e in ids[0]]
-    return out + reference(LAYOUT, pool, slots, weights[0].tolist(), h[0]), ids[0]
+    routed = torch.stack([reference(LAYOUT, pool, [int(slot_of[e]) for e in ids[t]], weights[t].tolist(), h[t])
+                          for t in range(x.shape[0])])
+    return out + routed, out, h, ids, weights
 
 
 @pytest.mark.parametrize("shared,gated,norm_topk", [(32, True, True), (0, False, False)])
 def test_the_moe_step_matches_the_eager_layer(shared, gated, norm_topk):
     """Qwen3.5's layer (a sigmoid-gated shared expert, renormalised top-k) and Qwen3's without a
-    shared expert or renormalisation, on fresh random weights, records and inputs; then a chosen
-    expert not cached: the call says so and leaves its output alone."""
+    shared expert or renormalisation, on fresh random weights, records and inputs: one token, and a
+    batch's five (experts that several of them chose read once for all); then a chosen expert not
+    cached, and more chosen experts than the call may compute: the call says so, with the rest of
+    the layer done (r + the shared expert, the routing, the experts' input)."""
     g = torch.Generator().manual_seed(shared + gated)
     norm_weight, eps = torch.randn(H, generator=g) * 0.2, 1e-6
     w_in = (torch.randn(E + (gated + 2 * shared), H, generator=g) / H**0.5).bfloat16()
@@ -51,15 +55,23 @@ def test_the_moe_step_matches_the_eager_layer(shared, gated, norm_topk):
     constants = (norm_weight.numpy(), np.float32(eps), True, w_in.view(torch.uint16).numpy(),
                  w_down.view(torch.uint16).numpy(), gated, norm_topk)
     records = (p8, p8.view(np.uint16), _offsets(LAYOUT), I, _half_pow2())
-    for _ in range(3):
-        x, mixer_out = torch.randn(1, H, generator=g), torch.randn(1, H, generator=g)
-        ids, out = np.empty(K, np.int64), np.empty((1, H), np.float32)
-        assert kernel(x.numpy(), mixer_out.numpy(), *constants, slot_of, *records, ids, out)
-        want, want_ids = eager_layer(x, mixer_out, norm_weight, eps, w_in, w_down, gated, norm_topk, pool, slot_of)
-        assert ids.tolist() == want_ids.tolist()
-        assert rel(torch.from_numpy(out), want) < 1e-5  # measured ~1e-7
+
+    def run(x, mixer_out, slots, most=E):
+        T = x.shape[0]
+        outputs = np.empty((T, H), np.float32), np.empty((T, K), np.int64), np.empty((T, K), np.float32), np.empty((T, H), np.float32)
+        done = kernel(x.numpy(), mixer_out.numpy(), *constants, slots, *records, most, *outputs)
+        return done, *(torch.from_numpy(a) for a in outputs)
+
+    for T in (1, 1, 5):
+        x, mixer_out = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
+        want, want_shared, want_h, want_ids, want_weights = eager_layer(x, mixer_out, norm_weight, eps, w_in, w_down, gated,
+                                                                        norm_topk, pool, slot_of)
+        done, h, ids, weights, out = run(x, mixer_out, slot_of)
+        assert done and ids.tolist() == want_ids.tolist()
+        assert rel(out, want) < 1e-5 and rel(weights, want_weights) < 1e-6 and rel(h, want_h) < 1e-6  # measured ~1e-7
+    assert len(set(ids.flatten().tolist())) < 5 * K  # some expert chosen by several tokens
     missing = slot_of.copy()
-    missing[ids[1]] = -1
-    out[:] = 7.0
-    assert not kernel(x.numpy(), mixer_out.numpy(), *constants, missing, *records, ids, out)
-    assert (out == 7.0).all()
+    missing[ids[3, 1]] = -1
+    for slots, most in ((missing, E), (slot_of, len(set(ids.flatten().tolist())) - 1)):
+        done, h, ids, weights, out = run(x, mixer_out, slots, most)
+        assert not done and ids.tolist() == want_ids.tolist() and rel(out, want_shared) < 1e-6 and rel(h, want_h) < 1e-6

@@ -34,28 +34,29 @@ def test_the_cpu_deltanet_step_matches_the_eager_step(gate):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_gemv_matches_the_matmul(dtype):
-    """One row through the numba GEMV against PyTorch's matmul, for fp32 and bf16 weights (the CPU's
-    Bf16Linear) and int8 codes with per-row scales (--dense-bits 8), on fresh random inputs of an
-    odd width."""
-    from flashmoe.kernels.cpu_step import gemv, takes_gemv
+    """A decode step's rows (one, and a batch's three) through the numba GEMV against PyTorch's
+    matmul, for fp32 and bf16 weights (the CPU's Bf16Linear) and int8 codes with per-row scales
+    (--dense-bits 8), on fresh random inputs of an odd width."""
+    from flashmoe.kernels.cpu_step import GEMV_MAX_ROWS, gemv, takes_gemv
 
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 200, generator=g)
     if dtype == torch.int8:
         weight = torch.randint(-127, 128, (77, 200), generator=g, dtype=torch.int8)
         scale = torch.rand(77, generator=g) / 100
-        want = (x @ weight.float().t()) * scale
     else:
         weight, scale = torch.randn(77, 200, generator=g).to(dtype), None
-        want = x @ weight.float().t()
-    assert takes_gemv(x, weight) and not takes_gemv(torch.randn(2, 200), weight)  # one row only
-    got = gemv(x, weight, scale)
-    assert got.shape == (1, 77) and float((got - want).norm() / want.norm()) < 1e-6
+    assert not takes_gemv(torch.randn(GEMV_MAX_ROWS + 1, 200), weight)  # a prefill chunk's rows: PyTorch's
+    for rows in (1, 3):
+        x = torch.randn(rows, 200, generator=g)
+        want = x @ weight.float().t() * (1 if scale is None else scale)
+        assert takes_gemv(x, weight)
+        got = gemv(x, weight, scale)
+        assert got.shape == (rows, 77) and float((got - want).norm() / want.norm()) < 1e-6
 
 
-def test_projections_of_one_row_take_the_gemv(monkeypatch):
-    """A decode row's projection goes through the GEMV (and gives the Linear's result, bias added);
-    two rows go to PyTorch."""
+def test_projections_of_a_decode_steps_rows_take_the_gemv(monkeypatch):
+    """A decode step's rows' projection goes through the GEMV (and gives the Linear's result, bias
+    added); a prefill chunk's go to PyTorch."""
     from flashmoe.kernels import cpu_step
     from flashmoe.layers.fused import project
 
@@ -64,10 +65,10 @@ def test_projections_of_one_row_take_the_gemv(monkeypatch):
     monkeypatch.setattr(cpu_step, "gemv", lambda *a: calls.append(1) or real(*a))
     layer = torch.nn.Linear(64, 48, bias=True)
     with torch.no_grad():
-        for rows in (1, 2):
+        for rows in (1, 2, cpu_step.GEMV_MAX_ROWS + 1):
             x = torch.randn(rows, 64)
             assert torch.allclose(project(layer, x), layer(x), atol=1e-6)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("zero_centred", [False, True])
@@ -180,3 +181,49 @@ def test_the_cpu_deltanet_layer_step_matches_the_eager_layer(monkeypatch):
             assert float((got - want).norm() / want.norm()) < 1e-5, step
     assert float((state.recurrent - eager_state.recurrent).norm() / eager_state.recurrent.norm()) < 1e-5
     assert torch.allclose(state.conv, eager_state.conv, atol=1e-6)
+
+
+def test_a_batch_of_decode_tokens_takes_the_batched_cpu_steps(monkeypatch):
+    """One token of each of three sequences of different lengths through the attention and the
+    DeltaNet layers (their projections for all three at once, each's attention or recurrence on
+    its own state) against each sequence's eager path, on fresh random bf16 weights and states,
+    several steps; the caches and states included."""
+    from flashmoe.kernels import cpu_step
+    from flashmoe.layers.attention import Attention, AttentionSpec
+    from flashmoe.layers.rotary import RotaryEmbedding
+    from flashmoe.models.context import StepContext
+
+    batched = []
+    for name in ("attention_steps", "deltanet_layer_steps"):
+        real = getattr(cpu_step, name)
+        monkeypatch.setattr(cpu_step, name, lambda *a, real=real, name=name: batched.append(name) or real(*a))
+    g = torch.Generator().manual_seed(23)
+    attention = with_bf16_projections(Attention(64, AttentionSpec(4, 2, 16, gated=True, qk_norm="head"), 1e-6, True), g)
+    deltanet = with_bf16_projections(random_layer_and_state("cpu", torch.float32, g)[0], g)
+    norm, rotary = random_norm(g, True), RotaryEmbedding(8, 10000.0)
+    caches = [attention.new_state(torch.float32, "cpu") for _ in range(3)]
+    states = [random_layer_and_state("cpu", torch.float32, g)[1] for _ in range(3)]
+    with torch.no_grad():
+        for cache, n in zip(caches, (1, 4, 2)):  # prefills of different lengths
+            x = torch.randn(n, 64, generator=g)
+            attention(x, *rotary(torch.arange(n)), [cache], StepContext([None]), norm)
+        eager_caches, eager_states = copy.deepcopy(caches), copy.deepcopy(states)
+        for step in range(3):
+            x = torch.randn(3, 64, generator=g)
+            cos, sin = rotary(torch.tensor([c.length for c in caches]))
+            ctx = StepContext([None] * 3, [1, 1, 1])
+            got = torch.cat([attention(x, cos, sin, caches, ctx, norm), deltanet(x, states, ctx.slices(3), norm)], 1)
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "use_cpu_kernels", lambda x: False)
+                want = torch.cat([torch.cat([attention(x[b : b + 1], cos[b : b + 1], sin[b : b + 1], [eager_caches[b]],
+                                                       StepContext([None]), norm),
+                                             deltanet(x[b : b + 1], [eager_states[b]], [slice(0, 1)], norm)], 1)
+                                  for b in range(3)])
+            assert float((got - want).norm() / want.norm()) < 1e-5, step  # measured ~1e-7
+    assert batched == ["attention_steps", "deltanet_layer_steps"] * 3
+    for cache, eager in zip(caches, eager_caches):
+        assert cache.length == eager.length and torch.allclose(cache.k[: cache.length], eager.k[: eager.length], atol=1e-5)
+        assert torch.allclose(cache.v[: cache.length], eager.v[: eager.length], atol=1e-5)
+    for state, eager in zip(states, eager_states):
+        assert float((state.recurrent - eager.recurrent).norm() / eager.recurrent.norm()) < 1e-5
+        assert torch.allclose(state.conv, eager.conv, atol=1e-5)
