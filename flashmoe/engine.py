@@ -32,6 +32,7 @@ from .quant import quantize_int8_rows
 from .experts.heat import hottest_first, read_heat, write_heat
 from .experts.streamed import StreamedExperts
 from .experts.store import BudgetError, ExpertStore, StoreStats
+from .runtime.graphs import GRAPH_MAX_TOKENS
 from .runtime.ngram_rows import NgramRowStore, NgramStats
 from .runtime.sampling import SamplingParams
 from .runtime.stats import GpuTierStats, Timer
@@ -517,23 +518,28 @@ class Engine:
             raise ValueError("forward_batch takes one non-empty list of ids for each of several distinct states")
         for seq, state in zip(ids, states):
             self._check_context(state, len(seq))
-        if self.cuda_graphs and all(len(seq) == 1 for seq in ids):
+        if self.cuda_graphs and len(ids) <= GRAPH_MAX_TOKENS and all(len(seq) == 1 for seq in ids):
             if self.pool is not None and all(state.slot is not None for state in states):
-                return self._pooled_step([seq[0] for seq in ids], states)
-            return self._batch_graph_for(states).step([seq[0] for seq in ids])
+                if (logits := self._pooled_step([seq[0] for seq in ids], states)) is not None:
+                    return logits
+            else:
+                return self._batch_graph_for(states).step([seq[0] for seq in ids])
         flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
         logits = self._step(flat, states, [len(seq) for seq in ids], last_only=True)
         for seq, state in zip(ids, states):
             state.tokens += seq
         return logits
 
-    def _pooled_step(self, tokens: list[int], states: list[SequenceState]) -> torch.Tensor:
+    def _pooled_step(self, tokens: list[int], states: list[SequenceState]) -> torch.Tensor | None:
         """One decode step of sequences in StatePool slots: the graph of the smallest bucket of
-        slots [0, b) (a power of two, or every slot) that holds them, the other slots idle."""
+        slots [0, b) (a power of two, or every slot) that holds them, the other slots idle; None
+        where the bucket is larger than a graph takes."""
         from .runtime.graphs import DecodeGraph
 
         pool, top = self.pool, max(state.slot for state in states) + 1
         b = min(1 << (top - 1).bit_length(), len(pool.slots))
+        if b > GRAPH_MAX_TOKENS:
+            return None  # past what a graph's experts take: eagerly
         # A slot whose sequence reached its scratch position grows (an idle one's too, after a
         # prefill): a new buffer, so the bucket's graph is recorded again.
         for i, holder in enumerate(pool.holders(b)):

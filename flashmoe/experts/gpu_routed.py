@@ -22,11 +22,9 @@ from ..kernels.moe_gemv import MoeGemv
 from ..kernels.moe_grouped import MoeGrouped
 from .store import ExpertStore
 from .tier import GpuExpertTier
+from ..runtime.graphs import GRAPH_MAX_TOKENS
 
 DECODE_MAX_TOKENS = 8  # up to this many tokens per call use the gathered gemv kernels
-# ... and with resident experts, which need no host sync, up to this many (a batch's decode step in
-# one CUDA graph: the grouped kernels read the routing on the host)
-RESIDENT_DECODE_MAX_TOKENS = 32
 
 
 class NextLayerGuess:
@@ -68,7 +66,7 @@ class GpuRoutedExperts:
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """(residual +) the routed experts of x [T, H] (into `out` if given). ids [T, k],
         or [T, 2k] with the next layer's guessed ids after the layer's own (prefetch)."""
-        if ids.shape[0] > (RESIDENT_DECODE_MAX_TOKENS if self.capturable else DECODE_MAX_TOKENS):
+        if ids.shape[0] > DECODE_MAX_TOKENS:
             with self.timer.section("expert_io"):
                 ids_host = self._routing_sync(x, ids, weights)
             y = self._prefill(x, ids, ids_host, weights)
@@ -80,6 +78,13 @@ class GpuRoutedExperts:
         with self.timer.section("expert_io"):
             ids_host = self._routing_sync(x, ids, weights)
         return self._decode(x, ids_host, weights, residual, out)
+
+    def graphed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + the routed experts of a decode graph's tokens (runtime/graphs.py; capturable
+        only): the gathered gemv for up to GRAPH_MAX_TOKENS, where an eager call of more than
+        DECODE_MAX_TOKENS would take the grouped kernels."""
+        assert self.capturable and ids.shape[0] <= GRAPH_MAX_TOKENS
+        return self._resident_decode(x, ids, weights, residual).to(x.dtype)
 
     def _routing_sync(self, x, ids, weights) -> torch.Tensor:
         """The one host sync per layer: which experts this layer needs (and the guess); with CPU

@@ -27,6 +27,11 @@ import torch
 from ..layers.state import KVCache, LinearState, SequenceState, StatePool
 from ..models.context import NullTimer, StepContext
 
+# A decode graph's sequences at most: its resident experts run the gathered gemv for them all
+# (GpuRoutedExperts.graphed), where eagerly the grouped kernels take more than a few tokens, reading
+# the routing on the host, which a graph cannot.
+GRAPH_MAX_TOKENS = 32
+
 
 @contextmanager
 def _no_collection_while_capturing():
@@ -53,9 +58,8 @@ class _WarmUp(StepContext):
     and count), their layer's residual passes through."""
 
     def run_experts(self, layer, h, ids, weights, residual):
-        if _capturable(self.experts[layer]):
-            return super().run_experts(layer, h, ids, weights, residual)
-        return residual
+        experts = self.experts[layer]
+        return experts.graphed(h, ids, weights, residual) if _capturable(experts) else residual
 
 
 class _Recorder(StepContext):
@@ -79,11 +83,11 @@ class _Recorder(StepContext):
     def run_experts(self, layer, h, ids, weights, residual):
         experts = self.experts[layer]
         if _capturable(experts) and not self.split_layers:
-            return experts(h, ids, weights, residual=residual)
+            return experts.graphed(h, ids, weights, residual)
         self.end("dense (graph)")
         if _capturable(experts):  # a profile: the experts in a graph of their own
             self.begin()
-            out = experts(h, ids, weights, residual=residual)
+            out = experts.graphed(h, ids, weights, residual)
             self.end("experts (graph)")
         else:  # the host reads the routing: an eager call between two graphs, into a buffer of its own
             out = torch.empty_like(residual)

@@ -341,3 +341,27 @@ def test_preload_is_chosen_when_the_tiers_hold_every_expert(packed4):
     for flags, why in ((dict(preload=False), None), (dict(prefetch=True), "experts streamed (--prefetch)")):
         engine = Engine(packed4, EngineConfig(**gpu, **flags))
         assert not engine.resident and (why is None or why in engine.choices)
+
+
+def test_a_decode_graphs_resident_experts_take_the_gathered_kernels_for_a_whole_batch(packed4):
+    """GpuRoutedExperts.graphed: a batch of sequences' tokens through the gathered gemv (no host
+    sync), past the few tokens an eager call takes there, as the grouped kernels compute them."""
+    from flashmoe.experts.gpu_routed import DECODE_MAX_TOKENS
+
+    record = Manifest.load(packed4).layout.record_size
+    engine = Engine(packed4, EngineConfig(device=DEVICE, dtype="float32", host_mem=32 * record,
+                                          gpu_path_on_cpu=DEVICE == "cpu", preload=False))
+    engine.use_gpu_experts(gpu_mem=8 * record, policy="lru")
+    engine.preload()
+    experts, T = engine.experts[engine.moe_layers[0]], DECODE_MAX_TOKENS + 4
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(T, engine.args.hidden_size, generator=g).to(engine.device)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)]).to(engine.device)
+    weights = torch.rand(T, 2, generator=g).to(engine.device)
+    residual = torch.randn(T, engine.args.hidden_size, generator=g).to(engine.device)
+    lookups = int(engine.gpu_tier.resident.uses.sum())
+    got = experts.graphed(x, ids, weights, residual)
+    assert int(engine.gpu_tier.resident.uses.sum()) == lookups + T * 2  # counted on the device: no host sync
+    want = experts(x, ids, weights, residual=residual)  # eagerly: the grouped kernels
+    # the gemv reads its inputs as 16-bit fixed point (kernels/codes.layout_xq), the grouped kernels as fp32
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-4
