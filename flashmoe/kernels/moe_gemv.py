@@ -277,10 +277,12 @@ def _down_v4_kernel(
         acc = _accumulate(acc, block, *h, j < K_ROUTED, it % STEPS * NGB, I, BITS, GROUP, NGB, ASM)
     y = tl.sum(tl.sum(acc, axis=1), axis=0)
     if HAS_BIAS:  # each expert's output bias times its routing weight (h carried the weights)
-        for j in range(K_ROUTED):
-            pair = token * K_ROUTED + j
-            slot = tl.load(slots_ptr + pair).to(tl.int64)
-            y += tl.load(weights_ptr + pair).to(tl.float32) * out_bias(halves_ptr, slot, record_halves, bias_off, rows)
+        # names of their own: the loop above made `pair` and `slot` vectors, and Triton (not its
+        # interpreter) refuses a loop that would carry them as scalars
+        for e in range(K_ROUTED):
+            routed = token * K_ROUTED + e
+            expert_slot = tl.load(slots_ptr + routed).to(tl.int64)
+            y += tl.load(weights_ptr + routed).to(tl.float32) * out_bias(halves_ptr, expert_slot, record_halves, bias_off, rows)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + token * H + rows).to(tl.float32)
     tl.store(y_ptr + token * H + rows, y.to(y_ptr.dtype.element_ty))

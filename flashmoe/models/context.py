@@ -81,8 +81,13 @@ class StepContext:
         return [slice(end - n, end) for end, n in zip(ends, self.lengths or [tokens])]
 
     def last_positions(self, tokens: int) -> slice | list[int]:
-        """Each sequence's last token among the step's T (its logits are the step's answer)."""
-        return slice(tokens - 1, tokens) if len(self.states) == 1 else [s.stop - 1 for s in self.slices(tokens)]
+        """Each sequence's last token among the step's T (its logits are the step's answer): a
+        slice where it can be (a list would be copied to the device, which a graph's capture refuses)."""
+        if len(self.states) == 1:
+            return slice(tokens - 1, tokens)
+        if tokens == len(self.states):  # a token per sequence: all of them
+            return slice(0, tokens)
+        return [s.stop - 1 for s in self.slices(tokens)]
 
     def section(self, name: str) -> AbstractContextManager:
         """Time the enclosed work as `name` (a no-op inside a recorded graph)."""
