@@ -301,7 +301,11 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
     activation are constants of its closure and `_rows` is inlined into it (numba IR), so LLVM sees
     constant masks and plane-loop trip counts (given as arguments, the kernel is ~1.5x slower) and
     drops the branches a format does not take. limit > 0: gpt-oss's clamped SwiGLU (layers/mlp.py).
-    parallel=False: the same loops on the calling thread (`prange` is then `range`)."""
+    parallel=False: the same loops on the calling thread. The loop function is a constant of the
+    closure because numba keys its disk cache by code and closure: with `prange` in both, the two
+    kernels shared one cache entry, and whichever compiled first was loaded for both (the parallel
+    one then ran on one thread)."""
+    loop = prange if parallel else range
 
     @numba_jit(parallel=parallel)
     def experts(p8, p16, slots, weights, tokens, by_expert, starts, offs, inter, x, out, half_pow2):
@@ -328,7 +332,7 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
                                 asum[p], bf16_buf)
             dst, k = (h, hidden) if proj == 0 else (y, inter)
             blocks = (dst.shape[1] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
-            for task in prange(experts_n * blocks):
+            for task in loop(experts_n * blocks):
                 u = task // blocks
                 offs_p = offs[5 * proj : 5 * proj + 3]
                 r0 = task % blocks * ROWS_PER_BLOCK
