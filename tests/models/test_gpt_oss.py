@@ -55,7 +55,9 @@ def test_the_gpu_path_decodes_mxfp4_as_the_cpu_path(mxfp4_release, tmp_path):
     cpu = our_run(Engine(tmp_path / "mx", EngineConfig(dtype="float32", threads=1)), prompt, 3)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = our_run(Engine(tmp_path / "mx", EngineConfig(device=device, dtype="float32", gpu_path_on_cpu=device == "cpu")), prompt, 3)
-    assert rel_err(gpu[0].cpu(), cpu[0]) < 1e-5 and rel_err(gpu[1].cpu(), cpu[1]) < 1e-5 and gpu[2] == cpu[2]
+    # the prompt's grouped pass takes fp16 inputs (one tensor-core dot per group: 3.5e-5 here); decode
+    # keeps fp32 activations
+    assert rel_err(gpu[0].cpu(), cpu[0]) < 1e-4 and rel_err(gpu[1].cpu(), cpu[1]) < 1e-5 and gpu[2] == cpu[2]
 
 
 def test_the_cpu_share_of_mxfp4_experts_changes_no_result(mxfp4_release, tmp_path, slow_link):
