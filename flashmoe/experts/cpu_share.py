@@ -108,8 +108,13 @@ def link_seconds(pool: torch.Tensor, device, repeats: int) -> float:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    one = copy(1)
-    return max((copy(m) - one) / (m - 1), 1e-9) if m > 1 else one
+    return per_record(copy(1), copy(m), m)
+
+
+def per_record(one: float, many: float, m: int) -> float:
+    """Seconds one more record costs, from the time of one record's copy and of m records' (the
+    slope; never below 1 ns, which a noisy timing of small records can give)."""
+    return max((many - one) / (m - 1), 1e-9) if m > 1 else one
 
 
 def timing_records(store: ExpertStore, k: int) -> tuple[torch.Tensor, list[int]]:

@@ -10,12 +10,23 @@ from flashmoe.engine import Engine, EngineConfig
 from flashmoe.layers.state import KVCache, LinearState, StatePool
 
 
+@pytest.fixture(scope="module")
+def engines(packed16):
+    return Engine(packed16, EngineConfig(dtype="float32", threads=1)), Engine(packed16, EngineConfig(dtype="float32", threads=1))
+
+
 @pytest.fixture
-def pooled(packed16):
-    """An engine whose new states come from a pool of three slots (the GPU path's decode_slots)."""
-    engine = Engine(packed16, EngineConfig(dtype="float32", threads=1))
+def plain(engines):
+    return engines[1]
+
+
+@pytest.fixture
+def pooled(engines):
+    """An engine whose new states come from a fresh pool of three slots (the GPU path's decode_slots)."""
+    engine = engines[0]
     engine.pool = StatePool(lambda: engine.model.new_state(engine.dtype, engine.device), 3, capacity=16)
-    return engine
+    yield engine
+    engine.pool = None
 
 
 def test_sequences_take_the_lowest_free_slot_and_give_it_back_when_released_or_dropped(pooled):
@@ -48,8 +59,7 @@ def test_a_slot_is_reset_for_its_next_sequence_and_its_caches_reserved(pooled):
     assert all(not c.conv.any() and not c.recurrent.any() for c in layers if isinstance(c, LinearState))
 
 
-def test_pooled_states_decode_as_states_of_their_own(pooled, packed16):
-    plain = Engine(packed16, EngineConfig(dtype="float32", threads=1))
+def test_pooled_states_decode_as_states_of_their_own(pooled, plain):
     mine, theirs = pooled.new_state(), plain.new_state()
     assert mine.slot is not None
     got, want = pooled.forward([5, 6, 7], mine), plain.forward([5, 6, 7], theirs)
@@ -73,14 +83,16 @@ def test_a_cached_prefix_is_copied_into_a_slot_and_a_preempted_sequence_rebuilt_
     assert torch.allclose(pooled.forward([9], inside), pooled.forward([9], kept), rtol=1e-4, atol=1e-5)
 
 
-def test_a_generation_in_a_slot_decodes_through_forward_batch_as_one_of_its_own(pooled, packed16):
+def test_a_generation_in_a_slot_decodes_through_forward_batch_as_one_of_its_own(pooled, plain):
     from flashmoe.runtime.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=6, temperature=0)
-    plain = Engine(packed16, EngineConfig(dtype="float32", threads=1))
     calls = []
     batch = pooled.forward_batch
     pooled.forward_batch = lambda ids, states: (calls.append(len(ids)), batch(ids, states))[1]
-    got = [s.token for s in pooled.generate([5, 6, 7], params)]
+    try:
+        got = [s.token for s in pooled.generate([5, 6, 7], params)]
+    finally:
+        del pooled.forward_batch
     assert got == [s.token for s in plain.generate([5, 6, 7], params)] and calls == [1] * 5
     assert pooled.pool.free == 3  # the generation's slot came back when it ended
