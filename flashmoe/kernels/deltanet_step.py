@@ -1,9 +1,13 @@
-"""Gated DeltaNet decode step for one token, in two launches per layer:
+"""Gated DeltaNet decode step for one token of each of B sequences, in two launches per layer:
 
   conv_step:  the depthwise causal conv over (kept window, new input) + SiLU; the window shifts in place.
   delta_step: per value head, l2-normalise q and k, the gates beta = sigmoid(b) and
               g = -exp(A_log) * softplus(a + dt_bias), the state update S = S*exp(g) + k (x) (v - S^T k)*beta
               in place, o = S^T q, then the gated RMSNorm of o with z (silu(z), or sigmoid(z): Qwen4-Exp).
+
+A batch's states lie in one tensor (a StatePool's slots, layers/state.py), sequence i's at row i.
+With `active` (0 for a pooled graph's idle slot) an idle sequence's window and state stay exactly as
+they were: its conv does not shift, its decay is exp(0) and its update k * 0.
 
 The reference is the eager PyTorch path (layers/deltanet.py), which tests compare against.
 """
@@ -16,39 +20,60 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, state_ptr, w_ptr, out_ptr, C, KERNEL: tl.constexpr, BLOCK: tl.constexpr):
+def _conv_step_kernel(x_ptr, state_ptr, w_ptr, out_ptr, active_ptr, C, KERNEL: tl.constexpr, BLOCK: tl.constexpr,
+                      MASKED: tl.constexpr):
+    seq = tl.program_id(1)
+    x_ptr += seq * C
+    out_ptr += seq * C
+    state_ptr += seq * (KERNEL - 1) * C
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < C
+    if MASKED:  # an idle sequence's window stays as it is
+        shift = mask & (tl.load(active_ptr + seq) != 0)
+    else:
+        shift = mask
     x = tl.load(x_ptr + cols, mask=mask).to(tl.float32)
     acc = x * tl.load(w_ptr + cols * KERNEL + KERNEL - 1, mask=mask).to(tl.float32)
     for i in tl.static_range(KERNEL - 1):  # state rows 0..K-2 are the inputs K-1..1 steps ago
         s = tl.load(state_ptr + i * C + cols, mask=mask)
         acc += s.to(tl.float32) * tl.load(w_ptr + cols * KERNEL + i, mask=mask).to(tl.float32)
         if i + 1 < KERNEL - 1:
-            tl.store(state_ptr + i * C + cols, tl.load(state_ptr + (i + 1) * C + cols, mask=mask), mask=mask)
-    tl.store(state_ptr + (KERNEL - 2) * C + cols, x.to(state_ptr.dtype.element_ty), mask=mask)
+            tl.store(state_ptr + i * C + cols, tl.load(state_ptr + (i + 1) * C + cols, mask=mask), mask=shift)
+    tl.store(state_ptr + (KERNEL - 2) * C + cols, x.to(state_ptr.dtype.element_ty), mask=shift)
     out = acc / (1.0 + tl.exp(-acc))
     tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [C] new input; state [K-1, C] the previous inputs (oldest first), shifted in place;
-    weight [C, 1, K] -> silu(conv) [C]."""
-    C = x.numel()
-    K = weight.shape[-1]
+def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, active: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """x [C] new input, or [B, C] one per sequence; state [K-1, C] (or [B, K-1, C]) the previous
+    inputs (oldest first), shifted in place where `active` [B] is not 0; weight [C, 1, K] ->
+    silu(conv), shaped as x."""
+    C, K = x.shape[-1], weight.shape[-1]
+    B = x.numel() // C
+    assert state.is_contiguous() and state.numel() == B * (K - 1) * C
+    x = x.contiguous()
     out = torch.empty_like(x)
     BLOCK = 1024
-    _conv_step_kernel[(triton.cdiv(C, BLOCK),)](x, state, weight, out, C, KERNEL=K, BLOCK=BLOCK)
+    _conv_step_kernel[(triton.cdiv(C, BLOCK), B)](x, state, weight, out, x if active is None else active, C, KERNEL=K,
+                                                   BLOCK=BLOCK, MASKED=active is not None)
     return out
 
 
 @triton.jit
 def _delta_step_kernel(
-    qkv_ptr, z_ptr, b_ptr, a_ptr, alog_ptr, dtb_ptr, normw_ptr, state_ptr, out_ptr,
+    qkv_ptr, z_ptr, b_ptr, a_ptr, alog_ptr, dtb_ptr, normw_ptr, state_ptr, out_ptr, active_ptr,
     eps, KEY_HEADS: tl.constexpr, VALUE_HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    SIGMOID_GATE: tl.constexpr,
+    SIGMOID_GATE: tl.constexpr, MASKED: tl.constexpr,
 ):
     j = tl.program_id(0)  # value head
+    seq = tl.program_id(1)  # one token of each sequence: its inputs, state and output at row seq
+    qkv_ptr += seq * (2 * KEY_HEADS * DK + VALUE_HEADS * DV)
+    z_ptr += seq * VALUE_HEADS * DV
+    out_ptr += seq * VALUE_HEADS * DV
+    b_ptr += seq * VALUE_HEADS
+    a_ptr += seq * VALUE_HEADS
+    state_ptr += seq * VALUE_HEADS * DK * DV
     kh = j // (VALUE_HEADS // KEY_HEADS)
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
@@ -61,6 +86,10 @@ def _delta_step_kernel(
     a = tl.load(a_ptr + j).to(tl.float32) + tl.load(dtb_ptr + j).to(tl.float32)
     softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
     g = -tl.exp(tl.load(alog_ptr + j).to(tl.float32)) * softplus
+    if MASKED:  # an idle sequence: no decay and no update, its state exactly as it was
+        run = (tl.load(active_ptr + seq) != 0).to(tl.float32)
+        g = g * run
+        beta = beta * run
     offs = j * DK * DV + dk[:, None] * DV + dv[None, :]
     S = tl.load(state_ptr + offs) * tl.exp(g)
     delta = (v - tl.sum(S * k[:, None], axis=0)) * beta
@@ -79,14 +108,19 @@ def _delta_step_kernel(
 
 
 def delta_step(qkv, z, b, a, A_log, dt_bias, norm_weight, state, key_heads: int, eps: float,
-               sigmoid_gate: bool = False) -> torch.Tensor:
+               sigmoid_gate: bool = False, active: torch.Tensor | None = None) -> torch.Tensor:
     """One token: qkv [2*Hk*dk + Hv*dv] (after conv), z [Hv*dv], b, a [Hv]; state [Hv, dk, dv] fp32,
-    updated in place -> gated-normed output [Hv*dv] in qkv's dtype, gated by silu(z) (or sigmoid(z))."""
-    Hv, DK, DV = state.shape
+    updated in place -> gated-normed output [Hv*dv] in qkv's dtype, gated by silu(z) (or sigmoid(z)).
+    One token of each of B sequences: every input with a leading [B], state [B, Hv, dk, dv], and
+    `active` [B] (0: that sequence's state is left as it was)."""
+    Hv, DK, DV = state.shape[-3:]
+    B = state.numel() // (Hv * DK * DV)
+    assert state.is_contiguous()
+    qkv, z, b, a = (t.contiguous() for t in (qkv, z, b, a))  # a batch's projections are column slices
     out = torch.empty_like(z)
-    _delta_step_kernel[(Hv,)](
-        qkv, z, b, a, A_log, dt_bias, norm_weight, state, out, eps,
-        KEY_HEADS=key_heads, VALUE_HEADS=Hv, DK=DK, DV=DV, SIGMOID_GATE=sigmoid_gate,
+    _delta_step_kernel[(Hv, B)](
+        qkv, z, b, a, A_log, dt_bias, norm_weight, state, out, z if active is None else active, eps,
+        KEY_HEADS=key_heads, VALUE_HEADS=Hv, DK=DK, DV=DV, SIGMOID_GATE=sigmoid_gate, MASKED=active is not None,
         num_warps=8 if DK * DV >= 16384 else 4,
     )
     return out

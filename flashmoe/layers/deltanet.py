@@ -46,8 +46,8 @@ class GatedDeltaNet(nn.Module):
             return self.decode_cpu_layer(x, norm, states)
         if norm is not None:
             x = norm(x)
-        if x.shape[0] == 1 and kernels.use_kernels(x) and active is None:
-            return self.decode_fused(x, states[0])
+        if x.shape[0] == len(states) and kernels.use_kernels(x) and (fused := fused_states(states)) is not None:
+            return self.decode_fused(x, *fused, active)
         if x.shape[0] == 1 and kernels.use_cpu_kernels(x):
             return self.decode_cpu(x, states[0])
         T = x.shape[0]
@@ -104,16 +104,18 @@ class GatedDeltaNet(nn.Module):
     def new_state(self, dtype: torch.dtype, device) -> LinearState:
         return LinearState(self.conv_kernel, self.conv_dim, self.v_heads, self.k_dim, self.v_dim, dtype, device)
 
-    def decode_fused(self, x: torch.Tensor, state) -> torch.Tensor:
-        """The one-token step with the Triton kernels: the same function as the eager path, in two
-        launches instead of a few dozen."""
+    def decode_fused(self, x: torch.Tensor, conv: torch.Tensor, recurrent: torch.Tensor,
+                     active: torch.Tensor | None = None) -> torch.Tensor:
+        """A token of each of B sequences with the Triton kernels: the same function as the eager
+        path, in two launches instead of a few dozen. x [B, hidden]; conv, recurrent: their windows
+        and states (`fused_states`), updated in place but where `active` is 0."""
         from ..kernels.deltanet_step import conv_step, delta_step
 
-        qkv, z, b, a = (y[0] for y in self.in_proj(x))
-        qkv = conv_step(qkv, state.conv, self.conv1d.weight)
-        out = delta_step(qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, state.recurrent, self.k_heads,
-                         self.norm.eps, self.norm.gate == "sigmoid")
-        return self.out_proj(out[None])
+        qkv, z, b, a = self.in_proj(x)
+        qkv = conv_step(qkv, conv, self.conv1d.weight, active)
+        out = delta_step(qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, recurrent, self.k_heads,
+                         self.norm.eps, self.norm.gate == "sigmoid", active)
+        return self.out_proj(out)
 
     def takes_cpu_step(self, x: torch.Tensor, norm: RMSNorm | None) -> bool:
         """Whether decode tokens (one per sequence) go through `decode_cpu_layer`: fp32 on the CPU
@@ -148,6 +150,18 @@ class GatedDeltaNet(nn.Module):
         out = deltanet_step(qkv, z, b, a, state.conv, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
                             state.recurrent, self.k_heads, self.norm.eps, self.norm.gate == "sigmoid")
         return project(self.out_proj, out[None])
+
+
+def fused_states(states: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The conv windows and recurrent states of `states` as the fused step reads them: one state's
+    own, or several that are rows 0 .. B-1 of one StatePool stack (a bucket's slots, in order);
+    None for several states apart (the eager step stacks them)."""
+    if len(states) == 1:
+        return states[0].conv, states[0].recurrent
+    stack = states[0].stack
+    if stack is None or any(s.stack is not stack or s.row != i for i, s in enumerate(states)):
+        return None
+    return stack[0][: len(states)], stack[1][: len(states)]
 
 
 def causal_conv(x: torch.Tensor, state, weight: torch.Tensor, dilation: int = 1) -> torch.Tensor:

@@ -96,11 +96,22 @@ class IndexedKVCache(KVCache):
 
 
 class LinearState:
-    """Gated DeltaNet state: the last kernel-1 conv inputs and the fp32 recurrent state [Hv, dk, dv]."""
+    """Gated DeltaNet state: the last kernel-1 conv inputs and the fp32 recurrent state [Hv, dk, dv].
+    In a StatePool, row `row` of `stack` (every slot's windows and states of this layer, stacked):
+    a batch of slots 0 .. B-1 is then one tensor to the fused step (kernels/deltanet_step.py)."""
 
     def __init__(self, conv_kernel: int, conv_dim: int, v_heads: int, k_dim: int, v_dim: int, dtype: torch.dtype, device):
         self.conv = torch.zeros(conv_kernel - 1, conv_dim, dtype=dtype, device=device)
         self.recurrent = torch.zeros(v_heads, k_dim, v_dim, dtype=torch.float32, device=device)
+        self.stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.row = 0
+
+    @staticmethod
+    def stack_rows(states: list["LinearState"]) -> None:
+        """Move `states` into one conv and one recurrent tensor, state i at row i."""
+        stack = convs, recurrents = torch.stack([s.conv for s in states]), torch.stack([s.recurrent for s in states])
+        for i, s in enumerate(states):
+            s.conv, s.recurrent, s.stack, s.row = convs[i], recurrents[i], stack, i
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +123,7 @@ class LinearState:
 
     def clone(self) -> "LinearState":
         new = copy.copy(self)
-        new.conv, new.recurrent = self.conv.clone(), self.recurrent.clone()
+        new.conv, new.recurrent, new.stack = self.conv.clone(), self.recurrent.clone(), None
         return new
 
 
@@ -195,6 +206,9 @@ class StatePool:
         self.slots = [new_state() for _ in range(slots)]  # the buffers, as states the graphs record on
         for i in range(slots):
             self.make_room(i, capacity)
+        for layer, state in enumerate(self.slots[0].layers):
+            if isinstance(state, LinearState):
+                LinearState.stack_rows([slot.layers[layer] for slot in self.slots])
         self._free = list(range(slots))
         self._holders: list[weakref.ref | None] = [None] * slots
 

@@ -34,7 +34,7 @@ def test_fused_step_matches_the_eager_step(device, dtype, tol, gate):
     with torch.no_grad():
         for step in range(3):  # several steps: the conv window and the state carry over
             x = torch.randn(1, 64, generator=g).to(device, dtype)
-            fused = layer.decode_fused(x, state)
+            fused = layer.decode_fused(x, state.conv, state.recurrent)
             eager = eager_forward(layer, x, eager_state)
             rel = float((fused.float() - eager.float()).norm() / eager.float().norm())
             assert rel < tol, (step, rel)
@@ -51,8 +51,40 @@ def test_the_step_reads_the_fused_projections(device):
     with torch.no_grad():
         for step in range(3):
             x = torch.randn(1, 64, generator=g).to(device)
-            assert torch.allclose(fused.decode_fused(x, fused_state), layer.decode_fused(x, state), rtol=1e-5, atol=1e-6)
+            assert torch.allclose(fused.decode_fused(x, fused_state.conv, fused_state.recurrent),
+                                  layer.decode_fused(x, state.conv, state.recurrent), rtol=1e-5, atol=1e-6)
     assert torch.allclose(fused_state.recurrent, state.recurrent, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_of_pooled_states_steps_in_one_launch_each_as_the_eager_step(device):
+    """B sequences' states stacked as a StatePool keeps them (rows 0 .. B-1): the fused step of all
+    of them at once, one idling (active 0: its window and state untouched), against the eager
+    batched step on copies."""
+    from flashmoe.layers.deltanet import fused_states
+    from flashmoe.layers.state import LinearState
+
+    g = torch.Generator().manual_seed(2)
+    layer, _ = random_layer_and_state(device, torch.float32, g)
+    states = [LinearState(4, 2 * 2 * 16 + 4 * 32, 4, 16, 32, torch.float32, device) for _ in range(3)]
+    for s in states:
+        s.conv.copy_(torch.randn(s.conv.shape, generator=g))
+        s.recurrent.copy_(torch.randn(s.recurrent.shape, generator=g))
+    LinearState.stack_rows(states)
+    assert fused_states(states) is not None and fused_states(states[1:]) is None  # rows 1, 2: not a bucket
+    eager = [s.clone() for s in states]
+    idle = states[1].clone()
+    active = torch.tensor([1, 0, 1], device=device)
+    with torch.no_grad():
+        x = torch.randn(3, 64, generator=g).to(device)
+        fused = layer.decode_fused(x, *fused_states(states), active)
+        qkv, z, b, a = layer.in_proj(x)
+        out = layer._steps(qkv, b, a, eager, active)
+        want = layer.out_proj(layer.norm(out.to(x.dtype), z.view(3, 4, 32)).reshape(3, -1))
+    for i in (0, 2):
+        assert torch.allclose(fused[i], want[i], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(states[i].recurrent, eager[i].recurrent, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(states[i].conv, eager[i].conv)
+    assert torch.equal(states[1].conv, idle.conv) and torch.equal(states[1].recurrent, idle.recurrent)
 
 
 def eager_forward(layer, x, state):
