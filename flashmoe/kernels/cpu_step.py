@@ -115,29 +115,13 @@ def _gemm(w, x, out):
 
 
 @numba_jit()
-def _gemv_bf16(w16, x, out):
-    """out[r] = sum_i w[r, i] x[i] over bfloat16 weights (as uint16): each row widened to fp32
-    through a buffer (numba cannot bit-cast a scalar), which LLVM vectorizes; half the bytes of
-    fp32 to read. The one-token steps'; `_gemm_bf16` is its batch form."""
-    n, k = w16.shape
-    bits = np.empty(k, np.uint32)
-    values = bits.view(np.float32)
-    for r in range(n):
-        row = w16[r]
-        for i in range(k):
-            bits[i] = np.uint32(row[i]) << 16
-        acc = np.float32(0.0)
-        for i in range(k):
-            acc += values[i] * x[i]
-        out[r] = acc
-
-
-@numba_jit()
 def _gemm_bf16(w16, x, out):
-    """out [T, N] = x [T, K] @ w^T for the few rows of a batch, each weight row read and widened
-    once for all of them. Four rows at a time share each widened weight in four sums (1.4x faster
-    than one at a time at T = 4 for the demo's lm_head), the rest one at a time: each row's sum
-    as `_gemv_bf16` adds it (measured equal to the bit)."""
+    """out [T, N] = x [T, K] @ w^T over bfloat16 weights (as uint16) for the few rows of a step, each
+    weight row widened to fp32 once for all of them, through a buffer (numba cannot bit-cast a
+    scalar), which LLVM vectorizes; half the bytes of fp32 to read. Four rows at a time share each
+    widened weight in four sums (1.4x faster than one at a time at T = 4 for the demo's lm_head),
+    the rest one at a time, each row's sum in the same order whatever T (a batch's rows equal a
+    lone token's to the bit on the demo's shapes)."""
     n, k = w16.shape
     T = x.shape[0]
     bits = np.empty(k, np.uint32)
@@ -203,9 +187,9 @@ def _normed_projection(x, norm_weight, eps, zero_centred, w16):
     """The one-token steps' start: w16 (bf16 bits) @ rms_norm(x [1, H]) -> [rows] fp32."""
     h = np.empty_like(x)
     _rms_norm(x, norm_weight, eps, zero_centred, h)
-    proj = np.empty(w16.shape[0], np.float32)
-    _gemv_bf16(w16, h[0], proj)
-    return proj
+    proj = np.empty((1, w16.shape[0]), np.float32)
+    _gemm_bf16(w16, h, proj)
+    return proj[0]
 
 
 @numba_jit()
@@ -273,7 +257,7 @@ def _attention_step(x, cos, sin, k_cache, v_cache, position, out, norm_weight, e
     proj = _normed_projection(x, norm_weight, eps, zero_centred, w_qkv)
     attended = np.empty(w_o.shape[1], np.float32)
     _attend(proj, cos, sin, k_cache, v_cache, position, gated, q_norm, k_norm, qk_eps, qk_zero_centred, attended)
-    _gemv_bf16(w_o, attended, out)
+    _gemm_bf16(w_o, attended.reshape((1, attended.shape[0])), out.reshape((1, out.shape[0])))
 
 
 @numba_jit()
@@ -340,7 +324,7 @@ def _deltanet_layer_step(x, conv_state, state, out, norm_weight, eps, zero_centr
     proj = _normed_projection(x, norm_weight, eps, zero_centred, w_in)
     normed = np.empty(w_out.shape[1], np.float32)
     _deltanet_mix(proj, conv_state, state, conv_w, a_log, dt_bias, out_norm, out_eps, key_heads, sigmoid_gate, normed)
-    _gemv_bf16(w_out, normed, out)
+    _gemm_bf16(w_out, normed.reshape((1, normed.shape[0])), out.reshape((1, out.shape[0])))
 
 
 def deltanet_layer_weights(norm_weight: torch.Tensor, eps: float, zero_centred: bool, w_in: torch.Tensor,
