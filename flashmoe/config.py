@@ -49,7 +49,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     # GPU, with CUDA graphs: sequences whose states are allocated once (layers/state.StatePool), so a
     # batch's decode graph is recorded per bucket of slots and replayed as sequences come and go
-    # (serve sets it to --parallel); 0: none, each batch recorded for its own sequences
+    # (serve sets it to --parallel); 0: none, a batch decodes eagerly
     decode_slots: int = 0
     # The GPU path's logic (GPU tier, Triton kernels) on a CPU device, for tests: the kernels run in
     # Triton's interpreter. A GPU device takes that path anyway.

@@ -42,8 +42,7 @@ from .utils import available_memory_bytes, format_bytes
 
 __all__ = ["ContextLengthError", "Engine", "EngineConfig", "GpuMemoryError"]
 
-BATCH_GRAPH_HEADROOM = 256  # positions a batch's decode graph reserves past its longest sequence
-POOL_CAPACITY = 1024  # positions each StatePool slot holds at first (all of them doubled when one needs more)
+POOL_CAPACITY = 1024  # positions each StatePool slot holds at first (a slot whose sequence needs more grows alone)
 
 
 class GpuMemoryError(RuntimeError):
@@ -76,14 +75,15 @@ class Engine:
         self.timer = Timer(sync=torch.cuda.synchronize if self.device.type == "cuda" and config.profile else None)
         self.model = self._load_dense()
         self.cuda_graphs = config.cuda_graphs and self.device.type == "cuda"
-        self._batch_graph = None  # forward_batch's last decode graph (runtime/graphs.py)
-        self.pool = None  # layers/state.StatePool, and its decode graphs by bucket of slots
-        self._pool_graphs: dict = {}
-        if self.cuda_graphs and config.decode_slots:
-            self.pool = StatePool(lambda: self.model.new_state(self.dtype, self.device), config.decode_slots, POOL_CAPACITY)
         if self.cuda_graphs and (obstacle := self.model.graph_obstacle()):
             self.cuda_graphs = False
             self.choices.append(f"eager decode, no CUDA graphs ({obstacle})")
+        # layers/state.StatePool, and its decode graphs by bucket of slots: batches decode through
+        # them (forward_batch); without a pool a batch runs eagerly
+        self.pool = None
+        self._pool_graphs: dict = {}
+        if self.cuda_graphs and config.decode_slots:
+            self.pool = StatePool(lambda: self.model.new_state(self.dtype, self.device), config.decode_slots, POOL_CAPACITY)
         self.moe_layers = self.args.moe_layers
         every_expert = ExpertStore.keeping_every_record(self.manifest, self.top_k)
         budget = config.host_mem if config.host_mem is not None else min(
@@ -457,22 +457,22 @@ class Engine:
     def new_state(self) -> SequenceState:
         """A new sequence's state: a StatePool slot's buffers while one is free (batched decode on
         the GPU), else buffers of its own."""
-        if self.pool is not None:
-            state = SequenceState([])
-            if self.pool.acquire(state):
-                return state
-        return self.model.new_state(self.dtype, self.device)
+        return self._slot_state() or self.model.new_state(self.dtype, self.device)
 
     def pooled(self, state: SequenceState) -> SequenceState:
         """`state` in a pool slot's buffers (a copy) where the engine pools states and one is free;
         else `state` itself."""
-        if self.pool is None or state.slot is not None:
-            return state
-        pooled = SequenceState([])
-        if not self.pool.acquire(pooled):
+        if state.slot is not None or (pooled := self._slot_state()) is None:
             return state
         pooled.load(state)
         return pooled
+
+    def _slot_state(self) -> SequenceState | None:
+        """A new state in a free pool slot, or None (no pool, or every slot taken)."""
+        if self.pool is None:
+            return None
+        state = SequenceState([])
+        return state if self.pool.acquire(state) else None
 
     def context(self, states: list[SequenceState], lengths: list[int] = (), last_only: bool = True) -> StepContext:
         """The context of one step of the model over `states` (models/context.py)."""
@@ -518,12 +518,9 @@ class Engine:
             raise ValueError("forward_batch takes one non-empty list of ids for each of several distinct states")
         for seq, state in zip(ids, states):
             self._check_context(state, len(seq))
-        if self.cuda_graphs and len(ids) <= GRAPH_MAX_TOKENS and all(len(seq) == 1 for seq in ids):
-            if self.pool is not None and all(state.slot is not None for state in states):
-                if (logits := self._pooled_step([seq[0] for seq in ids], states)) is not None:
-                    return logits
-            else:
-                return self._batch_graph_for(states).step([seq[0] for seq in ids])
+        if self.cuda_graphs and all(len(seq) == 1 and state.slot is not None for seq, state in zip(ids, states)):
+            if (logits := self._pooled_step([seq[0] for seq in ids], states)) is not None:
+                return logits
         flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
         logits = self._step(flat, states, [len(seq) for seq in ids], last_only=True)
         for seq, state in zip(ids, states):
@@ -533,42 +530,29 @@ class Engine:
     def _pooled_step(self, tokens: list[int], states: list[SequenceState]) -> torch.Tensor | None:
         """One decode step of sequences in StatePool slots: the graph of the smallest bucket of
         slots [0, b) (a power of two, or every slot) that holds them, the other slots idle; None
-        where the bucket is larger than a graph takes."""
+        where the bucket is larger than a graph takes (the step then runs eagerly)."""
         from .runtime.graphs import DecodeGraph
 
         pool, top = self.pool, max(state.slot for state in states) + 1
         b = min(1 << (top - 1).bit_length(), len(pool.slots))
         if b > GRAPH_MAX_TOKENS:
-            return None  # past what a graph's experts take: eagerly
-        # A slot whose sequence reached its scratch position grows (an idle one's too, after a
-        # prefill): a new buffer, so the bucket's graph is recorded again.
-        for i, holder in enumerate(pool.holders(b)):
-            if holder is not None and holder.position >= StatePool.limit(holder):
-                pool.make_room(i, holder.position + 1)
-        graph = self._pool_graphs.get(b)
-        if graph is None or not graph.valid():
+            return None
+        graph, holders = self._pool_graphs.get(b), pool.holders(b)
+        if (graph is None or not graph.valid()
+                or any(h is not None and h.position >= limit for h, limit in zip(holders, graph.limits))):
+            # A slot whose sequence reached its scratch position grows (an idle one's too, after a
+            # prefill): a new buffer, so the bucket's graph is recorded again.
+            for i, holder in enumerate(holders):
+                if holder is not None:
+                    pool.make_room(i, holder.position + 1)
             self._pool_graphs.pop(b, None)  # its memory goes before the next one's is taken
             graph = self._pool_graphs[b] = DecodeGraph(self, pool.slots[:b])
         feed, running = [0] * b, [None] * b
         for state, token in zip(states, tokens):
             feed[state.slot], running[state.slot] = token, state
         logits = graph.step(feed, running)
-        return logits[[state.slot for state in states]]
-
-    def _batch_graph_for(self, states: list[SequenceState]):
-        """The decode graph of these sequences' step (runtime/graphs.py): the last one recorded while
-        the batch, its buffers and its reserve last; else recorded anew, its KV caches reserved
-        BATCH_GRAPH_HEADROOM positions ahead (a batch's sequences end at their own times, so no
-        one length reserves for all of them)."""
-        from .runtime.graphs import DecodeGraph
-
-        graph = self._batch_graph
-        if (graph is None or graph.states != states or not graph.valid()
-                or any(s.position >= limit for s, limit in zip(states, graph.limits))):
-            self._batch_graph = None  # its memory goes before the next one's is taken
-            capacity = min(max(s.position for s in states) + BATCH_GRAPH_HEADROOM, self.context_length)
-            self._batch_graph = graph = DecodeGraph(self, states, capacity)
-        return graph
+        rows = [state.slot for state in states]
+        return logits[: len(rows)] if rows == list(range(len(rows))) else logits[rows]
 
     def _check_context(self, state: SequenceState, tokens: int) -> None:
         if state.position + tokens > self.context_length:

@@ -372,47 +372,50 @@ def test_a_batch_decodes_on_the_gpu_as_each_alone(packed4):
 
 @pytest.mark.parametrize("preload", [False, True], ids=["copying", "resident"])
 def test_a_batch_decodes_through_its_graph_as_each_alone(packed4, preload):
-    """forward_batch's decode graph (runtime/graphs.py): with copied experts, graphs around the
-    host's expert calls; resident, the whole step one graph, for more sequences than the copying
-    path's gathered kernels take (the resident path's gemv, not the grouped kernels)."""
+    """forward_batch through the pool's graphs (runtime/graphs.py): with copied experts, graphs
+    around the host's expert calls; resident, the whole step one graph, for more sequences than an
+    eager call gives the gathered kernels (GpuRoutedExperts.graphed)."""
     from flashmoe.experts.gpu_routed import DECODE_MAX_TOKENS
     from .test_engine import PROMPTS, check_batched_decode
 
-    engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", preload=preload))
     n = DECODE_MAX_TOKENS + 4 if preload else 3
+    engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", preload=preload, decode_slots=16))
     check_batched_decode(engine, steps=4, prompts=[[t + i for t in PROMPTS[i % 3]] for i in range(n)])
-    graph = engine._batch_graph
-    assert graph is not None and graph.valid() and len(graph.states) == n
+    graph = engine._pool_graphs[16 if preload else 4]
+    assert graph.valid() and len(graph.states) == (16 if preload else 4)
     if preload:
         assert [name for name, _ in graph.segments] == ["step (graph)"]
 
 
-def test_a_batch_graph_is_kept_while_its_batch_and_buffers_last(packed4):
-    """Re-recorded when the batch changes or a state's buffers are replaced (preempted and rebuilt),
-    replayed otherwise."""
+def test_a_bucket_graph_outlives_a_preemption_and_is_recorded_again_when_a_slot_grows(packed4):
+    """A preempted sequence rebuilt in its slot's buffers replays the same graph; a sequence past
+    its slot's KV buffer grows that slot alone, and the bucket's graph is recorded again."""
+    from flashmoe.layers.state import KVCache, StatePool
     from .test_engine import PROMPTS
 
-    engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", preload=True))
-    states = [engine.new_state() for _ in PROMPTS]
+    engine = Engine(packed4, EngineConfig(device="cuda", dtype="float32", preload=True, decode_slots=2))
+    engine.pool = StatePool(lambda: engine.model.new_state(engine.dtype, engine.device), 2, capacity=12)
+    states = [engine.new_state() for _ in PROMPTS[:2]]
     for prompt, state in zip(PROMPTS, states):
         engine.forward(prompt, state)
-    engine.forward_batch([[1], [2], [3]], states)
-    first = engine._batch_graph
-    engine.forward_batch([[4], [5], [6]], states)
-    assert engine._batch_graph is first
-    engine.forward_batch([[7], [8]], states[:2])
-    assert engine._batch_graph is not first and len(engine._batch_graph.states) == 2
-    second = engine._batch_graph
+    engine.forward_batch([[1], [2]], states)
+    graph = engine._pool_graphs[2]
     engine.release(states[0])
     engine.recompute(states[0])
-    assert not second.valid()
+    assert states[0].slot == 0 and graph.valid()
     kept = states[1].clone()
-    got = engine.forward_batch([[9], [10]], states[:2])[1]
-    assert engine._batch_graph is not second
-    want = engine.forward([10], kept)[0]
-    # the rebuilt state came from a prefill (grouped kernels, fp32 inputs), the kept one from steps
-    # (gathered gemv, 16-bit fixed-point inputs): 1.2e-4 apart on the H100
-    assert float((got - want).norm() / want.norm()) < 1e-3
+    got = engine.forward_batch([[3], [4]], states)[1]
+    assert engine._pool_graphs[2] is graph
+    want = engine.forward([4], kept)[0]
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    sizes, limit = [c.k.shape[0] for c in states[1].layers if isinstance(c, KVCache)], StatePool.limit(states[1])
+    while states[1].position <= limit:  # past slot 1's scratch position
+        token = 5 + states[1].position % 100
+        got = engine.forward_batch([[token], [token]], states)[1]
+        want = engine.forward([token], kept)[0]
+    assert engine._pool_graphs[2] is not graph
+    assert all(c.k.shape[0] > size for c, size in zip((c for c in states[1].layers if isinstance(c, KVCache)), sizes))
+    assert float((got - want).norm() / want.norm()) < 1e-4
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["copying", "resident"])

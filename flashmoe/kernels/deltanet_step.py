@@ -20,10 +20,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, state_ptr, w_ptr, out_ptr, active_ptr, C, KERNEL: tl.constexpr, BLOCK: tl.constexpr,
-                      MASKED: tl.constexpr):
+def _conv_step_kernel(x_ptr, state_ptr, w_ptr, out_ptr, active_ptr, C, x_stride, KERNEL: tl.constexpr,
+                      BLOCK: tl.constexpr, MASKED: tl.constexpr):
     seq = tl.program_id(1)
-    x_ptr += seq * C
+    x_ptr += seq * x_stride
     out_ptr += seq * C
     state_ptr += seq * (KERNEL - 1) * C
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -51,28 +51,29 @@ def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, active
     silu(conv), shaped as x."""
     C, K = x.shape[-1], weight.shape[-1]
     B = x.numel() // C
-    assert state.is_contiguous() and state.numel() == B * (K - 1) * C
-    x = x.contiguous()
-    out = torch.empty_like(x)
+    # x may be a column slice of the fused projections: rows apart by their stride, read in place
+    assert state.is_contiguous() and state.numel() == B * (K - 1) * C and x.stride(-1) == 1
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     BLOCK = 1024
-    _conv_step_kernel[(triton.cdiv(C, BLOCK), B)](x, state, weight, out, x if active is None else active, C, KERNEL=K,
-                                                   BLOCK=BLOCK, MASKED=active is not None)
+    _conv_step_kernel[(triton.cdiv(C, BLOCK), B)](x, state, weight, out, x if active is None else active, C,
+                                                   x.stride(0) if x.ndim == 2 else C, KERNEL=K, BLOCK=BLOCK,
+                                                   MASKED=active is not None)
     return out
 
 
 @triton.jit
 def _delta_step_kernel(
     qkv_ptr, z_ptr, b_ptr, a_ptr, alog_ptr, dtb_ptr, normw_ptr, state_ptr, out_ptr, active_ptr,
-    eps, KEY_HEADS: tl.constexpr, VALUE_HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    eps, qkv_stride, z_stride, b_stride, a_stride, KEY_HEADS: tl.constexpr, VALUE_HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     SIGMOID_GATE: tl.constexpr, MASKED: tl.constexpr,
 ):
     j = tl.program_id(0)  # value head
     seq = tl.program_id(1)  # one token of each sequence: its inputs, state and output at row seq
-    qkv_ptr += seq * (2 * KEY_HEADS * DK + VALUE_HEADS * DV)
-    z_ptr += seq * VALUE_HEADS * DV
+    qkv_ptr += seq * qkv_stride
+    z_ptr += seq * z_stride
     out_ptr += seq * VALUE_HEADS * DV
-    b_ptr += seq * VALUE_HEADS
-    a_ptr += seq * VALUE_HEADS
+    b_ptr += seq * b_stride
+    a_ptr += seq * a_stride
     state_ptr += seq * VALUE_HEADS * DK * DV
     kh = j // (VALUE_HEADS // KEY_HEADS)
     dk = tl.arange(0, DK)
@@ -115,11 +116,12 @@ def delta_step(qkv, z, b, a, A_log, dt_bias, norm_weight, state, key_heads: int,
     `active` [B] (0: that sequence's state is left as it was)."""
     Hv, DK, DV = state.shape[-3:]
     B = state.numel() // (Hv * DK * DV)
-    assert state.is_contiguous()
-    qkv, z, b, a = (t.contiguous() for t in (qkv, z, b, a))  # a batch's projections are column slices
-    out = torch.empty_like(z)
+    # the inputs may be column slices of the fused projections: rows apart by their strides, read in place
+    assert state.is_contiguous() and all(t.stride(-1) == 1 for t in (qkv, z, b, a))
+    out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     _delta_step_kernel[(Hv, B)](
         qkv, z, b, a, A_log, dt_bias, norm_weight, state, out, z if active is None else active, eps,
+        *(t.stride(0) if t.ndim == 2 else t.shape[0] for t in (qkv, z, b, a)),
         KEY_HEADS=key_heads, VALUE_HEADS=Hv, DK=DK, DV=DV, SIGMOID_GATE=sigmoid_gate, MASKED=active is not None,
         num_warps=8 if DK * DV >= 16384 else 4,
     )

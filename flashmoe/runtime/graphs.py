@@ -123,6 +123,7 @@ class DecodeGraph:
         self._host = torch.zeros(2 + self.masked, len(self.states), dtype=torch.long, pin_memory=True)
         self._host[1] = torch.tensor(self.limits if self.masked else [s.position for s in self.states])
         self._device = self._host.to(engine.device)
+        self._sent = torch.cuda.Event()  # the last step's copy out of the pinned buffer
         self.tokens, self.positions = self._device[0], self._device[1]  # views the recording reads
         # a bucket of one slot runs whenever it is replayed: no mask, so DeltaNet's fused one-token step
         self.active = self._device[2] if self.masked and len(self.states) > 1 else None
@@ -174,12 +175,13 @@ class DecodeGraph:
         if any(s is not None and s.position >= limit for s, limit in zip(running, self.limits)):
             raise ValueError("the decode graphs were captured for a shorter sequence")
         timer = self.engine.timer
-        # The pinned buffer is free again: the last step's copy finished before its logits were read.
+        self._sent.synchronize()  # the pinned buffer is free again (at once where the logits were read)
         self._host[0] = torch.tensor(tokens)
         self._host[1] = torch.tensor([limit if s is None else s.position for s, limit in zip(running, self.limits)])
         if self.masked:
             self._host[2] = torch.tensor([s is not None for s in running])
         self._device.copy_(self._host, non_blocking=True)
+        self._sent.record()
         for name, segment in self.segments:
             if isinstance(segment, torch.cuda.CUDAGraph):
                 with timer.section(name):

@@ -56,15 +56,18 @@ def test_the_step_reads_the_fused_projections(device):
     assert torch.allclose(fused_state.recurrent, state.recurrent, rtol=1e-5, atol=1e-6)
 
 
-def test_a_batch_of_pooled_states_steps_in_one_launch_each_as_the_eager_step(device):
+@pytest.mark.parametrize("fused_projections", [False, True])
+def test_a_batch_of_pooled_states_steps_in_one_launch_each_as_the_eager_step(device, fused_projections):
     """B sequences' states stacked as a StatePool keeps them (rows 0 .. B-1): the fused step of all
     of them at once, one idling (active 0: its window and state untouched), against the eager
-    batched step on copies."""
+    batched step on copies; with the projections fused, the kernels read column slices in place."""
     from flashmoe.layers.deltanet import fused_states
     from flashmoe.layers.state import LinearState
 
     g = torch.Generator().manual_seed(2)
     layer, _ = random_layer_and_state(device, torch.float32, g)
+    if fused_projections:
+        layer.in_proj.fuse()
     states = [LinearState(4, 2 * 2 * 16 + 4 * 32, 4, 16, 32, torch.float32, device) for _ in range(3)]
     for s in states:
         s.conv.copy_(torch.randn(s.conv.shape, generator=g))
