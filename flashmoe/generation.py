@@ -49,7 +49,9 @@ class DecodeRequest:
     and state, for a caller that runs the steps of several generations at once (the server's
     scheduler, through Engine.forward_batch) and fills in `logits` [1, vocab] before resuming it,
     and `seconds`: the wall time of the batched step, which the generation's statistics charge to
-    its decode (each sequence of a batch waited the whole step for its token). `alone()` runs the
+    its decode (each sequence of a batch waited the whole step for its token), and `argmax`: the
+    row's most likely token where the caller read every row's at once (one host sync for the
+    batch instead of one per sequence; a greedy sampler takes it). `alone()` runs the
     step as the generation would by itself (CUDA graphs on the GPU; timed by the generation): for
     a request that has no company."""
 
@@ -58,6 +60,7 @@ class DecodeRequest:
     alone: Callable[[], torch.Tensor]
     logits: torch.Tensor | None = None
     seconds: float = 0.0
+    argmax: int | None = None
 
 
 @dataclass(slots=True)
@@ -154,6 +157,7 @@ class Generation:
             start = end
             if self.batched and end < len(self.ids):
                 yield PAUSED
+        argmax = None  # the logits' argmax where a batched step read it
         try:
             for n in range(self.max_tokens):
                 with self._measured(prefill=False, forward=False):
@@ -161,7 +165,8 @@ class Generation:
                     row = model_row
                     if self.logits_processor is not None:
                         row = self.logits_processor(generated, row.cpu()).to(eng.device)
-                    token = sampler(row)  # the one host sync per token: reading the token
+                    # the one host sync per token: reading the token (none where a batch read its argmax)
+                    token = sampler(row, argmax if row is model_row else None)
                     generated.append(token)
                     if token in eng.stop_ids and not self.params.ignore_eos:
                         step = Step(token, text.flush(decoder.flush()), "stop")
@@ -181,10 +186,10 @@ class Generation:
                 if self.batched:  # the caller runs the step, alone (timed in `decode`) or with others' (timed by it)
                     request = DecodeRequest(token, self.state, functools.partial(decode, token, n))
                     yield request
-                    logits = request.logits
+                    logits, argmax = request.logits, request.argmax
                     self.stats.decode_seconds += request.seconds
                 else:
-                    logits = decode(token, n)
+                    logits, argmax = decode(token, n), None
                 self.stats.decode_tokens += 1
         finally:
             self.stats.peak_rss = peak_rss_bytes()

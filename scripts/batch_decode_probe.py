@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--preload", action="store_true", help="GPU: every expert in GPU or host memory from the start")
     ap.add_argument("--graphed", action="store_true", help="also time one sequence through Engine.generate")
     ap.add_argument("--eager", action="store_true", help="GPU: no CUDA graphs")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the rounds, profile this many steps of the largest batch (torch.profiler: the "
+                         "kernels by device time, graph replays included)")
     a = ap.parse_args()
     config = EngineConfig(device=a.device, threads=a.threads, host_mem=parse_size(a.host_mem), preload=a.preload or None,
                           cuda_graphs=not a.eager, gpu_mem=parse_size(a.gpu_mem) if a.gpu_mem else None,
@@ -70,13 +73,13 @@ def main() -> None:
             logits = engine.forward_batch(prompts, states)
             sync(engine)
             first = time.perf_counter()
-            logits = engine.forward_batch([[int(t)] for t in logits.argmax(-1)], states)  # apart: records a graph
+            logits = engine.forward_batch([[t] for t in logits.argmax(-1).tolist()], states)  # apart: records a graph
             sync(engine)
             firsts[batch].append(time.perf_counter() - first)
             before = engine.store.stats.hits + engine.store.stats.misses
             start = time.perf_counter()
             for _ in range(a.steps):
-                logits = engine.forward_batch([[int(t)] for t in logits.argmax(-1)], states)
+                logits = engine.forward_batch([[t] for t in logits.argmax(-1).tolist()], states)
             sync(engine)
             rates[batch].append(batch * a.steps / (time.perf_counter() - start))
             reads[batch].append((engine.store.stats.hits + engine.store.stats.misses - before) / a.steps)
@@ -89,6 +92,32 @@ def main() -> None:
         print(f"batch {batch:>2}: {median:7.1f} tok/s aggregate, {median / one:.2f}x batch {a.batch[0]} "
               f"(runs {', '.join(f'{x:.1f}' for x in rates[batch])}); {statistics.median(reads[batch]):.0f} expert records per step; "
               f"first step {statistics.median(firsts[batch]) * 1e3:.0f} ms")
+    if a.profile:
+        profile(engine, text, max(a.batch), a.profile)
+
+
+def profile(engine: Engine, text: list[int], batch: int, steps: int) -> None:
+    """The kernels of `steps` decode steps of `batch` sequences, by total device time, and the
+    device time a step adds up to (against its wall time: the gap is launches and host work)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    states = [engine.new_state() for _ in range(batch)]
+    logits = engine.forward_batch([text[i * 40 : i * 40 + 32] for i in range(batch)], states)
+    for _ in range(2):  # the bucket's graph recorded, caches warm
+        logits = engine.forward_batch([[t] for t in logits.argmax(-1).tolist()], states)
+    sync(engine)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = engine.forward_batch([[t] for t in logits.argmax(-1).tolist()], states)
+        sync(engine)
+        wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    key = "self_device_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    device = sum(getattr(e, key) for e in events if e.device_type.name != "CPU" or key == "self_cpu_time_total")
+    print(f"profile, batch {batch}: {wall * 1e3:.2f} ms a step wall, {device / steps / 1e3:.2f} ms of kernels a step")
+    print(events.table(sort_by=key, row_limit=30, max_name_column_width=60))
 
 
 if __name__ == "__main__":

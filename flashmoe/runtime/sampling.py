@@ -71,8 +71,11 @@ class Sampler:
             if seen:
                 self.seen[torch.tensor(seen, device=device)] = True
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits [vocab] (fp32) -> the drawn token, also recorded as seen."""
+    def __call__(self, logits: torch.Tensor, argmax: int | None = None) -> int:
+        """logits [vocab] (fp32) -> the drawn token, also recorded as seen; argmax: the logits'
+        most likely token where the caller has it already (a greedy draw then reads nothing back)."""
+        if argmax is not None and self.seen is None and self.params.temperature < GREEDY_BELOW:
+            return argmax
         token = self._draw(logits)
         if self.seen is not None:
             self.seen[token] = True

@@ -240,8 +240,10 @@ class Scheduler:
             else:
                 start = time.perf_counter()
                 logits = self.engine.forward_batch([[r.token] for _, r in steps], [r.state for _, r in steps])
+                argmax = logits.argmax(-1).tolist()  # one host sync for the batch's greedy draws
                 for i, (_, request) in enumerate(steps):
-                    request.logits, request.seconds = logits[i : i + 1], time.perf_counter() - start
+                    request.logits, request.argmax = logits[i : i + 1], argmax[i]
+                    request.seconds = time.perf_counter() - start
             if before is not None:
                 self._count_reads(before, len(steps))
             return []

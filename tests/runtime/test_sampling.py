@@ -18,6 +18,16 @@ def test_greedy_and_degenerate_filters_pick_the_argmax():
     assert sampler(temperature=1.0, top_p=1e-6, seed=0)(LOGITS) == 1
 
 
+def test_a_greedy_draw_takes_the_batch_argmax_and_a_penalized_or_sampled_one_ignores_it():
+    """The scheduler reads a batch's argmaxes in one sync and hands each sequence its row's: a
+    plain greedy draw returns it; a repetition penalty or a temperature changes the answer, so
+    those draw from the logits."""
+    assert sampler(temperature=0)(LOGITS, argmax=4) == 4  # taken as given, nothing read back
+    penalized = Sampler(SamplingParams(temperature=0, repetition_penalty=10.0), vocab_size=5, seen=[1])
+    assert penalized(LOGITS, argmax=1) == 2  # token 1 was seen: the penalty moves the argmax
+    assert sampler(temperature=5.0, top_k=2, seed=1)(LOGITS, argmax=4) in {1, 2}
+
+
 def test_seed_reproduces_and_top_k_restricts():
     a = [sampler(temperature=5.0, seed=7) for _ in range(2)]
     assert [a[0](LOGITS) for _ in range(20)] == [a[1](LOGITS) for _ in range(20)]
