@@ -83,6 +83,7 @@ def main() -> None:
             sync(engine)
             rates[batch].append(batch * a.steps / (time.perf_counter() - start))
             reads[batch].append((engine.store.stats.hits + engine.store.stats.misses - before) / a.steps)
+            del states  # their pool slots free again: the next batch takes slots 0.. (its own bucket)
     one = statistics.median(rates[a.batch[0]])
     if graphed:
         print(f"one sequence, graphed generate: {statistics.median(graphed):7.1f} tok/s "

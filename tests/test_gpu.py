@@ -439,8 +439,8 @@ def test_pooled_sequences_decode_through_their_bucket_graph_as_each_alone(packed
             assert float((out[i].cpu() - logits[done[i]].cpu()).norm() / logits[done[i]].cpu().norm()) < 1e-3, (i, done[i])
             assert int(out[i].argmax()) == tokens[done[i]]
         got = engine.forward_batch([[alone[i][1][done[i]]] for i in running], [states[i] for i in running])
-        for row, i in enumerate(running):
-            out[i], done[i] = got[row], done[i] + 1
+        for row, i in enumerate(running):  # a copy: the graph's logits buffer is the next step's too
+            out[i], done[i] = got[row].clone(), done[i] + 1
 
     step([0, 1, 2])
     graph = engine._pool_graphs[4]

@@ -29,6 +29,7 @@ PRESETS: dict[str, dict] = {
         **_QWEN35, "model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48,
         "num_attention_heads": 16, "linear_num_value_heads": 32, "moe_intermediate_size": 512,
         "shared_expert_intermediate_size": 512, "intermediate_size": 5120,
+        "eos_token_id": 151645,  # its own vocabulary's <|im_end|>, not Qwen3.5's 248046
     },
     "qwen3-30b-a3b": {**_QWEN3, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
                       "num_key_value_heads": 4, "intermediate_size": 6144, "moe_intermediate_size": 768,

@@ -58,7 +58,14 @@ class Grammars:
 
     def __init__(self, tokenizer: Tokenizer, tokenizer_json: str, vocab_size: int, stop_ids: Iterable[int]) -> None:
         # n_vocab = the model's logits width (may exceed the tokenizer's): ids past it are never allowed.
-        self._lltok = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(stop_ids))
+        # A grammar ends on the stop tokens the tokenizer has: llguidance refuses an end token past
+        # the tokenizer's own vocabulary (a config's eos id beyond a smaller tokenizer, as in a bench
+        # model's byte-level one), and a grammar could never allow one anyway.
+        ends = sorted(i for i in stop_ids if i < tokenizer.vocab_size)
+        if not ends:
+            raise ValueError(f"none of the stop tokens {sorted(stop_ids)} is in the tokenizer's vocabulary of "
+                             f"{tokenizer.vocab_size}: the tokenizer does not belong to this model")
+        self._lltok = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=ends)
         self._special = tokenizer.special_tokens
         self.call_format = "xml" if "<function=" in (tokenizer.chat_template or "") else "json"
 

@@ -25,6 +25,7 @@ def test_preset_has_the_size_of_the_released_model(name):
     experts = len(args.moe_layers) * moe.num_experts * 3 * args.hidden_size * moe.intermediate
     dense = sum(math.prod(shape) for _, shape, _, _ in dense_tensors(args))
     assert (experts + dense) / 1e9 == pytest.approx(SIZES[name], rel=0.015)
+    assert all(0 <= i < args.vocab_size for i in args.eos_token_ids)  # a stop token the model can emit
 
 
 def test_qwen3_8_flash_next_counts_its_tables_apart():

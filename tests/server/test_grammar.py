@@ -131,3 +131,16 @@ def test_what_cannot_be_compiled(tiny):
     with pytest.raises(GrammarError):
         tiny.grammars.processor(tiny.grammars.json({"type": "string", "format": "no-such-format"}, strict=True))
     tiny.grammars.processor(tiny.grammars.json({"type": "string", "format": "no-such-format"}))  # lenient by default
+
+
+def test_grammars_end_on_the_stop_tokens_the_tokenizer_has(tiny_model):
+    """A config's eos id past a smaller tokenizer's vocabulary (a bench model's byte-level one with a
+    released model's eos) is left out of the grammar's ends (llguidance refuses it) instead of
+    failing the server's start; a model none of whose stop tokens the tokenizer has is refused."""
+    h = Harness(tiny_model, 320)
+    im_end = h.tok.token_to_id("<|im_end|>")
+    grammars = Grammars(h.tok, (tiny_model / "tokenizer.json").read_text(), 320, {im_end, 248046})
+    h.grammars = grammars
+    assert h.drive(grammars.json({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+    with pytest.raises(ValueError, match=r"none of the stop tokens \[248046\] is in the tokenizer's vocabulary"):
+        Grammars(h.tok, (tiny_model / "tokenizer.json").read_text(), 320, {248046})
