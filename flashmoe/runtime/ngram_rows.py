@@ -141,9 +141,8 @@ class NgramRowStore:
         staging = _page_aligned(len(blocks), table.block_bytes)
         # A task reads a run of blocks: per block, a task's hand-off costs more of the GIL than its
         # pread (a prefill chunk's 32k blocks went at ~8k a second on 16 cores).
-        order, size = list(blocks), max(1, -(-len(blocks) // (4 * self.io_threads)))
-        reads = [self.readers.submit(self._read, table, order[i : i + size], staging.numpy(), i)
-                 for i in range(0, len(order), size)]
+        order, size, buffer = list(blocks), max(1, -(-len(blocks) // (4 * self.io_threads))), staging.numpy()
+        reads = [self.readers.submit(self._read, table, order[i : i + size], buffer, i) for i in range(0, len(order), size)]
         self.stats.rows += unique.numel()
         self.stats.hits += len(hits)
         self.stats.reads += len(blocks)
