@@ -648,9 +648,9 @@ class Engine:
         tokens); `logits_processor(generated_ids, logits) -> logits` sees each next-token
         distribution (fp32, on the CPU) before sampling: the hook for grammar-constrained decoding.
         It gets the same list every step, grown by one token: read it, do not keep or change it.
-        `batched`: between two steps the iteration yields a DecodeRequest for the caller to run
-        (with other generations' through forward_batch, or alone) before resuming it, and PAUSED
-        between slices of the prefill. `checkpoints[n]()` is called once n prompt tokens are in."""
+        `batched`: for each slice of the prefill and each decode step the iteration yields a
+        ForwardRequest for the caller to run (with other generations' through forward_batch, or
+        alone) before resuming it. `checkpoints[n]()` is called once n prompt tokens are in."""
         return Generation(self, prompt, params or SamplingParams(), state, logits_processor, batched, checkpoints)
 
     def _save_heat(self, heat: np.ndarray) -> None:

@@ -28,36 +28,31 @@ class ContextLengthError(ValueError):
     pass
 
 
-# Prompt tokens a batched generation prefills before it pauses: the other sequences' decode steps
-# wait for at most this much of a newcomer's prompt between two of theirs. Each slice reads its
+# Prompt tokens a batched generation asks to prefill at once: the other sequences' decode steps
+# wait for at most this much of a newcomer's prompt between two of theirs (the scheduler packs
+# the slices of several newcomers into one forward up to this many tokens). Each slice reads its
 # experts again: a 3000-token prompt of the demo model took 1.52 s whole, 1.71 s in slices of 1024,
 # 3.01 s in slices of 256 (docs/EXPERIMENTS.md entry 72).
 PREFILL_SLICE = 1024
 
 
-class Paused:
-    """What a batched generation yields between two slices of its prompt's prefill: nothing to
-    run, its turn in the round is over."""
-
-
-PAUSED = Paused()
-
-
 @dataclass(slots=True)
-class DecodeRequest:
-    """What a batched generation yields in place of running a decode step itself: its next token
-    and state, for a caller that runs the steps of several generations at once (the server's
-    scheduler, through Engine.forward_batch) and fills in `logits` [1, vocab] before resuming it,
-    and `seconds`: the wall time of the batched step, which the generation's statistics charge to
-    its decode (each sequence of a batch waited the whole step for its token), and `argmax`: the
-    row's most likely token where the caller read every row's at once (one host sync for the
-    batch instead of one per sequence; a greedy sampler takes it). `alone()` runs the
-    step as the generation would by itself (CUDA graphs on the GPU; timed by the generation): for
-    a request that has no company."""
+class ForwardRequest:
+    """What a batched generation yields in place of running a forward itself: `tokens` to feed
+    `state` (at a decode step its next token; with `prefill`, a slice of its prompt), for a
+    caller that runs the requests of several generations at once (the server's scheduler, through
+    Engine.forward_batch) and fills in `logits` [1, vocab] (of the last token) before resuming it,
+    and `seconds`: the wall time of the batched forward, which the generation's statistics charge
+    to its prefill or decode (each sequence of a batch waited the whole forward), and `argmax`:
+    the row's most likely token where the caller read every row's at once (one host sync for the
+    batch instead of one per sequence; a greedy sampler takes it). `alone()` runs the forward as
+    the generation would by itself (CUDA graphs for a decode step on the GPU; timed by the
+    generation): for a request that has no company."""
 
-    token: int
+    tokens: list[int]
     state: "SequenceState"
     alone: Callable[[], torch.Tensor]
+    prefill: bool = False
     logits: torch.Tensor | None = None
     seconds: float = 0.0
     argmax: int | None = None
@@ -118,18 +113,22 @@ class Generation:
         self.max_tokens = min(params.max_tokens, limit - used)
         self.stats = GenerationStats(prompt_tokens=len(self.ids))
 
-    def __iter__(self) -> Iterator[Step | DecodeRequest | Paused]:
-        """Steps; with `batched`, a DecodeRequest between two steps, to be run by the caller, and
-        PAUSED between two slices of the prefill."""
+    def __iter__(self) -> Iterator[Step | ForwardRequest]:
+        """Steps; with `batched`, a ForwardRequest for each slice of the prefill and each decode
+        step, to be run by the caller."""
         return self._run()
 
-    def _run(self) -> Iterator[Step | DecodeRequest | Paused]:
+    def _run(self) -> Iterator[Step | ForwardRequest]:
         eng = self.engine
         sampler = Sampler(self.params, eng.args.vocab_size, eng.device, seen=self.ids)
         generated: list[int] = []
         text = _StopStrings(self.params.stop)
         decoder = eng.tokenizer.stream_decoder()
         graphs = None
+
+        def prefill(start: int, end: int) -> torch.Tensor:
+            with self._measured(prefill=True):
+                return eng.forward(self.ids[start:end], self.state)
 
         def decode(token: int, n: int) -> torch.Tensor:
             """The decode step of `token`, the n-th generated, as this generation runs it alone."""
@@ -146,17 +145,20 @@ class Generation:
                 return graphs.step([token]) if graphs is not None else eng.forward([token], self.state)
 
         # The prefill in segments that end at each checkpoint (the prefix cache keeps the state there)
-        # and, batched, every PREFILL_SLICE tokens, pausing between them for the other sequences.
+        # and, batched, every PREFILL_SLICE tokens, each one a request the caller runs.
         ends = set(self.checkpoints) | (set(range(PREFILL_SLICE, len(self.ids), PREFILL_SLICE)) if self.batched else set())
         start = 0
         for end in sorted(e for e in ends if 0 < e < len(self.ids)) + [len(self.ids)]:
-            with self._measured(prefill=True):
-                logits = eng.forward(self.ids[start:end], self.state)
+            if self.batched:
+                request = ForwardRequest(self.ids[start:end], self.state, functools.partial(prefill, start, end), prefill=True)
+                yield request
+                logits = request.logits
+                self.stats.prefill_seconds += request.seconds
+            else:
+                logits = prefill(start, end)
             if end in self.checkpoints:
                 self.checkpoints[end]()
             start = end
-            if self.batched and end < len(self.ids):
-                yield PAUSED
         argmax = None  # the logits' argmax where a batched step read it
         try:
             for n in range(self.max_tokens):
@@ -184,7 +186,7 @@ class Generation:
                 if step.finish_reason:
                     return
                 if self.batched:  # the caller runs the step, alone (timed in `decode`) or with others' (timed by it)
-                    request = DecodeRequest(token, self.state, functools.partial(decode, token, n))
+                    request = ForwardRequest([token], self.state, functools.partial(decode, token, n))
                     yield request
                     logits, argmax = request.logits, request.argmax
                     self.stats.decode_seconds += request.seconds

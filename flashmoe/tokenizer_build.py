@@ -126,15 +126,21 @@ def write_qwen35_tokenizer(out_dir: str | os.PathLike[str]) -> None:
     (out / DEFAULT_CHAT_TEMPLATE_NAME).write_text(default_chat_template(), encoding="utf-8")
 
 
-def write_byte_tokenizer(out_dir: str | os.PathLike[str]) -> None:
+def write_byte_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 259) -> None:
     """A byte-level BPE tokenizer with no merges (ids 0-255 = bytes) plus ChatML specials (256-258):
-    for models of any vocabulary of at least 259 (tests, bench models whose vocabulary is not Qwen3.5's)."""
+    for models of any vocabulary of at least 259 (tests, bench models whose vocabulary is not Qwen3.5's).
+    Ids from 259 to vocab_size - 1 decode to " t<id>": encoding never produces them, but a bench
+    model's random weights pick them, and a server streams text (so its load generator can time
+    tokens) only for ids that have some."""
     out = Path(out_dir)
     chars = _byte_to_char_table()
-    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {chars[b]: b for b in range(256)} | {s: 256 + i for i, s in enumerate(specials)}
+    vocab |= {"".join(chars[b] for b in f" t{i}".encode()): i for i in range(256 + len(specials), vocab_size)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.add_special_tokens(specials)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     (out / DEFAULT_CHAT_TEMPLATE_NAME).write_text(default_chat_template(), encoding="utf-8")

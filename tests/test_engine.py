@@ -189,25 +189,27 @@ def test_forward_batch_refuses_what_is_not_a_batch(engine):
 
 
 def test_a_batched_generation_prefills_a_slice_at_a_time(packed16, monkeypatch):
-    """Batched, a long prompt is prefilled PREFILL_SLICE tokens per turn, pausing between slices,
-    and the generation then decodes what it decodes unbatched (fp32); its steps are the caller's."""
+    """Batched, a long prompt is prefilled in requests of PREFILL_SLICE tokens, and the generation
+    then decodes what it decodes unbatched (fp32); its forwards are the caller's."""
     from flashmoe import generation
-    from flashmoe.generation import PAUSED, DecodeRequest
+    from flashmoe.generation import ForwardRequest
 
     monkeypatch.setattr(generation, "PREFILL_SLICE", 4)
     engine = Engine(packed16, EngineConfig(dtype="float32", threads=1))
     prompt, params = list(range(3, 13)), SamplingParams(max_tokens=4, temperature=0)
     plain = [s.token for s in engine.generate(prompt, params)]
-    tokens, pauses, requests = [], 0, 0
+    tokens, slices, steps = [], [], 0
     for item in engine.generate(prompt, params, batched=True):
-        if item is PAUSED:
-            pauses += 1
-        elif isinstance(item, DecodeRequest):
-            requests += 1
+        if isinstance(item, ForwardRequest):
+            if item.prefill:
+                slices.append(item.tokens)
+            else:
+                steps += 1
             item.logits = item.alone()
         else:
             tokens.append(item.token)
-    assert (pauses, requests) == (2, 3) and tokens == plain  # slices 4 + 4 + 2; a step between every two tokens
+    assert slices == [prompt[:4], prompt[4:8], prompt[8:]] and steps == 3  # a step between every two tokens
+    assert tokens == plain
 
 
 def test_auto_dtype_is_float32_on_the_cpu_with_the_projections_kept_16_bit(engine):
@@ -229,24 +231,25 @@ def test_auto_device_takes_the_cpu_where_there_is_no_gpu_and_says_why(packed16, 
 
 
 def test_a_batched_steps_time_is_charged_to_each_generation(engine):
-    """Two batched generations whose steps the caller runs together: each one's decode time is
-    what the caller says the batch took, per step (the scheduler's forward_batch timing)."""
-    from flashmoe.generation import DecodeRequest
+    """Two batched generations whose forwards the caller runs together: each one's prefill and
+    decode time is what the caller says the batch took, per forward (the scheduler's timing)."""
+    from flashmoe.generation import ForwardRequest
 
     params = SamplingParams(max_tokens=4, temperature=0)
     runs = [engine.generate(p, params, batched=True) for p in PROMPTS[:2]]
     streams = [iter(g) for g in runs]
     steps = 0
     while True:
-        requests = [next((i for i in s if isinstance(i, DecodeRequest)), None) for s in streams]
+        requests = [next((i for i in s if isinstance(i, ForwardRequest)), None) for s in streams]
         if any(r is None for r in requests):
             break
-        logits = engine.forward_batch([[r.token] for r in requests], [r.state for r in requests])
+        logits = engine.forward_batch([r.tokens for r in requests], [r.state for r in requests])
         for i, r in enumerate(requests):
             r.logits, r.seconds = logits[i : i + 1], 0.25
-        steps += 1
-    assert steps == 3  # a step between every two of the 4 tokens
+        steps += not requests[0].prefill
+    assert steps == 3  # the prompts' prefill, then a step between every two of the 4 tokens
     for g in runs:
+        assert g.stats.prefill_seconds == 0.25
         assert g.stats.decode_tokens == 3 and 0.75 <= g.stats.decode_seconds < 0.75 + 0.5  # + its own sampling
 
 

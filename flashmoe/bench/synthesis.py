@@ -86,7 +86,7 @@ def synthesize(out: Path, cfg: dict, bits: int, group_size: int = 64, seed: int 
     if args.vocab_size >= QWEN35_VOCAB:
         write_qwen35_tokenizer(out)
     else:  # ids are all the bench needs: a tokenizer that fits any vocabulary
-        write_byte_tokenizer(out)
+        write_byte_tokenizer(out, args.vocab_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     writer = SafetensorsWriter(out / DENSE_FILE, [(n, d, s) for n, s, d, _ in dense], {"format": "pt"})

@@ -18,6 +18,14 @@ head, the splits past n idle) and n is not a specialisation key, so the graph st
 grows; eagerly the grid has no more splits than n has blocks, with the compiled variants of the
 full grid.
 
+A batch's decode step (a CUDA graph of several sequences, runtime/graphs.py) runs the same two
+kernels once for all of them, a third grid axis over the sequences, plus one launch that appends
+each one's new key and value (`attention_decode_batch`). Each sequence's cache is a buffer of its
+own: the kernels reach it at an element offset from the first sequence's (`kv_offsets`), and
+read its last position from the batch's device positions. Per sequence and layer that replaces
+six launches (two index copies, a mask the kernels never read, split, combine, a concatenation)
+by a share of three.
+
 Eagerly every KV head is copied G = 16 times per step (repeat_interleave) and, in the graph, the
 whole reserved buffer is attended under a mask: 8 launches (2 copies, scaled_dot_product_attention,
 a reshape copy, sigmoid and product; 2 more build the mask) plus 2 x 16 x n x d x 2 bytes of
@@ -52,19 +60,24 @@ def _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N: tl.constexpr, N_ON_DEVICE:
 
 @triton.jit(do_not_specialize=["n_arg"])
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, n_arg, window, pos_stride, head_stride, G, qk_scale, SPLITS,
-    N_ON_DEVICE: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, offsets_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, n_arg, window, pos_stride, head_stride, G,
+    qk_scale, SPLITS, HEADS,
+    N_ON_DEVICE: tl.constexpr, OFFSETS: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
 ):
     kv = tl.program_id(0)
     split = tl.program_id(1)
-    first, n, split_len = _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N, N_ON_DEVICE)
+    b = tl.program_id(2)  # the sequence
+    first, n, split_len = _bounds(last_ptr + b, n_arg, window, SPLITS, BLOCK_N, N_ON_DEVICE)
+    if OFFSETS:  # the sequence's own cache buffers, elements away from the first one's
+        k_ptr += tl.load(offsets_ptr + 2 * b)
+        v_ptr += tl.load(offsets_ptr + 2 * b + 1)
     lo = first + split * split_len
     hi = tl.minimum(lo + split_len, n)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     heads = kv * G + g  # query head i reads KV head i // G, as repeat_interleave pairs them
-    q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=g[:, None] < G, other=0.0)
+    q = tl.load(q_ptr + (b * HEADS + heads[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
     if FP32_DOT:
         q = q.to(tl.float32)
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -87,7 +100,7 @@ def _split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     mine = (g < G) & (lo < n)  # a split past n writes nothing; the combine reads live splits only
-    part = heads * SPLITS + split
+    part = (b * HEADS + heads) * SPLITS + split
     tl.store(m_ptr + part, m, mask=mine)
     tl.store(l_ptr + part, l, mask=mine)
     tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=mine[:, None])
@@ -95,31 +108,62 @@ def _split_kernel(
 
 @triton.jit(do_not_specialize=["n_arg"])
 def _combine_kernel(
-    m_ptr, l_ptr, acc_ptr, gate_ptr, sinks_ptr, out_ptr, last_ptr, n_arg, window, gate_stride, SPLITS,
+    m_ptr, l_ptr, acc_ptr, gate_ptr, sinks_ptr, out_ptr, last_ptr, n_arg, window, gate_stride, gate_batch_stride,
+    SPLITS, HEADS,
     N_ON_DEVICE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
     SINKS: tl.constexpr,
 ):
     h = tl.program_id(0)
+    b = tl.program_id(1)
     dt = out_ptr.dtype.element_ty
-    first, n, split_len = _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N, N_ON_DEVICE)
+    first, n, split_len = _bounds(last_ptr + b, n_arg, window, SPLITS, BLOCK_N, N_ON_DEVICE)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)
     live = s < tl.cdiv(n - first, split_len)
-    m = tl.load(m_ptr + h * SPLITS + s, mask=live, other=float("-inf"))
+    part = (b * HEADS + h) * SPLITS + s
+    m = tl.load(m_ptr + part, mask=live, other=float("-inf"))
     top = tl.max(m, axis=0)
     if SINKS:  # the head's sink logit joins the softmax's denominator (log2 units, as the scores)
         sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         top = tl.maximum(top, sink)
     w = tl.exp2(m - top)  # 0 for the splits that are not live
-    l = tl.sum(w * tl.load(l_ptr + h * SPLITS + s, mask=live, other=0.0), axis=0)
+    l = tl.sum(w * tl.load(l_ptr + part, mask=live, other=0.0), axis=0)
     if SINKS:
         l += tl.exp2(sink - top)
-    acc = tl.load(acc_ptr + (h * SPLITS + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
     o = (tl.sum(w[:, None] * acc, axis=0) / l).to(dt)
     if GATED:
-        gate = tl.sigmoid(tl.load(gate_ptr + h * gate_stride + d).to(tl.float32)).to(dt).to(tl.float32)
+        gate = tl.load(gate_ptr + b * gate_batch_stride + h * gate_stride + d)
+        gate = tl.sigmoid(gate.to(tl.float32)).to(dt).to(tl.float32)
         o = (o.to(tl.float32) * gate).to(dt)
-    tl.store(out_ptr + h * D + d, o)
+    tl.store(out_ptr + (b * HEADS + h) * D + d, o)
+
+
+@triton.jit
+def _append_kernel(k_new_ptr, v_new_ptr, k_ptr, v_ptr, offsets_ptr, last_ptr, k_new_stride, k_new_head_stride,
+                   v_new_stride, v_new_head_stride, pos_stride, head_stride, D: tl.constexpr):
+    """Sequence b's new key and value (KV head h) into its cache at its position."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    at = tl.load(last_ptr + b) * pos_stride + h * head_stride + d
+    k = tl.load(k_new_ptr + b * k_new_stride + h * k_new_head_stride + d)
+    v = tl.load(v_new_ptr + b * v_new_stride + h * v_new_head_stride + d)
+    tl.store(k_ptr + tl.load(offsets_ptr + 2 * b) + at, k)
+    tl.store(v_ptr + tl.load(offsets_ptr + 2 * b + 1) + at, v)
+
+
+def kv_offsets(keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """[B, 2] int64 on the caches' device: each sequence's key and value buffer as an element
+    offset from the first sequence's, for `attention_decode_batch` (made outside a graph's capture,
+    which refuses the copy to the device; valid while the buffers are). The buffers must share a
+    dtype, a device and their strides (the kernels index them all with the first one's)."""
+    k0, v0 = keys[0], values[0]
+    if any(t.dtype != k0.dtype or t.device != k0.device or t.stride() != k0.stride() for t in (*keys, *values)):
+        raise ValueError("kv_offsets: the caches differ in dtype, device or layout")
+    size = k0.element_size()
+    rows = [((k.data_ptr() - k0.data_ptr()) // size, (v.data_ptr() - v0.data_ptr()) // size) for k, v in zip(keys, values)]
+    return torch.tensor(rows, dtype=torch.int64).to(k0.device)
 
 
 def attention_decode(
@@ -133,7 +177,33 @@ def attention_decode(
     programs per KV head share the positions (the grid, fixed whatever n is), `block_n` at a time.
     gpt-oss's variants: sinks [heads], a logit per head in each softmax's denominator (`attend`);
     window, the last `window` positions only (`window_mask`)."""
-    heads, D = q.shape
+    return _attend(q[None], None if gate is None else gate[None], keys, values, None, last, block_n, splits, sinks, window)
+
+
+def attention_decode_batch(
+    q: torch.Tensor, gate: torch.Tensor | None, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
+    values: torch.Tensor, offsets: torch.Tensor, last: torch.Tensor, sinks: torch.Tensor | None = None,
+    window: int | None = None, block_n: int | None = None, splits: int = MAX_SPLITS,
+) -> torch.Tensor:
+    """One decode token of each of B sequences: q [B, heads, d] contiguous, gate [B, heads, d]
+    (unit stride along d) or None; k_new / v_new [B, kv_heads, d] (unit stride along d) their new
+    keys and values, each written first into its sequence's cache at last[b] (an int64 device tensor [B]); keys /
+    values: the first sequence's cache buffers [L, kv_heads, d], the others `offsets` [B, 2]
+    (kv_offsets) away -> [B, heads * d], each row `attention_decode` of its sequence over positions
+    0..last[b]."""
+    B, kv_heads, D = k_new.shape
+    if v_new.shape != k_new.shape or k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or offsets.shape != (B, 2) or last.shape != (B,):
+        raise ValueError(f"attention_decode_batch: unsupported shapes k_new {tuple(k_new.shape)}, "
+                         f"offsets {tuple(offsets.shape)}, last {tuple(last.shape)}")
+    _append_kernel[(B, kv_heads)](k_new, v_new, keys, values, offsets, last, k_new.stride(0), k_new.stride(1),
+                                  v_new.stride(0), v_new.stride(1), keys.stride(0), keys.stride(1), D=D)
+    return _attend(q, gate, keys, values, offsets, last, block_n, splits, sinks, window).view(B, -1)
+
+
+def _attend(q, gate, keys, values, offsets, last, block_n, splits, sinks, window) -> torch.Tensor:
+    """The split and combine launches for q [B, heads, d]: B = 1 eagerly or in one sequence's
+    graph (no offsets), a batch's graph with offsets."""
+    B, heads, D = q.shape
     L, kv_heads, _ = keys.shape
     G = heads // kv_heads
     if (
@@ -153,20 +223,21 @@ def attention_decode(
     span = min(n, window) if window else n
     live = splits if on_device else min(splits, triton.cdiv(span, block_n))
     window = window or 0
-    m = torch.empty(heads, live, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, heads, live, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    acc = torch.empty(heads, live, D, dtype=torch.float32, device=q.device)
-    out = torch.empty(1, heads * D, dtype=q.dtype, device=q.device)
+    acc = torch.empty(B, heads, live, D, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, heads * D, dtype=q.dtype, device=q.device)
     last_ptr = last if on_device else m  # a pointer the kernels never read when n is given
-    _split_kernel[(kv_heads, live)](
-        q, keys, values, last_ptr, m, l, acc, n, window, keys.stride(0), keys.stride(1), G, _LOG2E / D**0.5,
-        live, N_ON_DEVICE=on_device, FP32_DOT=fp32, PRECISION="ieee" if fp32 else "tf32",
+    _split_kernel[(kv_heads, live, B)](
+        q, keys, values, m if offsets is None else offsets, last_ptr, m, l, acc, n, window, keys.stride(0),
+        keys.stride(1), G, _LOG2E / D**0.5, live, heads, N_ON_DEVICE=on_device, OFFSETS=offsets is not None,
+        FP32_DOT=fp32, PRECISION="ieee" if fp32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=D, num_warps=8 if D >= 128 else 4,
     )
-    _combine_kernel[(heads,)](
+    _combine_kernel[(heads, B)](
         m, l, acc, q if gate is None else gate, q if sinks is None else sinks, out, last_ptr, n, window,
-        0 if gate is None else gate.stride(0), live, N_ON_DEVICE=on_device, BLOCK_N=block_n,
-        BLOCK_S=triton.next_power_of_2(splits), D=D, GATED=gate is not None, SINKS=sinks is not None,
-        num_warps=8 if splits * D >= 8192 else 4,
+        0 if gate is None else gate.stride(1), 0 if gate is None else gate.stride(0), live, heads,
+        N_ON_DEVICE=on_device, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), D=D,
+        GATED=gate is not None, SINKS=sinks is not None, num_warps=8 if splits * D >= 8192 else 4,
     )
     return out

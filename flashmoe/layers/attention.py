@@ -83,6 +83,14 @@ class Attention(nn.Module):
         v = v.view(T, s.kv_heads, s.head_dim)
         index = self.indexer.project(x, cos, sin) if s.indexer is not None else None
         graph = ctx.graph_position  # inside a graph: each sequence's position, one token each
+        offsets = ctx.kv_offsets.get(id(caches[0])) if graph is not None and index is None else None
+        if offsets is not None and kernels.use_kernels(q):
+            from ..kernels.attention_decode import attention_decode_batch
+
+            # the batch's appends and attention in three launches, whatever the number of sequences
+            out = attention_decode_batch(q, gate, k, v, caches[0].k, caches[0].v, offsets, graph,
+                                         self.sinks if s.sinks else None, self.window)
+            return project(self.o_proj, out)
         parts = [self._attend(q[sl], k[sl], v[sl], None if gate is None else gate[sl], cache,
                               None if graph is None else graph[sl], None if index is None else (index[0][sl], index[1][sl]))
                  for sl, cache in zip(ctx.slices(T), caches)]

@@ -62,6 +62,10 @@ class StepContext:
     # [sequences] int64 on the device, 1 where a sequence runs, 0 for a pooled graph's idle slot
     # (runtime/graphs.py: its DeltaNet state must not move)
     active: torch.Tensor | None = None
+    # While a graph is recorded: for each attention layer, keyed by the id of the first sequence's
+    # KVCache, every sequence's cache buffers as offsets from that one's (kernels.attention_decode's
+    # kv_offsets), so the layer attends for the whole batch in one launch
+    kv_offsets: dict[int, torch.Tensor] = field(default_factory=dict)
     last_only: bool = True  # logits of the last position only
     # PLE layer i -> the reads of its n-gram rows, started from the host's ids before the layers run
     # (Model.start_ngram_reads)

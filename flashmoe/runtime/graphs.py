@@ -107,6 +107,8 @@ class DecodeGraph:
     StatePool.limit) and leaves its DeltaNet states as they were."""
 
     def __init__(self, engine, states: list[SequenceState], capacity: int | None = None):
+        from ..kernels.attention_decode import kv_offsets
+
         self.engine, self.states, self.masked = engine, list(states), capacity is None
         if capacity is not None:
             for state in self.states:
@@ -121,7 +123,8 @@ class DecodeGraph:
         # each step's tokens, positions and (masked) which slots run, written on the host and sent
         # in one copy; recorded with every slot idle, so the warm-up run changes no live state
         self._host = torch.zeros(2 + self.masked, len(self.states), dtype=torch.long, pin_memory=True)
-        self._host[1] = torch.tensor(self.limits if self.masked else [s.position for s in self.states])
+        self._host_rows = self._host.numpy()  # written from lists at numpy's cost, not a tensor's each
+        self._host_rows[1] = self.limits if self.masked else [s.position for s in self.states]
         self._device = self._host.to(engine.device)
         self._sent = torch.cuda.Event()  # the last step's copy out of the pinned buffer
         self.tokens, self.positions = self._device[0], self._device[1]  # views the recording reads
@@ -136,7 +139,7 @@ class DecodeGraph:
     def _context(self, cls, **kwargs) -> StepContext:
         eng = self.engine
         return cls(self.states, [1] * len(self.states), experts=eng.experts, guesses=eng.guesses,
-                   graph_position=self.positions, active=self.active, **kwargs)
+                   graph_position=self.positions, active=self.active, kv_offsets=self._kv_offsets, **kwargs)
 
     def _record(self):
         eng = self.engine
@@ -176,10 +179,11 @@ class DecodeGraph:
             raise ValueError("the decode graphs were captured for a shorter sequence")
         timer = self.engine.timer
         self._sent.synchronize()  # the pinned buffer is free again (at once where the logits were read)
-        self._host[0] = torch.tensor(tokens)
-        self._host[1] = torch.tensor([limit if s is None else s.position for s, limit in zip(running, self.limits)])
+        rows = self._host_rows
+        rows[0] = tokens
+        rows[1] = [limit if s is None else s.position for s, limit in zip(running, self.limits)]
         if self.masked:
-            self._host[2] = torch.tensor([s is not None for s in running])
+            rows[2] = [s is not None for s in running]
         self._device.copy_(self._host, non_blocking=True)
         self._sent.record()
         for name, segment in self.segments:

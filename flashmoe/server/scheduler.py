@@ -2,13 +2,15 @@
 
 Every generation runs on this one thread. Jobs wait in a bounded FIFO queue (a full queue is the
 caller's 503); up to `parallel` of them run at once. Each round admits waiting jobs into the free
-places, advances every running job to its next decode step (a DecodeRequest: its next token,
-after the events before it went out) and runs those steps together through the engine's
-`forward_batch`, so a layer reads each expert the round's tokens need once; a lone step runs as
-its generation would alone (CUDA graphs on the GPU). A job that ends or is cancelled (a client
-gone) leaves at the end of its round. A new job's prompt is prefilled a slice per round
-(generation.PREFILL_SLICE tokens), so a long prompt delays the others' steps by one slice at a
-time. A job's events reach its asyncio consumer through `Job.events`.
+places and advances every running job to its next forward (a ForwardRequest, after the events
+before it went out): a decode step (its next token) or a slice of its prompt's prefill (at most
+generation.PREFILL_SLICE tokens, so a long prompt delays the others' steps by one slice at a
+time). The round's decode steps run together through the engine's `forward_batch`, so a layer
+reads each expert the round's tokens need once, and so do its prefill slices, packed into
+forwards of up to PREFILL_SLICE tokens: sixteen newcomers cost one prefill, not sixteen in turn.
+A lone request runs as its generation would alone (CUDA graphs for a decode step on the GPU). A
+job that ends or is cancelled (a client gone) leaves at the end of its round. A job's events reach
+its asyncio consumer through `Job.events`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
-from ..generation import DecodeRequest, Paused
+from ..generation import PREFILL_SLICE, ForwardRequest
 from ..runtime.stats import Counters
 
 log = logging.getLogger("flashmoe.server")
 
-SLICE_TOKENS = 16  # events a job may post in one round without reaching a decode step (work that does not batch)
+SLICE_TOKENS = 16  # events a job may post in one round without reaching a forward (work that does not batch)
 
 
 class QueueFullError(Exception):
@@ -117,7 +119,7 @@ class Scheduler:
         self.parallel, self.max_queue, self.engine, self.state_mem = parallel, max_queue, engine, state_mem
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []  # in order of first admission: the newest last
-        self._preempted: deque[tuple[Job, DecodeRequest, int]] = deque()  # (job, its step, its state's bytes then)
+        self._preempted: deque[tuple[Job, ForwardRequest, int]] = deque()  # (job, its step, its state's bytes then)
         self._admitted = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
@@ -170,21 +172,23 @@ class Scheduler:
                     job.order = next(self._admitted)
                     self._active.append(job)
                 jobs = list(self._active)
-            ended, steps = [], []
+            ended, requests = [], []
             for job in jobs:
                 outcome = self._advance(job)
-                if isinstance(outcome, DecodeRequest):
-                    steps.append((job, outcome))
+                if isinstance(outcome, ForwardRequest):
+                    requests.append((job, outcome))
                 elif outcome:
                     ended.append(job)
+            steps = [(job, r) for job, r in requests if not r.prefill]
             if self.state_mem is not None:
                 steps = self._within_state_memory(steps)
             ended += self._decode(steps)
+            ended += self._prefill([(job, r) for job, r in requests if r.prefill])
             with self._cv:
                 for job in ended:
                     self._active.remove(job)
 
-    def _within_state_memory(self, steps: list[tuple[Job, DecodeRequest]]) -> list[tuple[Job, DecodeRequest]]:
+    def _within_state_memory(self, steps: list[tuple[Job, ForwardRequest]]) -> list[tuple[Job, ForwardRequest]]:
         """The round's decode steps with the preempted sequences that fit back in (oldest first,
         their states recomputed) and without the newest while the states exceed state_mem (one
         always runs); those are set aside, their states freed."""
@@ -225,35 +229,56 @@ class Scheduler:
                 self._preemptions += 1
         return steps
 
-    def _decode(self, steps: list[tuple[Job, DecodeRequest]]) -> list[Job]:
+    def _decode(self, steps: list[tuple[Job, ForwardRequest]]) -> list[Job]:
         """Run the round's decode steps, together where there are several; the jobs whose step failed."""
         if not steps:
             return []
         with self._cv:
             self._decode_steps += 1
             self._largest_batch = max(self._largest_batch, len(steps))
+        before = self.engine.counters() if self.engine is not None else None
+        failed = self._run_together(steps, argmax=True)
+        if before is not None and not failed:
+            self._count_reads(before, len(steps))
+        return failed
+
+    def _prefill(self, slices: list[tuple[Job, ForwardRequest]]) -> list[Job]:
+        """Run the round's prefill slices, in order, packed into forwards of up to PREFILL_SLICE
+        tokens; the jobs whose forward failed."""
+        failed, group, tokens = [], [], 0
+        for job, request in slices:
+            if group and tokens + len(request.tokens) > PREFILL_SLICE:
+                failed += self._run_together(group)
+                group, tokens = [], 0
+            group.append((job, request))
+            tokens += len(request.tokens)
+        return failed + (self._run_together(group) if group else [])
+
+    def _run_together(self, requests: list[tuple[Job, ForwardRequest]], argmax: bool = False) -> list[Job]:
+        """One forward for the requests (each runs alone where it is the only one); with `argmax`,
+        each row's most likely token read in one host sync for the batch's greedy draws. The jobs
+        whose requests failed: all of them, reported to each client; the thread goes on."""
         try:
-            before = self.engine.counters() if self.engine is not None else None
-            if len(steps) == 1 or self.engine is None:
-                for _, request in steps:
+            if len(requests) == 1 or self.engine is None:
+                for _, request in requests:
                     request.logits = request.alone()
-            else:
-                start = time.perf_counter()
-                logits = self.engine.forward_batch([[r.token] for _, r in steps], [r.state for _, r in steps])
-                argmax = logits.argmax(-1).tolist()  # one host sync for the batch's greedy draws
-                for i, (_, request) in enumerate(steps):
-                    request.logits, request.argmax = logits[i : i + 1], argmax[i]
-                    request.seconds = time.perf_counter() - start
-            if before is not None:
-                self._count_reads(before, len(steps))
+                return []
+            start = time.perf_counter()
+            logits = self.engine.forward_batch([r.tokens for _, r in requests], [r.state for _, r in requests])
+            if requests[0][1].prefill:
+                self.engine.settle("prefill")  # as a prefill alone does: the resident experts' lookups counted
+            best = logits.argmax(-1).tolist() if argmax else [None] * len(requests)
+            for i, (_, request) in enumerate(requests):
+                request.logits, request.argmax = logits[i : i + 1], best[i]
+                request.seconds = time.perf_counter() - start
             return []
-        except Exception as e:  # reported to each client whose step it was; the thread goes on
-            log.exception("decode step failed")
-            for job, _ in steps:
+        except Exception as e:
+            log.exception("a batched forward failed")
+            for job, _ in requests:
                 job.post(Failed(e))
                 self._close(job)
                 self._count("_failed")
-            return [job for job, _ in steps]
+            return [job for job, _ in requests]
 
     def _count_reads(self, before: tuple, tokens: int) -> None:
         (store, gpu, _), (store_now, gpu_now, _) = before, self.engine.counters()
@@ -264,9 +289,9 @@ class Scheduler:
         with self._cv:
             self._reads += step
 
-    def _advance(self, job: Job) -> bool | DecodeRequest:
-        """Runs `job` to its next decode step (returned, for `_decode`), or up to SLICE_TOKENS
-        events of work that does not batch; True once it has ended (or was cancelled)."""
+    def _advance(self, job: Job) -> bool | ForwardRequest:
+        """Runs `job` to its next forward (returned, for `_decode` or `_prefill`), or up to
+        SLICE_TOKENS events of work that does not batch; True once it has ended (or was cancelled)."""
         for _ in range(SLICE_TOKENS):
             if job.cancelled:
                 self._close(job)
@@ -283,10 +308,8 @@ class Scheduler:
                 job.post(Failed(e))
                 self._count("_failed")
                 return True
-            if isinstance(event, DecodeRequest):
+            if isinstance(event, ForwardRequest):
                 return event
-            if isinstance(event, Paused):  # a slice of its prefill done: the others' turn
-                return False
             job.post(event)
         return False
 

@@ -160,7 +160,7 @@ class ModelService:
         yield Started(len(plan.ids), reused)
         tokens, text, last = [], [], None
         for item in gen:
-            if not isinstance(item, Step):  # a DecodeRequest (the scheduler runs it with the other jobs') or PAUSED
+            if not isinstance(item, Step):  # a ForwardRequest: the scheduler runs it with the other jobs'
                 yield item
                 continue
             last = item

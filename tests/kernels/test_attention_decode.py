@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flashmoe.kernels.attention_decode import attention_decode
+from flashmoe.kernels.attention_decode import attention_decode, attention_decode_batch, kv_offsets
 from flashmoe.layers.attention import attend, window_mask
 
 from .conftest import rel
@@ -76,6 +76,57 @@ def test_sinks_and_sliding_windows(device, poison, window, in_graph):
     assert rel(out, want) < 1e-5
 
 
+def batch_case(lengths: list[int], heads: int, kv_heads: int, d: int, dtype, seed: int):
+    """A batch's decode step: each sequence's own cache buffers (capacities differ, as a pool's
+    slots grow alone; NaN past its length), its new key and value, q and a strided gate."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    caches = []
+    for i, n in enumerate(lengths):
+        k, v = (torch.randn(n + 3 + 17 * i, kv_heads, d, generator=g).to(dtype) for _ in range(2))
+        k[n:] = v[n:] = float("nan")
+        caches.append((k, v))
+    q = (torch.randn(B, heads, d, generator=g) * 2).to(dtype)
+    gate = (torch.randn(B, heads, 2 * d, generator=g) * 2).to(dtype)[:, :, d:]
+    k_new = torch.randn(B, kv_heads, d, generator=g).to(dtype)  # contiguous, as the rotary's output
+    v_new = torch.randn(B, kv_heads, 2 * d, generator=g).to(dtype)[:, :, d:]  # a strided view, as in in_proj's
+    return caches, q, gate, k_new, v_new
+
+
+@pytest.mark.parametrize("gated,sinks,window", [(True, False, None), (False, True, 9), (False, False, None)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_a_batch_of_sequences_in_one_launch(device, poison, gated, sinks, window, dtype, tol):
+    """Sequences of different lengths, each in its own buffers: the batch's new keys and values
+    land at each one's position and each row is its sequence's attention over positions 0..n
+    (the eager `attend`, with the gate, or with sinks and a window)."""
+    lengths, heads, kv_heads, d = [5, 40, 1, 77], 8, 2, 32
+    caches, q, gate, k_new, v_new = batch_case(lengths, heads, kv_heads, d, dtype, seed=5)
+    head_sinks = torch.randn(heads, generator=torch.Generator().manual_seed(6)) * 3 if sinks else None
+    on = [(k.to(device), v.to(device)) for k, v in caches]
+    offsets = kv_offsets([k for k, _ in on], [v for _, v in on])
+    last = torch.tensor(lengths, device=device)  # each one's new token's position
+    out = attention_decode_batch(q.to(device), gate.to(device) if gated else None, k_new.to(device), v_new.to(device),
+                                 on[0][0], on[0][1], offsets, last, None if head_sinks is None else head_sinks.to(device),
+                                 window, block_n=16, splits=4)
+    assert out.shape == (len(lengths), heads * d)
+    for b, ((k, v), n) in enumerate(zip(caches, lengths)):
+        k[n], v[n] = k_new[b], v_new[b]
+        assert torch.equal(on[b][0][: n + 1].cpu(), k[: n + 1]) and torch.equal(on[b][1][: n + 1].cpu(), v[: n + 1])
+        mask = None if window is None else window_mask(1, n + 1, window, None, "cpu")
+        want = attend(q[b][None], k[: n + 1], v[: n + 1], mask, head_sinks).reshape(1, -1)
+        if gated:
+            want = want * torch.sigmoid(gate[b].reshape(1, -1))
+        assert rel(out[b : b + 1], want) < tol, b
+
+
+def test_kv_offsets_refuse_caches_of_another_layout():
+    k, v = torch.zeros(8, 2, 16), torch.zeros(8, 2, 16)
+    with pytest.raises(ValueError, match="differ in dtype, device or layout"):
+        kv_offsets([k, torch.zeros(8, 4, 8)], [v, v.clone()])
+    with pytest.raises(ValueError, match="differ in dtype, device or layout"):
+        kv_offsets([k, k.half()], [v, v.clone()])
+
+
 def test_shapes_it_cannot_take_are_refused(device):
     q, gate, keys, values = case(4, 2, 16, 4, 4, torch.float32, seed=0)
     with pytest.raises(ValueError, match="unsupported shapes"):
@@ -100,3 +151,25 @@ def test_a_captured_graph_follows_the_device_position():
         last.fill_(n - 1)
         graph.replay()
         assert rel(out, reference(q.cpu(), gate.cpu(), keys.cpu(), values.cpu(), n)) < 2e-2, n
+
+
+@cuda
+def test_a_captured_batch_follows_each_sequences_position():
+    """The batch's launches in one capture, replayed as the sequences grow, each at its own length."""
+    caches, q, gate, k_new, v_new = batch_case([100, 1000, 3], 32, 2, 256, torch.bfloat16, seed=2)
+    caches = [(k.nan_to_num(0.0).cuda(), v.nan_to_num(0.0).cuda()) for k, v in caches]
+    q, gate, k_new, v_new = (t.cuda() for t in (q, gate, k_new, v_new))
+    offsets = kv_offsets([k for k, _ in caches], [v for _, v in caches])
+    last = torch.zeros(3, dtype=torch.long, device="cuda")
+    run = lambda: attention_decode_batch(q, gate, k_new, v_new, caches[0][0], caches[0][1], offsets, last)  # noqa: E731
+    run()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for lengths in ([0, 0, 0], [50, 999, 2], [99, 10, 1]):
+        last.copy_(torch.tensor(lengths))
+        graph.replay()
+        for b, ((k, v), n) in enumerate(zip(caches, lengths)):
+            assert torch.equal(k[n], k_new[b]) and torch.equal(v[n], v_new[b])
+            want = reference(q[b].cpu(), gate[b].cpu(), k.cpu(), v.cpu(), n + 1)
+            assert rel(out[b : b + 1], want) < 2e-2, (lengths, b)

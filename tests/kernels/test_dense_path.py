@@ -108,3 +108,55 @@ def test_attention_in_a_graph_reads_the_position_on_the_device(monkeypatch):
                 got = layer(x[t : t + 1], cos, sin, [graphed], graph_ctx)
                 graphed.length += 1
             assert float((got - ref).norm() / ref.norm()) < 1e-5, t
+
+
+@pytest.mark.parametrize("spec,window", [(AttentionSpec(4, 2, 16, gated=True, qk_norm="head"), None),
+                                         (AttentionSpec(4, 2, 16, qkv_bias=True, o_bias=True, sinks=True), 3)])
+def test_a_batch_in_a_graph_attends_in_one_launch_as_each_sequence_alone(monkeypatch, spec, window):
+    """A batch's graphed decode step (runtime/graphs.py records it with the caches' kv_offsets in
+    the context): every sequence's key and value land in its own reserved cache at its device
+    position, and its output is what it gets alone on the PyTorch path, with no per-sequence
+    launch (gpt-oss's sinks and window too)."""
+    g = torch.Generator().manual_seed(9)
+    layer = Attention(64, spec, eps=1e-6, zero_centred_norms=True, window=window)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 5.0))
+    rotary = RotaryEmbedding(4, 10000.0)
+    lengths = [5, 1, 8]
+    eager = [KVCache(2, 16, torch.float32, "cpu") for _ in lengths]
+    graphed = [KVCache(2, 16, torch.float32, "cpu") for _ in lengths]
+    x = torch.randn(sum(lengths) + 3 * len(lengths), 64, generator=g)
+    eager_ctx = StepContext([])
+    with torch.no_grad():
+        at = 0
+        for n, e, c in zip(lengths, eager, graphed):
+            cos, sin = rotary(torch.arange(n))
+            layer(x[at : at + n], cos, sin, [e], eager_ctx)
+            layer(x[at : at + n], cos, sin, [c], eager_ctx)
+            at += n
+        for i, c in enumerate(graphed):
+            c.reserve(24 + 8 * i)  # buffers of different sizes, as a pool's slots grow alone
+        offsets = attention_decode.kv_offsets([c.k for c in graphed], [c.v for c in graphed])
+        position = torch.tensor(lengths)
+        ctx = StepContext([], [1] * len(lengths), graph_position=position, kv_offsets={id(graphed[0]): offsets})
+        for step in range(3):
+            tokens = x[at : at + len(lengths)]
+            at += len(lengths)
+            refs = []
+            for i, e in enumerate(eager):
+                cos, sin = rotary(torch.tensor([e.length]))
+                refs.append(layer(tokens[i : i + 1], cos, sin, [e], eager_ctx))
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "use_kernels", lambda x: True)
+                m.setattr(attention_decode, "attention_decode", None)  # no sequence's own launch
+                cos, sin = rotary(position)
+                got = layer(tokens, cos, sin, graphed, ctx)
+            for c in graphed:
+                c.length += 1
+            position += 1
+            for i, (e, c) in enumerate(zip(eager, graphed)):
+                # the batch's projections round apart from one token's
+                assert torch.allclose(c.k[: c.length], e.k[: e.length], atol=1e-5)
+                assert torch.allclose(c.v[: c.length], e.v[: e.length], atol=1e-5)
+                assert float((got[i] - refs[i][0]).norm() / refs[i].norm()) < 1e-5, (step, i)
