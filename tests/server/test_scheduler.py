@@ -1,0 +1,68 @@
+"""The scheduler's rounds: newcomers' prefill slices packed into forwards, alone where alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from flashmoe.generation import PREFILL_SLICE, ForwardRequest
+from flashmoe.server.scheduler import Failed, Job, Scheduler
+
+
+class Recorder:
+    """An engine that records the lengths of each forward_batch call's sequences."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[list[int]] = []
+        self.fail = fail
+
+    def forward_batch(self, ids, states):
+        self.calls.append([len(seq) for seq in ids])
+        if self.fail:
+            raise RuntimeError("out of memory")
+        return torch.arange(len(ids), dtype=torch.float32)[:, None].expand(len(ids), 3)
+
+    def settle(self, phase: str) -> None:
+        assert phase == "prefill"
+
+
+def slices(lengths: list[int], loop) -> tuple[list[tuple[Job, ForwardRequest]], list[str]]:
+    alone: list[str] = []
+    out = []
+    for i, n in enumerate(lengths):
+        request = ForwardRequest([7] * n, object(), lambda i=i: (alone.append(i), torch.full((1, 3), -1.0))[1], prefill=True)
+        out.append((Job(iter(()), loop), request))
+    return out, alone
+
+
+def test_a_rounds_prefill_slices_are_packed_into_forwards_of_a_slice_at_most():
+    loop = asyncio.new_event_loop()
+    engine = Recorder()
+    scheduler = Scheduler(parallel=8, engine=engine)
+    try:
+        half = PREFILL_SLICE // 2
+        requests, alone = slices([30, 5, half, half, PREFILL_SLICE, 9, 3], loop)
+        assert scheduler._prefill(requests) == []
+        # in order: 30 + 5 + half fit, the next half does not and runs alone, as does a whole slice
+        assert engine.calls == [[30, 5, half], [9, 3]] and alone == [3, 4]
+        assert [r.logits[0, 0].item() for _, r in requests] == [0, 1, 2, -1, -1, 0, 1]
+        assert all(r.seconds > 0 for i, (_, r) in enumerate(requests) if i not in (3, 4))
+    finally:
+        scheduler.close()
+        loop.close()
+
+
+def test_a_failed_packed_prefill_fails_each_of_its_jobs_and_only_them():
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(parallel=8, engine=Recorder(fail=True))
+    try:
+        requests, _ = slices([4, 4, PREFILL_SLICE], loop)
+        assert scheduler._prefill(requests) == [requests[0][0], requests[1][0]]
+        loop.run_until_complete(asyncio.sleep(0))  # the posted events arrive
+        events = [job.events.get_nowait() if not job.events.empty() else None for job, _ in requests]
+        assert isinstance(events[0], Failed) and isinstance(events[1], Failed) and events[2] is None
+        assert scheduler.stats().failed == 2
+    finally:
+        scheduler.close()
+        loop.close()
