@@ -96,6 +96,16 @@ class _Recorder(StepContext):
         return out
 
 
+def batch_kv_offsets(states: list[SequenceState]) -> dict[int, torch.Tensor]:
+    """The step context's kv_offsets (models/context.py) for a batch of states: for each attention
+    layer, keyed by the id of the first state's KVCache, every state's cache buffers as offsets
+    from that one's, so the layer attends for the whole batch in one launch."""
+    from ..kernels.attention_decode import kv_offsets
+
+    return {id(caches[0]): kv_offsets([c.k for c in caches], [c.v for c in caches])
+            for caches in zip(*(state.layers for state in states)) if isinstance(caches[0], KVCache)}
+
+
 class DecodeGraph:
     """The decode step of one or several sequences (one token each, a batch's step), recorded for
     up to `capacity` positions of each, replayed per step. It holds the sequences' buffers: valid
@@ -120,6 +130,7 @@ class DecodeGraph:
         # what the recording binds: each state's layer list and its KV caches' storage
         self._layers = [(state, state.layers) for state in self.states]
         self._storage = [(c, c.k) for state in self.states for c in state.layers if isinstance(c, KVCache)]
+        self._kv_offsets = batch_kv_offsets(self.states)  # valid while the graph is (`valid`)
         # each step's tokens, positions and (masked) which slots run, written on the host and sent
         # in one copy; recorded with every slot idle, so the warm-up run changes no live state
         self._host = torch.zeros(2 + self.masked, len(self.states), dtype=torch.long, pin_memory=True)

@@ -160,3 +160,39 @@ def test_a_batch_in_a_graph_attends_in_one_launch_as_each_sequence_alone(monkeyp
                 assert torch.allclose(c.k[: c.length], e.k[: e.length], atol=1e-5)
                 assert torch.allclose(c.v[: c.length], e.v[: e.length], atol=1e-5)
                 assert float((got[i] - refs[i][0]).norm() / refs[i].norm()) < 1e-5, (step, i)
+
+
+def test_a_batch_step_recorded_as_the_graphs_record_it_gives_each_sequence_its_logits(packed16, monkeypatch):
+    """The step context a batch's decode graph is recorded with (runtime/graphs.py: device
+    positions, reserved caches of different sizes, the batch's kv_offsets), run without capture
+    through the kernels: each sequence's logits as the batch's eager step on the PyTorch path,
+    twice (the caches' lengths advanced as a replay's runner advances them). Qwen3.5's layers
+    (DeltaNet beside gated attention); the other families' attention variants are the layer test's
+    above, and their graphs run in tests/test_gpu.py on the device (~18 s a family here)."""
+    from flashmoe.runtime.graphs import batch_kv_offsets
+
+    engine = Engine(packed16, EngineConfig(dtype="float32"))
+    prompts = [[5, 9, 14, 3, 8], [11], [7, 2, 6, 1, 12, 4, 10, 13]]
+    states = [engine.new_state() for _ in prompts]
+    with torch.inference_mode():
+        for prompt, state in zip(prompts, states):
+            engine.forward(prompt, state)
+        plain = [state.clone() for state in states]
+        for i, state in enumerate(states):
+            for cache in state.layers:
+                if isinstance(cache, KVCache):
+                    cache.reserve(16 + 8 * i)
+        tokens = [3, 4, 5]
+        for _ in range(2):
+            want = engine.forward_batch([[t] for t in tokens], plain)
+            ctx = StepContext(states, [1] * len(states), experts=engine.experts,
+                              graph_position=torch.tensor([s.position for s in states]),
+                              kv_offsets=batch_kv_offsets(states))
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "use_kernels", lambda x: True)
+                m.setattr(attention_decode, "attention_decode", None)  # no sequence's own launch
+                got = engine.model(torch.tensor(tokens), ctx)
+            for state, token in zip(states, tokens):
+                state.advance_graphed(token)
+            assert rel_err(got, want) <= 1e-5
+            tokens = [int(t) for t in want.argmax(-1)]
