@@ -117,8 +117,6 @@ class DecodeGraph:
     StatePool.limit) and leaves its DeltaNet states as they were."""
 
     def __init__(self, engine, states: list[SequenceState], capacity: int | None = None):
-        from ..kernels.attention_decode import kv_offsets
-
         self.engine, self.states, self.masked = engine, list(states), capacity is None
         if capacity is not None:
             for state in self.states:
