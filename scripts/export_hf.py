@@ -49,7 +49,7 @@ def records(model_dir: Path, f) -> torch.Tensor:
 
 
 def interleaved(rows: torch.Tensor) -> torch.Tensor:
-    """[E, 2I, ...] gate rows then up rows -> gate, up, gate, up, ... (gpt-oss's order)."""
+    """[E, 2I, ...] gate rows then up rows -> gate, up, gate, up, ... (gpt-oss's order), a new tensor."""
     half = rows.shape[1] // 2
     return torch.stack([rows[:, :half], rows[:, half:]], dim=2).flatten(1, 2)
 
@@ -66,11 +66,11 @@ def expert_tensors(model_dir: Path, manifest: Manifest) -> dict[str, torch.Tenso
         if layout.scheme == "mxfp4":
             v, E, H, I = layout.views(rows), f.num_experts, layout.hidden_size, layout.intermediate_size
             out[f"{prefix}.gate_up_proj_blocks"] = interleaved(v["gate_up_proj.blocks"]).reshape(E, 2 * I, H // 32, 16)
-            out[f"{prefix}.gate_up_proj_scales"] = interleaved(v["gate_up_proj.scales"]).clone()
-            out[f"{prefix}.gate_up_proj_bias"] = interleaved(v["gate_up_proj.bias"]).clone()
-            out[f"{prefix}.down_proj_blocks"] = v["down_proj.blocks"].reshape(E, H, I // 32, 16).clone()
-            out[f"{prefix}.down_proj_scales"] = v["down_proj.scales"].clone()
-            out[f"{prefix}.down_proj_bias"] = v["down_proj.bias"].clone()
+            out[f"{prefix}.gate_up_proj_scales"] = interleaved(v["gate_up_proj.scales"])
+            out[f"{prefix}.gate_up_proj_bias"] = interleaved(v["gate_up_proj.bias"])
+            out[f"{prefix}.down_proj_blocks"] = v["down_proj.blocks"].contiguous().reshape(E, H, I // 32, 16)
+            out[f"{prefix}.down_proj_scales"] = v["down_proj.scales"].contiguous()
+            out[f"{prefix}.down_proj_bias"] = v["down_proj.bias"].contiguous()
             continue
         gate_up, down = layout.weights(rows, dtype)
         out[f"{prefix}.gate_up_proj"], out[f"{prefix}.down_proj"] = gate_up, down

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..utils import is_int, parse_json, read_json, short_repr
@@ -79,9 +80,11 @@ class TensorInfo:
     path: Path
 
 
-def read_into(fd: int, out: torch.Tensor, offset: int, path: Path | str = "?") -> None:
-    """Fill a contiguous CPU tensor with bytes from `fd` at `offset` (pread until complete)."""
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+def read_into(fd: int, out: torch.Tensor | np.ndarray, offset: int, path: Path | str = "?") -> None:
+    """Fill a contiguous CPU tensor (or numpy array: no conversion per call, for readers of many
+    small blocks) with bytes from `fd` at `offset` (pread until complete)."""
+    array = out.reshape(-1).view(torch.uint8).numpy() if isinstance(out, torch.Tensor) else out
+    view = memoryview(array).cast("B")
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)

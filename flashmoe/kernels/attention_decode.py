@@ -10,21 +10,17 @@ with an output gate, in two launches:
 Reference: `attend` then `out * sigmoid(gate)` of Attention.forward (layers/attention.py),
 with the model dtype's roundings where the eager code rounds (the attention output, the sigmoid).
 
-n is either a Python int (eager: the cache holds exactly n positions) or n = last + 1 read on the
-device from `last` (KVCache.graph_position inside a CUDA graph, where the buffer is the reserved
-capacity): the split length is derived from n in the kernel, so splits stay balanced whatever n
-is, and blocks past n are never loaded. In a graph the grid is fixed (MAX_SPLITS programs per KV
-head, the splits past n idle) and n is not a specialisation key, so the graph stays valid as n
-grows; eagerly the grid has no more splits than n has blocks, with the compiled variants of the
-full grid.
-
-A batch's decode step (a CUDA graph of several sequences, runtime/graphs.py) runs the same two
-kernels once for all of them, a third grid axis over the sequences, plus one launch that appends
-each one's new key and value (`attention_decode_batch`). Each sequence's cache is a buffer of its
-own: the kernels reach it at an element offset from the first sequence's (`kv_offsets`), and
-read its last position from the batch's device positions. Per sequence and layer that replaces
-six launches (two index copies, a mask the kernels never read, split, combine, a concatenation)
-by a share of three.
+Eagerly (`attention_decode`) n is a Python int: the cache holds exactly n positions, and the grid
+has no more splits than n has blocks (with the compiled variants of the full grid). Inside a CUDA
+graph (`attention_decode_batch`, the decode step of one or several sequences, runtime/graphs.py)
+the buffers are each sequence's reserved capacity and n = last + 1 is read on the device from the
+batch's positions: the grid is fixed (MAX_SPLITS programs per KV head and a third axis over the
+sequences, the splits past n idle), the split length is derived from n in the kernel, so splits
+stay balanced whatever n is and blocks past n are never loaded, and n is not a specialisation key,
+so the graph stays valid as n grows. Each sequence's cache is a buffer of its own, which the
+kernels reach at an element offset from the first sequence's (`kv_offsets`); one more launch
+appends the batch's new keys and values at their positions. Three launches a layer, whatever the
+batch: per sequence, the step had run two index copies, a mask, split, combine and a concatenation.
 
 Eagerly every KV head is copied G = 16 times per step (repeat_interleave) and, in the graph, the
 whole reserved buffer is attended under a mask: 8 launches (2 copies, scaled_dot_product_attention,
@@ -47,10 +43,10 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N: tl.constexpr, N_ON_DEVICE: tl.constexpr):
+def _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N: tl.constexpr, IN_GRAPH: tl.constexpr):
     """(first, n, split length): the positions to attend, first .. n-1 (the last `window` with a
     sliding window, window > 0), and how many each split takes (whole blocks)."""
-    if N_ON_DEVICE:
+    if IN_GRAPH:
         n = tl.load(last_ptr).to(tl.int32) + 1
     else:
         n = n_arg
@@ -62,14 +58,14 @@ def _bounds(last_ptr, n_arg, window, SPLITS, BLOCK_N: tl.constexpr, N_ON_DEVICE:
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, offsets_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, n_arg, window, pos_stride, head_stride, G,
     qk_scale, SPLITS, HEADS,
-    N_ON_DEVICE: tl.constexpr, OFFSETS: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    IN_GRAPH: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
 ):
     kv = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)  # the sequence
-    first, n, split_len = _bounds(last_ptr + b, n_arg, window, SPLITS, BLOCK_N, N_ON_DEVICE)
-    if OFFSETS:  # the sequence's own cache buffers, elements away from the first one's
+    first, n, split_len = _bounds(last_ptr + b, n_arg, window, SPLITS, BLOCK_N, IN_GRAPH)
+    if IN_GRAPH:  # the sequence's own cache buffers, elements away from the first one's
         k_ptr += tl.load(offsets_ptr + 2 * b)
         v_ptr += tl.load(offsets_ptr + 2 * b + 1)
     lo = first + split * split_len
@@ -110,13 +106,13 @@ def _split_kernel(
 def _combine_kernel(
     m_ptr, l_ptr, acc_ptr, gate_ptr, sinks_ptr, out_ptr, last_ptr, n_arg, window, gate_stride, gate_batch_stride,
     SPLITS, HEADS,
-    N_ON_DEVICE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
+    IN_GRAPH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr,
     SINKS: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     dt = out_ptr.dtype.element_ty
-    first, n, split_len = _bounds(last_ptr + b, n_arg, window, SPLITS, BLOCK_N, N_ON_DEVICE)
+    first, n, split_len = _bounds(last_ptr + b, n_arg, window, SPLITS, BLOCK_N, IN_GRAPH)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)
     live = s < tl.cdiv(n - first, split_len)
@@ -167,14 +163,13 @@ def kv_offsets(keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Te
 
 
 def attention_decode(
-    q: torch.Tensor, gate: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, last: int | torch.Tensor,
+    q: torch.Tensor, gate: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, last: int,
     block_n: int | None = None, splits: int = MAX_SPLITS, sinks: torch.Tensor | None = None, window: int | None = None,
 ) -> torch.Tensor:
     """q [heads, d] contiguous, gate [heads, d] (unit stride along d) or None, keys / values [L, kv_heads, d]
-    (same strides, unit along d; d a power of two >= 16); last: the last position to attend, as
-    an int, or a 1-element int64 device tensor (then L is the reserved capacity) -> softmax(q k^T /
-    sqrt(d)) v (* sigmoid(gate)) over positions 0..last, as [1, heads * d] in q's dtype. `splits`
-    programs per KV head share the positions (the grid, fixed whatever n is), `block_n` at a time.
+    (same strides, unit along d; d a power of two >= 16); last: the last position to attend ->
+    softmax(q k^T / sqrt(d)) v (* sigmoid(gate)) over positions 0..last, as [1, heads * d] in q's
+    dtype; `splits` programs per KV head at most share the positions, `block_n` at a time.
     gpt-oss's variants: sinks [heads], a logit per head in each softmax's denominator (`attend`);
     window, the last `window` positions only (`window_mask`)."""
     return _attend(q[None], None if gate is None else gate[None], keys, values, None, last, block_n, splits, sinks, window)
@@ -190,7 +185,7 @@ def attention_decode_batch(
     keys and values, each written first into its sequence's cache at last[b] (an int64 device tensor [B]); keys /
     values: the first sequence's cache buffers [L, kv_heads, d], the others `offsets` [B, 2]
     (kv_offsets) away -> [B, heads * d], each row `attention_decode` of its sequence over positions
-    0..last[b]."""
+    0..last[b]. Capturable: nothing depends on the positions' values on the host."""
     B, kv_heads, D = k_new.shape
     if v_new.shape != k_new.shape or k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or offsets.shape != (B, 2) or last.shape != (B,):
         raise ValueError(f"attention_decode_batch: unsupported shapes k_new {tuple(k_new.shape)}, "
@@ -201,8 +196,8 @@ def attention_decode_batch(
 
 
 def _attend(q, gate, keys, values, offsets, last, block_n, splits, sinks, window) -> torch.Tensor:
-    """The split and combine launches for q [B, heads, d]: B = 1 eagerly or in one sequence's
-    graph (no offsets), a batch's graph with offsets."""
+    """The split and combine launches for q [B, heads, d]: eagerly (B = 1, `last` an int, no
+    offsets), or a graph's batch (`last` [B] on the device, each sequence's buffers at `offsets`)."""
     B, heads, D = q.shape
     L, kv_heads, _ = keys.shape
     G = heads // kv_heads
@@ -212,8 +207,8 @@ def _attend(q, gate, keys, values, offsets, last, block_n, splits, sinks, window
         or D < 16 or D != triton.next_power_of_2(D) or heads != G * kv_heads
     ):
         raise ValueError(f"attention_decode: unsupported shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}")
-    on_device = isinstance(last, torch.Tensor)
-    n = 1 if on_device else last + 1  # unused by the kernels when on the device
+    in_graph = offsets is not None
+    n = 1 if in_graph else last + 1  # unused by the kernels in a graph
     fp32 = q.dtype == torch.float32 or INTERPRETED  # the interpreter's bf16 dots are wrong
     # Compiled for sm_90 at d = 256 and 8 warps: 16-bit blocks of 64 take 255 registers, no spills,
     # 43 KB of shared memory; fp32 blocks of 64 would need 280 KB (more than an SM has), 32 take 150.
@@ -221,23 +216,22 @@ def _attend(q, gate, keys, values, offsets, last, block_n, splits, sinks, window
     # Eagerly n is known: no more splits than blocks (a graph keeps the full grid, as n grows under it).
     # The compiled variants are those of the requested count, so a shorter grid compiles nothing new.
     span = min(n, window) if window else n
-    live = splits if on_device else min(splits, triton.cdiv(span, block_n))
+    live = splits if in_graph else min(splits, triton.cdiv(span, block_n))
     window = window or 0
     m = torch.empty(B, heads, live, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, heads, live, D, dtype=torch.float32, device=q.device)
     out = torch.empty(B, heads * D, dtype=q.dtype, device=q.device)
-    last_ptr = last if on_device else m  # a pointer the kernels never read when n is given
+    last_ptr = last if in_graph else m  # a pointer the kernels never read when n is given
     _split_kernel[(kv_heads, live, B)](
-        q, keys, values, m if offsets is None else offsets, last_ptr, m, l, acc, n, window, keys.stride(0),
-        keys.stride(1), G, _LOG2E / D**0.5, live, heads, N_ON_DEVICE=on_device, OFFSETS=offsets is not None,
-        FP32_DOT=fp32, PRECISION="ieee" if fp32 else "tf32",
+        q, keys, values, offsets if in_graph else m, last_ptr, m, l, acc, n, window, keys.stride(0),
+        keys.stride(1), G, _LOG2E / D**0.5, live, heads, IN_GRAPH=in_graph, FP32_DOT=fp32, PRECISION="ieee" if fp32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, D=D, num_warps=8 if D >= 128 else 4,
     )
     _combine_kernel[(heads, B)](
         m, l, acc, q if gate is None else gate, q if sinks is None else sinks, out, last_ptr, n, window,
         0 if gate is None else gate.stride(1), 0 if gate is None else gate.stride(0), live, heads,
-        N_ON_DEVICE=on_device, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), D=D,
+        IN_GRAPH=in_graph, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), D=D,
         GATED=gate is not None, SINKS=sinks is not None, num_warps=8 if splits * D >= 8192 else 4,
     )
     return out

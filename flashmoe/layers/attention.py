@@ -81,18 +81,17 @@ class Attention(nn.Module):
         q = self._rotate(q.view(T, s.heads, s.head_dim), cos, sin, "q")
         k = self._rotate(k.view(T, s.kv_heads, s.head_dim), cos, sin, "k")
         v = v.view(T, s.kv_heads, s.head_dim)
-        index = self.indexer.project(x, cos, sin) if s.indexer is not None else None
-        graph = ctx.graph_position  # inside a graph: each sequence's position, one token each
-        offsets = ctx.kv_offsets.get(id(caches[0])) if graph is not None and index is None else None
-        if offsets is not None and kernels.use_kernels(q):
+        if ctx.graph_position is not None:  # inside a graph: a token per sequence, the batch's attention in 3 launches
             from ..kernels.attention_decode import attention_decode_batch
 
-            # the batch's appends and attention in three launches, whatever the number of sequences
-            out = attention_decode_batch(q, gate, k, v, caches[0].k, caches[0].v, offsets, graph,
-                                         self.sinks if s.sinks else None, self.window)
+            if s.indexer is not None or not kernels.use_kernels(q):
+                raise ValueError("a decode graph's attention runs the kernels, without an indexer")
+            out = attention_decode_batch(q, gate, k, v, caches[0].k, caches[0].v, ctx.kv_offsets[id(caches[0])],
+                                         ctx.graph_position, self.sinks if s.sinks else None, self.window)
             return project(self.o_proj, out)
+        index = self.indexer.project(x, cos, sin) if s.indexer is not None else None
         parts = [self._attend(q[sl], k[sl], v[sl], None if gate is None else gate[sl], cache,
-                              None if graph is None else graph[sl], None if index is None else (index[0][sl], index[1][sl]))
+                              None if index is None else (index[0][sl], index[1][sl]))
                  for sl, cache in zip(ctx.slices(T), caches)]
         return project(self.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
 
@@ -128,25 +127,22 @@ class Attention(nn.Module):
             cache.length += 1
         return out
 
-    def _attend(self, q, k, v, gate, cache, graph_position=None, index=None) -> torch.Tensor:
-        """One sequence's n tokens over its cache -> [n, heads * head_dim] (gated where the spec
-        says); graph_position: inside a graph, its token's position [1] on the device; index: their
-        index queries and keys, where an indexer selects what they see."""
+    def _attend(self, q, k, v, gate, cache, index=None) -> torch.Tensor:
+        """One sequence's n tokens over its cache, eagerly -> [n, heads * head_dim] (gated where the
+        spec says); index: their index queries and keys, where an indexer selects what they see."""
         n, start = q.shape[0], cache.length
-        keys, values, mask = cache.update(k, v, graph_position)  # [L, kv_heads, head_dim], mask [n, L] or None
+        keys, values, mask = cache.update(k, v)  # [L, kv_heads, head_dim], mask [n, L] or None
         if self.window is not None:
-            mask = window_mask(n, keys.shape[0], self.window, graph_position, keys.device)
+            mask = window_mask(n, keys.shape[0], self.window, keys.device)
         if index is not None:
             mask = self.indexer.select(*index, cache, start)
         sinks = self.sinks if self.spec.sinks else None
         if n == 1 and kernels.use_kernels(q) and index is None:
             from ..kernels.attention_decode import attention_decode
 
-            # No mask needed: inside a graph the kernel reads the last position on the device (and
-            # skips the reserved blocks past it); eagerly the cache holds exactly the sequence. A
-            # sliding window is the kernel's first position, sinks join its softmax's denominator.
-            last = graph_position if graph_position is not None else keys.shape[0] - 1
-            return attention_decode(q[0], None if gate is None else gate[0], keys, values, last, sinks=sinks,
+            # No mask needed: the cache holds exactly the sequence; a sliding window is the
+            # kernel's first position, sinks join its softmax's denominator.
+            return attention_decode(q[0], None if gate is None else gate[0], keys, values, keys.shape[0] - 1, sinks=sinks,
                                     window=self.window).view(1, -1)
         out = attend(q, keys, values, mask, sinks).reshape(n, -1)
         return out if gate is None else out * torch.sigmoid(gate.reshape(n, -1))
@@ -168,10 +164,10 @@ class Attention(nn.Module):
         return apply_rotary(norm(x) if norm is not None else x, cos, sin)
 
 
-def window_mask(T: int, L: int, window: int, graph_position: torch.Tensor | None, device) -> torch.Tensor:
-    """[T, L]: query t (the last T of L positions, or the graph's position) sees the keys at most
-    `window` - 1 positions before it, and none after."""
-    queries = graph_position if graph_position is not None else torch.arange(L - T, L, device=device)
+def window_mask(T: int, L: int, window: int, device) -> torch.Tensor:
+    """[T, L]: query t (the last T of L positions) sees the keys at most `window` - 1 positions
+    before it, and none after."""
+    queries = torch.arange(L - T, L, device=device)
     keys = torch.arange(L, device=device)[None, :]
     return (keys <= queries[:, None]) & (keys > queries[:, None] - window)
 

@@ -17,8 +17,8 @@ class KVCache:
     """Keys and values of one attention layer; storage grows by doubling, so appends are amortised O(T).
 
     Eager use appends at `length`. While a CUDA graph replays the decode step, the write position
-    is a device tensor instead (the step context's graph_position, runtime/graphs.py) and attention
-    runs over the whole buffer, masked beyond that position: shapes stay fixed, as graphs need."""
+    is a device tensor instead (the step context's graph_position, runtime/graphs.py) and the
+    attention kernel reads the buffer up to it: shapes stay fixed, as graphs need."""
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 256):
         self.k = torch.zeros(capacity, kv_heads, head_dim, dtype=dtype, device=device)
@@ -38,15 +38,10 @@ class KVCache:
         if end > self.k.shape[0]:
             self.reserve(max(end, 2 * self.k.shape[0]))
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, graph_position: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store the new keys/values (at `graph_position` inside a graph, which leaves `length` to
-        the graph's runner); return (keys, values, mask) for attention over the sequence."""
-        if graph_position is not None:
-            self.k.index_copy_(0, graph_position, k)
-            self.v.index_copy_(0, graph_position, v)
-            mask = torch.arange(self.k.shape[0], device=k.device)[None, :] <= graph_position[:, None]
-            return self.k, self.v, mask
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new keys/values (eagerly: a graph's attention writes them itself, at the
+        device positions, and leaves `length` to the graph's runner); return (keys, values, mask)
+        for attention over the sequence."""
         start, end = self.length, self.length + k.shape[0]
         self.make_room(end)
         self.k[start:end] = k

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..formats.packed import NGRAM_BLOCK, NgramFile
+from ..formats.safetensors import read_into
 from .stats import Counters
 
 REBUILD = "re-run flashmoe convert to rebuild the model"
@@ -152,15 +153,12 @@ class NgramRowStore:
     def _read(self, table: NgramFile, blocks: list[int], staging: np.ndarray, first: int) -> None:
         """Runs on a reader thread: blocks into staging rows first.. (this fetch's own buffer), each
         one's CRC-32 checked."""
-        fd, crcs, size = self.fds[table.layer], self.crcs[table.layer], table.block_bytes
+        fd, crcs, size, path = self.fds[table.layer], self.crcs[table.layer], table.block_bytes, self.dir / table.file
         for j, block in enumerate(blocks, first):
-            buf = staging[j]
-            if os.preadv(fd, [buf], block * size) != size:
-                raise NgramTableError(f"n-gram table block {block} in {self.dir / table.file} is cut short: the file "
-                                      f"is truncated; {REBUILD}")
-            if self.verify and (crc := zlib.crc32(buf)) != (want := int(crcs[block])):
-                raise NgramTableError(f"n-gram table block {block} in {self.dir / table.file} failed its checksum (crc32 "
-                                      f"{crc:08x}, the file says {want:08x}): the file is corrupt; {REBUILD}")
+            read_into(fd, staging[j], block * size, path)
+            if self.verify and (crc := zlib.crc32(staging[j])) != (want := int(crcs[block])):
+                raise NgramTableError(f"n-gram table block {block} in {path} failed its checksum (crc32 {crc:08x}, the "
+                                      f"file says {want:08x}): the file is corrupt; {REBUILD}")
 
     def _admit(self, layer: int, missed: list[tuple[int, int]], out: torch.Tensor) -> None:
         """Keep the rows just read (out[i] for (i, row) in missed), evicting the least recently used.

@@ -268,9 +268,9 @@ class Scheduler:
             if requests[0][1].prefill:
                 self.engine.settle("prefill")  # as a prefill alone does: the resident experts' lookups counted
             best = logits.argmax(-1).tolist() if argmax else [None] * len(requests)
+            seconds = time.perf_counter() - start
             for i, (_, request) in enumerate(requests):
-                request.logits, request.argmax = logits[i : i + 1], best[i]
-                request.seconds = time.perf_counter() - start
+                request.logits, request.argmax, request.seconds = logits[i : i + 1], best[i], seconds
             return []
         except Exception as e:
             log.exception("a batched forward failed")

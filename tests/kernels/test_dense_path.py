@@ -80,36 +80,6 @@ def test_kernels_give_the_logits_of_the_pytorch_path(family_model, monkeypatch, 
     assert got_tokens == ref_tokens
 
 
-def test_attention_in_a_graph_reads_the_position_on_the_device(monkeypatch):
-    """The graphed decode's protocol (runtime/graphs.py): a reserved cache written at the device
-    position the step context holds, `length` advanced by the host after each step. The kernel path
-    attends over that position's prefix; the PyTorch path (eager cache) is the reference."""
-    g = torch.Generator().manual_seed(8)
-    layer = Attention(64, AttentionSpec(4, 2, 16, gated=True, qk_norm="head"), eps=1e-6, zero_centred_norms=True)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 5.0))
-    rotary = RotaryEmbedding(4, 10000.0)
-    eager, graphed = KVCache(2, 16, torch.float32, "cpu"), KVCache(2, 16, torch.float32, "cpu")
-    x = torch.randn(9, 64, generator=g)
-    position = torch.zeros(1, dtype=torch.long)
-    eager_ctx, graph_ctx = StepContext([]), StepContext([], graph_position=position)
-    with torch.no_grad():
-        cos, sin = rotary(torch.arange(5))
-        layer(x[:5], cos, sin, [eager], eager_ctx)
-        layer(x[:5], cos, sin, [graphed], eager_ctx)
-        graphed.reserve(40)
-        for t in range(5, 9):
-            cos, sin = rotary(torch.tensor([t]))
-            ref = layer(x[t : t + 1], cos, sin, [eager], eager_ctx)
-            with monkeypatch.context() as m:
-                m.setattr(kernels, "use_kernels", lambda x: True)
-                position.fill_(t)
-                got = layer(x[t : t + 1], cos, sin, [graphed], graph_ctx)
-                graphed.length += 1
-            assert float((got - ref).norm() / ref.norm()) < 1e-5, t
-
-
 @pytest.mark.parametrize("spec,window", [(AttentionSpec(4, 2, 16, gated=True, qk_norm="head"), None),
                                          (AttentionSpec(4, 2, 16, qkv_bias=True, o_bias=True, sinks=True), 3)])
 def test_a_batch_in_a_graph_attends_in_one_launch_as_each_sequence_alone(monkeypatch, spec, window):
