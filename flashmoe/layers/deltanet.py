@@ -8,6 +8,7 @@ S += k outer delta; o = S^T q.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .. import kernels
 from .state import LinearState
@@ -54,8 +55,10 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = self.in_proj(x)
         if T == len(states):  # a decode step, of one sequence or a batch's: one recurrence step over [B, ...]
             out = self._steps(qkv, b, a, states, active)
+        elif len(states) == 1:
+            out = self._recurrence(qkv, b, a, states[0])
         else:
-            out = torch.cat([self._recurrence(qkv[s], b[s], a[s], state) for s, state in zip(slices, states)])
+            out = self._recurrences(qkv, b, a, slices, states)
         return project(self.out_proj, self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
 
     def _recurrence(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, state) -> torch.Tensor:
@@ -65,6 +68,25 @@ class GatedDeltaNet(nn.Module):
         out, new_state = rule(*heads_first, state.recurrent)
         state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
         return out.transpose(0, 1)  # [T, H, dv]
+
+    def _recurrences(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, slices: list[slice], states: list
+                     ) -> torch.Tensor:
+        """Several sequences' prompts (a packed prefill): each one's conv from its own window, then
+        the gated delta rule of all of them in one pass, their heads side by side, each sequence
+        padded at its end with tokens that neither decay nor update a state (g = 0, beta = 0, as
+        delta_rule_chunked pads its last chunk) -> [T, v_heads, v_dim] (fp32). One pass instead of
+        one per sequence: the rule's calls do not grow with the number of sequences."""
+        conv = torch.cat([causal_conv(qkv[s], state, self.conv1d.weight) for s, state in zip(slices, states)])
+        B, H = len(states), self.v_heads
+        # [B, L, H, ...] zero-padded, then the heads first: [B * H, L, ...]
+        q, k, v, g, beta = (pad_sequence([t[s] for s in slices], batch_first=True).transpose(1, 2).flatten(0, 1)
+                            for t in self._heads(conv, b, a))
+        rule = delta_rule_recurrent if q.shape[1] == 1 else delta_rule_chunked
+        out, new = rule(q, k, v, g, beta, torch.stack([s.recurrent for s in states]).flatten(0, 1))
+        for state, rows in zip(states, new.unflatten(0, (B, H))):
+            state.recurrent.copy_(rows)
+        out = out.unflatten(0, (B, H)).transpose(1, 2)  # [B, L, H, dv]
+        return torch.cat([out[i, : s.stop - s.start] for i, s in enumerate(slices)])
 
     def _steps(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, states: list,
                active: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,6 +221,7 @@ def delta_rule_chunked(q, k, v, g, beta, state, chunk: int = 64):
     (q_t . k_s) u_s and the end state is e^{c_C} S0 + sum_s e^{c_C - c_s} k_s u_s^T.
     """
     H, T, dk = k.shape
+    chunk = min(chunk, max(16, 1 << (T - 1).bit_length()))  # a short prompt pads to 16-32 tokens, not 64
     pad = -T % chunk  # padded tokens have beta = 0 and g = 0: no update, no decay
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))

@@ -55,3 +55,36 @@ def test_an_idle_sequence_of_a_batched_step_keeps_its_state():
     for i in (0, 2):
         assert torch.equal(masked[i], plain[i])
         assert torch.equal(states[i].conv, twins[i].conv) and torch.equal(states[i].recurrent, twins[i].recurrent)
+
+
+@pytest.mark.parametrize("lengths", [[5, 70, 2], [3, 1, 4]], ids=["chunked", "short"])
+def test_packed_prompts_run_the_rule_once_and_give_what_each_gives_alone(lengths, monkeypatch):
+    """A packed prefill (several sequences' prompts in one forward): the delta rule runs once for
+    all of them, each padded at its end, and every output, conv window and recurrent state equals
+    that sequence's prompt run alone, from states already under way."""
+    import flashmoe.layers.deltanet as deltanet
+
+    torch.manual_seed(1)
+    layer = deltanet.GatedDeltaNet(hidden=32, k_heads=2, v_heads=4, k_dim=8, v_dim=8, conv_kernel=4, eps=1e-6)
+    for p in (layer.A_log, layer.dt_bias):
+        p.data.normal_()
+    states = [layer.new_state(torch.float32, "cpu") for _ in lengths]
+    for state in states:
+        state.conv.normal_()
+        state.recurrent.normal_()
+    twins = [s.clone() for s in states]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    slices = [slice(s, s + n) for s, n in zip(starts, lengths)]
+    x = torch.randn(sum(lengths), 32)
+    calls = []
+    for name in ("delta_rule_chunked", "delta_rule_recurrent"):
+        monkeypatch.setattr(deltanet, name, lambda *a, f=getattr(deltanet, name): calls.append(1) or f(*a))
+    with torch.no_grad():
+        packed = layer(x, states, slices)
+    assert len(calls) == 1
+    for sl, state, twin in zip(slices, states, twins):
+        with torch.no_grad():
+            alone = layer(x[sl], [twin], [slice(0, sl.stop - sl.start)])
+        assert torch.allclose(packed[sl], alone, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(state.conv, twin.conv, rtol=1e-5, atol=1e-6)  # the projections of 77 rows or 5
+        assert torch.allclose(state.recurrent, twin.recurrent, rtol=1e-5, atol=1e-6)
