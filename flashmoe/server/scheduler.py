@@ -47,15 +47,43 @@ class Failed:
     error: BaseException
 
 
+class Outbox:
+    """Events the generation thread posts during a round, handed to each event loop in one call
+    (`send`): one wake-up of the loop a round, where a call per event woke it once per stream and
+    token, each wake-up a write to its self-pipe under the GIL."""
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+
+    def add(self, job: Job, event: Any) -> None:
+        self._pending.setdefault(job.loop, []).append((job, event))
+
+    def send(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                for job, _ in items:
+                    job.cancel()
+
+
+def _deliver(items: list[tuple[Job, Any]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
+
+
 class Job:
     """One request's work: an iterator run on the generation thread; what it yields, then Done or
-    Failed, arrives in `events` on the submitting event loop."""
+    Failed, arrives in `events` on the submitting event loop (through the scheduler's outbox, at
+    the end of each stage of a round; at once without one)."""
 
-    def __init__(self, work: Iterator[Any], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, work: Iterator[Any], loop: asyncio.AbstractEventLoop, outbox: Outbox | None = None) -> None:
         self.work = work
         self.order = -1  # when it was first admitted (the scheduler's count)
         self.events: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop = loop
+        self.loop = loop
+        self._outbox = outbox
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -67,8 +95,11 @@ class Job:
         return self._cancelled.is_set()
 
     def post(self, event: Any) -> None:
+        if self._outbox is not None:
+            self._outbox.add(self, event)
+            return
         try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server is shutting down
             self.cancel()
 
@@ -126,12 +157,13 @@ class Scheduler:
         self._completed = self._cancelled = self._failed = self._rejected = self._decode_steps = self._largest_batch = 0
         self._preemptions = 0
         self._reads = DecodeReads()
+        self._outbox = Outbox()  # the generation thread's alone
         self._thread = threading.Thread(target=self._run, name="flashmoe-generate", daemon=True)
         self._thread.start()
 
     def submit(self, work: Iterator[Any], loop: asyncio.AbstractEventLoop) -> Job:
         """Queues `work`; QueueFullError when `parallel` jobs run and `max_queue` more wait already."""
-        job = Job(work, loop)
+        job = Job(work, loop, self._outbox)
         with self._cv:
             queued = len(self._active) + len(self._preempted) + len(self._waiting)
             if self._closed or queued >= self.parallel + self.max_queue:
@@ -179,11 +211,13 @@ class Scheduler:
                     requests.append((job, outcome))
                 elif outcome:
                     ended.append(job)
+            self._outbox.send()  # the tokens of the last forward, before the next one runs
             steps = [(job, r) for job, r in requests if not r.prefill]
             if self.state_mem is not None:
                 steps = self._within_state_memory(steps)
             ended += self._decode(steps)
             ended += self._prefill([(job, r) for job, r in requests if r.prefill])
+            self._outbox.send()  # failures of this round's forwards
             with self._cv:
                 for job in ended:
                     self._active.remove(job)

@@ -66,3 +66,30 @@ def test_a_failed_packed_prefill_fails_each_of_its_jobs_and_only_them():
     finally:
         scheduler.close()
         loop.close()
+
+
+def test_a_rounds_events_wake_each_event_loop_once(monkeypatch):
+    """Four jobs that post three events each and end: every event arrives, in each job's order,
+    through one call of the loop a round (the events posted before and after each round's forwards),
+    not one per event."""
+    loop = asyncio.new_event_loop()
+    calls = []
+    real = loop.call_soon_threadsafe
+    monkeypatch.setattr(loop, "call_soon_threadsafe", lambda f, *a: (calls.append(f), real(f, *a))[1])
+    scheduler = Scheduler(parallel=4)
+    try:
+        jobs = [scheduler.submit(iter([(i, 0), (i, 1), (i, 2)]), loop) for i in range(4)]
+
+        async def drain(job):
+            return [await job.events.get() for _ in range(4)]
+
+        async def all_events():
+            return await asyncio.wait_for(asyncio.gather(*map(drain, jobs)), 10)
+
+        got = loop.run_until_complete(all_events())
+        for i, events in enumerate(got):
+            assert events[:3] == [(i, 0), (i, 1), (i, 2)] and type(events[3]).__name__ == "Done"
+        assert 1 <= len(calls) <= 4  # a round or a few (the jobs may be admitted in different rounds); 16 before
+    finally:
+        scheduler.close()
+        loop.close()
