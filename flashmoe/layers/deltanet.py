@@ -55,27 +55,18 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = self.in_proj(x)
         if T == len(states):  # a decode step, of one sequence or a batch's: one recurrence step over [B, ...]
             out = self._steps(qkv, b, a, states, active)
-        elif len(states) == 1:
-            out = self._recurrence(qkv, b, a, states[0])
         else:
             out = self._recurrences(qkv, b, a, slices, states)
         return project(self.out_proj, self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.v_dim)).reshape(T, -1))
 
-    def _recurrence(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, state) -> torch.Tensor:
-        """One sequence's conv and gated delta rule over its T tokens -> [T, v_heads, v_dim] (fp32)."""
-        heads_first = [t.transpose(0, 1) for t in self._heads(causal_conv(qkv, state, self.conv1d.weight), b, a)]  # [H, T, ...]
-        rule = delta_rule_recurrent if qkv.shape[0] == 1 else delta_rule_chunked
-        out, new_state = rule(*heads_first, state.recurrent)
-        state.recurrent.copy_(new_state)  # in place: a captured CUDA graph keeps pointing at it
-        return out.transpose(0, 1)  # [T, H, dv]
-
     def _recurrences(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, slices: list[slice], states: list
                      ) -> torch.Tensor:
-        """Several sequences' prompts (a packed prefill): each one's conv from its own window, then
-        the gated delta rule of all of them in one pass, their heads side by side, each sequence
-        padded at its end with tokens that neither decay nor update a state (g = 0, beta = 0, as
-        delta_rule_chunked pads its last chunk) -> [T, v_heads, v_dim] (fp32). One pass instead of
-        one per sequence: the rule's calls do not grow with the number of sequences."""
+        """The prompts of one or several sequences (a prefill, packed where several): each one's conv
+        from its own window, then the gated delta rule of all of them in one pass, their heads side
+        by side, each sequence padded at its end with tokens that neither decay nor update a state
+        (g = 0, beta = 0, as delta_rule_chunked pads its last chunk) -> [T, v_heads, v_dim] (fp32).
+        One pass instead of one per sequence: the rule's calls do not grow with the number of
+        sequences. The states are written in place (a captured CUDA graph keeps pointing at them)."""
         conv = torch.cat([causal_conv(qkv[s], state, self.conv1d.weight) for s, state in zip(slices, states)])
         B, H = len(states), self.v_heads
         # [B, L, H, ...] zero-padded, then the heads first: [B * H, L, ...]

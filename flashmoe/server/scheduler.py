@@ -75,10 +75,10 @@ def _deliver(items: list[tuple[Job, Any]]) -> None:
 
 class Job:
     """One request's work: an iterator run on the generation thread; what it yields, then Done or
-    Failed, arrives in `events` on the submitting event loop (through the scheduler's outbox, at
-    the end of each stage of a round; at once without one)."""
+    Failed, arrives in `events` on the submitting event loop (through the scheduler's outbox, sent
+    after each stage of a round)."""
 
-    def __init__(self, work: Iterator[Any], loop: asyncio.AbstractEventLoop, outbox: Outbox | None = None) -> None:
+    def __init__(self, work: Iterator[Any], loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
         self.work = work
         self.order = -1  # when it was first admitted (the scheduler's count)
         self.events: asyncio.Queue[Any] = asyncio.Queue()
@@ -95,13 +95,7 @@ class Job:
         return self._cancelled.is_set()
 
     def post(self, event: Any) -> None:
-        if self._outbox is not None:
-            self._outbox.add(self, event)
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            self.cancel()
+        self._outbox.add(self, event)
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ import asyncio
 import torch
 
 from flashmoe.generation import PREFILL_SLICE, ForwardRequest
-from flashmoe.server.scheduler import Failed, Job, Scheduler
+from flashmoe.server.scheduler import Failed, Job, Outbox, Scheduler
 
 
 class Recorder:
@@ -27,12 +27,12 @@ class Recorder:
         assert phase == "prefill"
 
 
-def slices(lengths: list[int], loop) -> tuple[list[tuple[Job, ForwardRequest]], list[str]]:
+def slices(lengths: list[int], loop, outbox: Outbox) -> tuple[list[tuple[Job, ForwardRequest]], list[str]]:
     alone: list[str] = []
     out = []
     for i, n in enumerate(lengths):
         request = ForwardRequest([7] * n, object(), lambda i=i: (alone.append(i), torch.full((1, 3), -1.0))[1], prefill=True)
-        out.append((Job(iter(()), loop), request))
+        out.append((Job(iter(()), loop, outbox), request))
     return out, alone
 
 
@@ -42,7 +42,7 @@ def test_a_rounds_prefill_slices_are_packed_into_forwards_of_a_slice_at_most():
     scheduler = Scheduler(parallel=8, engine=engine)
     try:
         half = PREFILL_SLICE // 2
-        requests, alone = slices([30, 5, half, half, PREFILL_SLICE, 9, 3], loop)
+        requests, alone = slices([30, 5, half, half, PREFILL_SLICE, 9, 3], loop, Outbox())
         assert scheduler._prefill(requests) == []
         # in order: 30 + 5 + half fit, the next half does not and runs alone, as does a whole slice
         assert engine.calls == [[30, 5, half], [9, 3]] and alone == [3, 4]
@@ -57,8 +57,10 @@ def test_a_failed_packed_prefill_fails_each_of_its_jobs_and_only_them():
     loop = asyncio.new_event_loop()
     scheduler = Scheduler(parallel=8, engine=Recorder(fail=True))
     try:
-        requests, _ = slices([4, 4, PREFILL_SLICE], loop)
+        outbox = Outbox()
+        requests, _ = slices([4, 4, PREFILL_SLICE], loop, outbox)
         assert scheduler._prefill(requests) == [requests[0][0], requests[1][0]]
+        outbox.send()
         loop.run_until_complete(asyncio.sleep(0))  # the posted events arrive
         events = [job.events.get_nowait() if not job.events.empty() else None for job, _ in requests]
         assert isinstance(events[0], Failed) and isinstance(events[1], Failed) and events[2] is None
