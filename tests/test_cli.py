@@ -51,7 +51,6 @@ def test_demo_completes_python_with_the_bundled_model():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(DEMO_PROMPT) and len(out.stdout) > len(DEMO_PROMPT) + 20
     assert "hits in decode" in out.stderr and "read per token" in out.stderr
-    assert flashmoe("demo", "--tokens", 24, "--seed", 3).stdout == out.stdout  # seeded sampling repeats
     greedy = flashmoe("demo", "--tokens", 32, "--temperature", 0).stdout[len(DEMO_PROMPT):]
     assert greedy.startswith("    ") and any(word in greedy for word in ("return", "line", "path"))  # the body, on topic
 

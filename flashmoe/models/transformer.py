@@ -117,7 +117,9 @@ class Model(nn.Module):
         self.hyper = args.hyper_connections()
         self.rotary = RotaryEmbedding(*args.rotary(), args.yarn())
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(args.vocab_size, H)
+        # Built on the meta device and always loaded: a given (empty) weight skips nn.Embedding's
+        # random init, whose normal_ on the meta device imports torch._dynamo (1.2 s at every start).
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, H, _weight=torch.empty(args.vocab_size, H))
         self.model.layers = nn.ModuleList(DecoderLayer(args, i, self.rotary) for i in range(args.num_hidden_layers))
         if self.hyper is not None:  # the streams' last mix is the head's input: no final norm
             self.model.hyper_connection_mixer = HyperConnection(H, self.hyper, eps, zero_centred, injects=False)
