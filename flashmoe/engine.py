@@ -104,6 +104,7 @@ class Engine:
         for i in self.moe_layers:
             self.experts[i] = StreamedExperts(self.store, i, self.timer, self.cpu_kernel, moe.act)
         self.moe_steps = self._cpu_moe_steps()
+        self.cpu_decode = self._cpu_decode_step()
         self.set_top_k(self.top_k)
         if config.gpu_path:
             self.use_gpu_experts(config.gpu_mem, config.cache_policy)
@@ -208,6 +209,13 @@ class Engine:
         return [CpuMoEStep(layers[i], self.experts[i])
                 if i in self.moe_layers and CpuMoEStep.obstacle(layers[i]) is None else None for i in range(len(layers))]
 
+    def _cpu_decode_step(self):
+        """The CPU path's decode token of one sequence in one loop over the layers' kernels
+        (runtime/cpu_decode.py) where every layer has them, else None."""
+        from .runtime.cpu_decode import CpuDecodeStep
+
+        return None if CpuDecodeStep.obstacle(self.model, self.moe_steps) else CpuDecodeStep(self.model, self.moe_steps, self.timer)
+
     def _set_threads(self, n: int) -> None:
         """Compute on the CPU with n threads: PyTorch's pool and the expert kernel's."""
         torch.set_num_threads(n)
@@ -233,7 +241,7 @@ class Engine:
         from .experts.gpu_routed import DECODE_MAX_TOKENS, GpuRoutedExperts
         from .experts.tier import GpuExpertTier
 
-        self.moe_steps = []  # the CPU path's: its experts come from the store
+        self.moe_steps, self.cpu_decode = [], None  # the CPU path's: its experts come from the store
         layout = self.manifest.layout
         staging = min(self.args.moe.num_experts, DECODE_MAX_TOKENS * self.top_k)
         prefetch = self.top_k if self.config.prefetch else 0  # slots per region (two regions)
@@ -563,6 +571,10 @@ class Engine:
         another; their positions advanced."""
         if self.threads is not None:
             self.threads.update()
+        if self.cpu_decode is not None and ids.shape[0] == 1:  # a decode token of one sequence
+            logits = self.cpu_decode(int(ids[0]), states[0])
+            states[0].position += 1
+            return logits
         ctx = self.context(states, lengths, last_only)
         self.model.start_ngram_reads(ids, ctx)  # from the host's ids, before they go to the device
         try:

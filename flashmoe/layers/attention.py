@@ -109,23 +109,28 @@ class Attention(nn.Module):
         """One token of each sequence on the CPU through numba (kernels/cpu_step): the eager path's
         input norm, projections, q/k norms, rotary, cache append, attention and gate, ~40 calls, in
         one call for one sequence (attention_step), in 2 + B for a batch of B (attention_steps)."""
-        from ..kernels.cpu_step import attention_step, attention_steps, attention_weights
+        from ..kernels.cpu_step import attention_step, attention_steps
 
-        # the weights as the kernel reads them, made at the first decode step (once loaded and
-        # fused, they are not replaced)
+        for cache in caches:
+            cache.make_room(cache.length + 1)
+        if len(caches) == 1:
+            out = attention_step(x, cos, sin, caches[0].k, caches[0].v, caches[0].length, self.cpu_step_weights(norm))
+        else:
+            out = attention_steps(x, cos, sin, [(c.k, c.v, c.length) for c in caches], self.cpu_step_weights(norm))
+        for cache in caches:
+            cache.length += 1
+        return out
+
+    def cpu_step_weights(self, norm: RMSNorm) -> tuple:
+        """The weights of `decode_cpu`'s kernel as it reads them (kernels/cpu_step.attention_weights),
+        made at the first decode step: once loaded and fused, they are not replaced."""
+        from ..kernels.cpu_step import attention_weights
+
         if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
             self._cpu_step_weights = norm, attention_weights(
                 norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.spec.gated,
                 self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.zero_centred, self.o_proj.weight)
-        for cache in caches:
-            cache.make_room(cache.length + 1)
-        if len(caches) == 1:
-            out = attention_step(x, cos, sin, caches[0].k, caches[0].v, caches[0].length, self._cpu_step_weights[1])
-        else:
-            out = attention_steps(x, cos, sin, [(c.k, c.v, c.length) for c in caches], self._cpu_step_weights[1])
-        for cache in caches:
-            cache.length += 1
-        return out
+        return self._cpu_step_weights[1]
 
     def _attend(self, q, k, v, gate, cache, index=None) -> torch.Tensor:
         """One sequence's n tokens over its cache, eagerly -> [n, heads * head_dim] (gated where the

@@ -141,18 +141,24 @@ class GatedDeltaNet(nn.Module):
         """One token of each sequence: the input norm, the projections and `decode_cpu`'s step,
         in one numba call for one sequence (kernels/cpu_step.deltanet_layer_step), in 2 + B for a
         batch of B (deltanet_layer_steps)."""
-        from ..kernels.cpu_step import deltanet_layer_step, deltanet_layer_steps, deltanet_layer_weights
+        from ..kernels.cpu_step import deltanet_layer_step, deltanet_layer_steps
 
-        # the weights as the kernel reads them, made at the first decode step (once loaded and
-        # fused, they are not replaced)
+        if len(states) == 1:
+            return deltanet_layer_step(x, states[0].conv, states[0].recurrent, self.cpu_step_weights(norm))
+        return deltanet_layer_steps(x, [(s.conv, s.recurrent) for s in states], self.cpu_step_weights(norm))
+
+    def cpu_step_weights(self, norm: RMSNorm) -> tuple:
+        """The weights of `decode_cpu_layer`'s kernel as it reads them (kernels/cpu_step.
+        deltanet_layer_weights), made at the first decode step: once loaded and fused, they are
+        not replaced."""
+        from ..kernels.cpu_step import deltanet_layer_weights
+
         if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
             self._cpu_step_weights = norm, deltanet_layer_weights(
                 norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.conv1d.weight,
                 self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, self.k_heads, self.norm.gate == "sigmoid",
                 self.out_proj.weight)
-        if len(states) == 1:
-            return deltanet_layer_step(x, states[0].conv, states[0].recurrent, self._cpu_step_weights[1])
-        return deltanet_layer_steps(x, [(s.conv, s.recurrent) for s in states], self._cpu_step_weights[1])
+        return self._cpu_step_weights[1]
 
     def decode_cpu(self, x: torch.Tensor, state) -> torch.Tensor:
         """The same step on the CPU (fp32), the conv, the rule and the norm in one numba call; the
