@@ -109,14 +109,16 @@ class RecordingExperts:
 
 class ReplayExperts:
     """The layer's experts run on ids from a stream instead of the router's; the router's weights
-    are kept. Each call takes the stream's next T rows (cyclically). With `host_sync` the router's
-    ids are still read back to the host, as the real path does, so the replay waits where a real
-    run waits; without (resident experts, whose real path never reads them) the stream is read on
-    the device at a device-side position, so a captured decode graph replays it too."""
+    are kept. Each call takes the stream's next T rows (cyclically), or with `spread` one row from
+    each of T streams `spread` rows apart, advancing them all by one: a batch's sequences, each
+    with the trace's locality in its own tokens but not in its neighbours'. With `host_sync` the
+    router's ids are still read back to the host, as the real path does, so the replay waits where
+    a real run waits; without (resident experts, whose real path never reads them) the stream is
+    read on the device at a device-side position, so a captured decode graph replays it too."""
 
-    def __init__(self, inner, stream: torch.Tensor, timer, host_sync: bool = True):
+    def __init__(self, inner, stream: torch.Tensor, timer, host_sync: bool = True, spread: int = 0):
         self.inner, self.stream, self.timer = inner, stream.to(torch.long), timer  # stream [N, k]
-        self.host_sync = host_sync
+        self.host_sync, self.spread = host_sync, spread
         self.position = 0
         self.device_stream = self.device_position = None
 
@@ -124,17 +126,18 @@ class ReplayExperts:
         T, k = ids.shape
         if k != self.stream.shape[1]:
             raise TraceError(f"the replayed stream has {self.stream.shape[1]} experts per token; the router chose {k}")
+        step, advance = (self.spread, 1) if self.spread else (1, T)
         if not self.host_sync:
             if self.device_stream is None:
                 self.device_stream = self.stream.to(ids.device)
                 self.device_position = torch.zeros(1, dtype=torch.long, device=ids.device)
-            rows = (self.device_position + torch.arange(T, device=ids.device)) % self.stream.shape[0]
-            self.device_position += T
+            rows = (self.device_position + torch.arange(T, device=ids.device) * step) % self.stream.shape[0]
+            self.device_position += advance
             return self.device_stream[rows]
         with self.timer.section("expert_io"):
             ids.cpu()  # the host sync a real run spends on reading the routing
-        rows = torch.arange(self.position, self.position + T) % self.stream.shape[0]
-        self.position += T
+        rows = (self.position + torch.arange(T) * step) % self.stream.shape[0]
+        self.position += advance
         return self.stream[rows]  # host ids: the inner callable's own ids.cpu() is then free
 
     @property
@@ -148,14 +151,17 @@ class ReplayExperts:
 @contextmanager
 def wrapped_experts(engine, wrap: Callable[[int, RoutedExperts], RoutedExperts]) -> Iterator[list]:
     """Replace the engine's routed experts of every MoE layer by wrap(moe_index, experts) for the
-    block; yields the wrappers in layer order and puts the originals back afterwards."""
-    originals = list(engine.experts)
+    block; yields the wrappers in layer order and puts the originals back afterwards. The CPU
+    path's one-call MoE steps, which route without the layer's routed experts, are off meanwhile."""
+    originals, steps = list(engine.experts), (engine.moe_steps, engine.cpu_decode)
     try:
+        engine.moe_steps, engine.cpu_decode = [], None
         for n, i in enumerate(engine.moe_layers):
             engine.experts[i] = wrap(n, originals[i])
         yield [engine.experts[i] for i in engine.moe_layers]
     finally:
         engine.experts[:] = originals
+        engine.moe_steps, engine.cpu_decode = steps
 
 
 def record(engine, ids: list[int], source: str = "", progress: Callable[[int], None] = lambda done: None) -> RoutingTrace:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,19 +217,30 @@ def run_replayed_decode(engine, gen: StreamGenerator, prompt_len: int, tokens: i
     `shuffled`: each layer's ids permuted at random, so the placement starts blind to popularity,
     as a deployment without a profile does. `warmup` tokens are decoded before the timed runs (an
     adaptive placement learns the popularity meanwhile)."""
+    routing = "trace replay shuffled" if shuffled else "trace replay"
+    with replayed_routing(engine, gen, 8 + warmup + (2 * repeats + 1) * (prompt_len + tokens), shuffled):  # no wrap
+        swapped = decode_warmup(engine, warmup)
+        r = run_decode(engine, prompt_len, tokens, layers_full, bw, routing=routing, repeats=repeats)
+    r.warmup_tokens, r.warmup_swaps = warmup, swapped
+    return r
+
+
+@contextmanager
+def replayed_routing(engine, gen: StreamGenerator, tokens: int, shuffled: bool = False, spread: int = 0) -> Iterator[None]:
+    """Every MoE layer of the engine routed by a stream of `tokens` rows of `gen` for the block
+    (router weights kept; ReplayExperts). Stream ids are popularity ranks; `shuffled`: each layer's
+    ids permuted at random (a placement blind to popularity). `spread`: a call's tokens are
+    independent streams that many rows apart (a server's batch; the stream then needs tokens >=
+    spread x its largest batch)."""
     moe_layers, E = len(engine.moe_layers), engine.args.moe.num_experts
-    ids = gen.generate(8 + warmup + (2 * repeats + 1) * (prompt_len + tokens), moe_layers).astype("int64")  # no wrap
+    ids = gen.generate(tokens, moe_layers).astype("int64")
     if shuffled:
         perm = np.stack([np.random.default_rng(5 + i).permutation(E) for i in range(moe_layers)])
         ids = perm[np.arange(moe_layers)[None, :, None], ids]
     stream = torch.from_numpy(ids)
     sync = not engine.resident  # the host reads the routing only where the real path does
-    routing = "trace replay shuffled" if shuffled else "trace replay"
-    with wrapped_experts(engine, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer, sync)):
-        swapped = decode_warmup(engine, warmup)
-        r = run_decode(engine, prompt_len, tokens, layers_full, bw, routing=routing, repeats=repeats)
-    r.warmup_tokens, r.warmup_swaps = warmup, swapped
-    return r
+    with wrapped_experts(engine, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer, sync, spread)):
+        yield
 
 
 def decode_warmup(engine, tokens: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,10 @@ def serve_command(
         help="Memory the running generations' states (KV caches, DeltaNet states) may take, e.g. 4G: past it the newest "
         "are preempted (state freed) and resumed, recomputed from their tokens, when there is room (default: no limit)."),
     max_body: str = typer.Option("8M", "--max-body", help="Largest request body accepted (413 past it)."),
+    replay_trace: Optional[Path] = typer.Option(
+        None, "--replay-trace", hidden=True,
+        help="Benchmarks only (scenario S5): route every MoE layer by streams generated from this routing trace "
+        "(flashmoe trace) instead of the router, expert ids shuffled; a batch's sequences each follow a stream of their own."),
     config: EngineConfig = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, JSON output) and Anthropic's Messages API."""
@@ -58,10 +63,27 @@ def serve_command(
         service = ModelService(engine, name or model.resolve().name, sampling_defaults(model),
                                parse_size(prefix_cache), parallel, max_queue, state_bytes)
         app = create_app(service, api_key, parse_size(max_body), host, port)
+        routing = nullcontext() if replay_trace is None else _replayed(engine, replay_trace, parallel)
     except USER_ERRORS as e:
         fail(e)
     if not api_key and not is_loopback(host):
         err.print(f"[bold yellow]warning:[/] listening on {host} without an API key (--insecure-no-key): anyone who can "
                   "reach it can use the model")
     err.print(f"serving {service.name} on http://{host}:{port}/v1 (context {engine.context_length} tokens)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    with routing:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+REPLAY_ROWS = 1 << 16  # rows of the replayed stream: each of up to --parallel sequences cycles through its share
+
+
+def _replayed(engine, trace_path: Path, parallel: int):
+    """The routing of `--replay-trace`: a stream with the trace's locality at this model's shape
+    (analysis/locality.fit_replay), each running sequence reading its own part of it."""
+    from ..analysis.locality import fit_replay
+    from ..analysis.routing_trace import RoutingTrace
+    from ..bench.scenarios import replayed_routing
+
+    trace = RoutingTrace.load(trace_path)
+    gen = fit_replay(trace.ids, trace.num_experts, engine.args.moe.num_experts, engine.top_k)
+    return replayed_routing(engine, gen, REPLAY_ROWS, shuffled=True, spread=REPLAY_ROWS // parallel)

@@ -123,6 +123,18 @@ def test_replay_without_host_sync_reads_the_same_stream_on_the_device():
     assert seen[False] == seen[True] == [[[0, 1]], [[2, 3], [4, 5]], [[0, 1]], [[2, 3]]]
 
 
+@pytest.mark.parametrize("host_sync", [True, False])
+def test_a_spread_replay_gives_each_token_of_a_call_its_own_stream(host_sync):
+    """A server's batch: the call's T tokens read rows `spread` apart, and every call moves them
+    all on by one row, so each sequence keeps the stream's locality in its own tokens."""
+    from flashmoe.models.context import NullTimer
+
+    stream = torch.arange(8)[:, None].repeat(1, 2)  # row r: [r, r]
+    replay = ReplayExperts(lambda x, ids, w, **out: ids, stream, NullTimer(), host_sync, spread=4)
+    seen = [replay(None, torch.zeros(t, 2, dtype=torch.long), None)[:, 0].tolist() for t in (2, 2, 1, 3)]
+    assert seen == [[0, 4], [1, 5], [2], [3, 7, 3]]  # cyclic past the end
+
+
 def test_bench_replay_runs_the_decode_on_the_stream(packed16):
     from flashmoe.bench.probes import Bandwidths
     from flashmoe.bench.scenarios import fit_trace_replays, run_replayed_decode
@@ -157,3 +169,18 @@ def test_trace_file_round_trip_and_bad_files(tmp_path):
     with pytest.raises(TraceError, match="recorded with 16 experts, k=4 .* needs 512 experts, k=10"):
         back.require(512, 10)
     back.require(16, 4)
+
+
+def test_wrapped_experts_turn_the_cpu_paths_own_routing_off_meanwhile(packed4):
+    """The CPU path's one-call MoE steps route by themselves: while a wrapper records or replays
+    the routing they must not run, or it would see none of their tokens."""
+    from flashmoe.engine import Engine, EngineConfig
+
+    engine = Engine(packed4, EngineConfig(dtype="float32"))
+    steps = engine.moe_steps
+    assert any(steps)
+    with wrapped_experts(engine, lambda i, inner: RecordingExperts(inner)) as recorders:
+        assert engine.moe_steps == [] and engine.cpu_decode is None
+        engine.forward([5, 6, 7], state := engine.new_state())
+        engine.forward([8], state)  # a decode token, which the MoE step would have taken
+    assert all(len(r.ids) == 2 for r in recorders) and engine.moe_steps is steps
