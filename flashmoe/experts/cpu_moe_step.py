@@ -75,16 +75,20 @@ class CpuMoEStep:
         # The most experts the kernel computes on one thread: from there the expert kernel spreads
         # them over its threads (CpuExperts), where it has several.
         self.one_thread_records = (PARALLEL_MIN_BYTES - 1) // layout.record_size
+        self._scratch: dict[tuple[int, int], tuple] = {}  # (tokens, k) -> the experts' input, ids and weights
 
     def __call__(self, x: torch.Tensor, mixer_out: torch.Tensor) -> torch.Tensor | None:
         T, k = x.shape[0], self.block.top_k
         if T > KERNEL_MAX_TOKENS:
             return None  # a prefill chunk: PyTorch's matmuls, and the experts dequantized once
         most = self.one_thread_records if self.experts.threads > 1 else T * k
-        h, out = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape, dtype=torch.float32)
-        ids, weights = torch.empty(T, k, dtype=torch.int64), torch.empty(T, k, dtype=torch.float32)
-        if not self.kernel(x.detach().numpy(), mixer_out.detach().numpy(), *self.constants, most, h.numpy(), ids.numpy(),
-                           weights.numpy(), out.numpy()):
+        if (scratch := self._scratch.get((T, k))) is None:  # the kernel's own outputs, which no caller keeps
+            h, ids, weights = torch.empty(T, x.shape[1]), torch.empty(T, k, dtype=torch.int64), torch.empty(T, k)
+            scratch = self._scratch[T, k] = (h, ids, weights, h.numpy(), ids.numpy(), weights.numpy())
+        h, ids, weights, *arrays = scratch
+        out = torch.empty(x.shape, dtype=torch.float32)
+        distinct = self.kernel(x.detach().numpy(), mixer_out.detach().numpy(), *self.constants, most, *arrays, out.numpy())
+        if not distinct:
             return self.routed(h, ids, weights, residual=out)  # loads what is not cached
-        self.store.used_in_place(self.layer, list(dict.fromkeys(ids.flatten().tolist())))  # each expert once
+        self.store.used_in_place(self.layer, ids, distinct)
         return out

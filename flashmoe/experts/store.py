@@ -174,16 +174,16 @@ class ExpertStore:
         place as the cache changes (policy.SlotMap.table)."""
         return self.slots.table((max(self.files) + 1, max(f.num_experts for f in self.files.values())))
 
-    def used_in_place(self, layer: int, experts: list[int]) -> None:
-        """Count a use of cached records that a kernel found in `slot_table` and read in place, as
-        `load` counts its hits: one step of the policy's clock, each record touched (~5 us a layer:
-        skipped where the store keeps every record)."""
+    def used_in_place(self, layer: int, ids: torch.Tensor, distinct: int) -> None:
+        """Count a use of the `distinct` cached records among ids that a kernel found in
+        `slot_table` and read in place, as `load` counts its hits: one step of the policy's clock,
+        each record touched (~5 us a layer: skipped where the store keeps every record)."""
         if not self.keeps_every_record:
             policy = self.slots.policy
             policy.tick()
-            for e in experts:
+            for e in dict.fromkeys(ids.flatten().tolist()):
                 policy.touch((layer, e))
-        self.stats.hits += len(experts)
+        self.stats.hits += distinct
 
     @contextmanager
     def resident(self, layer: int, experts: list[int], limit: int) -> Iterator[dict[int, int]]:

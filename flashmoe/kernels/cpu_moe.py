@@ -7,7 +7,7 @@ sigmoid gate, and the residual adds. The eager path does the same in ~40 PyTorch
 per layer, most of whose time on a small model is the calls themselves (EXPERIMENTS entry 83).
 
 It computes the routed experts only when every chosen one is in the host cache: the call first
-routes, then returns False if one of them has no slot, with the rest of the layer done (r + the
+routes, then returns 0 if one of them has no slot, with the rest of the layer done (r + the
 shared expert, the routing, the experts' input), and the caller adds the routed experts after
 loading them.
 
@@ -68,8 +68,9 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
         shared expert); both read once for the T tokens. slot_of [E]: each expert's pool slot, < 0
         where it is not cached. ids, weights [T, k] get each token's chosen experts and their
         weights, h [T, H] the experts' input. Each chosen expert is read once for all the tokens
-        that chose it. -> False where one of them is not cached or they are more than `most`
-        experts: out then holds r + the shared expert, and the caller adds the routed experts."""
+        that chose it. -> how many distinct experts it computed, or 0 where one of them is not
+        cached or they are more than `most`: out then holds r + the shared expert, and the caller
+        adds the routed experts."""
         T, hidden = x.shape
         E, shared, k = slot_of.shape[0], w_down.shape[1], ids.shape[1]
         residual = np.empty((T, hidden), np.float32)
@@ -101,11 +102,11 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
         distinct = 0
         for q in range(T * k):
             if slot_of[pairs[by_expert[q]]] < 0:
-                return False
+                return 0
             if q == 0 or pairs[by_expert[q]] != pairs[by_expert[q - 1]]:
                 distinct += 1
         if distinct > most:
-            return False
+            return 0
         xp, xs = np.empty((T, hidden), np.float32), np.empty((T, hidden // group), np.float32)
         for t in range(T):
             _lay_out(h[t], bits, group, mxfp4, xp[t], xs[t])
@@ -143,7 +144,7 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
                 _add_weighted(routed, weights[t, j], ys[t * k + j], p16[slot_of[ids[t, j]]], offs, with_bias, bf16_buf)
             for i in range(hidden):
                 out[t, i] += routed[i]
-        return True
+        return distinct
 
     return moe_step
 

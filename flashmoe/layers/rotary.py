@@ -55,18 +55,26 @@ def _mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 class RotaryEmbedding(nn.Module):
-    # No buffers: the frequencies are recomputed per call (rotary_dim / 2 values), so a model built
-    # on the meta device and loaded with assign=True needs nothing else materialised.
+    # No buffers: the frequencies (rotary_dim / 2 values) are computed at the first call on each
+    # device, so a model built on the meta device and loaded with assign=True needs nothing else
+    # materialised; kept, since recomputing them was ~10 us of a CPU decode token.
     def __init__(self, rotary_dim: int, theta: float, yarn: Yarn | None = None):
         super().__init__()
         self.rotary_dim, self.theta, self.yarn = rotary_dim, theta, yarn
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if (inv_freq := self._inv_freq.get(device)) is None:
+            exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
+            wavelengths = self.theta**exponents
+            inv_freq = 1.0 / wavelengths if self.yarn is None else self.yarn.inv_freq(wavelengths, self.rotary_dim, self.theta)
+            if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():  # not in a graph's own memory
+                self._inv_freq[device] = inv_freq
+        return inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, rotary_dim] in fp32."""
-        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=positions.device) / self.rotary_dim
-        wavelengths = self.theta**exponents
-        inv_freq = 1.0 / wavelengths if self.yarn is None else self.yarn.inv_freq(wavelengths, self.rotary_dim, self.theta)
-        freqs = positions.float()[:, None] * inv_freq[None, :]
+        freqs = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         if self.yarn is not None:
             return emb.cos() * self.yarn.scale, emb.sin() * self.yarn.scale

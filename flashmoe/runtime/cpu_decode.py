@@ -47,6 +47,11 @@ class CpuDecodeStep:
             raise ValueError(f"the one-loop CPU decode does not cover {why}")
         self.model, self.moe_steps, self.timer = model, moe_steps, timer
         self.attends = any(not layer.is_linear for layer in model.layers)
+        # each layer's mixer kernel and its weights (converted by the module once: loaded and fused
+        # weights are not replaced); zipped with model.layers, which the bench may cut short
+        with torch.inference_mode():  # as at a decode step: numpy views of the parameters
+            self.mixers = [(deltanet_layer_step if layer.is_linear else attention_step,
+                            layer.mixer.cpu_step_weights(layer.input_layernorm)) for layer in model.layers]
 
     @torch.inference_mode()
     def __call__(self, token: int, state: SequenceState) -> torch.Tensor:
@@ -55,14 +60,13 @@ class CpuDecodeStep:
         if self.attends:
             cos, sin = model.rotary(torch.tensor([position]))
         mixer = moe = 0.0
-        for layer, caches, moe_step in zip(model.layers, state.layers, self.moe_steps):
+        for _, (step, weights), caches, moe_step in zip(model.layers, self.mixers, state.layers, self.moe_steps):
             t0 = time.perf_counter()
-            weights = layer.mixer.cpu_step_weights(layer.input_layernorm)
-            if layer.is_linear:
-                mixed = deltanet_layer_step(x, caches.conv, caches.recurrent, weights)
+            if step is deltanet_layer_step:
+                mixed = step(x, caches.conv, caches.recurrent, weights)
             else:
                 caches.make_room(caches.length + 1)
-                mixed = attention_step(x, cos, sin, caches.k, caches.v, caches.length, weights)
+                mixed = step(x, cos, sin, caches.k, caches.v, caches.length, weights)
                 caches.length += 1
             t1 = time.perf_counter()
             x = moe_step(x, mixed)
