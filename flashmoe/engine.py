@@ -210,7 +210,7 @@ class Engine:
                 if i in self.moe_layers and CpuMoEStep.obstacle(layers[i]) is None else None for i in range(len(layers))]
 
     def _cpu_decode_step(self):
-        """The CPU path's decode token of one sequence in one loop over the layers' kernels
+        """The CPU path's decode step (a token per sequence) in one loop over the layers' kernels
         (runtime/cpu_decode.py) where every layer has them, else None."""
         from .runtime.cpu_decode import CpuDecodeStep
 
@@ -571,9 +571,10 @@ class Engine:
         another; their positions advanced."""
         if self.threads is not None:
             self.threads.update()
-        if self.cpu_decode is not None and ids.shape[0] == 1:  # a decode token of one sequence
-            logits = self.cpu_decode(int(ids[0]), states[0])
-            states[0].position += 1
+        if self.cpu_decode is not None and ids.shape[0] == len(states) <= self.cpu_decode.MAX_SEQUENCES:
+            logits = self.cpu_decode(ids.tolist(), states)  # a decode step: a token per sequence
+            for state in states:
+                state.position += 1
             return logits
         ctx = self.context(states, lengths, last_only)
         self.model.start_ngram_reads(ids, ctx)  # from the host's ids, before they go to the device

@@ -1,13 +1,15 @@
-"""One decode token of one sequence on the CPU path, its layers run as their one-call kernels from a
-single loop.
+"""A decode step of the CPU path (one token of each of up to KERNEL_MAX_TOKENS sequences), its
+layers run as their one-call kernels from a single loop.
 
-Through the model's modules (Model.forward) such a token spends about as long in Python as in its
-kernels on the demo model (~1.1 ms each, EXPERIMENTS 110): module calls, step-context sections,
-eligibility checks and small tensors made per call, for every layer. Here the same kernels run with
-the same arguments: per layer the mixer's step (kernels/cpu_step.py, the weights its module
-converted once) and the MoE half (experts/cpu_moe_step.py), then the model's own head. It is the
-CPU's counterpart of a CUDA graph's replay (runtime/graphs.py): the modules' work for this token
-without walking them, their logits to the bit (tests/runtime/test_cpu_decode.py).
+Through the model's modules (Model.forward) such a step spends about as long in Python as in its
+kernels on the demo model (~1.1 ms each for one sequence, EXPERIMENTS 110): module calls,
+step-context sections, eligibility checks and small tensors made per call, for every layer. Here
+the same kernels run with the same arguments: per layer the mixer's one-call step (its module's
+`decode_cpu_layer` or `decode_cpu`: kernels/cpu_step.py) and the MoE half (experts/cpu_moe_step.py),
+then the model's own head. It is the CPU's counterpart of a CUDA graph's replay
+(runtime/graphs.py): the modules' work for this step without walking them, their logits to fp32
+rounding (tests/runtime/test_cpu_decode.py; the kernels' vectorized sums depend on their scratch
+arrays' alignment, so not to the bit, as no two runs of either path are).
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ import time
 
 import torch
 
+from ..experts.streamed import KERNEL_MAX_TOKENS
 from ..kernels import use_cpu_kernels
-from ..kernels.cpu_step import attention_step, deltanet_layer_step
 from ..layers.state import SequenceState
 from ..models.transformer import Model
 
 
 class CpuDecodeStep:
-    """`step(token, state)` -> the logits [1, vocab] of one token continuing `state` (its caches
-    written, its position left to the caller), as `Model.forward` computes them on the CPU path."""
+    """`step(tokens, states)` -> the logits [B, vocab] of one token continuing each of B states
+    (their caches written, their positions left to the caller), as `Model.forward` computes them
+    on the CPU path."""
+
+    MAX_SEQUENCES = KERNEL_MAX_TOKENS  # the MoE step's most tokens
 
     @staticmethod
     def obstacle(model: Model, moe_steps: list) -> str | None:
-        """Why a token of this model cannot run this way, or None: every layer's mixer must take its
+        """Why a step of this model cannot run this way, or None: every layer's mixer must take its
         one-call CPU step and every layer's MLP the MoE step."""
         probe = torch.empty(1, model.args.hidden_size)
         if model.hyper is not None or model.ngram_layers:
@@ -47,27 +52,21 @@ class CpuDecodeStep:
             raise ValueError(f"the one-loop CPU decode does not cover {why}")
         self.model, self.moe_steps, self.timer = model, moe_steps, timer
         self.attends = any(not layer.is_linear for layer in model.layers)
-        # each layer's mixer kernel and its weights (converted by the module once: loaded and fused
-        # weights are not replaced); zipped with model.layers, which the bench may cut short
-        with torch.inference_mode():  # as at a decode step: numpy views of the parameters
-            self.mixers = [(deltanet_layer_step if layer.is_linear else attention_step,
-                            layer.mixer.cpu_step_weights(layer.input_layernorm)) for layer in model.layers]
 
     @torch.inference_mode()
-    def __call__(self, token: int, state: SequenceState) -> torch.Tensor:
-        model, position = self.model, state.position
-        x = model.model.embed_tokens(torch.tensor([token]))
+    def __call__(self, tokens: list[int], states: list[SequenceState]) -> torch.Tensor:
+        model = self.model
+        x = model.model.embed_tokens(torch.tensor(tokens))
         if self.attends:
-            cos, sin = model.rotary(torch.tensor([position]))
+            cos, sin = model.rotary(torch.tensor([state.position for state in states]))
         mixer = moe = 0.0
-        for _, (step, weights), caches, moe_step in zip(model.layers, self.mixers, state.layers, self.moe_steps):
+        for i, (layer, moe_step) in enumerate(zip(model.layers, self.moe_steps)):  # the bench may cut layers short
             t0 = time.perf_counter()
-            if step is deltanet_layer_step:
-                mixed = step(x, caches.conv, caches.recurrent, weights)
+            caches = [state.layers[i] for state in states]
+            if layer.is_linear:
+                mixed = layer.linear_attn.decode_cpu_layer(x, layer.input_layernorm, caches)
             else:
-                caches.make_room(caches.length + 1)
-                mixed = step(x, cos, sin, caches.k, caches.v, caches.length, weights)
-                caches.length += 1
+                mixed = layer.self_attn.decode_cpu(x, layer.input_layernorm, cos, sin, caches)
             t1 = time.perf_counter()
             x = moe_step(x, mixed)
             mixer, moe = mixer + t1 - t0, moe + time.perf_counter() - t1
