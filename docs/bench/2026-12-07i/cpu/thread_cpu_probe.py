@@ -1,4 +1,4 @@
-import sys, time, subprocess, os
+import sys, time, os
 sys.path.insert(0, "/work/main/scripts")
 from bench_server import Server, concurrency
 from flashmoe.demo import DEMO_MODEL
