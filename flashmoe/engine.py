@@ -211,7 +211,8 @@ class Engine:
 
     def _cpu_decode_step(self):
         """The CPU path's decode step (a token per sequence) in one loop over the layers' kernels
-        (runtime/cpu_decode.py) where every layer has them, else None."""
+        (runtime/cpu_decode.py) where every layer has them, else None; it runs while `moe_steps`
+        holds them (emptied by the GPU path and by wrapped routed experts)."""
         from .runtime.cpu_decode import CpuDecodeStep
 
         return None if CpuDecodeStep.obstacle(self.model, self.moe_steps) else CpuDecodeStep(self.model, self.moe_steps, self.timer)
@@ -241,7 +242,7 @@ class Engine:
         from .experts.gpu_routed import DECODE_MAX_TOKENS, GpuRoutedExperts
         from .experts.tier import GpuExpertTier
 
-        self.moe_steps, self.cpu_decode = [], None  # the CPU path's: its experts come from the store
+        self.moe_steps = []  # the CPU path's (and its one-loop decode's): its experts come from the store
         layout = self.manifest.layout
         staging = min(self.args.moe.num_experts, DECODE_MAX_TOKENS * self.top_k)
         prefetch = self.top_k if self.config.prefetch else 0  # slots per region (two regions)
@@ -571,8 +572,8 @@ class Engine:
         another; their positions advanced."""
         if self.threads is not None:
             self.threads.update()
-        if self.cpu_decode is not None and ids.shape[0] == len(states) <= self.cpu_decode.MAX_SEQUENCES:
-            logits = self.cpu_decode(ids.tolist(), states)  # a decode step: a token per sequence
+        if self.cpu_decode is not None and self.moe_steps and ids.shape[0] == len(states) <= self.cpu_decode.MAX_SEQUENCES:
+            logits = self.cpu_decode(ids.tolist(), states, self.moe_steps)  # a decode step: a token per sequence
             for state in states:
                 state.position += 1
             return logits

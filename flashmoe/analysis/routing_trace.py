@@ -17,12 +17,15 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..moe.block import RoutedExperts
+
+if TYPE_CHECKING:
+    from .locality import StreamGenerator
 
 
 class TraceError(ValueError):
@@ -153,15 +156,33 @@ def wrapped_experts(engine, wrap: Callable[[int, RoutedExperts], RoutedExperts])
     """Replace the engine's routed experts of every MoE layer by wrap(moe_index, experts) for the
     block; yields the wrappers in layer order and puts the originals back afterwards. The CPU
     path's one-call MoE steps, which route without the layer's routed experts, are off meanwhile."""
-    originals, steps = list(engine.experts), (engine.moe_steps, engine.cpu_decode)
+    originals, steps = list(engine.experts), engine.moe_steps
     try:
-        engine.moe_steps, engine.cpu_decode = [], None
+        engine.moe_steps = []
         for n, i in enumerate(engine.moe_layers):
             engine.experts[i] = wrap(n, originals[i])
         yield [engine.experts[i] for i in engine.moe_layers]
     finally:
         engine.experts[:] = originals
-        engine.moe_steps, engine.cpu_decode = steps
+        engine.moe_steps = steps
+
+
+@contextmanager
+def replayed_routing(engine, gen: StreamGenerator, tokens: int, shuffled: bool = False, spread: int = 0) -> Iterator[None]:
+    """Every MoE layer of the engine routed by a stream of `tokens` rows of `gen` for the block
+    (router weights kept; ReplayExperts). Stream ids are popularity ranks; `shuffled`: each layer's
+    ids permuted at random (a placement blind to popularity). `spread`: a call's tokens are
+    independent streams that many rows apart (a server's batch; the stream then needs tokens >=
+    spread x its largest batch)."""
+    moe_layers, E = len(engine.moe_layers), engine.args.moe.num_experts
+    ids = gen.generate(tokens, moe_layers).astype("int64")
+    if shuffled:
+        perm = np.stack([np.random.default_rng(5 + i).permutation(E) for i in range(moe_layers)])
+        ids = perm[np.arange(moe_layers)[None, :, None], ids]
+    stream = torch.from_numpy(ids)
+    sync = not engine.resident  # the host reads the routing only where the real path does
+    with wrapped_experts(engine, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer, sync, spread)):
+        yield
 
 
 def record(engine, ids: list[int], source: str = "", progress: Callable[[int], None] = lambda done: None) -> RoutingTrace:

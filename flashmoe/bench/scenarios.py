@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..analysis.locality import WINDOWS, StreamGenerator, fit_replay, load_entropy, rank_shares, reuse_profile, sorted_shares
-from ..analysis.routing_trace import ReplayExperts, RoutingTrace, wrapped_experts
+from ..analysis.routing_trace import RoutingTrace, replayed_routing
 from ..runtime.sampling import SamplingParams
 from .probes import Bandwidths
 
@@ -223,24 +221,6 @@ def run_replayed_decode(engine, gen: StreamGenerator, prompt_len: int, tokens: i
         r = run_decode(engine, prompt_len, tokens, layers_full, bw, routing=routing, repeats=repeats)
     r.warmup_tokens, r.warmup_swaps = warmup, swapped
     return r
-
-
-@contextmanager
-def replayed_routing(engine, gen: StreamGenerator, tokens: int, shuffled: bool = False, spread: int = 0) -> Iterator[None]:
-    """Every MoE layer of the engine routed by a stream of `tokens` rows of `gen` for the block
-    (router weights kept; ReplayExperts). Stream ids are popularity ranks; `shuffled`: each layer's
-    ids permuted at random (a placement blind to popularity). `spread`: a call's tokens are
-    independent streams that many rows apart (a server's batch; the stream then needs tokens >=
-    spread x its largest batch)."""
-    moe_layers, E = len(engine.moe_layers), engine.args.moe.num_experts
-    ids = gen.generate(tokens, moe_layers).astype("int64")
-    if shuffled:
-        perm = np.stack([np.random.default_rng(5 + i).permutation(E) for i in range(moe_layers)])
-        ids = perm[np.arange(moe_layers)[None, :, None], ids]
-    stream = torch.from_numpy(ids)
-    sync = not engine.resident  # the host reads the routing only where the real path does
-    with wrapped_experts(engine, lambda i, inner: ReplayExperts(inner, stream[:, i], engine.timer, sync, spread)):
-        yield
 
 
 def decode_warmup(engine, tokens: int) -> int:

@@ -25,9 +25,10 @@ from ..models.transformer import Model
 
 
 class CpuDecodeStep:
-    """`step(tokens, states)` -> the logits [B, vocab] of one token continuing each of B states
-    (their caches written, their positions left to the caller), as `Model.forward` computes them
-    on the CPU path."""
+    """`step(tokens, states, moe_steps)` -> the logits [B, vocab] of one token continuing each of B
+    states (their caches written, their positions left to the caller), as `Model.forward` computes
+    them on the CPU path with the engine's MoE steps (the engine's own list, read at each call:
+    where it empties them, as trace recording does, the modules' path runs instead)."""
 
     MAX_SEQUENCES = KERNEL_MAX_TOKENS  # the MoE step's most tokens
 
@@ -39,7 +40,7 @@ class CpuDecodeStep:
         if model.hyper is not None or model.ngram_layers:
             return "hyper-connections or per-layer embeddings"
         if not use_cpu_kernels(probe):
-            return "no CPU kernels (numba not installed, or a 16-bit model)"
+            return "no CPU kernels (numba not installed)"
         if len(moe_steps) != len(model.layers) or any(step is None for step in moe_steps):
             return "a layer without the CPU MoE step"
         for layer in model.layers:
@@ -48,19 +49,20 @@ class CpuDecodeStep:
         return None
 
     def __init__(self, model: Model, moe_steps: list, timer) -> None:
+        """moe_steps: the engine's at the start, checked to cover every layer."""
         if (why := self.obstacle(model, moe_steps)) is not None:
             raise ValueError(f"the one-loop CPU decode does not cover {why}")
-        self.model, self.moe_steps, self.timer = model, moe_steps, timer
+        self.model, self.timer = model, timer
         self.attends = any(not layer.is_linear for layer in model.layers)
 
     @torch.inference_mode()
-    def __call__(self, tokens: list[int], states: list[SequenceState]) -> torch.Tensor:
+    def __call__(self, tokens: list[int], states: list[SequenceState], moe_steps: list) -> torch.Tensor:
         model = self.model
         x = model.model.embed_tokens(torch.tensor(tokens))
         if self.attends:
             cos, sin = model.rotary(torch.tensor([state.position for state in states]))
         mixer = moe = 0.0
-        for i, (layer, moe_step) in enumerate(zip(model.layers, self.moe_steps)):  # the bench may cut layers short
+        for i, (layer, moe_step) in enumerate(zip(model.layers, moe_steps)):  # the bench may cut layers short
             t0 = time.perf_counter()
             caches = [state.layers[i] for state in states]
             if layer.is_linear:

@@ -81,8 +81,7 @@ def _replayed(engine, trace_path: Path, parallel: int):
     """The routing of `--replay-trace`: a stream with the trace's locality at this model's shape
     (analysis/locality.fit_replay), each running sequence reading its own part of it."""
     from ..analysis.locality import fit_replay
-    from ..analysis.routing_trace import RoutingTrace
-    from ..bench.scenarios import replayed_routing
+    from ..analysis.routing_trace import RoutingTrace, replayed_routing
 
     trace = RoutingTrace.load(trace_path)
     gen = fit_replay(trace.ids, trace.num_experts, engine.args.moe.num_experts, engine.top_k)

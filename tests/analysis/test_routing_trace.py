@@ -180,7 +180,7 @@ def test_wrapped_experts_turn_the_cpu_paths_own_routing_off_meanwhile(packed4):
     steps = engine.moe_steps
     assert any(steps)
     with wrapped_experts(engine, lambda i, inner: RecordingExperts(inner)) as recorders:
-        assert engine.moe_steps == [] and engine.cpu_decode is None
+        assert engine.moe_steps == []
         engine.forward([5, 6, 7], state := engine.new_state())
         engine.forward([8], state)  # a decode token, which the MoE step would have taken
     assert all(len(r.ids) == 2 for r in recorders) and engine.moe_steps is steps

@@ -30,7 +30,7 @@ def test_the_moe_step_decodes_as_the_eager_layers_do(packed4):
     assert [s is not None for s in steps] == [i in engine.moe_layers for i in range(engine.args.num_hidden_layers)]
     fused = greedy(engine)  # every expert cached after the prompt's first tokens
     fused_logits = decode_logits(engine, fused)
-    engine.moe_steps, engine.cpu_decode = [], None
+    engine.moe_steps = []
     assert greedy(engine) == fused
     assert float((fused_logits - decode_logits(engine, fused)).norm() / fused_logits.norm()) < 1e-5
 
@@ -46,7 +46,7 @@ def test_a_step_whose_experts_are_not_all_cached_loads_them(packed4):
         step.routed = lambda h, ids, w, residual, routed=step.routed: loaded.append(1) or routed(h, ids, w, residual)
     fused = greedy(engine)  # the prompt's step and 9 decode steps
     assert 0 < len(loaded) < 10 * len(steps)
-    engine.moe_steps, engine.cpu_decode = [], None
+    engine.moe_steps = []
     assert greedy(engine) == fused
 
 

@@ -26,12 +26,10 @@ def decode(engine: Engine, prompt: list[int], steps: int) -> tuple[list[int], to
     return tokens, torch.cat(rows)
 
 
-def counted(engine: Engine) -> list[int]:
-    """The tokens the engine's one-loop decode takes from now on."""
-    one_loop, calls = engine.cpu_decode, []
-    assert one_loop is not None
-    engine.cpu_decode = lambda tokens, states: calls.extend(tokens) or one_loop(tokens, states)
-    engine.cpu_decode.MAX_SEQUENCES = one_loop.MAX_SEQUENCES
+def counted(monkeypatch) -> list[int]:
+    """The tokens every engine's one-loop decode takes from now on."""
+    calls, call = [], CpuDecodeStep.__call__
+    monkeypatch.setattr(CpuDecodeStep, "__call__", lambda self, tokens, *rest: calls.extend(tokens) or call(self, tokens, *rest))
     return calls
 
 
@@ -39,12 +37,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_one_loop_decode_gives_the_module_paths_logits():
+def test_one_loop_decode_gives_the_module_paths_logits(monkeypatch):
     """The demo model (DeltaNet and attention layers, every one with MoE experts), every expert
     cached: the same kernels on the same arguments."""
     engine = Engine(DEMO_MODEL, EngineConfig(dtype="float32"))
     prompt = engine.tokenizer.encode("import os\ndef walk(path):")
-    calls = counted(engine)
+    assert engine.cpu_decode is not None
+    calls = counted(monkeypatch)
     decode(engine, prompt, 24)  # caches every expert these tokens use (a miss is computed as it arrives)
     tokens, logits = decode(engine, prompt, 24)
     assert calls[24:] == tokens  # every decode token took the loop
@@ -53,14 +52,15 @@ def test_one_loop_decode_gives_the_module_paths_logits():
     assert module_tokens == tokens and rel(module_logits, logits) < 2e-6  # measured up to 3e-7
 
 
-def test_one_loop_decode_loads_what_is_not_cached():
+def test_one_loop_decode_loads_what_is_not_cached(monkeypatch):
     """40 records of room for 8 layers x 64 experts: most steps miss, and the layers' MoE steps
     load them; two engines from the same start. Experts read from disk are added in the order they
     arrive, so the logits agree to fp32 rounding, not to the bit."""
     record = Manifest.load(DEMO_MODEL).layout.record_size
     config = EngineConfig(dtype="float32", host_mem=40 * record)
     engine, modules = Engine(DEMO_MODEL, config), Engine(DEMO_MODEL, config)
-    calls, modules.cpu_decode = counted(engine), None
+    assert engine.cpu_decode is not None
+    calls, modules.cpu_decode = counted(monkeypatch), None
     prompt = engine.tokenizer.encode("import os\ndef walk(path):")
     tokens, logits = decode(engine, prompt, 24)
     assert calls == tokens and engine.store.stats.misses > 40
@@ -73,7 +73,7 @@ def test_a_model_with_a_dense_mlp_or_8_bit_weights_keeps_the_module_path(packed4
     assert engine.cpu_decode is None and "MoE step" in CpuDecodeStep.obstacle(engine.model, engine.moe_steps)
 
 
-def test_a_batch_step_in_one_loop_gives_the_module_paths_logits():
+def test_a_batch_step_in_one_loop_gives_the_module_paths_logits(monkeypatch):
     """Three sequences of different lengths, a token each per step (Engine.forward_batch), every
     expert cached: each layer's batched kernels, as the modules call them."""
     engine = Engine(DEMO_MODEL, EngineConfig(dtype="float32"))
@@ -88,7 +88,8 @@ def test_a_batch_step_in_one_loop_gives_the_module_paths_logits():
             rows.append(logits)
         return torch.cat(rows)
 
-    calls = counted(engine)
+    assert engine.cpu_decode is not None
+    calls = counted(monkeypatch)
     steps(12)  # caches the experts these steps use
     one_loop = steps(12)
     assert len(calls) == 2 * 12 * 3  # every step took the loop, three tokens each
