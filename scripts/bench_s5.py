@@ -94,6 +94,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['ttft_p90_s']:>6.2f}s {r['itl_p50_ms']:>6.0f}ms {r['itl_p90_ms']:>5.0f}ms {r['itl_p99_ms']:>5.0f}ms "
               f"{format_bytes(r['expert_bytes_per_token']):>13} {format_bytes(r['disk_bytes_per_token']):>11} "
               f"{r['short_streams']:>5}", flush=True)
+    for error in sorted({e for r in rows for e in r["errors"]}):
+        print(f"error: {error}", flush=True)
 
 
 def main() -> None:
@@ -111,9 +113,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--startup-timeout", type=float, default=1800, help="seconds to wait for the model to load")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--server-log", type=Path, help="keep the server's output here (default: shown only if it exits early)")
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
 
-    server = Server(args.model, args.port, *serve_args, wait_s=args.startup_timeout)
+    server = Server(args.model, args.port, *serve_args, wait_s=args.startup_timeout, log=args.server_log)
     try:
         health = server.health()
         queue, context = health["queue"], health["context_length"]

@@ -35,12 +35,13 @@ SYSTEM = " ".join(f"Rule {i}: answer precisely, cite the rule you used, and keep
 
 class Server:
     """`flashmoe serve --model MODEL --port PORT ARGS...`, once /health answers (a large model takes
-    minutes to load: `wait_s`). Its output goes to a temporary file, shown if it exits early."""
+    minutes to load: `wait_s`). Its output goes to `log` (default: a temporary file), shown if it
+    exits early."""
 
-    def __init__(self, model: Path, port: int, *args: str, wait_s: float = 120) -> None:
+    def __init__(self, model: Path, port: int, *args: str, wait_s: float = 120, log: Path | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "flashmoe", "serve", "--model", str(model), "--port", str(port), *args]
-        self.log = tempfile.TemporaryFile()
+        self.log = open(log, "w+b") if log else tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
@@ -82,15 +83,18 @@ CLIENT = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=None, max
 
 def stream(url: str, path: str, body: dict) -> dict:
     """One streamed request: time to the first token, between tokens, in all; tokens generated;
-    the arrival time of each chunk that carried text (`stamps`, perf_counter seconds)."""
+    the arrival time of each chunk that carried text (`stamps`, perf_counter seconds); the message
+    of an error event that ended it (`error`, else None)."""
     t0 = time.perf_counter()
-    first = last = None
+    first = last = error = None
     usage, stamps = {}, []
     with CLIENT.stream("POST", url + path, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"].get("message", str(chunk["error"]))
             usage = chunk.get("usage") or usage
             choice = (chunk.get("choices") or [{}])[0]
             if choice.get("text") or (choice.get("delta") or {}).get("content"):
@@ -99,6 +103,7 @@ def stream(url: str, path: str, body: dict) -> dict:
                 stamps.append(last)
     n = usage.get("completion_tokens", 0)
     return {"ttft": (first or t0) - t0, "total": time.perf_counter() - t0, "tokens": n, "stamps": stamps, "usage": usage,
+            "error": error,
             "ms_per_token": (last - first) * 1e3 / (n - 1) if first and n > 1 else float("nan")}
 
 
@@ -134,7 +139,8 @@ def concurrency(url: str, clients: int, tokens: int, **extra) -> dict:
     decode_span = max(s[-1] for s in stamps) - min(s[0] for s in stamps) if stamps else 0.0
     decoded = sum(max(r["tokens"] - 1, 0) for r in results)
     return {"clients": clients, "tokens": sum(r["tokens"] for r in results),
-            "short_streams": sum(r["tokens"] < tokens for r in results),  # ended before `tokens` (EOS, stop)
+            "short_streams": sum(r["tokens"] < tokens for r in results),  # ended before `tokens` (EOS, stop, error)
+            "errors": sorted({r["error"] for r in results if r["error"]}),
             "tok_per_s": sum(r["tokens"] for r in results) / wall,
             "decode_tok_per_s": decoded / decode_span if decode_span > 0 else float("nan"),
             "latency_mean_s": statistics.mean(latency), "latency_max_s": latency[-1],

@@ -129,6 +129,20 @@ def test_replayed_routing_reaches_the_gpu_tier_through_the_graphed_decode(packed
     assert runs[0] == runs[1]
 
 
+def test_a_replay_of_resident_experts_decodes_in_the_graph_as_eager(packed16):
+    """Resident experts never sync: the replay picks its rows on the device and is called through
+    `graphed` inside the decode graph (the server's S5 replay at the 397B placement)."""
+    from flashmoe.analysis.routing_trace import ReplayExperts, wrapped_experts
+
+    stream = torch.tensor([[0, 1], [1, 2], [0, 2]])
+    runs = []
+    for graphs in (True, False):
+        engine = Engine(packed16, EngineConfig(device="cuda", preload=True, dtype="float32", cuda_graphs=graphs))
+        with wrapped_experts(engine, lambda i, inner: ReplayExperts(inner, stream + i, engine.timer, host_sync=False)):
+            runs.append([s.token for s in engine.generate([1, 2, 3], SamplingParams(max_tokens=6, temperature=0))])
+    assert runs[0] == runs[1]
+
+
 def test_8_bit_dense_gpu_logits_match_the_cpu_path(default_init_16):
     """The Triton GEMV (decode) and converted-codes matmul (prefill) against the CPU's 8-bit path."""
     d, _ = default_init_16

@@ -150,6 +150,11 @@ class ReplayExperts:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, **out) -> torch.Tensor:
         return self.inner(x, self._next(ids), weights, **out)
 
+    def graphed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The decode graph's call (runtime/graphs.py) where `capturable`: the stream's rows are
+        picked on the device, so each replay of the graph reads the next ones."""
+        return self.inner.graphed(x, self._next(ids), weights, residual)
+
 
 @contextmanager
 def wrapped_experts(engine, wrap: Callable[[int, RoutedExperts], RoutedExperts]) -> Iterator[list]:

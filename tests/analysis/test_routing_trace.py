@@ -123,6 +123,26 @@ def test_replay_without_host_sync_reads_the_same_stream_on_the_device():
     assert seen[False] == seen[True] == [[[0, 1]], [[2, 3], [4, 5]], [[0, 1]], [[2, 3]]]
 
 
+def test_a_capturable_replay_hands_the_graph_its_stream():
+    """Resident experts decode inside a CUDA graph through `graphed` (runtime/graphs.py): the
+    replay must offer it, on the stream's rows (a server's S5 replay on the GPU lost every
+    stream's decode to the missing method)."""
+    from flashmoe.models.context import NullTimer
+
+    class Resident:
+        capturable = True
+
+        def graphed(self, x, ids, weights, residual):
+            return ids
+
+    stream = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    replay = ReplayExperts(Resident(), stream, NullTimer(), host_sync=False)
+    assert replay.capturable
+    seen = [replay.graphed(None, torch.zeros(1, 2, dtype=torch.long), None, None).tolist() for _ in range(4)]
+    assert seen == [[[0, 1]], [[2, 3]], [[4, 5]], [[0, 1]]]
+    assert not ReplayExperts(Resident(), stream, NullTimer(), host_sync=True).capturable
+
+
 @pytest.mark.parametrize("host_sync", [True, False])
 def test_a_spread_replay_gives_each_token_of_a_call_its_own_stream(host_sync):
     """A server's batch: the call's T tokens read rows `spread` apart, and every call moves them
