@@ -7,7 +7,8 @@ sequence tokens do not end them). Per round it reports the aggregate throughput,
 token (TTFT) p50/p90, inter-token latency (ITL) p50/p90/p99 from the arrival of each stream's text
 chunks, and the expert bytes the decode steps read per decoded token (the server's /health
 `decode` counters: records the expert store handed out, which a batch reads once for all the
-tokens that share them; prefills not counted). With --long-prompt N it then measures the TTFT of a
+tokens that share them; prefills not counted), and a decode round's milliseconds split into the
+forward's and the host's (the jobs' bookkeeping and events: what a batch does not share). With --long-prompt N it then measures the TTFT of a
 short request sent while a prompt of about N tokens is being prefilled, beside that short
 request's TTFT on an idle server and the long prompt's own.
 
@@ -25,6 +26,7 @@ import json
 import sys
 import threading
 import time
+from math import nan
 from pathlib import Path
 
 from bench_server import Server, concurrency, stream
@@ -37,19 +39,23 @@ SHORT = {"messages": [{"role": "user", "content": "A short question: what is a l
          "temperature": 0, "ignore_eos": True}
 
 
-def decode_reads(before: dict, after: dict) -> dict:
-    """/health `decode` counters between two readings, per decoded token."""
+def decode_stats(before: dict, after: dict) -> dict:
+    """/health `decode` counters between two readings: reads per decoded token; a decode round's
+    milliseconds, and of them the forward's and the host's (the rest of the round)."""
     d = {k: after[k] - before[k] for k in before}
-    n = d["tokens"]
-    return {"decoded_tokens": n, **{f"{k}_per_token": d[k] / n if n else float("nan")
-                                    for k in ("expert_records", "expert_bytes", "disk_bytes", "gpu_bytes_copied")}}
+    n, rounds = d["tokens"], d["rounds"]
+    per_round = {"round_ms": d["round_seconds"] * 1e3 / rounds, "forward_ms": d["forward_seconds"] * 1e3 / rounds,
+                 "host_ms": (d["round_seconds"] - d["forward_seconds"]) * 1e3 / rounds} if rounds else {}
+    return {"decoded_tokens": n, "decode_rounds": rounds, **per_round,
+            **{f"{k}_per_token": d[k] / n if n else float("nan")
+               for k in ("expert_records", "expert_bytes", "disk_bytes", "gpu_bytes_copied")}}
 
 
 def streams_round(server: Server, clients: int, tokens: int, warmup_tokens: int) -> dict:
     concurrency(server.url, clients, warmup_tokens, ignore_eos=True)  # caches, allocations and kernels of this batch size
     before = server.health()["decode"]
     out = concurrency(server.url, clients, tokens, ignore_eos=True)
-    return {**out, **decode_reads(before, server.health()["decode"])}
+    return {**out, **decode_stats(before, server.health()["decode"])}
 
 
 def prompt_of(tokenizer: Tokenizer, tokens: int) -> str:
@@ -88,12 +94,13 @@ def long_prompt(server: Server, model: Path, tokens: int, context: int) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'streams':>7} {'tok/s':>7} {'decode':>7} {'TTFT p50':>9} {'p90':>7} {'ITL p50':>8} {'p90':>7} {'p99':>7} "
-          f"{'experts/token':>13} {'disk/token':>11} {'short':>5}")
+          f"{'experts/token':>13} {'disk/token':>11} {'short':>5} {'round ms':>8} {'forward':>7} {'host':>6}")
     for r in rows:
         print(f"{r['clients']:>7} {r['tok_per_s']:>7.1f} {r['decode_tok_per_s']:>7.1f} {r['ttft_median_s']:>8.2f}s "
               f"{r['ttft_p90_s']:>6.2f}s {r['itl_p50_ms']:>6.0f}ms {r['itl_p90_ms']:>5.0f}ms {r['itl_p99_ms']:>5.0f}ms "
               f"{format_bytes(r['expert_bytes_per_token']):>13} {format_bytes(r['disk_bytes_per_token']):>11} "
-              f"{r['short_streams']:>5}", flush=True)
+              f"{r['short_streams']:>5} {r.get('round_ms', nan):>8.2f} {r.get('forward_ms', nan):>7.2f} "
+              f"{r.get('host_ms', nan):>6.2f}", flush=True)
     for error in sorted({e for r in rows for e in r["errors"]}):
         print(f"error: {error}", flush=True)
 

@@ -108,17 +108,17 @@ class SchedulerStats:
     cancelled: int
     failed: int
     rejected: int
-    decode_steps: int  # rounds that ran decode steps
-    largest_batch: int  # the most sequences one of them advanced
+    largest_batch: int  # the most sequences a round's decode steps advanced
     preempted: int  # sequences set aside (their state freed) for want of state memory, since the start
     paused: int  # ... and set aside now, to be recomputed when there is room
 
 
 @dataclass(slots=True)
-class DecodeReads(Counters):
-    """What the rounds' decode steps read, from the engine's counters taken around each step (the
-    prefills between them are not counted): expert bytes per decoded token, which a batch lowers
-    where its tokens share experts."""
+class DecodeStats(Counters):
+    """What the rounds' decode steps read and how long they took, from the engine's counters taken
+    around each step (the prefills between them are not counted): expert bytes per decoded token,
+    which a batch lowers where its tokens share experts; and a round's time beside its forward's,
+    the rest being the host's work per round (the jobs' bookkeeping, their events handed over)."""
 
     tokens: int = 0  # sequence steps decoded: a round of 8 sequences decodes 8
     # Expert records the expert store handed out (RAM hits and disk reads): on the CPU path the
@@ -129,6 +129,9 @@ class DecodeReads(Counters):
     expert_bytes: int = 0  # ... their bytes
     disk_bytes: int = 0  # ... of them read from disk
     gpu_bytes_copied: int = 0  # host -> GPU copies of expert records (GPU tier; 0 without one)
+    rounds: int = 0  # rounds that ran decode steps
+    round_seconds: float = 0.0  # their wall time, less their prefill slices'
+    forward_seconds: float = 0.0  # ... of which in the decode forwards (with the batch's argmax read back)
 
 
 class Scheduler:
@@ -148,9 +151,9 @@ class Scheduler:
         self._admitted = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self._completed = self._cancelled = self._failed = self._rejected = self._decode_steps = self._largest_batch = 0
+        self._completed = self._cancelled = self._failed = self._rejected = self._largest_batch = 0
         self._preemptions = 0
-        self._reads = DecodeReads()
+        self._decode_stats = DecodeStats()
         self._outbox = Outbox()  # the generation thread's alone
         self._thread = threading.Thread(target=self._run, name="flashmoe-generate", daemon=True)
         self._thread.start()
@@ -170,12 +173,12 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         with self._cv:
             return SchedulerStats(len(self._active), len(self._waiting), self.parallel, self.max_queue, self._completed,
-                                  self._cancelled, self._failed, self._rejected, self._decode_steps, self._largest_batch,
+                                  self._cancelled, self._failed, self._rejected, self._largest_batch,
                                   self._preemptions, len(self._preempted))
 
-    def decode_reads(self) -> DecodeReads:
+    def decode_stats(self) -> DecodeStats:
         with self._cv:
-            return replace(self._reads)
+            return replace(self._decode_stats)
 
     def close(self) -> None:
         with self._cv:
@@ -198,6 +201,7 @@ class Scheduler:
                     job.order = next(self._admitted)
                     self._active.append(job)
                 jobs = list(self._active)
+            start = time.perf_counter()
             ended, requests = [], []
             for job in jobs:
                 outcome = self._advance(job)
@@ -210,11 +214,15 @@ class Scheduler:
             if self.state_mem is not None:
                 steps = self._within_state_memory(steps)
             ended += self._decode(steps)
+            prefill_start = time.perf_counter()
             ended += self._prefill([(job, r) for job, r in requests if r.prefill])
+            prefill_seconds = time.perf_counter() - prefill_start
             self._outbox.send()  # failures of this round's forwards
             with self._cv:
                 for job in ended:
                     self._active.remove(job)
+                if steps:
+                    self._decode_stats.round_seconds += time.perf_counter() - start - prefill_seconds
 
     def _within_state_memory(self, steps: list[tuple[Job, ForwardRequest]]) -> list[tuple[Job, ForwardRequest]]:
         """The round's decode steps with the preempted sequences that fit back in (oldest first,
@@ -262,12 +270,16 @@ class Scheduler:
         if not steps:
             return []
         with self._cv:
-            self._decode_steps += 1
+            self._decode_stats.rounds += 1
             self._largest_batch = max(self._largest_batch, len(steps))
         before = self.engine.counters() if self.engine is not None else None
+        start = time.perf_counter()
         failed = self._run_together(steps, argmax=True)
+        seconds = time.perf_counter() - start
         if before is not None and not failed:
             self._count_reads(before, len(steps))
+        with self._cv:
+            self._decode_stats.forward_seconds += seconds
         return failed
 
     def _prefill(self, slices: list[tuple[Job, ForwardRequest]]) -> list[Job]:
@@ -312,10 +324,13 @@ class Scheduler:
         (store, gpu, _), (store_now, gpu_now, _) = before, self.engine.counters()
         records = (store_now.hits + store_now.misses) - (store.hits + store.misses)
         copied = gpu_now.bytes_copied - gpu.bytes_copied if gpu is not None else 0
-        step = DecodeReads(tokens, records, records * self.engine.manifest.layout.record_size,
-                           store_now.bytes_read - store.bytes_read, copied)
         with self._cv:
-            self._reads += step
+            stats = self._decode_stats
+            stats.tokens += tokens
+            stats.expert_records += records
+            stats.expert_bytes += records * self.engine.manifest.layout.record_size
+            stats.disk_bytes += store_now.bytes_read - store.bytes_read
+            stats.gpu_bytes_copied += copied
 
     def _advance(self, job: Job) -> bool | ForwardRequest:
         """Runs `job` to its next forward (returned, for `_decode` or `_prefill`), or up to

@@ -204,7 +204,7 @@ class ModelService:
             "model": self.name,
             "context_length": self.engine.context_length,
             "queue": vars_of(self.scheduler.stats()),
-            "decode": vars_of(self.scheduler.decode_reads()),
+            "decode": vars_of(self.scheduler.decode_stats()),
             "expert_cache": {"hits": store.hits, "misses": store.misses, "hit_rate": round(store.hit_rate, 4),
                              "bytes_read": store.bytes_read, "evictions": store.evictions},
             "gpu_expert_cache": None if gpu is None else {

@@ -167,7 +167,8 @@ def test_preempted_generations_resume_with_their_own_answers(tiny_model, engine)
 
 def test_decode_reads_per_token(server, engine):
     """/health's `decode` counts the expert records the decode steps read: a lone sequence's step
-    reads its top-k experts in every MoE layer; a batch's step each expert its tokens share once."""
+    reads its top-k experts in every MoE layer; a batch's step each expert its tokens share once.
+    It times the decode rounds too: a round takes longer than its forward, the host's part."""
     per_token = len(engine.moe_layers) * engine.top_k
     greedy = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
     _wait_idle(server)
@@ -178,9 +179,13 @@ def test_decode_reads_per_token(server, engine):
     assert lone["tokens"] - before["tokens"] == 11  # the first token comes from the prefill
     assert lone["expert_records"] - before["expert_records"] == 11 * per_token
     assert lone["expert_bytes"] - before["expert_bytes"] == 11 * per_token * engine.manifest.layout.record_size
+    assert lone["rounds"] - before["rounds"] == 11
+    forward, round_ = (lone[k] - before[k] for k in ("forward_seconds", "round_seconds"))
+    assert 0 < forward < round_
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda p: _stream(server.url, {"messages": p, **greedy}), PROMPTS))
     _wait_idle(server)
     batched = server.health()["decode"]
     assert batched["tokens"] - lone["tokens"] == 4 * 11
     assert 0 < batched["expert_records"] - lone["expert_records"] <= 4 * 11 * per_token
+    assert 11 <= batched["rounds"] - lone["rounds"] < 4 * 11  # the steps ran together
