@@ -10,7 +10,9 @@ reads each expert the round's tokens need once, and so do its prefill slices, pa
 forwards of up to PREFILL_SLICE tokens: sixteen newcomers cost one prefill, not sixteen in turn.
 A lone request runs as its generation would alone (CUDA graphs for a decode step on the GPU). A
 job that ends or is cancelled (a client gone) leaves at the end of its round. A job's events reach
-its asyncio consumer through `Job.events`.
+its asyncio consumer through `Job.events`, handed to the event loop once a round: before the
+round's forwards on the CPU, and on the GPU once its decode step is launched, so the loop writes
+them while the GPU computes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..generation import PREFILL_SLICE, ForwardRequest
 from ..runtime.stats import Counters
@@ -145,6 +147,13 @@ class Scheduler:
         if state_mem is not None and (state_mem <= 0 or engine is None):
             raise ValueError("state_mem must be a positive size, with an engine to free and rebuild states")
         self.parallel, self.max_queue, self.engine, self.state_mem = parallel, max_queue, engine, state_mem
+        # Where a forward runs on the GPU, a round's events (the last forward's tokens) go out once
+        # its decode step is launched: the event loop then formats and writes them while the GPU
+        # computes and this thread waits for it with the GIL released. Sent before the launch, the
+        # loop held the GIL through the launch's own Python (on the H100 at 16 streams, 15% of this
+        # thread's time went to waiting for it in the step's non-blocking copy: EXPERIMENTS 117).
+        # On the CPU the forward is the computation itself, so they go out before it.
+        self.forwards_run_async = engine is not None and engine.device.type != "cpu"
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []  # in order of first admission: the newest last
         self._preempted: deque[tuple[Job, ForwardRequest, int]] = deque()  # (job, its step, its state's bytes then)
@@ -209,11 +218,12 @@ class Scheduler:
                     requests.append((job, outcome))
                 elif outcome:
                     ended.append(job)
-            self._outbox.send()  # the tokens of the last forward, before the next one runs
             steps = [(job, r) for job, r in requests if not r.prefill]
             if self.state_mem is not None:
                 steps = self._within_state_memory(steps)
-            ended += self._decode(steps)
+            if not (steps and self.forwards_run_async):
+                self._outbox.send()  # the tokens of the last forward, before the next one runs
+            ended += self._decode(steps)  # on the GPU it sends them once its forward is launched
             prefill_start = time.perf_counter()
             ended += self._prefill([(job, r) for job, r in requests if r.prefill])
             prefill_seconds = time.perf_counter() - prefill_start
@@ -274,7 +284,7 @@ class Scheduler:
             self._largest_batch = max(self._largest_batch, len(steps))
         before = self.engine.counters() if self.engine is not None else None
         start = time.perf_counter()
-        failed = self._run_together(steps, argmax=True)
+        failed = self._run_together(steps, argmax=True, launched=self._outbox.send if self.forwards_run_async else None)
         seconds = time.perf_counter() - start
         if before is not None and not failed:
             self._count_reads(before, len(steps))
@@ -294,25 +304,31 @@ class Scheduler:
             tokens += len(request.tokens)
         return failed + (self._run_together(group) if group else [])
 
-    def _run_together(self, requests: list[tuple[Job, ForwardRequest]], argmax: bool = False) -> list[Job]:
+    def _run_together(self, requests: list[tuple[Job, ForwardRequest]], argmax: bool = False,
+                      launched: Callable[[], None] | None = None) -> list[Job]:
         """One forward for the requests (each runs alone where it is the only one); with `argmax`,
-        each row's most likely token read in one host sync for the batch's greedy draws. The jobs
-        whose requests failed: all of them, reported to each client; the thread goes on."""
+        each row's most likely token read in one host sync for the batch's greedy draws;
+        `launched` called once the forward is queued, before anything waits for it. The jobs whose
+        requests failed: all of them, reported to each client; the thread goes on."""
+        launched = launched or (lambda: None)
         try:
             if len(requests) == 1 or self.engine is None:
                 for _, request in requests:
                     request.logits = request.alone()
+                launched()
                 return []
             start = time.perf_counter()
             logits = self.engine.forward_batch([r.tokens for _, r in requests], [r.state for _, r in requests])
             if requests[0][1].prefill:
                 self.engine.settle("prefill")  # as a prefill alone does: the resident experts' lookups counted
+            launched()
             best = logits.argmax(-1).tolist() if argmax else [None] * len(requests)
             seconds = time.perf_counter() - start
             for i, (_, request) in enumerate(requests):
                 request.logits, request.argmax, request.seconds = logits[i : i + 1], best[i], seconds
             return []
         except Exception as e:
+            launched()
             log.exception("a batched forward failed")
             for job, _ in requests:
                 job.post(Failed(e))

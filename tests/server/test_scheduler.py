@@ -13,6 +13,8 @@ from flashmoe.server.scheduler import Failed, Job, Outbox, Scheduler
 class Recorder:
     """An engine that records the lengths of each forward_batch call's sequences."""
 
+    device = torch.device("cpu")
+
     def __init__(self, fail: bool = False):
         self.calls: list[list[int]] = []
         self.fail = fail
@@ -95,3 +97,48 @@ def test_a_rounds_events_wake_each_event_loop_once(monkeypatch):
     finally:
         scheduler.close()
         loop.close()
+
+
+def test_on_the_gpu_a_rounds_events_go_out_once_its_decode_step_is_launched(monkeypatch):
+    """A GPU forward is queued, not run, when forward_batch returns: the round's events (the last
+    tokens) are handed to the event loop then, before the argmax read waits for the GPU, so the
+    loop writes them while the GPU computes. On the CPU they went out before the forward."""
+    from types import SimpleNamespace
+
+    from flashmoe.experts.store import StoreStats
+
+    order: list[str] = []
+
+    class Logits:  # records when the batch's argmax is read (the wait for the GPU)
+        def argmax(self, dim):
+            order.append("read")
+            return torch.zeros(2, dtype=torch.long)
+
+        def __getitem__(self, rows):
+            return torch.zeros(1, 3)
+
+    class Engine(Recorder):
+        manifest = SimpleNamespace(layout=SimpleNamespace(record_size=1))
+
+        def forward_batch(self, ids, states):
+            order.append("launch")
+            return Logits()
+
+        def counters(self):
+            return StoreStats(), None, None
+
+    loop = asyncio.new_event_loop()
+    for device, expected in (("cuda", ["launch", "send", "read"]), ("cpu", ["launch", "read"])):
+        engine = Engine()
+        engine.device = torch.device(device)
+        scheduler = Scheduler(parallel=4, engine=engine)
+        try:
+            monkeypatch.setattr(scheduler._outbox, "send", lambda: order.append("send"))
+            steps = [(Job(iter(()), loop, scheduler._outbox), ForwardRequest([5], object(), None)) for _ in range(2)]
+            order.clear()
+            assert scheduler._decode(steps) == []
+            assert order == expected, device
+            assert [r.argmax for _, r in steps] == [0, 0]
+        finally:
+            scheduler.close()
+    loop.close()
