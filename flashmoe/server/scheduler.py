@@ -150,8 +150,9 @@ class Scheduler:
         # Where a forward runs on the GPU, a round's events (the last forward's tokens) go out once
         # its decode step is launched: the event loop then formats and writes them while the GPU
         # computes and this thread waits for it with the GIL released. Sent before the launch, the
-        # loop held the GIL through the launch's own Python (on the H100 at 16 streams, 15% of this
-        # thread's time went to waiting for it in the step's non-blocking copy: EXPERIMENTS 117).
+        # woken loop took the GIL from the launch's own Python (on the H100 at 16 streams, 15% of
+        # this thread's samples sat in the step's non-blocking copy, the first call after the send
+        # that gives the GIL up: EXPERIMENTS 117).
         # On the CPU the forward is the computation itself, so they go out before it.
         self.forwards_run_async = engine is not None and engine.device.type != "cpu"
         self._waiting: deque[Job] = deque()
