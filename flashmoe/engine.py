@@ -573,7 +573,7 @@ class Engine:
         if self.threads is not None:
             self.threads.update()
         if self.cpu_decode is not None and self.moe_steps and ids.shape[0] == len(states) <= self.cpu_decode.MAX_SEQUENCES:
-            logits = self.cpu_decode(ids.tolist(), states, self.moe_steps)  # a decode step: a token per sequence
+            logits = self.cpu_decode(ids, states, self.moe_steps)  # a decode step: a token per sequence
             for state in states:
                 state.position += 1
             return logits

@@ -25,7 +25,7 @@ from ..models.transformer import Model
 
 
 class CpuDecodeStep:
-    """`step(tokens, states, moe_steps)` -> the logits [B, vocab] of one token continuing each of B
+    """`step(ids, states, moe_steps)` -> the logits [B, vocab] of one token (ids [B]) continuing each of B
     states (their caches written, their positions left to the caller), as `Model.forward` computes
     them on the CPU path with the engine's MoE steps (the engine's own list, read at each call:
     where it empties them, as trace recording does, the modules' path runs instead)."""
@@ -56,9 +56,9 @@ class CpuDecodeStep:
         self.attends = any(not layer.is_linear for layer in model.layers)
 
     @torch.inference_mode()
-    def __call__(self, tokens: list[int], states: list[SequenceState], moe_steps: list) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, states: list[SequenceState], moe_steps: list) -> torch.Tensor:
         model = self.model
-        x = model.model.embed_tokens(torch.tensor(tokens))
+        x = model.model.embed_tokens(ids)
         if self.attends:
             cos, sin = model.rotary(torch.tensor([state.position for state in states]))
         mixer = moe = 0.0

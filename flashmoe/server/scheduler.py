@@ -133,7 +133,7 @@ class DecodeStats(Counters):
     gpu_bytes_copied: int = 0  # host -> GPU copies of expert records (GPU tier; 0 without one)
     rounds: int = 0  # rounds that ran decode steps
     round_seconds: float = 0.0  # their wall time, less their prefill slices'
-    forward_seconds: float = 0.0  # ... of which in the decode forwards (with the batch's argmax read back)
+    forward_seconds: float = 0.0  # ... of which in the decode forwards (the argmax read back; on the GPU the events' hand-over)
 
 
 class Scheduler:
@@ -285,7 +285,8 @@ class Scheduler:
             self._largest_batch = max(self._largest_batch, len(steps))
         before = self.engine.counters() if self.engine is not None else None
         start = time.perf_counter()
-        failed = self._run_together(steps, argmax=True, launched=self._outbox.send if self.forwards_run_async else None)
+        launched = self._outbox.send if self.forwards_run_async else lambda: None
+        failed = self._run_together(steps, argmax=True, launched=launched)
         seconds = time.perf_counter() - start
         if before is not None and not failed:
             self._count_reads(before, len(steps))
@@ -306,12 +307,11 @@ class Scheduler:
         return failed + (self._run_together(group) if group else [])
 
     def _run_together(self, requests: list[tuple[Job, ForwardRequest]], argmax: bool = False,
-                      launched: Callable[[], None] | None = None) -> list[Job]:
+                      launched: Callable[[], None] = lambda: None) -> list[Job]:
         """One forward for the requests (each runs alone where it is the only one); with `argmax`,
         each row's most likely token read in one host sync for the batch's greedy draws;
         `launched` called once the forward is queued, before anything waits for it. The jobs whose
         requests failed: all of them, reported to each client; the thread goes on."""
-        launched = launched or (lambda: None)
         try:
             if len(requests) == 1 or self.engine is None:
                 for _, request in requests:

@@ -29,7 +29,7 @@ def decode(engine: Engine, prompt: list[int], steps: int) -> tuple[list[int], to
 def counted(monkeypatch) -> list[int]:
     """The tokens every engine's one-loop decode takes from now on."""
     calls, call = [], CpuDecodeStep.__call__
-    monkeypatch.setattr(CpuDecodeStep, "__call__", lambda self, tokens, *rest: calls.extend(tokens) or call(self, tokens, *rest))
+    monkeypatch.setattr(CpuDecodeStep, "__call__", lambda self, ids, *rest: calls.extend(ids.tolist()) or call(self, ids, *rest))
     return calls
 
 

