@@ -37,7 +37,7 @@ import torch
 
 from ..formats.packed import RecordLayout
 from ..layers.mlp import SILU, Swiglu
-from .cpu_experts import (ROWS_PER_BLOCK, SUPPORTED_BITS, CpuExperts, numba_jit, _bf16, _half_pow2, _input_at, _lay_out,
+from .cpu_experts import (FP32_PLANES, INT8_DOTS, ROWS_PER_BLOCK, SUPPORTED_BITS, CpuExperts, numba_jit, _bf16, _half_pow2, _input_at, _lay_out,
                           _offsets, _project, _sums, _swiglu, _variant, numba)
 
 # Mailbox words (int32; fp32 where noted). The flags the two sides spin on sit on lines of their own.
@@ -155,7 +155,7 @@ def _wait_for(counts, idx, target):
 
 
 @functools.cache
-def _server(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float):
+def _server(bits: int, group: int, kind: int, with_bias: bool, limit: float, alpha: float):
     """The threads' loop for one record format and activation (constants of the closure, as in
     cpu_experts._kernel, whose arguments these are)."""
 
@@ -165,9 +165,10 @@ def _server(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
         answer the ones that follow until STOP or IDLE_CYCLES without one -> (served, last). act
         [MAX_EXPERTS, inter] is shared: each expert's SwiGLU activation, laid out for down by `_lay_out`.
         phases[part, :4] += this thread's time-stamp ticks per phase of each request (PHASES), and 1."""
-        xp, xs = np.empty(hidden, np.float32), np.empty(hidden // group, np.float32)
+        xp, xs = np.empty(hidden, np.float32), np.empty(2 * (hidden // group), np.float32)
         h, y = np.empty(2 * inter, np.float32), np.empty(hidden, np.float32)
-        act_sums = np.empty((MAX_EXPERTS, inter // group), np.float32)
+        # down's inputs: act itself, or (INT8_DOTS) each thread's quantized copy of it
+        act_in, act_sums = np.empty((MAX_EXPERTS, inter), np.float32), np.empty((MAX_EXPERTS, 2 * (inter // group)), np.float32)
         bf16_buf = np.empty(1, np.uint32)
         since = cycles()
         while True:
@@ -180,7 +181,7 @@ def _server(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
             last, served = seq, served + 1
             t0 = cycles()
             n = mail[COUNT]
-            _lay_out(mailf[X : X + hidden], bits, group, mxfp4, xp, xs)
+            _lay_out(mailf[X : X + hidden], bits, group, kind, xp, xs)
             # gate_up and SwiGLU: this thread's share of the n x inter activations
             lo, hi = _share(n * inter, part, parts)
             for j in range(lo // inter, (hi + inter - 1) // inter):
@@ -188,25 +189,29 @@ def _server(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
                 i0, i1 = max(lo - j * inter, 0), min(hi - j * inter, inter)
                 for r0 in range(i0, i1, ROWS_PER_BLOCK):
                     r1 = min(r0 + ROWS_PER_BLOCK, i1)
-                    _project(rec8, rec16, offs[0:3], hidden, bits, group, mxfp4, r0, r1, xp, xs, half_pow2, h)  # gate
-                    _project(rec8, rec16, offs[0:3], hidden, bits, group, mxfp4, inter + r0, inter + r1, xp, xs, half_pow2, h)  # up
+                    _project(rec8, rec16, offs[0:3], hidden, bits, group, kind, r0, r1, xp, xs, half_pow2, h)  # gate
+                    _project(rec8, rec16, offs[0:3], hidden, bits, group, kind, inter + r0, inter + r1, xp, xs, half_pow2, h)  # up
                 for i in range(i0, i1):
-                    c, f = _input_at(i, inter, bits, mxfp4)
+                    c, f = _input_at(i, inter, bits, kind)
                     act[j, c] = _swiglu(h, i, inter, rec16, offs[4], with_bias, limit, alpha, bf16_buf) * f
             t1 = cycles()
             _wait_for(counts, 0, parts * served)
             t2 = cycles()
             # down and the weighted sum: this thread's share of the output rows, experts in order
-            if not mxfp4:  # the affine bias term's group sums (module cpu_experts' docstring)
+            if kind == FP32_PLANES:  # the affine bias term's group sums (module cpu_experts' docstring)
                 for j in range(n):
                     _sums(act[j], bits, group, act_sums[j])
+            elif kind == INT8_DOTS:
+                for j in range(n):
+                    _lay_out(act[j], bits, group, kind, act_in[j], act_sums[j])
             lo, hi = _share(hidden, part, parts)
             result = mailf[X + hidden : X + 2 * hidden]
             for j in range(n):
                 rec8, rec16, w = p8[mail[SLOTS + j]], p16[mail[SLOTS + j]], mailf[WEIGHTS + j]
                 for r0 in range(lo, hi, ROWS_PER_BLOCK):
                     r1 = min(r0 + ROWS_PER_BLOCK, hi)
-                    _project(rec8, rec16, offs[5:8], inter, bits, group, mxfp4, r0, r1, act[j], act_sums[j], half_pow2, y)
+                    _project(rec8, rec16, offs[5:8], inter, bits, group, kind, r0, r1, act_in[j] if kind == INT8_DOTS else act[j],
+                             act_sums[j], half_pow2, y)
                     for r in range(r0, r1):
                         if with_bias:
                             y[r] += _bf16(rec16[offs[9] + r], bf16_buf)

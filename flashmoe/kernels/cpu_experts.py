@@ -53,10 +53,29 @@ PARALLEL_MIN_BYTES = 1 << 20  # records read by a call below which its loops run
 PREFETCH_BYTES = 1024  # how far ahead of the row being read its codes are prefetched (512-2048 measured alike)
 SUPPORTED_BITS = (8, 4, 2)
 
+# How a kernel lays out a projection's input and computes its rows, a constant of each compiled
+# kernel (`_variant` picks it from the record format and the host):
+FP32_PLANES = 0  # affine codes against the fp32 input in planes (`_permute`, `_rows`)
+INT8_DOTS = 1  # 4-bit affine codes against the input quantized to int8, AVX2 integer dot products (`_quantize_input`, `_int8_rows`)
+MXFP4 = 2  # MXFP4 codes against the fp32 input, even elements then odd (`_even_odd`, `_mxfp4_rows`)
+INT8_CHUNK = 64  # inputs (32 code bytes) an integer dot product covers: INT8_DOTS needs groups of a multiple
+
 
 def cpu_experts_available() -> bool:
     """Whether numba is installed, which CpuExperts needs."""
     return numba is not None
+
+
+def _int8_dots_on_host() -> bool:
+    """Whether numba compiles for this host's CPU and it has AVX2 (what `_int8_row_dot` emits)."""
+    if numba is None or numba.config.CPU_NAME not in (None, "host"):
+        return False
+    import llvmlite.binding
+
+    return "+avx2" in llvmlite.binding.get_host_cpu_features().flatten().split(",")
+
+
+INT8_DOTS_ON_HOST = _int8_dots_on_host()
 
 
 def numba_jit(**options):
@@ -99,6 +118,138 @@ if numba is not None:
             return context.get_dummy_value()
 
         return types.void(arr, types.intp), codegen
+
+    @intrinsic
+    def _bf16_dot(typingctx, w16, w_at, xp, k):
+        """sum_i w[w_at + i] x[i] for i < k: w16 bfloat16 bits (uint16), xp the fp32 x as
+        `_bf16_lanes` lays it out, both C-contiguous. 16 weights a load, each half widened to fp32
+        by interleaving zeros below them (a bf16 is the high half of an fp32: vpunpcklwd and
+        vpunpckhwd, which work within 128-bit lanes, hence x's order), multiplied into four
+        independent sums (FMA latency), 32 a round; one at a time for the last k % 16."""
+        if not (isinstance(w16, types.Array) and isinstance(xp, types.Array) and w16.layout == xp.layout == "C"):
+            raise TypeError("_bf16_dot takes C-contiguous arrays")
+
+        def codegen(context, builder, sig, args):
+            intp, f32, i32 = context.get_value_type(types.intp), ir.FloatType(), ir.IntType(32)
+            f32x8, i16x16 = ir.VectorType(f32, 8), ir.VectorType(ir.IntType(16), 16)
+            w_p = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                              [context.cast(builder, args[1], sig.args[1], types.intp)])
+            x_p = context.make_array(sig.args[2])(context, builder, args[2]).data
+            k = context.cast(builder, args[3], sig.args[3], types.intp)
+            fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32x8, [f32x8] * 3), "llvm.fmuladd.v8f32")
+            zeros = ir.Constant(i16x16, [0] * 16)
+            # fp32 lane j of a half: zero in its low 16 bits, a weight in its high ones
+            halves = [ir.Constant(ir.VectorType(i32, 16), [i for j in lanes for i in (16, j)])
+                      for lanes in ((0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))]
+
+            def block(at, sums):  # sums[h] += half h of w[at : at + 16] times xp's
+                w = builder.load(builder.bitcast(builder.gep(w_p, [at]), i16x16.as_pointer()), align=2)
+                for h, acc in enumerate(sums):
+                    wf = builder.bitcast(builder.shuffle_vector(w, zeros, halves[h]), f32x8)
+                    xv = builder.load(builder.bitcast(builder.gep(x_p, [builder.add(at, intp(8 * h))]), f32x8.as_pointer()), align=4)
+                    builder.store(builder.call(fmuladd, [wf, xv, builder.load(acc)]), acc)
+
+            sums = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, [0.0] * 8)) for _ in range(4)]
+            rounds = builder.udiv(k, intp(32))
+            with cgutils.for_range(builder, rounds) as loop:
+                at = builder.mul(loop.index, intp(32))
+                block(at, sums[:2])
+                block(builder.add(at, intp(16)), sums[2:])
+            blocks = builder.mul(builder.udiv(k, intp(16)), intp(16))
+            with cgutils.for_range(builder, builder.sub(builder.udiv(k, intp(16)), builder.mul(rounds, intp(2)))) as loop:
+                block(builder.add(builder.mul(rounds, intp(32)), builder.mul(loop.index, intp(16))), sums[:2])
+            total = builder.fadd(builder.fadd(builder.load(sums[0]), builder.load(sums[1])),
+                                 builder.fadd(builder.load(sums[2]), builder.load(sums[3])))
+            for width in (4, 2, 1):  # halve the vector until one lane is left
+                lo, hi = (builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(o, o + width))))
+                          for o in (0, width))
+                total = builder.fadd(lo, hi)
+            result = cgutils.alloca_once_value(builder, builder.extract_element(total, i32(0)))
+            with cgutils.for_range(builder, builder.sub(k, blocks)) as loop:
+                at = builder.add(blocks, loop.index)
+                w = builder.zext(builder.load(builder.gep(w_p, [at])), i32)
+                product = builder.fmul(builder.bitcast(builder.shl(w, i32(16)), f32), builder.load(builder.gep(x_p, [at])))
+                builder.store(builder.fadd(builder.load(result), product), result)
+            return builder.load(result)
+
+        return types.float32(w16, w_at, xp, k), codegen
+
+    _I8X32, _I16X16, _I32X8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(32), 8)
+    _F32, _F32X8 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+
+    @intrinsic
+    def _int8_row_dot(typingctx, codes, at, halves, scales_at, biases_at, xq, vs, groups, group_chunks):
+        """One 4-bit affine row against an int8 input: the sum over its groups g of
+        scale_g * vs[groups + g] * (codes . xq)_g + bias_g * vs[g]. The row's codes start at byte
+        `at` of `codes`, its bf16 scales and biases at halfwords `scales_at` and `biases_at` of
+        `halves`; xq and vs are the input as `_quantize_input` lays it out, group_chunks 32-byte
+        chunks (64 codes) a group. Per chunk: the low and the high nibbles (the even and the odd
+        inputs) times their 32 input bytes, summed in pairs into 16-bit lanes (AVX2 pmaddubsw:
+        unsigned code times signed input; 2 x 2 x 15 x 127 cannot saturate), those into 32-bit lanes
+        (pmaddwd); per group the lanes in fp32 times the group's two scales; one horizontal sum a row."""
+
+        def codegen(context, builder, sig, args):
+            if not INT8_DOTS_ON_HOST:  # never run there (`_variant`); x86 intrinsics would not compile
+                return ir.Constant(_F32, 0.0)
+            intp = context.get_value_type(types.intp)
+            codes_p, halves_p, xq_p, vs_p = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 5, 6))
+            at, scales_at, biases_at, groups, group_chunks = (
+                context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 3, 4, 7, 8))
+            maddubs = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_I16X16, [_I8X32, _I8X32]), "llvm.x86.avx2.pmadd.ub.sw")
+            maddwd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_I32X8, [_I16X16, _I16X16]), "llvm.x86.avx2.pmadd.wd")
+
+            def vector(ptr, offset):
+                return builder.load(builder.bitcast(builder.gep(ptr, [offset]), _I8X32.as_pointer()), align=1)
+
+            def bf16(offset):  # the high half of an fp32
+                half = builder.zext(builder.load(builder.gep(halves_p, [offset])), ir.IntType(32))
+                return builder.bitcast(builder.shl(half, ir.IntType(32)(16)), _F32)
+
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_F32X8, [0.0] * 8))
+            bias_acc = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+            with cgutils.for_range(builder, groups) as g:
+                lanes = cgutils.alloca_once_value(builder, ir.Constant(_I32X8, [0] * 8))
+                with cgutils.for_range(builder, group_chunks) as c:
+                    chunk = builder.mul(builder.add(builder.mul(g.index, group_chunks), c.index), intp(32))
+                    v = vector(codes_p, builder.add(at, chunk))
+                    low = builder.and_(v, ir.Constant(_I8X32, [15] * 32))
+                    high = builder.lshr(v, ir.Constant(_I8X32, [4] * 32))
+                    inputs = builder.mul(chunk, intp(4))
+                    coarse, fine = (builder.add(builder.call(maddubs, [low, vector(xq_p, builder.add(inputs, intp(part)))]),
+                                                builder.call(maddubs, [high, vector(xq_p, builder.add(inputs, intp(part + 32)))]))
+                                    for part in (0, 64))
+                    dots = builder.add(builder.call(maddwd, [coarse, ir.Constant(_I16X16, [254] * 16)]),
+                                       builder.call(maddwd, [fine, ir.Constant(_I16X16, [1] * 16)]))
+                    builder.store(builder.add(builder.load(lanes), dots), lanes)
+                sx = builder.fdiv(builder.load(builder.gep(vs_p, [builder.add(groups, g.index)])), _F32(254.0))
+                scale = builder.fmul(bf16(builder.add(scales_at, g.index)), sx)
+                splat = builder.shuffle_vector(builder.insert_element(ir.Constant(_F32X8, ir.Undefined), scale, ir.IntType(32)(0)),
+                                               ir.Constant(_F32X8, ir.Undefined), ir.Constant(_I32X8, [0] * 8))
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(builder.load(lanes), _F32X8), splat)), acc)
+                bias = builder.fmul(bf16(builder.add(biases_at, g.index)), builder.load(builder.gep(vs_p, [g.index])))
+                builder.store(builder.fadd(builder.load(bias_acc), bias), bias_acc)
+            total = builder.load(acc)
+            for width in (4, 2, 1):  # halve the vector until one lane is left
+                lo, hi = (builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(o, o + width))))
+                          for o in (0, width))
+                total = builder.fadd(lo, hi)
+            return builder.fadd(builder.extract_element(total, ir.IntType(32)(0)), builder.load(bias_acc))
+
+        return types.float32(codes, at, halves, scales_at, biases_at, xq, vs, groups, group_chunks), codegen
+
+
+@numba_jit(inline="always")
+def _bf16_lanes(x, xp):
+    """xp [K]: x [K] in the order `_bf16_dot` multiplies a row's weights in: in each block of 16,
+    elements 0-3, 8-11, 4-7, 12-15; the last K % 16 as they are."""
+    k = x.shape[0]
+    for b in range(0, k - k % 16, 16):
+        for j in range(4):
+            xp[b + j], xp[b + 4 + j], xp[b + 8 + j], xp[b + 12 + j] = x[b + j], x[b + 8 + j], x[b + 4 + j], x[b + 12 + j]
+    for i in range(k - k % 16, k):
+        xp[i] = x[i]
 
 
 @numba_jit(inline="always")
@@ -175,6 +326,42 @@ def _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out):
 
 
 @numba_jit(inline="always")
+def _quantize_input(v, group, vp, vs):
+    """v [K] as `_int8_rows` reads it: in vp's first K bytes, each group's inputs as int8 (v / s
+    rounded to the nearest, s = the group's largest magnitude / 127), INT8_CHUNK inputs at a time:
+    their 32 even ones, then their 32 odd ones (a code byte's low and high nibble); vs [2 K / group]:
+    the group sums of v, then the s's."""
+    groups = v.shape[0] // group
+    xq = vp.view(np.int8)
+    for g in range(groups):
+        top, total = np.float32(0.0), np.float32(0.0)
+        for c in range(g * group, (g + 1) * group):
+            top, total = max(top, abs(v[c])), total + v[c]
+        vs[g], vs[groups + g] = total, top / np.float32(127.0)
+        inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+        for c in range(g * group, (g + 1) * group):
+            within = c % INT8_CHUNK
+            at = 2 * (c - within) + within % 2 * (INT8_CHUNK // 2) + within // 2
+            coarse = np.rint(v[c] * inverse)
+            xq[at] = np.int8(coarse)
+            xq[at + INT8_CHUNK] = np.int8(np.rint((v[c] * inverse - coarse) * np.float32(254.0)))
+
+
+@numba_jit(inline="always")
+def _int8_rows(rec8, rec16, offs, k, group, r0, r1, vp, vs, out):
+    """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 of one 4-bit projection of one record, x as
+    `_quantize_input` lays it out (vp, vs): `_int8_row_dot` a row, its codes prefetched as in `_rows`."""
+    groups, row_bytes = k // group, k // 2
+    xq = vp.view(np.int8)
+    for r in range(r0, r1):
+        at = offs[0] + r * row_bytes
+        for c in range(0, row_bytes, 64):
+            _prefetch(rec8, at + PREFETCH_BYTES + c)
+        out[r] = _int8_row_dot(rec8, at, rec16, offs[1] + r * groups, offs[2] + r * groups, xq, vs, groups,
+                               group // INT8_CHUNK)
+
+
+@numba_jit(inline="always")
 def _fp4(c):
     """2x the E2M1 value of code c (bits s e1 e0 m), by integer arithmetic that vectorizes (a table
     lookup per code measured 2.5x slower): magnitude (2 [e != 0] + m) << (e - [e != 0]), i.e. 0, 1,
@@ -223,32 +410,40 @@ def _even_odd(v, out):
         out[_even_odd_at(c, v.shape[0])] = v[c]
 
 
-# The record format (affine bits and group, or mxfp4) is a constant of the kernels that call the
-# helpers below: inlined, each branch on it folds away.
+# The record format (affine bits and group, or MXFP4) and the kind (FP32_PLANES, ...) are constants
+# of the kernels that call the helpers below: inlined, each branch on them folds away.
 @numba_jit(inline="always")
-def _lay_out(v, bits, group, mxfp4, vp, vs):
-    """vp [K]: v [K] as `_project` reads a projection's input (MXFP4: `_even_odd`; affine: `_permute`,
-    with vs [K / group] its group sums)."""
-    if mxfp4:
+def _lay_out(v, bits, group, kind, vp, vs):
+    """vp [K], vs [2 K / group]: v [K] as `_project` reads a projection's input in this kind
+    (MXFP4: `_even_odd`; FP32_PLANES: `_permute`, with vs's first half v's group sums;
+    INT8_DOTS: `_quantize_input`)."""
+    if kind == MXFP4:
         _even_odd(v, vp)
+    elif kind == INT8_DOTS:
+        _quantize_input(v, group, vp, vs)
     else:
         _permute(v, bits, group, vp, vs)
 
 
 @numba_jit(inline="always")
-def _input_at(c, k, bits, mxfp4):
-    """Where input c of k lies in `_lay_out`'s layout, and the factor it is stored times there."""
-    if mxfp4:
+def _input_at(c, k, bits, kind):
+    """Where input c of k lies in the layout `_lay_out` starts from (INT8_DOTS: v itself, which it
+    quantizes), and the factor it is stored times there."""
+    if kind == MXFP4:
         return _even_odd_at(c, k), np.float32(1.0)
+    if kind == INT8_DOTS:
+        return c, np.float32(1.0)
     return _plane(c, bits, k)
 
 
 @numba_jit(inline="always")
-def _project(rec8, rec16, offs, k, bits, group, mxfp4, r0, r1, xp, xs, half_pow2, out):
-    """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 of one projection of one record in either
-    format: x as `_lay_out` gives it (xp, xs), offs the projection's three of `_offsets`."""
-    if mxfp4:
+def _project(rec8, rec16, offs, k, bits, group, kind, r0, r1, xp, xs, half_pow2, out):
+    """out[r] = sum_j w[r, j] x[j] for rows r0 .. r1 of one projection of one record in any kind:
+    x as `_lay_out` gives it (xp, xs), offs the projection's three of `_offsets`."""
+    if kind == MXFP4:
         _mxfp4_rows(rec8, offs, k, r0, r1, xp.reshape(2, k // 2), half_pow2, out)
+    elif kind == INT8_DOTS:
+        _int8_rows(rec8, rec16, offs, k, group, r0, r1, xp, xs, out)
     else:
         _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out)
 
@@ -277,12 +472,12 @@ def _swiglu(h, c, inter, rec16, bias_at, with_bias, limit, alpha, buf):
 
 
 @numba_jit(inline="always")
-def _activation(h, inter, rec16, offs, bits, group, mxfp4, with_bias, limit, alpha, act, ap, asum, buf):
+def _activation(h, inter, rec16, offs, bits, group, kind, with_bias, limit, alpha, act, ap, asum, buf):
     """An expert's SwiGLU activation act [inter] from h [2 * inter], its gate_up output (`_swiglu`;
     offs: `_offsets`), then laid out as down's input (ap, asum: `_lay_out`)."""
     for c in range(inter):
         act[c] = _swiglu(h, c, inter, rec16, offs[4], with_bias, limit, alpha, buf)
-    _lay_out(act, bits, group, mxfp4, ap, asum)
+    _lay_out(act, bits, group, kind, ap, asum)
 
 
 @numba_jit(inline="always")
@@ -296,7 +491,7 @@ def _add_weighted(out, weight, y, rec16, offs, with_bias, buf):
 
 
 @functools.cache
-def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float, parallel: bool):
+def _kernel(bits: int, group: int, kind: int, with_bias: bool, limit: float, alpha: float, parallel: bool):
     """`experts` for one record format and activation, compiled on first use. The format and the
     activation are constants of its closure and `_rows` is inlined into it (numba IR), so LLVM sees
     constant masks and plane-loop trip counts (given as arguments, the kernel is ~1.5x slower) and
@@ -318,17 +513,17 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
         pairs, experts_n = slots.shape[0], starts.shape[0] - 1
         # Projection inputs as `_lay_out` gives them: each token's x for gate_up, each pair's
         # activation for down.
-        xp, xs = np.empty((T, hidden), np.float32), np.empty((T, hidden // group), np.float32)
+        xp, xs = np.empty((T, hidden), np.float32), np.empty((T, 2 * (hidden // group)), np.float32)
         for t in range(T):
-            _lay_out(x[t], bits, group, mxfp4, xp[t], xs[t])
-        ap, asum = np.empty((pairs, inter), np.float32), np.empty((pairs, inter // group), np.float32)
+            _lay_out(x[t], bits, group, kind, xp[t], xs[t])
+        ap, asum = np.empty((pairs, inter), np.float32), np.empty((pairs, 2 * (inter // group)), np.float32)
         h, y = np.empty((pairs, 2 * inter), np.float32), np.empty((pairs, hidden), np.float32)
         act = np.empty(inter, np.float32)
         bf16_buf = np.empty(1, np.uint32)
         for proj in range(2):  # gate_up, then down, through one parallel loop: compiled once
             if proj == 1:
                 for p in range(pairs):
-                    _activation(h[p], inter, p16[slots[p]], offs, bits, group, mxfp4, with_bias, limit, alpha, act, ap[p],
+                    _activation(h[p], inter, p16[slots[p]], offs, bits, group, kind, with_bias, limit, alpha, act, ap[p],
                                 asum[p], bf16_buf)
             dst, k = (h, hidden) if proj == 0 else (y, inter)
             blocks = (dst.shape[1] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
@@ -342,7 +537,7 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
                     rec = slots[p]
                     # input: the pair's token's x for gate_up, the pair's own activation for down
                     src, src_sums = (xp[tokens[p]], xs[tokens[p]]) if proj == 0 else (ap[p], asum[p])
-                    _project(p8[rec], p16[rec], offs_p, k, bits, group, mxfp4, r0, r1, src, src_sums, half_pow2, dst[p])
+                    _project(p8[rec], p16[rec], offs_p, k, bits, group, kind, r0, r1, src, src_sums, half_pow2, dst[p])
         out[:, :] = 0.0
         for p in range(pairs):
             _add_weighted(out[tokens[p]], weights[p], y[p], p16[slots[p]], offs, with_bias, bf16_buf)
@@ -350,10 +545,20 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
     return experts
 
 
+def _kind(layout: RecordLayout) -> int:
+    """How the kernels compute this layout's rows: MXFP4 records as MXFP4; 4-bit affine ones by
+    integer dot products where the host has them and the groups hold whole chunks; FP32_PLANES else."""
+    if layout.scheme == "mxfp4":
+        return MXFP4
+    if INT8_DOTS_ON_HOST and layout.bits == 4 and layout.group_size % INT8_CHUNK == 0:
+        return INT8_DOTS
+    return FP32_PLANES
+
+
 def _variant(layout: RecordLayout, act: Swiglu) -> tuple:
-    """What a kernel is compiled for (`_kernel`'s first arguments): the record format, whether the
-    experts have biases, and the activation (limit 0: plain SwiGLU)."""
-    return layout.bits, layout.group_size, layout.scheme == "mxfp4", layout.with_bias, act.limit or 0.0, act.alpha
+    """What a kernel is compiled for (`_kernel`'s first arguments): the record format and the kind
+    its rows are computed in, whether the experts have biases, and the activation (limit 0: plain SwiGLU)."""
+    return layout.bits, layout.group_size, _kind(layout), layout.with_bias, act.limit or 0.0, act.alpha
 
 
 def _offsets(layout: RecordLayout) -> np.ndarray:

@@ -55,7 +55,7 @@ def _softmax_top_k(logits, norm_topk, ids, weights):
 
 
 @functools.cache
-def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, alpha: float):
+def _kernel(bits: int, group: int, kind: int, with_bias: bool, limit: float, alpha: float):
     """`moe_step` for one record format and activation (constants of the closure, as in
     cpu_experts._kernel, whose arguments these are)."""
 
@@ -107,12 +107,12 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
                 distinct += 1
         if distinct > most:
             return 0
-        xp, xs = np.empty((T, hidden), np.float32), np.empty((T, hidden // group), np.float32)
+        xp, xs = np.empty((T, hidden), np.float32), np.empty((T, 2 * (hidden // group)), np.float32)
         for t in range(T):
-            _lay_out(h[t], bits, group, mxfp4, xp[t], xs[t])
+            _lay_out(h[t], bits, group, kind, xp[t], xs[t])
         gate_up, ys = np.empty((T * k, 2 * inter), np.float32), np.empty((T * k, hidden), np.float32)
         act = np.empty(inter, np.float32)
-        ap, asum = np.empty((T * k, inter), np.float32), np.empty((T * k, inter // group), np.float32)
+        ap, asum = np.empty((T * k, inter), np.float32), np.empty((T * k, 2 * (inter // group)), np.float32)
         bf16_buf = np.empty(1, np.uint32)
         start = 0
         while start < T * k:  # one expert: its pairs by_expert[start:end]
@@ -125,16 +125,16 @@ def _kernel(bits: int, group: int, mxfp4: bool, with_bias: bool, limit: float, a
             for r0 in range(0, 2 * inter, ROWS_PER_BLOCK):
                 for q in range(start, end):
                     p = by_expert[q]
-                    _project(rec8, rec16, offs[0:3], hidden, bits, group, mxfp4, r0, min(r0 + ROWS_PER_BLOCK, 2 * inter),
+                    _project(rec8, rec16, offs[0:3], hidden, bits, group, kind, r0, min(r0 + ROWS_PER_BLOCK, 2 * inter),
                              xp[p // k], xs[p // k], half_pow2, gate_up[p])
             for q in range(start, end):
                 p = by_expert[q]
-                _activation(gate_up[p], inter, rec16, offs, bits, group, mxfp4, with_bias, limit, alpha, act, ap[p], asum[p],
+                _activation(gate_up[p], inter, rec16, offs, bits, group, kind, with_bias, limit, alpha, act, ap[p], asum[p],
                             bf16_buf)
             for r0 in range(0, hidden, ROWS_PER_BLOCK):
                 for q in range(start, end):
                     p = by_expert[q]
-                    _project(rec8, rec16, offs[5:8], inter, bits, group, mxfp4, r0, min(r0 + ROWS_PER_BLOCK, hidden),
+                    _project(rec8, rec16, offs[5:8], inter, bits, group, kind, r0, min(r0 + ROWS_PER_BLOCK, hidden),
                              ap[p], asum[p], half_pow2, ys[p])
             start = end
         routed = np.empty(hidden, np.float32)

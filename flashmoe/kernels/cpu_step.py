@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from .cpu_experts import numba_jit
+from .cpu_experts import _bf16_dot, _bf16_lanes, numba_jit
 
 
 @numba_jit()
@@ -116,38 +116,17 @@ def _gemm(w, x, out):
 
 @numba_jit()
 def _gemm_bf16(w16, x, out):
-    """out [T, N] = x [T, K] @ w^T over bfloat16 weights (as uint16) for the few rows of a step, each
-    weight row widened to fp32 once for all of them, through a buffer (numba cannot bit-cast a
-    scalar), which LLVM vectorizes; half the bytes of fp32 to read. Four rows at a time share each
-    widened weight in four sums (1.4x faster than one at a time at T = 4 for the demo's lm_head),
-    the rest one at a time, each row's sum in the same order whatever T (a batch's rows equal a
-    lone token's to the bit on the demo's shapes)."""
+    """out [T, N] = x [T, K] @ w^T over bfloat16 weights (as uint16) for the few rows of a step: a
+    `_bf16_dot` per weight row and token, each token laid out for it once; half the bytes of fp32
+    to read. Each token's sums run in the same order whatever T: a batch's rows equal a lone
+    token's to the bit."""
     n, k = w16.shape
-    T = x.shape[0]
-    bits = np.empty(k, np.uint32)
-    values = bits.view(np.float32)
+    xp = np.empty((x.shape[0], k), np.float32)
+    for t in range(x.shape[0]):
+        _bf16_lanes(x[t], xp[t])
     for r in range(n):
-        row = w16[r]
-        for i in range(k):
-            bits[i] = np.uint32(row[i]) << 16
-        t = 0
-        while t + 4 <= T:
-            x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
-            a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
-            for i in range(k):
-                v = values[i]
-                a0 += v * x0[i]
-                a1 += v * x1[i]
-                a2 += v * x2[i]
-                a3 += v * x3[i]
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
-            t += 4
-        for t in range(t, T):
-            xt = x[t]
-            acc = np.float32(0.0)
-            for i in range(k):
-                acc += values[i] * xt[i]
-            out[t, r] = acc
+        for t in range(x.shape[0]):
+            out[t, r] = _bf16_dot(w16, r * k, xp[t], k)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

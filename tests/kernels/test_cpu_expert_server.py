@@ -10,7 +10,7 @@ from flashmoe.kernels.cpu_expert_server import IDLE_CYCLES, MAX_EXPERTS, ExpertS
 from flashmoe.layers.mlp import Swiglu
 
 from ..conftest import FAMILY_CONFIGS
-from .test_cpu_experts import biased_pool, random_pool, reference, rel
+from .test_cpu_experts import biased_pool, random_pool, reference, rel, tolerance
 
 
 # Groups of 64, 32 and 16, each bit width; odd shares of rows (3 threads), more threads than the
@@ -28,7 +28,7 @@ def test_answers_match_the_reference_on_fresh_records(hidden, inter, bits, group
             slots = torch.randperm(7, generator=g)[:n].tolist()
             weights = (torch.rand(n, generator=g) - 0.3).tolist()  # one may be negative
             x = torch.randn(hidden, generator=g)
-            assert rel(server.request(slots, weights, x), reference(layout, pool, slots, weights, x)) < 1e-5
+            assert rel(server.request(slots, weights, x), reference(layout, pool, slots, weights, x)) < tolerance(layout)
     finally:
         server.stop()
     assert not server.running
@@ -51,7 +51,7 @@ def test_biased_mxfp4_and_affine_experts_with_the_clamp_match_the_reference(sche
             slots = torch.randperm(7, generator=g)[:n].tolist()
             weights = (torch.rand(n, generator=g) - 0.3).tolist()  # one may be negative
             x = torch.randn(160, generator=g)
-            assert rel(server.request(slots, weights, x), reference(layout, pool, slots, weights, x, act)) < 1e-5
+            assert rel(server.request(slots, weights, x), reference(layout, pool, slots, weights, x, act)) < tolerance(layout)
     finally:
         server.stop()
 
@@ -66,9 +66,9 @@ def test_restarts_and_wakes_after_sleeping():
     want = reference(layout, pool, [2, 0], [0.7, 0.3], x)
     for _ in range(2):
         server.start()
-        assert rel(server.request([2, 0], [0.7, 0.3], x), want) < 1e-5
+        assert rel(server.request([2, 0], [0.7, 0.3], x), want) < tolerance(layout)
         time.sleep(IDLE_CYCLES / 1e9 + 0.2)  # TSC ticks at 1-4 GHz: idle by now
-        assert rel(server.request([2, 0], [0.7, 0.3], x), want) < 1e-5
+        assert rel(server.request([2, 0], [0.7, 0.3], x), want) < tolerance(layout)
         server.stop()
 
 

@@ -36,22 +36,26 @@ def test_the_cpu_deltanet_step_matches_the_eager_step(gate):
 def test_gemv_matches_the_matmul(dtype):
     """A decode step's rows (one, and a batch's three) through the numba GEMV against PyTorch's
     matmul, for fp32 and bf16 weights (the CPU's Bf16Linear) and int8 codes with per-row scales
-    (--dense-bits 8), on fresh random inputs of an odd width."""
+    (--dense-bits 8), on fresh random inputs of odd widths (bf16: 200 = 6 rounds of 32 and 8 left
+    one at a time, 213 = 6 rounds, a block of 16 and 5 left); a batch's rows equal each row alone
+    to the bit."""
     from flashmoe.kernels.cpu_step import GEMV_MAX_ROWS, gemv, takes_gemv
 
     g = torch.Generator().manual_seed(5)
-    if dtype == torch.int8:
-        weight = torch.randint(-127, 128, (77, 200), generator=g, dtype=torch.int8)
-        scale = torch.rand(77, generator=g) / 100
-    else:
-        weight, scale = torch.randn(77, 200, generator=g).to(dtype), None
-    assert not takes_gemv(torch.randn(GEMV_MAX_ROWS + 1, 200), weight)  # a prefill chunk's rows: PyTorch's
-    for rows in (1, 3):
-        x = torch.randn(rows, 200, generator=g)
-        want = x @ weight.float().t() * (1 if scale is None else scale)
-        assert takes_gemv(x, weight)
-        got = gemv(x, weight, scale)
-        assert got.shape == (rows, 77) and float((got - want).norm() / want.norm()) < 1e-6
+    for width in (200, 213):
+        if dtype == torch.int8:
+            weight = torch.randint(-127, 128, (77, width), generator=g, dtype=torch.int8)
+            scale = torch.rand(77, generator=g) / 100
+        else:
+            weight, scale = torch.randn(77, width, generator=g).to(dtype), None
+        assert not takes_gemv(torch.randn(GEMV_MAX_ROWS + 1, width), weight)  # a prefill chunk's rows: PyTorch's
+        for rows in (1, 3):
+            x = torch.randn(rows, width, generator=g)
+            want = x @ weight.float().t() * (1 if scale is None else scale)
+            assert takes_gemv(x, weight)
+            got = gemv(x, weight, scale)
+            assert got.shape == (rows, 77) and float((got - want).norm() / want.norm()) < 1e-6
+        assert torch.equal(got[1], gemv(x[1:2], weight, scale)[0])
 
 
 def test_projections_of_a_decode_steps_rows_take_the_gemv(monkeypatch):

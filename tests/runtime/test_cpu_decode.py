@@ -2,7 +2,10 @@
 module path's logits to fp32 rounding, one sequence and a batch, every expert cached and a cache
 that misses; a model it does not cover keeps the module path. Not to the bit: the numba kernels'
 vectorized sums split at their scratch arrays' alignment, which differs from call to call, so even
-one path run twice differs in the last bits (relative 3e-7 measured)."""
+one path run twice differs in the last bits (relative 3e-7 measured). Where the demo's experts run
+as integer dot products (kernels/cpu_experts.py INT8_DOTS), such a difference in an expert's input
+now and then crosses a rounding boundary of its quantization, one step of 1/32258 of its group's
+largest value: relative 1e-5 .. 6e-5 measured, greedy tokens the same."""
 
 import pytest
 import torch
@@ -10,9 +13,13 @@ import torch
 from flashmoe.demo import DEMO_MODEL
 from flashmoe.engine import Engine, EngineConfig
 from flashmoe.formats.packed import Manifest
+from flashmoe.kernels import cpu_experts
 from flashmoe.runtime.cpu_decode import CpuDecodeStep
 
 pytest.importorskip("numba")
+
+# how far two runs of the demo's CPU decode may differ (module docstring)
+ROUNDING = 2e-4 if cpu_experts._kind(Manifest.load(DEMO_MODEL).layout) == cpu_experts.INT8_DOTS else 2e-6
 
 
 def decode(engine: Engine, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
@@ -49,7 +56,7 @@ def test_one_loop_decode_gives_the_module_paths_logits(monkeypatch):
     assert calls[24:] == tokens  # every decode token took the loop
     engine.cpu_decode = None
     module_tokens, module_logits = decode(engine, prompt, 24)
-    assert module_tokens == tokens and rel(module_logits, logits) < 2e-6  # measured up to 3e-7
+    assert module_tokens == tokens and rel(module_logits, logits) < ROUNDING
 
 
 def test_one_loop_decode_loads_what_is_not_cached(monkeypatch):
@@ -65,7 +72,7 @@ def test_one_loop_decode_loads_what_is_not_cached(monkeypatch):
     tokens, logits = decode(engine, prompt, 24)
     assert calls == tokens and engine.store.stats.misses > 40
     module_tokens, module_logits = decode(modules, prompt, 24)
-    assert module_tokens == tokens and rel(module_logits, logits) < 1e-5
+    assert module_tokens == tokens and rel(module_logits, logits) < max(ROUNDING, 1e-5)
 
 
 def test_a_model_with_a_dense_mlp_or_8_bit_weights_keeps_the_module_path(packed4):
@@ -94,4 +101,4 @@ def test_a_batch_step_in_one_loop_gives_the_module_paths_logits(monkeypatch):
     one_loop = steps(12)
     assert len(calls) == 2 * 12 * 3  # every step took the loop, three tokens each
     engine.cpu_decode = None
-    assert rel(steps(12), one_loop) < 2e-6
+    assert rel(steps(12), one_loop) < ROUNDING
