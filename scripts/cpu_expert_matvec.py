@@ -131,7 +131,8 @@ def main() -> None:
         ref = reference(layout, pool[e], x)
         err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
         worst = max(worst, err)
-        assert np.isfinite(err) and err < 1e-4, f"fused kernel wrong on record {e}: relative error {err:.2e}"
+        # fp32 sums: ~1e-6; the 4-bit rows' integer dot products on a two-step int8 input (EXPERIMENTS 118): ~1e-4
+        assert np.isfinite(err) and err < 1e-3, f"fused kernel wrong on record {e}: relative error {err:.2e}"
     print(f"check vs PyTorch reference (layout.weights + swiglu_expert, fp32): worst relative error {worst:.1e} OK")
     overhead_ms = median_ms(lambda: experts[max_threads](pool_t, [], [], x_t), args.repeats)
     print(f"a call with no experts (hand-off to the worker thread and back): {overhead_ms:.3f} ms")

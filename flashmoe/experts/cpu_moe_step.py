@@ -87,7 +87,7 @@ class CpuMoEStep:
             scratch = self._scratch[T, k] = (h, ids, weights, h.numpy(), ids.numpy(), weights.numpy())
         h, ids, weights, *arrays = scratch
         out = torch.empty(x.shape, dtype=torch.float32)
-        distinct = self.kernel(x.detach().numpy(), mixer_out.detach().numpy(), *self.constants, most, *arrays, out.numpy())
+        distinct = self.kernel(x.numpy(), mixer_out.numpy(), *self.constants, most, *arrays, out.numpy())  # inference tensors
         if not distinct:
             return self.routed(h, ids, weights, residual=out)  # loads what is not cached
         self.store.used_in_place(self.layer, ids, distinct)

@@ -119,6 +119,14 @@ if numba is not None:
 
         return types.void(arr, types.intp), codegen
 
+    def _horizontal_sum(builder, vector):
+        """The sum of an fp32 vector's 8 lanes: halved until one is left."""
+        for width in (4, 2, 1):
+            lo, hi = (builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(o, o + width))))
+                      for o in (0, width))
+            vector = builder.fadd(lo, hi)
+        return builder.extract_element(vector, ir.IntType(32)(0))
+
     @intrinsic
     def _bf16_dot(typingctx, w16, w_at, xp, k):
         """sum_i w[w_at + i] x[i] for i < k: w16 bfloat16 bits (uint16), xp the fp32 x as
@@ -160,11 +168,7 @@ if numba is not None:
                 block(builder.add(builder.mul(rounds, intp(32)), builder.mul(loop.index, intp(16))), sums[:2])
             total = builder.fadd(builder.fadd(builder.load(sums[0]), builder.load(sums[1])),
                                  builder.fadd(builder.load(sums[2]), builder.load(sums[3])))
-            for width in (4, 2, 1):  # halve the vector until one lane is left
-                lo, hi = (builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, width), list(range(o, o + width))))
-                          for o in (0, width))
-                total = builder.fadd(lo, hi)
-            result = cgutils.alloca_once_value(builder, builder.extract_element(total, i32(0)))
+            result = cgutils.alloca_once_value(builder, _horizontal_sum(builder, total))
             with cgutils.for_range(builder, builder.sub(k, blocks)) as loop:
                 at = builder.add(blocks, loop.index)
                 w = builder.zext(builder.load(builder.gep(w_p, [at])), i32)
@@ -230,14 +234,12 @@ if numba is not None:
                 builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(builder.load(lanes), _F32X8), splat)), acc)
                 bias = builder.fmul(bf16(builder.add(biases_at, g.index)), builder.load(builder.gep(vs_p, [g.index])))
                 builder.store(builder.fadd(builder.load(bias_acc), bias), bias_acc)
-            total = builder.load(acc)
-            for width in (4, 2, 1):  # halve the vector until one lane is left
-                lo, hi = (builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(o, o + width))))
-                          for o in (0, width))
-                total = builder.fadd(lo, hi)
-            return builder.fadd(builder.extract_element(total, ir.IntType(32)(0)), builder.load(bias_acc))
+            return builder.fadd(_horizontal_sum(builder, builder.load(acc)), builder.load(bias_acc))
 
         return types.float32(codes, at, halves, scales_at, biases_at, xq, vs, groups, group_chunks), codegen
+
+else:  # the kernels' intrinsics, named for their importers; nothing compiles them without numba
+    _prefetch = _bf16_dot = _int8_row_dot = None
 
 
 @numba_jit(inline="always")

@@ -260,8 +260,9 @@ def attention_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cach
     the input norm, cos/sin [1, rot], the caches fp32 [capacity, kv_heads, d] with room at
     `position`, `attention_weights` -> [1, H] fp32."""
     out = torch.empty(1, weights[-1].shape[0], dtype=torch.float32)
-    _attention_step(x.numpy(), cos[0].numpy(), sin[0].numpy(), k_cache.numpy(), v_cache.numpy(), position,
-                    out[0].numpy(), *weights)
+    # numpy's indexing, a tenth of a tensor's: these calls run once per layer and token
+    _attention_step(x.numpy(), cos.numpy()[0], sin.numpy()[0], k_cache.numpy(), v_cache.numpy(), position,
+                    out.numpy()[0], *weights)
     return out
 
 
@@ -320,7 +321,7 @@ def deltanet_layer_step(x: torch.Tensor, conv_state: torch.Tensor, state: torch.
     fp32 before the input norm, the states as `deltanet_step` takes them (updated in place),
     `deltanet_layer_weights` -> [1, H]."""
     out = torch.empty(1, weights[-1].shape[0], dtype=torch.float32)
-    _deltanet_layer_step(x.numpy(), conv_state.numpy(), state.numpy(), out[0].numpy(), *weights)
+    _deltanet_layer_step(x.numpy(), conv_state.numpy(), state.numpy(), out.numpy()[0], *weights)  # numpy's indexing: `attention_step`
     return out
 
 

@@ -124,9 +124,9 @@ class Attention(nn.Module):
     def cpu_step_weights(self, norm: RMSNorm) -> tuple:
         """The weights of `decode_cpu`'s kernel as it reads them (kernels/cpu_step.attention_weights),
         made at the first decode step: once loaded and fused, they are not replaced."""
-        from ..kernels.cpu_step import attention_weights
-
         if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
+            from ..kernels.cpu_step import attention_weights
+
             self._cpu_step_weights = norm, attention_weights(
                 norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.spec.gated,
                 self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.zero_centred, self.o_proj.weight)

@@ -151,9 +151,9 @@ class GatedDeltaNet(nn.Module):
         """The weights of `decode_cpu_layer`'s kernel as it reads them (kernels/cpu_step.
         deltanet_layer_weights), made at the first decode step: once loaded and fused, they are
         not replaced."""
-        from ..kernels.cpu_step import deltanet_layer_weights
-
         if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
+            from ..kernels.cpu_step import deltanet_layer_weights
+
             self._cpu_step_weights = norm, deltanet_layer_weights(
                 norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.conv1d.weight,
                 self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, self.k_heads, self.norm.gate == "sigmoid",
