@@ -82,12 +82,14 @@ class CpuMoEStep:
         if T > KERNEL_MAX_TOKENS:
             return None  # a prefill chunk: PyTorch's matmuls, and the experts dequantized once
         most = self.one_thread_records if self.experts.threads > 1 else T * k
-        if (scratch := self._scratch.get((T, k))) is None:  # the kernel's own outputs, which no caller keeps
-            h, ids, weights = torch.empty(T, x.shape[1]), torch.empty(T, k, dtype=torch.int64), torch.empty(T, k)
-            scratch = self._scratch[T, k] = (h, ids, weights, h.numpy(), ids.numpy(), weights.numpy())
-        h, ids, weights, *arrays = scratch
-        out = torch.empty(x.shape, dtype=torch.float32)
-        distinct = self.kernel(x.numpy(), mixer_out.numpy(), *self.constants, most, *arrays, out.numpy())  # inference tensors
+        if (scratch := self._scratch.get((T, k))) is None:
+            # The kernel's outputs, made once: h, ids and weights no caller keeps; `out`, the layer's
+            # output, is the next layer's input within the step and dead by this layer's next call
+            # (a tensor made per call was 5% of a demo decode token: EXPERIMENTS 120).
+            h, ids, weights, out = torch.empty(T, x.shape[1]), torch.empty(T, k, dtype=torch.int64), torch.empty(T, k), torch.empty(x.shape)
+            scratch = self._scratch[T, k] = (h, ids, weights, out, h.numpy(), ids.numpy(), weights.numpy(), out.numpy())
+        h, ids, weights, out, *arrays = scratch
+        distinct = self.kernel(x.numpy(), mixer_out.numpy(), *self.constants, most, *arrays)  # inference tensors
         if not distinct:
             return self.routed(h, ids, weights, residual=out)  # loads what is not cached
         self.store.used_in_place(self.layer, ids, distinct)

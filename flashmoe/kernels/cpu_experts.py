@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from pathlib import Path
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -76,6 +77,28 @@ def _int8_dots_on_host() -> bool:
 
 
 INT8_DOTS_ON_HOST = _int8_dots_on_host()
+
+
+def drop_stale_caches(kernels_dir: Path) -> int:
+    """Delete numba's cache files in kernels_dir/__pycache__ older than the newest source file there
+    -> how many. numba keys a cached kernel by its own file's timestamp, but kernels here inline
+    helpers and intrinsics from their neighbours (cpu_moe's `moe_step` inlines this file's): after
+    a neighbour changes, a kernel whose own file did not would load stale machine code (EXPERIMENTS
+    118). Only the files numba wrote for these kernels go; it compiles them again."""
+    sources = [p.stat().st_mtime for p in kernels_dir.glob("*.py")]
+    dropped = 0
+    for cached in (kernels_dir / "__pycache__").glob("*.nb[ic]") if sources else ():
+        try:
+            if cached.stat().st_mtime < max(sources):
+                cached.unlink()
+                dropped += 1
+        except OSError:  # another process dropped or rewrote it first; or a read-only install
+            pass
+    return dropped
+
+
+if numba is not None:
+    drop_stale_caches(Path(__file__).parent)
 
 
 def numba_jit(**options):

@@ -310,3 +310,19 @@ def test_a_nan_record_gives_nan_not_an_exception():
     pool = torch.full((2, layout.record_size), 0xFF, dtype=torch.uint8)
     out = CpuExperts(layout)(pool, [0, 1], [0.5, 0.5], torch.ones(64))
     assert out.shape == (64,) and torch.isnan(out).all()
+
+
+def test_cache_files_older_than_a_kernel_source_are_dropped(tmp_path):
+    """numba keys a cached kernel by its own file's timestamp only, while the kernels inline their
+    neighbours' helpers: cache files older than the newest source go, newer ones and other files stay."""
+    import os
+
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "a.py").write_text("")
+    os.utime(tmp_path / "a.py", (1000, 1000))
+    for name, stamp in (("k-1.py312.nbi", 999), ("k-1.py312.1.nbc", 999), ("k-2.py312.nbi", 1001), ("a.cpython-312.pyc", 999)):
+        (tmp_path / "__pycache__" / name).write_bytes(b"")
+        os.utime(tmp_path / "__pycache__" / name, (stamp, stamp))
+    assert cpu_experts.drop_stale_caches(tmp_path) == 2
+    assert sorted(p.name for p in (tmp_path / "__pycache__").iterdir()) == ["a.cpython-312.pyc", "k-2.py312.nbi"]
+    assert cpu_experts.drop_stale_caches(tmp_path / "missing") == 0  # no sources, nothing to compare
