@@ -180,6 +180,19 @@ def _normed_projections(x, norm_weight, eps, zero_centred, w16, proj):
     _gemm_bf16(w16, h, proj)
 
 
+def normed_gemv_weights(norm_weight: torch.Tensor, eps: float, zero_centred: bool, weight: torch.Tensor) -> tuple:
+    """`normed_gemv`'s weights as its kernel reads them: an RMSNorm's and a bf16 matrix's, made once."""
+    return norm_weight.numpy(), np.float32(eps), zero_centred, weight.view(torch.uint16).numpy()
+
+
+def normed_gemv(x: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """weight @ rms_norm(x) for a decode step's rows x [B, H] fp32 in one call (`_normed_projections`,
+    the layers' own start) -> [B, rows] fp32; weights: `normed_gemv_weights`."""
+    out = torch.empty(x.shape[0], weights[-1].shape[0], dtype=torch.float32)
+    _normed_projections(x.numpy(), *weights, out.numpy())
+    return out
+
+
 @numba_jit(inline="always")
 def _attend(proj, cos, sin, k_cache, v_cache, position, gated, q_norm, k_norm, qk_eps, qk_zero_centred, attended):
     """One token's attention from its projections proj [rows] (the fused q_proj rows, per head d

@@ -20,6 +20,7 @@ import torch
 
 from ..experts.streamed import KERNEL_MAX_TOKENS
 from ..kernels import use_cpu_kernels
+from ..kernels.cpu_step import GEMV_MAX_BYTES, normed_gemv, normed_gemv_weights
 from ..layers.state import SequenceState
 from ..models.transformer import Model
 
@@ -54,21 +55,31 @@ class CpuDecodeStep:
             raise ValueError(f"the one-loop CPU decode does not cover {why}")
         self.model, self.timer = model, timer
         self.attends = any(not layer.is_linear for layer in model.layers)
+        # What the loop calls, looked up once: each submodule lookup goes through
+        # nn.Module.__getattr__ and each module call through its hooks' checks, ~1 us apiece, a
+        # few per layer and token (EXPERIMENTS 121). Per layer: is it linear attention, its
+        # mixer's one-call step, its input norm.
+        self.embed, self.rotary = model.model.embed_tokens.forward, model.rotary.forward
+        self.layers = [(layer.is_linear, layer.mixer.decode_cpu_layer if layer.is_linear else layer.mixer.decode_cpu,
+                        layer.input_layernorm) for layer in model.layers]
+        # The head in one call as well where it is the tied bf16 table after a plain RMSNorm (the
+        # layers' normed projection), not the norm's and the GEMV's wrappers: ~45 us of a demo
+        # token. Else (an lm_head, int8 weights, a table too large for one thread) the model's own.
+        table, norm = model.model.embed_tokens.weight, model.model.norm
+        one_call = (model.args.tie_word_embeddings and table.dtype == torch.bfloat16 and norm.group is None
+                    and table.numel() * 2 <= GEMV_MAX_BYTES)
+        self.head = normed_gemv_weights(norm.weight, norm.eps, norm.zero_centred, table) if one_call else None
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, states: list[SequenceState], moe_steps: list) -> torch.Tensor:
-        model = self.model
-        x = model.model.embed_tokens(ids)
+        x = self.embed(ids)
         if self.attends:
-            cos, sin = model.rotary(torch.tensor([state.position for state in states]))
+            cos, sin = self.rotary(torch.tensor([state.position for state in states]))
         mixer = moe = 0.0
-        for i, (layer, moe_step) in enumerate(zip(model.layers, moe_steps)):  # the bench may cut layers short
+        for i, ((linear, step, norm), moe_step) in enumerate(zip(self.layers, moe_steps)):  # the bench may cut layers short
             t0 = time.perf_counter()
             caches = [state.layers[i] for state in states]
-            if layer.is_linear:
-                mixed = layer.linear_attn.decode_cpu_layer(x, layer.input_layernorm, caches)
-            else:
-                mixed = layer.self_attn.decode_cpu(x, layer.input_layernorm, cos, sin, caches)
+            mixed = step(x, norm, caches) if linear else step(x, norm, cos, sin, caches)
             t1 = time.perf_counter()
             x = moe_step(x, mixed)
             mixer, moe = mixer + t1 - t0, moe + time.perf_counter() - t1
@@ -76,4 +87,4 @@ class CpuDecodeStep:
         seconds["mixer"] += mixer
         seconds["moe_step"] += moe
         with self.timer.section("head"):
-            return model.logits(x)
+            return self.model.logits(x) if self.head is None else normed_gemv(x, self.head)
