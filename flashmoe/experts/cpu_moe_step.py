@@ -75,7 +75,7 @@ class CpuMoEStep:
         # The most experts the kernel computes on one thread: from there the expert kernel spreads
         # them over its threads (CpuExperts), where it has several.
         self.one_thread_records = (PARALLEL_MIN_BYTES - 1) // layout.record_size
-        self._scratch: dict[tuple[int, int], tuple] = {}  # (tokens, k) -> the experts' input, ids and weights
+        self._scratch: dict[tuple[int, int], tuple] = {}  # (tokens, k) -> the experts' input, ids, weights, the output
 
     def __call__(self, x: torch.Tensor, mixer_out: torch.Tensor) -> torch.Tensor | None:
         T, k = x.shape[0], self.block.top_k
@@ -86,7 +86,8 @@ class CpuMoEStep:
             # The kernel's outputs, made once: h, ids and weights no caller keeps; `out`, the layer's
             # output, is the next layer's input within the step and dead by this layer's next call
             # (a tensor made per call was 5% of a demo decode token: EXPERIMENTS 120).
-            h, ids, weights, out = torch.empty(T, x.shape[1]), torch.empty(T, k, dtype=torch.int64), torch.empty(T, k), torch.empty(x.shape)
+            h, out = torch.empty(T, x.shape[1]), torch.empty(T, x.shape[1])
+            ids, weights = torch.empty(T, k, dtype=torch.int64), torch.empty(T, k)
             scratch = self._scratch[T, k] = (h, ids, weights, out, h.numpy(), ids.numpy(), weights.numpy(), out.numpy())
         h, ids, weights, out, *arrays = scratch
         distinct = self.kernel(x.numpy(), mixer_out.numpy(), *self.constants, most, *arrays)  # inference tensors

@@ -6,7 +6,8 @@ kernels on the demo model (~1.1 ms each for one sequence, EXPERIMENTS 110): modu
 step-context sections, eligibility checks and small tensors made per call, for every layer. Here
 the same kernels run with the same arguments: per layer the mixer's one-call step (its module's
 `decode_cpu_layer` or `decode_cpu`: kernels/cpu_step.py) and the MoE half (experts/cpu_moe_step.py),
-then the model's own head. It is the CPU's counterpart of a CUDA graph's replay
+then the head (the layers' normed projection where it is the tied bf16 table, else the model's
+own). It is the CPU's counterpart of a CUDA graph's replay
 (runtime/graphs.py): the modules' work for this step without walking them, their logits to fp32
 rounding (tests/runtime/test_cpu_decode.py; the kernels' vectorized sums depend on their scratch
 arrays' alignment, so not to the bit, as no two runs of either path are).
