@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels.cpu_step import attention_step, attention_steps, attention_weights
 from .fused import Projections, project
 from .int8_linear import Bf16Linear
 from .indexer import IndexerSpec, TokenIndexer
@@ -109,8 +110,6 @@ class Attention(nn.Module):
         """One token of each sequence on the CPU through numba (kernels/cpu_step): the eager path's
         input norm, projections, q/k norms, rotary, cache append, attention and gate, ~40 calls, in
         one call for one sequence (attention_step), in 2 + B for a batch of B (attention_steps)."""
-        from ..kernels.cpu_step import attention_step, attention_steps
-
         for cache in caches:
             cache.make_room(cache.length + 1)
         if len(caches) == 1:
@@ -125,8 +124,6 @@ class Attention(nn.Module):
         """The weights of `decode_cpu`'s kernel as it reads them (kernels/cpu_step.attention_weights),
         made at the first decode step: once loaded and fused, they are not replaced."""
         if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
-            from ..kernels.cpu_step import attention_weights
-
             self._cpu_step_weights = norm, attention_weights(
                 norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.spec.gated,
                 self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.zero_centred, self.o_proj.weight)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .. import kernels
+from ..kernels.cpu_step import deltanet_layer_step, deltanet_layer_steps, deltanet_layer_weights, deltanet_step
 from .state import LinearState
 from .fused import Projections, project
 from .int8_linear import Bf16Linear
@@ -141,8 +142,6 @@ class GatedDeltaNet(nn.Module):
         """One token of each sequence: the input norm, the projections and `decode_cpu`'s step,
         in one numba call for one sequence (kernels/cpu_step.deltanet_layer_step), in 2 + B for a
         batch of B (deltanet_layer_steps)."""
-        from ..kernels.cpu_step import deltanet_layer_step, deltanet_layer_steps
-
         if len(states) == 1:
             return deltanet_layer_step(x, states[0].conv, states[0].recurrent, self.cpu_step_weights(norm))
         return deltanet_layer_steps(x, [(s.conv, s.recurrent) for s in states], self.cpu_step_weights(norm))
@@ -152,8 +151,6 @@ class GatedDeltaNet(nn.Module):
         deltanet_layer_weights), made at the first decode step: once loaded and fused, they are
         not replaced."""
         if self._cpu_step_weights is None or self._cpu_step_weights[0] is not norm:
-            from ..kernels.cpu_step import deltanet_layer_weights
-
             self._cpu_step_weights = norm, deltanet_layer_weights(
                 norm.weight, norm.eps, norm.zero_centred, self.in_proj.one_matrix(Bf16Linear).weight, self.conv1d.weight,
                 self.A_log, self.dt_bias, self.norm.weight, self.norm.eps, self.k_heads, self.norm.gate == "sigmoid",
@@ -163,8 +160,6 @@ class GatedDeltaNet(nn.Module):
     def decode_cpu(self, x: torch.Tensor, state) -> torch.Tensor:
         """The same step on the CPU (fp32), the conv, the rule and the norm in one numba call; the
         projections apart (weights of any kind: int8 with --dense-bits 8, fp32 files)."""
-        from ..kernels.cpu_step import deltanet_step
-
         qkv, z, b, a = (y[0] for y in self.in_proj(x))
         out = deltanet_step(qkv, z, b, a, state.conv, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
                             state.recurrent, self.k_heads, self.norm.eps, self.norm.gate == "sigmoid")

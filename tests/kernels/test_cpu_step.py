@@ -192,15 +192,15 @@ def test_a_batch_of_decode_tokens_takes_the_batched_cpu_steps(monkeypatch):
     DeltaNet layers (their projections for all three at once, each's attention or recurrence on
     its own state) against each sequence's eager path, on fresh random bf16 weights and states,
     several steps; the caches and states included."""
-    from flashmoe.kernels import cpu_step
+    from flashmoe.layers import attention as attention_module, deltanet as deltanet_module
     from flashmoe.layers.attention import Attention, AttentionSpec
     from flashmoe.layers.rotary import RotaryEmbedding
     from flashmoe.models.context import StepContext
 
     batched = []
-    for name in ("attention_steps", "deltanet_layer_steps"):
-        real = getattr(cpu_step, name)
-        monkeypatch.setattr(cpu_step, name, lambda *a, real=real, name=name: batched.append(name) or real(*a))
+    for module, name in ((attention_module, "attention_steps"), (deltanet_module, "deltanet_layer_steps")):
+        real = getattr(module, name)  # the layers' own references to kernels/cpu_step's functions
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: batched.append(name) or real(*a))
     g = torch.Generator().manual_seed(23)
     attention = with_bf16_projections(Attention(64, AttentionSpec(4, 2, 16, gated=True, qk_norm="head"), 1e-6, True), g)
     deltanet = with_bf16_projections(random_layer_and_state("cpu", torch.float32, g)[0], g)
