@@ -19,6 +19,12 @@ A numba kernel reads each record where it lies, with no dequantized copy:
   - parallel over (expert, block of rows), so several experts fill the threads.
 Its definition, which the tests hold it to: `layout.weights` + `swiglu_expert` in fp32.
 
+On hosts with AVX2, 4-bit records whose groups hold whole 64-input chunks run another kind of
+row (INT8_DOTS, EXPERIMENTS 118): the input quantized per group in two int8 steps (to 1/64516 of
+the group's largest magnitude, `_quantize_input`), each 32-byte chunk of codes multiplied with it
+by integer dot products (`_int8_row_dot`: pmaddubsw, pmaddwd), the bias term on the exact group
+sums. Its definition: the same, with each projection's input quantized that way.
+
 numba is optional (pip install 'flashmoe[cpu-experts]'); this module imports without it.
 """
 
@@ -206,14 +212,15 @@ if numba is not None:
 
     @intrinsic
     def _int8_row_dot(typingctx, codes, at, halves, scales_at, biases_at, xq, vs, groups, group_chunks):
-        """One 4-bit affine row against an int8 input: the sum over its groups g of
-        scale_g * vs[groups + g] * (codes . xq)_g + bias_g * vs[g]. The row's codes start at byte
-        `at` of `codes`, its bf16 scales and biases at halfwords `scales_at` and `biases_at` of
-        `halves`; xq and vs are the input as `_quantize_input` lays it out, group_chunks 32-byte
-        chunks (64 codes) a group. Per chunk: the low and the high nibbles (the even and the odd
-        inputs) times their 32 input bytes, summed in pairs into 16-bit lanes (AVX2 pmaddubsw:
-        unsigned code times signed input; 2 x 2 x 15 x 127 cannot saturate), those into 32-bit lanes
-        (pmaddwd); per group the lanes in fp32 times the group's two scales; one horizontal sum a row."""
+        """One 4-bit affine row against an input in two int8 steps: the sum over its groups g of
+        scale_g * vs[groups + g] * (codes . (254 coarse + fine))_g + bias_g * vs[g]. The row's codes
+        start at byte `at` of `codes`, its bf16 scales and biases at halfwords `scales_at` and
+        `biases_at` of `halves`; xq and vs are the input as `_quantize_input` lays it out,
+        group_chunks 32-byte chunks (64 codes) a group. Per chunk: the low and the high nibbles (the
+        even and the odd inputs) times their 32 coarse and 32 fine input bytes, summed in pairs into
+        16-bit lanes (AVX2 pmaddubsw: unsigned code times signed input; 2 x 2 x 15 x 127 cannot
+        saturate), those into 32-bit lanes (pmaddwd: the coarse ones times 254); per group the lanes
+        in fp32 times the weights' scale and the input's fine step; one horizontal sum a row."""
 
         def codegen(context, builder, sig, args):
             if not INT8_DOTS_ON_HOST:  # never run there (`_variant`); x86 intrinsics would not compile
@@ -250,8 +257,8 @@ if numba is not None:
                     dots = builder.add(builder.call(maddwd, [coarse, ir.Constant(_I16X16, [254] * 16)]),
                                        builder.call(maddwd, [fine, ir.Constant(_I16X16, [1] * 16)]))
                     builder.store(builder.add(builder.load(lanes), dots), lanes)
-                sx = builder.fdiv(builder.load(builder.gep(vs_p, [builder.add(groups, g.index)])), _F32(254.0))
-                scale = builder.fmul(bf16(builder.add(scales_at, g.index)), sx)
+                step = builder.load(builder.gep(vs_p, [builder.add(groups, g.index)]))  # one fine step of the input
+                scale = builder.fmul(bf16(builder.add(scales_at, g.index)), step)
                 splat = builder.shuffle_vector(builder.insert_element(ir.Constant(_F32X8, ir.Undefined), scale, ir.IntType(32)(0)),
                                                ir.Constant(_F32X8, ir.Undefined), ir.Constant(_I32X8, [0] * 8))
                 builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(builder.load(lanes), _F32X8), splat)), acc)
@@ -352,17 +359,19 @@ def _rows(rec8, rec16, offs, k, bits, group, r0, r1, xp, xs, out):
 
 @numba_jit(inline="always")
 def _quantize_input(v, group, vp, vs):
-    """v [K] as `_int8_rows` reads it: in vp's first K bytes, each group's inputs as int8 (v / s
-    rounded to the nearest, s = the group's largest magnitude / 127), INT8_CHUNK inputs at a time:
-    their 32 even ones, then their 32 odd ones (a code byte's low and high nibble); vs [2 K / group]:
-    the group sums of v, then the s's."""
+    """v [K] as `_int8_rows` reads it, in two int8 steps per input: t = v / s rounded to the nearest
+    (s = the group's largest magnitude / 127), then the remainder times 254 rounded again, so
+    v ~ s (coarse + fine / 254). vp's first 2 K bytes hold them INT8_CHUNK inputs at a time: the
+    chunk's 32 even inputs, its 32 odd ones (a code byte's low and high nibble), both coarse, then
+    both fine; vs [2 K / group]: the group sums of v, then each group's s / 254, the value of one
+    fine step (coarse steps are 254 of them)."""
     groups = v.shape[0] // group
     xq = vp.view(np.int8)
     for g in range(groups):
         top, total = np.float32(0.0), np.float32(0.0)
         for c in range(g * group, (g + 1) * group):
             top, total = max(top, abs(v[c])), total + v[c]
-        vs[g], vs[groups + g] = total, top / np.float32(127.0)
+        vs[g], vs[groups + g] = total, top / np.float32(127.0 * 254.0)
         inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
         for c in range(g * group, (g + 1) * group):
             within = c % INT8_CHUNK

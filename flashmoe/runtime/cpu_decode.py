@@ -21,7 +21,7 @@ import torch
 
 from ..experts.streamed import KERNEL_MAX_TOKENS
 from ..kernels import use_cpu_kernels
-from ..kernels.cpu_step import GEMV_MAX_BYTES, normed_gemv, normed_gemv_weights
+from ..kernels.cpu_step import normed_gemv, normed_gemv_weights, takes_gemv
 from ..layers.state import SequenceState
 from ..models.transformer import Model
 
@@ -68,7 +68,7 @@ class CpuDecodeStep:
         # token. Else (an lm_head, int8 weights, a table too large for one thread) the model's own.
         table, norm = model.model.embed_tokens.weight, model.model.norm
         one_call = (model.args.tie_word_embeddings and table.dtype == torch.bfloat16 and norm.group is None
-                    and table.numel() * 2 <= GEMV_MAX_BYTES)
+                    and takes_gemv(torch.empty(1, table.shape[1]), table))  # as Model.logits decides
         self.head = normed_gemv_weights(norm.weight, norm.eps, norm.zero_centred, table) if one_call else None
 
     @torch.inference_mode()

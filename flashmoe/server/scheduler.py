@@ -341,13 +341,10 @@ class Scheduler:
         (store, gpu, _), (store_now, gpu_now, _) = before, self.engine.counters()
         records = (store_now.hits + store_now.misses) - (store.hits + store.misses)
         copied = gpu_now.bytes_copied - gpu.bytes_copied if gpu is not None else 0
+        step = DecodeStats(tokens, records, records * self.engine.manifest.layout.record_size,
+                           store_now.bytes_read - store.bytes_read, copied)
         with self._cv:
-            stats = self._decode_stats
-            stats.tokens += tokens
-            stats.expert_records += records
-            stats.expert_bytes += records * self.engine.manifest.layout.record_size
-            stats.disk_bytes += store_now.bytes_read - store.bytes_read
-            stats.gpu_bytes_copied += copied
+            self._decode_stats += step
 
     def _advance(self, job: Job) -> bool | ForwardRequest:
         """Runs `job` to its next forward (returned, for `_decode` or `_prefill`), or up to
